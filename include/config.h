@@ -1,0 +1,85 @@
+/* config — the daemon's configuration as an immutable snapshot.
+ *
+ * Sources, highest precedence first: command line, environment
+ * (PGMQD_<SECTION>_<KEY>, compatibility names such as RUNPOD_API_KEY and
+ * DATABASE_URL, and X_FILE twins for secrets), $CREDENTIALS_DIRECTORY
+ * (systemd LoadCredential=), the INI file, built-in defaults.
+ *
+ * One table in config.c describes every key (type, default, range, secret);
+ * it drives loading, validation and the redacted dump. */
+#ifndef PGMQD_CONFIG_H
+#define PGMQD_CONFIG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#define CONFIG_DEFAULT_PATH "/etc/pgmq-dispatcher/pgmq-dispatcher.conf"
+
+/* Where a key's effective value came from. */
+enum config_source { SRC_DEFAULT = 0, SRC_FILE, SRC_CREDENTIAL, SRC_ENV, SRC_CLI };
+
+#define CONFIG_MAX_KEYS 32
+
+struct config {
+	/* [database] */
+	char *conninfo;          /* libpq keyword/value string or URI; "" = libpq defaults (PG*) */
+	int db_connect_timeout_ms;
+	/* [queue] */
+	char *queue_name;
+	int vt_seconds;          /* visibility timeout given to pgmq.read */
+	int batch_size;          /* qty given to pgmq.read = jobs per /run request */
+	int poll_interval_ms;
+	char *read_function;     /* schema-qualified SQL function name, validated identifier */
+	int max_in_flight;       /* /run requests outstanding at once */
+	/* [runpod] */
+	char *endpoint_id;
+	char *api_key;           /* secret */
+	char *base_url;          /* no trailing slash */
+	int connect_timeout_ms;
+	int request_timeout_ms;
+	/* [log] */
+	int log_level;           /* enum log_level */
+	int log_format;          /* enum log_format */
+	/* [daemon] */
+	int shutdown_timeout_ms;
+
+	/* Where each key's value came from, indexed like the key table. */
+	unsigned char source[CONFIG_MAX_KEYS];
+};
+
+/* What to load. envp is a NULL-terminated "NAME=value" array (environ in
+ * production, a fixed array in tests). cli_overrides is a NULL-terminated
+ * array of "section.key=value" strings (may be NULL). When path_explicit is
+ * false a missing file at path is not an error. */
+struct config_input {
+	const char *path;
+	bool path_explicit;
+	char *const *envp;
+	const char *const *cli_overrides;
+};
+
+/* Receives one single-line error: the key, where the value came from and
+ * what is wrong with it. Secret values are never included. */
+typedef void (*config_error_fn)(void *arg, const char *key, const char *source,
+				const char *problem);
+
+/* Loads, validates and fills *out (zeroed first). Returns the number of
+ * errors reported through on_error (0 = valid). On error *out is freed.
+ * Strings in *out are owned by it; release with config_free(). */
+int config_load(const struct config_input *in, struct config *out,
+		config_error_fn on_error, void *arg);
+
+/* Frees the strings of a snapshot loaded by config_load(). NULL-safe. */
+void config_free(struct config *cfg);
+
+/* Writes the effective configuration to fp (a FILE *), one
+ * "section.key = value  # source" line each; secrets print as "***" and the
+ * password inside conninfo is masked through PQconninfoParse. */
+void config_dump(const struct config *cfg, void *fp);
+
+/* Copies conninfo into buf with every option libpq marks as secret
+ * (dispchar "*", i.e. password) replaced by "***"; an unparsable string
+ * becomes "(invalid)". Returns buf. */
+char *config_mask_conninfo(const char *conninfo, char *buf, size_t len);
+
+#endif

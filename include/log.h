@@ -1,0 +1,58 @@
+/* log — levelled, structured log lines on stderr (logfmt or JSON).
+ *
+ * One line per event: time (UTC, ms), level, event, then key/value fields.
+ * When stderr is connected to journald ($JOURNAL_STREAM matches fstat(2) of
+ * stderr, per systemd.exec(5)), lines start with a <N> priority prefix and
+ * carry no timestamp of their own (journald stamps them).
+ *
+ * Secrets registered with log_secret_add() are replaced by "***" in every
+ * line before it is written, as a last line of defence; callers still never
+ * pass secrets on purpose.
+ *
+ * Single-threaded: the line under construction lives in a static buffer.
+ * No function here changes errno. */
+#ifndef PGMQD_LOG_H
+#define PGMQD_LOG_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+enum log_level { LOG_ERROR = 0, LOG_WARN, LOG_INFO, LOG_DEBUG, LOG_TRACE };
+enum log_format { LOG_FORMAT_LOGFMT = 0, LOG_FORMAT_JSON };
+
+/* Sets the threshold and format; detects journald on stderr. */
+void log_setup(enum log_level level, enum log_format format);
+
+/* True when lines of this level are written. */
+bool log_enabled(enum log_level level);
+
+/* Name of a level ("error" … "trace"). */
+const char *log_level_name(enum log_level level);
+
+/* Parses "error", "warn", "info", "debug", "trace"; returns -1 if unknown. */
+int log_level_parse(const char *name);
+
+/* Registers a secret to be masked in every later line. The string is
+ * copied; secrets shorter than 4 bytes are ignored (they would mask noise).
+ * At most 8 secrets; returns -1 when full. */
+int log_secret_add(const char *secret);
+
+/* Forgets every registered secret (used on reload, before re-adding). */
+void log_secret_clear(void);
+
+/* Structured line builder. log_begin() returns NULL when the level is
+ * disabled; every other function accepts NULL and then does nothing, so
+ * disabled debug lines cost one comparison. Values are escaped; a line is
+ * capped at 8 KiB and values past that are cut with "…". */
+struct log_line;
+struct log_line *log_begin(enum log_level level, const char *event);
+void log_str(struct log_line *l, const char *key, const char *value);
+void log_strn(struct log_line *l, const char *key, const char *value, size_t len);
+void log_int(struct log_line *l, const char *key, long long value);
+void log_end(struct log_line *l);
+
+/* One-shot line with a free-text msg field. */
+void log_msg(enum log_level level, const char *event, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+#endif

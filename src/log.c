@@ -1,0 +1,313 @@
+/* log — see include/log.h. */
+#include "log.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define LINE_MAX_BYTES 8192
+#define MAX_SECRETS 8
+
+#define VALUE_MAX_BYTES 2048
+/* Room kept free for the ",\"truncated\":true}" tail and the newline. */
+#define TAIL_RESERVE 24
+
+struct log_line {
+	char buf[LINE_MAX_BYTES];
+	size_t len;
+	size_t field_start; /* where the field being written began */
+	bool truncated;
+};
+
+static enum log_level threshold = LOG_INFO;
+static enum log_format format = LOG_FORMAT_LOGFMT;
+static bool journald;
+static struct log_line line;
+static char *secrets[MAX_SECRETS];
+
+static const char *const level_names[] = { "error", "warn", "info", "debug", "trace" };
+/* sd-daemon.h: SD_ERR 3, SD_WARNING 4, SD_INFO 6, SD_DEBUG 7. */
+static const int level_prio[] = { 3, 4, 6, 7, 7 };
+
+static bool stderr_is_journal(void)
+{
+	const char *js = getenv("JOURNAL_STREAM");
+	unsigned long long dev, ino;
+	struct stat st;
+
+	if (js == NULL || sscanf(js, "%llu:%llu", &dev, &ino) != 2)
+		return false;
+	if (fstat(STDERR_FILENO, &st) != 0)
+		return false;
+	return (unsigned long long)st.st_dev == dev && (unsigned long long)st.st_ino == ino;
+}
+
+void log_setup(enum log_level level, enum log_format fmt)
+{
+	threshold = level;
+	format = fmt;
+	journald = stderr_is_journal();
+}
+
+bool log_enabled(enum log_level level)
+{
+	return level <= threshold;
+}
+
+const char *log_level_name(enum log_level level)
+{
+	return level_names[level];
+}
+
+int log_level_parse(const char *name)
+{
+	for (int i = 0; i <= LOG_TRACE; i++)
+		if (strcmp(name, level_names[i]) == 0)
+			return i;
+	return -1;
+}
+
+int log_secret_add(const char *secret)
+{
+	if (secret == NULL || strlen(secret) < 4)
+		return 0;
+	for (int i = 0; i < MAX_SECRETS; i++) {
+		if (secrets[i] != NULL && strcmp(secrets[i], secret) == 0)
+			return 0;
+		if (secrets[i] == NULL) {
+			secrets[i] = strdup(secret);
+			return secrets[i] ? 0 : -1;
+		}
+	}
+	return -1;
+}
+
+void log_secret_clear(void)
+{
+	for (int i = 0; i < MAX_SECRETS; i++) {
+		free(secrets[i]);
+		secrets[i] = NULL;
+	}
+}
+
+static void put(struct log_line *l, const char *s, size_t n)
+{
+	if (l->truncated)
+		return;
+	if (n > sizeof(l->buf) - TAIL_RESERVE - l->len) {
+		/* Drop the whole field rather than emit half of it. */
+		l->len = l->field_start;
+		l->truncated = true;
+		return;
+	}
+	memcpy(l->buf + l->len, s, n);
+	l->len += n;
+}
+
+static void putc_(struct log_line *l, char c)
+{
+	put(l, &c, 1);
+}
+
+/* Escapes a value for logfmt or JSON. Control bytes become \n, \t or \u00XX;
+ * other bytes (UTF-8 included) pass through. */
+static void put_escaped(struct log_line *l, const char *s, size_t n)
+{
+	static const char hex[] = "0123456789abcdef";
+
+	for (size_t i = 0; i < n && !l->truncated; i++) {
+		unsigned char c = (unsigned char)s[i];
+
+		if (c == '"' || c == '\\') {
+			char e[2] = { '\\', (char)c };
+			put(l, e, 2);
+		} else if (c == '\n') {
+			put(l, "\\n", 2);
+		} else if (c == '\t') {
+			put(l, "\\t", 2);
+		} else if (c < 0x20 || c == 0x7f) {
+			char e[6] = { '\\', 'u', '0', '0', hex[c >> 4], hex[c & 15] };
+			put(l, e, 6);
+		} else {
+			putc_(l, (char)c);
+		}
+	}
+}
+
+static bool logfmt_needs_quotes(const char *s, size_t n)
+{
+	if (n == 0)
+		return true;
+	for (size_t i = 0; i < n; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (c <= ' ' || c == '=' || c == '"' || c == '\\' || c == 0x7f)
+			return true;
+	}
+	return false;
+}
+
+static void put_key(struct log_line *l, const char *key)
+{
+	l->field_start = l->len;
+	if (format == LOG_FORMAT_JSON) {
+		put(l, ",\"", 2);
+		put(l, key, strlen(key));
+		put(l, "\":", 2);
+	} else {
+		putc_(l, ' ');
+		put(l, key, strlen(key));
+		putc_(l, '=');
+	}
+}
+
+struct log_line *log_begin(enum log_level level, const char *event)
+{
+	char ts[64];
+	struct timespec now;
+	struct tm tm;
+
+	if (!log_enabled(level))
+		return NULL;
+	line.len = 0;
+	line.field_start = 0;
+	line.truncated = false;
+	clock_gettime(CLOCK_REALTIME, &now);
+	gmtime_r(&now.tv_sec, &tm);
+	snprintf(ts, sizeof(ts), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
+		 tm.tm_mon + 1, tm.tm_mday, tm.tm_hour, tm.tm_min, tm.tm_sec,
+		 now.tv_nsec / 1000000);
+
+	if (journald) {
+		char prio[4] = { '<', (char)('0' + level_prio[level]), '>', 0 };
+		put(&line, prio, 3);
+	}
+	if (format == LOG_FORMAT_JSON) {
+		putc_(&line, '{');
+		if (!journald) {
+			put(&line, "\"time\":\"", 8);
+			put(&line, ts, strlen(ts));
+			put(&line, "\",", 2);
+		}
+		put(&line, "\"level\":\"", 9);
+		put(&line, level_names[level], strlen(level_names[level]));
+		put(&line, "\",\"event\":\"", 11);
+		put_escaped(&line, event, strlen(event));
+		putc_(&line, '"');
+	} else {
+		if (!journald) {
+			put(&line, "time=", 5);
+			put(&line, ts, strlen(ts));
+			putc_(&line, ' ');
+		}
+		put(&line, "level=", 6);
+		put(&line, level_names[level], strlen(level_names[level]));
+		put(&line, " event=", 7);
+		put(&line, event, strlen(event));
+	}
+	return &line;
+}
+
+void log_strn(struct log_line *l, const char *key, const char *value, size_t n)
+{
+	if (l == NULL)
+		return;
+	put_key(l, key);
+	if (value == NULL) {
+		put(l, format == LOG_FORMAT_JSON ? "null" : "\"\"", format == LOG_FORMAT_JSON ? 4 : 2);
+		return;
+	}
+	bool cut = n > VALUE_MAX_BYTES;
+
+	if (cut) {
+		n = VALUE_MAX_BYTES;
+		/* Do not split a UTF-8 sequence: back up to a lead byte. */
+		while (n > 0 && ((unsigned char)value[n] & 0xC0) == 0x80)
+			n--;
+	}
+	if (format == LOG_FORMAT_JSON || cut || logfmt_needs_quotes(value, n)) {
+		putc_(l, '"');
+		put_escaped(l, value, n);
+		if (cut)
+			put(l, "\xe2\x80\xa6", 3);
+		putc_(l, '"');
+	} else {
+		put(l, value, n);
+	}
+}
+
+void log_str(struct log_line *l, const char *key, const char *value)
+{
+	log_strn(l, key, value, value ? strlen(value) : 0);
+}
+
+void log_int(struct log_line *l, const char *key, long long value)
+{
+	char num[24];
+	int n;
+
+	if (l == NULL)
+		return;
+	n = snprintf(num, sizeof(num), "%lld", value);
+	put_key(l, key);
+	put(l, num, (size_t)n);
+}
+
+/* Replaces every registered secret in the line by "***". */
+static void redact(struct log_line *l)
+{
+	for (int i = 0; i < MAX_SECRETS && secrets[i] != NULL; i++) {
+		size_t slen = strlen(secrets[i]);
+		char *p = l->buf;
+
+		l->buf[l->len] = '\0';
+		while ((p = memmem(p, l->len - (size_t)(p - l->buf), secrets[i], slen)) != NULL) {
+			memcpy(p, "***", 3);
+			memmove(p + 3, p + slen, l->len - (size_t)(p - l->buf) - slen + 1);
+			l->len -= slen - 3;
+			p += 3;
+		}
+	}
+}
+
+void log_end(struct log_line *l)
+{
+	int saved = errno;
+
+	if (l == NULL)
+		return;
+	redact(l);
+	/* put() always leaves TAIL_RESERVE bytes for this tail. */
+	if (l->truncated) {
+		const char *t = format == LOG_FORMAT_JSON ? ",\"truncated\":true" : " truncated=true";
+		memcpy(l->buf + l->len, t, strlen(t));
+		l->len += strlen(t);
+	}
+	if (format == LOG_FORMAT_JSON)
+		l->buf[l->len++] = '}';
+	l->buf[l->len++] = '\n';
+	(void)!write(STDERR_FILENO, l->buf, l->len);
+	errno = saved;
+}
+
+void log_msg(enum log_level level, const char *event, const char *fmt, ...)
+{
+	struct log_line *l;
+	char msg[2048];
+	va_list ap;
+	int saved = errno;
+
+	if (!log_enabled(level))
+		return;
+	va_start(ap, fmt);
+	vsnprintf(msg, sizeof(msg), fmt, ap);
+	va_end(ap);
+	l = log_begin(level, event);
+	log_str(l, "msg", msg);
+	log_end(l);
+	errno = saved;
+}
