@@ -1,0 +1,65 @@
+/* dispatcher — the pipeline: trigger → read a batch → POST /run → outcome.
+ *
+ * Triggers are the poll timer, every (re)connect (catch-up read) and a full
+ * batch (drain: read again at once while fewer than max_in_flight requests
+ * are outstanding). Outcomes follow DESIGN.md's delivery semantics:
+ * accepted → logged, the worker owns the messages; rejected → messages
+ * released with set_vt(backoff) and reads paused for that backoff; unknown →
+ * messages keep their vt, logged distinctly. Knows no wire formats. */
+#ifndef PGMQD_DISPATCHER_H
+#define PGMQD_DISPATCHER_H
+
+#include "config.h"
+#include "http.h"
+#include "pg.h"
+
+#include <ev.h>
+#include <stdbool.h>
+
+struct dispatcher;
+
+/* Counters since start. */
+struct dispatcher_stats {
+	unsigned long long reads, reads_empty, reads_failed;
+	unsigned long long messages_read, messages_accepted, messages_released;
+	unsigned long long requests_accepted, requests_rejected, requests_unknown;
+};
+
+/* How a --once cycle or a shutdown ended; main maps it to an exit code. */
+enum dispatcher_result {
+	DISPATCH_DONE_DISPATCHED, /* at least one batch accepted */
+	DISPATCH_DONE_EMPTY,      /* nothing to do */
+	DISPATCH_DONE_FAILED,     /* database error or request rejected */
+	DISPATCH_DONE_UNKNOWN,    /* outcome unknown */
+	DISPATCH_DONE_STOPPED,    /* shutdown finished */
+};
+
+/* Called once when a --once cycle or a shutdown has finished. */
+typedef void (*dispatcher_done_fn)(void *arg, enum dispatcher_result result);
+
+/* Creates the dispatcher; cfg must outlive it. It creates and owns its pg
+ * connection and http multi handle. once: one read-and-dispatch cycle.
+ * Returns NULL on failure (logged). */
+struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg, bool once,
+				  dispatcher_done_fn done, void *arg);
+
+/* Starts connecting and the poll timer. */
+void dispatcher_start(struct dispatcher *d);
+
+/* Graceful stop: no new reads; batches read but not sent are released
+ * (set_vt 0); in-flight POSTs get until cfg->shutdown_timeout_ms, then are
+ * aborted and counted as outcome unknown. done() runs when finished. */
+void dispatcher_stop(struct dispatcher *d);
+
+const struct dispatcher_stats *dispatcher_stats(const struct dispatcher *d);
+
+/* Frees everything (no callbacks into done). NULL-safe. */
+void dispatcher_free(struct dispatcher *d);
+
+/* Pause before the next read after `failures` consecutive failures
+ * (1-based): capped exponential with full jitter, rnd in [0, 1). Never below
+ * min_ms so that a pause is a pause. Pure. */
+double dispatcher_backoff_ms(int failures, double base_ms, double cap_ms, double min_ms,
+			     double rnd);
+
+#endif

@@ -1,0 +1,74 @@
+/* pg — one asynchronous libpq connection driven by libev.
+ *
+ * Connects with PQconnectStartParams/PQconnectPoll (the socket may change
+ * while connecting, so the watcher follows PQsocket after every poll), runs
+ * queries one at a time from a bounded FIFO with PQsendQueryParams (unnamed
+ * statements only, so transaction-mode poolers work), and reads results
+ * with PQconsumeInput/PQisBusy/PQgetResult from an ev_io. Nothing blocks.
+ *
+ * A lost connection is logged once and repaired with capped exponential
+ * backoff and full jitter. Knows nothing of PGMQ or RunPod. */
+#ifndef PGMQD_PG_H
+#define PGMQD_PG_H
+
+#include <ev.h>
+#include <libpq-fe.h>
+#include <stdbool.h>
+
+#define PG_MAX_QUEUED 64        /* queries waiting or running */
+
+struct pg;
+
+/* Why a query produced no result. */
+struct pg_error {
+	const char *sqlstate;   /* five characters, or "" when none */
+	const char *message;    /* one line, no trailing newline */
+	bool sent;              /* the server may have executed it (fate unknown
+				   when the connection died afterwards) */
+	bool connection_lost;
+};
+
+/* Exactly one call per accepted query. On success res is a
+ * PGRES_TUPLES_OK / PGRES_COMMAND_OK result that the callee owns and must
+ * PQclear(); err is NULL. On failure res is NULL and err describes it (valid
+ * only during the call). */
+typedef void (*pg_result_fn)(void *arg, PGresult *res, const struct pg_error *err);
+
+struct pg_callbacks {
+	void (*connected)(void *arg);    /* after every (re)connect */
+	void (*disconnected)(void *arg); /* once per loss */
+	void (*connect_failed)(void *arg); /* after every failed attempt */
+	void *arg;
+};
+
+/* Creates the connection object; conninfo ("" for libpq defaults) is
+ * copied. connect_timeout_ms bounds each attempt. Call pg_start() to
+ * begin. Returns NULL when out of memory. */
+struct pg *pg_new(struct ev_loop *loop, const char *conninfo, int connect_timeout_ms,
+		  const struct pg_callbacks *cb);
+
+/* Starts connecting (no-op if already connecting or connected). */
+void pg_start(struct pg *pg);
+
+/* True when connected and able to run queries now. */
+bool pg_ready(const struct pg *pg);
+
+/* Queues a query. sql and params are copied. Queries wait while the
+ * connection is down and run after it comes back. Returns 0, or -1 when the
+ * FIFO is full (PG_MAX_QUEUED) or memory ran out; then fn is not called. */
+int pg_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
+	     pg_result_fn fn, void *arg) __attribute__((warn_unused_result));
+
+/* Number of queries queued or running. */
+int pg_pending(const struct pg *pg);
+
+/* Closes the connection, fails pending queries with connection_lost (their
+ * callbacks run inside this call) and frees everything. NULL-safe. */
+void pg_free(struct pg *pg);
+
+/* Backoff before reconnect attempt number `attempt` (0-based): a uniformly
+ * random delay in [0, min(cap_ms, base_ms * 2^attempt)] (full jitter).
+ * rnd is a value in [0, 1). Pure. */
+double pg_backoff_ms(int attempt, double base_ms, double cap_ms, double rnd);
+
+#endif

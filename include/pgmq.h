@@ -1,0 +1,69 @@
+/* pgmq — the PGMQ SQL the dispatcher needs, on top of pg.
+ *
+ * Reads name their columns and cast every parameter
+ * ($1::text, $2::integer, $3::integer): pgmq 1.10 inserted last_read_at
+ * before vt and 1.12 made untyped read($1,$2,$3) ambiguous
+ * (../shared/reference/pgmq-api.md §0, §5). Messages are kept as the text
+ * PostgreSQL returns, so numbers, key order and unicode survive byte for
+ * byte. Knows nothing of HTTP. */
+#ifndef PGMQD_PGMQ_H
+#define PGMQD_PGMQ_H
+
+#include "pg.h"
+
+#include <stddef.h>
+
+/* One message of a read. Every pointer points into the batch's PGresult. */
+struct pgmq_message {
+	const char *msg_id;       /* bigint as exact decimal text */
+	long long msg_id_num;     /* the same, parsed (for ordering and logs) */
+	const char *read_ct;      /* integer as decimal text */
+	const char *enqueued_at;  /* to_json(enqueued_at): a JSON string literal, quotes included */
+	const char *message;      /* jsonb as PostgreSQL's JSON text; "null" for SQL NULL */
+	size_t message_len;
+	const char *document_id;  /* JSON text of message->'document_id', or NULL */
+};
+
+/* The rows of one read, ordered by msg_id. Owns the PGresult. */
+struct pgmq_batch {
+	PGresult *res;
+	int n;
+	struct pgmq_message *msgs;
+};
+
+/* Builds the read statement for a validated function name (see config's
+ * read_function) into buf. Returns 0, or -1 if it does not fit. */
+int pgmq_read_sql(const char *read_function, char *buf, size_t len);
+
+/* Turns a read result into a batch, taking ownership of res (freed on
+ * error too). Columns are looked up by name. Returns 0, or -1 with a
+ * one-line reason in err when a column is missing or a value malformed. */
+int pgmq_batch_from_result(PGresult *res, struct pgmq_batch *out, char *err, size_t errlen);
+
+/* Frees the batch's rows and its PGresult. NULL-safe. */
+void pgmq_batch_free(struct pgmq_batch *b);
+
+/* Read completion: on success *batch is filled (n may be 0) and owned by the
+ * callee; on failure err is set (see pg.h) and batch is NULL. */
+typedef void (*pgmq_read_fn)(void *arg, struct pgmq_batch *batch, const struct pg_error *err);
+
+/* Reads up to qty messages, invisible for vt_seconds, with read_function
+ * (pgmq.read or a wrapper with parameters queue_name, vt, qty). Returns 0 or
+ * -1 when the query could not be queued (fn is then not called). */
+int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int vt_seconds,
+	      int qty, pgmq_read_fn fn, void *arg) __attribute__((warn_unused_result));
+
+/* Sets the vt of the given messages to now + delay_s in one statement
+ * (pgmq.set_vt per id, which exists since pgmq 1.2; the array form needs
+ * 1.8). fn gets the number of messages updated (absent ids are skipped), or
+ * -1 and err. Returns 0 or -1 when the query could not be queued. */
+typedef void (*pgmq_count_fn)(void *arg, long count, const struct pg_error *err);
+int pgmq_set_vt(struct pg *pg, const char *queue, const long long *msg_ids, int n, int delay_s,
+		pgmq_count_fn fn, void *arg) __attribute__((warn_unused_result));
+
+/* Moves messages to the archive table with pgmq.archive (per id, one
+ * statement). Same conventions as pgmq_set_vt(). */
+int pgmq_archive(struct pg *pg, const char *queue, const long long *msg_ids, int n,
+		 pgmq_count_fn fn, void *arg) __attribute__((warn_unused_result));
+
+#endif

@@ -1,0 +1,68 @@
+/* runpod — the RunPod Serverless API as plain data: the /run body, the
+ * reply, and what an HTTP outcome means for the messages behind it.
+ * Pure functions: no loop, no network, no SQL.
+ * Source: ../shared/reference/runpod-serverless-api.md. */
+#ifndef PGMQD_RUNPOD_H
+#define PGMQD_RUNPOD_H
+
+#include "pgmq.h"
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#define RUNPOD_JOB_ID_MAX 128   /* §1: opaque; ≥ 128 bytes is safe */
+#define RUNPOD_STATUS_MAX 32
+
+/* Builds the /run body of DESIGN.md's contract:
+ *   {"input":{"queue":Q,"vt_seconds":VT,"jobs":[{"msg_id":…,"read_ct":…,
+ *    "enqueued_at":…,"document_id":…|null,"message":…}]}}
+ * msg_id, read_ct, enqueued_at, document_id and message are embedded as the
+ * exact text PostgreSQL returned (bigints stay exact). Returns a malloc'd
+ * NUL-terminated string (caller frees) and its length in *len, or NULL when
+ * out of memory. */
+char *runpod_run_body(const char *queue, int vt_seconds, const struct pgmq_message *msgs, int n,
+		      size_t *len);
+
+/* "{base_url}/{endpoint_id}/{op}" into buf; returns 0 or -1 if too long. */
+int runpod_url(const char *base_url, const char *endpoint_id, const char *op, char *buf,
+	       size_t len);
+
+/* The parts of a /run reply the dispatcher uses (§2.1: {"id","status"}). */
+struct runpod_run_reply {
+	char id[RUNPOD_JOB_ID_MAX + 1];
+	char status[RUNPOD_STATUS_MAX + 1];
+};
+
+/* Parses a /run reply body (not NUL-terminated; len bytes). Unknown members
+ * are ignored. Returns 0, or -1 when the body is not a JSON object with a
+ * non-empty string "id" of at most RUNPOD_JOB_ID_MAX printable bytes. A
+ * missing or odd "status" leaves status "". */
+int runpod_parse_run_reply(const char *body, size_t len, struct runpod_run_reply *out);
+
+enum runpod_outcome {
+	RUNPOD_ACCEPTED,  /* a job exists: the worker owns the messages */
+	RUNPOD_REJECTED,  /* no job was created: release the messages */
+	RUNPOD_UNKNOWN,   /* a job may exist: keep the messages' vt */
+};
+
+/* What happened to one /run request, as seen by the HTTP layer. */
+struct runpod_attempt {
+	long http_status;       /* 0 when no response arrived */
+	bool transport_error;   /* curl reported an error */
+	bool connected;         /* a connection to the server was established */
+	bool request_sent;      /* any request bytes were written (CURLINFO_REQUEST_SIZE > 0) */
+	bool reply_parsed;      /* runpod_parse_run_reply() succeeded */
+};
+
+/* Classifies an attempt (DESIGN.md "Delivery semantics", §6.1):
+ * 2xx with a job id → accepted; 2xx without one, 504, or a transport error
+ * after request bytes went out → unknown; anything else → rejected. */
+enum runpod_outcome runpod_classify(const struct runpod_attempt *a);
+
+/* True for replies that mean the key or endpoint is wrong (401, 403, 404):
+ * retrying will not help until the configuration changes. */
+bool runpod_is_config_error(long http_status);
+
+const char *runpod_outcome_name(enum runpod_outcome o);
+
+#endif

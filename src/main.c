@@ -1,0 +1,282 @@
+/* pgmq-dispatcher — moves PGMQ messages to RunPod Serverless /run. */
+#include "main.h"
+#include "config.h"
+#include "dispatcher.h"
+#include "log.h"
+
+#include <curl/curl.h>
+#include <ev.h>
+#include <getopt.h>
+#include <libpq-fe.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sysexits.h>
+#include <time.h>
+#include <unistd.h>
+
+extern char **environ;
+
+struct app {
+	struct ev_loop *loop;
+	struct config cfg;
+	struct dispatcher *d;
+	int exit_code;
+	int signals;            /* TERM/INT received */
+	ev_signal sig_int, sig_term, sig_hup;
+};
+
+static void usage(FILE *fp)
+{
+	fprintf(fp,
+		"Usage: pgmq-dispatcher [options]\n"
+		"Reads batches from a PGMQ queue and submits them to a RunPod Serverless endpoint.\n\n"
+		"  -c, --config FILE     configuration file (default " CONFIG_DEFAULT_PATH ")\n"
+		"  -v, --verbose         more output: -v debug, -vv trace (SQL and HTTP metadata)\n"
+		"  -q, --quiet           warnings and errors only\n"
+		"      --log-format FMT  logfmt (default) or json\n"
+		"      --once            one read-and-dispatch cycle, then exit:\n"
+		"                        0 dispatched, 1 queue empty, 69 failed, 75 outcome unknown\n"
+		"  -t, --check-config    validate the configuration (no network), exit 0 or 78\n"
+		"  -T, --dump-config     print the effective configuration, secrets masked\n"
+		"  -V, --version         print the version\n"
+		"  -h, --help            this help\n\n"
+		"Every key can also be set as PGMQD_<SECTION>_<KEY>; see pgmq-dispatcher(8).\n");
+}
+
+static void on_config_error(void *arg, const char *key, const char *source, const char *problem)
+{
+	struct log_line *l = log_begin(LOG_ERROR, "config_invalid");
+
+	(void)arg;
+	log_str(l, "key", key);
+	log_str(l, "source", source);
+	log_str(l, "problem", problem);
+	log_end(l);
+}
+
+/* Masks the database password and the API key in every later line. */
+static void register_secrets(const struct config *cfg)
+{
+	PQconninfoOption *opts;
+	const char *pgpassword = getenv("PGPASSWORD");
+
+	log_secret_clear();
+	log_secret_add(cfg->api_key);
+	if (pgpassword)
+		log_secret_add(pgpassword);
+	opts = cfg->conninfo[0] ? PQconninfoParse(cfg->conninfo, NULL) : NULL;
+	for (PQconninfoOption *o = opts; o && o->keyword; o++)
+		if (o->val && o->dispchar && strchr(o->dispchar, '*'))
+			log_secret_add(o->val);
+	PQconninfoFree(opts);
+}
+
+static void on_done(void *arg, enum dispatcher_result result)
+{
+	struct app *app = arg;
+
+	switch (result) {
+	case DISPATCH_DONE_DISPATCHED:
+	case DISPATCH_DONE_STOPPED:
+		app->exit_code = 0;
+		break;
+	case DISPATCH_DONE_EMPTY:
+		app->exit_code = EXIT_ONCE_EMPTY;
+		break;
+	case DISPATCH_DONE_FAILED:
+		app->exit_code = EX_UNAVAILABLE;
+		break;
+	case DISPATCH_DONE_UNKNOWN:
+		app->exit_code = EX_TEMPFAIL;
+		break;
+	}
+	ev_break(app->loop, EVBREAK_ALL);
+}
+
+static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
+{
+	struct app *app = w->data;
+
+	(void)revents;
+	if (++app->signals > 1) {
+		log_msg(LOG_WARN, "exit_now", "second signal %d: exiting without waiting", w->signum);
+		app->exit_code = 1;
+		ev_break(loop, EVBREAK_ALL);
+		return;
+	}
+	{
+		struct log_line *l = log_begin(LOG_INFO, "signal");
+		log_int(l, "signal", w->signum);
+		log_str(l, "action", "graceful stop");
+		log_end(l);
+	}
+	dispatcher_stop(app->d);
+}
+
+static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
+{
+	(void)loop;
+	(void)w;
+	(void)revents;
+	log_msg(LOG_WARN, "reload_unsupported", "SIGHUP: configuration reload is not implemented yet; "
+		"restart to apply changes");
+}
+
+int main(int argc, char **argv)
+{
+	static const struct option longopts[] = {
+		{ "config", required_argument, NULL, 'c' },
+		{ "verbose", no_argument, NULL, 'v' },
+		{ "quiet", no_argument, NULL, 'q' },
+		{ "log-format", required_argument, NULL, 'F' },
+		{ "once", no_argument, NULL, 'O' },
+		{ "check-config", no_argument, NULL, 't' },
+		{ "dump-config", no_argument, NULL, 'T' },
+		{ "version", no_argument, NULL, 'V' },
+		{ "help", no_argument, NULL, 'h' },
+		{ NULL, 0, NULL, 0 },
+	};
+	struct app app;
+	const char *path = CONFIG_DEFAULT_PATH;
+	bool path_explicit = false, once = false, check = false, dump = false;
+	int verbose = 0, quiet = 0, opt;
+	char level_override[32], format_override[32];
+	const char *overrides[3] = { NULL, NULL, NULL };
+	int noverrides = 0;
+	struct config_input in;
+	char masked[1024];
+
+	memset(&app, 0, sizeof(app));
+	format_override[0] = '\0';
+	while ((opt = getopt_long(argc, argv, "c:vqtTVh", longopts, NULL)) != -1) {
+		switch (opt) {
+		case 'c':
+			path = optarg;
+			path_explicit = true;
+			break;
+		case 'v':
+			verbose++;
+			break;
+		case 'q':
+			quiet++;
+			break;
+		case 'F':
+			snprintf(format_override, sizeof(format_override), "log.format=%s", optarg);
+			break;
+		case 'O':
+			once = true;
+			break;
+		case 't':
+			check = true;
+			break;
+		case 'T':
+			dump = true;
+			break;
+		case 'V':
+			printf("pgmq-dispatcher %s\n", PGMQD_VERSION);
+			return 0;
+		case 'h':
+			usage(stdout);
+			return 0;
+		default:
+			usage(stderr);
+			return EX_USAGE;
+		}
+	}
+	if (optind < argc) {
+		fprintf(stderr, "pgmq-dispatcher: unexpected argument '%s'\n", argv[optind]);
+		usage(stderr);
+		return EX_USAGE;
+	}
+	if (verbose && quiet) {
+		fprintf(stderr, "pgmq-dispatcher: -v and -q exclude each other\n");
+		return EX_USAGE;
+	}
+	if (verbose || quiet) {
+		snprintf(level_override, sizeof(level_override), "log.level=%s",
+			 quiet ? "warn" : verbose == 1 ? "debug" : "trace");
+		overrides[noverrides++] = level_override;
+	}
+	if (format_override[0])
+		overrides[noverrides++] = format_override;
+
+	log_setup(LOG_INFO, LOG_FORMAT_LOGFMT);
+	in = (struct config_input){ .path = path, .path_explicit = path_explicit, .envp = environ,
+				    .cli_overrides = overrides };
+	if (config_load(&in, &app.cfg, on_config_error, NULL) != 0)
+		return EX_CONFIG;
+	log_setup((enum log_level)app.cfg.log_level, (enum log_format)app.cfg.log_format);
+	register_secrets(&app.cfg);
+	if (dump)
+		config_dump(&app.cfg, stdout);
+	if (check || dump) {
+		config_free(&app.cfg);
+		return 0;
+	}
+
+	signal(SIGPIPE, SIG_IGN);
+	srandom((unsigned)time(NULL) ^ (unsigned)getpid());
+	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
+		log_msg(LOG_ERROR, "startup_failed", "curl_global_init failed");
+		config_free(&app.cfg);
+		return EX_SOFTWARE;
+	}
+	app.loop = ev_default_loop(EVFLAG_AUTO);
+	if (app.loop == NULL) {
+		log_msg(LOG_ERROR, "startup_failed", "cannot create the event loop");
+		config_free(&app.cfg);
+		return EX_OSERR;
+	}
+	app.d = dispatcher_new(app.loop, &app.cfg, once, on_done, &app);
+	if (app.d == NULL) {
+		config_free(&app.cfg);
+		return EX_SOFTWARE;
+	}
+	ev_signal_init(&app.sig_int, on_stop_signal, SIGINT);
+	ev_signal_init(&app.sig_term, on_stop_signal, SIGTERM);
+	ev_signal_init(&app.sig_hup, on_hup, SIGHUP);
+	app.sig_int.data = app.sig_term.data = app.sig_hup.data = &app;
+	ev_signal_start(app.loop, &app.sig_int);
+	ev_signal_start(app.loop, &app.sig_term);
+	ev_signal_start(app.loop, &app.sig_hup);
+
+	{
+		struct log_line *l = log_begin(LOG_INFO, "started");
+		log_str(l, "version", PGMQD_VERSION);
+		log_str(l, "queue", app.cfg.queue_name);
+		log_str(l, "endpoint_id", app.cfg.endpoint_id);
+		log_str(l, "base_url", app.cfg.base_url);
+		log_str(l, "conninfo", config_mask_conninfo(app.cfg.conninfo, masked, sizeof(masked)));
+		log_int(l, "batch_size", app.cfg.batch_size);
+		log_int(l, "vt_seconds", app.cfg.vt_seconds);
+		log_int(l, "poll_interval_ms", app.cfg.poll_interval_ms);
+		log_str(l, "mode", once ? "once" : "daemon");
+		log_end(l);
+	}
+	dispatcher_start(app.d);
+	ev_run(app.loop, 0);
+
+	{
+		const struct dispatcher_stats *s = dispatcher_stats(app.d);
+		struct log_line *l = log_begin(LOG_INFO, "exiting");
+		log_int(l, "exit_code", app.exit_code);
+		log_int(l, "messages_read", (long long)s->messages_read);
+		log_int(l, "messages_accepted", (long long)s->messages_accepted);
+		log_int(l, "messages_released", (long long)s->messages_released);
+		log_int(l, "requests_accepted", (long long)s->requests_accepted);
+		log_int(l, "requests_rejected", (long long)s->requests_rejected);
+		log_int(l, "requests_unknown", (long long)s->requests_unknown);
+		log_end(l);
+	}
+	dispatcher_free(app.d);
+	ev_signal_stop(app.loop, &app.sig_int);
+	ev_signal_stop(app.loop, &app.sig_term);
+	ev_signal_stop(app.loop, &app.sig_hup);
+	ev_loop_destroy(app.loop);
+	curl_global_cleanup();
+	config_free(&app.cfg);
+	log_secret_clear();
+	return app.exit_code;
+}

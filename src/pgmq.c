@@ -1,0 +1,235 @@
+/* pgmq — see include/pgmq.h. */
+#include "pgmq.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define READ_SQL                                                                              \
+	"SELECT msg_id, read_ct, to_json(enqueued_at) AS enqueued_at, message, "                \
+	"message->'document_id' AS document_id "                                                  \
+	"FROM %s($1::text, $2::integer, $3::integer) ORDER BY msg_id"
+
+/* set_vt and archive exist per id in every pgmq ≥ 1.2; the bigint[] forms
+ * only from 1.8 (pgmq-api.md §1.3), and Supabase ships 1.4/1.5. */
+static const char SET_VT_SQL[] =
+	"SELECT count(*) FROM unnest($2::bigint[]) AS m(id), "
+	"LATERAL pgmq.set_vt($1::text, m.id, $3::integer) AS r";
+static const char ARCHIVE_SQL[] =
+	"SELECT count(*) FILTER (WHERE a) FROM unnest($2::bigint[]) AS m(id), "
+	"LATERAL pgmq.archive($1::text, m.id) AS a";
+
+int pgmq_read_sql(const char *read_function, char *buf, size_t len)
+{
+	int n = snprintf(buf, len, READ_SQL, read_function);
+
+	return n < 0 || (size_t)n >= len ? -1 : 0;
+}
+
+static int column(PGresult *res, const char *name, char *err, size_t errlen)
+{
+	int c = PQfnumber(res, name);
+
+	if (c < 0)
+		snprintf(err, errlen, "the read function returned no column named %s", name);
+	return c;
+}
+
+int pgmq_batch_from_result(PGresult *res, struct pgmq_batch *out, char *err, size_t errlen)
+{
+	int c_id, c_ct, c_enq, c_msg, c_doc, n;
+
+	memset(out, 0, sizeof(*out));
+	if ((c_id = column(res, "msg_id", err, errlen)) < 0 ||
+	    (c_ct = column(res, "read_ct", err, errlen)) < 0 ||
+	    (c_enq = column(res, "enqueued_at", err, errlen)) < 0 ||
+	    (c_msg = column(res, "message", err, errlen)) < 0 ||
+	    (c_doc = column(res, "document_id", err, errlen)) < 0) {
+		PQclear(res);
+		return -1;
+	}
+	n = PQntuples(res);
+	out->res = res;
+	out->n = n;
+	if (n == 0)
+		return 0;
+	out->msgs = calloc((size_t)n, sizeof(*out->msgs));
+	if (out->msgs == NULL) {
+		snprintf(err, errlen, "out of memory for %d rows", n);
+		pgmq_batch_free(out);
+		return -1;
+	}
+	for (int i = 0; i < n; i++) {
+		struct pgmq_message *m = &out->msgs[i];
+		char *end;
+
+		if (PQgetisnull(res, i, c_id) || PQgetisnull(res, i, c_ct) || PQgetisnull(res, i, c_enq)) {
+			snprintf(err, errlen, "row %d has a NULL msg_id, read_ct or enqueued_at", i);
+			pgmq_batch_free(out);
+			return -1;
+		}
+		m->msg_id = PQgetvalue(res, i, c_id);
+		errno = 0;
+		m->msg_id_num = strtoll(m->msg_id, &end, 10);
+		if (errno != 0 || *end != '\0' || end == m->msg_id) {
+			snprintf(err, errlen, "row %d: msg_id '%.32s' is not a bigint", i, m->msg_id);
+			pgmq_batch_free(out);
+			return -1;
+		}
+		m->read_ct = PQgetvalue(res, i, c_ct);
+		if (strspn(m->read_ct, "0123456789") != strlen(m->read_ct) || m->read_ct[0] == '\0') {
+			snprintf(err, errlen, "row %d: read_ct '%.32s' is not an integer", i, m->read_ct);
+			pgmq_batch_free(out);
+			return -1;
+		}
+		m->enqueued_at = PQgetvalue(res, i, c_enq);
+		if (PQgetisnull(res, i, c_msg)) {
+			m->message = "null";
+			m->message_len = 4;
+		} else {
+			m->message = PQgetvalue(res, i, c_msg);
+			m->message_len = (size_t)PQgetlength(res, i, c_msg);
+		}
+		m->document_id = PQgetisnull(res, i, c_doc) ? NULL : PQgetvalue(res, i, c_doc);
+	}
+	return 0;
+}
+
+void pgmq_batch_free(struct pgmq_batch *b)
+{
+	if (b == NULL)
+		return;
+	free(b->msgs);
+	if (b->res)
+		PQclear(b->res);
+	memset(b, 0, sizeof(*b));
+}
+
+struct call {
+	union {
+		pgmq_read_fn read;
+		pgmq_count_fn count;
+	} fn;
+	void *arg;
+};
+
+static struct call *new_call(void *arg)
+{
+	struct call *c = calloc(1, sizeof(*c));
+
+	if (c)
+		c->arg = arg;
+	return c;
+}
+
+static void on_read(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct call *c = arg;
+	struct pgmq_batch *b;
+	char why[256];
+
+	if (res == NULL) {
+		c->fn.read(c->arg, NULL, err);
+		free(c);
+		return;
+	}
+	b = malloc(sizeof(*b));
+	if (b == NULL) {
+		struct pg_error e = { "", "out of memory", true, false };
+		PQclear(res);
+		c->fn.read(c->arg, NULL, &e);
+	} else if (pgmq_batch_from_result(res, b, why, sizeof(why)) != 0) {
+		struct pg_error e = { "", why, true, false };
+		free(b);
+		c->fn.read(c->arg, NULL, &e);
+	} else {
+		c->fn.read(c->arg, b, NULL);
+	}
+	free(c);
+}
+
+int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int vt_seconds,
+	      int qty, pgmq_read_fn fn, void *arg)
+{
+	char sql[512], vt[16], n[16];
+	const char *params[3] = { queue, vt, n };
+	struct call *c;
+
+	if (pgmq_read_sql(read_function, sql, sizeof(sql)) != 0)
+		return -1;
+	snprintf(vt, sizeof(vt), "%d", vt_seconds);
+	snprintf(n, sizeof(n), "%d", qty);
+	c = new_call(arg);
+	if (c == NULL)
+		return -1;
+	c->fn.read = fn;
+	if (pg_query(pg, sql, 3, params, on_read, c) != 0) {
+		free(c);
+		return -1;
+	}
+	return 0;
+}
+
+static void on_count(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct call *c = arg;
+
+	if (res == NULL) {
+		c->fn.count(c->arg, -1, err);
+	} else {
+		long count = PQntuples(res) == 1 ? strtol(PQgetvalue(res, 0, 0), NULL, 10) : -1;
+		PQclear(res);
+		c->fn.count(c->arg, count, NULL);
+	}
+	free(c);
+}
+
+/* "{1,2,3}": the text form of a bigint[] parameter. */
+static char *id_array(const long long *ids, int n)
+{
+	size_t cap = (size_t)n * 21 + 3, used = 0;
+	char *s = malloc(cap);
+
+	if (s == NULL)
+		return NULL;
+	s[used++] = '{';
+	for (int i = 0; i < n; i++)
+		used += (size_t)snprintf(s + used, cap - used, "%s%lld", i ? "," : "", ids[i]);
+	s[used++] = '}';
+	s[used] = '\0';
+	return s;
+}
+
+static int run_ids(struct pg *pg, const char *sql, const char *queue, const long long *ids, int n,
+		   const char *third, pgmq_count_fn fn, void *arg)
+{
+	char *arr = id_array(ids, n);
+	const char *params[3] = { queue, arr, third };
+	struct call *c = new_call(arg);
+	int rc = -1;
+
+	if (arr && c) {
+		c->fn.count = fn;
+		rc = pg_query(pg, sql, third ? 3 : 2, params, on_count, c);
+	}
+	if (rc != 0)
+		free(c);
+	free(arr);
+	return rc;
+}
+
+int pgmq_set_vt(struct pg *pg, const char *queue, const long long *msg_ids, int n, int delay_s,
+		pgmq_count_fn fn, void *arg)
+{
+	char delay[16];
+
+	snprintf(delay, sizeof(delay), "%d", delay_s);
+	return run_ids(pg, SET_VT_SQL, queue, msg_ids, n, delay, fn, arg);
+}
+
+int pgmq_archive(struct pg *pg, const char *queue, const long long *msg_ids, int n,
+		 pgmq_count_fn fn, void *arg)
+{
+	return run_ids(pg, ARCHIVE_SQL, queue, msg_ids, n, NULL, fn, arg);
+}

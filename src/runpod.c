@@ -1,0 +1,132 @@
+/* runpod — see include/runpod.h. */
+#include "runpod.h"
+
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Adds a member whose value is JSON text taken verbatim from PostgreSQL. */
+static bool add_raw(cJSON *obj, const char *key, const char *json)
+{
+	cJSON *item = json ? cJSON_CreateRaw(json) : cJSON_CreateNull();
+
+	return item != NULL && cJSON_AddItemToObject(obj, key, item);
+}
+
+char *runpod_run_body(const char *queue, int vt_seconds, const struct pgmq_message *msgs, int n,
+		      size_t *len)
+{
+	cJSON *root = cJSON_CreateObject();
+	cJSON *input, *jobs;
+	char *out = NULL;
+
+	if (root == NULL)
+		return NULL;
+	input = cJSON_AddObjectToObject(root, "input");
+	if (input == NULL || cJSON_AddStringToObject(input, "queue", queue) == NULL ||
+	    cJSON_AddNumberToObject(input, "vt_seconds", vt_seconds) == NULL)
+		goto done;
+	jobs = cJSON_AddArrayToObject(input, "jobs");
+	if (jobs == NULL)
+		goto done;
+	for (int i = 0; i < n; i++) {
+		const struct pgmq_message *m = &msgs[i];
+		cJSON *job = cJSON_CreateObject();
+
+		if (job == NULL || !cJSON_AddItemToArray(jobs, job)) {
+			cJSON_Delete(job);
+			goto done;
+		}
+		if (!add_raw(job, "msg_id", m->msg_id) || !add_raw(job, "read_ct", m->read_ct) ||
+		    !add_raw(job, "enqueued_at", m->enqueued_at) ||
+		    !add_raw(job, "document_id", m->document_id) ||
+		    !add_raw(job, "message", m->message))
+			goto done;
+	}
+	out = cJSON_PrintUnformatted(root);
+	if (out && len)
+		*len = strlen(out);
+done:
+	cJSON_Delete(root);
+	return out;
+}
+
+int runpod_url(const char *base_url, const char *endpoint_id, const char *op, char *buf,
+	       size_t len)
+{
+	int n = snprintf(buf, len, "%s/%s/%s", base_url, endpoint_id, op);
+
+	return n < 0 || (size_t)n >= len ? -1 : 0;
+}
+
+static bool printable(const char *s)
+{
+	for (; *s; s++)
+		if ((unsigned char)*s < 0x20 || *s == 0x7f)
+			return false;
+	return true;
+}
+
+int runpod_parse_run_reply(const char *body, size_t len, struct runpod_run_reply *out)
+{
+	cJSON *root, *id, *status;
+	int rc = -1;
+
+	memset(out, 0, sizeof(*out));
+	if (body == NULL)
+		return -1;
+	root = cJSON_ParseWithLength(body, len);
+	if (root == NULL)
+		return -1;
+	id = cJSON_GetObjectItemCaseSensitive(root, "id");
+	status = cJSON_GetObjectItemCaseSensitive(root, "status");
+	if (cJSON_IsObject(root) && cJSON_IsString(id) && id->valuestring[0] != '\0' &&
+	    strlen(id->valuestring) <= RUNPOD_JOB_ID_MAX && printable(id->valuestring)) {
+		snprintf(out->id, sizeof(out->id), "%s", id->valuestring);
+		if (cJSON_IsString(status) && strlen(status->valuestring) <= RUNPOD_STATUS_MAX &&
+		    printable(status->valuestring))
+			snprintf(out->status, sizeof(out->status), "%s", status->valuestring);
+		rc = 0;
+	}
+	cJSON_Delete(root);
+	return rc;
+}
+
+bool runpod_is_config_error(long http_status)
+{
+	return http_status == 401 || http_status == 403 || http_status == 404;
+}
+
+enum runpod_outcome runpod_classify(const struct runpod_attempt *a)
+{
+	if (a->http_status == 0) {
+		/* No reply. Nothing written means nothing to create a job from;
+		 * otherwise the server may have acted on it. */
+		if (!a->connected || !a->request_sent)
+			return RUNPOD_REJECTED;
+		return RUNPOD_UNKNOWN;
+	}
+	if (a->http_status >= 200 && a->http_status < 300) {
+		if (a->transport_error || !a->reply_parsed)
+			return RUNPOD_UNKNOWN;
+		return RUNPOD_ACCEPTED;
+	}
+	/* A gateway timeout says nothing about the job behind it. */
+	if (a->http_status == 504)
+		return RUNPOD_UNKNOWN;
+	return RUNPOD_REJECTED;
+}
+
+const char *runpod_outcome_name(enum runpod_outcome o)
+{
+	switch (o) {
+	case RUNPOD_ACCEPTED:
+		return "accepted";
+	case RUNPOD_REJECTED:
+		return "rejected";
+	case RUNPOD_UNKNOWN:
+		return "unknown";
+	}
+	return "?";
+}

@@ -1,0 +1,175 @@
+/* Unit tests for runpod: /run body (golden bytes), reply parsing, outcome
+ * classification. */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <cmocka.h>
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "runpod.h"
+
+static void body_golden_bytes(void **state)
+{
+	struct pgmq_message m[2] = {
+		{ .msg_id = "9007199254740993", .read_ct = "1",
+		  .enqueued_at = "\"2026-11-29T07:30:20.75052+00:00\"",
+		  .message = "{\"lang\": \"de\", \"document_id\": \"d-1\", \"title\": \"K\xc3\xb6ln \xf0\x9f\x8e\xac\"}",
+		  .document_id = "\"d-1\"" },
+		{ .msg_id = "7", .read_ct = "12", .enqueued_at = "\"2026-11-29T07:30:21+00:00\"",
+		  .message = "[1, 2.50, \"x\"]", .document_id = NULL },
+	};
+	size_t len = 0;
+	char *body = runpod_run_body("video_audio_transcription", 1800, m, 2, &len);
+	const char *want =
+		"{\"input\":{\"queue\":\"video_audio_transcription\",\"vt_seconds\":1800,\"jobs\":["
+		"{\"msg_id\":9007199254740993,\"read_ct\":1,"
+		"\"enqueued_at\":\"2026-11-29T07:30:20.75052+00:00\",\"document_id\":\"d-1\","
+		"\"message\":{\"lang\": \"de\", \"document_id\": \"d-1\", \"title\": \"K\xc3\xb6ln \xf0\x9f\x8e\xac\"}},"
+		"{\"msg_id\":7,\"read_ct\":12,\"enqueued_at\":\"2026-11-29T07:30:21+00:00\","
+		"\"document_id\":null,\"message\":[1, 2.50, \"x\"]}]}}";
+
+	assert_non_null(body);
+	assert_string_equal(body, want);
+	assert_int_equal(len, strlen(want));
+	free(body);
+}
+
+static void body_scalar_messages(void **state)
+{
+	struct pgmq_message m[3] = {
+		{ .msg_id = "1", .read_ct = "1", .enqueued_at = "\"t\"", .message = "\"just a string\"" },
+		{ .msg_id = "2", .read_ct = "1", .enqueued_at = "\"t\"", .message = "null" },
+		{ .msg_id = "3", .read_ct = "1", .enqueued_at = "\"t\"", .message = "-1.5e+300" },
+	};
+	char *body = runpod_run_body("q", 30, m, 3, NULL);
+
+	assert_non_null(body);
+	assert_non_null(strstr(body, "\"message\":\"just a string\""));
+	assert_non_null(strstr(body, "\"message\":null"));
+	assert_non_null(strstr(body, "\"message\":-1.5e+300"));
+	assert_non_null(strstr(body, "\"vt_seconds\":30"));
+	free(body);
+}
+
+static void body_queue_name_is_escaped(void **state)
+{
+	struct pgmq_message m = { .msg_id = "1", .read_ct = "1", .enqueued_at = "\"t\"", .message = "{}" };
+	char *body = runpod_run_body("we\"ird\\q", 30, &m, 1, NULL);
+
+	assert_non_null(strstr(body, "\"queue\":\"we\\\"ird\\\\q\""));
+	free(body);
+}
+
+static void url_building(void **state)
+{
+	char buf[64];
+
+	assert_int_equal(runpod_url("https://api.runpod.ai/v2", "abc123", "run", buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "https://api.runpod.ai/v2/abc123/run");
+	assert_int_equal(runpod_url("https://api.runpod.ai/v2", "abc123", "run", buf, 10), -1);
+}
+
+static void reply_parsing(void **state)
+{
+	struct runpod_run_reply r;
+	static const struct {
+		const char *body;
+		int rc;
+		const char *id, *status;
+	} cases[] = {
+		{ "{\"id\":\"0b7f9c52-u1\",\"status\":\"IN_QUEUE\"}", 0, "0b7f9c52-u1", "IN_QUEUE" },
+		{ "{\"status\":\"IN_QUEUE\",\"id\":\"x\",\"delayTime\":3,\"extra\":{}}", 0, "x", "IN_QUEUE" },
+		{ "{\"id\":\"x\"}", 0, "x", "" },
+		{ "{\"id\":\"x\",\"status\":5}", 0, "x", "" },
+		{ "{\"id\":\"\"}", -1, "", "" },
+		{ "{\"id\":17}", -1, "", "" },
+		{ "{\"status\":\"IN_QUEUE\"}", -1, "", "" },
+		{ "[\"id\"]", -1, "", "" },
+		{ "not json", -1, "", "" },
+		{ "", -1, "", "" },
+		{ "{\"id\":\"a\\nb\"}", -1, "", "" },
+		{ "{\"id\":\"x\",\"status\":\"IN_QUEUE\"", -1, "", "" },
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		int rc = runpod_parse_run_reply(cases[i].body, strlen(cases[i].body), &r);
+		assert_int_equal(rc, cases[i].rc);
+		assert_string_equal(r.id, cases[i].id);
+		assert_string_equal(r.status, cases[i].status);
+	}
+}
+
+static void reply_parsing_respects_length(void **state)
+{
+	struct runpod_run_reply r;
+	const char *body = "{\"id\":\"x\"}GARBAGE";
+
+	assert_int_equal(runpod_parse_run_reply(body, 10, &r), 0);
+	assert_int_equal(runpod_parse_run_reply(body, 9, &r), -1);
+}
+
+static void reply_id_too_long(void **state)
+{
+	char body[400];
+	struct runpod_run_reply r;
+
+	snprintf(body, sizeof(body), "{\"id\":\"%0*d\"}", RUNPOD_JOB_ID_MAX + 1, 0);
+	assert_int_equal(runpod_parse_run_reply(body, strlen(body), &r), -1);
+	snprintf(body, sizeof(body), "{\"id\":\"%0*d\"}", RUNPOD_JOB_ID_MAX, 0);
+	assert_int_equal(runpod_parse_run_reply(body, strlen(body), &r), 0);
+}
+
+static void classification(void **state)
+{
+	static const struct {
+		struct runpod_attempt a;
+		enum runpod_outcome want;
+	} cases[] = {
+		{ { 200, false, true, true, true }, RUNPOD_ACCEPTED },
+		{ { 201, false, true, true, true }, RUNPOD_ACCEPTED },
+		{ { 200, false, true, true, false }, RUNPOD_UNKNOWN },   /* 2xx, no id */
+		{ { 200, true, true, true, true }, RUNPOD_UNKNOWN },     /* reset mid-body */
+		{ { 504, false, true, true, false }, RUNPOD_UNKNOWN },
+		{ { 0, true, true, true, false }, RUNPOD_UNKNOWN },      /* timeout after sending */
+		{ { 0, true, false, false, false }, RUNPOD_REJECTED },   /* connection refused */
+		{ { 0, true, true, false, false }, RUNPOD_REJECTED },    /* connected, nothing sent */
+		{ { 400, false, true, true, false }, RUNPOD_REJECTED },
+		{ { 401, false, true, true, false }, RUNPOD_REJECTED },
+		{ { 403, false, true, true, false }, RUNPOD_REJECTED },
+		{ { 404, false, true, true, false }, RUNPOD_REJECTED },
+		{ { 413, false, true, true, false }, RUNPOD_REJECTED },
+		{ { 429, false, true, true, false }, RUNPOD_REJECTED },
+		{ { 500, false, true, true, false }, RUNPOD_REJECTED },
+		{ { 502, false, true, true, false }, RUNPOD_REJECTED },
+		{ { 503, false, true, true, false }, RUNPOD_REJECTED },
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		enum runpod_outcome got = runpod_classify(&cases[i].a);
+		if (got != cases[i].want)
+			fail_msg("case %zu (status %ld): got %s, want %s", i, cases[i].a.http_status,
+				 runpod_outcome_name(got), runpod_outcome_name(cases[i].want));
+	}
+	assert_true(runpod_is_config_error(401));
+	assert_true(runpod_is_config_error(403));
+	assert_true(runpod_is_config_error(404));
+	assert_false(runpod_is_config_error(429));
+	assert_false(runpod_is_config_error(500));
+}
+
+int main(void)
+{
+	const struct CMUnitTest tests[] = {
+		cmocka_unit_test(body_golden_bytes),
+		cmocka_unit_test(body_scalar_messages),
+		cmocka_unit_test(body_queue_name_is_escaped),
+		cmocka_unit_test(url_building),
+		cmocka_unit_test(reply_parsing),
+		cmocka_unit_test(reply_parsing_respects_length),
+		cmocka_unit_test(reply_id_too_long),
+		cmocka_unit_test(classification),
+	};
+	return cmocka_run_group_tests_name("runpod", tests, NULL, NULL);
+}
