@@ -31,6 +31,7 @@ struct dispatcher {
 	ev_timer pause;         /* reads paused until it fires (backoff) */
 	ev_timer deadline;      /* shutdown deadline */
 	bool reading;
+	bool read_wanted;       /* a drain read waits for an in-flight slot */
 	bool stopping;
 	bool finished;
 	bool once_read_done;
@@ -233,8 +234,8 @@ static void on_posted(void *arg, const struct http_response *r)
 	}
 	if (d->stopping || d->once)
 		maybe_finish(d);
-	else
-		kick(d);
+	else if (d->read_wanted)
+		kick(d); /* the drain was waiting for this slot */
 }
 
 static void post(struct dispatcher *d, struct batch *b)
@@ -359,9 +360,14 @@ static void on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *e
 
 static void kick(struct dispatcher *d)
 {
-	if (d->stopping || d->finished || d->reading || !pg_ready(d->pg) ||
-	    ev_is_active(&d->pause) || d->in_flight >= d->cfg->max_in_flight)
+	if (d->in_flight >= d->cfg->max_in_flight) {
+		d->read_wanted = true;
 		return;
+	}
+	if (d->stopping || d->finished || d->reading || !pg_ready(d->pg) ||
+	    ev_is_active(&d->pause))
+		return;
+	d->read_wanted = false;
 	if (d->once && d->once_read_done)
 		return;
 	if (pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name, d->cfg->vt_seconds,
