@@ -1,0 +1,27 @@
+#!/bin/sh
+# Installs every build and test dependency of pgmq-dispatcher from Debian's
+# packages. Idempotent: does nothing when all are present.
+set -eu
+
+PACKAGES="build-essential pkg-config
+libev-dev libpq-dev libcurl4-openssl-dev libcjson-dev libinih-dev libsystemd-dev
+libmicrohttpd-dev libcmocka-dev
+postgresql-15 postgresql-client-15
+python3 python3-pytest python3-psycopg2
+valgrind clang systemd groff-base"
+
+missing=""
+for p in $PACKAGES; do
+	if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+		missing="$missing $p"
+	fi
+done
+[ -z "$missing" ] && exit 0
+
+echo "deps: installing:$missing"
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+export DEBIAN_FRONTEND=noninteractive
+$SUDO apt-get update -qq
+# shellcheck disable=SC2086
+$SUDO apt-get install -y -qq --no-install-recommends $missing
