@@ -31,12 +31,18 @@ struct config {
 	int poll_interval_ms;
 	char *read_function;     /* schema-qualified SQL function name, validated identifier */
 	int max_in_flight;       /* /run requests outstanding at once */
+	int max_read_ct;         /* poison guard: archive messages read more often; 0 = off */
 	/* [runpod] */
 	char *endpoint_id;
 	char *api_key;           /* secret */
 	char *base_url;          /* no trailing slash */
 	int connect_timeout_ms;
 	int request_timeout_ms;
+	int max_body_bytes;      /* split batches above it; archive single messages above it */
+	int backoff_base_ms;     /* first pause after a failure (full jitter) */
+	int backoff_max_ms;      /* cap of the exponential pause */
+	int retry_after_max_ms;  /* cap on a 429/503 Retry-After */
+	int probe_interval_ms;   /* cap of the /health probe period while the circuit is open */
 	/* [log] */
 	int log_level;           /* enum log_level */
 	int log_format;          /* enum log_format */
@@ -68,6 +74,12 @@ typedef void (*config_error_fn)(void *arg, const char *key, const char *source,
  * Strings in *out are owned by it; release with config_free(). */
 int config_load(const struct config_input *in, struct config *out,
 		config_error_fn on_error, void *arg);
+
+/* For a reload: copies into next the values of keys that cannot change
+ * at runtime (queue.name) from cur, calling ignored() for each such key
+ * whose value differed. */
+void config_keep_static(const struct config *cur, struct config *next,
+			void (*ignored)(void *arg, const char *key), void *arg);
 
 /* Frees the strings of a snapshot loaded by config_load(). NULL-safe. */
 void config_free(struct config *cfg);

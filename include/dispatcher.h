@@ -21,7 +21,7 @@ struct dispatcher;
 /* Counters since start. */
 struct dispatcher_stats {
 	unsigned long long reads, reads_empty, reads_failed;
-	unsigned long long messages_read, messages_accepted, messages_released;
+	unsigned long long messages_read, messages_accepted, messages_released, messages_archived;
 	unsigned long long requests_accepted, requests_rejected, requests_unknown;
 };
 
@@ -51,7 +51,17 @@ void dispatcher_start(struct dispatcher *d);
  * aborted and counted as outcome unknown. done() runs when finished. */
 void dispatcher_stop(struct dispatcher *d);
 
+/* Switches to a new validated snapshot (SIGHUP): URLs, key, timers and
+ * limits follow it, a changed conninfo reconnects once the running query is
+ * done, and an open circuit is probed at once. cfg must outlive the
+ * dispatcher or the next reload; the caller keeps the old one alive until
+ * this returns. Returns 0, or -1 (the old snapshot stays in use). */
+int dispatcher_reload(struct dispatcher *d, const struct config *cfg);
+
 const struct dispatcher_stats *dispatcher_stats(const struct dispatcher *d);
+
+/* True while 401/403/404 keep reads stopped. */
+bool dispatcher_circuit_open(const struct dispatcher *d);
 
 /* Frees everything (no callbacks into done). NULL-safe. */
 void dispatcher_free(struct dispatcher *d);

@@ -59,6 +59,11 @@ bool pg_ready(const struct pg *pg);
 int pg_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
 	     pg_result_fn fn, void *arg) __attribute__((warn_unused_result));
 
+/* Switches to another conninfo (copied): reconnects once the running query,
+ * if any, has finished; queued queries run on the new connection. Returns 0
+ * or -1 when out of memory (the old conninfo stays). */
+int pg_set_conninfo(struct pg *pg, const char *conninfo);
+
 /* Number of queries queued or running. */
 int pg_pending(const struct pg *pg);
 

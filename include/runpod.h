@@ -9,6 +9,7 @@
 
 #include <stdbool.h>
 #include <stddef.h>
+#include <time.h>
 
 #define RUNPOD_JOB_ID_MAX 128   /* §1: opaque; ≥ 128 bytes is safe */
 #define RUNPOD_STATUS_MAX 32
@@ -22,6 +23,22 @@
  * out of memory. */
 char *runpod_run_body(const char *queue, int vt_seconds, const struct pgmq_message *msgs, int n,
 		      size_t *len);
+
+/* Exact byte counts of runpod_run_body()'s output, so that a batch can be
+ * split under a size cap before anything is built: the body of jobs
+ * msgs[0..n) is runpod_envelope_bytes() + the sum of runpod_job_bytes() +
+ * (n - 1) separating commas. Returns 0 from runpod_envelope_bytes() when out
+ * of memory. */
+size_t runpod_envelope_bytes(const char *queue, int vt_seconds);
+size_t runpod_job_bytes(const struct pgmq_message *m);
+
+/* Parses a Retry-After header value (RFC 9110 §10.2.3): delta-seconds
+ * ("120") or an HTTP-date ("Wed, 21 Oct 2026 07:28:00 GMT", also the
+ * obsolete RFC 850 and asctime forms). now is the current wall-clock time.
+ * On success stores the delay in ms (0 for a date in the past) and returns
+ * 0; returns -1 for anything else (the caller falls back to its own
+ * backoff). Pure. */
+int runpod_parse_retry_after(const char *value, time_t now, long long *delay_ms);
 
 /* "{base_url}/{endpoint_id}/{op}" into buf; returns 0 or -1 if too long. */
 int runpod_url(const char *base_url, const char *endpoint_id, const char *op, char *buf,

@@ -19,6 +19,7 @@ enum ktype { K_STR, K_INT, K_ENUM };
 #define F_SECRET   1u /* never printed */
 #define F_FILE     2u /* X_FILE environment twin and credential file allowed */
 #define F_CONNINFO 4u /* dumped through PQconninfoParse masking */
+#define F_STATIC   8u /* cannot change on reload (SIGHUP); needs a restart */
 
 struct key {
 	const char *section, *name;
@@ -50,7 +51,8 @@ static const struct key keys[] = {
 	  { "DATABASE_URL" }, "database_conninfo", NULL, check_conninfo },
 	{ "database", "connect_timeout_ms", K_INT, OFF(db_connect_timeout_ms), "10000", 100, 600000, 0,
 	  { 0 }, NULL, NULL, NULL },
-	{ "queue", "name", K_STR, OFF(queue_name), NULL, 0, 0, 0, { 0 }, NULL, NULL, check_queue_name },
+	{ "queue", "name", K_STR, OFF(queue_name), NULL, 0, 0, F_STATIC, { 0 }, NULL, NULL,
+	  check_queue_name },
 	{ "queue", "vt_seconds", K_INT, OFF(vt_seconds), "1800", 1, 7 * 86400, 0, { 0 }, NULL, NULL, NULL },
 	{ "queue", "batch_size", K_INT, OFF(batch_size), "10", 1, 1000, 0, { 0 }, NULL, NULL, NULL },
 	{ "queue", "poll_interval_ms", K_INT, OFF(poll_interval_ms), "1000", 10, 3600000, 0, { 0 }, NULL,
@@ -58,6 +60,7 @@ static const struct key keys[] = {
 	{ "queue", "read_function", K_STR, OFF(read_function), "pgmq.read", 0, 0, 0, { 0 }, NULL, NULL,
 	  check_function },
 	{ "queue", "max_in_flight", K_INT, OFF(max_in_flight), "8", 1, 200, 0, { 0 }, NULL, NULL, NULL },
+	{ "queue", "max_read_ct", K_INT, OFF(max_read_ct), "0", 0, 1000000, 0, { 0 }, NULL, NULL, NULL },
 	{ "runpod", "endpoint_id", K_STR, OFF(endpoint_id), NULL, 0, 0, 0, { "RUNPOD_ENDPOINT_ID" }, NULL,
 	  NULL, check_endpoint_id },
 	{ "runpod", "api_key", K_STR, OFF(api_key), NULL, 0, 0, F_SECRET | F_FILE, { "RUNPOD_API_KEY" },
@@ -67,6 +70,17 @@ static const struct key keys[] = {
 	{ "runpod", "connect_timeout_ms", K_INT, OFF(connect_timeout_ms), "10000", 100, 600000, 0, { 0 },
 	  NULL, NULL, NULL },
 	{ "runpod", "request_timeout_ms", K_INT, OFF(request_timeout_ms), "30000", 100, 3600000, 0,
+	  { 0 }, NULL, NULL, NULL },
+	/* RunPod's /run body limit is 10 MB (runpod-serverless-api.md §6.3). */
+	{ "runpod", "max_body_bytes", K_INT, OFF(max_body_bytes), "10000000", 256, 10000000, 0, { 0 },
+	  NULL, NULL, NULL },
+	{ "runpod", "backoff_base_ms", K_INT, OFF(backoff_base_ms), "1000", 10, 600000, 0, { 0 }, NULL,
+	  NULL, NULL },
+	{ "runpod", "backoff_max_ms", K_INT, OFF(backoff_max_ms), "60000", 10, 3600000, 0, { 0 }, NULL,
+	  NULL, NULL },
+	{ "runpod", "retry_after_max_ms", K_INT, OFF(retry_after_max_ms), "300000", 0, 86400000, 0,
+	  { 0 }, NULL, NULL, NULL },
+	{ "runpod", "probe_interval_ms", K_INT, OFF(probe_interval_ms), "30000", 100, 3600000, 0,
 	  { 0 }, NULL, NULL, NULL },
 	{ "log", "level", K_ENUM, OFF(log_level), "info", 0, 0, 0, { 0 }, NULL, level_choices, NULL },
 	{ "log", "format", K_ENUM, OFF(log_format), "logfmt", 0, 0, 0, { 0 }, NULL, format_choices,
@@ -651,6 +665,39 @@ int config_load(const struct config_input *in, struct config *out, config_error_
 	if (errors)
 		config_free(out);
 	return errors;
+}
+
+void config_keep_static(const struct config *cur, struct config *next,
+			void (*ignored)(void *arg, const char *key), void *arg)
+{
+	char label[96];
+
+	for (size_t i = 0; i < NKEYS; i++) {
+		const struct key *k = &keys[i];
+		bool differs;
+
+		if (!(k->flags & F_STATIC))
+			continue;
+		key_label(k, label, sizeof(label));
+		if (k->type == K_STR) {
+			char *const *c = (char *const *)(const void *)((const char *)cur + k->off);
+			char **n = (char **)(void *)((char *)next + k->off);
+			char *copy;
+			differs = strcmp(*c, *n) != 0;
+			if (differs && (copy = strdup(*c)) != NULL) {
+				free(*n);
+				*n = copy;
+			}
+		} else {
+			const int *c = (const int *)(const void *)((const char *)cur + k->off);
+			int *n = (int *)(void *)((char *)next + k->off);
+			differs = *c != *n;
+			*n = *c;
+		}
+		next->source[i] = cur->source[i];
+		if (differs && ignored)
+			ignored(arg, label);
+	}
 }
 
 void config_free(struct config *cfg)

@@ -8,12 +8,14 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
-#define BACKOFF_BASE_MS 1000.0
-#define BACKOFF_CAP_MS 60000.0
 #define BACKOFF_MIN_MS 250.0
 #define BODY_EXCERPT_BYTES 256
 #define IDS_PER_LINE 100
+
+/* Why reads are paused. */
+enum pause_reason { PAUSE_NONE, PAUSE_DB, PAUSE_RUNPOD };
 
 struct dispatcher {
 	struct ev_loop *loop;
@@ -25,28 +27,43 @@ struct dispatcher {
 	void *done_arg;
 
 	char run_url[2048];
+	char health_url[2048];
 	char auth_header[1100];
+	size_t envelope_bytes;  /* the /run body around its jobs */
 
 	ev_timer poll;          /* periodic trigger */
 	ev_timer pause;         /* reads paused until it fires (backoff) */
+	ev_timer probe;         /* next /health probe while the circuit is open */
 	ev_timer deadline;      /* shutdown deadline */
+	enum pause_reason pause_reason;
 	bool reading;
 	bool read_wanted;       /* a drain read waits for an in-flight slot */
 	bool stopping;
 	bool finished;
 	bool once_read_done;
+	bool circuit_open;
+	bool probing;           /* a /health request is in flight */
+	int probe_failures;
 	int in_flight;          /* /run requests outstanding */
 	int db_pending;         /* set_vt / archive statements outstanding */
-	int failures;           /* consecutive failed reads or rejected requests */
+	int failures;           /* consecutive failures behind the current pause */
 	enum dispatcher_result once_result;
 
 	struct dispatcher_stats stats;
 };
 
-/* One batch from read to outcome. */
+/* The rows of one read, shared by the requests it was split into. */
+struct read_result {
+	struct pgmq_batch rows;
+	int refs;
+};
+
+/* Messages on their way to one outcome: a /run request, a release or an
+ * archive. msgs point into rr's PGresult. */
 struct batch {
 	struct dispatcher *d;
-	struct pgmq_batch rows;
+	struct read_result *rr;
+	struct pgmq_message *msgs;
 	long long *ids;
 	int n;
 	ev_tstamp started;
@@ -54,6 +71,7 @@ struct batch {
 
 static void kick(struct dispatcher *d);
 static void maybe_finish(struct dispatcher *d);
+static void start_probe_timer(struct dispatcher *d);
 
 double dispatcher_backoff_ms(int failures, double base_ms, double cap_ms, double min_ms, double rnd)
 {
@@ -70,11 +88,48 @@ static double jitter(void)
 	return (double)random() / ((double)RAND_MAX + 1.0);
 }
 
+static void read_result_unref(struct read_result *rr)
+{
+	if (rr && --rr->refs == 0) {
+		pgmq_batch_free(&rr->rows);
+		free(rr);
+	}
+}
+
 static void batch_free(struct batch *b)
 {
-	pgmq_batch_free(&b->rows);
+	read_result_unref(b->rr);
+	free(b->msgs);
 	free(b->ids);
 	free(b);
+}
+
+/* A batch of n messages (copied) from rr; NULL when out of memory. */
+static struct batch *batch_new(struct dispatcher *d, struct read_result *rr,
+			       const struct pgmq_message *msgs, int n)
+{
+	struct batch *b = calloc(1, sizeof(*b));
+
+	if (b == NULL)
+		return NULL;
+	b->msgs = malloc((size_t)n * sizeof(*b->msgs));
+	b->ids = malloc((size_t)n * sizeof(*b->ids));
+	if (b->msgs == NULL || b->ids == NULL) {
+		free(b->msgs);
+		free(b->ids);
+		free(b);
+		return NULL;
+	}
+	b->d = d;
+	b->rr = rr;
+	rr->refs++;
+	b->n = n;
+	b->started = ev_now(d->loop);
+	for (int i = 0; i < n; i++) {
+		b->msgs[i] = msgs[i];
+		b->ids[i] = msgs[i].msg_id_num;
+	}
+	return b;
 }
 
 /* Logs msg ids in lines of IDS_PER_LINE, so that no id of a batch whose
@@ -99,16 +154,23 @@ static void log_ids(enum log_level level, const char *event, const struct dispat
 	}
 }
 
-/* Pauses reads for the backoff of the current failure streak; returns
- * the pause in ms. */
-static double back_off(struct dispatcher *d)
+/* Pauses reads. A failure while a pause is already running does not make
+ * the pause longer: the endpoint, not each batch, backs off. Returns the
+ * pause left, in ms. hint_ms >= 0 (a Retry-After) replaces the exponential
+ * delay. */
+static double back_off(struct dispatcher *d, enum pause_reason why, double hint_ms)
 {
 	double ms;
 
+	if (ev_is_active(&d->pause))
+		return ev_timer_remaining(d->loop, &d->pause) * 1000.0;
 	d->failures++;
-	ms = dispatcher_backoff_ms(d->failures, BACKOFF_BASE_MS, BACKOFF_CAP_MS, BACKOFF_MIN_MS,
-				   jitter());
-	ev_timer_stop(d->loop, &d->pause);
+	if (hint_ms >= 0)
+		ms = hint_ms < BACKOFF_MIN_MS ? BACKOFF_MIN_MS : hint_ms;
+	else
+		ms = dispatcher_backoff_ms(d->failures, d->cfg->backoff_base_ms, d->cfg->backoff_max_ms,
+					   BACKOFF_MIN_MS, jitter());
+	d->pause_reason = why;
 	ev_timer_set(&d->pause, ms / 1000.0, 0.0);
 	ev_timer_start(d->loop, &d->pause);
 	return ms;
@@ -143,7 +205,7 @@ static void on_released(void *arg, long count, const struct pg_error *err)
 	maybe_finish(d);
 }
 
-/* Makes the batch's messages visible again after delay_s. */
+/* Makes the batch's messages visible again after delay_s (one statement). */
 static void release(struct dispatcher *d, struct batch *b, int delay_s)
 {
 	if (pgmq_set_vt(d->pg, d->cfg->queue_name, b->ids, b->n, delay_s, on_released, b) != 0) {
@@ -156,8 +218,51 @@ static void release(struct dispatcher *d, struct batch *b, int delay_s)
 	d->db_pending++;
 }
 
+static void on_archived(void *arg, long count, const struct pg_error *err)
+{
+	struct batch *b = arg;
+	struct dispatcher *d = b->d;
+
+	d->db_pending--;
+	if (!d->finished) {
+		if (err) {
+			struct log_line *l = log_begin(LOG_ERROR, "archive_failed");
+			log_str(l, "queue", d->cfg->queue_name);
+			log_str(l, "sqlstate", err->sqlstate);
+			log_str(l, "error", err->message);
+			log_end(l);
+			log_ids(LOG_ERROR, "archive_failed_ids", d, b->ids, b->n,
+				"visible again after vt_seconds, archived then");
+		} else {
+			d->stats.messages_archived += (unsigned long long)count;
+		}
+	}
+	batch_free(b);
+	maybe_finish(d);
+}
+
+/* Moves messages that must never be dispatched to the archive table. */
+static void archive(struct dispatcher *d, struct read_result *rr, const struct pgmq_message *msgs,
+		    int n)
+{
+	struct batch *b;
+
+	if (n == 0)
+		return;
+	b = batch_new(d, rr, msgs, n);
+	if (b == NULL || pgmq_archive(d->pg, d->cfg->queue_name, b->ids, n, on_archived, b) != 0) {
+		log_msg(LOG_ERROR, "archive_failed", "cannot queue pgmq.archive for %d messages; "
+			"they come back after vt_seconds", n);
+		if (b)
+			batch_free(b);
+		return;
+	}
+	d->db_pending++;
+}
+
 static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod_outcome outcome,
-			const struct http_response *r, const struct runpod_run_reply *reply)
+			const struct http_response *r, const struct runpod_run_reply *reply,
+			double retry_in_ms)
 {
 	static const char *const events[] = { "batch_accepted", "batch_rejected",
 					      "batch_outcome_unknown" };
@@ -177,12 +282,127 @@ static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod
 	log_int(l, "last_msg_id", b->ids[b->n - 1]);
 	log_int(l, "http_status", r->status);
 	log_int(l, "duration_ms", duration);
-	if (r->code != CURLE_OK)
+	if (r->code != CURLE_OK) {
+		log_int(l, "curl_code", r->code);
 		log_str(l, "error", r->error);
+		log_str(l, "request_sent", r->request_sent ? "yes" : "no");
+	}
 	if (outcome != RUNPOD_ACCEPTED && r->body_len > 0)
 		log_strn(l, "body", r->body,
 			 r->body_len < BODY_EXCERPT_BYTES ? r->body_len : BODY_EXCERPT_BYTES);
+	if (outcome == RUNPOD_REJECTED) {
+		log_int(l, "released_for_ms", (long long)retry_in_ms);
+		if (r->retry_after)
+			log_str(l, "retry_after", r->retry_after);
+	}
 	log_end(l);
+}
+
+/* Circuit breaker: the key or endpoint is wrong; read nothing until a
+ * /health probe (or a reload) shows it usable. */
+static void open_circuit(struct dispatcher *d, const struct http_response *r)
+{
+	struct log_line *l;
+
+	if (d->circuit_open)
+		return;
+	d->circuit_open = true;
+	d->probe_failures = 0;
+	l = log_begin(LOG_ERROR, "circuit_open");
+	log_str(l, "endpoint_id", d->cfg->endpoint_id);
+	log_int(l, "http_status", r->status);
+	log_str(l, "msg", "RunPod refuses the API key or the endpoint; no reads until a /health "
+			  "probe succeeds or the configuration is reloaded");
+	log_end(l);
+	start_probe_timer(d);
+}
+
+static void close_circuit(struct dispatcher *d, const char *why)
+{
+	struct log_line *l;
+
+	if (!d->circuit_open)
+		return;
+	d->circuit_open = false;
+	ev_timer_stop(d->loop, &d->probe);
+	d->failures = 0;
+	ev_timer_stop(d->loop, &d->pause);
+	l = log_begin(LOG_INFO, "circuit_closed");
+	log_str(l, "endpoint_id", d->cfg->endpoint_id);
+	log_str(l, "reason", why);
+	log_end(l);
+	kick(d);
+}
+
+static void on_probe_done(void *arg, const struct http_response *r)
+{
+	struct dispatcher *d = arg;
+	struct log_line *l;
+
+	d->probing = false;
+	if (d->finished || d->stopping) {
+		maybe_finish(d);
+		return;
+	}
+	l = log_begin(LOG_DEBUG, "health_probe");
+	log_int(l, "http_status", r->status);
+	if (r->code != CURLE_OK)
+		log_str(l, "error", r->error);
+	log_end(l);
+	if (r->status >= 200 && r->status < 300 && r->code == CURLE_OK)
+		close_circuit(d, "health probe succeeded");
+	else if (d->circuit_open)
+		start_probe_timer(d);
+}
+
+static void probe_now(struct dispatcher *d)
+{
+	const char *headers[] = { d->auth_header, "Accept: application/json", NULL };
+	struct http_request_opts o = {
+		.method = "GET",
+		.url = d->health_url,
+		.headers = headers,
+		.connect_timeout_ms = d->cfg->connect_timeout_ms,
+		.timeout_ms = d->cfg->request_timeout_ms,
+	};
+
+	if (d->probing || !d->circuit_open)
+		return;
+	if (http_start(d->http, &o, on_probe_done, d) != 0) {
+		start_probe_timer(d);
+		return;
+	}
+	d->probing = true;
+}
+
+static void on_probe_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)loop;
+	(void)revents;
+	probe_now(w->data);
+}
+
+/* Probes back off from backoff_base_ms up to probe_interval_ms. */
+static void start_probe_timer(struct dispatcher *d)
+{
+	double ms = dispatcher_backoff_ms(++d->probe_failures, d->cfg->backoff_base_ms,
+					  d->cfg->probe_interval_ms, BACKOFF_MIN_MS, 1.0);
+
+	ms *= 0.5 + 0.5 * jitter();
+	ev_timer_stop(d->loop, &d->probe);
+	ev_timer_set(&d->probe, ms / 1000.0, 0.0);
+	ev_timer_start(d->loop, &d->probe);
+}
+
+/* The pause a 429 or 503 asks for, capped; -1 to use our own backoff. */
+static double retry_after_ms(const struct dispatcher *d, const struct http_response *r)
+{
+	long long ms;
+
+	if ((r->status != 429 && r->status != 503) || r->retry_after == NULL ||
+	    runpod_parse_retry_after(r->retry_after, time(NULL), &ms) != 0)
+		return -1;
+	return ms > d->cfg->retry_after_max_ms ? d->cfg->retry_after_max_ms : (double)ms;
 }
 
 static void on_posted(void *arg, const struct http_response *r)
@@ -197,18 +417,23 @@ static void on_posted(void *arg, const struct http_response *r)
 		.request_sent = r->request_sent,
 	};
 	enum runpod_outcome outcome;
+	double pause_ms = 0;
 
 	d->in_flight--;
+	memset(&reply, 0, sizeof(reply));
 	if (r->status >= 200 && r->status < 300 && !r->body_truncated)
 		a.reply_parsed = runpod_parse_run_reply(r->body, r->body_len, &reply) == 0;
 	outcome = r->aborted ? RUNPOD_UNKNOWN : runpod_classify(&a);
-	log_outcome(d, b, outcome, r, &reply);
+	if (outcome == RUNPOD_REJECTED && !d->stopping && !d->finished)
+		pause_ms = back_off(d, PAUSE_RUNPOD, retry_after_ms(d, r));
+	log_outcome(d, b, outcome, r, &reply, pause_ms);
 
 	switch (outcome) {
 	case RUNPOD_ACCEPTED:
 		d->stats.requests_accepted++;
 		d->stats.messages_accepted += (unsigned long long)b->n;
-		d->failures = 0;
+		if (d->pause_reason == PAUSE_RUNPOD && !ev_is_active(&d->pause))
+			d->failures = 0;
 		if (d->once)
 			d->once_result = DISPATCH_DONE_DISPATCHED;
 		batch_free(b);
@@ -216,23 +441,26 @@ static void on_posted(void *arg, const struct http_response *r)
 	case RUNPOD_UNKNOWN:
 		d->stats.requests_unknown++;
 		log_ids(LOG_WARN, "outcome_unknown_ids", d, b->ids, b->n,
-			"unknown: job may exist, messages keep their vt");
-		if (d->once)
+			"unknown: a job may exist, messages keep their vt");
+		if (d->once && d->once_result != DISPATCH_DONE_DISPATCHED)
 			d->once_result = DISPATCH_DONE_UNKNOWN;
 		batch_free(b);
 		break;
-	case RUNPOD_REJECTED: {
+	case RUNPOD_REJECTED:
 		/* No job was created: bring the messages back after the pause
 		 * instead of after vt_seconds, and read no more until then. */
-		double pause_ms = d->stopping ? 0 : back_off(d);
 		d->stats.requests_rejected++;
-		if (d->once)
+		if (d->once && d->once_result == DISPATCH_DONE_EMPTY)
 			d->once_result = DISPATCH_DONE_FAILED;
-		release(d, b, (int)ceil(pause_ms / 1000.0));
+		if (runpod_is_config_error(r->status) && !d->finished)
+			open_circuit(d, r);
+		if (d->finished)
+			batch_free(b);
+		else
+			release(d, b, (int)ceil(pause_ms / 1000.0));
 		break;
 	}
-	}
-	if (d->stopping || d->once)
+	if (d->stopping || d->once || d->finished)
 		maybe_finish(d);
 	else if (d->read_wanted)
 		kick(d); /* the drain was waiting for this slot */
@@ -250,13 +478,12 @@ static void post(struct dispatcher *d, struct batch *b)
 		.timeout_ms = d->cfg->request_timeout_ms,
 	};
 
-	o.body = runpod_run_body(d->cfg->queue_name, d->cfg->vt_seconds, b->rows.msgs, b->n,
-				 &o.body_len);
+	o.body = runpod_run_body(d->cfg->queue_name, d->cfg->vt_seconds, b->msgs, b->n, &o.body_len);
 	if (o.body == NULL || http_start(d->http, &o, on_posted, b) != 0) {
 		/* Nothing was sent: the messages come back at once. */
 		log_msg(LOG_ERROR, "post_failed", "cannot start the /run request; releasing %d messages",
 			b->n);
-		back_off(d);
+		back_off(d, PAUSE_RUNPOD, -1);
 		release(d, b, 0);
 		return;
 	}
@@ -271,10 +498,85 @@ static void post(struct dispatcher *d, struct batch *b)
 	d->in_flight++;
 }
 
+static void log_archive(const struct dispatcher *d, const struct pgmq_message *m, const char *reason,
+			size_t bytes)
+{
+	struct log_line *l = log_begin(LOG_ERROR, "message_archived");
+
+	log_str(l, "queue", d->cfg->queue_name);
+	log_str(l, "msg_id", m->msg_id);
+	log_str(l, "reason", reason);
+	log_str(l, "read_ct", m->read_ct);
+	if (bytes) {
+		log_int(l, "body_bytes", (long long)bytes);
+		log_int(l, "max_body_bytes", d->cfg->max_body_bytes);
+	} else {
+		log_int(l, "max_read_ct", d->cfg->max_read_ct);
+	}
+	log_end(l);
+}
+
+/* Splits the rows of a read into /run requests no larger than
+ * max_body_bytes (in msg_id order) and archives the messages that must
+ * never be dispatched: read more than max_read_ct times, or too large to
+ * fit a request on their own. */
+static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
+{
+	struct pgmq_batch *rows = &rr->rows;
+	struct pgmq_message *keep = malloc((size_t)rows->n * sizeof(*keep));
+	struct pgmq_message *drop = malloc((size_t)rows->n * sizeof(*drop));
+	size_t limit = (size_t)d->cfg->max_body_bytes;
+	int nkeep = 0, ndrop = 0, start = 0;
+	size_t size = d->envelope_bytes;
+
+	if (keep == NULL || drop == NULL) {
+		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt",
+			rows->n);
+		free(keep);
+		free(drop);
+		return;
+	}
+	for (int i = 0; i < rows->n; i++) {
+		const struct pgmq_message *m = &rows->msgs[i];
+		size_t job = runpod_job_bytes(m);
+
+		if (d->cfg->max_read_ct > 0 && atol(m->read_ct) > d->cfg->max_read_ct) {
+			log_archive(d, m, "max_read_ct", 0);
+			drop[ndrop++] = *m;
+		} else if (d->envelope_bytes + job > limit) {
+			log_archive(d, m, "too_large", d->envelope_bytes + job);
+			drop[ndrop++] = *m;
+		} else {
+			keep[nkeep++] = *m;
+		}
+	}
+	archive(d, rr, drop, ndrop);
+	for (int i = 0; i < nkeep; i++) {
+		size_t job = runpod_job_bytes(&keep[i]) + (i > start ? 1 : 0);
+
+		if (size + job > limit) {
+			struct batch *b = batch_new(d, rr, keep + start, i - start);
+			if (b)
+				post(d, b);
+			start = i;
+			size = d->envelope_bytes + runpod_job_bytes(&keep[i]);
+		} else {
+			size += job;
+		}
+	}
+	if (nkeep > start) {
+		struct batch *b = batch_new(d, rr, keep + start, nkeep - start);
+		if (b)
+			post(d, b);
+	}
+	free(keep);
+	free(drop);
+}
+
 static void on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *err)
 {
 	struct dispatcher *d = arg;
-	struct batch *b;
+	struct read_result *rr;
 	bool full;
 
 	d->reading = false;
@@ -288,15 +590,16 @@ static void on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *e
 	}
 	d->stats.reads++;
 	if (err) {
-		struct log_line *l = log_begin(LOG_ERROR, err->connection_lost && err->sent
-							 ? "read_fate_unknown" : "read_failed");
+		bool unknown = err->connection_lost && err->sent;
+		struct log_line *l = log_begin(LOG_ERROR, unknown ? "read_fate_unknown" : "read_failed");
 		d->stats.reads_failed++;
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
-		if (err->connection_lost && err->sent)
+		if (unknown)
 			log_str(l, "outcome", "messages it read, if any, are visible again after vt_seconds");
-		log_int(l, "retry_in_ms", (long long)back_off(d));
+		if (!err->connection_lost)
+			log_int(l, "retry_in_ms", (long long)back_off(d, PAUSE_DB, -1));
 		log_end(l);
 		if (d->once) {
 			d->once_result = DISPATCH_DONE_FAILED;
@@ -313,67 +616,64 @@ static void on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *e
 		pgmq_batch_free(rows);
 		free(rows);
 		if (d->once) {
-			d->once_result = DISPATCH_DONE_EMPTY;
 			d->once_read_done = true;
 		}
 		maybe_finish(d);
 		return;
 	}
-	b = calloc(1, sizeof(*b));
-	if (b == NULL || (b->ids = calloc((size_t)rows->n, sizeof(long long))) == NULL) {
-		/* Cannot even remember the ids: they come back after their vt. */
-		log_msg(LOG_ERROR, "out_of_memory", "dropping a batch of %d; visible again after vt", rows->n);
-		free(b);
+	rr = calloc(1, sizeof(*rr));
+	if (rr == NULL) {
+		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt", rows->n);
 		pgmq_batch_free(rows);
 		free(rows);
 		return;
 	}
-	b->d = d;
-	b->rows = *rows;
+	rr->rows = *rows;
+	rr->refs = 1;
 	free(rows);
-	b->n = b->rows.n;
-	b->started = ev_now(d->loop);
-	for (int i = 0; i < b->n; i++)
-		b->ids[i] = b->rows.msgs[i].msg_id_num;
-	d->stats.messages_read += (unsigned long long)b->n;
+	full = rr->rows.n >= d->cfg->batch_size;
+	d->stats.messages_read += (unsigned long long)rr->rows.n;
 	{
 		struct log_line *l = log_begin(LOG_DEBUG, "batch_read");
 		log_str(l, "queue", d->cfg->queue_name);
-		log_int(l, "jobs", b->n);
-		log_int(l, "first_msg_id", b->ids[0]);
-		log_int(l, "last_msg_id", b->ids[b->n - 1]);
+		log_int(l, "jobs", rr->rows.n);
+		log_str(l, "first_msg_id", rr->rows.msgs[0].msg_id);
+		log_str(l, "last_msg_id", rr->rows.msgs[rr->rows.n - 1].msg_id);
 		log_end(l);
 	}
 	if (d->stopping) {
 		/* Read while stopping: hand the messages back at once. */
-		release(d, b, 0);
-		return;
+		struct batch *b = batch_new(d, rr, rr->rows.msgs, rr->rows.n);
+		if (b)
+			release(d, b, 0);
+	} else {
+		if (d->once)
+			d->once_read_done = true;
+		dispatch_rows(d, rr);
 	}
-	if (d->once)
-		d->once_read_done = true;
-	full = b->n >= d->cfg->batch_size;
-	post(d, b);
+	read_result_unref(rr);
 	/* A full batch means there is probably more: drain. */
-	if (full && !d->once)
+	if (full && !d->once && !d->stopping)
 		kick(d);
+	maybe_finish(d);
 }
 
 static void kick(struct dispatcher *d)
 {
+	if (d->stopping || d->finished || d->reading || d->circuit_open || !pg_ready(d->pg) ||
+	    ev_is_active(&d->pause))
+		return;
 	if (d->in_flight >= d->cfg->max_in_flight) {
 		d->read_wanted = true;
 		return;
 	}
-	if (d->stopping || d->finished || d->reading || !pg_ready(d->pg) ||
-	    ev_is_active(&d->pause))
-		return;
-	d->read_wanted = false;
 	if (d->once && d->once_read_done)
 		return;
+	d->read_wanted = false;
 	if (pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name, d->cfg->vt_seconds,
 		      d->cfg->batch_size, on_read, d) != 0) {
 		log_msg(LOG_ERROR, "read_failed", "cannot queue the read statement");
-		back_off(d);
+		back_off(d, PAUSE_DB, -1);
 		return;
 	}
 	d->reading = true;
@@ -385,13 +685,14 @@ static void maybe_finish(struct dispatcher *d)
 		return;
 	if (d->once && !d->once_read_done && !d->stopping)
 		return;
-	if (d->reading || d->in_flight > 0 || d->db_pending > 0)
+	if (d->reading || d->in_flight > 0 || d->db_pending > 0 || d->probing)
 		return;
 	if (!d->once && !d->stopping)
 		return;
 	d->finished = true;
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_stop(d->loop, &d->pause);
+	ev_timer_stop(d->loop, &d->probe);
 	ev_timer_stop(d->loop, &d->deadline);
 	d->done(d->done_arg, d->stopping && !d->once ? DISPATCH_DONE_STOPPED : d->once_result);
 }
@@ -405,9 +706,12 @@ static void on_poll(struct ev_loop *loop, ev_timer *w, int revents)
 
 static void on_pause_over(struct ev_loop *loop, ev_timer *w, int revents)
 {
+	struct dispatcher *d = w->data;
+
 	(void)loop;
 	(void)revents;
-	kick(w->data);
+	d->pause_reason = PAUSE_NONE;
+	kick(d);
 }
 
 static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
@@ -419,6 +723,7 @@ static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
 	if (d->in_flight > 0) {
 		struct log_line *l = log_begin(LOG_WARN, "shutdown_deadline");
 		log_int(l, "in_flight", d->in_flight);
+		log_str(l, "outcome", "aborted requests are counted as outcome unknown");
 		log_end(l);
 	}
 	/* Aborted requests end as outcome unknown (their callbacks run now). */
@@ -436,7 +741,13 @@ static void on_connected(void *arg)
 {
 	struct dispatcher *d = arg;
 
-	/* Catch up at once: messages may have arrived while we were away. */
+	/* Catch up at once: messages may have arrived while we were away. A
+	 * pause that was only waiting for the database is over. */
+	if (d->pause_reason == PAUSE_DB && ev_is_active(&d->pause)) {
+		ev_timer_stop(d->loop, &d->pause);
+		d->pause_reason = PAUSE_NONE;
+		d->failures = 0;
+	}
 	kick(d);
 }
 
@@ -452,6 +763,26 @@ static void on_connect_failed(void *arg)
 	}
 }
 
+/* Derived strings of a snapshot; 0, or -1 if they do not fit. */
+static int apply_config(struct dispatcher *d, const struct config *cfg)
+{
+	char run_url[sizeof(d->run_url)], health_url[sizeof(d->health_url)];
+	size_t envelope = runpod_envelope_bytes(cfg->queue_name, cfg->vt_seconds);
+
+	if (runpod_url(cfg->base_url, cfg->endpoint_id, "run", run_url, sizeof(run_url)) != 0 ||
+	    runpod_url(cfg->base_url, cfg->endpoint_id, "health", health_url, sizeof(health_url)) != 0 ||
+	    envelope == 0) {
+		log_msg(LOG_ERROR, "config_invalid", "runpod.base_url and runpod.endpoint_id are too long");
+		return -1;
+	}
+	memcpy(d->run_url, run_url, sizeof(run_url));
+	memcpy(d->health_url, health_url, sizeof(health_url));
+	snprintf(d->auth_header, sizeof(d->auth_header), "Authorization: Bearer %s", cfg->api_key);
+	d->envelope_bytes = envelope;
+	d->cfg = cfg;
+	return 0;
+}
+
 struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg, bool once,
 				  dispatcher_done_fn done, void *arg)
 {
@@ -461,17 +792,14 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 	if (d == NULL)
 		return NULL;
 	d->loop = loop;
-	d->cfg = cfg;
 	d->once = once;
 	d->done = done;
 	d->done_arg = arg;
 	d->once_result = DISPATCH_DONE_EMPTY;
-	if (runpod_url(cfg->base_url, cfg->endpoint_id, "run", d->run_url, sizeof(d->run_url)) != 0) {
-		log_msg(LOG_ERROR, "config_invalid", "runpod.base_url and runpod.endpoint_id are too long");
+	if (apply_config(d, cfg) != 0) {
 		free(d);
 		return NULL;
 	}
-	snprintf(d->auth_header, sizeof(d->auth_header), "Authorization: Bearer %s", cfg->api_key);
 	cb.arg = d;
 	d->pg = pg_new(loop, cfg->conninfo, cfg->db_connect_timeout_ms, &cb);
 	d->http = http_new(loop);
@@ -483,6 +811,8 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 	d->poll.data = d;
 	ev_init(&d->pause, on_pause_over);
 	d->pause.data = d;
+	ev_init(&d->probe, on_probe_timer);
+	d->probe.data = d;
 	ev_init(&d->deadline, on_deadline);
 	d->deadline.data = d;
 	return d;
@@ -495,6 +825,29 @@ void dispatcher_start(struct dispatcher *d)
 		ev_timer_start(d->loop, &d->poll);
 }
 
+int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
+{
+	const struct config *old = d->cfg;
+
+	if (apply_config(d, cfg) != 0)
+		return -1;
+	if (pg_set_conninfo(d->pg, cfg->conninfo) != 0) {
+		apply_config(d, old);
+		return -1;
+	}
+	ev_timer_stop(d->loop, &d->poll);
+	ev_timer_set(&d->poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
+	if (!d->once && !d->stopping && !d->finished)
+		ev_timer_start(d->loop, &d->poll);
+	/* The key or endpoint may have been fixed: probe at once. */
+	if (d->circuit_open) {
+		d->probe_failures = 0;
+		ev_timer_stop(d->loop, &d->probe);
+		probe_now(d);
+	}
+	return 0;
+}
+
 void dispatcher_stop(struct dispatcher *d)
 {
 	if (d->stopping || d->finished)
@@ -502,6 +855,7 @@ void dispatcher_stop(struct dispatcher *d)
 	d->stopping = true;
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_stop(d->loop, &d->pause);
+	ev_timer_stop(d->loop, &d->probe);
 	{
 		struct log_line *l = log_begin(LOG_INFO, "stopping");
 		log_int(l, "in_flight", d->in_flight);
@@ -518,16 +872,22 @@ const struct dispatcher_stats *dispatcher_stats(const struct dispatcher *d)
 	return &d->stats;
 }
 
+bool dispatcher_circuit_open(const struct dispatcher *d)
+{
+	return d->circuit_open;
+}
+
 void dispatcher_free(struct dispatcher *d)
 {
 	if (d == NULL)
 		return;
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_stop(d->loop, &d->pause);
+	ev_timer_stop(d->loop, &d->probe);
 	ev_timer_stop(d->loop, &d->deadline);
 	d->finished = true;
-	/* Callbacks may still run from here (aborted requests, failed
-	 * queries); finished keeps them from starting new work. */
+	/* Callbacks may still run from here (failed queries); finished keeps
+	 * them from starting new work. */
 	http_free(d->http);
 	pg_free(d->pg);
 	free(d);

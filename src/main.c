@@ -20,7 +20,8 @@ extern char **environ;
 
 struct app {
 	struct ev_loop *loop;
-	struct config cfg;
+	struct config *cfg;     /* the snapshot in use; replaced whole on reload */
+	struct config_input in; /* kept for reloads */
 	struct dispatcher *d;
 	int exit_code;
 	int signals;            /* TERM/INT received */
@@ -115,13 +116,55 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
 	dispatcher_stop(app->d);
 }
 
+static void on_ignored_key(void *arg, const char *key)
+{
+	struct log_line *l = log_begin(LOG_WARN, "reload_key_ignored");
+
+	(void)arg;
+	log_str(l, "key", key);
+	log_str(l, "msg", "cannot change while running; restart to apply");
+	log_end(l);
+}
+
+/* SIGHUP: build a new snapshot from the file, the environment and the
+ * *_FILE secrets, validate it, and swap it in whole; on any error the old
+ * one stays. */
 static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 {
+	struct app *app = w->data;
+	struct config *next = calloc(1, sizeof(*next));
+	int errors;
+
 	(void)loop;
-	(void)w;
 	(void)revents;
-	log_msg(LOG_WARN, "reload_unsupported", "SIGHUP: configuration reload is not implemented yet; "
-		"restart to apply changes");
+	log_msg(LOG_INFO, "reloading", "SIGHUP: reloading the configuration");
+	if (next == NULL) {
+		log_msg(LOG_ERROR, "reload_failed", "out of memory; the configuration in use is unchanged");
+		return;
+	}
+	errors = config_load(&app->in, next, on_config_error, NULL);
+	if (errors) {
+		free(next);
+		struct log_line *l = log_begin(LOG_ERROR, "reload_failed");
+		log_int(l, "errors", errors);
+		log_str(l, "msg", "the configuration in use is unchanged");
+		log_end(l);
+		return;
+	}
+	config_keep_static(app->cfg, next, on_ignored_key, NULL);
+	if (dispatcher_reload(app->d, next) != 0) {
+		log_msg(LOG_ERROR, "reload_failed", "the configuration in use is unchanged");
+		config_free(next);
+		free(next);
+		return;
+	}
+	/* The dispatcher now points at next; retire the old snapshot. */
+	config_free(app->cfg);
+	free(app->cfg);
+	app->cfg = next;
+	log_setup((enum log_level)app->cfg->log_level, (enum log_format)app->cfg->log_format);
+	register_secrets(app->cfg);
+	log_msg(LOG_INFO, "reloaded", "configuration reloaded");
 }
 
 int main(int argc, char **argv)
@@ -145,7 +188,6 @@ int main(int argc, char **argv)
 	char level_override[32], format_override[32];
 	const char *overrides[3] = { NULL, NULL, NULL };
 	int noverrides = 0;
-	struct config_input in;
 	char masked[1024];
 
 	memset(&app, 0, sizeof(app));
@@ -203,16 +245,22 @@ int main(int argc, char **argv)
 		overrides[noverrides++] = format_override;
 
 	log_setup(LOG_INFO, LOG_FORMAT_LOGFMT);
-	in = (struct config_input){ .path = path, .path_explicit = path_explicit, .envp = environ,
-				    .cli_overrides = overrides };
-	if (config_load(&in, &app.cfg, on_config_error, NULL) != 0)
+	app.in = (struct config_input){ .path = path, .path_explicit = path_explicit, .envp = environ,
+					.cli_overrides = overrides };
+	app.cfg = calloc(1, sizeof(*app.cfg));
+	if (app.cfg == NULL)
+		return EX_OSERR;
+	if (config_load(&app.in, app.cfg, on_config_error, NULL) != 0) {
+		free(app.cfg);
 		return EX_CONFIG;
-	log_setup((enum log_level)app.cfg.log_level, (enum log_format)app.cfg.log_format);
-	register_secrets(&app.cfg);
+	}
+	log_setup((enum log_level)app.cfg->log_level, (enum log_format)app.cfg->log_format);
+	register_secrets(app.cfg);
 	if (dump)
-		config_dump(&app.cfg, stdout);
+		config_dump(app.cfg, stdout);
 	if (check || dump) {
-		config_free(&app.cfg);
+		config_free(app.cfg);
+		free(app.cfg);
 		return 0;
 	}
 
@@ -220,18 +268,21 @@ int main(int argc, char **argv)
 	srandom((unsigned)time(NULL) ^ (unsigned)getpid());
 	if (curl_global_init(CURL_GLOBAL_DEFAULT) != CURLE_OK) {
 		log_msg(LOG_ERROR, "startup_failed", "curl_global_init failed");
-		config_free(&app.cfg);
+		config_free(app.cfg);
+		free(app.cfg);
 		return EX_SOFTWARE;
 	}
 	app.loop = ev_default_loop(EVFLAG_AUTO);
 	if (app.loop == NULL) {
 		log_msg(LOG_ERROR, "startup_failed", "cannot create the event loop");
-		config_free(&app.cfg);
+		config_free(app.cfg);
+		free(app.cfg);
 		return EX_OSERR;
 	}
-	app.d = dispatcher_new(app.loop, &app.cfg, once, on_done, &app);
+	app.d = dispatcher_new(app.loop, app.cfg, once, on_done, &app);
 	if (app.d == NULL) {
-		config_free(&app.cfg);
+		config_free(app.cfg);
+		free(app.cfg);
 		return EX_SOFTWARE;
 	}
 	ev_signal_init(&app.sig_int, on_stop_signal, SIGINT);
@@ -245,13 +296,13 @@ int main(int argc, char **argv)
 	{
 		struct log_line *l = log_begin(LOG_INFO, "started");
 		log_str(l, "version", PGMQD_VERSION);
-		log_str(l, "queue", app.cfg.queue_name);
-		log_str(l, "endpoint_id", app.cfg.endpoint_id);
-		log_str(l, "base_url", app.cfg.base_url);
-		log_str(l, "conninfo", config_mask_conninfo(app.cfg.conninfo, masked, sizeof(masked)));
-		log_int(l, "batch_size", app.cfg.batch_size);
-		log_int(l, "vt_seconds", app.cfg.vt_seconds);
-		log_int(l, "poll_interval_ms", app.cfg.poll_interval_ms);
+		log_str(l, "queue", app.cfg->queue_name);
+		log_str(l, "endpoint_id", app.cfg->endpoint_id);
+		log_str(l, "base_url", app.cfg->base_url);
+		log_str(l, "conninfo", config_mask_conninfo(app.cfg->conninfo, masked, sizeof(masked)));
+		log_int(l, "batch_size", app.cfg->batch_size);
+		log_int(l, "vt_seconds", app.cfg->vt_seconds);
+		log_int(l, "poll_interval_ms", app.cfg->poll_interval_ms);
 		log_str(l, "mode", once ? "once" : "daemon");
 		log_end(l);
 	}
@@ -276,7 +327,8 @@ int main(int argc, char **argv)
 	ev_signal_stop(app.loop, &app.sig_hup);
 	ev_loop_destroy(app.loop);
 	curl_global_cleanup();
-	config_free(&app.cfg);
+	config_free(app.cfg);
+	free(app.cfg);
 	log_secret_clear();
 	return app.exit_code;
 }

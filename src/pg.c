@@ -31,6 +31,7 @@ struct pg {
 	int attempt;             /* failed connects since the last success */
 	bool loss_logged;        /* one log line per outage */
 	bool sent;               /* head query was sent */
+	bool reconnect_wanted;   /* conninfo changed: reconnect when idle */
 	PGresult *result;        /* first result of the running query */
 
 	struct pg_query *head, *tail;
@@ -173,6 +174,7 @@ static void lose(struct pg *pg, const char *why)
 		log_end(l);
 	}
 	pg->state = PG_WAITING;
+	pg->reconnect_wanted = false;
 	double delay_ms = pg_backoff_ms(pg->attempt, BACKOFF_BASE_MS, BACKOFF_CAP_MS, jitter());
 	pg->attempt++;
 	ev_timer_set(&pg->timer, delay_ms / 1000.0, 0.0);
@@ -264,11 +266,52 @@ static void connect_step(struct pg *pg)
 		send_next(pg);
 }
 
+/* Closes a healthy connection on purpose (new conninfo) and connects again. */
+static void reconnect_now(struct pg *pg)
+{
+	pg->reconnect_wanted = false;
+	ev_io_stop(pg->loop, &pg->io);
+	ev_timer_stop(pg->loop, &pg->timer);
+	if (pg->conn)
+		PQfinish(pg->conn);
+	pg->conn = NULL;
+	pg->state = PG_IDLE;
+	pg->attempt = 0;
+	log_msg(LOG_INFO, "db_reconnecting", "conninfo changed: reconnecting");
+	if (pg->cb.disconnected)
+		pg->cb.disconnected(pg->cb.arg);
+	pg_start(pg);
+}
+
+int pg_set_conninfo(struct pg *pg, const char *conninfo)
+{
+	char *copy = strdup(conninfo ? conninfo : "");
+
+	if (copy == NULL)
+		return -1;
+	if (strcmp(copy, pg->conninfo) == 0) {
+		free(copy);
+		return 0;
+	}
+	free(pg->conninfo);
+	pg->conninfo = copy;
+	if (pg->state == PG_READY && pg->sent)
+		pg->reconnect_wanted = true;
+	else if (pg->state == PG_READY || pg->state == PG_CONNECTING)
+		reconnect_now(pg);
+	/* PG_WAITING: the next attempt uses the new conninfo. */
+	return 0;
+}
+
 static void send_next(struct pg *pg)
 {
 	struct pg_query *q = pg->head;
 	int rc;
 
+	if (pg->state == PG_READY && !pg->sent && pg->reconnect_wanted) {
+		reconnect_now(pg);
+		return;
+	}
 	if (pg->state != PG_READY || pg->sent || q == NULL)
 		return;
 	if (log_enabled(LOG_TRACE)) {

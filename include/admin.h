@@ -1,0 +1,65 @@
+/* admin — the admin HTTP listener: /healthz, /readyz, /metrics.
+ *
+ * libmicrohttpd in MHD_USE_EPOLL mode with no thread of its own: its epoll
+ * fd is watched by an ev_io in the caller's libev loop, an ev_prepare
+ * re-arms an ev_timer from MHD_get_timeout() before the loop blocks, and
+ * MHD_run() runs from either watcher. Handlers therefore run on the loop,
+ * between other callbacks, and must not block.
+ *
+ *   GET/HEAD /healthz  200 "ok": answered from the loop, so any answer proves
+ *                      the loop turns (liveness; never depends on PG/RunPod)
+ *   GET/HEAD /readyz   200 "ok", or 503 with the ready hook's reason
+ *   GET/HEAD /metrics  200 with the metrics hook's body, Content-Type
+ *                      "text/plain; version=0.0.4; charset=utf-8"
+ *   other paths        404;  other methods 405 with "Allow: GET, HEAD"
+ * Query strings are ignored. Bodies are text/plain and end in "\n".
+ * Knows nothing of the dispatcher or the metrics module: both come in
+ * through hooks. */
+#ifndef PGMQD_ADMIN_H
+#define PGMQD_ADMIN_H
+
+#include <ev.h>
+#include <stdbool.h>
+#include <stddef.h>
+
+struct admin;
+
+/* Callbacks, run on the loop. Either may be NULL. The struct is copied. */
+struct admin_hooks {
+	/* Readiness. Returns true when ready; otherwise writes a short one-line
+	 * reason (NUL-terminated, at most whylen bytes) to why. NULL: always
+	 * ready. */
+	bool (*ready)(void *arg, char *why, size_t whylen);
+	/* The /metrics body: a malloc'd buffer that admin frees, its length in
+	 * *len; NULL when it cannot be built (answered 500). NULL hook: /metrics
+	 * is 404. */
+	char *(*metrics)(void *arg, size_t *len);
+	void *arg;
+};
+
+/* Binds `listen` — "host:port", "[v6addr]:port", port 0..65535 (0 picks a
+ * free port, see admin_port()); host may be a name, the first address
+ * getaddrinfo() returns is used — and starts serving on `loop`.
+ * Returns NULL when the address is malformed or cannot be bound, with a
+ * one-line reason (e.g. "bind 127.0.0.1:9187: Address already in use") in
+ * err (errlen bytes, NUL-terminated, may be NULL). Not logged here. */
+struct admin *admin_start(struct ev_loop *loop, const char *listen, const struct admin_hooks *hooks,
+			  char *err, size_t errlen) __attribute__((warn_unused_result));
+
+/* The TCP port actually bound (useful after port 0), or -1. */
+int admin_port(const struct admin *a);
+
+/* Stops accepting (MHD_quiesce_daemon), closes every connection
+ * (MHD_stop_daemon), stops the watchers, closes the listening socket and
+ * frees. Call on the loop's thread, never from inside a hook. NULL-safe. */
+void admin_stop(struct admin *a);
+
+/* Blocking liveness probe for `pgmq-dispatcher --health-check` (Docker
+ * HEALTHCHECK; the slim image has no curl): connects to `listen` (a
+ * wildcard host such as 0.0.0.0 or [::] is probed on loopback), sends
+ * "GET /healthz HTTP/1.0" and reads the status line, all within timeout_ms.
+ * Returns 0 when the status is 200, 1 otherwise (reason logged at warn).
+ * For use outside the loop only. */
+int admin_health_check(const char *listen, int timeout_ms);
+
+#endif

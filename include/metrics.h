@@ -1,0 +1,97 @@
+/* metrics — process-wide counters, gauges and one histogram, rendered in the
+ * Prometheus text exposition format 0.0.4.
+ *
+ * One function per event, no names or string lookups on the hot path: each
+ * call is one or two relaxed C11 atomic operations on module state, so any
+ * thread may record and any thread may render. Every label value comes from
+ * a fixed table in metrics.c (no queue names, msg ids or job ids), so the
+ * number of series is bounded.
+ *
+ * Families rendered (all prefixed "pgmqd_"; counters end in _total):
+ *   messages_read_total                       counter
+ *   messages_dispatched_total                 counter  (accepted by RunPod)
+ *   messages_released_total                   counter  (set_vt after a failure/shutdown)
+ *   messages_archived_total{reason}           counter  reason="too_large"|"max_read_ct"
+ *   runpod_requests_total{outcome,code}       counter  outcome="accepted"|"rejected"|"unknown",
+ *                                                      code="200"|"400"|"401"|"403"|"404"|"408"|
+ *                                                      "413"|"429"|"500"|"502"|"503"|"504"|
+ *                                                      "other"|"0" (0 = no HTTP response)
+ *   pg_reconnects_total                       counter
+ *   reads_total{result}                       counter  result="rows"|"empty"|"error"
+ *   in_flight_requests                        gauge
+ *   circuit_open                              gauge    0 closed, 1 open
+ *   queue_length                              gauge    from pgmq.metrics
+ *   queue_oldest_message_age_seconds          gauge    from pgmq.metrics
+ *   queue_metrics_refresh_timestamp_seconds   gauge    Unix time of the last refresh, 0 = never
+ *   runpod_request_duration_seconds           histogram, buckets .005 … 30, +Inf
+ *   start_time_seconds                        gauge    Unix time of metrics_init()
+ *
+ * Series with labels from a fixed small set (archived, reads) are always
+ * rendered, zeros included, so rate() sees them from the first scrape;
+ * runpod_requests_total series appear once their (outcome, code) pair has
+ * been counted, since most of the 3 × 14 pairs never occur. */
+#ifndef PGMQD_METRICS_H
+#define PGMQD_METRICS_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+/* The Content-Type a /metrics reply must carry (Prometheus 3 rejects others). */
+#define METRICS_CONTENT_TYPE "text/plain; version=0.0.4; charset=utf-8"
+
+enum metrics_outcome { METRICS_ACCEPTED = 0, METRICS_REJECTED, METRICS_UNKNOWN };
+enum metrics_archive_reason { METRICS_ARCHIVE_TOO_LARGE = 0, METRICS_ARCHIVE_MAX_READ_CT };
+enum metrics_read_result { METRICS_READ_ROWS = 0, METRICS_READ_EMPTY, METRICS_READ_ERROR };
+
+/* Zeroes everything and records the process start time (CLOCK_REALTIME).
+ * Call once at start-up before any other thread records; tests call it to
+ * reset. Until it is called everything is zero, start time included. */
+void metrics_init(void);
+
+/* Messages returned by a read (the batch size; 0 is allowed). */
+void metrics_add_messages_read(unsigned n);
+
+/* Messages whose /run request RunPod accepted. */
+void metrics_add_messages_dispatched(unsigned n);
+
+/* Messages made visible again with set_vt (rejection, shutdown). */
+void metrics_add_messages_released(unsigned n);
+
+/* Messages moved to the archive by the dispatcher's guards. An out-of-range
+ * reason is ignored. */
+void metrics_add_messages_archived(enum metrics_archive_reason reason, unsigned n);
+
+/* One finished /run request. http_code is the HTTP status, 0 (or any value
+ * <= 0) when no response arrived; codes outside the fixed table count as
+ * "other". An out-of-range outcome is ignored. */
+void metrics_inc_requests(enum metrics_outcome outcome, long http_code);
+
+/* One database reconnect attempt after a lost or failed connection. */
+void metrics_inc_pg_reconnects(void);
+
+/* One finished pgmq read: rows, empty, or error. Out-of-range is ignored. */
+void metrics_inc_reads(enum metrics_read_result result);
+
+/* The number of /run requests currently in flight. */
+void metrics_set_in_flight(long n);
+
+/* The circuit breaker's state. */
+void metrics_set_circuit_open(bool open);
+
+/* A successful pgmq.metrics refresh: queue length and the age of the
+ * oldest message in seconds (pass 0 for an empty queue, where pgmq returns
+ * NULL). Also sets the refresh timestamp to now (CLOCK_REALTIME). */
+void metrics_set_queue_stats(long long length, double oldest_age_seconds);
+
+/* Duration of one /run request in seconds, whatever its outcome. NaN is
+ * ignored; negative values count as 0. */
+void metrics_observe_request_seconds(double seconds);
+
+/* Renders every family as Prometheus text 0.0.4 (UTF-8, '\n' line ends,
+ * the last line terminated). Returns a NUL-terminated malloc'd buffer the
+ * caller frees, its length without the NUL in *len (len may be NULL), or
+ * NULL when out of memory. In each histogram, the +Inf bucket equals
+ * _count by construction, even while other threads record. */
+char *metrics_render(size_t *len) __attribute__((warn_unused_result));
+
+#endif
