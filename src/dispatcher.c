@@ -452,12 +452,16 @@ static void on_posted(void *arg, const struct http_response *r)
 		d->stats.requests_rejected++;
 		if (d->once && d->once_result == DISPATCH_DONE_EMPTY)
 			d->once_result = DISPATCH_DONE_FAILED;
-		if (runpod_is_config_error(r->status) && !d->finished)
-			open_circuit(d, r);
-		if (d->finished)
+		if (d->finished) {
 			batch_free(b);
-		else
+		} else if (runpod_is_config_error(r->status)) {
+			/* The open circuit stops our reads; hand the messages
+			 * back at once (another replica may be configured well). */
+			open_circuit(d, r);
+			release(d, b, 0);
+		} else {
 			release(d, b, (int)ceil(pause_ms / 1000.0));
+		}
 		break;
 	}
 	if (d->stopping || d->once || d->finished)

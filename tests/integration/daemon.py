@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "emulator"))
 
-from runpod_emulator import Fault, RunPodEmulator  # noqa: E402
+from runpod_emulator import Fault, RunPodEmulator, http_date  # noqa: E402,F401
 
 BINARY = os.environ.get("DISPATCHER_BIN", os.path.join(REPO_ROOT, "build", "pgmq-dispatcher"))
 ENDPOINT_ID = "ep-test-1"

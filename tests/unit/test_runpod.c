@@ -159,6 +159,66 @@ static void classification(void **state)
 	assert_false(runpod_is_config_error(500));
 }
 
+static void job_bytes_match_the_body(void **state)
+{
+	struct pgmq_message m[3] = {
+		{ .msg_id = "9007199254740993", .read_ct = "1", .enqueued_at = "\"2026-11-29T07:30:20+00:00\"",
+		  .message = "{\"a\": \"\u00e9\"}", .document_id = NULL },
+		{ .msg_id = "7", .read_ct = "12", .enqueued_at = "\"t\"", .message = "[1]",
+		  .document_id = "\"doc\"" },
+		{ .msg_id = "8", .read_ct = "1", .enqueued_at = "\"t\"", .message = "null" },
+	};
+	for (int i = 0; i < 3; i++)
+		m[i].message_len = strlen(m[i].message);
+	for (int n = 0; n <= 3; n++) {
+		size_t len = 0, want = runpod_envelope_bytes("q\"x", 1800);
+		char *body = runpod_run_body("q\"x", 1800, m, n, &len);
+		for (int i = 0; i < n; i++)
+			want += runpod_job_bytes(&m[i]) + (i ? 1 : 0);
+		assert_int_equal(len, want);
+		free(body);
+	}
+}
+
+static void retry_after(void **state)
+{
+	/* 2026-11-29 08:00:00 UTC */
+	const time_t now = 1795939200;
+	static const struct {
+		const char *v;
+		int rc;
+		long long ms;
+	} cases[] = {
+		{ "0", 0, 0 },
+		{ "120", 0, 120000 },
+		{ "Sun, 29 Nov 2026 08:00:30 GMT", 0, 30000 },
+		{ "Sunday, 29-Nov-26 08:01:00 GMT", 0, 60000 },
+		{ "Sun Nov 29 08:00:05 2026", 0, 5000 },
+		{ "Sun, 29 Nov 2026 07:59:00 GMT", 0, 0 },   /* in the past */
+		{ "", -1, 0 },
+		{ "-5", -1, 0 },
+		{ "1.5", -1, 0 },
+		{ " 5", -1, 0 },
+		{ "5s", -1, 0 },
+		{ "soon", -1, 0 },
+		{ "Sun, 29 Nov 2026 08:00:30 CET", -1, 0 },
+		{ "Sun, 32 Nov 2026 08:00:30 GMT", -1, 0 },
+		{ "Sun, 29 Foo 2026 08:00:30 GMT", -1, 0 },
+		{ "Sun, 29 Nov 2026 25:00:30 GMT", -1, 0 },
+		{ "Sun, 29 Nov 2026 08:00:30 GMT trailing", -1, 0 },
+		{ "99999999999999999999999", -1, 0 },
+	};
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		long long ms = -7;
+		int rc = runpod_parse_retry_after(cases[i].v, now, &ms);
+		if (rc != cases[i].rc || (rc == 0 && ms != cases[i].ms))
+			fail_msg("'%s': rc %d ms %lld, want rc %d ms %lld", cases[i].v, rc, ms,
+				 cases[i].rc, cases[i].ms);
+	}
+	assert_int_equal(runpod_parse_retry_after(NULL, now, NULL), -1);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -170,6 +230,8 @@ int main(void)
 		cmocka_unit_test(reply_parsing_respects_length),
 		cmocka_unit_test(reply_id_too_long),
 		cmocka_unit_test(classification),
+		cmocka_unit_test(job_bytes_match_the_body),
+		cmocka_unit_test(retry_after),
 	};
 	return cmocka_run_group_tests_name("runpod", tests, NULL, NULL);
 }
