@@ -8,9 +8,10 @@ DESTDIR   ?=
 SYSCONFDIR ?= /etc
 BUILD     ?= build
 PYTHON    ?= /usr/bin/python3
+SHELL     := /bin/bash
 
 CC        ?= cc
-PKGS      := libpq libcurl libcjson inih
+PKGS      := libpq libcurl libcjson inih libsystemd libmicrohttpd
 # libev ships no pkg-config file on Debian 12; fall back to plain -lev.
 EV_CFLAGS := $(shell pkg-config --cflags libev 2>/dev/null)
 EV_LIBS   := $(shell pkg-config --libs libev 2>/dev/null || echo -lev)
@@ -29,14 +30,14 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config log pg pgmq http runpod dispatcher
+MODULES   := main config log pg pgmq http runpod dispatcher sdnotify metrics admin
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
-UNIT_TESTS := test_runpod test_config test_log test_pgmq
+UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
-.PHONY: all deps test unit integration run install clean fuzz lint
+.PHONY: all deps test unit integration soak valgrind run install clean fuzz lint
 
 all: $(BUILD)/$(PROG)
 
@@ -75,7 +76,38 @@ install: $(BUILD)/$(PROG)
 	install -D -m 0644 systemd/$(PROG).service $(DESTDIR)$(PREFIX)/lib/systemd/system/$(PROG).service
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/$(PROG)
 	test -e $(DESTDIR)$(SYSCONFDIR)/$(PROG)/$(PROG).conf || \
-	  install -m 0640 config/$(PROG).conf $(DESTDIR)$(SYSCONFDIR)/$(PROG)/$(PROG).conf
+	  install -m 0644 config/$(PROG).conf $(DESTDIR)$(SYSCONFDIR)/$(PROG)/$(PROG).conf
+
+soak: $(BUILD)/$(PROG)
+	DISPATCHER_BIN=$(abspath $(BUILD)/$(PROG)) $(PYTHON) -m pytest -q -s -m soak tests/integration/test_soak.py
+
+# An integration run of 1,000 messages with the daemon under valgrind memcheck.
+valgrind: $(BUILD)/$(PROG)
+	DISPATCHER_BIN=$(abspath $(BUILD)/$(PROG)) $(PYTHON) -m pytest -q -s -m valgrind tests/integration/test_valgrind.py
+
+# libFuzzer targets (clang), each run for FUZZ_SECONDS from its checked-in corpus.
+FUZZ_SECONDS ?= 10
+FUZZ_TARGETS := config run_reply retry_after
+FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -DPGMQD_VERSION='"$(VERSION)"' \
+                -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
+                $(shell pkg-config --cflags $(PKGS))
+build-fuzz/fuzz_config: tests/fuzz/fuzz_config.c src/config.c src/log.c $(wildcard include/*.h)
+	mkdir -p build-fuzz
+	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c src/config.c src/log.c $(shell pkg-config --libs libpq inih)
+build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c src/runpod.c $(wildcard include/*.h)
+	mkdir -p build-fuzz
+	clang $(FUZZ_CFLAGS) -o $@ $< src/runpod.c $(shell pkg-config --libs libcjson)
+
+fuzz: $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  mkdir -p build-fuzz/corpus-$$t; \
+	  echo "== fuzz_$$t for $(FUZZ_SECONDS) s"; \
+	  if ! build-fuzz/fuzz_$$t -max_total_time=$(FUZZ_SECONDS) -print_final_stats=1 -max_len=4096 \
+	       build-fuzz/corpus-$$t tests/fuzz/corpus/$$t > build-fuzz/fuzz_$$t.log 2>&1; then \
+	    tail -n 60 build-fuzz/fuzz_$$t.log; exit 1; \
+	  fi; \
+	  grep -E "^Done|stat::number_of_executed_units" build-fuzz/fuzz_$$t.log; \
+	done
 
 clean:
-	rm -rf build build-san
+	rm -rf build build-san build-fuzz

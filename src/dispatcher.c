@@ -424,7 +424,9 @@ static void on_posted(void *arg, const struct http_response *r)
 	if (r->status >= 200 && r->status < 300 && !r->body_truncated)
 		a.reply_parsed = runpod_parse_run_reply(r->body, r->body_len, &reply) == 0;
 	outcome = r->aborted ? RUNPOD_UNKNOWN : runpod_classify(&a);
-	if (outcome == RUNPOD_REJECTED && !d->stopping && !d->finished)
+	/* 401/403/404 open the circuit instead: released at once, no pause. */
+	if (outcome == RUNPOD_REJECTED && !d->stopping && !d->finished &&
+	    !runpod_is_config_error(r->status))
 		pause_ms = back_off(d, PAUSE_RUNPOD, retry_after_ms(d, r));
 	log_outcome(d, b, outcome, r, &reply, pause_ms);
 
@@ -454,12 +456,12 @@ static void on_posted(void *arg, const struct http_response *r)
 			d->once_result = DISPATCH_DONE_FAILED;
 		if (d->finished) {
 			batch_free(b);
-		} else if (runpod_is_config_error(r->status)) {
-			/* The open circuit stops our reads; hand the messages
-			 * back at once (another replica may be configured well). */
-			open_circuit(d, r);
-			release(d, b, 0);
 		} else {
+			/* For 401/403/404 the open circuit stops our reads; the
+			 * messages go back at once (another replica may be
+			 * configured well). */
+			if (runpod_is_config_error(r->status))
+				open_circuit(d, r);
 			release(d, b, (int)ceil(pause_ms / 1000.0));
 		}
 		break;

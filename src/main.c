@@ -316,6 +316,7 @@ int main(int argc, char **argv)
 		log_int(l, "messages_read", (long long)s->messages_read);
 		log_int(l, "messages_accepted", (long long)s->messages_accepted);
 		log_int(l, "messages_released", (long long)s->messages_released);
+		log_int(l, "messages_archived", (long long)s->messages_archived);
 		log_int(l, "requests_accepted", (long long)s->requests_accepted);
 		log_int(l, "requests_rejected", (long long)s->requests_rejected);
 		log_int(l, "requests_unknown", (long long)s->requests_unknown);

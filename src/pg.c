@@ -249,7 +249,7 @@ static void connect_step(struct pg *pg)
 	pg->state = PG_READY;
 	pg->attempt = 0;
 	{
-		struct log_line *l = log_begin(pg->loss_logged ? LOG_INFO : LOG_DEBUG, "db_connected");
+		struct log_line *l = log_begin(LOG_INFO, "db_connected");
 		log_str(l, "host", PQhost(pg->conn));
 		log_str(l, "port", PQport(pg->conn));
 		log_str(l, "dbname", PQdb(pg->conn));

@@ -8,7 +8,7 @@ libev-dev libpq-dev libcurl4-openssl-dev libcjson-dev libinih-dev libsystemd-dev
 libmicrohttpd-dev libcmocka-dev
 postgresql-15 postgresql-client-15
 python3 python3-pytest python3-psycopg2
-valgrind clang systemd groff-base"
+valgrind clang systemd groff-base man-db mandoc"
 
 missing=""
 for p in $PACKAGES; do

@@ -178,7 +178,7 @@ def test_postgres_restart_and_terminated_backend(pg_cluster, queue_db, emulator,
     pg_cluster.restart(mode="fast")
     queue_db.conn = pg_cluster.connect(queue_db.dbname)
     d.wait_log(r"event=db_connection_lost", timeout_s=15)
-    d.wait_log(r"event=db_connected", timeout_s=30)
+    d.wait_log(r"event=db_connected", count=2, timeout_s=30)
     ids = queue_db.send_many(jobs(2))
     emulator.wait_for(lambda: accepted_ids(emulator) == ids, timeout_s=15)
     assert d.count_log(r"event=db_connection_lost") == 1     # logged once per outage
