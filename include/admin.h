@@ -37,14 +37,15 @@ struct admin_hooks {
 	void *arg;
 };
 
-/* Binds `listen` — "host:port", "[v6addr]:port", port 0..65535 (0 picks a
- * free port, see admin_port()); host may be a name, the first address
- * getaddrinfo() returns is used — and starts serving on `loop`.
+/* Binds `listen_addr` — "host:port" or "[v6addr]:port", port 0..65535 (0
+ * picks a free port, see admin_port()); host may be a name, the first
+ * address getaddrinfo() returns is used — and starts serving on `loop`.
  * Returns NULL when the address is malformed or cannot be bound, with a
  * one-line reason (e.g. "bind 127.0.0.1:9187: Address already in use") in
  * err (errlen bytes, NUL-terminated, may be NULL). Not logged here. */
-struct admin *admin_start(struct ev_loop *loop, const char *listen, const struct admin_hooks *hooks,
-			  char *err, size_t errlen) __attribute__((warn_unused_result));
+struct admin *admin_start(struct ev_loop *loop, const char *listen_addr,
+			  const struct admin_hooks *hooks, char *err, size_t errlen)
+	__attribute__((warn_unused_result));
 
 /* The TCP port actually bound (useful after port 0), or -1. */
 int admin_port(const struct admin *a);
@@ -55,11 +56,11 @@ int admin_port(const struct admin *a);
 void admin_stop(struct admin *a);
 
 /* Blocking liveness probe for `pgmq-dispatcher --health-check` (Docker
- * HEALTHCHECK; the slim image has no curl): connects to `listen` (a
+ * HEALTHCHECK; the slim image has no curl): connects to `listen_addr` (a
  * wildcard host such as 0.0.0.0 or [::] is probed on loopback), sends
  * "GET /healthz HTTP/1.0" and reads the status line, all within timeout_ms.
  * Returns 0 when the status is 200, 1 otherwise (reason logged at warn).
  * For use outside the loop only. */
-int admin_health_check(const char *listen, int timeout_ms);
+int admin_health_check(const char *listen_addr, int timeout_ms);
 
 #endif

@@ -39,18 +39,20 @@ int sdnotify_stopping(void);
  * whether it succeeded or not. */
 int sdnotify_reloading(void);
 
-/* Starts (or restarts, re-reading the environment) the watchdog: when
+/* Starts the watchdog (a running timer is stopped first, and the
+ * environment is read again, so it may be called on reload): when
  * sd_watchdog_enabled() reports a period — $WATCHDOG_USEC set and
  * $WATCHDOG_PID unset or equal to getpid() — sends WATCHDOG=1 at once and
  * then from an ev_timer in `loop` every half period (floating seconds), so
  * a loop that stops turning stops pinging. The timer keeps the loop alive
  * until sdnotify_watchdog_stop().
- * Returns 1 when pinging, 0 when the watchdog is not enabled, -1 when
+ * Returns 1 when pinging, 0 when the watchdog is not enabled (or there is
+ * no $NOTIFY_SOCKET), -1 when
  * $WATCHDOG_USEC is invalid (logged). */
 int sdnotify_watchdog_start(struct ev_loop *loop);
 
-/* Stops the watchdog timer; a no-op when it is not running. `loop` must be
- * the loop given to sdnotify_watchdog_start(). */
+/* Stops the watchdog timer (on the loop it was started on; `loop` is
+ * accepted for symmetry); a no-op when it is not running. */
 void sdnotify_watchdog_stop(struct ev_loop *loop);
 
 #endif

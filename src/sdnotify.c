@@ -16,7 +16,7 @@
 
 static bool failing;            /* the last send failed (already logged) */
 static ev_timer watchdog;
-static bool watchdog_active;
+static struct ev_loop *watchdog_loop; /* set while the timer runs */
 
 /* Logs the first failure of a run of failures; returns rc unchanged. */
 static int checked(int rc, const char *what)
@@ -89,6 +89,8 @@ int sdnotify_watchdog_start(struct ev_loop *loop)
 	int rc;
 
 	sdnotify_watchdog_stop(loop);
+	if (getenv("NOTIFY_SOCKET") == NULL)
+		return 0; /* nobody to ping */
 	rc = sd_watchdog_enabled(0, &usec);
 	if (rc < 0) {
 		log_msg(LOG_WARN, "watchdog_disabled", "invalid WATCHDOG_USEC/WATCHDOG_PID: %s",
@@ -100,7 +102,7 @@ int sdnotify_watchdog_start(struct ev_loop *loop)
 	/* Half the period, in floating seconds (sd_watchdog_enabled(3)). */
 	ev_timer_init(&watchdog, on_watchdog, (double)usec / 2e6, (double)usec / 2e6);
 	ev_timer_start(loop, &watchdog);
-	watchdog_active = true;
+	watchdog_loop = loop;
 	ping();
 	log_msg(LOG_INFO, "watchdog_enabled", "WATCHDOG=1 every %.3f s", (double)usec / 2e6);
 	return 1;
@@ -108,8 +110,9 @@ int sdnotify_watchdog_start(struct ev_loop *loop)
 
 void sdnotify_watchdog_stop(struct ev_loop *loop)
 {
-	if (!watchdog_active)
+	(void)loop; /* the timer is stopped on the loop it was started on */
+	if (watchdog_loop == NULL)
 		return;
-	ev_timer_stop(loop, &watchdog);
-	watchdog_active = false;
+	ev_timer_stop(watchdog_loop, &watchdog);
+	watchdog_loop = NULL;
 }

@@ -1,0 +1,505 @@
+/* admin — see include/admin.h. */
+#include "admin.h"
+#include "log.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <microhttpd.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <poll.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#define TEXT_TYPE "text/plain; charset=utf-8"
+#define METRICS_TYPE "text/plain; version=0.0.4; charset=utf-8"
+#define LISTEN_BACKLOG 64
+#define CONNECTION_LIMIT 64u      /* scrapers and probes only */
+#define CONNECTION_TIMEOUT_S 10u  /* idle keep-alive connections are closed */
+#define WHY_MAX 256
+#define HEALTH_DEFAULT_TIMEOUT_MS 5000
+
+struct admin {
+	struct ev_loop *loop;
+	struct MHD_Daemon *mhd;
+	struct admin_hooks hooks;
+	int port;
+	ev_io io;           /* MHD's epoll fd */
+	ev_prepare prepare; /* re-arms timer from MHD_get_timeout() */
+	ev_timer timer;
+	char mhd_error[256]; /* last message from MHD's error log */
+};
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+	__attribute__((format(printf, 3, 4)));
+
+static void set_err(char *err, size_t errlen, const char *fmt, ...)
+{
+	va_list ap;
+
+	if (err == NULL || errlen == 0)
+		return;
+	va_start(ap, fmt);
+	vsnprintf(err, errlen, fmt, ap);
+	va_end(ap);
+}
+
+/* Parses "host:port" or "[v6]:port" into a socket address. Returns 0, or -1
+ * with a reason in err. */
+static int parse_listen(const char *addr, struct sockaddr_storage *ss, socklen_t *sslen,
+			char *err, size_t errlen)
+{
+	char host[256];
+	const char *port, *colon;
+	size_t hostlen;
+	char *end;
+	long p;
+	struct addrinfo hints, *res = NULL;
+	int rc;
+
+	if (addr == NULL || *addr == '\0') {
+		set_err(err, errlen, "empty listen address");
+		return -1;
+	}
+	if (addr[0] == '[') {
+		const char *rb = strchr(addr, ']');
+		if (rb == NULL || rb[1] != ':') {
+			set_err(err, errlen, "bad listen address \"%s\": expected [addr]:port", addr);
+			return -1;
+		}
+		hostlen = (size_t)(rb - addr - 1);
+		memcpy(host, addr + 1, hostlen < sizeof(host) ? hostlen : 0);
+		port = rb + 2;
+	} else {
+		colon = strrchr(addr, ':');
+		if (colon == NULL || strchr(addr, ':') != colon) {
+			set_err(err, errlen,
+				"bad listen address \"%s\": expected host:port or [v6addr]:port", addr);
+			return -1;
+		}
+		hostlen = (size_t)(colon - addr);
+		memcpy(host, addr, hostlen < sizeof(host) ? hostlen : 0);
+		port = colon + 1;
+	}
+	if (hostlen == 0 || hostlen >= sizeof(host)) {
+		set_err(err, errlen, "bad listen address \"%s\": missing or overlong host", addr);
+		return -1;
+	}
+	host[hostlen] = '\0';
+	errno = 0;
+	p = strtol(port, &end, 10);
+	if (*port < '0' || *port > '9' || *end != '\0' || errno != 0 || p < 0 || p > 65535) {
+		set_err(err, errlen, "bad listen address \"%s\": port must be 0..65535", addr);
+		return -1;
+	}
+	memset(&hints, 0, sizeof(hints));
+	hints.ai_family = AF_UNSPEC;
+	hints.ai_socktype = SOCK_STREAM;
+	hints.ai_flags = AI_NUMERICSERV;
+	rc = getaddrinfo(host, port, &hints, &res);
+	if (rc != 0 || res == NULL) {
+		set_err(err, errlen, "bad listen address \"%s\": %s", addr,
+			rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
+		if (res)
+			freeaddrinfo(res);
+		return -1;
+	}
+	memcpy(ss, res->ai_addr, res->ai_addrlen);
+	*sslen = res->ai_addrlen;
+	freeaddrinfo(res);
+	return 0;
+}
+
+/* MHD_OPTION_EXTERNAL_LOGGER: keeps the last message (for admin_start's
+ * err) and logs it. MHD's messages end in "\n". */
+static void on_mhd_log(void *cls, const char *fmt, va_list ap)
+{
+	struct admin *a = cls;
+	size_t n;
+
+	vsnprintf(a->mhd_error, sizeof(a->mhd_error), fmt, ap);
+	n = strlen(a->mhd_error);
+	while (n > 0 && (a->mhd_error[n - 1] == '\n' || a->mhd_error[n - 1] == '\r'))
+		a->mhd_error[--n] = '\0';
+	log_msg(LOG_WARN, "admin_http_error", "%s", a->mhd_error);
+}
+
+/* Queues one response. body is copied unless must_free, in which case MHD
+ * (or this function, on failure) frees it. */
+static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status, const char *type,
+			     char *body, size_t len, bool must_free)
+{
+	struct MHD_Response *r;
+	enum MHD_Result ok;
+
+	r = MHD_create_response_from_buffer(len, body,
+					    must_free ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_MUST_COPY);
+	if (r == NULL) {
+		if (must_free)
+			free(body);
+		return MHD_NO;
+	}
+	if (MHD_add_response_header(r, MHD_HTTP_HEADER_CONTENT_TYPE, type) != MHD_YES ||
+	    MHD_add_response_header(r, MHD_HTTP_HEADER_CACHE_CONTROL, "no-store") != MHD_YES ||
+	    (status == MHD_HTTP_METHOD_NOT_ALLOWED &&
+	     MHD_add_response_header(r, MHD_HTTP_HEADER_ALLOW, "GET, HEAD") != MHD_YES)) {
+		MHD_destroy_response(r);
+		return MHD_NO;
+	}
+	ok = MHD_queue_response(conn, status, r);
+	MHD_destroy_response(r);
+	return ok;
+}
+
+static enum MHD_Result reply_text(struct MHD_Connection *conn, unsigned status, const char *text)
+{
+	return reply(conn, status, TEXT_TYPE, (char *)text, strlen(text), false);
+}
+
+static enum MHD_Result serve_readyz(struct admin *a, struct MHD_Connection *conn)
+{
+	char why[WHY_MAX], body[WHY_MAX + 1];
+
+	if (a->hooks.ready == NULL)
+		return reply_text(conn, MHD_HTTP_OK, "ok\n");
+	why[0] = '\0';
+	if (a->hooks.ready(a->hooks.arg, why, sizeof(why)))
+		return reply_text(conn, MHD_HTTP_OK, "ok\n");
+	why[sizeof(why) - 1] = '\0';
+	why[strcspn(why, "\r\n")] = '\0'; /* one line */
+	snprintf(body, sizeof(body), "%s\n", why[0] ? why : "not ready");
+	return reply_text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, body);
+}
+
+static enum MHD_Result serve_metrics(struct admin *a, struct MHD_Connection *conn)
+{
+	size_t len = 0;
+	char *body;
+
+	if (a->hooks.metrics == NULL)
+		return reply_text(conn, MHD_HTTP_NOT_FOUND, "not found\n");
+	body = a->hooks.metrics(a->hooks.arg, &len);
+	if (body == NULL)
+		return reply_text(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "metrics unavailable\n");
+	return reply(conn, MHD_HTTP_OK, METRICS_TYPE, body, len, true);
+}
+
+static void log_request(const char *method, const char *url)
+{
+	struct log_line *l = log_begin(LOG_DEBUG, "admin_request");
+
+	log_str(l, "method", method);
+	log_str(l, "path", url);
+	log_end(l);
+}
+
+/* MHD_AccessHandlerCallback. GET/HEAD are answered on the second call,
+ * once the request is complete: answering on the first call makes MHD
+ * close the connection, which would defeat keep-alive for scrapers. Any
+ * other method is answered at once: its body is never wanted, and MHD then
+ * discards it and closes. */
+static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const char *url,
+				  const char *method, const char *version, const char *upload_data,
+				  size_t *upload_data_size, void **req_cls)
+{
+	static int seen; /* *req_cls marker: headers were seen */
+	struct admin *a = cls;
+	bool get_or_head = strcmp(method, MHD_HTTP_METHOD_GET) == 0 ||
+			   strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
+
+	(void)version;
+	(void)upload_data;
+	if (get_or_head && *req_cls == NULL) {
+		*req_cls = &seen;
+		return MHD_YES;
+	}
+	if (get_or_head && *upload_data_size != 0) {
+		*upload_data_size = 0; /* a GET body is ignored */
+		return MHD_YES;
+	}
+	log_request(method, url);
+	if (!get_or_head)
+		return reply_text(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method not allowed\n");
+	if (strcmp(url, "/healthz") == 0)
+		return reply_text(conn, MHD_HTTP_OK, "ok\n");
+	if (strcmp(url, "/readyz") == 0)
+		return serve_readyz(a, conn);
+	if (strcmp(url, "/metrics") == 0)
+		return serve_metrics(a, conn);
+	return reply_text(conn, MHD_HTTP_NOT_FOUND, "not found\n");
+}
+
+static void on_io(struct ev_loop *loop, ev_io *w, int revents)
+{
+	struct admin *a = w->data;
+
+	(void)loop;
+	(void)revents;
+	MHD_run(a->mhd);
+}
+
+static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct admin *a = w->data;
+
+	(void)loop;
+	(void)revents;
+	MHD_run(a->mhd);
+}
+
+/* Before the loop blocks: MHD_run() must happen within MHD_get_timeout()
+ * even without socket activity (connection timeouts, buffered data). */
+static void on_prepare(struct ev_loop *loop, ev_prepare *w, int revents)
+{
+	struct admin *a = w->data;
+	MHD_UNSIGNED_LONG_LONG ms = 0;
+
+	(void)revents;
+	ev_timer_stop(loop, &a->timer);
+	if (MHD_get_timeout(a->mhd, &ms) == MHD_YES) {
+		ev_timer_set(&a->timer, (double)ms / 1000.0, 0.0);
+		ev_timer_start(loop, &a->timer);
+	}
+}
+
+/* True when fd is still the socket with inode ino (MHD may or may not close
+ * a listen socket it was given when it fails to start). */
+static bool still_ours(int fd, ino_t ino)
+{
+	struct stat st;
+
+	return fstat(fd, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_ino == ino;
+}
+
+struct admin *admin_start(struct ev_loop *loop, const char *listen_addr,
+			  const struct admin_hooks *hooks, char *err, size_t errlen)
+{
+	struct sockaddr_storage ss;
+	socklen_t sslen = 0;
+	struct admin *a;
+	const union MHD_DaemonInfo *info;
+	struct stat st;
+	int fd, one = 1;
+
+	set_err(err, errlen, "%s", "");
+	if (parse_listen(listen_addr, &ss, &sslen, err, errlen) != 0)
+		return NULL;
+	a = calloc(1, sizeof(*a));
+	if (a == NULL) {
+		set_err(err, errlen, "out of memory");
+		return NULL;
+	}
+	a->loop = loop;
+	if (hooks)
+		a->hooks = *hooks;
+
+	/* Our own listening socket, so a bind failure has a precise reason. */
+	fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0) {
+		set_err(err, errlen, "socket for %s: %s", listen_addr, strerror(errno));
+		free(a);
+		return NULL;
+	}
+	if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one)) != 0 ||
+	    bind(fd, (struct sockaddr *)&ss, sslen) != 0) {
+		set_err(err, errlen, "bind %s: %s", listen_addr, strerror(errno));
+		goto fail_fd;
+	}
+	if (listen(fd, LISTEN_BACKLOG) != 0) {
+		set_err(err, errlen, "listen %s: %s", listen_addr, strerror(errno));
+		goto fail_fd;
+	}
+	sslen = sizeof(ss);
+	if (getsockname(fd, (struct sockaddr *)&ss, &sslen) != 0 || fstat(fd, &st) != 0) {
+		set_err(err, errlen, "getsockname %s: %s", listen_addr, strerror(errno));
+		goto fail_fd;
+	}
+	a->port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
+						 : ((struct sockaddr_in *)&ss)->sin_port);
+
+	a->mhd = MHD_start_daemon(MHD_USE_EPOLL | MHD_USE_ERROR_LOG, 0, NULL, NULL, on_request, a,
+				  MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, a,
+				  MHD_OPTION_LISTEN_SOCKET, fd,
+				  MHD_OPTION_CONNECTION_LIMIT, CONNECTION_LIMIT,
+				  MHD_OPTION_CONNECTION_TIMEOUT, CONNECTION_TIMEOUT_S,
+				  MHD_OPTION_END);
+	if (a->mhd == NULL) {
+		set_err(err, errlen, "libmicrohttpd on %s: %s", listen_addr,
+			a->mhd_error[0] ? a->mhd_error : "MHD_start_daemon failed");
+		if (still_ours(fd, st.st_ino))
+			close(fd);
+		free(a);
+		return NULL;
+	}
+	info = MHD_get_daemon_info(a->mhd, MHD_DAEMON_INFO_EPOLL_FD);
+	if (info == NULL || info->epoll_fd < 0) {
+		set_err(err, errlen, "libmicrohttpd on %s: no epoll fd", listen_addr);
+		admin_stop(a);
+		return NULL;
+	}
+	ev_io_init(&a->io, on_io, info->epoll_fd, EV_READ);
+	a->io.data = a;
+	ev_prepare_init(&a->prepare, on_prepare);
+	a->prepare.data = a;
+	ev_init(&a->timer, on_timer);
+	a->timer.data = a;
+	ev_io_start(loop, &a->io);
+	ev_prepare_start(loop, &a->prepare);
+	return a;
+
+fail_fd:
+	close(fd);
+	free(a);
+	return NULL;
+}
+
+int admin_port(const struct admin *a)
+{
+	return a ? a->port : -1;
+}
+
+void admin_stop(struct admin *a)
+{
+	MHD_socket lfd;
+
+	if (a == NULL)
+		return;
+	ev_io_stop(a->loop, &a->io);
+	ev_prepare_stop(a->loop, &a->prepare);
+	ev_timer_stop(a->loop, &a->timer);
+	if (a->mhd) {
+		/* Quiescing hands the listening socket back to us to close. */
+		lfd = MHD_quiesce_daemon(a->mhd);
+		MHD_stop_daemon(a->mhd);
+		if (lfd != MHD_INVALID_SOCKET)
+			close(lfd);
+	}
+	free(a);
+}
+
+/* ---- the blocking probe ---- */
+
+static long long monotonic_ms(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Waits for events on fd until the deadline. Returns 0, or -1 with errno
+ * (ETIMEDOUT when the deadline passed). */
+static int wait_fd(int fd, short events, long long deadline)
+{
+	struct pollfd pfd = { .fd = fd, .events = events };
+
+	for (;;) {
+		long long left = deadline - monotonic_ms();
+		int n;
+
+		if (left <= 0) {
+			errno = ETIMEDOUT;
+			return -1;
+		}
+		n = poll(&pfd, 1, (int)left);
+		if (n > 0)
+			return 0;
+		if (n < 0 && errno != EINTR)
+			return -1;
+	}
+}
+
+static int health_fail(const char *addr, const char *what, const char *detail)
+{
+	log_msg(LOG_WARN, "health_check_failed", "%s: %s%s%s", addr, what, detail ? ": " : "",
+		detail ? detail : "");
+	return 1;
+}
+
+int admin_health_check(const char *listen_addr, int timeout_ms)
+{
+	static const char request[] = "GET /healthz HTTP/1.0\r\nUser-Agent: pgmq-dispatcher\r\n\r\n";
+	struct sockaddr_storage ss;
+	socklen_t sslen = 0;
+	char err[256], buf[512];
+	size_t got = 0, sent = 0;
+	long long deadline;
+	int fd, soerr = 0, status = 0;
+	socklen_t soerrlen = sizeof(soerr);
+
+	if (timeout_ms <= 0)
+		timeout_ms = HEALTH_DEFAULT_TIMEOUT_MS;
+	deadline = monotonic_ms() + timeout_ms;
+	if (parse_listen(listen_addr, &ss, &sslen, err, sizeof(err)) != 0)
+		return health_fail(listen_addr ? listen_addr : "", err, NULL);
+	/* A wildcard bind is probed on loopback. */
+	if (ss.ss_family == AF_INET) {
+		struct sockaddr_in *in = (struct sockaddr_in *)&ss;
+		if (in->sin_addr.s_addr == htonl(INADDR_ANY))
+			in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+	} else if (ss.ss_family == AF_INET6) {
+		struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
+		if (IN6_IS_ADDR_UNSPECIFIED(&in6->sin6_addr))
+			in6->sin6_addr = in6addr_loopback;
+	}
+
+	fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+	if (fd < 0)
+		return health_fail(listen_addr, "socket", strerror(errno));
+	if (connect(fd, (struct sockaddr *)&ss, sslen) != 0) {
+		if (errno != EINPROGRESS || wait_fd(fd, POLLOUT, deadline) != 0 ||
+		    getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &soerrlen) != 0 || soerr != 0) {
+			int e = soerr ? soerr : errno;
+			close(fd);
+			return health_fail(listen_addr, "connect", strerror(e));
+		}
+	}
+	while (sent < sizeof(request) - 1) {
+		ssize_t n = send(fd, request + sent, sizeof(request) - 1 - sent, MSG_NOSIGNAL);
+		if (n > 0) {
+			sent += (size_t)n;
+		} else if (n < 0 && errno != EAGAIN && errno != EINTR) {
+			int e = errno;
+			close(fd);
+			return health_fail(listen_addr, "send", strerror(e));
+		} else if (wait_fd(fd, POLLOUT, deadline) != 0) {
+			int e = errno;
+			close(fd);
+			return health_fail(listen_addr, "send", strerror(e));
+		}
+	}
+	/* Only the status line matters. */
+	while (got < sizeof(buf) - 1 && memchr(buf, '\n', got) == NULL) {
+		ssize_t n = recv(fd, buf + got, sizeof(buf) - 1 - got, 0);
+		if (n > 0) {
+			got += (size_t)n;
+		} else if (n == 0) {
+			break;
+		} else if (errno != EAGAIN && errno != EINTR) {
+			int e = errno;
+			close(fd);
+			return health_fail(listen_addr, "recv", strerror(e));
+		} else if (wait_fd(fd, POLLIN, deadline) != 0) {
+			int e = errno;
+			close(fd);
+			return health_fail(listen_addr, "recv", strerror(e));
+		}
+	}
+	close(fd);
+	buf[got] = '\0';
+	if (sscanf(buf, "HTTP/%*d.%*d %3d", &status) != 1)
+		return health_fail(listen_addr, "no HTTP status line in the reply", NULL);
+	if (status != 200) {
+		char code[16];
+		snprintf(code, sizeof(code), "%d", status);
+		return health_fail(listen_addr, "/healthz answered", code);
+	}
+	return 0;
+}
