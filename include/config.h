@@ -46,6 +46,9 @@ struct config {
 	/* [log] */
 	int log_level;           /* enum log_level */
 	int log_format;          /* enum log_format */
+	/* [admin] */
+	char *admin_listen;      /* "host:port" or "[v6]:port"; "off" disables */
+	int metrics_interval_ms; /* queue length refresh (pgmq.metrics) and STATUS counts */
 	/* [daemon] */
 	int shutdown_timeout_ms;
 

@@ -15,6 +15,8 @@
 
 #include <ev.h>
 #include <stdbool.h>
+#include <stddef.h>
+#include <stdio.h>
 
 struct dispatcher;
 
@@ -63,8 +65,26 @@ const struct dispatcher_stats *dispatcher_stats(const struct dispatcher *d);
 /* True while 401/403/404 keep reads stopped. */
 bool dispatcher_circuit_open(const struct dispatcher *d);
 
+/* Registers fn, called on the loop whenever the state changes (database
+ * connected or lost, circuit opened or closed, stopping) and after each
+ * queue metrics refresh. */
+void dispatcher_set_state_hook(struct dispatcher *d, void (*fn)(void *arg), void *arg);
+
+/* True when connected, the circuit closed and not draining; otherwise
+ * false with a one-line reason in why (len bytes). For /readyz. */
+bool dispatcher_ready(const struct dispatcher *d, char *why, size_t len);
+
+/* One line for systemd's STATUS=: state and counts. */
+void dispatcher_status(const struct dispatcher *d, char *buf, size_t len);
+
 /* Frees everything (no callbacks into done). NULL-safe. */
 void dispatcher_free(struct dispatcher *d);
+
+/* --dry-run: connects (blocking), looks at the next batch_size visible
+ * messages without locking or changing them, and writes to out the /run
+ * bodies a read would send now (split under max_body_bytes), one per line.
+ * Returns 0, or -1 after logging why. */
+int dispatcher_dry_run(const struct config *cfg, FILE *out);
 
 /* Pause before the next read after `failures` consecutive failures
  * (1-based): capped exponential with full jitter, rnd in [0, 1). Never below

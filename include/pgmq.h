@@ -66,4 +66,19 @@ int pgmq_set_vt(struct pg *pg, const char *queue, const long long *msg_ids, int 
 int pgmq_archive(struct pg *pg, const char *queue, const long long *msg_ids, int n,
 		 pgmq_count_fn fn, void *arg) __attribute__((warn_unused_result));
 
+/* Queue length and age of the oldest message from pgmq.metrics (pgmq-api.md
+ * §2.3; the age is NULL for an empty queue, reported as 0). fn gets
+ * length and oldest_age_s, or err. Returns 0 or -1 when not queued. */
+typedef void (*pgmq_metrics_fn)(void *arg, long long length, double oldest_age_s,
+				const struct pg_error *err);
+int pgmq_metrics(struct pg *pg, const char *queue, pgmq_metrics_fn fn, void *arg)
+	__attribute__((warn_unused_result));
+
+/* Blocking, read-only look at the next qty visible messages of a queue
+ * (for --dry-run): selects from pgmq.q_<lower(queue)> without locking or
+ * changing anything; read_ct is shown as the read would make it (+1).
+ * Returns a result for pgmq_batch_from_result(), or NULL with a one-line
+ * reason in err. */
+PGresult *pgmq_peek(PGconn *conn, const char *queue, int qty, char *err, size_t errlen);
+
 #endif

@@ -32,6 +32,12 @@ char *runpod_run_body(const char *queue, int vt_seconds, const struct pgmq_messa
 size_t runpod_envelope_bytes(const char *queue, int vt_seconds);
 size_t runpod_job_bytes(const struct pgmq_message *m);
 
+/* Splits msgs[0..n) (each fitting alone: envelope + job bytes <= limit)
+ * into runs of consecutive messages whose /run body stays within limit
+ * bytes. Writes the end index (exclusive) of each run to ends (room for n)
+ * and returns the number of runs. Pure. */
+int runpod_pack(const struct pgmq_message *msgs, int n, size_t envelope, size_t limit, int *ends);
+
 /* Parses a Retry-After header value (RFC 9110 §10.2.3): delta-seconds
  * ("120") or an HTTP-date ("Wed, 21 Oct 2026 07:28:00 GMT", also the
  * obsolete RFC 850 and asctime forms). now is the current wall-clock time.

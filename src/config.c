@@ -43,6 +43,7 @@ static const char *check_function(const char *v);
 static const char *check_endpoint_id(const char *v);
 static const char *check_api_key(const char *v);
 static const char *check_base_url(const char *v);
+static const char *check_listen(const char *v);
 
 #define OFF(f) offsetof(struct config, f)
 
@@ -85,6 +86,10 @@ static const struct key keys[] = {
 	{ "log", "level", K_ENUM, OFF(log_level), "info", 0, 0, 0, { 0 }, NULL, level_choices, NULL },
 	{ "log", "format", K_ENUM, OFF(log_format), "logfmt", 0, 0, 0, { 0 }, NULL, format_choices,
 	  NULL },
+	{ "admin", "listen", K_STR, OFF(admin_listen), "127.0.0.1:9187", 0, 0, F_STATIC, { 0 }, NULL,
+	  NULL, check_listen },
+	{ "admin", "metrics_interval_ms", K_INT, OFF(metrics_interval_ms), "15000", 100, 3600000, 0,
+	  { 0 }, NULL, NULL, NULL },
 	{ "daemon", "shutdown_timeout_ms", K_INT, OFF(shutdown_timeout_ms), "8000", 0, 600000, 0, { 0 },
 	  NULL, NULL, NULL },
 };
@@ -557,6 +562,33 @@ static const char *check_base_url(const char *v)
 	for (const char *p = v; *p; p++)
 		if ((unsigned char)*p <= ' ' || (unsigned char)*p >= 0x7f)
 			return "contains whitespace, a control or a non-ASCII byte";
+	return NULL;
+}
+
+/* "off", "host:port" or "[v6addr]:port" with a port of 0-65535. */
+static const char *check_listen(const char *v)
+{
+	const char *colon;
+	long port;
+	char *end;
+
+	if (strcmp(v, "off") == 0)
+		return NULL;
+	if (v[0] == '[') {
+		const char *close = strchr(v, ']');
+		if (close == NULL || close == v + 1 || close[1] != ':')
+			return "must be host:port, [v6addr]:port or off";
+		colon = close + 1;
+	} else {
+		colon = strrchr(v, ':');
+		if (colon == NULL || colon == v || memchr(v, ':', (size_t)(colon - v)) != NULL)
+			return "must be host:port, [v6addr]:port or off";
+	}
+	port = strtol(colon + 1, &end, 10);
+	if (colon[1] == '\0' || *end != '\0' || port < 0 || port > 65535)
+		return "has no valid port (0-65535)";
+	if (has_control(v) || strchr(v, ' '))
+		return "contains whitespace or a control character";
 	return NULL;
 }
 

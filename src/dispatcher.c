@@ -1,6 +1,7 @@
 /* dispatcher — see include/dispatcher.h. */
 #include "dispatcher.h"
 #include "log.h"
+#include "metrics.h"
 #include "pgmq.h"
 #include "runpod.h"
 
@@ -35,6 +36,12 @@ struct dispatcher {
 	ev_timer pause;         /* reads paused until it fires (backoff) */
 	ev_timer probe;         /* next /health probe while the circuit is open */
 	ev_timer deadline;      /* shutdown deadline */
+	ev_timer stats_timer;   /* queue metrics refresh and STATUS counts */
+	void (*state_hook)(void *arg);
+	void *state_arg;
+	bool connected_once;
+	bool metrics_pending;   /* a pgmq.metrics query is outstanding */
+	long long queue_length; /* from the last pgmq.metrics, -1 unknown */
 	enum pause_reason pause_reason;
 	bool reading;
 	bool read_wanted;       /* a drain read waits for an in-flight slot */
@@ -62,6 +69,7 @@ struct read_result {
  * archive. msgs point into rr's PGresult. */
 struct batch {
 	struct dispatcher *d;
+	enum metrics_archive_reason archive_reason;
 	struct read_result *rr;
 	struct pgmq_message *msgs;
 	long long *ids;
@@ -71,6 +79,12 @@ struct batch {
 
 static void kick(struct dispatcher *d);
 static void maybe_finish(struct dispatcher *d);
+
+static void state_changed(struct dispatcher *d)
+{
+	if (d->state_hook && !d->finished)
+		d->state_hook(d->state_arg);
+}
 static void start_probe_timer(struct dispatcher *d);
 
 double dispatcher_backoff_ms(int failures, double base_ms, double cap_ms, double min_ms, double rnd)
@@ -200,6 +214,7 @@ static void on_released(void *arg, long count, const struct pg_error *err)
 		log_int(l, "messages", count);
 		log_end(l);
 		d->stats.messages_released += (unsigned long long)count;
+		metrics_add_messages_released((unsigned)count);
 	}
 	batch_free(b);
 	maybe_finish(d);
@@ -235,6 +250,7 @@ static void on_archived(void *arg, long count, const struct pg_error *err)
 				"visible again after vt_seconds, archived then");
 		} else {
 			d->stats.messages_archived += (unsigned long long)count;
+			metrics_add_messages_archived(b->archive_reason, (unsigned)count);
 		}
 	}
 	batch_free(b);
@@ -243,13 +259,15 @@ static void on_archived(void *arg, long count, const struct pg_error *err)
 
 /* Moves messages that must never be dispatched to the archive table. */
 static void archive(struct dispatcher *d, struct read_result *rr, const struct pgmq_message *msgs,
-		    int n)
+		    int n, enum metrics_archive_reason reason)
 {
 	struct batch *b;
 
 	if (n == 0)
 		return;
 	b = batch_new(d, rr, msgs, n);
+	if (b)
+		b->archive_reason = reason;
 	if (b == NULL || pgmq_archive(d->pg, d->cfg->queue_name, b->ids, n, on_archived, b) != 0) {
 		log_msg(LOG_ERROR, "archive_failed", "cannot queue pgmq.archive for %d messages; "
 			"they come back after vt_seconds", n);
@@ -308,6 +326,7 @@ static void open_circuit(struct dispatcher *d, const struct http_response *r)
 		return;
 	d->circuit_open = true;
 	d->probe_failures = 0;
+	metrics_set_circuit_open(true);
 	l = log_begin(LOG_ERROR, "circuit_open");
 	log_str(l, "endpoint_id", d->cfg->endpoint_id);
 	log_int(l, "http_status", r->status);
@@ -315,6 +334,7 @@ static void open_circuit(struct dispatcher *d, const struct http_response *r)
 			  "probe succeeds or the configuration is reloaded");
 	log_end(l);
 	start_probe_timer(d);
+	state_changed(d);
 }
 
 static void close_circuit(struct dispatcher *d, const char *why)
@@ -324,6 +344,7 @@ static void close_circuit(struct dispatcher *d, const char *why)
 	if (!d->circuit_open)
 		return;
 	d->circuit_open = false;
+	metrics_set_circuit_open(false);
 	ev_timer_stop(d->loop, &d->probe);
 	d->failures = 0;
 	ev_timer_stop(d->loop, &d->pause);
@@ -331,6 +352,7 @@ static void close_circuit(struct dispatcher *d, const char *why)
 	log_str(l, "endpoint_id", d->cfg->endpoint_id);
 	log_str(l, "reason", why);
 	log_end(l);
+	state_changed(d);
 	kick(d);
 }
 
@@ -420,6 +442,7 @@ static void on_posted(void *arg, const struct http_response *r)
 	double pause_ms = 0;
 
 	d->in_flight--;
+	metrics_set_in_flight(d->in_flight);
 	memset(&reply, 0, sizeof(reply));
 	if (r->status >= 200 && r->status < 300 && !r->body_truncated)
 		a.reply_parsed = runpod_parse_run_reply(r->body, r->body_len, &reply) == 0;
@@ -429,11 +452,23 @@ static void on_posted(void *arg, const struct http_response *r)
 	    !runpod_is_config_error(r->status))
 		pause_ms = back_off(d, PAUSE_RUNPOD, retry_after_ms(d, r));
 	log_outcome(d, b, outcome, r, &reply, pause_ms);
+	metrics_inc_requests((enum metrics_outcome)outcome, r->status);
+	metrics_observe_request_seconds(r->total_ms / 1000.0);
+	if (log_enabled(LOG_TRACE)) {
+		struct log_line *l = log_begin(LOG_TRACE, "http_response");
+		log_int(l, "http_status", r->status);
+		log_int(l, "body_bytes", (long long)r->body_len);
+		log_int(l, "connect_ms", r->connect_ms);
+		log_int(l, "first_byte_ms", r->first_byte_ms);
+		log_int(l, "total_ms", r->total_ms);
+		log_end(l);
+	}
 
 	switch (outcome) {
 	case RUNPOD_ACCEPTED:
 		d->stats.requests_accepted++;
 		d->stats.messages_accepted += (unsigned long long)b->n;
+		metrics_add_messages_dispatched((unsigned)b->n);
 		if (d->pause_reason == PAUSE_RUNPOD && !ev_is_active(&d->pause))
 			d->failures = 0;
 		if (d->once)
@@ -502,6 +537,7 @@ static void post(struct dispatcher *d, struct batch *b)
 		log_end(l);
 	}
 	d->in_flight++;
+	metrics_set_in_flight(d->in_flight);
 }
 
 static void log_archive(const struct dispatcher *d, const struct pgmq_message *m, const char *reason,
@@ -531,15 +567,18 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 	struct pgmq_batch *rows = &rr->rows;
 	struct pgmq_message *keep = malloc((size_t)rows->n * sizeof(*keep));
 	struct pgmq_message *drop = malloc((size_t)rows->n * sizeof(*drop));
+	struct pgmq_message *poison = malloc((size_t)rows->n * sizeof(*poison));
 	size_t limit = (size_t)d->cfg->max_body_bytes;
-	int nkeep = 0, ndrop = 0, start = 0;
-	size_t size = d->envelope_bytes;
+	int *ends = malloc((size_t)rows->n * sizeof(*ends));
+	int nkeep = 0, ndrop = 0, npoison = 0, runs;
 
-	if (keep == NULL || drop == NULL) {
+	if (keep == NULL || drop == NULL || poison == NULL || ends == NULL) {
+		free(poison);
 		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt",
 			rows->n);
 		free(keep);
 		free(drop);
+		free(ends);
 		return;
 	}
 	for (int i = 0; i < rows->n; i++) {
@@ -548,7 +587,7 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 
 		if (d->cfg->max_read_ct > 0 && atol(m->read_ct) > d->cfg->max_read_ct) {
 			log_archive(d, m, "max_read_ct", 0);
-			drop[ndrop++] = *m;
+			poison[npoison++] = *m;
 		} else if (d->envelope_bytes + job > limit) {
 			log_archive(d, m, "too_large", d->envelope_bytes + job);
 			drop[ndrop++] = *m;
@@ -556,27 +595,21 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 			keep[nkeep++] = *m;
 		}
 	}
-	archive(d, rr, drop, ndrop);
-	for (int i = 0; i < nkeep; i++) {
-		size_t job = runpod_job_bytes(&keep[i]) + (i > start ? 1 : 0);
-
-		if (size + job > limit) {
-			struct batch *b = batch_new(d, rr, keep + start, i - start);
-			if (b)
-				post(d, b);
-			start = i;
-			size = d->envelope_bytes + runpod_job_bytes(&keep[i]);
-		} else {
-			size += job;
-		}
-	}
-	if (nkeep > start) {
-		struct batch *b = batch_new(d, rr, keep + start, nkeep - start);
+	archive(d, rr, drop, ndrop, METRICS_ARCHIVE_TOO_LARGE);
+	archive(d, rr, poison, npoison, METRICS_ARCHIVE_MAX_READ_CT);
+	runs = runpod_pack(keep, nkeep, d->envelope_bytes, limit, ends);
+	for (int r = 0, start = 0; r < runs; start = ends[r++]) {
+		struct batch *b = batch_new(d, rr, keep + start, ends[r] - start);
 		if (b)
 			post(d, b);
+		else
+			log_msg(LOG_ERROR, "out_of_memory", "dropping %d messages; visible again "
+				"after vt", ends[r] - start);
 	}
 	free(keep);
 	free(drop);
+	free(poison);
+	free(ends);
 }
 
 static void on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *err)
@@ -599,6 +632,7 @@ static void on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *e
 		bool unknown = err->connection_lost && err->sent;
 		struct log_line *l = log_begin(LOG_ERROR, unknown ? "read_fate_unknown" : "read_failed");
 		d->stats.reads_failed++;
+		metrics_inc_reads(METRICS_READ_ERROR);
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
@@ -619,6 +653,7 @@ static void on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *e
 		log_str(l, "queue", d->cfg->queue_name);
 		log_end(l);
 		d->stats.reads_empty++;
+		metrics_inc_reads(METRICS_READ_EMPTY);
 		pgmq_batch_free(rows);
 		free(rows);
 		if (d->once) {
@@ -639,6 +674,8 @@ static void on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *e
 	free(rows);
 	full = rr->rows.n >= d->cfg->batch_size;
 	d->stats.messages_read += (unsigned long long)rr->rows.n;
+	metrics_inc_reads(METRICS_READ_ROWS);
+	metrics_add_messages_read((unsigned)rr->rows.n);
 	{
 		struct log_line *l = log_begin(LOG_DEBUG, "batch_read");
 		log_str(l, "queue", d->cfg->queue_name);
@@ -691,7 +728,7 @@ static void maybe_finish(struct dispatcher *d)
 		return;
 	if (d->once && !d->once_read_done && !d->stopping)
 		return;
-	if (d->reading || d->in_flight > 0 || d->db_pending > 0 || d->probing)
+	if (d->reading || d->in_flight > 0 || d->db_pending > 0 || d->probing || d->metrics_pending)
 		return;
 	if (!d->once && !d->stopping)
 		return;
@@ -700,6 +737,7 @@ static void maybe_finish(struct dispatcher *d)
 	ev_timer_stop(d->loop, &d->pause);
 	ev_timer_stop(d->loop, &d->probe);
 	ev_timer_stop(d->loop, &d->deadline);
+	ev_timer_stop(d->loop, &d->stats_timer);
 	d->done(d->done_arg, d->stopping && !d->once ? DISPATCH_DONE_STOPPED : d->once_result);
 }
 
@@ -754,7 +792,49 @@ static void on_connected(void *arg)
 		d->pause_reason = PAUSE_NONE;
 		d->failures = 0;
 	}
+	if (d->connected_once)
+		metrics_inc_pg_reconnects();
+	d->connected_once = true;
+	state_changed(d);
 	kick(d);
+}
+
+static void on_disconnected(void *arg)
+{
+	state_changed(arg);
+}
+
+static void on_metrics(void *arg, long long length, double oldest_age_s, const struct pg_error *err)
+{
+	struct dispatcher *d = arg;
+
+	d->metrics_pending = false;
+	if (d->finished)
+		return;
+	if (err) {
+		struct log_line *l = log_begin(LOG_DEBUG, "queue_metrics_failed");
+		log_str(l, "sqlstate", err->sqlstate);
+		log_str(l, "error", err->message);
+		log_end(l);
+	} else {
+		d->queue_length = length;
+		metrics_set_queue_stats(length, oldest_age_s);
+	}
+	state_changed(d);
+	maybe_finish(d);
+}
+
+/* Refreshes queue length and age on a timer, never inside a scrape. */
+static void on_stats(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct dispatcher *d = w->data;
+
+	(void)loop;
+	(void)revents;
+	if (d->stopping || d->metrics_pending || !pg_ready(d->pg))
+		return;
+	if (pgmq_metrics(d->pg, d->cfg->queue_name, on_metrics, d) == 0)
+		d->metrics_pending = true;
 }
 
 static void on_connect_failed(void *arg)
@@ -793,7 +873,8 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 				  dispatcher_done_fn done, void *arg)
 {
 	struct dispatcher *d = calloc(1, sizeof(*d));
-	struct pg_callbacks cb = { .connected = on_connected, .connect_failed = on_connect_failed };
+	struct pg_callbacks cb = { .connected = on_connected, .disconnected = on_disconnected,
+				   .connect_failed = on_connect_failed };
 
 	if (d == NULL)
 		return NULL;
@@ -821,14 +902,19 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 	d->probe.data = d;
 	ev_init(&d->deadline, on_deadline);
 	d->deadline.data = d;
+	ev_timer_init(&d->stats_timer, on_stats, 0.0, cfg->metrics_interval_ms / 1000.0);
+	d->stats_timer.data = d;
+	d->queue_length = -1;
 	return d;
 }
 
 void dispatcher_start(struct dispatcher *d)
 {
 	pg_start(d->pg);
-	if (!d->once)
+	if (!d->once) {
 		ev_timer_start(d->loop, &d->poll);
+		ev_timer_again(d->loop, &d->stats_timer);
+	}
 }
 
 int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
@@ -843,8 +929,11 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 	}
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_set(&d->poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
-	if (!d->once && !d->stopping && !d->finished)
+	d->stats_timer.repeat = cfg->metrics_interval_ms / 1000.0;
+	if (!d->once && !d->stopping && !d->finished) {
 		ev_timer_start(d->loop, &d->poll);
+		ev_timer_again(d->loop, &d->stats_timer);
+	}
 	/* The key or endpoint may have been fixed: probe at once. */
 	if (d->circuit_open) {
 		d->probe_failures = 0;
@@ -862,6 +951,8 @@ void dispatcher_stop(struct dispatcher *d)
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_stop(d->loop, &d->pause);
 	ev_timer_stop(d->loop, &d->probe);
+	ev_timer_stop(d->loop, &d->stats_timer);
+	state_changed(d);
 	{
 		struct log_line *l = log_begin(LOG_INFO, "stopping");
 		log_int(l, "in_flight", d->in_flight);
@@ -883,6 +974,35 @@ bool dispatcher_circuit_open(const struct dispatcher *d)
 	return d->circuit_open;
 }
 
+void dispatcher_set_state_hook(struct dispatcher *d, void (*fn)(void *arg), void *arg)
+{
+	d->state_hook = fn;
+	d->state_arg = arg;
+}
+
+bool dispatcher_ready(const struct dispatcher *d, char *why, size_t len)
+{
+	const char *reason = d->stopping || d->finished ? "draining: shutting down"
+			     : !pg_ready(d->pg)             ? "database disconnected"
+			     : d->circuit_open              ? "circuit open: RunPod refuses the key or endpoint"
+							    : NULL;
+
+	if (reason && why && len)
+		snprintf(why, len, "%s", reason);
+	return reason == NULL;
+}
+
+void dispatcher_status(const struct dispatcher *d, char *buf, size_t len)
+{
+	char why[96];
+	bool ready = dispatcher_ready(d, why, sizeof(why));
+
+	snprintf(buf, len, "%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
+		 "unknown %llu; queue length %lld", ready ? "dispatching" : why, d->in_flight,
+		 d->stats.messages_accepted, d->stats.requests_accepted, d->stats.requests_rejected,
+		 d->stats.requests_unknown, d->queue_length);
+}
+
 void dispatcher_free(struct dispatcher *d)
 {
 	if (d == NULL)
@@ -891,10 +1011,57 @@ void dispatcher_free(struct dispatcher *d)
 	ev_timer_stop(d->loop, &d->pause);
 	ev_timer_stop(d->loop, &d->probe);
 	ev_timer_stop(d->loop, &d->deadline);
+	ev_timer_stop(d->loop, &d->stats_timer);
 	d->finished = true;
 	/* Callbacks may still run from here (failed queries); finished keeps
 	 * them from starting new work. */
 	http_free(d->http);
 	pg_free(d->pg);
 	free(d);
+}
+
+int dispatcher_dry_run(const struct config *cfg, FILE *out)
+{
+	const char *kw[] = { "fallback_application_name", "dbname", NULL };
+	const char *val[] = { "pgmq-dispatcher --dry-run", cfg->conninfo, NULL };
+	size_t envelope = runpod_envelope_bytes(cfg->queue_name, cfg->vt_seconds);
+	PGconn *conn;
+	PGresult *res;
+	struct pgmq_batch rows;
+	char err[512];
+	int *ends, runs;
+
+	if (cfg->conninfo[0] == '\0')
+		kw[1] = NULL;
+	conn = PQconnectdbParams(kw, val, 1);
+	if (PQstatus(conn) != CONNECTION_OK) {
+		log_msg(LOG_ERROR, "dry_run_failed", "%.*s", (int)strcspn(PQerrorMessage(conn), "\n"),
+			PQerrorMessage(conn));
+		PQfinish(conn);
+		return -1;
+	}
+	res = pgmq_peek(conn, cfg->queue_name, cfg->batch_size, err, sizeof(err));
+	PQfinish(conn);
+	if (res == NULL || pgmq_batch_from_result(res, &rows, err, sizeof(err)) != 0) {
+		log_msg(LOG_ERROR, "dry_run_failed", "%s", err);
+		return -1;
+	}
+	ends = malloc(((size_t)rows.n + 1) * sizeof(*ends));
+	if (ends == NULL) {
+		pgmq_batch_free(&rows);
+		return -1;
+	}
+	runs = runpod_pack(rows.msgs, rows.n, envelope, (size_t)cfg->max_body_bytes, ends);
+	for (int r = 0, start = 0; r < runs; start = ends[r++]) {
+		char *body = runpod_run_body(cfg->queue_name, cfg->vt_seconds, rows.msgs + start,
+					     ends[r] - start, NULL);
+		if (body)
+			fprintf(out, "%s\n", body);
+		free(body);
+	}
+	log_msg(LOG_INFO, "dry_run", "%d visible messages would go out in %d /run requests; "
+		"nothing was changed", rows.n, runs);
+	free(ends);
+	pgmq_batch_free(&rows);
+	return 0;
 }

@@ -2,7 +2,10 @@
 #include "main.h"
 #include "config.h"
 #include "dispatcher.h"
+#include "admin.h"
 #include "log.h"
+#include "metrics.h"
+#include "sdnotify.h"
 
 #include <curl/curl.h>
 #include <ev.h>
@@ -25,6 +28,7 @@ struct app {
 	struct dispatcher *d;
 	int exit_code;
 	int signals;            /* TERM/INT received */
+	struct admin *admin;
 	ev_signal sig_int, sig_term, sig_hup;
 };
 
@@ -39,6 +43,8 @@ static void usage(FILE *fp)
 		"      --log-format FMT  logfmt (default) or json\n"
 		"      --once            one read-and-dispatch cycle, then exit:\n"
 		"                        0 dispatched, 1 queue empty, 69 failed, 75 outcome unknown\n"
+		"      --dry-run         print the /run bodies the next read would send; changes nothing\n"
+		"      --health-check    query the local admin /healthz; exit 0 healthy, 1 not\n"
 		"  -t, --check-config    validate the configuration (no network), exit 0 or 78\n"
 		"  -T, --dump-config     print the effective configuration, secrets masked\n"
 		"  -V, --version         print the version\n"
@@ -113,7 +119,32 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
 		log_str(l, "action", "graceful stop");
 		log_end(l);
 	}
+	sdnotify_stopping();
+	sdnotify_status("stopping: in-flight requests finish, then exit");
 	dispatcher_stop(app->d);
+}
+
+/* systemd STATUS= on every state change and after each metrics refresh. */
+static void on_state(void *arg)
+{
+	struct app *app = arg;
+	char status[512];
+
+	dispatcher_status(app->d, status, sizeof(status));
+	sdnotify_status("%s", status);
+}
+
+static bool admin_ready(void *arg, char *why, size_t len)
+{
+	struct app *app = arg;
+
+	return dispatcher_ready(app->d, why, len);
+}
+
+static char *admin_metrics(void *arg, size_t *len)
+{
+	(void)arg;
+	return metrics_render(len);
 }
 
 static void on_ignored_key(void *arg, const char *key)
@@ -138,13 +169,16 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 	(void)loop;
 	(void)revents;
 	log_msg(LOG_INFO, "reloading", "SIGHUP: reloading the configuration");
+	sdnotify_reloading();
 	if (next == NULL) {
 		log_msg(LOG_ERROR, "reload_failed", "out of memory; the configuration in use is unchanged");
+		sdnotify_ready();
 		return;
 	}
 	errors = config_load(&app->in, next, on_config_error, NULL);
 	if (errors) {
 		free(next);
+		sdnotify_ready(); /* still running on the old configuration */
 		struct log_line *l = log_begin(LOG_ERROR, "reload_failed");
 		log_int(l, "errors", errors);
 		log_str(l, "msg", "the configuration in use is unchanged");
@@ -156,6 +190,7 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 		log_msg(LOG_ERROR, "reload_failed", "the configuration in use is unchanged");
 		config_free(next);
 		free(next);
+		sdnotify_ready();
 		return;
 	}
 	/* The dispatcher now points at next; retire the old snapshot. */
@@ -165,6 +200,9 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 	log_setup((enum log_level)app->cfg->log_level, (enum log_format)app->cfg->log_format);
 	register_secrets(app->cfg);
 	log_msg(LOG_INFO, "reloaded", "configuration reloaded");
+	sdnotify_watchdog_start(app->loop);
+	sdnotify_ready();
+	on_state(app);
 }
 
 int main(int argc, char **argv)
@@ -175,6 +213,8 @@ int main(int argc, char **argv)
 		{ "quiet", no_argument, NULL, 'q' },
 		{ "log-format", required_argument, NULL, 'F' },
 		{ "once", no_argument, NULL, 'O' },
+		{ "dry-run", no_argument, NULL, 'D' },
+		{ "health-check", no_argument, NULL, 'H' },
 		{ "check-config", no_argument, NULL, 't' },
 		{ "dump-config", no_argument, NULL, 'T' },
 		{ "version", no_argument, NULL, 'V' },
@@ -183,7 +223,8 @@ int main(int argc, char **argv)
 	};
 	struct app app;
 	const char *path = CONFIG_DEFAULT_PATH;
-	bool path_explicit = false, once = false, check = false, dump = false;
+	bool path_explicit = false, once = false, check = false, dump = false, dry_run = false;
+	bool health_check = false;
 	int verbose = 0, quiet = 0, opt;
 	char level_override[32], format_override[32];
 	const char *overrides[3] = { NULL, NULL, NULL };
@@ -209,6 +250,12 @@ int main(int argc, char **argv)
 			break;
 		case 'O':
 			once = true;
+			break;
+		case 'D':
+			dry_run = true;
+			break;
+		case 'H':
+			health_check = true;
 			break;
 		case 't':
 			check = true;
@@ -263,6 +310,19 @@ int main(int argc, char **argv)
 		free(app.cfg);
 		return 0;
 	}
+	if (health_check || dry_run) {
+		int rc;
+		if (health_check)
+			rc = strcmp(app.cfg->admin_listen, "off") == 0
+				     ? 1 : admin_health_check(app.cfg->admin_listen, 2000) == 0 ? 0 : 1;
+		else
+			rc = dispatcher_dry_run(app.cfg, stdout) == 0 ? 0 : EX_UNAVAILABLE;
+		if (health_check && rc != 0 && strcmp(app.cfg->admin_listen, "off") == 0)
+			log_msg(LOG_WARN, "health_check", "admin.listen is off: nothing to ask");
+		config_free(app.cfg);
+		free(app.cfg);
+		return rc;
+	}
 
 	signal(SIGPIPE, SIG_IGN);
 	srandom((unsigned)time(NULL) ^ (unsigned)getpid());
@@ -279,11 +339,28 @@ int main(int argc, char **argv)
 		free(app.cfg);
 		return EX_OSERR;
 	}
+	metrics_init();
 	app.d = dispatcher_new(app.loop, app.cfg, once, on_done, &app);
 	if (app.d == NULL) {
 		config_free(app.cfg);
 		free(app.cfg);
 		return EX_SOFTWARE;
+	}
+	dispatcher_set_state_hook(app.d, on_state, &app);
+	if (!once && strcmp(app.cfg->admin_listen, "off") != 0) {
+		struct admin_hooks hooks = { .ready = admin_ready, .metrics = admin_metrics, .arg = &app };
+		char err[256];
+		app.admin = admin_start(app.loop, app.cfg->admin_listen, &hooks, err, sizeof(err));
+		if (app.admin == NULL) {
+			struct log_line *l = log_begin(LOG_ERROR, "startup_failed");
+			log_str(l, "key", "admin.listen");
+			log_str(l, "error", err);
+			log_end(l);
+			dispatcher_free(app.d);
+			config_free(app.cfg);
+			free(app.cfg);
+			return EX_OSERR;
+		}
 	}
 	ev_signal_init(&app.sig_int, on_stop_signal, SIGINT);
 	ev_signal_init(&app.sig_term, on_stop_signal, SIGTERM);
@@ -304,10 +381,19 @@ int main(int argc, char **argv)
 		log_int(l, "vt_seconds", app.cfg->vt_seconds);
 		log_int(l, "poll_interval_ms", app.cfg->poll_interval_ms);
 		log_str(l, "mode", once ? "once" : "daemon");
+		if (app.admin)
+			log_int(l, "admin_port", admin_port(app.admin));
 		log_end(l);
 	}
 	dispatcher_start(app.d);
+	/* Ready: config valid, signals and admin up, first connect started.
+	 * A database that is down shows in STATUS= and /readyz. */
+	sdnotify_ready();
+	on_state(&app);
+	sdnotify_watchdog_start(app.loop);
 	ev_run(app.loop, 0);
+	sdnotify_watchdog_stop(app.loop);
+	admin_stop(app.admin);
 
 	{
 		const struct dispatcher_stats *s = dispatcher_stats(app.d);

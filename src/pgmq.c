@@ -1,6 +1,7 @@
 /* pgmq — see include/pgmq.h. */
 #include "pgmq.h"
 
+#include <ctype.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -110,6 +111,7 @@ struct call {
 	union {
 		pgmq_read_fn read;
 		pgmq_count_fn count;
+		pgmq_metrics_fn metrics;
 	} fn;
 	void *arg;
 };
@@ -232,4 +234,74 @@ int pgmq_archive(struct pg *pg, const char *queue, const long long *msg_ids, int
 		 pgmq_count_fn fn, void *arg)
 {
 	return run_ids(pg, ARCHIVE_SQL, queue, msg_ids, n, NULL, fn, arg);
+}
+
+static void on_metrics(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct call *c = arg;
+
+	if (res == NULL) {
+		c->fn.metrics(c->arg, -1, 0, err);
+	} else if (PQntuples(res) != 1) {
+		struct pg_error e = { "", "pgmq.metrics returned no row", true, false };
+		c->fn.metrics(c->arg, -1, 0, &e);
+	} else {
+		long long length = strtoll(PQgetvalue(res, 0, 0), NULL, 10);
+		double age = PQgetisnull(res, 0, 1) ? 0 : strtod(PQgetvalue(res, 0, 1), NULL);
+		c->fn.metrics(c->arg, length, age, NULL);
+	}
+	if (res)
+		PQclear(res);
+	free(c);
+}
+
+int pgmq_metrics(struct pg *pg, const char *queue, pgmq_metrics_fn fn, void *arg)
+{
+	static const char sql[] =
+		"SELECT queue_length, oldest_msg_age_sec FROM pgmq.metrics($1::text)";
+	const char *params[1] = { queue };
+	struct call *c = new_call(arg);
+
+	if (c == NULL)
+		return -1;
+	c->fn.metrics = fn;
+	if (pg_query(pg, sql, 1, params, on_metrics, c) != 0) {
+		free(c);
+		return -1;
+	}
+	return 0;
+}
+
+PGresult *pgmq_peek(PGconn *conn, const char *queue, int qty, char *err, size_t errlen)
+{
+	char table[64], sql[512], n[16];
+	const char *params[1] = { n };
+	char *ident;
+	PGresult *res;
+	size_t i;
+
+	/* pgmq-api.md §3.4: the table is q_ + lower(name), quoted as an identifier. */
+	snprintf(table, sizeof(table), "q_%s", queue);
+	for (i = 0; table[i]; i++)
+		table[i] = (char)tolower((unsigned char)table[i]);
+	ident = PQescapeIdentifier(conn, table, strlen(table));
+	if (ident == NULL) {
+		snprintf(err, errlen, "%s", PQerrorMessage(conn));
+		return NULL;
+	}
+	snprintf(sql, sizeof(sql),
+		 "SELECT msg_id, read_ct + 1 AS read_ct, to_json(enqueued_at) AS enqueued_at, message, "
+		 "message->'document_id' AS document_id FROM pgmq.%s "
+		 "WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $1::integer", ident);
+	PQfreemem(ident);
+	snprintf(n, sizeof(n), "%d", qty);
+	res = PQexecParams(conn, sql, 1, NULL, params, NULL, NULL, 0);
+	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
+		const char *state = PQresultErrorField(res, PG_DIAG_SQLSTATE);
+		snprintf(err, errlen, "%s%s%.*s", state ? state : "", state ? ": " : "",
+			 (int)strcspn(PQresultErrorMessage(res), "\n"), PQresultErrorMessage(res));
+		PQclear(res);
+		return NULL;
+	}
+	return res;
 }

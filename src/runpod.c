@@ -74,6 +74,27 @@ size_t runpod_envelope_bytes(const char *queue, int vt_seconds)
 	return n;
 }
 
+int runpod_pack(const struct pgmq_message *msgs, int n, size_t envelope, size_t limit, int *ends)
+{
+	size_t size = envelope;
+	int runs = 0, start = 0;
+
+	for (int i = 0; i < n; i++) {
+		size_t job = runpod_job_bytes(&msgs[i]) + (i > start ? 1 : 0);
+
+		if (i > start && size + job > limit) {
+			ends[runs++] = i;
+			start = i;
+			size = envelope + runpod_job_bytes(&msgs[i]);
+		} else {
+			size += job;
+		}
+	}
+	if (n > start)
+		ends[runs++] = n;
+	return runs;
+}
+
 static int month_index(const char *m)
 {
 	static const char *const months[] = { "Jan", "Feb", "Mar", "Apr", "May", "Jun",

@@ -218,6 +218,8 @@ def base_env(db, emu, **overrides):
         "PGMQD_RUNPOD_BASE_URL": emu.base_url if emu else "http://127.0.0.1:9/v2",
         "RUNPOD_ENDPOINT_ID": ENDPOINT_ID,
         "RUNPOD_API_KEY": API_KEY,
+        # Port 0: every daemon of a test run gets a free port (see admin_port()).
+        "PGMQD_ADMIN_LISTEN": "127.0.0.1:0",
     }
     for key, value in overrides.items():
         if value is None:
