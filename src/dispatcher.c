@@ -1013,8 +1013,11 @@ void dispatcher_free(struct dispatcher *d)
 	ev_timer_stop(d->loop, &d->deadline);
 	ev_timer_stop(d->loop, &d->stats_timer);
 	d->finished = true;
-	/* Callbacks may still run from here (failed queries); finished keeps
-	 * them from starting new work. */
+	/* Callbacks still run from here: aborted requests end as outcome
+	 * unknown (logged with their msg ids), pending queries fail; finished
+	 * keeps them from starting new work. */
+	if (d->http)
+		http_cancel_all(d->http);
 	http_free(d->http);
 	pg_free(d->pg);
 	free(d);

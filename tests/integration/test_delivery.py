@@ -356,6 +356,7 @@ def test_second_signal_exits_at_once(queue_db, emulator, start_daemon):
         d.signal(signal.SIGTERM)
         assert d.wait_exit(timeout_s=5) == 1
         d.wait_log(r"event=exit_now")
+        d.wait_log(r"event=outcome_unknown_ids")   # the dropped request is accounted for
     finally:
         emulator.release_runs()
 
