@@ -18,11 +18,12 @@
 /* Where a key's effective value came from. */
 enum config_source { SRC_DEFAULT = 0, SRC_FILE, SRC_CREDENTIAL, SRC_ENV, SRC_CLI };
 
-#define CONFIG_MAX_KEYS 32
+#define CONFIG_MAX_KEYS 64
 
 struct config {
 	/* [database] */
 	char *conninfo;          /* libpq keyword/value string or URI; "" = libpq defaults (PG*) */
+	char *listen_conninfo;   /* separate session connection for LISTEN; "" = use conninfo */
 	int db_connect_timeout_ms;
 	/* [queue] */
 	char *queue_name;
@@ -32,6 +33,9 @@ struct config {
 	char *read_function;     /* schema-qualified SQL function name, validated identifier */
 	int max_in_flight;       /* /run requests outstanding at once */
 	int max_read_ct;         /* poison guard: archive messages read more often; 0 = off */
+	int notify;              /* bool: LISTEN on pgmq.q_<queue>.INSERT */
+	int notify_debounce_ms;  /* a burst of NOTIFYs becomes one read after this */
+	int idle_poll_max_ms;    /* with NOTIFY working, idle polls back off up to this */
 	/* [runpod] */
 	char *endpoint_id;
 	char *api_key;           /* secret */
@@ -43,6 +47,18 @@ struct config {
 	int backoff_max_ms;      /* cap of the exponential pause */
 	int retry_after_max_ms;  /* cap on a 429/503 Retry-After */
 	int probe_interval_ms;   /* cap of the /health probe period while the circuit is open */
+	int max_requests_per_10s;/* token bucket on /run (RunPod: 1000 per 10 s per endpoint) */
+	char *webhook;           /* optional "webhook" beside "input"; "" = none */
+	int policy_execution_timeout_ms; /* policy.executionTimeout; 0 = not sent */
+	int policy_ttl_ms;       /* policy.ttl; 0 = not sent */
+	int policy_low_priority; /* bool: policy.lowPriority = true when set */
+	/* [tracker] */
+	int tracker_enabled;     /* bool: follow accepted jobs through /status */
+	int tracker_interval_ms; /* /status period per job (jittered) */
+	int tracker_max_tracked_jobs;
+	int tracker_retry_delay_s;   /* FAILED/CANCELLED/TIMED_OUT: visible again after this */
+	int tracker_max_concurrent;  /* /status requests in flight at once */
+	int tracker_max_status_per_10s; /* RunPod: 2000 per 10 s */
 	/* [log] */
 	int log_level;           /* enum log_level */
 	int log_format;          /* enum log_format */

@@ -14,22 +14,33 @@
 #define RUNPOD_JOB_ID_MAX 128   /* §1: opaque; ≥ 128 bytes is safe */
 #define RUNPOD_STATUS_MAX 32
 
+/* Optional members beside "input" (runpod-serverless-api.md §3, §3.1):
+ * "webhook" when webhook is non-empty, "policy" with executionTimeout / ttl
+ * (ms) when non-zero and lowPriority when true. Off by default. */
+struct runpod_extras {
+	const char *webhook;
+	long long execution_timeout_ms;
+	long long ttl_ms;
+	bool low_priority;
+};
+
 /* Builds the /run body of DESIGN.md's contract:
  *   {"input":{"queue":Q,"vt_seconds":VT,"jobs":[{"msg_id":…,"read_ct":…,
  *    "enqueued_at":…,"document_id":…|null,"message":…}]}}
  * msg_id, read_ct, enqueued_at, document_id and message are embedded as the
- * exact text PostgreSQL returned (bigints stay exact). Returns a malloc'd
+ * exact text PostgreSQL returned (bigints stay exact). extras may be NULL.
+ * Returns a malloc'd
  * NUL-terminated string (caller frees) and its length in *len, or NULL when
  * out of memory. */
-char *runpod_run_body(const char *queue, int vt_seconds, const struct pgmq_message *msgs, int n,
-		      size_t *len);
+char *runpod_run_body(const char *queue, int vt_seconds, const struct runpod_extras *extras,
+		      const struct pgmq_message *msgs, int n, size_t *len);
 
 /* Exact byte counts of runpod_run_body()'s output, so that a batch can be
  * split under a size cap before anything is built: the body of jobs
  * msgs[0..n) is runpod_envelope_bytes() + the sum of runpod_job_bytes() +
  * (n - 1) separating commas. Returns 0 from runpod_envelope_bytes() when out
  * of memory. */
-size_t runpod_envelope_bytes(const char *queue, int vt_seconds);
+size_t runpod_envelope_bytes(const char *queue, int vt_seconds, const struct runpod_extras *extras);
 size_t runpod_job_bytes(const struct pgmq_message *m);
 
 /* Splits msgs[0..n) (each fitting alone: envelope + job bytes <= limit)

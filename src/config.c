@@ -12,14 +12,16 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <unistd.h>
 
-enum ktype { K_STR, K_INT, K_ENUM };
+enum ktype { K_STR, K_INT, K_ENUM, K_BOOL };
 
 #define F_SECRET   1u /* never printed */
 #define F_FILE     2u /* X_FILE environment twin and credential file allowed */
 #define F_CONNINFO 4u /* dumped through PQconninfoParse masking */
 #define F_STATIC   8u /* cannot change on reload (SIGHUP); needs a restart */
+#define F_ZERO_OFF 16u /* K_INT: 0 means "off / not sent", else min..max */
 
 struct key {
 	const char *section, *name;
@@ -44,12 +46,15 @@ static const char *check_endpoint_id(const char *v);
 static const char *check_api_key(const char *v);
 static const char *check_base_url(const char *v);
 static const char *check_listen(const char *v);
+static const char *check_webhook(const char *v);
 
 #define OFF(f) offsetof(struct config, f)
 
 static const struct key keys[] = {
 	{ "database", "conninfo", K_STR, OFF(conninfo), "", 0, 0, F_SECRET | F_FILE | F_CONNINFO,
 	  { "DATABASE_URL" }, "database_conninfo", NULL, check_conninfo },
+	{ "database", "listen_conninfo", K_STR, OFF(listen_conninfo), "", 0, 0,
+	  F_SECRET | F_FILE | F_CONNINFO | F_STATIC, { 0 }, NULL, NULL, check_conninfo },
 	{ "database", "connect_timeout_ms", K_INT, OFF(db_connect_timeout_ms), "10000", 100, 600000, 0,
 	  { 0 }, NULL, NULL, NULL },
 	{ "queue", "name", K_STR, OFF(queue_name), NULL, 0, 0, F_STATIC, { 0 }, NULL, NULL,
@@ -62,6 +67,11 @@ static const struct key keys[] = {
 	  check_function },
 	{ "queue", "max_in_flight", K_INT, OFF(max_in_flight), "8", 1, 200, 0, { 0 }, NULL, NULL, NULL },
 	{ "queue", "max_read_ct", K_INT, OFF(max_read_ct), "0", 0, 1000000, 0, { 0 }, NULL, NULL, NULL },
+	{ "queue", "notify", K_BOOL, OFF(notify), "on", 0, 0, 0, { 0 }, NULL, NULL, NULL },
+	{ "queue", "notify_debounce_ms", K_INT, OFF(notify_debounce_ms), "5", 0, 10000, 0, { 0 }, NULL,
+	  NULL, NULL },
+	{ "queue", "idle_poll_max_ms", K_INT, OFF(idle_poll_max_ms), "60000", 10, 3600000, 0, { 0 },
+	  NULL, NULL, NULL },
 	{ "runpod", "endpoint_id", K_STR, OFF(endpoint_id), NULL, 0, 0, 0, { "RUNPOD_ENDPOINT_ID" }, NULL,
 	  NULL, check_endpoint_id },
 	{ "runpod", "api_key", K_STR, OFF(api_key), NULL, 0, 0, F_SECRET | F_FILE, { "RUNPOD_API_KEY" },
@@ -83,9 +93,32 @@ static const struct key keys[] = {
 	  { 0 }, NULL, NULL, NULL },
 	{ "runpod", "probe_interval_ms", K_INT, OFF(probe_interval_ms), "30000", 100, 3600000, 0,
 	  { 0 }, NULL, NULL, NULL },
+	/* runpod-serverless-api.md §2: /run allows 1000 requests per 10 s. */
+	{ "runpod", "max_requests_per_10s", K_INT, OFF(max_requests_per_10s), "1000", 1, 1000000, 0,
+	  { 0 }, NULL, NULL, NULL },
+	{ "runpod", "webhook", K_STR, OFF(webhook), "", 0, 0, 0, { 0 }, NULL, NULL, check_webhook },
+	/* §3.1: executionTimeout 5 s - 7 days, ttl 10 s - 7 days, in ms. */
+	{ "runpod", "policy_execution_timeout_ms", K_INT, OFF(policy_execution_timeout_ms), "0", 5000,
+	  604800000, F_ZERO_OFF, { 0 }, NULL, NULL, NULL },
+	{ "runpod", "policy_ttl_ms", K_INT, OFF(policy_ttl_ms), "0", 10000, 604800000, F_ZERO_OFF,
+	  { 0 }, NULL, NULL, NULL },
+	{ "runpod", "policy_low_priority", K_BOOL, OFF(policy_low_priority), "off", 0, 0, 0, { 0 },
+	  NULL, NULL, NULL },
 	{ "log", "level", K_ENUM, OFF(log_level), "info", 0, 0, 0, { 0 }, NULL, level_choices, NULL },
 	{ "log", "format", K_ENUM, OFF(log_format), "logfmt", 0, 0, 0, { 0 }, NULL, format_choices,
 	  NULL },
+	{ "tracker", "enabled", K_BOOL, OFF(tracker_enabled), "off", 0, 0, 0, { 0 }, NULL, NULL, NULL },
+	{ "tracker", "interval_ms", K_INT, OFF(tracker_interval_ms), "10000", 100, 3600000, 0, { 0 },
+	  NULL, NULL, NULL },
+	{ "tracker", "max_tracked_jobs", K_INT, OFF(tracker_max_tracked_jobs), "10000", 1, 1000000, 0,
+	  { 0 }, NULL, NULL, NULL },
+	{ "tracker", "retry_delay_s", K_INT, OFF(tracker_retry_delay_s), "30", 0, 86400, 0, { 0 },
+	  NULL, NULL, NULL },
+	{ "tracker", "max_concurrent", K_INT, OFF(tracker_max_concurrent), "16", 1, 400, 0, { 0 },
+	  NULL, NULL, NULL },
+	/* §2: /status allows 2000 requests per 10 s. */
+	{ "tracker", "max_status_per_10s", K_INT, OFF(tracker_max_status_per_10s), "2000", 1, 1000000,
+	  0, { 0 }, NULL, NULL, NULL },
 	{ "admin", "listen", K_STR, OFF(admin_listen), "127.0.0.1:9187", 0, 0, F_STATIC, { 0 }, NULL,
 	  NULL, check_listen },
 	{ "admin", "metrics_interval_ms", K_INT, OFF(metrics_interval_ms), "15000", 100, 3600000, 0,
@@ -565,6 +598,14 @@ static const char *check_base_url(const char *v)
 	return NULL;
 }
 
+static const char *check_webhook(const char *v)
+{
+	return *v == '\0' ? NULL : check_base_url(v);
+}
+
+static const char *const bool_true[] = { "on", "true", "yes", "1", NULL };
+static const char *const bool_false[] = { "off", "false", "no", "0", NULL };
+
 /* "off", "host:port" or "[v6addr]:port" with a port of 0-65535. */
 static const char *check_listen(const char *v)
 {
@@ -623,12 +664,37 @@ static void apply(struct raw *r, struct config *cfg)
 				fail(r, label, r->where[i], "not an integer: '%s'", shown(k, v));
 				break;
 			}
+			if ((k->flags & F_ZERO_OFF) && n == 0) {
+				*(int *)(void *)field = 0;
+				break;
+			}
 			if (n < k->min || n > k->max) {
+				if (k->flags & F_ZERO_OFF) {
+					fail(r, label, r->where[i], "must be 0 (off) or between %ld and %ld, "
+					     "got %ld", k->min, k->max, n);
+					break;
+				}
 				fail(r, label, r->where[i], "must be between %ld and %ld, got %ld",
 				     k->min, k->max, n);
 				break;
 			}
 			*(int *)(void *)field = (int)n;
+			break;
+		}
+		case K_BOOL: {
+			int b = -1;
+			for (int c = 0; bool_true[c]; c++)
+				if (strcasecmp(v, bool_true[c]) == 0)
+					b = 1;
+			for (int c = 0; bool_false[c]; c++)
+				if (strcasecmp(v, bool_false[c]) == 0)
+					b = 0;
+			if (b < 0) {
+				fail(r, label, r->where[i], "must be on or off (true/false, yes/no, 1/0), "
+				     "got '%s'", v);
+				break;
+			}
+			*(int *)(void *)field = b;
 			break;
 		}
 		case K_ENUM: {
@@ -721,6 +787,7 @@ void config_keep_static(const struct config *cur, struct config *next,
 				*n = copy;
 			}
 		} else {
+			/* K_INT, K_ENUM and K_BOOL are all stored as int. */
 			const int *c = (const int *)(const void *)((const char *)cur + k->off);
 			int *n = (int *)(void *)((char *)next + k->off);
 			differs = *c != *n;
@@ -795,6 +862,9 @@ void config_dump(const struct config *cfg, void *fp)
 			break;
 		case K_ENUM:
 			snprintf(val, sizeof(val), "%s", k->choices[*(const int *)(const void *)field]);
+			break;
+		case K_BOOL:
+			snprintf(val, sizeof(val), "%s", *(const int *)(const void *)field ? "on" : "off");
 			break;
 		case K_STR: {
 			const char *s = *(char *const *)(const void *)field;

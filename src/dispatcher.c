@@ -31,6 +31,7 @@ struct dispatcher {
 	char health_url[2048];
 	char auth_header[1100];
 	size_t envelope_bytes;  /* the /run body around its jobs */
+	struct runpod_extras extras; /* webhook / policy from the config */
 
 	ev_timer poll;          /* periodic trigger */
 	ev_timer pause;         /* reads paused until it fires (backoff) */
@@ -519,7 +520,8 @@ static void post(struct dispatcher *d, struct batch *b)
 		.timeout_ms = d->cfg->request_timeout_ms,
 	};
 
-	o.body = runpod_run_body(d->cfg->queue_name, d->cfg->vt_seconds, b->msgs, b->n, &o.body_len);
+	o.body = runpod_run_body(d->cfg->queue_name, d->cfg->vt_seconds, &d->extras, b->msgs, b->n,
+				 &o.body_len);
 	if (o.body == NULL || http_start(d->http, &o, on_posted, b) != 0) {
 		/* Nothing was sent: the messages come back at once. */
 		log_msg(LOG_ERROR, "post_failed", "cannot start the /run request; releasing %d messages",
@@ -850,10 +852,21 @@ static void on_connect_failed(void *arg)
 }
 
 /* Derived strings of a snapshot; 0, or -1 if they do not fit. */
+static struct runpod_extras extras_of(const struct config *cfg)
+{
+	return (struct runpod_extras){
+		.webhook = cfg->webhook,
+		.execution_timeout_ms = cfg->policy_execution_timeout_ms,
+		.ttl_ms = cfg->policy_ttl_ms,
+		.low_priority = cfg->policy_low_priority != 0,
+	};
+}
+
 static int apply_config(struct dispatcher *d, const struct config *cfg)
 {
 	char run_url[sizeof(d->run_url)], health_url[sizeof(d->health_url)];
-	size_t envelope = runpod_envelope_bytes(cfg->queue_name, cfg->vt_seconds);
+	struct runpod_extras extras = extras_of(cfg);
+	size_t envelope = runpod_envelope_bytes(cfg->queue_name, cfg->vt_seconds, &extras);
 
 	if (runpod_url(cfg->base_url, cfg->endpoint_id, "run", run_url, sizeof(run_url)) != 0 ||
 	    runpod_url(cfg->base_url, cfg->endpoint_id, "health", health_url, sizeof(health_url)) != 0 ||
@@ -865,6 +878,7 @@ static int apply_config(struct dispatcher *d, const struct config *cfg)
 	memcpy(d->health_url, health_url, sizeof(health_url));
 	snprintf(d->auth_header, sizeof(d->auth_header), "Authorization: Bearer %s", cfg->api_key);
 	d->envelope_bytes = envelope;
+	d->extras = extras;
 	d->cfg = cfg;
 	return 0;
 }
@@ -1027,7 +1041,8 @@ int dispatcher_dry_run(const struct config *cfg, FILE *out)
 {
 	const char *kw[] = { "fallback_application_name", "dbname", NULL };
 	const char *val[] = { "pgmq-dispatcher --dry-run", cfg->conninfo, NULL };
-	size_t envelope = runpod_envelope_bytes(cfg->queue_name, cfg->vt_seconds);
+	struct runpod_extras extras = extras_of(cfg);
+	size_t envelope = runpod_envelope_bytes(cfg->queue_name, cfg->vt_seconds, &extras);
 	PGconn *conn;
 	PGresult *res;
 	struct pgmq_batch rows;
@@ -1056,7 +1071,7 @@ int dispatcher_dry_run(const struct config *cfg, FILE *out)
 	}
 	runs = runpod_pack(rows.msgs, rows.n, envelope, (size_t)cfg->max_body_bytes, ends);
 	for (int r = 0, start = 0; r < runs; start = ends[r++]) {
-		char *body = runpod_run_body(cfg->queue_name, cfg->vt_seconds, rows.msgs + start,
+		char *body = runpod_run_body(cfg->queue_name, cfg->vt_seconds, &extras, rows.msgs + start,
 					     ends[r] - start, NULL);
 		if (body)
 			fprintf(out, "%s\n", body);

@@ -17,8 +17,32 @@ static bool add_raw(cJSON *obj, const char *key, const char *json)
 	return item != NULL && cJSON_AddItemToObject(obj, key, item);
 }
 
-char *runpod_run_body(const char *queue, int vt_seconds, const struct pgmq_message *msgs, int n,
-		      size_t *len)
+/* Adds "webhook" and "policy" beside "input" when configured. */
+static bool add_extras(cJSON *root, const struct runpod_extras *x)
+{
+	cJSON *policy;
+
+	if (x == NULL)
+		return true;
+	if (x->webhook && x->webhook[0] && cJSON_AddStringToObject(root, "webhook", x->webhook) == NULL)
+		return false;
+	if (x->execution_timeout_ms == 0 && x->ttl_ms == 0 && !x->low_priority)
+		return true;
+	policy = cJSON_AddObjectToObject(root, "policy");
+	if (policy == NULL)
+		return false;
+	if (x->execution_timeout_ms &&
+	    cJSON_AddNumberToObject(policy, "executionTimeout", (double)x->execution_timeout_ms) == NULL)
+		return false;
+	if (x->ttl_ms && cJSON_AddNumberToObject(policy, "ttl", (double)x->ttl_ms) == NULL)
+		return false;
+	if (x->low_priority && cJSON_AddTrueToObject(policy, "lowPriority") == NULL)
+		return false;
+	return true;
+}
+
+char *runpod_run_body(const char *queue, int vt_seconds, const struct runpod_extras *extras,
+		      const struct pgmq_message *msgs, int n, size_t *len)
 {
 	cJSON *root = cJSON_CreateObject();
 	cJSON *input, *jobs;
@@ -31,7 +55,7 @@ char *runpod_run_body(const char *queue, int vt_seconds, const struct pgmq_messa
 	    cJSON_AddNumberToObject(input, "vt_seconds", vt_seconds) == NULL)
 		goto done;
 	jobs = cJSON_AddArrayToObject(input, "jobs");
-	if (jobs == NULL)
+	if (jobs == NULL || !add_extras(root, extras))
 		goto done;
 	for (int i = 0; i < n; i++) {
 		const struct pgmq_message *m = &msgs[i];
@@ -65,9 +89,9 @@ size_t runpod_job_bytes(const struct pgmq_message *m)
 	       m->message_len;
 }
 
-size_t runpod_envelope_bytes(const char *queue, int vt_seconds)
+size_t runpod_envelope_bytes(const char *queue, int vt_seconds, const struct runpod_extras *extras)
 {
-	char *empty = runpod_run_body(queue, vt_seconds, NULL, 0, NULL);
+	char *empty = runpod_run_body(queue, vt_seconds, extras, NULL, 0, NULL);
 	size_t n = empty ? strlen(empty) : 0;
 
 	free(empty);

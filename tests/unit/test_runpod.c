@@ -21,7 +21,7 @@ static void body_golden_bytes(void **state)
 		  .message = "[1, 2.50, \"x\"]", .document_id = NULL },
 	};
 	size_t len = 0;
-	char *body = runpod_run_body("video_audio_transcription", 1800, m, 2, &len);
+	char *body = runpod_run_body("video_audio_transcription", 1800, NULL, m, 2, &len);
 	const char *want =
 		"{\"input\":{\"queue\":\"video_audio_transcription\",\"vt_seconds\":1800,\"jobs\":["
 		"{\"msg_id\":9007199254740993,\"read_ct\":1,"
@@ -43,7 +43,7 @@ static void body_scalar_messages(void **state)
 		{ .msg_id = "2", .read_ct = "1", .enqueued_at = "\"t\"", .message = "null" },
 		{ .msg_id = "3", .read_ct = "1", .enqueued_at = "\"t\"", .message = "-1.5e+300" },
 	};
-	char *body = runpod_run_body("q", 30, m, 3, NULL);
+	char *body = runpod_run_body("q", 30, NULL, m, 3, NULL);
 
 	assert_non_null(body);
 	assert_non_null(strstr(body, "\"message\":\"just a string\""));
@@ -56,9 +56,26 @@ static void body_scalar_messages(void **state)
 static void body_queue_name_is_escaped(void **state)
 {
 	struct pgmq_message m = { .msg_id = "1", .read_ct = "1", .enqueued_at = "\"t\"", .message = "{}" };
-	char *body = runpod_run_body("we\"ird\\q", 30, &m, 1, NULL);
+	char *body = runpod_run_body("we\"ird\\q", 30, NULL, &m, 1, NULL);
 
 	assert_non_null(strstr(body, "\"queue\":\"we\\\"ird\\\\q\""));
+	free(body);
+}
+
+static void body_extras(void **state)
+{
+	struct pgmq_message m = { .msg_id = "1", .read_ct = "1", .enqueued_at = "\"t\"", .message = "{}" };
+	struct runpod_extras x = { .webhook = "https://hooks.example.com/done", .execution_timeout_ms = 600000,
+				   .ttl_ms = 86400000, .low_priority = true };
+	struct runpod_extras none = { .webhook = "" };
+	char *body = runpod_run_body("q", 30, &x, &m, 1, NULL);
+
+	assert_non_null(strstr(body, "]},\"webhook\":\"https://hooks.example.com/done\","
+				     "\"policy\":{\"executionTimeout\":600000,\"ttl\":86400000,\"lowPriority\":true}}"));
+	free(body);
+	body = runpod_run_body("q", 30, &none, &m, 1, NULL);
+	assert_null(strstr(body, "webhook"));
+	assert_null(strstr(body, "policy"));
 	free(body);
 }
 
@@ -171,8 +188,10 @@ static void job_bytes_match_the_body(void **state)
 	for (int i = 0; i < 3; i++)
 		m[i].message_len = strlen(m[i].message);
 	for (int n = 0; n <= 3; n++) {
-		size_t len = 0, want = runpod_envelope_bytes("q\"x", 1800);
-		char *body = runpod_run_body("q\"x", 1800, m, n, &len);
+		struct runpod_extras x = { .webhook = "https://hooks.example.com/rp?a=1", .ttl_ms = 60000,
+					   .low_priority = true };
+		size_t len = 0, want = runpod_envelope_bytes("q\"x", 1800, &x);
+		char *body = runpod_run_body("q\"x", 1800, &x, m, n, &len);
 		for (int i = 0; i < n; i++)
 			want += runpod_job_bytes(&m[i]) + (i ? 1 : 0);
 		assert_int_equal(len, want);
@@ -225,6 +244,7 @@ int main(void)
 		cmocka_unit_test(body_golden_bytes),
 		cmocka_unit_test(body_scalar_messages),
 		cmocka_unit_test(body_queue_name_is_escaped),
+		cmocka_unit_test(body_extras),
 		cmocka_unit_test(url_building),
 		cmocka_unit_test(reply_parsing),
 		cmocka_unit_test(reply_parsing_respects_length),
