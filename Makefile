@@ -1,5 +1,5 @@
 # pgmq-dispatcher — one plain Makefile.
-# Targets: all (default), deps, test, unit, integration, run, install, clean, fuzz, lint.
+# Targets: all (default), deps, test, unit, integration, run, install, clean, fuzz, lint, bench.
 
 PROG      := pgmq-dispatcher
 VERSION   := 0.1.0
@@ -37,7 +37,7 @@ LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
-.PHONY: all deps test unit integration soak valgrind run install clean fuzz lint
+.PHONY: all deps test unit integration soak valgrind run install clean fuzz lint bench
 
 all: $(BUILD)/$(PROG)
 
@@ -85,6 +85,14 @@ soak: $(BUILD)/$(PROG)
 valgrind: $(BUILD)/$(PROG)
 	DISPATCHER_BIN=$(abspath $(BUILD)/$(PROG)) $(PYTHON) -m pytest -q -s -m valgrind tests/integration/test_valgrind.py
 
+# Benchmark harness (issue 5): an -O2 build of its own, then tests/bench/bench.py, which starts
+# PostgreSQL, nginx and the RunPod emulator, writes docs/performance.md and prints it.
+# BENCH_QUICK=1 for a smoke-sized run; BENCH_ARGS="--output FILE --only 1,4" for parts.
+BENCH_BUILD := build-bench
+bench: deps
+	$(MAKE) --no-print-directory BUILD=$(BENCH_BUILD) SANITIZE= CFLAGS='-O2 -g' $(BENCH_BUILD)/$(PROG)
+	DISPATCHER_BIN=$(abspath $(BENCH_BUILD)/$(PROG)) $(PYTHON) tests/bench/bench.py $(BENCH_ARGS)
+
 # libFuzzer targets (clang), each run for FUZZ_SECONDS from its checked-in corpus.
 FUZZ_SECONDS ?= 10
 FUZZ_TARGETS := config run_reply retry_after
@@ -110,4 +118,4 @@ fuzz: $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
 	done
 
 clean:
-	rm -rf build build-san build-fuzz
+	rm -rf build build-san build-fuzz build-bench
