@@ -45,7 +45,7 @@ struct dispatcher {
 	char health_url[2048];
 	char auth_header[1100];
 	size_t envelope_bytes;  /* the /run body around its jobs */
-	struct runpod_extras extras; /* webhook / policy from the config */
+	struct runpod_envelope envelope; /* printed once per configuration */
 
 	ev_timer poll;          /* periodic trigger */
 	ev_timer pause;         /* reads paused until it fires (backoff) */
@@ -585,8 +585,7 @@ static void send_now(struct dispatcher *d, struct batch *b)
 		.timeout_ms = d->cfg->request_timeout_ms,
 	};
 
-	o.body = runpod_run_body(d->cfg->queue_name, d->cfg->vt_seconds, &d->extras, b->msgs, b->n,
-				 &o.body_len);
+	o.body = runpod_envelope_body(&d->envelope, b->msgs, b->n, &o.body_len);
 	if (o.body == NULL || http_start(d->http, &o, on_posted, b) != 0) {
 		/* Nothing was sent: the messages come back at once. */
 		log_msg(LOG_ERROR, "post_failed", "cannot start the /run request; releasing %d messages",
@@ -1165,19 +1164,23 @@ static int apply_config(struct dispatcher *d, const struct config *cfg)
 {
 	char run_url[sizeof(d->run_url)], health_url[sizeof(d->health_url)];
 	struct runpod_extras extras = extras_of(cfg);
-	size_t envelope = runpod_envelope_bytes(cfg->queue_name, cfg->vt_seconds, &extras);
+	struct runpod_envelope envelope;
 
 	if (runpod_url(cfg->base_url, cfg->endpoint_id, "run", run_url, sizeof(run_url)) != 0 ||
-	    runpod_url(cfg->base_url, cfg->endpoint_id, "health", health_url, sizeof(health_url)) != 0 ||
-	    envelope == 0) {
+	    runpod_url(cfg->base_url, cfg->endpoint_id, "health", health_url, sizeof(health_url)) != 0) {
 		log_msg(LOG_ERROR, "config_invalid", "runpod.base_url and runpod.endpoint_id are too long");
+		return -1;
+	}
+	if (runpod_envelope_init(&envelope, cfg->queue_name, cfg->vt_seconds, &extras) != 0) {
+		log_msg(LOG_ERROR, "out_of_memory", "cannot build the /run envelope");
 		return -1;
 	}
 	memcpy(d->run_url, run_url, sizeof(run_url));
 	memcpy(d->health_url, health_url, sizeof(health_url));
 	snprintf(d->auth_header, sizeof(d->auth_header), "Authorization: Bearer %s", cfg->api_key);
-	d->envelope_bytes = envelope;
-	d->extras = extras;
+	runpod_envelope_free(&d->envelope);
+	d->envelope = envelope;
+	d->envelope_bytes = envelope.len;
 	d->cfg = cfg;
 	return 0;
 }
@@ -1404,6 +1407,7 @@ void dispatcher_free(struct dispatcher *d)
 	http_free(d->http);
 	pg_free(d->listen_pg);
 	pg_free(d->pg);
+	runpod_envelope_free(&d->envelope);
 	free(d->sent_at);
 	free(d);
 }
