@@ -75,7 +75,10 @@ struct dispatcher {
 
 	/* NOTIFY wake-up */
 	struct pg *listen_pg;   /* separate LISTEN connection, or NULL */
-	char channel[96];       /* pgmq.q_<lower(queue)>.INSERT */
+	char channel[96];       /* pgmq.q_<lower(queue)>.INSERT (pgmq 1.7 - 1.13.0) */
+	char channel2[96];      /* pgmq.q_<queue as created>.INSERT (1.13.1), if different */
+	bool has_trigger;       /* the queue table has an insert trigger to notify us */
+	bool no_trigger_logged;
 	char selftest[64];      /* payload of our own test notification */
 	enum notify_state notify_state;
 	bool notify_broken_logged;
@@ -458,7 +461,8 @@ static double retry_after_ms(const struct dispatcher *d, const struct http_respo
 {
 	long long ms;
 
-	if ((r->status != 429 && r->status != 503) || r->retry_after == NULL ||
+	if (d->cfg->retry_after_max_ms == 0 || (r->status != 429 && r->status != 503) ||
+	    r->retry_after == NULL ||
 	    runpod_parse_retry_after(r->retry_after, time(NULL), &ms) != 0)
 		return -1;
 	return ms > d->cfg->retry_after_max_ms ? d->cfg->retry_after_max_ms : (double)ms;
@@ -950,7 +954,9 @@ static void idle_read(struct dispatcher *d)
 {
 	double next = d->idle_poll_ms * 2;
 
-	if (d->notify_state != NOTIFY_OK)
+	/* Without a working LISTEN and an insert trigger to fire it, the timer
+	 * is the only way new messages are found: keep it at poll_interval_ms. */
+	if (d->notify_state != NOTIFY_OK || !d->has_trigger)
 		return;
 	if (next > d->cfg->idle_poll_max_ms)
 		next = d->cfg->idle_poll_max_ms;
@@ -977,7 +983,8 @@ static void on_notify(void *arg, const char *channel, const char *payload)
 {
 	struct dispatcher *d = arg;
 
-	if (d->finished || strcmp(channel, d->channel) != 0)
+	if (d->finished || (strcmp(channel, d->channel) != 0 &&
+			    (d->channel2[0] == '\0' || strcmp(channel, d->channel2) != 0)))
 		return;
 	if (strcmp(payload, d->selftest) == 0) {
 		if (d->notify_state == NOTIFY_TESTING) {
@@ -1037,20 +1044,64 @@ static void on_listen_done(void *arg, PGresult *res, const struct pg_error *err)
 	set_notify_state(d, NOTIFY_BROKEN);
 }
 
+static void on_trigger_count(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct dispatcher *d = arg;
+	bool had = d->has_trigger;
+
+	if (res) {
+		d->has_trigger = PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "0") != 0;
+		PQclear(res);
+	}
+	if (d->finished || err)
+		return;
+	if (!d->has_trigger && (had || !d->no_trigger_logged)) {
+		d->no_trigger_logged = true;
+		struct log_line *l = log_begin(LOG_INFO, "notify_no_trigger");
+		log_str(l, "queue", d->cfg->queue_name);
+		log_str(l, "msg", "no insert trigger on the queue table: polling every poll_interval_ms; "
+				  "SELECT pgmq.enable_notify_insert(queue) (pgmq >= 1.7) or the trigger in "
+				  "docs/operations.md makes inserts wake the daemon");
+		log_end(l);
+	}
+	if (!d->has_trigger)
+		reset_idle(d);
+}
+
 /* After every (re)connect of the listening connection: LISTEN, then a
  * NOTIFY of our own to prove notifications arrive (transaction poolers
- * accept LISTEN but never deliver). */
+ * accept LISTEN but never deliver), and a look for an insert trigger on the
+ * queue table (without one, nothing will notify and idle polls must not
+ * back off). */
 static void start_listen(struct dispatcher *d, struct pg *pg)
 {
-	char quoted[sizeof(d->channel) * 2 + 3], sql[sizeof(quoted) + 16];
+	char quoted[sizeof(d->channel) * 2 + 3], sql[2 * sizeof(quoted) + 32];
+	char table[80], qtable[2 * sizeof(table) + 3], qualified[sizeof(qtable) + 8];
 	const char *params[2] = { d->channel, d->selftest };
-
+	const char *tparams[1] = { qualified };
 	if (!d->cfg->notify || d->once || pg_quote_ident(d->channel, quoted, sizeof(quoted)) != 0)
 		return;
 	snprintf(sql, sizeof(sql), "LISTEN %s", quoted);
+	snprintf(table, sizeof(table), "q_%s", d->channel + strlen("pgmq.q_"));
+	table[strlen(table) - strlen(".INSERT")] = '\0';
+	if (pg_quote_ident(table, qtable, sizeof(qtable)) != 0)
+		return;
+	snprintf(qualified, sizeof(qualified), "pgmq.%s", qtable);
 	set_notify_state(d, NOTIFY_TESTING);
+	if (d->channel2[0] && pg_quote_ident(d->channel2, quoted, sizeof(quoted)) == 0) {
+		/* One statement per query: the extended protocol allows no more. */
+		char sql2[sizeof(quoted) + 16];
+		snprintf(sql2, sizeof(sql2), "LISTEN %s", quoted);
+		if (pg_query(pg, sql2, 0, NULL, on_listen_done, d) != 0) {
+			set_notify_state(d, NOTIFY_BROKEN);
+			return;
+		}
+	}
 	if (pg_query(pg, sql, 0, NULL, on_listen_done, d) != 0 ||
-	    pg_query(pg, "SELECT pg_notify($1, $2)", 2, params, on_listen_done, d) != 0) {
+	    pg_query(pg, "SELECT pg_notify($1, $2)", 2, params, on_listen_done, d) != 0 ||
+	    pg_query(d->pg, "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) "
+			    "AND NOT tgisinternal AND tgenabled <> 'D'", 1, tparams, on_trigger_count,
+		     d) != 0) {
 		set_notify_state(d, NOTIFY_BROKEN);
 		return;
 	}
@@ -1093,6 +1144,12 @@ static void on_connected(void *arg)
 		start_listen(d, d->pg); /* re-LISTEN first: the read below is queued after it */
 	state_changed(d);
 	kick(d);
+	if (!d->once && !d->stopping) {
+		/* Queue gauges right away rather than one interval later. */
+		ev_timer_stop(d->loop, &d->stats_timer);
+		ev_timer_set(&d->stats_timer, 0.0, d->cfg->metrics_interval_ms / 1000.0);
+		ev_timer_start(d->loop, &d->stats_timer);
+	}
 }
 
 static void on_disconnected(void *arg)
@@ -1220,6 +1277,10 @@ static int init_notify(struct dispatcher *d, const struct config *cfg)
 		d->channel[i] = (char)tolower((unsigned char)d->channel[i]);
 	snprintf(d->selftest, sizeof(d->selftest), "pgmq-dispatcher self-test %ld",
 		 (long)getpid());
+	/* pgmq 1.13.1 names the channel after the queue as created. */
+	snprintf(d->channel2, sizeof(d->channel2), "pgmq.q_%s.INSERT", cfg->queue_name);
+	if (strcmp(d->channel2, d->channel) == 0)
+		d->channel2[0] = '\0';
 	if (!cfg->notify || d->once || cfg->listen_conninfo[0] == '\0')
 		return 0;
 	d->listen_pg = pg_new(d->loop, cfg->listen_conninfo, cfg->db_connect_timeout_ms, &lcb);
@@ -1344,6 +1405,11 @@ void dispatcher_stop(struct dispatcher *d)
 const struct dispatcher_stats *dispatcher_stats(const struct dispatcher *d)
 {
 	return &d->stats;
+}
+
+void dispatcher_abort(struct dispatcher *d)
+{
+	http_cancel_all(d->http);
 }
 
 bool dispatcher_circuit_open(const struct dispatcher *d)

@@ -196,3 +196,13 @@ def test_rate_cap_per_10s_window(queue_db, emulator, start_daemon):
     assert d.count_log(r"event=rate_limited") >= 1
     assert emulator.requests("run") and all(r.status == 200 for r in emulator.requests("run"))
     assert d.stop() == 0
+
+
+def test_no_insert_trigger_means_no_idle_back_off(queue_db, emulator, start_daemon):
+    d = start_daemon("-v", PGMQD_QUEUE_POLL_INTERVAL_MS=100, PGMQD_QUEUE_IDLE_POLL_MAX_MS=800)
+    d.wait_log(r"event=notify_ready")
+    d.wait_log(r"event=notify_no_trigger")
+    d.wait_log(r"event=queue_empty", count=6)
+    assert d.count_log(r"poll_period_ms=200\b") == 0     # stays at poll_interval_ms
+    assert d.count_log(r"event=notify_no_trigger") == 1
+    assert d.stop() == 0
