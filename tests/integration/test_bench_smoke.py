@@ -18,7 +18,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 BENCH = os.path.join(REPO_ROOT, "tests", "bench", "bench.py")
 BINARY = os.environ.get("DISPATCHER_BIN", os.path.join(REPO_ROOT, "build", "pgmq-dispatcher"))
 
-ROWS = ("1a", "1b", "2a", "2b", "3", "4a", "4b", "4c", "4d", "5")
+ROWS = ("1a", "1b", "2a", "2b", "2c", "3", "4a", "4b", "4c", "4d", "5")
 NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 
 
@@ -94,7 +94,7 @@ def test_quick_bench_writes_every_row_with_numbers(tmp_path):
         for cell in (measured, reference):
             assert "nan" not in cell.lower() and "error" not in cell.lower(), (rid, cell)
     # Ratios are numbers wherever the reference is not zero (idle CPU may round to 0.00 s).
-    for rid in ("1a", "1b", "2a", "2b", "3", "4d", "5"):
+    for rid in ("1a", "1b", "2a", "2b", "2c", "3", "4d", "5"):
         assert NUMBER.search(rows[rid][4]), (rid, rows[rid][4])
     assert leftovers(result.stderr) == []
 
