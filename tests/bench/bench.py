@@ -45,7 +45,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "integration"))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "emulator"))
 
-import psycopg2  # noqa: E402
 
 from pgcluster import PgCluster  # noqa: E402
 from runpod_emulator import RunPodEmulator  # noqa: E402
