@@ -45,7 +45,6 @@ REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "integration"))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "emulator"))
 
-
 from pgcluster import PgCluster  # noqa: E402
 from runpod_emulator import RunPodEmulator  # noqa: E402
 
@@ -178,14 +177,14 @@ class NginxSink:
     def start(self):
         with open(NGINX_TEMPLATE, encoding="utf-8") as f:
             template = f.read()
-        for attempt in range(3):
+        for _ in range(3):  # another process may take the free port before nginx binds it
             self.port = free_port()
             conf = os.path.join(self.prefix, "nginx.conf")
             with open(conf, "w", encoding="utf-8") as f:
                 f.write(template.replace("@PREFIX@", self.prefix).replace("@PORT@", str(self.port)))
-            self.proc = self.children.spawn(
-                ["nginx", "-p", self.prefix, "-c", conf, "-e", os.path.join(self.prefix, "error.log")],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            errlog = os.path.join(self.prefix, "error.log")
+            self.proc = self.children.spawn(["nginx", "-p", self.prefix, "-c", conf, "-e", errlog],
+                                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
                 wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 10,
                          "nginx to listen")
@@ -1051,41 +1050,42 @@ METHOD = """\
   50 ms, on its own connection, beside pgbench and beside the daemon alike. Without it pgmq's
   read steps over every invisible row read before, and a drain measures that growing scan.
 - **1. Drain.** Daemon: wall time from spawning the binary to the log line of the batch that
-  brought `pgmqd_messages_dispatched_total` to N (CLOCK_REALTIME, 1 ms), nginx answering every `/run` at once, defaults except
-  `runpod.max_requests_per_10s=100000` (nginx is not RunPod; with the default cap of 1000 per
-  10 s a batch-10 drain cannot pass 1,000 msg/s, which is the point of the cap, see 3). Reference: pgbench with
-  one client (the daemon reads on one connection), `-M extended` (unnamed statements, as the
-  daemon's `PQsendQueryParams`), running `SELECT * FROM pgmq.read('bench', 1800, B)` N/B times
-  on an identically loaded queue; wall time from spawning pgbench to its exit. A second pgbench
-  run uses the daemon's own read statement (`to_json(enqueued_at)`, `message->'document_id'`,
-  `ORDER BY msg_id` around the same call) to separate the SQL's cost from the daemon's. Runs
-  alternate; the medians are compared. CPU per message: the daemon's utime + stime, the
-  postmaster's with its children's (reaped ones included) and nginx's likewise, over the run;
-  pgbench's from `getrusage(RUSAGE_CHILDREN)`. The stand-in worker's backend counts as
-  PostgreSQL on both sides.
+  brought `pgmqd_messages_dispatched_total` to N (CLOCK_REALTIME, 1 ms); nginx answers every
+  `/run` at once; defaults except `runpod.max_requests_per_10s=100000` (nginx is not RunPod;
+  with the default cap of 1000 per 10 s a batch-10 drain cannot pass 1,000 msg/s, which is the
+  point of the cap, see 3). Reference: pgbench with one client (the daemon reads on one
+  connection), `-M extended` (unnamed statements, as the daemon's `PQsendQueryParams`),
+  running `SELECT * FROM pgmq.read('bench', 1800, B)` N/B times on an identically loaded queue;
+  wall time from spawning pgbench to its exit. A second pgbench run uses the daemon's own read
+  statement (`to_json(enqueued_at)`, `message->'document_id'` and `ORDER BY msg_id` around the
+  same call), to tell the SQL's cost from the daemon's. Runs alternate; medians are compared.
+  CPU per message: the daemon's utime + stime; the postmaster's with its children's (reaped
+  ones included) and nginx's likewise; pgbench's from `getrusage(RUSAGE_CHILDREN)`. The
+  stand-in worker's backend counts as PostgreSQL on both sides.
 - **2. Latency.** The harness inserts single messages with `pgmq.send` (autocommit) after
-  random gaps (uniform {gap}); the enqueue time is the midpoint of its monotonic clock around the
-  statement (median round trip {rtt}), the arrival time is when the in-process RunPod emulator
-  parsed the POST's headers, on the same clock. With NOTIFY the queue has pgmq's insert trigger
-  (`enable_notify_insert`, throttle {throttle} ms, so every insert notifies) and the reference is
-  a bare psycopg2 LISTEN client in the harness receiving the same notifications. Polling only:
-  no trigger, `queue.notify=off`, `queue.poll_interval_ms=1000`; the reference is what a
-  1000 ms poll gives arrivals spread evenly over the period. 2c repeats 2a with
-  `queue.notify_debounce_ms=0` to show what the debounce adds.
-- **3. RunPod-like.** Emulator with {lat} ms before every answer and a sliding window of at most
-  the cap `/run` per 10 s (429 without Retry-After beyond it); the daemon with
+  random gaps (uniform {gap}); the enqueue time is the midpoint of its monotonic clock around
+  the statement (median round trip {rtt}), the arrival time is when the in-process RunPod
+  emulator has parsed the POST's headers, on the same clock. With NOTIFY the queue has pgmq's
+  insert trigger (`enable_notify_insert`, throttle {throttle} ms, so every insert notifies) and
+  the reference is a bare psycopg2 LISTEN client in the harness receiving the same
+  notifications. Polling only: no trigger, `queue.notify=off`, `queue.poll_interval_ms=1000`;
+  the reference is what a 1000 ms poll gives arrivals spread evenly over the period. 2c repeats
+  2a with `queue.notify_debounce_ms=0` to show what the debounce adds.
+- **3. RunPod-like.** Emulator with {lat} ms before every answer and a sliding window of at
+  most the cap `/run` per 10 s (429 without Retry-After beyond it); the daemon with
   `runpod.max_requests_per_10s` = the cap and `queue.max_in_flight={mif}` (the default 8 could
   carry at most 8 / 0.2 s = 40 requests/s). Counted: accepted `/run` received within the first
   {win} s after the first one (at most the cap per 10 s is possible), and every 429 of the run.
 - **4. Idle.** Two daemons side by side on empty queues, one with NOTIFY on (the insert trigger
-  exists), one polling only every 1000 ms (the reference). After the first read and 1 s, two
-  windows of {idle} s each: the first while idle polls still back off, the second steady (the
-  targets are judged on it, per minute). CPU = utime + stime from `/proc/<pid>/stat`; loop wake-ups = the growth of
-  `voluntary_ctxt_switches + nonvoluntary_ctxt_switches` summed over `/proc/<pid>/task/*/status`
-  (a proxy: the loop sleeps in `epoll_wait`, and each wake-up is a voluntary switch); database
-  reads = growth of `pgmqd_reads_total` (all results; transactions in all, including the
-  LISTEN and the periodic `pgmq.metrics`, from `pg_stat_database`, which backends update at most
-  once a second); peak RSS = `VmHWM` at the end (PSS from `/proc/<pid>/smaps_rollup`).
+  exists), one polling only every 1000 ms (the reference); autovacuum off meanwhile. After the
+  first read and 1 s, two windows of {idle} s: the first while idle polls still back off, the
+  second steady (the targets are judged on it, per minute). CPU = utime + stime from
+  `/proc/<pid>/stat`; loop wake-ups = growth of `voluntary_ctxt_switches +
+  nonvoluntary_ctxt_switches` summed over `/proc/<pid>/task/*/status` (a proxy: the loop sleeps
+  in `epoll_wait`, and each wake-up is a voluntary switch); database reads = growth of
+  `pgmqd_reads_total` (all results); transactions of any kind (LISTEN, the periodic
+  `pgmq.metrics`, ...) from `pg_stat_database`, which backends update at most once a second;
+  peak RSS = `VmHWM` at the end, PSS from `/proc/<pid>/smaps_rollup`.
 - **5. Memory.** `VmRSS` sampled every 200 ms while draining with batch 100 and the default
   configuration (so the /run cap of 1000 per 10 s sets the pace: 10,000 msg/s at most);
   start = the first accepted batch, end = the last one.
