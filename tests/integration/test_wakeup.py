@@ -25,11 +25,19 @@ def enable_notify(db, throttle_ms=0):
     db.sql("SELECT pgmq.enable_notify_insert(%s, %s)", (db.queue, throttle_ms))
 
 
-def test_notify_wakes_the_daemon(queue_db, emulator, start_daemon):
-    enable_notify(queue_db)
+@pytest.mark.parametrize("trigger", ["pgmq", "docs"])
+def test_notify_wakes_the_daemon(pg_cluster, queue_db, emulator, start_daemon, trigger):
+    if trigger == "pgmq":
+        enable_notify(queue_db)                  # pgmq >= 1.7
+    else:                                        # the trigger docs/operations.md gives for < 1.7
+        import conftest
+        pg_cluster.load_sql(conftest.FIXTURES_DIR + "/notify-trigger-pre-1.7.sql", queue_db.dbname)
+        queue_db.sql("CREATE TRIGGER pgmqd_notify_insert AFTER INSERT ON pgmq.q_jobs "
+                     "FOR EACH STATEMENT EXECUTE FUNCTION public.pgmqd_notify_insert()")
     d = start_daemon("-v", **SLOW_POLL)
     d.wait_log(r"event=notify_ready .*channel=pgmq.q_jobs.INSERT")
     d.wait_log(r"event=queue_empty")          # the catch-up read at connect
+    assert d.count_log(r"event=notify_no_trigger") == 0
     ids = queue_db.send_many([{"document_id": "now"}])
     emulator.wait_for(lambda: accepted_ids(emulator) == ids, timeout_s=10)
     assert d.count_log(r"event=queue_empty") == 1   # no poll in between: the NOTIFY did it
