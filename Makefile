@@ -34,7 +34,8 @@ MODULES   := main config log pg pgmq http runpod dispatcher sdnotify metrics adm
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
-UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify
+UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify \
+              test_tracker
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install clean fuzz lint
