@@ -30,7 +30,7 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config log pg pgmq http runpod dispatcher sdnotify metrics admin
+MODULES   := main config log pg pgmq http runpod dispatcher sdnotify metrics admin tracker
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 

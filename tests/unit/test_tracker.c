@@ -6,11 +6,14 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include <math.h>
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "runpod.h"
+#include "tracker.h"
 
 static int parse(const char *body, struct runpod_status_reply *r)
 {
@@ -164,6 +167,83 @@ static void status_url(void **state)
 	assert_int_equal(runpod_status_url("http://h/v2", "endpoint", "x", buf, 20), -1);
 }
 
+static void jitter_is_ten_percent(void **state)
+{
+	assert_true(fabs(tracker_jittered_s(10000, 0.0) - 9.0) < 1e-9);
+	assert_true(fabs(tracker_jittered_s(10000, 0.5) - 10.0) < 1e-9);
+	assert_true(tracker_jittered_s(10000, 0.999999) < 11.0);
+	assert_true(tracker_jittered_s(10000, 0.999999) > 10.99);
+	assert_true(fabs(tracker_jittered_s(300, 0.0) - 0.27) < 1e-9);
+}
+
+/* Takes tokens as fast as they come, every step_s for run_s seconds, and
+ * checks that no 10 s window (half-open) ever holds more than per_10s. */
+static void bucket_window(int per_10s, double step_s, double run_s)
+{
+	struct tracker_bucket b;
+	int cap = (int)(run_s / step_s) + 2, n = 0, lo = 0;
+	double *taken = malloc((size_t)cap * sizeof(*taken));
+	int best = 0;
+
+	assert_non_null(taken);
+	tracker_bucket_setup(&b, per_10s, 100.0, false);
+	for (int i = 0; i * step_s <= run_s; i++) {
+		double now = 100.0 + i * step_s;
+		double wait = tracker_bucket_wait_s(&b, now);
+		bool got = tracker_bucket_take(&b, now);
+
+		assert_true(got == (wait == 0.0));
+		if (!got)
+			continue;
+		taken[n++] = now;
+		while (taken[lo] <= now - 10.0)
+			lo++;
+		if (n - lo > best)
+			best = n - lo;
+		if (n - lo > per_10s)
+			fail_msg("per_10s=%d: %d events in the 10 s up to %.3f", per_10s, n - lo, now);
+	}
+	/* And the cap is actually used: close to per_10s in a 10 s window. */
+	assert_true(best >= per_10s * 0.9 - 1);
+	free(taken);
+}
+
+static void bucket_keeps_the_cap(void **state)
+{
+	bucket_window(2000, 0.001, 40.0);
+	bucket_window(1000, 0.0005, 25.0);
+	bucket_window(15, 0.01, 60.0);
+	bucket_window(7, 0.01, 60.0);
+	bucket_window(1, 0.01, 60.0);
+}
+
+static void bucket_waits_and_reloads(void **state)
+{
+	struct tracker_bucket b;
+
+	tracker_bucket_setup(&b, 100, 0.0, false); /* burst 10, 9 per s */
+	for (int i = 0; i < 10; i++)
+		assert_true(tracker_bucket_take(&b, 0.0));
+	assert_false(tracker_bucket_take(&b, 0.0));
+	assert_true(fabs(tracker_bucket_wait_s(&b, 0.0) - 1.0 / 9.0) < 1e-9);
+	assert_true(tracker_bucket_take(&b, 1.0 / 9.0 + 1e-9));
+	/* A reload keeps the level (capped by the new burst) instead of refilling. */
+	tracker_bucket_setup(&b, 2000, 1.0, true);
+	assert_true(b.tokens < 10.0);
+	tracker_bucket_setup(&b, 20, 100.0, true); /* burst 2: a full bucket is cut to 2 */
+	assert_true(b.tokens <= 2.0);
+	assert_true(tracker_bucket_take(&b, 100.0));
+	assert_true(tracker_bucket_take(&b, 100.0));
+	assert_false(tracker_bucket_take(&b, 100.0));
+}
+
+static void heartbeat_when_a_third_is_left(void **state)
+{
+	assert_true(fabs(tracker_heartbeat_at(106.0, 6) - 104.0) < 1e-9);
+	assert_true(fabs(tracker_heartbeat_at(1800.0, 1800) - 1200.0) < 1e-9);
+	assert_true(fabs(tracker_heartbeat_at(10.0, 1) - (10.0 - 1.0 / 3.0)) < 1e-9);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -175,6 +255,10 @@ int main(void)
 		cmocka_unit_test(status_reply_long_status_is_cut),
 		cmocka_unit_test(terminal_set),
 		cmocka_unit_test(status_url),
+		cmocka_unit_test(jitter_is_ten_percent),
+		cmocka_unit_test(bucket_keeps_the_cap),
+		cmocka_unit_test(bucket_waits_and_reloads),
+		cmocka_unit_test(heartbeat_when_a_third_is_left),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
