@@ -4,6 +4,7 @@
 #include "metrics.h"
 #include "pgmq.h"
 #include "runpod.h"
+#include "tracker.h"
 
 #include <math.h>
 #include <stdio.h>
@@ -23,6 +24,7 @@ struct dispatcher {
 	const struct config *cfg;
 	struct pg *pg;
 	struct http *http;
+	struct tracker *tracker; /* NULL unless [tracker] enabled */
 	bool once;
 	dispatcher_done_fn done;
 	void *done_arg;
@@ -474,6 +476,7 @@ static void on_posted(void *arg, const struct http_response *r)
 			d->failures = 0;
 		if (d->once)
 			d->once_result = DISPATCH_DONE_DISPATCHED;
+		tracker_add(d->tracker, reply.id, b->ids, b->n, b->started);
 		batch_free(b);
 		break;
 	case RUNPOD_UNKNOWN:
@@ -908,6 +911,11 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 		dispatcher_free(d);
 		return NULL;
 	}
+	if (cfg->tracker_enabled && !once &&
+	    (d->tracker = tracker_new(loop, cfg, d->http, d->pg)) == NULL) {
+		dispatcher_free(d);
+		return NULL;
+	}
 	ev_timer_init(&d->poll, on_poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
 	d->poll.data = d;
 	ev_init(&d->pause, on_pause_over);
@@ -941,6 +949,11 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 		apply_config(d, old);
 		return -1;
 	}
+	/* Turned on by this reload: follow jobs accepted from now on. */
+	if (d->tracker == NULL && cfg->tracker_enabled && !d->once && !d->stopping)
+		d->tracker = tracker_new(d->loop, cfg, d->http, d->pg);
+	else
+		tracker_reload(d->tracker, cfg);
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_set(&d->poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
 	d->stats_timer.repeat = cfg->metrics_interval_ms / 1000.0;
@@ -962,6 +975,7 @@ void dispatcher_stop(struct dispatcher *d)
 	if (d->stopping || d->finished)
 		return;
 	d->stopping = true;
+	tracker_stop(d->tracker);
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_stop(d->loop, &d->pause);
 	ev_timer_stop(d->loop, &d->probe);
@@ -1032,6 +1046,7 @@ void dispatcher_free(struct dispatcher *d)
 	 * keeps them from starting new work. */
 	if (d->http)
 		http_cancel_all(d->http);
+	tracker_free(d->tracker); /* after the aborts above, before http_free drops requests */
 	http_free(d->http);
 	pg_free(d->pg);
 	free(d);
