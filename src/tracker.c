@@ -25,8 +25,10 @@ enum jstate {
 struct tjob {
 	char id[RUNPOD_JOB_ID_MAX + 1];
 	char status[RUNPOD_STATUS_MAX + 1]; /* last seen; IN_QUEUE from the /run reply */
-	long long *ids;          /* messages still in the heartbeat */
+	long long *ids;          /* the messages the job carries (for the log) */
 	int n;
+	long long *live;         /* those still in the heartbeat (same allocation) */
+	int n_live;
 	enum jstate state;
 	int slot;                /* metrics slot counted for it, -1 when none */
 	int vt_len;              /* seconds of the vt last set (by the read or a heartbeat) */
@@ -411,7 +413,7 @@ static void db_at(struct tracker *t, struct tjob *j, ev_tstamp when)
 /* Heartbeats are scheduled while the job lives and has messages left. */
 static void schedule_heartbeat(struct tracker *t, struct tjob *j)
 {
-	if (j->state == J_LIVE && j->n > 0 && !j->db_busy && !j->hb_parked)
+	if (j->state == J_LIVE && j->n_live > 0 && !j->db_busy && !j->hb_parked)
 		db_at(t, j, tracker_heartbeat_at(j->vt_until, j->vt_len));
 }
 
@@ -423,14 +425,14 @@ static struct op *op_new(struct tracker *t, enum op_kind kind, const struct tjob
 
 	if (op == NULL)
 		return NULL;
-	if (kind != OP_STATUS && j->n > 0) {
-		op->ids = malloc((size_t)j->n * sizeof(*op->ids));
+	if (kind != OP_STATUS && j->n_live > 0) {
+		op->ids = malloc((size_t)j->n_live * sizeof(*op->ids));
 		if (op->ids == NULL) {
 			free(op);
 			return NULL;
 		}
-		memcpy(op->ids, j->ids, (size_t)j->n * sizeof(*op->ids));
-		op->n = j->n;
+		memcpy(op->ids, j->live, (size_t)j->n_live * sizeof(*op->ids));
+		op->n = j->n_live;
 	}
 	op->t = t;
 	op->kind = kind;
@@ -559,12 +561,12 @@ static void db_work(struct tracker *t, struct tjob *j, ev_tstamp now)
 			db_at(t, j, now + DB_RETRY_S);
 		return;
 	}
-	if (j->n == 0)
+	if (j->n_live == 0)
 		return;
 	if (now - j->seen_at > stale_s) {
 		struct log_line *l = log_begin(LOG_WARN, "heartbeat_paused");
 		log_str(l, "job_id", j->id);
-		log_ids(l, j->ids, j->n);
+		log_ids(l, j->live, j->n_live);
 		log_int(l, "silent_s", (long long)(now - j->seen_at));
 		log_str(l, "msg", "no /status answer for too long; the messages keep their vt and come "
 				  "back when it runs out, unless /status answers again before");
@@ -627,7 +629,7 @@ static void job_failed(struct tracker *t, struct tjob *j, const struct runpod_st
 {
 	int delay = t->cfg->tracker_retry_delay_s;
 	double vt_left = j->vt_until - now;
-	bool release = j->n > 0 && vt_left > delay;
+	bool release = j->n_live > 0 && vt_left > delay;
 	struct log_line *l = log_begin(LOG_WARN, "job_failed");
 
 	log_str(l, "job_id", j->id);
@@ -639,8 +641,10 @@ static void job_failed(struct tracker *t, struct tjob *j, const struct runpod_st
 	log_ids(l, j->ids, j->n);
 	if (release)
 		log_int(l, "retry_delay_s", delay);
-	else if (j->n > 0)
+	else if (j->n_live > 0)
 		log_str(l, "release", "no: their vt ends sooner");
+	else
+		log_str(l, "release", "no: the worker deleted or archived them");
 	log_end(l);
 	if (!release) {
 		job_remove(t, j);
@@ -775,17 +779,17 @@ static void keep_found(struct tjob *j, const long long *sorted, int n)
 {
 	int kept = 0;
 
-	for (int i = 0; i < j->n; i++)
-		if (n > 0 && bsearch(&j->ids[i], sorted, (size_t)n, sizeof(*sorted), cmp_ll))
-			j->ids[kept++] = j->ids[i];
-	if (kept < j->n) {
+	for (int i = 0; i < j->n_live; i++)
+		if (n > 0 && bsearch(&j->live[i], sorted, (size_t)n, sizeof(*sorted), cmp_ll))
+			j->live[kept++] = j->live[i];
+	if (kept < j->n_live) {
 		struct log_line *l = log_begin(LOG_DEBUG, "heartbeat_ended");
 		log_str(l, "job_id", j->id);
-		log_int(l, "messages_gone", j->n - kept);
+		log_int(l, "messages_gone", j->n_live - kept);
 		log_int(l, "messages_left", kept);
 		log_end(l);
 	}
-	j->n = kept;
+	j->n_live = kept;
 }
 
 static void on_release_done(struct op *op, const long long *ids, int n, const struct pg_error *err)
@@ -880,7 +884,7 @@ static void on_db(void *arg, const long long *ids, int n, const struct pg_error 
 	free(copy);
 	/* The job failed while its heartbeat ran: release what is left now. */
 	if (j && j->state == J_RELEASE) {
-		if (j->n > 0)
+		if (j->n_live > 0)
 			db_at(t, j, now);
 		else
 			job_remove(t, j);
@@ -947,7 +951,7 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 		evict(t, t->oldest, "max_tracked_jobs reached: the oldest job is no longer tracked; its "
 				    "messages keep their vt");
 	j = calloc(1, sizeof(*j));
-	if (j == NULL || (j->ids = malloc((size_t)n * sizeof(*j->ids))) == NULL ||
+	if (j == NULL || (j->ids = malloc(2 * (size_t)n * sizeof(*j->ids))) == NULL ||
 	    heap_reserve(&t->polls, t->count + 1) != 0 || heap_reserve(&t->db, t->count + 1) != 0) {
 		if (j)
 			free(j->ids);
@@ -960,6 +964,9 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 	snprintf(j->status, sizeof(j->status), "IN_QUEUE"); /* what /run answers (§2.1) */
 	memcpy(j->ids, msg_ids, (size_t)n * sizeof(*j->ids));
 	j->n = n;
+	j->live = j->ids + n;
+	memcpy(j->live, msg_ids, (size_t)n * sizeof(*j->live));
+	j->n_live = n;
 	j->state = J_LIVE;
 	j->slot = -1;
 	j->poll_idx = j->db_idx = -1;
