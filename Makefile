@@ -88,7 +88,7 @@ valgrind: $(BUILD)/$(PROG)
 
 # libFuzzer targets (clang), each run for FUZZ_SECONDS from its checked-in corpus.
 FUZZ_SECONDS ?= 10
-FUZZ_TARGETS := config run_reply retry_after
+FUZZ_TARGETS := config run_reply retry_after status_reply
 FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -DPGMQD_VERSION='"$(VERSION)"' \
                 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
                 $(shell pkg-config --cflags $(PKGS))
