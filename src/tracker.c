@@ -842,7 +842,8 @@ static void on_heartbeat_done(struct tracker *t, struct op *op, struct tjob *j, 
 	}
 	if (j == NULL)
 		return;
-	qsort(ids, (size_t)n, sizeof(*ids), cmp_ll);
+	if (n > 0)
+		qsort(ids, (size_t)n, sizeof(*ids), cmp_ll);
 	keep_found(j, ids, n);
 	/* The statement ran after it was sent: the vt ends no earlier. */
 	j->vt_len = op->delay_s;
