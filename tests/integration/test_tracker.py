@@ -349,13 +349,13 @@ def test_reload_turns_the_tracker_on_and_off(queue_db, emulator, tmp_path):
     d = Daemon(env, args=["-v", "-c", str(conf)]).start()
     try:
         queue_db.send_many(jobs(1))
-        emulator.wait_for(lambda: len(accepted(emulator)) == 1, timeout_s=10)
+        wait_event(d, "batch_accepted")  # the daemon has the reply, not just the emulator
         conf.write_text("[tracker]\nenabled = on\ninterval_ms = 200\n")
         d.signal(signal.SIGHUP)
         d.wait_log(r"event=reloaded")
         wait_event(d, "tracker_started")
         queue_db.send_many(jobs(1))
-        emulator.wait_for(lambda: len(accepted(emulator)) == 2, timeout_s=10)
+        wait_event(d, "batch_accepted", count=2)
         first, second = [r.job_id for r in accepted(emulator)]
         emulator.wait_for(lambda: len(status_requests(emulator, second)) >= 2, timeout_s=10)
         assert status_requests(emulator, first) == []   # accepted before: not followed
