@@ -62,6 +62,10 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg);
 
 const struct dispatcher_stats *dispatcher_stats(const struct dispatcher *d);
 
+/* Aborts every in-flight request now (second TERM/INT): each ends as
+ * outcome unknown, logged with its msg ids; their messages keep the vt. */
+void dispatcher_abort(struct dispatcher *d);
+
 /* True while 401/403/404 keep reads stopped. */
 bool dispatcher_circuit_open(const struct dispatcher *d);
 

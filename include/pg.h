@@ -14,6 +14,7 @@
 #include <ev.h>
 #include <libpq-fe.h>
 #include <stdbool.h>
+#include <stddef.h>
 
 #define PG_MAX_QUEUED 64        /* queries waiting or running */
 
@@ -38,6 +39,9 @@ struct pg_callbacks {
 	void (*connected)(void *arg);    /* after every (re)connect */
 	void (*disconnected)(void *arg); /* once per loss */
 	void (*connect_failed)(void *arg); /* after every failed attempt */
+	/* A NOTIFY arrived (LISTEN is the caller's query). Strings valid during
+	 * the call only. Must not free the connection. */
+	void (*notify)(void *arg, const char *channel, const char *payload);
 	void *arg;
 };
 
@@ -70,6 +74,11 @@ int pg_pending(const struct pg *pg);
 /* Closes the connection, fails pending queries with connection_lost (their
  * callbacks run inside this call) and frees everything. NULL-safe. */
 void pg_free(struct pg *pg);
+
+/* Quotes an SQL identifier ("…", inner quotes doubled) into buf, for
+ * LISTEN channels such as pgmq.q_jobs.INSERT that contain dots and capitals
+ * (pgmq-api.md §5). Returns 0, or -1 when it does not fit. Pure. */
+int pg_quote_ident(const char *name, char *buf, size_t len);
 
 /* Backoff before reconnect attempt number `attempt` (0-based): a uniformly
  * random delay in [0, min(cap_ms, base_ms * 2^attempt)] (full jitter).

@@ -35,6 +35,26 @@ struct runpod_extras {
 char *runpod_run_body(const char *queue, int vt_seconds, const struct runpod_extras *extras,
 		      const struct pgmq_message *msgs, int n, size_t *len);
 
+/* The /run body around its jobs, printed once per configuration by cJSON
+ * (queue escaping, extras) and split where the jobs go: head ends with
+ * "jobs":[ and tail starts with ]. Owned; free with runpod_envelope_free(). */
+struct runpod_envelope {
+	char *text;
+	size_t head_len;   /* bytes before the jobs */
+	size_t len;        /* whole text with no jobs */
+};
+
+/* Builds the envelope; returns 0 or -1 when out of memory. */
+int runpod_envelope_init(struct runpod_envelope *e, const char *queue, int vt_seconds,
+			 const struct runpod_extras *extras);
+void runpod_envelope_free(struct runpod_envelope *e);
+
+/* The body for msgs[0..n) in one allocation: envelope head, each job's
+ * fields copied verbatim from PostgreSQL's text, envelope tail. Same bytes
+ * as runpod_run_body(). Returns NULL when out of memory. */
+char *runpod_envelope_body(const struct runpod_envelope *e, const struct pgmq_message *msgs, int n,
+			   size_t *len);
+
 /* Exact byte counts of runpod_run_body()'s output, so that a batch can be
  * split under a size cap before anything is built: the body of jobs
  * msgs[0..n) is runpod_envelope_bytes() + the sum of runpod_job_bytes() +

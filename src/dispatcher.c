@@ -6,11 +6,13 @@
 #include "runpod.h"
 #include "tracker.h"
 
+#include <ctype.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 
 #define BACKOFF_MIN_MS 250.0
 #define BODY_EXCERPT_BYTES 256
@@ -18,6 +20,18 @@
 
 /* Why reads are paused. */
 enum pause_reason { PAUSE_NONE, PAUSE_DB, PAUSE_RUNPOD };
+
+/* LISTEN state of the connection that listens. */
+enum notify_state {
+	NOTIFY_OFF,     /* not listening (off, or connection down) */
+	NOTIFY_TESTING, /* LISTEN sent, waiting for our own self-test NOTIFY */
+	NOTIFY_OK,      /* notifications arrive: idle polls may back off */
+	NOTIFY_BROKEN,  /* they do not (transaction pooler): poll only */
+};
+
+#define SELFTEST_TIMEOUT_S 2.0
+#define RATE_WINDOW_S 10.0
+#define RATE_MARGIN_S 0.05 /* our send time vs RunPod's receive time */
 
 struct dispatcher {
 	struct ev_loop *loop;
@@ -33,7 +47,7 @@ struct dispatcher {
 	char health_url[2048];
 	char auth_header[1100];
 	size_t envelope_bytes;  /* the /run body around its jobs */
-	struct runpod_extras extras; /* webhook / policy from the config */
+	struct runpod_envelope envelope; /* printed once per configuration */
 
 	ev_timer poll;          /* periodic trigger */
 	ev_timer pause;         /* reads paused until it fires (backoff) */
@@ -60,6 +74,27 @@ struct dispatcher {
 	enum dispatcher_result once_result;
 
 	struct dispatcher_stats stats;
+
+	/* NOTIFY wake-up */
+	struct pg *listen_pg;   /* separate LISTEN connection, or NULL */
+	char channel[96];       /* pgmq.q_<lower(queue)>.INSERT (pgmq 1.7 - 1.13.0) */
+	char channel2[96];      /* pgmq.q_<queue as created>.INSERT (1.13.1), if different */
+	bool has_trigger;       /* the queue table has an insert trigger to notify us */
+	bool no_trigger_logged;
+	char selftest[64];      /* payload of our own test notification */
+	enum notify_state notify_state;
+	bool notify_broken_logged;
+	ev_timer debounce;
+	ev_timer selftest_timer;
+	double idle_poll_ms;    /* current poll period (backs off while idle) */
+	bool again;             /* a trigger arrived during a read */
+
+	/* /run rate cap: send times of the last max_requests_per_10s requests */
+	double *sent_at;
+	int rate_cap, sent_head, sent_count;
+	ev_timer rate_timer;
+	struct batch *waiting, *waiting_tail; /* read, waiting for a rate slot */
+	int nwaiting;
 };
 
 /* The rows of one read, shared by the requests it was split into. */
@@ -72,6 +107,7 @@ struct read_result {
  * archive. msgs point into rr's PGresult. */
 struct batch {
 	struct dispatcher *d;
+	struct batch *next;     /* in the rate-cap waiting list */
 	enum metrics_archive_reason archive_reason;
 	struct read_result *rr;
 	struct pgmq_message *msgs;
@@ -82,6 +118,9 @@ struct batch {
 
 static void kick(struct dispatcher *d);
 static void maybe_finish(struct dispatcher *d);
+static void on_posted(void *arg, const struct http_response *r);
+static void reset_idle(struct dispatcher *d);
+static void idle_read(struct dispatcher *d);
 
 static void state_changed(struct dispatcher *d)
 {
@@ -424,7 +463,8 @@ static double retry_after_ms(const struct dispatcher *d, const struct http_respo
 {
 	long long ms;
 
-	if ((r->status != 429 && r->status != 503) || r->retry_after == NULL ||
+	if (d->cfg->retry_after_max_ms == 0 || (r->status != 429 && r->status != 503) ||
+	    r->retry_after == NULL ||
 	    runpod_parse_retry_after(r->retry_after, time(NULL), &ms) != 0)
 		return -1;
 	return ms > d->cfg->retry_after_max_ms ? d->cfg->retry_after_max_ms : (double)ms;
@@ -511,7 +551,36 @@ static void on_posted(void *arg, const struct http_response *r)
 		kick(d); /* the drain was waiting for this slot */
 }
 
-static void post(struct dispatcher *d, struct batch *b)
+/* Sliding-window rate cap: true when fewer than max_requests_per_10s
+ * requests went out in the last 10 s; otherwise *wait_s is when a slot
+ * frees. Exact, unlike a token bucket, whose burst would allow twice the
+ * cap in some window. */
+static bool rate_slot(struct dispatcher *d, double now, double *wait_s)
+{
+	double oldest;
+
+	if (d->sent_count < d->rate_cap)
+		return true;
+	oldest = d->sent_at[d->sent_head];
+	if (now - oldest >= RATE_WINDOW_S + RATE_MARGIN_S)
+		return true;
+	*wait_s = oldest + RATE_WINDOW_S + RATE_MARGIN_S - now;
+	return false;
+}
+
+static void rate_record(struct dispatcher *d, double now)
+{
+	if (d->sent_count < d->rate_cap) {
+		d->sent_at[(d->sent_head + d->sent_count) % d->rate_cap] = now;
+		d->sent_count++;
+	} else {
+		d->sent_at[d->sent_head] = now;
+		d->sent_head = (d->sent_head + 1) % d->rate_cap;
+	}
+}
+
+/* Sends one batch now (a rate slot is free). in_flight already counts it. */
+static void send_now(struct dispatcher *d, struct batch *b)
 {
 	const char *headers[] = { d->auth_header, "Content-Type: application/json",
 				  "Accept: application/json", NULL };
@@ -523,16 +592,19 @@ static void post(struct dispatcher *d, struct batch *b)
 		.timeout_ms = d->cfg->request_timeout_ms,
 	};
 
-	o.body = runpod_run_body(d->cfg->queue_name, d->cfg->vt_seconds, &d->extras, b->msgs, b->n,
-				 &o.body_len);
+	o.body = runpod_envelope_body(&d->envelope, b->msgs, b->n, &o.body_len);
 	if (o.body == NULL || http_start(d->http, &o, on_posted, b) != 0) {
 		/* Nothing was sent: the messages come back at once. */
 		log_msg(LOG_ERROR, "post_failed", "cannot start the /run request; releasing %d messages",
 			b->n);
+		d->in_flight--;
+		metrics_set_in_flight(d->in_flight);
 		back_off(d, PAUSE_RUNPOD, -1);
 		release(d, b, 0);
 		return;
 	}
+	rate_record(d, ev_now(d->loop));
+	b->started = ev_now(d->loop);
 	if (log_enabled(LOG_TRACE)) {
 		struct log_line *l = log_begin(LOG_TRACE, "http_request");
 		log_str(l, "method", "POST");
@@ -541,7 +613,68 @@ static void post(struct dispatcher *d, struct batch *b)
 		log_int(l, "jobs", b->n);
 		log_end(l);
 	}
+}
+
+static void send_waiting(struct dispatcher *d)
+{
+	double wait_s = 0;
+
+	while (d->waiting && rate_slot(d, ev_now(d->loop), &wait_s)) {
+		struct batch *b = d->waiting;
+		d->waiting = b->next;
+		if (d->waiting == NULL)
+			d->waiting_tail = NULL;
+		d->nwaiting--;
+		b->next = NULL;
+		send_now(d, b);
+	}
+	if (d->waiting && !ev_is_active(&d->rate_timer)) {
+		ev_timer_set(&d->rate_timer, wait_s, 0.0);
+		ev_timer_start(d->loop, &d->rate_timer);
+	}
+}
+
+static void on_rate_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)loop;
+	(void)revents;
+	send_waiting(w->data);
+}
+
+/* Queues a batch behind the rate cap and sends what may go now. Waiting
+ * batches count as in flight, so max_in_flight bounds memory. */
+static void post(struct dispatcher *d, struct batch *b)
+{
 	d->in_flight++;
+	metrics_set_in_flight(d->in_flight);
+	b->next = NULL;
+	if (d->waiting_tail)
+		d->waiting_tail->next = b;
+	else
+		d->waiting = b;
+	d->waiting_tail = b;
+	d->nwaiting++;
+	send_waiting(d);
+	if (d->waiting) {
+		struct log_line *l = log_begin(LOG_DEBUG, "rate_limited");
+		log_int(l, "waiting", d->nwaiting);
+		log_int(l, "max_requests_per_10s", d->rate_cap);
+		log_end(l);
+	}
+}
+
+/* Hands batches that never went out back to the queue (shutdown). */
+static void release_waiting(struct dispatcher *d)
+{
+	while (d->waiting) {
+		struct batch *b = d->waiting;
+		d->waiting = b->next;
+		d->nwaiting--;
+		d->in_flight--;
+		release(d, b, 0);
+	}
+	d->waiting_tail = NULL;
+	ev_timer_stop(d->loop, &d->rate_timer);
 	metrics_set_in_flight(d->in_flight);
 }
 
@@ -661,9 +794,12 @@ static void on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *e
 		metrics_inc_reads(METRICS_READ_EMPTY);
 		pgmq_batch_free(rows);
 		free(rows);
-		if (d->once) {
+		if (d->once)
 			d->once_read_done = true;
-		}
+		if (d->again)
+			kick(d);
+		else
+			idle_read(d);
 		maybe_finish(d);
 		return;
 	}
@@ -700,15 +836,20 @@ static void on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *e
 		dispatch_rows(d, rr);
 	}
 	read_result_unref(rr);
+	reset_idle(d);
 	/* A full batch means there is probably more: drain. */
-	if (full && !d->once && !d->stopping)
+	if ((full || d->again) && !d->once && !d->stopping)
 		kick(d);
 	maybe_finish(d);
 }
 
 static void kick(struct dispatcher *d)
 {
-	if (d->stopping || d->finished || d->reading || d->circuit_open || !pg_ready(d->pg) ||
+	if (d->reading) {
+		d->again = true; /* e.g. a NOTIFY for rows the running read may miss */
+		return;
+	}
+	if (d->stopping || d->finished || d->circuit_open || !pg_ready(d->pg) ||
 	    ev_is_active(&d->pause))
 		return;
 	if (d->in_flight >= d->cfg->max_in_flight) {
@@ -718,6 +859,7 @@ static void kick(struct dispatcher *d)
 	if (d->once && d->once_read_done)
 		return;
 	d->read_wanted = false;
+	d->again = false;
 	if (pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name, d->cfg->vt_seconds,
 		      d->cfg->batch_size, on_read, d) != 0) {
 		log_msg(LOG_ERROR, "read_failed", "cannot queue the read statement");
@@ -743,6 +885,9 @@ static void maybe_finish(struct dispatcher *d)
 	ev_timer_stop(d->loop, &d->probe);
 	ev_timer_stop(d->loop, &d->deadline);
 	ev_timer_stop(d->loop, &d->stats_timer);
+	ev_timer_stop(d->loop, &d->debounce);
+	ev_timer_stop(d->loop, &d->selftest_timer);
+	ev_timer_stop(d->loop, &d->rate_timer);
 	d->done(d->done_arg, d->stopping && !d->once ? DISPATCH_DONE_STOPPED : d->once_result);
 }
 
@@ -786,6 +931,204 @@ static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
 	maybe_finish(d);
 }
 
+/* The poll timer is the backstop; while NOTIFY is known to work it backs
+ * off when reads come back empty, and any rows or NOTIFY reset it. */
+static void set_poll_period(struct dispatcher *d, double ms)
+{
+	if (ms == d->idle_poll_ms)
+		return;
+	d->idle_poll_ms = ms;
+	d->poll.repeat = ms / 1000.0;
+	{
+		struct log_line *l = log_begin(LOG_DEBUG, "poll_period");
+		log_int(l, "poll_period_ms", (long long)ms);
+		log_end(l);
+	}
+	if (ev_is_active(&d->poll))
+		ev_timer_again(d->loop, &d->poll);
+}
+
+static void reset_idle(struct dispatcher *d)
+{
+	set_poll_period(d, d->cfg->poll_interval_ms);
+}
+
+static void idle_read(struct dispatcher *d)
+{
+	double next = d->idle_poll_ms * 2;
+
+	/* Without a working LISTEN and an insert trigger to fire it, the timer
+	 * is the only way new messages are found: keep it at poll_interval_ms. */
+	if (d->notify_state != NOTIFY_OK || !d->has_trigger)
+		return;
+	if (next > d->cfg->idle_poll_max_ms)
+		next = d->cfg->idle_poll_max_ms;
+	if (next < d->cfg->poll_interval_ms)
+		next = d->cfg->poll_interval_ms;
+	set_poll_period(d, next);
+}
+
+static void set_notify_state(struct dispatcher *d, enum notify_state st)
+{
+	d->notify_state = st;
+	if (st != NOTIFY_OK)
+		reset_idle(d);
+}
+
+static void on_debounce(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	(void)loop;
+	(void)revents;
+	kick(w->data);
+}
+
+static void on_notify(void *arg, const char *channel, const char *payload)
+{
+	struct dispatcher *d = arg;
+
+	if (d->finished || (strcmp(channel, d->channel) != 0 &&
+			    (d->channel2[0] == '\0' || strcmp(channel, d->channel2) != 0)))
+		return;
+	if (strcmp(payload, d->selftest) == 0) {
+		if (d->notify_state == NOTIFY_TESTING) {
+			struct log_line *l = log_begin(LOG_DEBUG, "notify_ready");
+			log_str(l, "channel", d->channel);
+			log_end(l);
+			ev_timer_stop(d->loop, &d->selftest_timer);
+			d->notify_broken_logged = false;
+			set_notify_state(d, NOTIFY_OK);
+		}
+		return;
+	}
+	/* A burst of inserts becomes one read after the debounce. */
+	reset_idle(d);
+	if (!ev_is_active(&d->debounce)) {
+		ev_timer_set(&d->debounce, d->cfg->notify_debounce_ms / 1000.0, 0.0);
+		ev_timer_start(d->loop, &d->debounce);
+	}
+}
+
+static void on_selftest_timeout(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct dispatcher *d = w->data;
+
+	(void)loop;
+	(void)revents;
+	if (d->notify_state != NOTIFY_TESTING)
+		return;
+	set_notify_state(d, NOTIFY_BROKEN);
+	if (!d->notify_broken_logged) {
+		struct log_line *l = log_begin(LOG_WARN, "notify_unavailable");
+		log_str(l, "channel", d->channel);
+		log_str(l, "msg", "LISTEN receives no notifications on this connection (a transaction "
+				  "pooler?); polling every poll_interval_ms. Set database.listen_conninfo "
+				  "to a direct or session-mode connection to wake up on inserts.");
+		log_end(l);
+		d->notify_broken_logged = true;
+	}
+}
+
+static void on_listen_done(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct dispatcher *d = arg;
+
+	if (res)
+		PQclear(res);
+	if (d->finished || err == NULL)
+		return;
+	{
+		struct log_line *l = log_begin(LOG_WARN, "listen_failed");
+		log_str(l, "channel", d->channel);
+		log_str(l, "sqlstate", err->sqlstate);
+		log_str(l, "error", err->message);
+		log_end(l);
+	}
+	ev_timer_stop(d->loop, &d->selftest_timer);
+	set_notify_state(d, NOTIFY_BROKEN);
+}
+
+static void on_trigger_count(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct dispatcher *d = arg;
+	bool had = d->has_trigger;
+
+	if (res) {
+		d->has_trigger = PQntuples(res) == 1 && strcmp(PQgetvalue(res, 0, 0), "0") != 0;
+		PQclear(res);
+	}
+	if (d->finished || err)
+		return;
+	if (!d->has_trigger && (had || !d->no_trigger_logged)) {
+		d->no_trigger_logged = true;
+		struct log_line *l = log_begin(LOG_INFO, "notify_no_trigger");
+		log_str(l, "queue", d->cfg->queue_name);
+		log_str(l, "msg", "no insert trigger on the queue table: polling every poll_interval_ms; "
+				  "SELECT pgmq.enable_notify_insert(queue) (pgmq >= 1.7) or the trigger in "
+				  "docs/operations.md makes inserts wake the daemon");
+		log_end(l);
+	}
+	if (!d->has_trigger)
+		reset_idle(d);
+}
+
+/* After every (re)connect of the listening connection: LISTEN, then a
+ * NOTIFY of our own to prove notifications arrive (transaction poolers
+ * accept LISTEN but never deliver), and a look for an insert trigger on the
+ * queue table (without one, nothing will notify and idle polls must not
+ * back off). */
+static void start_listen(struct dispatcher *d, struct pg *pg)
+{
+	char quoted[sizeof(d->channel) * 2 + 3], sql[2 * sizeof(quoted) + 32];
+	char table[80], qtable[2 * sizeof(table) + 3], qualified[sizeof(qtable) + 8];
+	const char *params[2] = { d->channel, d->selftest };
+	const char *tparams[1] = { qualified };
+	if (!d->cfg->notify || d->once || pg_quote_ident(d->channel, quoted, sizeof(quoted)) != 0)
+		return;
+	snprintf(sql, sizeof(sql), "LISTEN %s", quoted);
+	snprintf(table, sizeof(table), "q_%s", d->channel + strlen("pgmq.q_"));
+	table[strlen(table) - strlen(".INSERT")] = '\0';
+	if (pg_quote_ident(table, qtable, sizeof(qtable)) != 0)
+		return;
+	snprintf(qualified, sizeof(qualified), "pgmq.%s", qtable);
+	set_notify_state(d, NOTIFY_TESTING);
+	if (d->channel2[0] && pg_quote_ident(d->channel2, quoted, sizeof(quoted)) == 0) {
+		/* One statement per query: the extended protocol allows no more. */
+		char sql2[sizeof(quoted) + 16];
+		snprintf(sql2, sizeof(sql2), "LISTEN %s", quoted);
+		if (pg_query(pg, sql2, 0, NULL, on_listen_done, d) != 0) {
+			set_notify_state(d, NOTIFY_BROKEN);
+			return;
+		}
+	}
+	if (pg_query(pg, sql, 0, NULL, on_listen_done, d) != 0 ||
+	    pg_query(pg, "SELECT pg_notify($1, $2)", 2, params, on_listen_done, d) != 0 ||
+	    pg_query(d->pg, "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass($1) "
+			    "AND NOT tgisinternal AND tgenabled <> 'D'", 1, tparams, on_trigger_count,
+		     d) != 0) {
+		set_notify_state(d, NOTIFY_BROKEN);
+		return;
+	}
+	ev_timer_stop(d->loop, &d->selftest_timer);
+	ev_timer_set(&d->selftest_timer, SELFTEST_TIMEOUT_S, 0.0);
+	ev_timer_start(d->loop, &d->selftest_timer);
+}
+
+static void on_listen_connected(void *arg)
+{
+	struct dispatcher *d = arg;
+
+	start_listen(d, d->listen_pg);
+	kick(d); /* catch up on what was inserted while we were not listening */
+}
+
+static void on_listen_lost(void *arg)
+{
+	struct dispatcher *d = arg;
+
+	ev_timer_stop(d->loop, &d->selftest_timer);
+	set_notify_state(d, NOTIFY_OFF);
+}
+
 static void on_connected(void *arg)
 {
 	struct dispatcher *d = arg;
@@ -800,13 +1143,25 @@ static void on_connected(void *arg)
 	if (d->connected_once)
 		metrics_inc_pg_reconnects();
 	d->connected_once = true;
+	if (d->listen_pg == NULL)
+		start_listen(d, d->pg); /* re-LISTEN first: the read below is queued after it */
 	state_changed(d);
 	kick(d);
+	if (!d->once && !d->stopping) {
+		/* Queue gauges right away rather than one interval later. */
+		ev_timer_stop(d->loop, &d->stats_timer);
+		ev_timer_set(&d->stats_timer, 0.0, d->cfg->metrics_interval_ms / 1000.0);
+		ev_timer_start(d->loop, &d->stats_timer);
+	}
 }
 
 static void on_disconnected(void *arg)
 {
-	state_changed(arg);
+	struct dispatcher *d = arg;
+
+	if (d->listen_pg == NULL)
+		on_listen_lost(d);
+	state_changed(d);
 }
 
 static void on_metrics(void *arg, long long length, double oldest_age_s, const struct pg_error *err)
@@ -869,21 +1224,70 @@ static int apply_config(struct dispatcher *d, const struct config *cfg)
 {
 	char run_url[sizeof(d->run_url)], health_url[sizeof(d->health_url)];
 	struct runpod_extras extras = extras_of(cfg);
-	size_t envelope = runpod_envelope_bytes(cfg->queue_name, cfg->vt_seconds, &extras);
+	struct runpod_envelope envelope;
 
 	if (runpod_url(cfg->base_url, cfg->endpoint_id, "run", run_url, sizeof(run_url)) != 0 ||
-	    runpod_url(cfg->base_url, cfg->endpoint_id, "health", health_url, sizeof(health_url)) != 0 ||
-	    envelope == 0) {
+	    runpod_url(cfg->base_url, cfg->endpoint_id, "health", health_url, sizeof(health_url)) != 0) {
 		log_msg(LOG_ERROR, "config_invalid", "runpod.base_url and runpod.endpoint_id are too long");
+		return -1;
+	}
+	if (runpod_envelope_init(&envelope, cfg->queue_name, cfg->vt_seconds, &extras) != 0) {
+		log_msg(LOG_ERROR, "out_of_memory", "cannot build the /run envelope");
 		return -1;
 	}
 	memcpy(d->run_url, run_url, sizeof(run_url));
 	memcpy(d->health_url, health_url, sizeof(health_url));
 	snprintf(d->auth_header, sizeof(d->auth_header), "Authorization: Bearer %s", cfg->api_key);
-	d->envelope_bytes = envelope;
-	d->extras = extras;
+	runpod_envelope_free(&d->envelope);
+	d->envelope = envelope;
+	d->envelope_bytes = envelope.len;
 	d->cfg = cfg;
 	return 0;
+}
+
+/* (Re)sizes the rate-cap window, keeping the newest send times. */
+static int set_rate_cap(struct dispatcher *d, int cap)
+{
+	double *ring;
+	int keep;
+
+	if (cap == d->rate_cap)
+		return 0;
+	ring = malloc((size_t)cap * sizeof(*ring));
+	if (ring == NULL)
+		return -1;
+	keep = d->sent_count < cap ? d->sent_count : cap;
+	for (int i = 0; i < keep; i++)
+		ring[i] = d->sent_at[(d->sent_head + d->sent_count - keep + i) % d->rate_cap];
+	free(d->sent_at);
+	d->sent_at = ring;
+	d->rate_cap = cap;
+	d->sent_head = 0;
+	d->sent_count = keep;
+	return 0;
+}
+
+/* Channel pgmq.q_<lower(queue)>.INSERT (pgmq-api.md §1.5) and, with
+ * database.listen_conninfo, the separate LISTEN connection. */
+static int init_notify(struct dispatcher *d, const struct config *cfg)
+{
+	struct pg_callbacks lcb = { .connected = on_listen_connected, .disconnected = on_listen_lost,
+				    .notify = on_notify, .arg = d };
+	size_t i;
+
+	snprintf(d->channel, sizeof(d->channel), "pgmq.q_%s.INSERT", cfg->queue_name);
+	for (i = 7; d->channel[i] && strcmp(d->channel + i, ".INSERT") != 0; i++)
+		d->channel[i] = (char)tolower((unsigned char)d->channel[i]);
+	snprintf(d->selftest, sizeof(d->selftest), "pgmq-dispatcher self-test %ld",
+		 (long)getpid());
+	/* pgmq 1.13.1 names the channel after the queue as created. */
+	snprintf(d->channel2, sizeof(d->channel2), "pgmq.q_%s.INSERT", cfg->queue_name);
+	if (strcmp(d->channel2, d->channel) == 0)
+		d->channel2[0] = '\0';
+	if (!cfg->notify || d->once || cfg->listen_conninfo[0] == '\0')
+		return 0;
+	d->listen_pg = pg_new(d->loop, cfg->listen_conninfo, cfg->db_connect_timeout_ms, &lcb);
+	return d->listen_pg ? 0 : -1;
 }
 
 struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg, bool once,
@@ -891,7 +1295,7 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 {
 	struct dispatcher *d = calloc(1, sizeof(*d));
 	struct pg_callbacks cb = { .connected = on_connected, .disconnected = on_disconnected,
-				   .connect_failed = on_connect_failed };
+				   .connect_failed = on_connect_failed, .notify = on_notify };
 
 	if (d == NULL)
 		return NULL;
@@ -927,12 +1331,25 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 	ev_timer_init(&d->stats_timer, on_stats, 0.0, cfg->metrics_interval_ms / 1000.0);
 	d->stats_timer.data = d;
 	d->queue_length = -1;
+	ev_init(&d->debounce, on_debounce);
+	d->debounce.data = d;
+	ev_init(&d->selftest_timer, on_selftest_timeout);
+	d->selftest_timer.data = d;
+	ev_init(&d->rate_timer, on_rate_timer);
+	d->rate_timer.data = d;
+	d->idle_poll_ms = cfg->poll_interval_ms;
+	if (set_rate_cap(d, cfg->max_requests_per_10s) != 0 || init_notify(d, cfg) != 0) {
+		dispatcher_free(d);
+		return NULL;
+	}
 	return d;
 }
 
 void dispatcher_start(struct dispatcher *d)
 {
 	pg_start(d->pg);
+	if (d->listen_pg)
+		pg_start(d->listen_pg);
 	if (!d->once) {
 		ev_timer_start(d->loop, &d->poll);
 		ev_timer_again(d->loop, &d->stats_timer);
@@ -943,6 +1360,8 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 {
 	const struct config *old = d->cfg;
 
+	if (set_rate_cap(d, cfg->max_requests_per_10s) != 0)
+		return -1;
 	if (apply_config(d, cfg) != 0)
 		return -1;
 	if (pg_set_conninfo(d->pg, cfg->conninfo) != 0) {
@@ -957,6 +1376,8 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_set(&d->poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
 	d->stats_timer.repeat = cfg->metrics_interval_ms / 1000.0;
+	d->idle_poll_ms = -1;
+	reset_idle(d);
 	if (!d->once && !d->stopping && !d->finished) {
 		ev_timer_start(d->loop, &d->poll);
 		ev_timer_again(d->loop, &d->stats_timer);
@@ -980,6 +1401,9 @@ void dispatcher_stop(struct dispatcher *d)
 	ev_timer_stop(d->loop, &d->pause);
 	ev_timer_stop(d->loop, &d->probe);
 	ev_timer_stop(d->loop, &d->stats_timer);
+	ev_timer_stop(d->loop, &d->debounce);
+	ev_timer_stop(d->loop, &d->selftest_timer);
+	release_waiting(d); /* read but never sent: visible again at once */
 	state_changed(d);
 	{
 		struct log_line *l = log_begin(LOG_INFO, "stopping");
@@ -995,6 +1419,11 @@ void dispatcher_stop(struct dispatcher *d)
 const struct dispatcher_stats *dispatcher_stats(const struct dispatcher *d)
 {
 	return &d->stats;
+}
+
+void dispatcher_abort(struct dispatcher *d)
+{
+	http_cancel_all(d->http);
 }
 
 bool dispatcher_circuit_open(const struct dispatcher *d)
@@ -1040,7 +1469,16 @@ void dispatcher_free(struct dispatcher *d)
 	ev_timer_stop(d->loop, &d->probe);
 	ev_timer_stop(d->loop, &d->deadline);
 	ev_timer_stop(d->loop, &d->stats_timer);
+	ev_timer_stop(d->loop, &d->debounce);
+	ev_timer_stop(d->loop, &d->selftest_timer);
+	ev_timer_stop(d->loop, &d->rate_timer);
 	d->finished = true;
+	while (d->waiting) {
+		/* Never sent: they come back after their vt. */
+		struct batch *b = d->waiting;
+		d->waiting = b->next;
+		batch_free(b);
+	}
 	/* Callbacks still run from here: aborted requests end as outcome
 	 * unknown (logged with their msg ids), pending queries fail; finished
 	 * keeps them from starting new work. */
@@ -1048,7 +1486,10 @@ void dispatcher_free(struct dispatcher *d)
 		http_cancel_all(d->http);
 	tracker_free(d->tracker); /* after the aborts above, before http_free drops requests */
 	http_free(d->http);
+	pg_free(d->listen_pg);
 	pg_free(d->pg);
+	runpod_envelope_free(&d->envelope);
+	free(d->sent_at);
 	free(d);
 }
 

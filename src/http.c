@@ -261,7 +261,11 @@ int http_start(struct http *h, const struct http_request_opts *o, http_done_fn f
 	SETOPT(r->easy, CURLOPT_CONNECTTIMEOUT_MS, o->connect_timeout_ms);
 	SETOPT(r->easy, CURLOPT_TIMEOUT_MS, o->timeout_ms);
 	SETOPT(r->easy, CURLOPT_TCP_KEEPALIVE, 1L);
-	SETOPT(r->easy, CURLOPT_PIPEWAIT, 1L);
+	/* Over TLS, ALPN tells at the handshake whether HTTP/2 can multiplex
+	 * further requests on one connection: worth waiting for. Over plain
+	 * HTTP/1.1 waiting would serialise requests behind a slow one. */
+	if (strncmp(o->url, "https://", 8) == 0)
+		SETOPT(r->easy, CURLOPT_PIPEWAIT, 1L);
 	SETOPT(r->easy, CURLOPT_WRITEFUNCTION, write_cb);
 	SETOPT(r->easy, CURLOPT_WRITEDATA, r);
 	SETOPT(r->easy, CURLOPT_HEADERFUNCTION, header_cb);

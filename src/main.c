@@ -110,6 +110,7 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
 	if (++app->signals > 1) {
 		log_msg(LOG_WARN, "exit_now", "second signal %d: exiting without waiting", w->signum);
 		app->exit_code = 1;
+		dispatcher_abort(app->d);
 		ev_break(loop, EVBREAK_ALL);
 		return;
 	}

@@ -353,7 +353,7 @@ char *metrics_render(size_t *len)
 	labelled(&b, "messages_archived_total", "reason", archive_names, m.messages_archived,
 		 N_ARCHIVE_REASONS);
 	render_requests(&b);
-	counter(&b, "pg_reconnects_total", "Database reconnect attempts.", &m.pg_reconnects);
+	counter(&b, "pg_reconnects_total", "Successful database reconnects after the first connection.", &m.pg_reconnects);
 	family(&b, "reads_total", "counter", "Queue reads by result.");
 	labelled(&b, "reads_total", "result", read_names, m.reads, N_READ_RESULTS);
 

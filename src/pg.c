@@ -366,8 +366,30 @@ static void drain_notifies(struct pg *pg)
 {
 	PGnotify *n;
 
-	while ((n = PQnotifies(pg->conn)) != NULL)
+	while (pg->conn && (n = PQnotifies(pg->conn)) != NULL) {
+		if (pg->cb.notify)
+			pg->cb.notify(pg->cb.arg, n->relname, n->extra ? n->extra : "");
 		PQfreemem(n);
+	}
+}
+
+int pg_quote_ident(const char *name, char *buf, size_t len)
+{
+	size_t j = 0;
+
+	if (len < 3)
+		return -1;
+	buf[j++] = '"';
+	for (const char *p = name; *p; p++) {
+		if (j + 3 > len)
+			return -1;
+		if (*p == '"')
+			buf[j++] = '"';
+		buf[j++] = *p;
+	}
+	buf[j++] = '"';
+	buf[j] = '\0';
+	return 0;
 }
 
 static void on_ready_io(struct pg *pg, int revents)
@@ -402,6 +424,8 @@ static void on_ready_io(struct pg *pg, int revents)
 			pg->result = r;
 		else
 			PQclear(r);
+		/* libpq may have parsed notifications while reading results. */
+		drain_notifies(pg);
 	}
 	if (PQstatus(pg->conn) == CONNECTION_BAD)
 		lose(pg, PQerrorMessage(pg->conn));

@@ -9,14 +9,6 @@
 #include <limits.h>
 #include <string.h>
 
-/* Adds a member whose value is JSON text taken verbatim from PostgreSQL. */
-static bool add_raw(cJSON *obj, const char *key, const char *json)
-{
-	cJSON *item = json ? cJSON_CreateRaw(json) : cJSON_CreateNull();
-
-	return item != NULL && cJSON_AddItemToObject(obj, key, item);
-}
-
 /* Adds "webhook" and "policy" beside "input" when configured. */
 static bool add_extras(cJSON *root, const struct runpod_extras *x)
 {
@@ -41,42 +33,107 @@ static bool add_extras(cJSON *root, const struct runpod_extras *x)
 	return true;
 }
 
-char *runpod_run_body(const char *queue, int vt_seconds, const struct runpod_extras *extras,
-		      const struct pgmq_message *msgs, int n, size_t *len)
+/* The envelope with an empty jobs array, printed by cJSON. */
+static char *print_envelope(const char *queue, int vt_seconds, const struct runpod_extras *extras)
 {
 	cJSON *root = cJSON_CreateObject();
-	cJSON *input, *jobs;
+	cJSON *input;
 	char *out = NULL;
 
 	if (root == NULL)
 		return NULL;
 	input = cJSON_AddObjectToObject(root, "input");
-	if (input == NULL || cJSON_AddStringToObject(input, "queue", queue) == NULL ||
-	    cJSON_AddNumberToObject(input, "vt_seconds", vt_seconds) == NULL)
-		goto done;
-	jobs = cJSON_AddArrayToObject(input, "jobs");
-	if (jobs == NULL || !add_extras(root, extras))
-		goto done;
-	for (int i = 0; i < n; i++) {
-		const struct pgmq_message *m = &msgs[i];
-		cJSON *job = cJSON_CreateObject();
-
-		if (job == NULL || !cJSON_AddItemToArray(jobs, job)) {
-			cJSON_Delete(job);
-			goto done;
-		}
-		if (!add_raw(job, "msg_id", m->msg_id) || !add_raw(job, "read_ct", m->read_ct) ||
-		    !add_raw(job, "enqueued_at", m->enqueued_at) ||
-		    !add_raw(job, "document_id", m->document_id) ||
-		    !add_raw(job, "message", m->message))
-			goto done;
-	}
-	out = cJSON_PrintUnformatted(root);
-	if (out && len)
-		*len = strlen(out);
-done:
+	if (input != NULL && cJSON_AddStringToObject(input, "queue", queue) != NULL &&
+	    cJSON_AddNumberToObject(input, "vt_seconds", vt_seconds) != NULL &&
+	    cJSON_AddArrayToObject(input, "jobs") != NULL && add_extras(root, extras))
+		out = cJSON_PrintUnformatted(root);
 	cJSON_Delete(root);
 	return out;
+}
+
+int runpod_envelope_init(struct runpod_envelope *e, const char *queue, int vt_seconds,
+			 const struct runpod_extras *extras)
+{
+	/* "jobs" is the last member of input; an escaped queue name cannot
+	 * hold this (its quotes are all preceded by a backslash). */
+	static const char marker[] = ",\"jobs\":[]";
+	char *at;
+
+	memset(e, 0, sizeof(*e));
+	e->text = print_envelope(queue, vt_seconds, extras);
+	if (e->text == NULL)
+		return -1;
+	at = strstr(e->text, marker);
+	if (at == NULL) {
+		runpod_envelope_free(e);
+		return -1;
+	}
+	e->head_len = (size_t)(at - e->text) + sizeof(marker) - 2; /* up to and with "[" */
+	e->len = strlen(e->text);
+	return 0;
+}
+
+void runpod_envelope_free(struct runpod_envelope *e)
+{
+	free(e->text);
+	memset(e, 0, sizeof(*e));
+}
+
+static char *put(char *p, const char *s, size_t n)
+{
+	memcpy(p, s, n);
+	return p + n;
+}
+
+#define PUT_LIT(p, lit) put((p), (lit), sizeof(lit) - 1)
+
+char *runpod_envelope_body(const struct runpod_envelope *e, const struct pgmq_message *msgs, int n,
+			   size_t *len)
+{
+	size_t total = e->len;
+	char *body, *p;
+
+	for (int i = 0; i < n; i++)
+		total += runpod_job_bytes(&msgs[i]) + (i ? 1 : 0);
+	body = malloc(total + 1);
+	if (body == NULL)
+		return NULL;
+	p = put(body, e->text, e->head_len);
+	for (int i = 0; i < n; i++) {
+		const struct pgmq_message *m = &msgs[i];
+
+		if (i)
+			*p++ = ',';
+		p = PUT_LIT(p, "{\"msg_id\":");
+		p = put(p, m->msg_id, strlen(m->msg_id));
+		p = PUT_LIT(p, ",\"read_ct\":");
+		p = put(p, m->read_ct, strlen(m->read_ct));
+		p = PUT_LIT(p, ",\"enqueued_at\":");
+		p = put(p, m->enqueued_at, strlen(m->enqueued_at));
+		p = PUT_LIT(p, ",\"document_id\":");
+		p = m->document_id ? put(p, m->document_id, strlen(m->document_id)) : PUT_LIT(p, "null");
+		p = PUT_LIT(p, ",\"message\":");
+		p = put(p, m->message, m->message_len);
+		*p++ = '}';
+	}
+	p = put(p, e->text + e->head_len, e->len - e->head_len);
+	*p = '\0';
+	if (len)
+		*len = (size_t)(p - body);
+	return body;
+}
+
+char *runpod_run_body(const char *queue, int vt_seconds, const struct runpod_extras *extras,
+		      const struct pgmq_message *msgs, int n, size_t *len)
+{
+	struct runpod_envelope e;
+	char *body;
+
+	if (runpod_envelope_init(&e, queue, vt_seconds, extras) != 0)
+		return NULL;
+	body = runpod_envelope_body(&e, msgs, n, len);
+	runpod_envelope_free(&e);
+	return body;
 }
 
 /* Literal parts of one job object, in the order runpod_run_body() adds them. */
@@ -91,7 +148,7 @@ size_t runpod_job_bytes(const struct pgmq_message *m)
 
 size_t runpod_envelope_bytes(const char *queue, int vt_seconds, const struct runpod_extras *extras)
 {
-	char *empty = runpod_run_body(queue, vt_seconds, extras, NULL, 0, NULL);
+	char *empty = print_envelope(queue, vt_seconds, extras);
 	size_t n = empty ? strlen(empty) : 0;
 
 	free(empty);

@@ -149,7 +149,7 @@ if [ -z "$missing" ]; then
 else
 	fail "man page lacks options:$missing"
 fi
-keys=$(sed -n 's/^[[:space:]]*{ "\([a-z]*\)", "\([a-z_]*\)", K_.*/\1.\2/p' src/config.c)
+keys=$(sed -n 's/^[[:space:]]*{ "\([a-z]*\)", "\([a-z0-9_]*\)", K_.*/\1.\2/p' src/config.c)
 missing="" count=0
 for k in $keys; do
 	count=$((count + 1))

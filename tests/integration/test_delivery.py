@@ -380,6 +380,26 @@ def test_messages_read_while_stopping_are_released(queue_db, emulator):
     assert not any(rows[i]["invisible"] for i in ids)       # set_vt(…, 0): visible now
 
 
+def test_connection_lost_during_a_read_is_logged_as_fate_unknown(queue_db, emulator):
+    queue_db.sql("CREATE FUNCTION public.slow_read(queue_name text, vt integer, qty integer) "
+                 "RETURNS SETOF pgmq.message_record LANGUAGE plpgsql AS $$ BEGIN "
+                 "PERFORM pg_sleep(30); RETURN QUERY SELECT * FROM pgmq.read(queue_name, vt, qty); END $$")
+    d = Daemon(base_env(queue_db, emulator, PGMQD_QUEUE_READ_FUNCTION="public.slow_read"),
+               args=["-v"]).start()
+    try:
+        wait_until(lambda: queue_db.sql(
+            "SELECT 1 FROM pg_stat_activity WHERE query LIKE '%%slow_read%%' "
+            "AND application_name = 'pgmq-dispatcher' AND state = 'active'"), timeout=10,
+            what="the slow read to run")
+        queue_db.sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                     "WHERE application_name = 'pgmq-dispatcher' AND datname = %s", (queue_db.dbname,))
+        fields = logfmt(d.wait_log(r"event=read_fate_unknown")[0].string)
+        assert "after vt_seconds" in fields["outcome"]
+        d.wait_log(r"event=db_connected", count=2, timeout_s=15)   # and it reconnects
+    finally:
+        assert d.stop() == 0
+
+
 def test_sighup_reload(queue_db, emulator, tmp_path):
     conf = tmp_path / "d.conf"
     conf.write_text("[queue]\nname = jobs\nbatch_size = 2\npoll_interval_ms = 100\n")

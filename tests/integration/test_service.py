@@ -196,6 +196,33 @@ def test_healthz_and_readyz(queue_db, emulator, start_daemon):
     assert bad.stop() == 0
 
 
+def test_readyz_is_503_while_draining(queue_db, emulator, start_daemon):
+    queue_db.send_many([{"x": 1}])
+    emulator.hold_runs()
+    d = start_daemon("-v")
+    try:
+        emulator.wait_for(lambda: emulator.in_flight_run == 1, timeout_s=10)
+        url = admin_url(d, "/readyz")
+        d.signal(signal.SIGTERM)
+        d.wait_log(r"event=stopping")
+        status, _, body = get(url)
+        assert status == 503 and "draining" in body
+    finally:
+        emulator.release_runs()
+    assert d.wait_exit() == 0
+
+
+def test_admin_off_and_connection_reuse(queue_db, emulator, start_daemon):
+    queue_db.send_many([{"i": i} for i in range(30)])
+    d = start_daemon("-v", PGMQD_ADMIN_LISTEN="off", PGMQD_QUEUE_MAX_IN_FLIGHT=1)
+    emulator.wait_for(lambda: sum(1 for r in emulator.requests("run") if r.accepted) == 3,
+                      timeout_s=10)
+    assert "admin_port" not in logfmt(d.wait_log(r"event=started ")[0].string)
+    # Keep-alive: one connection carries every request (one at a time here).
+    assert len({r.client_address for r in emulator.requests("run")}) == 1
+    assert d.stop() == 0
+
+
 def test_health_check_cli(queue_db, emulator, start_daemon):
     port = free_port()
     env = base_env(queue_db, emulator, PGMQD_ADMIN_LISTEN=f"127.0.0.1:{port}")

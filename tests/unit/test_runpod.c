@@ -21,7 +21,11 @@ static void body_golden_bytes(void **state)
 		  .message = "[1, 2.50, \"x\"]", .document_id = NULL },
 	};
 	size_t len = 0;
-	char *body = runpod_run_body("video_audio_transcription", 1800, NULL, m, 2, &len);
+	char *body;
+
+	for (int i = 0; i < 2; i++)
+		m[i].message_len = strlen(m[i].message);
+	body = runpod_run_body("video_audio_transcription", 1800, NULL, m, 2, &len);
 	const char *want =
 		"{\"input\":{\"queue\":\"video_audio_transcription\",\"vt_seconds\":1800,\"jobs\":["
 		"{\"msg_id\":9007199254740993,\"read_ct\":1,"
@@ -43,7 +47,11 @@ static void body_scalar_messages(void **state)
 		{ .msg_id = "2", .read_ct = "1", .enqueued_at = "\"t\"", .message = "null" },
 		{ .msg_id = "3", .read_ct = "1", .enqueued_at = "\"t\"", .message = "-1.5e+300" },
 	};
-	char *body = runpod_run_body("q", 30, NULL, m, 3, NULL);
+	char *body;
+
+	for (int i = 0; i < 3; i++)
+		m[i].message_len = strlen(m[i].message);
+	body = runpod_run_body("q", 30, NULL, m, 3, NULL);
 
 	assert_non_null(body);
 	assert_non_null(strstr(body, "\"message\":\"just a string\""));
@@ -55,7 +63,8 @@ static void body_scalar_messages(void **state)
 
 static void body_queue_name_is_escaped(void **state)
 {
-	struct pgmq_message m = { .msg_id = "1", .read_ct = "1", .enqueued_at = "\"t\"", .message = "{}" };
+	struct pgmq_message m = { .msg_id = "1", .read_ct = "1", .enqueued_at = "\"t\"", .message = "{}",
+				  .message_len = 2 };
 	char *body = runpod_run_body("we\"ird\\q", 30, NULL, &m, 1, NULL);
 
 	assert_non_null(strstr(body, "\"queue\":\"we\\\"ird\\\\q\""));
@@ -64,7 +73,8 @@ static void body_queue_name_is_escaped(void **state)
 
 static void body_extras(void **state)
 {
-	struct pgmq_message m = { .msg_id = "1", .read_ct = "1", .enqueued_at = "\"t\"", .message = "{}" };
+	struct pgmq_message m = { .msg_id = "1", .read_ct = "1", .enqueued_at = "\"t\"", .message = "{}",
+				  .message_len = 2 };
 	struct runpod_extras x = { .webhook = "https://hooks.example.com/done", .execution_timeout_ms = 600000,
 				   .ttl_ms = 86400000, .low_priority = true };
 	struct runpod_extras none = { .webhook = "" };

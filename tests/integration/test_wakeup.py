@@ -1,0 +1,216 @@
+"""Fast and cheap (issue 5): NOTIFY wake-up, debounce, fallback to polling when
+notifications are dropped, re-LISTEN and catch-up after a restart, idle
+back-off, drain up to max_in_flight and the /run rate cap."""
+
+import json
+import socket
+import struct
+import threading
+import time
+
+import pytest
+
+from daemon import Daemon, base_env, logfmt
+from pgcluster import wait_until
+
+SLOW_POLL = dict(PGMQD_QUEUE_POLL_INTERVAL_MS=60000)   # polling alone would take a minute
+
+
+def accepted_ids(emu):
+    return [j["msg_id"] for r in emu.requests("run") if r.accepted
+            for j in json.loads(r.body)["input"]["jobs"]]
+
+
+def enable_notify(db, throttle_ms=0):
+    db.sql("SELECT pgmq.enable_notify_insert(%s, %s)", (db.queue, throttle_ms))
+
+
+@pytest.mark.parametrize("trigger", ["pgmq", "docs"])
+def test_notify_wakes_the_daemon(pg_cluster, queue_db, emulator, start_daemon, trigger):
+    if trigger == "pgmq":
+        enable_notify(queue_db)                  # pgmq >= 1.7
+    else:                                        # the trigger docs/operations.md gives for < 1.7
+        import conftest
+        pg_cluster.load_sql(conftest.FIXTURES_DIR + "/notify-trigger-pre-1.7.sql", queue_db.dbname)
+        queue_db.sql("CREATE TRIGGER pgmqd_notify_insert AFTER INSERT ON pgmq.q_jobs "
+                     "FOR EACH STATEMENT EXECUTE FUNCTION public.pgmqd_notify_insert()")
+    d = start_daemon("-v", **SLOW_POLL)
+    d.wait_log(r"event=notify_ready .*channel=pgmq.q_jobs.INSERT")
+    d.wait_log(r"event=queue_empty")          # the catch-up read at connect
+    assert d.count_log(r"event=notify_no_trigger") == 0
+    ids = queue_db.send_many([{"document_id": "now"}])
+    emulator.wait_for(lambda: accepted_ids(emulator) == ids, timeout_s=10)
+    assert d.count_log(r"event=queue_empty") == 1   # no poll in between: the NOTIFY did it
+    assert d.stop() == 0
+
+
+def test_debounce_turns_a_burst_into_few_reads(queue_db, emulator, start_daemon):
+    enable_notify(queue_db)
+    d = start_daemon("-v", PGMQD_QUEUE_NOTIFY_DEBOUNCE_MS=300, PGMQD_QUEUE_BATCH_SIZE=100,
+                     **SLOW_POLL)
+    d.wait_log(r"event=notify_ready")
+    ids = queue_db.send_many([{"i": i} for i in range(30)])   # 30 transactions, 30 NOTIFYs
+    emulator.wait_for(lambda: sorted(accepted_ids(emulator)) == ids, timeout_s=10)
+    reads = d.count_log(r"event=batch_read")
+    assert reads <= 3, reads
+    assert d.stop() == 0
+
+
+class DropNotifyProxy(threading.Thread):
+    """A TCP proxy that forwards the PostgreSQL protocol but drops every
+    NotificationResponse ('A') the server sends, as a transaction pooler
+    effectively does for LISTEN. Needs sslmode=disable (no SSLRequest)."""
+
+    def __init__(self, port):
+        super().__init__(daemon=True)
+        self.upstream = port
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.port = self.sock.getsockname()[1]
+        self.dropped = 0
+
+    def run(self):
+        while True:
+            try:
+                client, _ = self.sock.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.upstream))
+            threading.Thread(target=self._pipe, args=(client, server), daemon=True).start()
+            threading.Thread(target=self._filter, args=(server, client), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src, dst):
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+    def _filter(self, src, dst):
+        buf = b""
+        try:
+            while data := src.recv(65536):
+                buf += data
+                out = b""
+                while len(buf) >= 5:
+                    length = struct.unpack("!I", buf[1:5])[0]
+                    if len(buf) < 1 + length:
+                        break
+                    msg, buf = buf[:1 + length], buf[1 + length:]
+                    if msg[:1] == b"A":
+                        self.dropped += 1
+                    else:
+                        out += msg
+                if out:
+                    dst.sendall(out)
+        except OSError:
+            pass
+        finally:
+            dst.close()
+
+
+def test_falls_back_to_polling_when_notifications_are_dropped(pg_cluster, queue_db, emulator,
+                                                               start_daemon):
+    enable_notify(queue_db)
+    proxy = DropNotifyProxy(pg_cluster.port)
+    proxy.start()
+    conninfo = f"host=127.0.0.1 port={proxy.port} dbname={queue_db.dbname} user=postgres sslmode=disable"
+    d = start_daemon("-v", PGMQD_DATABASE_CONNINFO=conninfo, PGMQD_QUEUE_POLL_INTERVAL_MS=300,
+                     PGMQD_QUEUE_IDLE_POLL_MAX_MS=60000)
+    line = d.wait_log(r"event=notify_unavailable")[0].string
+    assert "polling" in logfmt(line)["msg"]
+    assert proxy.dropped >= 1
+    # Polling goes on at poll_interval_ms (no idle back-off without working NOTIFY).
+    ids = queue_db.send_many([{"x": 1}])
+    emulator.wait_for(lambda: accepted_ids(emulator) == ids, timeout_s=10)
+    assert d.count_log(r"event=notify_unavailable") == 1
+    assert d.count_log(r"poll_period_ms=[1-9]\d{3,}") == 0
+    assert d.stop() == 0
+
+
+def test_separate_listen_connection(pg_cluster, queue_db, emulator, start_daemon):
+    enable_notify(queue_db)
+    proxy = DropNotifyProxy(pg_cluster.port)
+    proxy.start()
+    pooled = f"host=127.0.0.1 port={proxy.port} dbname={queue_db.dbname} user=postgres sslmode=disable"
+    d = start_daemon("-v", PGMQD_DATABASE_CONNINFO=pooled,
+                     PGMQD_DATABASE_LISTEN_CONNINFO=queue_db.conninfo, **SLOW_POLL)
+    d.wait_log(r"event=notify_ready")
+    d.wait_log(r"event=queue_empty")
+    ids = queue_db.send_many([{"x": 2}])
+    emulator.wait_for(lambda: accepted_ids(emulator) == ids, timeout_s=10)
+    assert d.count_log(r"event=notify_unavailable") == 0
+    assert d.stop() == 0
+
+
+def test_relisten_and_catch_up_after_restart(pg_cluster, queue_db, emulator, start_daemon):
+    # No insert trigger: only a read can find this message, so the read that
+    # follows the reconnect is what dispatches it.
+    d = start_daemon("-v", **SLOW_POLL)
+    d.wait_log(r"event=notify_ready")
+    d.wait_log(r"event=queue_empty")
+    ids = queue_db.send_many([{"x": 3}])
+    pg_cluster.restart(mode="fast")
+    queue_db.conn = pg_cluster.connect(queue_db.dbname)
+    d.wait_log(r"event=notify_ready", count=2, timeout_s=30)    # LISTEN again
+    emulator.wait_for(lambda: accepted_ids(emulator) == ids, timeout_s=15)
+    # And NOTIFY works on the new connection.
+    enable_notify(queue_db)
+    more = queue_db.send_many([{"x": 4}])
+    emulator.wait_for(lambda: accepted_ids(emulator) == ids + more, timeout_s=10)
+    assert d.stop() == 0
+
+
+def test_idle_polls_back_off_and_reset(queue_db, emulator, start_daemon):
+    enable_notify(queue_db)
+    d = start_daemon("-v", PGMQD_QUEUE_POLL_INTERVAL_MS=100, PGMQD_QUEUE_IDLE_POLL_MAX_MS=800)
+    d.wait_log(r"event=notify_ready")
+    d.wait_log(r"poll_period_ms=800\b")          # 100 → 200 → 400 → 800, then stays
+    assert d.count_log(r"poll_period_ms=1600") == 0
+    queue_db.send_many([{"x": 5}])               # a NOTIFY resets the period
+    d.wait_log(r"poll_period_ms=100\b")
+    emulator.wait_for(lambda: len(accepted_ids(emulator)) == 1, timeout_s=10)
+    d.wait_log(r"poll_period_ms=800\b", count=2)
+    assert d.stop() == 0
+
+
+def test_drain_stops_at_max_in_flight(queue_db, emulator, start_daemon):
+    ids = queue_db.send_many([{"i": i} for i in range(100)])
+    emulator.hold_runs()
+    d = start_daemon("-v", PGMQD_QUEUE_MAX_IN_FLIGHT=4)
+    try:
+        emulator.wait_for(lambda: emulator.in_flight_run == 4, timeout_s=10)
+        # Held at 4: the daemon waits for a slot instead of reading more.
+        d.wait_log(r"event=batch_read", count=4)
+        assert d.count_log(r"event=batch_read") == 4
+    finally:
+        emulator.release_runs()
+    emulator.wait_for(lambda: sorted(accepted_ids(emulator)) == ids, timeout_s=20)
+    assert emulator.max_concurrent_run == 4
+    assert d.stop() == 0
+
+
+def test_rate_cap_per_10s_window(queue_db, emulator, start_daemon):
+    ids = queue_db.send_many([{"i": i} for i in range(5)])
+    d = start_daemon("-v", PGMQD_QUEUE_BATCH_SIZE=1, PGMQD_RUNPOD_MAX_REQUESTS_PER_10S=3)
+    emulator.wait_for(lambda: sorted(accepted_ids(emulator)) == ids, timeout_s=25)
+    times = sorted(r.received_at for r in emulator.requests("run"))
+    for t in times:
+        assert sum(1 for u in times if t <= u < t + 10.0) <= 3, times
+    assert d.count_log(r"event=rate_limited") >= 1
+    assert emulator.requests("run") and all(r.status == 200 for r in emulator.requests("run"))
+    assert d.stop() == 0
+
+
+def test_no_insert_trigger_means_no_idle_back_off(queue_db, emulator, start_daemon):
+    d = start_daemon("-v", PGMQD_QUEUE_POLL_INTERVAL_MS=100, PGMQD_QUEUE_IDLE_POLL_MAX_MS=800)
+    d.wait_log(r"event=notify_ready")
+    d.wait_log(r"event=notify_no_trigger")
+    d.wait_log(r"event=queue_empty", count=6)
+    assert d.count_log(r"poll_period_ms=200\b") == 0     # stays at poll_interval_ms
+    assert d.count_log(r"event=notify_no_trigger") == 1
+    assert d.stop() == 0
