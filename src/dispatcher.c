@@ -114,6 +114,7 @@ struct batch {
 	long long *ids;
 	int n;
 	ev_tstamp started;
+	ev_tstamp read_at;      /* when the read returned: the vt runs from here */
 };
 
 static void kick(struct dispatcher *d);
@@ -180,7 +181,7 @@ static struct batch *batch_new(struct dispatcher *d, struct read_result *rr,
 	b->rr = rr;
 	rr->refs++;
 	b->n = n;
-	b->started = ev_now(d->loop);
+	b->started = b->read_at = ev_now(d->loop);
 	for (int i = 0; i < n; i++) {
 		b->msgs[i] = msgs[i];
 		b->ids[i] = msgs[i].msg_id_num;
@@ -516,7 +517,9 @@ static void on_posted(void *arg, const struct http_response *r)
 			d->failures = 0;
 		if (d->once)
 			d->once_result = DISPATCH_DONE_DISPATCHED;
-		tracker_add(d->tracker, reply.id, b->ids, b->n, b->started);
+		/* started is reset when the POST leaves (after a rate-cap wait);
+		 * the vt has run since the read. */
+		tracker_add(d->tracker, reply.id, b->ids, b->n, b->read_at);
 		batch_free(b);
 		break;
 	case RUNPOD_UNKNOWN:
