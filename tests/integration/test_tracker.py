@@ -14,6 +14,7 @@ import urllib.request
 import pytest
 
 from daemon import Daemon, Fault, assert_no_sanitizer_report, base_env, logfmt
+from pgcluster import wait_until
 
 # 300 ms between /status requests per job, failed jobs' messages back after 1 s. Reads stay
 # at the 200 ms poll even where NOTIFY would let idle polls back off: released messages and
@@ -121,6 +122,34 @@ def test_long_job_is_never_read_twice(queue_db, emulator, start_daemon):
     assert m['pgmqd_tracker_terminal_total{status="COMPLETED"}'] == 1
     assert m["pgmqd_tracker_heartbeats_total"] == beats
     assert sum(v for k, v in m.items() if k.startswith("pgmqd_tracked_jobs{")) == 0
+    assert d.stop() == 0
+
+
+def test_vt_counts_from_the_read_when_a_batch_waits_for_a_rate_slot(queue_db, emulator,
+                                                                     start_daemon):
+    """/run capped at 2 per 10 s: a batch read 7 s after the first POST waits 3 s for its
+    slot. Its vt (6 s) has run since the read, so its first heartbeat is due 4 s after the
+    read, only 1 s after the POST."""
+    emulator.job_plan = lambda job_input: {"in_queue_s": 60, "run_s": 1}
+    d = start_daemon("-v", PGMQD_QUEUE_BATCH_SIZE=1, PGMQD_QUEUE_VT_SECONDS=6,
+                     PGMQD_RUNPOD_MAX_REQUESTS_PER_10S=2, **TRACKER)
+    queue_db.send_many(jobs(1))
+    wait_event(d, "batch_accepted")
+    first_post = emulator.requests("run")[0].received_at
+    # The scenario is about time itself: wait until 7 s after the first POST.
+    wait_until(lambda: time.monotonic() >= first_post + 7.0, timeout=10, what="7 s to pass")
+    b, c = queue_db.send_many(jobs(2))
+    read_at = time.monotonic()
+    lines = wait_event(d, "batch_accepted", count=3, timeout_s=15)
+    assert [int(x["first_msg_id"]) for x in lines[1:]] == [b, c]
+    posts = emulator.requests("run")
+    assert posts[2].received_at >= first_post + 9.9          # held for the rate slot
+    c_job = lines[2]["runpod_job_id"]
+    beat = wait_event(d, "heartbeat", job_id=c_job, timeout_s=10)[0]
+    assert ids_of(beat["msg_ids"]) == [c]
+    assert time.monotonic() < read_at + 6.0                  # before its vt ran out
+    wait_event(d, "heartbeat", count=2, job_id=c_job, timeout_s=10)
+    assert read_ct(queue_db, c) == 1 and len(emulator.requests("run")) == 3
     assert d.stop() == 0
 
 
