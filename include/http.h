@@ -27,6 +27,9 @@ struct http_response {
 	bool connected;         /* a connection was established or reused */
 	bool request_sent;      /* request bytes were written (CURLINFO_REQUEST_SIZE) */
 	bool aborted;           /* cancelled by http_cancel_all() */
+	bool resend_refused;    /* curl wanted to re-send the body (a reused
+				   connection died); refused, so the request ends
+				   here with its outcome unknown */
 	const char *body;       /* reply body, not NUL-terminated */
 	size_t body_len;
 	bool body_truncated;    /* longer than HTTP_MAX_RESPONSE_BYTES */

@@ -11,6 +11,7 @@
 
 #include "pg.h"
 
+#include <stdbool.h>
 #include <stddef.h>
 
 /* One message of a read. Every pointer points into the batch's PGresult. */
@@ -22,6 +23,9 @@ struct pgmq_message {
 	const char *message;      /* jsonb as PostgreSQL's JSON text; "null" for SQL NULL */
 	size_t message_len;
 	const char *document_id;  /* JSON text of message->'document_id', or NULL */
+	const char *invalid;      /* NULL, or why this row cannot be sent (a wrapper
+				     returned a NULL or malformed field) */
+	bool id_ok;               /* msg_id_num is valid (the row can be released) */
 };
 
 /* The rows of one read, ordered by msg_id. Owns the PGresult. */
@@ -36,8 +40,11 @@ struct pgmq_batch {
 int pgmq_read_sql(const char *read_function, char *buf, size_t len);
 
 /* Turns a read result into a batch, taking ownership of res (freed on
- * error too). Columns are looked up by name. Returns 0, or -1 with a
- * one-line reason in err when a column is missing or a value malformed. */
+ * error too). Columns are looked up by name. A row with a NULL or
+ * malformed field stays in the batch with `invalid` set (and id_ok telling
+ * whether its msg_id is usable), so that the caller can release or at
+ * least name it: the read has already hidden it. Returns -1 with a
+ * one-line reason in err only when there is no msg_id column at all. */
 int pgmq_batch_from_result(PGresult *res, struct pgmq_batch *out, char *err, size_t errlen);
 
 /* Frees the batch's rows and its PGresult. NULL-safe. */

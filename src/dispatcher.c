@@ -66,6 +66,7 @@ struct dispatcher {
 	bool finished;
 	bool once_read_done;
 	bool circuit_open;
+	bool deadline_passed;   /* shutdown: stop waiting for the database */
 	bool probing;           /* a /health request is in flight */
 	int probe_failures;
 	int in_flight;          /* /run requests outstanding */
@@ -239,11 +240,9 @@ static void on_released(void *arg, long count, const struct pg_error *err)
 	struct dispatcher *d = b->d;
 
 	d->db_pending--;
-	if (d->finished) {
-		batch_free(b);
-		return;
-	}
 	if (err) {
+		/* Also while shutting down: every id needs a line saying why it
+		 * stays invisible. */
 		struct log_line *l = log_begin(LOG_ERROR, "release_failed");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "sqlstate", err->sqlstate);
@@ -251,7 +250,7 @@ static void on_released(void *arg, long count, const struct pg_error *err)
 		log_end(l);
 		log_ids(LOG_ERROR, "release_failed_ids", d, b->ids, b->n,
 			"visible again after vt_seconds");
-	} else {
+	} else if (!d->finished) {
 		struct log_line *l = log_begin(LOG_DEBUG, "released");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_int(l, "messages", count);
@@ -282,7 +281,7 @@ static void on_archived(void *arg, long count, const struct pg_error *err)
 	struct dispatcher *d = b->d;
 
 	d->db_pending--;
-	if (!d->finished) {
+	{
 		if (err) {
 			struct log_line *l = log_begin(LOG_ERROR, "archive_failed");
 			log_str(l, "queue", d->cfg->queue_name);
@@ -291,7 +290,7 @@ static void on_archived(void *arg, long count, const struct pg_error *err)
 			log_end(l);
 			log_ids(LOG_ERROR, "archive_failed_ids", d, b->ids, b->n,
 				"visible again after vt_seconds, archived then");
-		} else {
+		} else if (!d->finished) {
 			d->stats.messages_archived += (unsigned long long)count;
 			metrics_add_messages_archived(b->archive_reason, (unsigned)count);
 		}
@@ -347,6 +346,8 @@ static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod
 		log_int(l, "curl_code", r->code);
 		log_str(l, "error", r->error);
 		log_str(l, "request_sent", r->request_sent ? "yes" : "no");
+		if (r->resend_refused)
+			log_str(l, "resend", "refused: the connection died after the request was sent");
 	}
 	if (outcome != RUNPOD_ACCEPTED && r->body_len > 0)
 		log_strn(l, "body", r->body,
@@ -709,12 +710,14 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 	struct pgmq_message *keep = malloc((size_t)rows->n * sizeof(*keep));
 	struct pgmq_message *drop = malloc((size_t)rows->n * sizeof(*drop));
 	struct pgmq_message *poison = malloc((size_t)rows->n * sizeof(*poison));
+	struct pgmq_message *bad = malloc((size_t)rows->n * sizeof(*bad));
 	size_t limit = (size_t)d->cfg->max_body_bytes;
 	int *ends = malloc((size_t)rows->n * sizeof(*ends));
-	int nkeep = 0, ndrop = 0, npoison = 0, runs;
+	int nkeep = 0, ndrop = 0, npoison = 0, nbad = 0, runs;
 
-	if (keep == NULL || drop == NULL || poison == NULL || ends == NULL) {
+	if (keep == NULL || drop == NULL || poison == NULL || bad == NULL || ends == NULL) {
 		free(poison);
+		free(bad);
 		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt",
 			rows->n);
 		free(keep);
@@ -724,8 +727,22 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 	}
 	for (int i = 0; i < rows->n; i++) {
 		const struct pgmq_message *m = &rows->msgs[i];
-		size_t job = runpod_job_bytes(m);
+		size_t job;
 
+		if (m->invalid) {
+			/* The read hid it; bring it back (after a pause: the read
+			 * function is broken and would hide it again). */
+			struct log_line *l = log_begin(LOG_ERROR, "row_invalid");
+			log_str(l, "queue", d->cfg->queue_name);
+			log_str(l, "msg_id", m->msg_id);
+			log_str(l, "problem", m->invalid);
+			log_str(l, "outcome", m->id_ok ? "released" : "cannot release: visible again after vt_seconds");
+			log_end(l);
+			if (m->id_ok)
+				bad[nbad++] = *m;
+			continue;
+		}
+		job = runpod_job_bytes(m);
 		if (d->cfg->max_read_ct > 0 && atol(m->read_ct) > d->cfg->max_read_ct) {
 			log_archive(d, m, "max_read_ct", 0);
 			poison[npoison++] = *m;
@@ -735,6 +752,12 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 		} else {
 			keep[nkeep++] = *m;
 		}
+	}
+	if (nbad > 0) {
+		struct batch *b = batch_new(d, rr, bad, nbad);
+		double ms = back_off(d, PAUSE_DB, -1);
+		if (b)
+			release(d, b, (int)ceil(ms / 1000.0));
 	}
 	archive(d, rr, drop, ndrop, METRICS_ARCHIVE_TOO_LARGE);
 	archive(d, rr, poison, npoison, METRICS_ARCHIVE_MAX_READ_CT);
@@ -750,6 +773,7 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 	free(keep);
 	free(drop);
 	free(poison);
+	free(bad);
 	free(ends);
 }
 
@@ -878,7 +902,8 @@ static void maybe_finish(struct dispatcher *d)
 		return;
 	if (d->once && !d->once_read_done && !d->stopping)
 		return;
-	if (d->reading || d->in_flight > 0 || d->db_pending > 0 || d->probing || d->metrics_pending)
+	if (!d->deadline_passed &&
+	    (d->reading || d->in_flight > 0 || d->db_pending > 0 || d->probing || d->metrics_pending))
 		return;
 	if (!d->once && !d->stopping)
 		return;
@@ -926,10 +951,11 @@ static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
 	/* Aborted requests end as outcome unknown (their callbacks run now). */
 	http_cancel_all(d->http);
 	if (!d->finished && (d->db_pending > 0 || d->reading)) {
-		log_msg(LOG_WARN, "shutdown_deadline", "%d database statements unfinished; their messages "
-			"are visible again after their vt", d->db_pending + (d->reading ? 1 : 0));
-		d->db_pending = 0;
-		d->reading = false;
+		/* Their callbacks still run when the connection closes, and
+		 * name every msg id that stays invisible. */
+		log_msg(LOG_WARN, "shutdown_deadline", "%d database statements unfinished",
+			d->db_pending + (d->reading ? 1 : 0));
+		d->deadline_passed = true;
 	}
 	maybe_finish(d);
 }
@@ -1480,6 +1506,8 @@ void dispatcher_free(struct dispatcher *d)
 		/* Never sent: they come back after their vt. */
 		struct batch *b = d->waiting;
 		d->waiting = b->next;
+		log_ids(LOG_WARN, "unsent_ids", d, b->ids, b->n,
+			"never sent (exit): visible again after vt_seconds");
 		batch_free(b);
 	}
 	/* Callbacks still run from here: aborted requests end as outcome

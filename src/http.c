@@ -19,6 +19,9 @@ struct http_request {
 	CURL *easy;
 	struct curl_slist *headers;
 	char *body;
+	size_t body_len;
+	size_t body_pos;        /* bytes curl has read from the body */
+	bool resend_refused;    /* curl wanted to send the body again */
 	http_done_fn fn;
 	void *arg;
 	char *reply;
@@ -194,6 +197,32 @@ static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
 	return n;
 }
 
+/* The POST body goes through a read callback so that a rewind can be
+ * refused: libcurl silently re-sends a request whose reused connection
+ * died before any reply ("Connection died, retrying a fresh connect"), and
+ * a /run that may have created a job must not be sent twice. */
+static size_t read_cb(char *buf, size_t size, size_t nitems, void *userp)
+{
+	struct http_request *r = userp;
+	size_t n = size * nitems;
+
+	if (n > r->body_len - r->body_pos)
+		n = r->body_len - r->body_pos;
+	memcpy(buf, r->body + r->body_pos, n);
+	r->body_pos += n;
+	return n;
+}
+
+static int seek_cb(void *userp, curl_off_t offset, int origin)
+{
+	struct http_request *r = userp;
+
+	if (origin == SEEK_SET && offset == 0 && r->body_pos == 0)
+		return CURL_SEEKFUNC_OK;
+	r->resend_refused = true;
+	return CURL_SEEKFUNC_CANTSEEK; /* → CURLE_SEND_FAIL_REWIND: outcome unknown */
+}
+
 static void link_request(struct http *h, struct http_request *r)
 {
 	r->next = h->requests;
@@ -271,8 +300,13 @@ int http_start(struct http *h, const struct http_request_opts *o, http_done_fn f
 	SETOPT(r->easy, CURLOPT_HEADERFUNCTION, header_cb);
 	SETOPT(r->easy, CURLOPT_HEADERDATA, r);
 	if (strcmp(o->method, "POST") == 0) {
-		SETOPT(r->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)o->body_len);
-		SETOPT(r->easy, CURLOPT_POSTFIELDS, r->body ? r->body : "");
+		r->body_len = r->body ? o->body_len : 0;
+		SETOPT(r->easy, CURLOPT_POST, 1L);
+		SETOPT(r->easy, CURLOPT_POSTFIELDSIZE_LARGE, (curl_off_t)r->body_len);
+		SETOPT(r->easy, CURLOPT_READFUNCTION, read_cb);
+		SETOPT(r->easy, CURLOPT_READDATA, r);
+		SETOPT(r->easy, CURLOPT_SEEKFUNCTION, seek_cb);
+		SETOPT(r->easy, CURLOPT_SEEKDATA, r);
 	} else {
 		SETOPT(r->easy, CURLOPT_HTTPGET, 1L);
 	}
@@ -313,7 +347,8 @@ static void finish(struct http *h, struct http_request *r, CURLcode code, bool a
 	curl_easy_getinfo(r->easy, CURLINFO_PRIMARY_IP, &ip);
 	resp.code = code;
 	resp.error = r->error[0] ? r->error : (code != CURLE_OK ? curl_easy_strerror(code) : "");
-	resp.request_sent = request_size > 0 || uploaded > 0;
+	resp.request_sent = request_size > 0 || uploaded > 0 || r->body_pos > 0 || r->resend_refused;
+	resp.resend_refused = r->resend_refused;
 	resp.connected = resp.request_sent || (ip != NULL && ip[0] != '\0' &&
 					       code != CURLE_COULDNT_CONNECT);
 	resp.aborted = aborted;

@@ -109,8 +109,8 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
 	(void)revents;
 	if (++app->signals > 1) {
 		log_msg(LOG_WARN, "exit_now", "second signal %d: exiting without waiting", w->signum);
+		dispatcher_abort(app->d); /* may finish the drain and call on_done */
 		app->exit_code = 1;
-		dispatcher_abort(app->d);
 		ev_break(loop, EVBREAK_ALL);
 		return;
 	}
@@ -397,19 +397,23 @@ int main(int argc, char **argv)
 	admin_stop(app.admin);
 
 	{
-		const struct dispatcher_stats *s = dispatcher_stats(app.d);
-		struct log_line *l = log_begin(LOG_INFO, "exiting");
+		/* Free first: requests and statements still pending log their
+		 * msg ids as they fail, and the last line sums everything up. */
+		struct dispatcher_stats s = *dispatcher_stats(app.d);
+		struct log_line *l;
+
+		dispatcher_free(app.d);
+		l = log_begin(LOG_INFO, "exiting");
 		log_int(l, "exit_code", app.exit_code);
-		log_int(l, "messages_read", (long long)s->messages_read);
-		log_int(l, "messages_accepted", (long long)s->messages_accepted);
-		log_int(l, "messages_released", (long long)s->messages_released);
-		log_int(l, "messages_archived", (long long)s->messages_archived);
-		log_int(l, "requests_accepted", (long long)s->requests_accepted);
-		log_int(l, "requests_rejected", (long long)s->requests_rejected);
-		log_int(l, "requests_unknown", (long long)s->requests_unknown);
+		log_int(l, "messages_read", (long long)s.messages_read);
+		log_int(l, "messages_accepted", (long long)s.messages_accepted);
+		log_int(l, "messages_released", (long long)s.messages_released);
+		log_int(l, "messages_archived", (long long)s.messages_archived);
+		log_int(l, "requests_accepted", (long long)s.requests_accepted);
+		log_int(l, "requests_rejected", (long long)s.requests_rejected);
+		log_int(l, "requests_unknown", (long long)s.requests_unknown);
 		log_end(l);
 	}
-	dispatcher_free(app.d);
 	ev_signal_stop(app.loop, &app.sig_int);
 	ev_signal_stop(app.loop, &app.sig_term);
 	ev_signal_stop(app.loop, &app.sig_hup);

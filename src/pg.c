@@ -194,7 +194,22 @@ static void lose(struct pg *pg, const char *why)
 		pg->cb.connect_failed(pg->cb.arg);
 }
 
+static void connect_now(struct pg *pg);
+
+/* Connects from the loop, never from the caller's stack: a connect that
+ * fails at once (no socket directory, unknown host) must report through
+ * the callbacks after ev_run() has started. */
 void pg_start(struct pg *pg)
+{
+	if (pg->state == PG_CONNECTING || pg->state == PG_READY)
+		return;
+	pg->state = PG_WAITING;
+	ev_timer_stop(pg->loop, &pg->timer);
+	ev_timer_set(&pg->timer, 0.0, 0.0);
+	ev_timer_start(pg->loop, &pg->timer);
+}
+
+static void connect_now(struct pg *pg)
 {
 	/* Our defaults come first: a later keyword, or the expanded
 	 * conninfo/URI in dbname, overrides them (libpq expand_dbname). */
@@ -458,7 +473,7 @@ static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 	if (pg->state == PG_CONNECTING)
 		lose(pg, "connect timed out");
 	else if (pg->state == PG_WAITING)
-		pg_start(pg);
+		connect_now(pg);
 }
 
 int pg_query(struct pg *pg, const char *sql, int nparams, const char *const *params,

@@ -28,28 +28,31 @@ int pgmq_read_sql(const char *read_function, char *buf, size_t len)
 	return n < 0 || (size_t)n >= len ? -1 : 0;
 }
 
-static int column(PGresult *res, const char *name, char *err, size_t errlen)
-{
-	int c = PQfnumber(res, name);
-
-	if (c < 0)
-		snprintf(err, errlen, "the read function returned no column named %s", name);
-	return c;
-}
-
 int pgmq_batch_from_result(PGresult *res, struct pgmq_batch *out, char *err, size_t errlen)
 {
 	int c_id, c_ct, c_enq, c_msg, c_doc, n;
+	const char *missing = NULL;
 
 	memset(out, 0, sizeof(*out));
-	if ((c_id = column(res, "msg_id", err, errlen)) < 0 ||
-	    (c_ct = column(res, "read_ct", err, errlen)) < 0 ||
-	    (c_enq = column(res, "enqueued_at", err, errlen)) < 0 ||
-	    (c_msg = column(res, "message", err, errlen)) < 0 ||
-	    (c_doc = column(res, "document_id", err, errlen)) < 0) {
+	c_id = PQfnumber(res, "msg_id");
+	if (c_id < 0) {
+		snprintf(err, errlen, "the read function returned no column named msg_id (%d rows read, "
+			 "their ids unknown; visible again after vt_seconds)", PQntuples(res));
 		PQclear(res);
 		return -1;
 	}
+	c_ct = PQfnumber(res, "read_ct");
+	c_enq = PQfnumber(res, "enqueued_at");
+	c_msg = PQfnumber(res, "message");
+	c_doc = PQfnumber(res, "document_id");
+	if (c_ct < 0)
+		missing = "the read function returned no column named read_ct";
+	else if (c_enq < 0)
+		missing = "the read function returned no column named enqueued_at";
+	else if (c_msg < 0)
+		missing = "the read function returned no column named message";
+	else if (c_doc < 0)
+		missing = "the read function returned no column named document_id";
 	n = PQntuples(res);
 	out->res = res;
 	out->n = n;
@@ -65,24 +68,26 @@ int pgmq_batch_from_result(PGresult *res, struct pgmq_batch *out, char *err, siz
 		struct pgmq_message *m = &out->msgs[i];
 		char *end;
 
-		if (PQgetisnull(res, i, c_id) || PQgetisnull(res, i, c_ct) || PQgetisnull(res, i, c_enq)) {
-			snprintf(err, errlen, "row %d has a NULL msg_id, read_ct or enqueued_at", i);
-			pgmq_batch_free(out);
-			return -1;
-		}
-		m->msg_id = PQgetvalue(res, i, c_id);
+		m->msg_id = PQgetisnull(res, i, c_id) ? "" : PQgetvalue(res, i, c_id);
 		errno = 0;
 		m->msg_id_num = strtoll(m->msg_id, &end, 10);
-		if (errno != 0 || *end != '\0' || end == m->msg_id) {
-			snprintf(err, errlen, "row %d: msg_id '%.32s' is not a bigint", i, m->msg_id);
-			pgmq_batch_free(out);
-			return -1;
+		m->id_ok = !PQgetisnull(res, i, c_id) && errno == 0 && *end == '\0' && end != m->msg_id;
+		if (!m->id_ok) {
+			m->invalid = "msg_id is NULL or not a bigint";
+			continue;
+		}
+		if (missing) {
+			m->invalid = missing;
+			continue;
+		}
+		if (PQgetisnull(res, i, c_ct) || PQgetisnull(res, i, c_enq)) {
+			m->invalid = "read_ct or enqueued_at is NULL";
+			continue;
 		}
 		m->read_ct = PQgetvalue(res, i, c_ct);
-		if (strspn(m->read_ct, "0123456789") != strlen(m->read_ct) || m->read_ct[0] == '\0') {
-			snprintf(err, errlen, "row %d: read_ct '%.32s' is not an integer", i, m->read_ct);
-			pgmq_batch_free(out);
-			return -1;
+		if (m->read_ct[0] == '\0' || strspn(m->read_ct, "0123456789") != strlen(m->read_ct)) {
+			m->invalid = "read_ct is not a non-negative integer";
+			continue;
 		}
 		m->enqueued_at = PQgetvalue(res, i, c_enq);
 		if (PQgetisnull(res, i, c_msg)) {

@@ -472,3 +472,46 @@ def test_three_replicas_deliver_each_message_once(queue_db, emulator):
     assert sorted(got) == ids               # every msg_id exactly once
     per_replica = [d.count_log(r"event=batch_accepted") for d in replicas]
     assert sum(per_replica) == len(accepted(emulator))
+
+
+def test_bad_rows_from_a_read_function_are_released_not_lost(queue_db, emulator):
+    queue_db.sql("""CREATE FUNCTION public.bad_read(queue_name text, vt integer, qty integer)
+        RETURNS TABLE(msg_id bigint, read_ct text, enqueued_at timestamptz, vt timestamptz, message jsonb)
+        LANGUAGE sql AS $$ SELECT r.msg_id, CASE WHEN r.msg_id % 3 = 0 THEN 'x' ELSE r.read_ct::text END,
+                              r.enqueued_at, r.vt, r.message FROM pgmq.read(queue_name, vt, qty) r $$""")
+    ids = queue_db.send_many(jobs(6))
+    bad = [i for i in ids if i % 3 == 0]
+    d = Daemon(base_env(queue_db, emulator, PGMQD_QUEUE_READ_FUNCTION="public.bad_read",
+                        **FAST_BACKOFF), args=["-v"]).start()
+    try:
+        emulator.wait_for(lambda: sorted(accepted_ids(emulator)) == [i for i in ids if i not in bad],
+                          timeout_s=10)
+        lines = d.wait_log(r"event=row_invalid", count=len(bad))
+        assert {int(logfmt(m.string)["msg_id"]) for m in lines} == set(bad)
+        assert all(logfmt(m.string)["outcome"] == "released" for m in lines)
+        # Released with a short backoff, not hidden for vt_seconds.
+        wait_until(lambda: not invisible_for_long(queue_db, bad, 60) and
+                   all(r[0] < 1800 for r in queue_db.sql(
+                       "SELECT extract(epoch FROM vt - clock_timestamp()) FROM pgmq.q_jobs "
+                       "WHERE msg_id = ANY(%s)", (bad,))), timeout=10, what="bad rows released")
+    finally:
+        assert d.stop() == 0
+
+
+def test_a_dead_reused_connection_is_not_silently_resent(queue_db, emulator, start_daemon):
+    first = queue_db.send_many(jobs(1))
+    d = start_daemon("-v", PGMQD_QUEUE_POLL_INTERVAL_MS=100, PGMQD_QUEUE_NOTIFY="off")
+    emulator.wait_for(lambda: accepted_ids(emulator) == first, timeout_s=10)
+    # The next request goes out on the kept-alive connection; the server
+    # creates the job and closes without replying. libcurl would re-send it.
+    emulator.add_fault(Fault.close(create_job=True))
+    victim = queue_db.send_many(jobs(1))
+    d.wait_log(r"event=batch_outcome_unknown .*resend=")
+    listed = logfmt(d.wait_log(r"event=outcome_unknown_ids")[0].string)["msg_ids"]
+    assert [int(i) for i in listed.split(",")] == victim
+    d.wait_log(r"event=queue_empty", count=3)
+    sent = [r for r in emulator.requests("run")
+            if [j["msg_id"] for j in json.loads(r.body)["input"]["jobs"]] == victim]
+    assert len(sent) == 1                          # one POST, so at most one RunPod job
+    assert invisible_for_long(queue_db, victim)    # keeps its vt: the job may exist
+    assert d.stop() == 0

@@ -67,29 +67,48 @@ static void decode_by_name(void **state)
 static void missing_column(void **state)
 {
 	const char *names[] = { "msg_id", "read_ct", "enqueued_at", "message" };
-	const char *rows[] = { "1", "1", "\"t\"", "{}" };
+	const char *no_id[] = { "read_ct", "enqueued_at", "message", "document_id" };
+	const char *rows[] = { "7", "1", "\"t\"", "{}" };
 	struct pgmq_batch b;
 	char err[256];
 
-	assert_int_equal(pgmq_batch_from_result(make_result(names, 4, rows, 1), &b, err, sizeof(err)), -1);
-	assert_string_equal(err, "the read function returned no column named document_id");
+	/* document_id missing: the row is kept (its id is known) but marked. */
+	assert_int_equal(pgmq_batch_from_result(make_result(names, 4, rows, 1), &b, err, sizeof(err)), 0);
+	assert_int_equal(b.n, 1);
+	assert_true(b.msgs[0].id_ok && b.msgs[0].msg_id_num == 7);
+	assert_string_equal(b.msgs[0].invalid, "the read function returned no column named document_id");
+	pgmq_batch_free(&b);
+	/* no msg_id column: nothing can be named. */
+	assert_int_equal(pgmq_batch_from_result(make_result(no_id, 4, rows, 1), &b, err, sizeof(err)), -1);
+	assert_non_null(strstr(err, "no column named msg_id (1 rows read"));
 }
 
+/* One bad row does not take the good ones with it. */
 static void malformed_values(void **state)
 {
 	const char *names[] = { "msg_id", "read_ct", "enqueued_at", "message", "document_id" };
-	const char *bad_id[] = { "12abc", "1", "\"t\"", "{}", NULL };
-	const char *bad_ct[] = { "1", "-1", "\"t\"", "{}", NULL };
-	const char *null_id[] = { NULL, "1", "\"t\"", "{}", NULL };
+	const char *rows[] = {
+		"12abc", "1", "\"t\"", "{}", NULL,
+		"2", "-1", "\"t\"", "{}", NULL,
+		NULL, "1", "\"t\"", "{}", NULL,
+		"4", "1", NULL, "{}", NULL,
+		"5", "1", "\"t\"", "{}", NULL,
+	};
 	struct pgmq_batch b;
 	char err[256];
 
-	assert_int_equal(pgmq_batch_from_result(make_result(names, 5, bad_id, 1), &b, err, sizeof(err)), -1);
-	assert_non_null(strstr(err, "not a bigint"));
-	assert_int_equal(pgmq_batch_from_result(make_result(names, 5, bad_ct, 1), &b, err, sizeof(err)), -1);
-	assert_non_null(strstr(err, "read_ct"));
-	assert_int_equal(pgmq_batch_from_result(make_result(names, 5, null_id, 1), &b, err, sizeof(err)), -1);
-	assert_non_null(strstr(err, "NULL"));
+	assert_int_equal(pgmq_batch_from_result(make_result(names, 5, rows, 5), &b, err, sizeof(err)), 0);
+	assert_int_equal(b.n, 5);
+	assert_false(b.msgs[0].id_ok);
+	assert_non_null(strstr(b.msgs[0].invalid, "not a bigint"));
+	assert_true(b.msgs[1].id_ok && b.msgs[1].msg_id_num == 2);
+	assert_non_null(strstr(b.msgs[1].invalid, "read_ct"));
+	assert_false(b.msgs[2].id_ok);
+	assert_true(b.msgs[3].id_ok);
+	assert_non_null(strstr(b.msgs[3].invalid, "NULL"));
+	assert_null(b.msgs[4].invalid);
+	assert_string_equal(b.msgs[4].read_ct, "1");
+	pgmq_batch_free(&b);
 }
 
 static void empty_result(void **state)
