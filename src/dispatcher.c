@@ -350,8 +350,7 @@ static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod
 			log_str(l, "resend", "refused: the connection died after the request was sent");
 	}
 	if (outcome != RUNPOD_ACCEPTED && r->body_len > 0)
-		log_strn(l, "body", r->body,
-			 r->body_len < BODY_EXCERPT_BYTES ? r->body_len : BODY_EXCERPT_BYTES);
+		log_excerpt(l, "body", r->body, r->body_len, BODY_EXCERPT_BYTES);
 	if (outcome == RUNPOD_REJECTED) {
 		log_int(l, "released_for_ms", (long long)retry_in_ms);
 		if (r->retry_after)
