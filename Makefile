@@ -30,11 +30,12 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config log pg pgmq http runpod dispatcher sdnotify metrics admin
+MODULES   := main config log pg pgmq http runpod dispatcher sdnotify metrics admin tracker
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
-UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify
+UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify \
+              test_tracker
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install clean fuzz lint bench
@@ -95,7 +96,7 @@ bench: deps
 
 # libFuzzer targets (clang), each run for FUZZ_SECONDS from its checked-in corpus.
 FUZZ_SECONDS ?= 10
-FUZZ_TARGETS := config run_reply retry_after
+FUZZ_TARGETS := config run_reply retry_after status_reply
 FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -DPGMQD_VERSION='"$(VERSION)"' \
                 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
                 $(shell pkg-config --cflags $(PKGS))

@@ -48,6 +48,9 @@ struct log_line;
 struct log_line *log_begin(enum log_level level, const char *event);
 void log_str(struct log_line *l, const char *key, const char *value);
 void log_strn(struct log_line *l, const char *key, const char *value, size_t len);
+/* Like log_strn(), cut after max bytes of value (all len bytes are still
+ * searched for secrets, so one straddling the cut is masked whole). */
+void log_excerpt(struct log_line *l, const char *key, const char *value, size_t len, size_t max);
 void log_int(struct log_line *l, const char *key, long long value);
 void log_end(struct log_line *l);
 

@@ -25,6 +25,14 @@
  *   queue_metrics_refresh_timestamp_seconds   gauge    Unix time of the last refresh, 0 = never
  *   runpod_request_duration_seconds           histogram, buckets .005 … 30, +Inf
  *   start_time_seconds                        gauge    Unix time of metrics_init()
+ *   tracked_jobs{status}                      gauge    jobs the tracker follows, by last status:
+ *                                                      "IN_QUEUE"|"IN_PROGRESS"|"RUNNING"|"OTHER"
+ *   tracker_terminal_total{status}            counter  "COMPLETED"|"FAILED"|"CANCELLED"|"TIMED_OUT"|
+ *                                                      "EXPIRED" (/status answered 404)
+ *   tracker_heartbeats_total                  counter  set_vt extensions of a running job's messages
+ *   tracker_early_releases_total              counter  failed jobs whose messages were made visible
+ *                                                      after retry_delay_s
+ *   tracker_evicted_total                     counter  jobs dropped past max_tracked_jobs
  *
  * Series with labels from a fixed small set (archived, reads) are always
  * rendered, zeros included, so rate() sees them from the first scrape;
@@ -93,5 +101,32 @@ void metrics_observe_request_seconds(double seconds);
  * NULL when out of memory. In each histogram, the +Inf bucket equals
  * _count by construction, even while other threads record. */
 char *metrics_render(size_t *len) __attribute__((warn_unused_result));
+
+/* ---- the tracker (/status polling) ---- */
+
+enum metrics_tracked_status {
+	METRICS_TRACKED_IN_QUEUE = 0, METRICS_TRACKED_IN_PROGRESS, METRICS_TRACKED_RUNNING,
+	METRICS_TRACKED_OTHER,
+};
+enum metrics_terminal {
+	METRICS_TERMINAL_COMPLETED = 0, METRICS_TERMINAL_FAILED, METRICS_TERMINAL_CANCELLED,
+	METRICS_TERMINAL_TIMED_OUT, METRICS_TERMINAL_EXPIRED,
+};
+
+/* The number of tracked jobs whose last status falls in s. Out-of-range
+ * is ignored. */
+void metrics_set_tracked_jobs(enum metrics_tracked_status s, long n);
+
+/* One tracked job reached a terminal status, or expired (404). */
+void metrics_inc_tracker_terminal(enum metrics_terminal t);
+
+/* One heartbeat (a set_vt that extended a running job's messages). */
+void metrics_inc_tracker_heartbeats(void);
+
+/* One failed job whose messages were made visible early. */
+void metrics_inc_tracker_early_releases(void);
+
+/* One job no longer tracked because max_tracked_jobs was reached. */
+void metrics_inc_tracker_evicted(void);
 
 #endif

@@ -88,4 +88,14 @@ int pgmq_metrics(struct pg *pg, const char *queue, pgmq_metrics_fn fn, void *arg
  * reason in err. */
 PGresult *pgmq_peek(PGconn *conn, const char *queue, int qty, char *err, size_t errlen);
 
+/* Like pgmq_set_vt(), but fn gets the msg ids that were actually updated
+ * (a message the worker already deleted or archived gives no row), in no
+ * particular order; ids is valid during the call only. On failure ids is
+ * NULL, n is 0 and err is set. One statement, pgmq.set_vt per id (pgmq >=
+ * 1.2). Returns 0 or -1 when the query could not be queued (fn is then not
+ * called). */
+typedef void (*pgmq_ids_fn)(void *arg, const long long *ids, int n, const struct pg_error *err);
+int pgmq_set_vt_ids(struct pg *pg, const char *queue, const long long *msg_ids, int n, int delay_s,
+		    pgmq_ids_fn fn, void *arg) __attribute__((warn_unused_result));
+
 #endif

@@ -119,4 +119,36 @@ bool runpod_is_config_error(long http_status);
 
 const char *runpod_outcome_name(enum runpod_outcome o);
 
+/* ---- /status (the tracker) ---- */
+
+#define RUNPOD_ERROR_MAX 256    /* bytes of a job's error text kept for the log */
+
+/* The parts of a job object (§4) the tracker uses. */
+struct runpod_status_reply {
+	char id[RUNPOD_JOB_ID_MAX + 1];   /* "" when absent */
+	char status[RUNPOD_STATUS_MAX + 1];
+	long long delay_ms;               /* delayTime, -1 when absent or not a number >= 0 */
+	long long execution_ms;           /* executionTime, likewise */
+	char error[RUNPOD_ERROR_MAX + 1]; /* "" when absent; cut at a UTF-8 boundary */
+	bool error_truncated;
+};
+
+/* Parses a /status reply body (len bytes, not NUL-terminated). "status"
+ * must be a non-empty string of printable bytes; a longer one than
+ * RUNPOD_STATUS_MAX is cut (it is then unknown, i.e. non-terminal). An
+ * "error" that is not a string (a handler's object) is kept as compact JSON
+ * text. Unknown members are ignored. Returns 0, or -1 when the body is not
+ * a JSON object with such a status. Pure. */
+int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status_reply *out);
+
+/* True for COMPLETED, FAILED, CANCELLED and TIMED_OUT (§5); every other
+ * string, RUNNING and unknown ones included, is non-terminal. */
+bool runpod_status_is_terminal(const char *status);
+
+/* "{base_url}/{endpoint_id}/status/{job_id}" into buf, the job id
+ * percent-encoded outside RFC 3986's unreserved characters (ids are
+ * opaque). Returns 0, or -1 if it does not fit. */
+int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id,
+		      char *buf, size_t len);
+
 #endif

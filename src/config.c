@@ -258,6 +258,13 @@ static int on_ini_value(void *user, const char *section, const char *name, const
 		return 1;
 	}
 	fc->seen[i] = true;
+	if (value[0] == '"' && (strlen(value) < 2 || value[strlen(value) - 1] != '"')) {
+		/* inih ends a value at " ;" even inside quotes. */
+		fail(r, label, where, "unterminated double quote (a ' ;' inside a value starts a "
+		     "comment; set such values through the environment)");
+		r->failed[i] = true;
+		return 1;
+	}
 	set_raw(r, (size_t)i, value, SRC_FILE, where);
 	if (r->value[i])
 		unquote(r->value[i]);
@@ -280,6 +287,12 @@ static void load_file(struct raw *r, const char *path, bool explicit_path)
 	}
 	fc.fp = fp;
 	rc = ini_parse_stream(line_reader, &fc, on_ini_value, &fc);
+	if (ferror(fp)) {
+		int e = errno;
+		fclose(fp);
+		fail(r, "config", path, "cannot read the configuration file: %s", strerror(e));
+		return;
+	}
 	fclose(fp);
 	if (fc.long_line) {
 		snprintf(where, sizeof(where), "file %s:%d", path, fc.long_line);
@@ -322,6 +335,12 @@ static char *read_secret_file(const char *path, char *err, size_t errlen)
 		return NULL;
 	}
 	n = fread(buf, 1, 65536, fp);
+	if (ferror(fp)) {
+		snprintf(err, errlen, "cannot read %s: %s", path, strerror(errno));
+		fclose(fp);
+		free(buf);
+		return NULL;
+	}
 	if (n == 65536 && fgetc(fp) != EOF) {
 		fclose(fp);
 		free(buf);
@@ -329,9 +348,19 @@ static char *read_secret_file(const char *path, char *err, size_t errlen)
 		return NULL;
 	}
 	fclose(fp);
+	if (memchr(buf, '\0', n) != NULL) {
+		free(buf);
+		snprintf(err, errlen, "%s contains a NUL byte", path);
+		return NULL;
+	}
 	while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r'))
 		n--;
 	buf[n] = '\0';
+	if (n == 0) {
+		free(buf);
+		snprintf(err, errlen, "%s is empty", path);
+		return NULL;
+	}
 	return buf;
 }
 
@@ -504,6 +533,8 @@ static const char *check_conninfo(const char *v)
 
 	if (*v == '\0')
 		return NULL; /* libpq defaults and PG* variables */
+	const char *problem = NULL;
+
 	opts = PQconninfoParse(v, &err);
 	if (opts == NULL) {
 		/* libpq's message may quote parts of the string, password
@@ -511,8 +542,13 @@ static const char *check_conninfo(const char *v)
 		PQfreemem(err);
 		return "not a valid libpq connection string or postgresql:// URI";
 	}
+	/* postgresql://u:p@ss@host splits at the first '@': the rest of the
+	 * password would become the host and be printed as such. */
+	for (PQconninfoOption *o = opts; o->keyword; o++)
+		if (strcmp(o->keyword, "host") == 0 && o->val && strchr(o->val, '@'))
+			problem = "has an '@' in the host part: percent-encode '@' in the password as %40";
 	PQconninfoFree(opts);
-	return NULL;
+	return problem;
 }
 
 /* pgmq-api.md §3.4: names of at most 47 characters, no $ ; -- ' (P0001). */

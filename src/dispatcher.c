@@ -4,6 +4,7 @@
 #include "metrics.h"
 #include "pgmq.h"
 #include "runpod.h"
+#include "tracker.h"
 
 #include <ctype.h>
 #include <math.h>
@@ -37,6 +38,7 @@ struct dispatcher {
 	const struct config *cfg;
 	struct pg *pg;
 	struct http *http;
+	struct tracker *tracker; /* NULL unless [tracker] enabled */
 	bool once;
 	dispatcher_done_fn done;
 	void *done_arg;
@@ -113,6 +115,7 @@ struct batch {
 	long long *ids;
 	int n;
 	ev_tstamp started;
+	ev_tstamp read_at;      /* when the read returned: the vt runs from here */
 };
 
 static void kick(struct dispatcher *d);
@@ -179,7 +182,7 @@ static struct batch *batch_new(struct dispatcher *d, struct read_result *rr,
 	b->rr = rr;
 	rr->refs++;
 	b->n = n;
-	b->started = ev_now(d->loop);
+	b->started = b->read_at = ev_now(d->loop);
 	for (int i = 0; i < n; i++) {
 		b->msgs[i] = msgs[i];
 		b->ids[i] = msgs[i].msg_id_num;
@@ -347,8 +350,7 @@ static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod
 			log_str(l, "resend", "refused: the connection died after the request was sent");
 	}
 	if (outcome != RUNPOD_ACCEPTED && r->body_len > 0)
-		log_strn(l, "body", r->body,
-			 r->body_len < BODY_EXCERPT_BYTES ? r->body_len : BODY_EXCERPT_BYTES);
+		log_excerpt(l, "body", r->body, r->body_len, BODY_EXCERPT_BYTES);
 	if (outcome == RUNPOD_REJECTED) {
 		log_int(l, "released_for_ms", (long long)retry_in_ms);
 		if (r->retry_after)
@@ -515,6 +517,9 @@ static void on_posted(void *arg, const struct http_response *r)
 			d->failures = 0;
 		if (d->once)
 			d->once_result = DISPATCH_DONE_DISPATCHED;
+		/* started is reset when the POST leaves (after a rate-cap wait);
+		 * the vt has run since the read. */
+		tracker_add(d->tracker, reply.id, b->ids, b->n, b->read_at);
 		batch_free(b);
 		break;
 	case RUNPOD_UNKNOWN:
@@ -1338,6 +1343,11 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 		dispatcher_free(d);
 		return NULL;
 	}
+	if (cfg->tracker_enabled && !once &&
+	    (d->tracker = tracker_new(loop, cfg, d->http, d->pg)) == NULL) {
+		dispatcher_free(d);
+		return NULL;
+	}
 	ev_timer_init(&d->poll, on_poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
 	d->poll.data = d;
 	ev_init(&d->pause, on_pause_over);
@@ -1386,6 +1396,11 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 		apply_config(d, old);
 		return -1;
 	}
+	/* Turned on by this reload: follow jobs accepted from now on. */
+	if (d->tracker == NULL && cfg->tracker_enabled && !d->once && !d->stopping)
+		d->tracker = tracker_new(d->loop, cfg, d->http, d->pg);
+	else
+		tracker_reload(d->tracker, cfg);
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_set(&d->poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
 	d->stats_timer.repeat = cfg->metrics_interval_ms / 1000.0;
@@ -1409,6 +1424,7 @@ void dispatcher_stop(struct dispatcher *d)
 	if (d->stopping || d->finished)
 		return;
 	d->stopping = true;
+	tracker_stop(d->tracker);
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_stop(d->loop, &d->pause);
 	ev_timer_stop(d->loop, &d->probe);
@@ -1498,6 +1514,7 @@ void dispatcher_free(struct dispatcher *d)
 	 * keeps them from starting new work. */
 	if (d->http)
 		http_cancel_all(d->http);
+	tracker_free(d->tracker); /* after the aborts above, before http_free drops requests */
 	http_free(d->http);
 	pg_free(d->listen_pg);
 	pg_free(d->pg);

@@ -11,7 +11,7 @@
 #include <unistd.h>
 
 #define LINE_MAX_BYTES 8192
-#define MAX_SECRETS 8
+#define MAX_SECRETS 16
 
 #define VALUE_MAX_BYTES 2048
 /* Room kept free for the ",\"truncated\":true}" tail and the newline. */
@@ -114,14 +114,62 @@ static void putc_(struct log_line *l, char c)
 	put(l, &c, 1);
 }
 
-/* Escapes a value for logfmt or JSON. Control bytes become \n, \t or \u00XX;
- * other bytes (UTF-8 included) pass through. */
-static void put_escaped(struct log_line *l, const char *s, size_t n)
+/* Length of a registered secret starting at s (total bytes avail), or 0. */
+static size_t secret_at(const char *s, size_t avail)
+{
+	for (int k = 0; k < MAX_SECRETS && secrets[k] != NULL; k++) {
+		size_t n = strlen(secrets[k]);
+		if (n <= avail && s[0] == secrets[k][0] && memcmp(s, secrets[k], n) == 0)
+			return n;
+	}
+	return 0;
+}
+
+/* Length of a valid UTF-8 sequence at s (1-4), or 0 when invalid. */
+static size_t utf8_len(const unsigned char *s, size_t avail)
+{
+	size_t n = s[0] >= 0xF0 ? 4 : s[0] >= 0xE0 ? 3 : s[0] >= 0xC2 ? 2 : 0;
+
+	if (s[0] > 0xF4 || n == 0 || n > avail)
+		return 0;
+	for (size_t i = 1; i < n; i++)
+		if ((s[i] & 0xC0) != 0x80)
+			return 0;
+	if ((s[0] == 0xE0 && s[1] < 0xA0) || (s[0] == 0xF0 && s[1] < 0x90) ||
+	    (s[0] == 0xF4 && s[1] > 0x8F) || (s[0] == 0xED && s[1] > 0x9F))
+		return 0; /* overlong, beyond U+10FFFF, or a surrogate */
+	return n;
+}
+
+/* Escapes the first n bytes of a value (total bytes in s: avail) for
+ * logfmt or JSON. Secrets are replaced by *** here, before escaping, so
+ * that an escaped quote or backslash cannot hide one from the match, and a
+ * secret that straddles the cut at n is still masked whole. Control bytes
+ * become \n, \t or \u00XX; invalid UTF-8 (bytes from the network) becomes
+ * \ufffd, so every line is valid UTF-8 and JSON. */
+static void put_escaped_cut(struct log_line *l, const char *s, size_t n, size_t avail)
 {
 	static const char hex[] = "0123456789abcdef";
 
 	for (size_t i = 0; i < n && !l->truncated; i++) {
 		unsigned char c = (unsigned char)s[i];
+		size_t skip;
+
+		if (secrets[0] != NULL && (skip = secret_at(s + i, avail - i)) > 0) {
+			put(l, "***", 3);
+			i += skip - 1;
+			continue;
+		}
+		if (c >= 0x80) {
+			size_t u = utf8_len((const unsigned char *)s + i, n - i);
+			if (u == 0) {
+				put(l, "\\ufffd", 6);
+			} else {
+				put(l, s + i, u);
+				i += u - 1;
+			}
+			continue;
+		}
 
 		if (c == '"' || c == '\\') {
 			char e[2] = { '\\', (char)c };
@@ -139,13 +187,18 @@ static void put_escaped(struct log_line *l, const char *s, size_t n)
 	}
 }
 
+static void put_escaped(struct log_line *l, const char *s, size_t n)
+{
+	put_escaped_cut(l, s, n, n);
+}
+
 static bool logfmt_needs_quotes(const char *s, size_t n)
 {
 	if (n == 0)
 		return true;
 	for (size_t i = 0; i < n; i++) {
 		unsigned char c = (unsigned char)s[i];
-		if (c <= ' ' || c == '=' || c == '"' || c == '\\' || c == 0x7f)
+		if (c <= ' ' || c == '=' || c == '"' || c == '\\' || c >= 0x7f)
 			return true;
 	}
 	return false;
@@ -214,6 +267,13 @@ struct log_line *log_begin(enum log_level level, const char *event)
 
 void log_strn(struct log_line *l, const char *key, const char *value, size_t n)
 {
+	log_excerpt(l, key, value, n, VALUE_MAX_BYTES);
+}
+
+void log_excerpt(struct log_line *l, const char *key, const char *value, size_t n, size_t max)
+{
+	size_t avail = n;
+
 	if (l == NULL)
 		return;
 	put_key(l, key);
@@ -221,22 +281,25 @@ void log_strn(struct log_line *l, const char *key, const char *value, size_t n)
 		put(l, format == LOG_FORMAT_JSON ? "null" : "\"\"", format == LOG_FORMAT_JSON ? 4 : 2);
 		return;
 	}
-	bool cut = n > VALUE_MAX_BYTES;
+	bool cut = n > max;
 
+	if (max > VALUE_MAX_BYTES)
+		max = VALUE_MAX_BYTES;
+	cut = n > max;
 	if (cut) {
-		n = VALUE_MAX_BYTES;
+		n = max;
 		/* Do not split a UTF-8 sequence: back up to a lead byte. */
 		while (n > 0 && ((unsigned char)value[n] & 0xC0) == 0x80)
 			n--;
 	}
 	if (format == LOG_FORMAT_JSON || cut || logfmt_needs_quotes(value, n)) {
 		putc_(l, '"');
-		put_escaped(l, value, n);
+		put_escaped_cut(l, value, n, avail);
 		if (cut)
 			put(l, "\xe2\x80\xa6", 3);
 		putc_(l, '"');
 	} else {
-		put(l, value, n);
+		put_escaped_cut(l, value, n, avail);
 	}
 }
 

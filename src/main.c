@@ -69,15 +69,23 @@ static void register_secrets(const struct config *cfg)
 	PQconninfoOption *opts;
 	const char *pgpassword = getenv("PGPASSWORD");
 
-	log_secret_clear();
-	log_secret_add(cfg->api_key);
+	const char *conninfos[2] = { cfg->conninfo, cfg->listen_conninfo };
+
+	/* Secrets accumulate across reloads, so a rotated-out key stays masked;
+	 * when the table is full it starts again from the current ones. */
+	if (log_secret_add(cfg->api_key) != 0) {
+		log_secret_clear();
+		log_secret_add(cfg->api_key);
+	}
 	if (pgpassword)
 		log_secret_add(pgpassword);
-	opts = cfg->conninfo[0] ? PQconninfoParse(cfg->conninfo, NULL) : NULL;
-	for (PQconninfoOption *o = opts; o && o->keyword; o++)
-		if (o->val && o->dispchar && strchr(o->dispchar, '*'))
-			log_secret_add(o->val);
-	PQconninfoFree(opts);
+	for (int i = 0; i < 2; i++) {
+		opts = conninfos[i][0] ? PQconninfoParse(conninfos[i], NULL) : NULL;
+		for (PQconninfoOption *o = opts; o && o->keyword; o++)
+			if (o->val && o->dispchar && strchr(o->dispchar, '*'))
+				log_secret_add(o->val);
+		PQconninfoFree(opts);
+	}
 }
 
 static void on_done(void *arg, enum dispatcher_result result)
@@ -280,6 +288,12 @@ int main(int argc, char **argv)
 		usage(stderr);
 		return EX_USAGE;
 	}
+	if ((int)once + (int)check + (int)dump + (int)dry_run + (int)health_check > 1 &&
+	    !(check && dump)) {
+		fprintf(stderr, "pgmq-dispatcher: --once, --dry-run, --health-check, -t and -T exclude "
+				"each other\n");
+		return EX_USAGE;
+	}
 	if (verbose && quiet) {
 		fprintf(stderr, "pgmq-dispatcher: -v and -q exclude each other\n");
 		return EX_USAGE;
@@ -320,6 +334,10 @@ int main(int argc, char **argv)
 			rc = dispatcher_dry_run(app.cfg, stdout) == 0 ? 0 : EX_UNAVAILABLE;
 		if (health_check && rc != 0 && strcmp(app.cfg->admin_listen, "off") == 0)
 			log_msg(LOG_WARN, "health_check", "admin.listen is off: nothing to ask");
+		else if (health_check && rc != 0 && strlen(app.cfg->admin_listen) > 2 &&
+			 strcmp(app.cfg->admin_listen + strlen(app.cfg->admin_listen) - 2, ":0") == 0)
+			log_msg(LOG_WARN, "health_check", "admin.listen uses port 0 (any free port): "
+				"set a fixed port to use --health-check");
 		config_free(app.cfg);
 		free(app.cfg);
 		return rc;

@@ -41,6 +41,10 @@ _Static_assert(sizeof(bucket_labels) / sizeof(bucket_labels[0]) == N_BOUNDS,
 
 typedef atomic_uint_least64_t counter_t;
 
+static void tracker_metrics_init(void);
+struct buf;
+static void render_tracker(struct buf *b);
+
 static struct {
 	counter_t messages_read, messages_dispatched, messages_released;
 	counter_t messages_archived[N_ARCHIVE_REASONS];
@@ -115,6 +119,7 @@ void metrics_init(void)
 	store_double(&m.queue_oldest_age_bits, 0.0);
 	store_double(&m.queue_refresh_time_bits, 0.0);
 	store_double(&m.start_time_bits, realtime_now());
+	tracker_metrics_init();
 }
 
 void metrics_add_messages_read(unsigned n)
@@ -370,6 +375,7 @@ char *metrics_render(size_t *len)
 	render_histogram(&b);
 	gauge_double(&b, "start_time_seconds", "Unix time the process started.",
 		     load_double(&m.start_time_bits));
+	render_tracker(&b);
 
 	if (b.failed) {
 		free(b.p);
@@ -378,4 +384,76 @@ char *metrics_render(size_t *len)
 	if (len)
 		*len = b.len;
 	return b.p;
+}
+
+/* ---- the tracker ---- */
+
+#define N_TRACKED 4
+#define N_TERMINAL 5
+
+static const char *const tracked_names[N_TRACKED] = { "IN_QUEUE", "IN_PROGRESS", "RUNNING",
+						      "OTHER" };
+static const char *const terminal_names[N_TERMINAL] = { "COMPLETED", "FAILED", "CANCELLED",
+							"TIMED_OUT", "EXPIRED" };
+
+static struct {
+	atomic_long tracked[N_TRACKED];
+	counter_t terminal[N_TERMINAL];
+	counter_t heartbeats, early_releases, evicted;
+} mt;
+
+static void tracker_metrics_init(void)
+{
+	for (size_t i = 0; i < N_TRACKED; i++)
+		atomic_init(&mt.tracked[i], 0);
+	for (size_t i = 0; i < N_TERMINAL; i++)
+		atomic_init(&mt.terminal[i], 0);
+	atomic_init(&mt.heartbeats, 0);
+	atomic_init(&mt.early_releases, 0);
+	atomic_init(&mt.evicted, 0);
+}
+
+void metrics_set_tracked_jobs(enum metrics_tracked_status s, long n)
+{
+	if ((unsigned)s < N_TRACKED)
+		atomic_store_explicit(&mt.tracked[s], n, memory_order_relaxed);
+}
+
+void metrics_inc_tracker_terminal(enum metrics_terminal t)
+{
+	if ((unsigned)t < N_TERMINAL)
+		add(&mt.terminal[t], 1);
+}
+
+void metrics_inc_tracker_heartbeats(void)
+{
+	add(&mt.heartbeats, 1);
+}
+
+void metrics_inc_tracker_early_releases(void)
+{
+	add(&mt.early_releases, 1);
+}
+
+void metrics_inc_tracker_evicted(void)
+{
+	add(&mt.evicted, 1);
+}
+
+static void render_tracker(struct buf *b)
+{
+	family(b, "tracked_jobs", "gauge", "Jobs the tracker follows through /status, by last status.");
+	for (size_t i = 0; i < N_TRACKED; i++)
+		bprintf(b, PREFIX "tracked_jobs{status=\"%s\"} %ld\n", tracked_names[i],
+			atomic_load_explicit(&mt.tracked[i], memory_order_relaxed));
+	family(b, "tracker_terminal_total", "counter",
+	       "Tracked jobs that ended, by terminal status (EXPIRED: /status answered 404).");
+	labelled(b, "tracker_terminal_total", "status", terminal_names, mt.terminal, N_TERMINAL);
+	counter(b, "tracker_heartbeats_total",
+		"Visibility extensions (set_vt) of the messages of running jobs.", &mt.heartbeats);
+	counter(b, "tracker_early_releases_total",
+		"Failed, cancelled or timed-out jobs whose messages were made visible early.",
+		&mt.early_releases);
+	counter(b, "tracker_evicted_total", "Jobs no longer tracked because max_tracked_jobs was reached.",
+		&mt.evicted);
 }

@@ -196,6 +196,18 @@ static void lose(struct pg *pg, const char *why)
 
 static void connect_now(struct pg *pg);
 
+/* Server notices and libpq's own messages (e.g. "FATAL: terminating
+ * connection") as one structured line instead of raw stderr. */
+static void on_notice(void *arg, const char *message)
+{
+	char line[512];
+	struct log_line *l = log_begin(LOG_WARN, "db_notice");
+
+	(void)arg;
+	log_str(l, "message", one_line(message, line, sizeof(line)));
+	log_end(l);
+}
+
 /* Connects from the loop, never from the caller's stack: a connect that
  * fails at once (no socket directory, unknown host) must report through
  * the callbacks after ev_run() has started. */
@@ -228,6 +240,7 @@ static void connect_now(struct pg *pg)
 		lose(pg, "out of memory");
 		return;
 	}
+	PQsetNoticeProcessor(pg->conn, on_notice, pg);
 	if (PQstatus(pg->conn) == CONNECTION_BAD) {
 		lose(pg, PQerrorMessage(pg->conn));
 		return;

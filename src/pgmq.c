@@ -310,3 +310,62 @@ PGresult *pgmq_peek(PGconn *conn, const char *queue, int qty, char *err, size_t 
 	}
 	return res;
 }
+
+/* ---- set_vt returning the ids it touched (the tracker's heartbeat) ---- */
+
+static const char SET_VT_IDS_SQL[] =
+	"SELECT r.msg_id FROM unnest($2::bigint[]) AS m(id), "
+	"LATERAL pgmq.set_vt($1::text, m.id, $3::integer) AS r";
+
+struct ids_call {
+	pgmq_ids_fn fn;
+	void *arg;
+};
+
+static void on_ids(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct ids_call *c = arg;
+	long long *ids = NULL;
+	int n = 0;
+
+	if (res == NULL) {
+		c->fn(c->arg, NULL, 0, err);
+		free(c);
+		return;
+	}
+	n = PQntuples(res);
+	if (n > 0 && (ids = malloc((size_t)n * sizeof(*ids))) == NULL) {
+		struct pg_error e = { "", "out of memory", true, false };
+		PQclear(res);
+		c->fn(c->arg, NULL, 0, &e);
+		free(c);
+		return;
+	}
+	for (int i = 0; i < n; i++)
+		ids[i] = strtoll(PQgetvalue(res, i, 0), NULL, 10);
+	PQclear(res);
+	c->fn(c->arg, ids, n, NULL);
+	free(ids);
+	free(c);
+}
+
+int pgmq_set_vt_ids(struct pg *pg, const char *queue, const long long *msg_ids, int n, int delay_s,
+		    pgmq_ids_fn fn, void *arg)
+{
+	char delay[16];
+	char *arr = id_array(msg_ids, n);
+	const char *params[3] = { queue, arr, delay };
+	struct ids_call *c = calloc(1, sizeof(*c));
+	int rc = -1;
+
+	snprintf(delay, sizeof(delay), "%d", delay_s);
+	if (arr && c) {
+		c->fn = fn;
+		c->arg = arg;
+		rc = pg_query(pg, SET_VT_IDS_SQL, 3, params, on_ids, c);
+	}
+	if (rc != 0)
+		free(c);
+	free(arr);
+	return rc;
+}

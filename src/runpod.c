@@ -323,3 +323,113 @@ const char *runpod_outcome_name(enum runpod_outcome o)
 	}
 	return "?";
 }
+
+/* ---- /status (the tracker) ---- */
+
+/* Longest prefix of s[0..len) that fits in cap - 1 bytes without cutting a
+ * UTF-8 sequence. */
+static size_t utf8_prefix(const char *s, size_t len, size_t cap)
+{
+	size_t n = len;
+
+	if (n < cap)
+		return n;
+	n = cap - 1;
+	/* Step back over continuation bytes to the start of the cut sequence. */
+	while (n > 0 && ((unsigned char)s[n] & 0xC0) == 0x80)
+		n--;
+	return n;
+}
+
+static long long millis(const cJSON *item)
+{
+	double v;
+
+	if (!cJSON_IsNumber(item))
+		return -1;
+	v = item->valuedouble;
+	if (!(v >= 0) || v > 9e15) /* NaN, negative, or beyond exact doubles */
+		return -1;
+	return (long long)(v + 0.5);
+}
+
+int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status_reply *out)
+{
+	cJSON *root, *id, *status, *error;
+	int rc = -1;
+
+	memset(out, 0, sizeof(*out));
+	out->delay_ms = out->execution_ms = -1;
+	if (body == NULL)
+		return -1;
+	root = cJSON_ParseWithLength(body, len);
+	if (root == NULL)
+		return -1;
+	status = cJSON_GetObjectItemCaseSensitive(root, "status");
+	if (!cJSON_IsObject(root) || !cJSON_IsString(status) || status->valuestring[0] == '\0' ||
+	    !printable(status->valuestring))
+		goto out;
+	snprintf(out->status, sizeof(out->status), "%s", status->valuestring);
+	id = cJSON_GetObjectItemCaseSensitive(root, "id");
+	if (cJSON_IsString(id) && strlen(id->valuestring) <= RUNPOD_JOB_ID_MAX &&
+	    printable(id->valuestring))
+		snprintf(out->id, sizeof(out->id), "%s", id->valuestring);
+	out->delay_ms = millis(cJSON_GetObjectItemCaseSensitive(root, "delayTime"));
+	out->execution_ms = millis(cJSON_GetObjectItemCaseSensitive(root, "executionTime"));
+	error = cJSON_GetObjectItemCaseSensitive(root, "error");
+	if (error != NULL && !cJSON_IsNull(error)) {
+		char *printed = cJSON_IsString(error) ? NULL : cJSON_PrintUnformatted(error);
+		const char *text = cJSON_IsString(error) ? error->valuestring : printed;
+
+		if (text) {
+			size_t n = strlen(text), keep = utf8_prefix(text, n, sizeof(out->error));
+			memcpy(out->error, text, keep);
+			out->error[keep] = '\0';
+			out->error_truncated = keep < n;
+		}
+		free(printed);
+	}
+	rc = 0;
+out:
+	cJSON_Delete(root);
+	return rc;
+}
+
+bool runpod_status_is_terminal(const char *status)
+{
+	static const char *const terminal[] = { "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT" };
+
+	for (size_t i = 0; status && i < sizeof(terminal) / sizeof(terminal[0]); i++)
+		if (strcmp(status, terminal[i]) == 0)
+			return true;
+	return false;
+}
+
+int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id,
+		      char *buf, size_t len)
+{
+	static const char hex[] = "0123456789ABCDEF";
+	int n = snprintf(buf, len, "%s/%s/status/", base_url, endpoint_id);
+	size_t used;
+
+	if (n < 0 || (size_t)n >= len)
+		return -1;
+	used = (size_t)n;
+	for (const unsigned char *p = (const unsigned char *)job_id; *p; p++) {
+		bool plain = (*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') ||
+			     (*p >= '0' && *p <= '9') || *p == '-' || *p == '.' || *p == '_' ||
+			     *p == '~';
+
+		if (used + (plain ? 1 : 3) >= len)
+			return -1;
+		if (plain) {
+			buf[used++] = (char)*p;
+		} else {
+			buf[used++] = '%';
+			buf[used++] = hex[*p >> 4];
+			buf[used++] = hex[*p & 15];
+		}
+	}
+	buf[used] = '\0';
+	return 0;
+}

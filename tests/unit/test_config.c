@@ -239,6 +239,60 @@ static void secret_files(void **state)
 	unlink(path);
 }
 
+static void bad_secret_files_and_sources(void **state)
+{
+	char var[128], nul_path[64];
+	struct config c;
+	struct errors e;
+	int fd;
+
+	snprintf(var, sizeof(var), "RUNPOD_API_KEY_FILE=/tmp");
+	{
+		char *env[] = { "PGMQD_QUEUE_NAME=q", "RUNPOD_ENDPOINT_ID=e", var, NULL };
+		assert_int_equal(load_env(env, NULL, &c, &e), 1);
+		assert_non_null(strstr(e.lines[0], "cannot read /tmp: Is a directory"));
+	}
+	snprintf(var, sizeof(var), "RUNPOD_API_KEY_FILE=%s", write_file("\n"));
+	{
+		char *env[] = { "PGMQD_QUEUE_NAME=q", "RUNPOD_ENDPOINT_ID=e", var, NULL };
+		assert_int_equal(load_env(env, NULL, &c, &e), 1);
+		assert_non_null(strstr(e.lines[0], "is empty"));
+	}
+	snprintf(nul_path, sizeof(nul_path), "/tmp/pgmqd-test-nul-XXXXXX");
+	fd = mkstemp(nul_path);
+	assert_int_equal(write(fd, "good\0evil", 9), 9);
+	close(fd);
+	snprintf(var, sizeof(var), "DATABASE_URL_FILE=%s", nul_path);
+	{
+		char *env[] = { BASE_ENV, var, NULL };
+		assert_int_equal(load_env(env, NULL, &c, &e), 1);
+		assert_non_null(strstr(e.lines[0], "contains a NUL byte"));
+	}
+	unlink(nul_path);
+	{
+		char *env[] = { BASE_ENV, "DATABASE_URL=postgresql://u:My@Secret@127.0.0.1/db", NULL };
+		assert_int_equal(load_env(env, NULL, &c, &e), 1);
+		assert_non_null(strstr(e.lines[0], "percent-encode '@'"));
+		assert_null(strstr(e.lines[0], "Secret"));
+	}
+	{
+		char *env[] = { BASE_ENV, NULL };
+		struct config_input in = { .path = "/tmp", .path_explicit = true, .envp = env };
+		memset(&e, 0, sizeof(e));
+		assert_int_equal(config_load(&in, &c, collect, &e), 1);
+		assert_non_null(strstr(e.lines[0], "Is a directory"));
+	}
+	{
+		char *env[] = { BASE_ENV, NULL };
+		struct config_input in = { .path = write_file("[queue]\nname = \"jo ;bs\"\n"),
+					   .path_explicit = true, .envp = env };
+		memset(&e, 0, sizeof(e));
+		assert_int_equal(config_load(&in, &c, collect, &e), 1);
+		assert_non_null(strstr(e.lines[0], "unterminated double quote"));
+		unlink(in.path);
+	}
+}
+
 static void secrets_never_in_errors(void **state)
 {
 	char *env[] = { "PGMQD_QUEUE_NAME=q", "RUNPOD_ENDPOINT_ID=e", "RUNPOD_API_KEY=top secret",
@@ -301,6 +355,7 @@ int main(void)
 		cmocka_unit_test(file_long_line_and_syntax),
 		cmocka_unit_test(missing_files),
 		cmocka_unit_test(secret_files),
+		cmocka_unit_test(bad_secret_files_and_sources),
 		cmocka_unit_test(secrets_never_in_errors),
 		cmocka_unit_test(mask_conninfo),
 		cmocka_unit_test(base_url_trailing_slash),

@@ -104,6 +104,35 @@ static void redaction(void **state)
 	assert_non_null(strstr(out, "rp_SECRETKEY_123"));
 }
 
+static void emit_tricky_secret(void)
+{
+	static char body[300];
+	struct log_line *l = log_begin(LOG_INFO, "rejected");
+
+	log_str(l, "echo", "bad key rp_AB\"CD\\1234xyz here");
+	memset(body, 'x', 240);
+	memcpy(body + 240, "Bearer rp_AB\"CD\\1234xyz", 24);
+	log_excerpt(l, "body", body, 264, 256);   /* the cut falls inside the key */
+	log_str(l, "raw", "caf\xc3\xa9 \xe9 end");
+	log_end(l);
+}
+
+static void secrets_with_quotes_and_cuts(void **state)
+{
+	const char *out;
+
+	log_setup(LOG_INFO, LOG_FORMAT_LOGFMT);
+	assert_int_equal(log_secret_add("rp_AB\"CD\\1234xyz"), 0);
+	out = capture(emit_tricky_secret);
+	log_secret_clear();
+	assert_null(strstr(out, "1234xyz"));
+	assert_null(strstr(out, "rp_AB"));
+	assert_non_null(strstr(out, "echo=\"bad key *** here\""));
+	assert_non_null(strstr(out, "Bearer ***"));
+	/* Invalid UTF-8 from the network becomes U+FFFD; valid text stays. */
+	assert_non_null(strstr(out, "raw=\"caf\xc3\xa9 \\ufffd end\""));
+}
+
 static void emit_huge(void)
 {
 	static char big[20000];
@@ -154,6 +183,7 @@ int main(void)
 		cmocka_unit_test(json_format),
 		cmocka_unit_test(level_threshold),
 		cmocka_unit_test(redaction),
+		cmocka_unit_test(secrets_with_quotes_and_cuts),
 		cmocka_unit_test(truncation_keeps_lines_whole),
 		cmocka_unit_test(control_bytes),
 	};

@@ -76,6 +76,11 @@ static const struct {
 	{ "pgmqd_queue_metrics_refresh_timestamp_seconds", "gauge" },
 	{ "pgmqd_runpod_request_duration_seconds", "histogram" },
 	{ "pgmqd_start_time_seconds", "gauge" },
+	{ "pgmqd_tracked_jobs", "gauge" },
+	{ "pgmqd_tracker_terminal_total", "counter" },
+	{ "pgmqd_tracker_heartbeats_total", "counter" },
+	{ "pgmqd_tracker_early_releases_total", "counter" },
+	{ "pgmqd_tracker_evicted_total", "counter" },
 };
 #define N_FAMILIES (sizeof(families) / sizeof(families[0]))
 
@@ -133,6 +138,10 @@ static void every_line_is_well_formed(void **state)
 		"reason=\"too_large\"", "reason=\"max_read_ct\"", "result=\"rows\"",
 		"result=\"empty\"",     "result=\"error\"",       "outcome=\"accepted\"",
 		"outcome=\"rejected\"", "outcome=\"unknown\"",    "le=\"",
+		/* the tracker's */
+		"status=\"IN_QUEUE\"", "status=\"IN_PROGRESS\"", "status=\"RUNNING\"",
+		"status=\"OTHER\"", "status=\"COMPLETED\"", "status=\"FAILED\"",
+		"status=\"CANCELLED\"", "status=\"TIMED_OUT\"", "status=\"EXPIRED\"",
 	};
 	char *text, *save = NULL;
 
@@ -366,6 +375,70 @@ static void gauges(void **state)
 	free(text);
 }
 
+/* The tracker's families: every label value rendered from the start, gauges
+ * set (not added), out-of-range values ignored, metrics_init() resets. */
+static void tracker_series(void **state)
+{
+	static const char *const tracked[] = { "IN_QUEUE", "IN_PROGRESS", "RUNNING", "OTHER" };
+	static const char *const terminal[] = { "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT",
+						"EXPIRED" };
+	char series[128], *text;
+
+	metrics_init();
+	text = render();
+	for (size_t i = 0; i < 4; i++) {
+		snprintf(series, sizeof(series), "pgmqd_tracked_jobs{status=\"%s\"}", tracked[i]);
+		assert_true(sample(text, series) == 0);
+	}
+	for (size_t i = 0; i < 5; i++) {
+		snprintf(series, sizeof(series), "pgmqd_tracker_terminal_total{status=\"%s\"}",
+			 terminal[i]);
+		assert_true(sample(text, series) == 0);
+	}
+	assert_true(sample(text, "pgmqd_tracker_heartbeats_total") == 0);
+	assert_true(sample(text, "pgmqd_tracker_early_releases_total") == 0);
+	assert_true(sample(text, "pgmqd_tracker_evicted_total") == 0);
+	free(text);
+
+	metrics_set_tracked_jobs(METRICS_TRACKED_IN_QUEUE, 5);
+	metrics_set_tracked_jobs(METRICS_TRACKED_IN_QUEUE, 3); /* a gauge: set, not added */
+	metrics_set_tracked_jobs(METRICS_TRACKED_IN_PROGRESS, 2);
+	metrics_set_tracked_jobs(METRICS_TRACKED_OTHER, 1);
+	metrics_set_tracked_jobs((enum metrics_tracked_status)4, 99); /* ignored */
+	metrics_inc_tracker_terminal(METRICS_TERMINAL_COMPLETED);
+	metrics_inc_tracker_terminal(METRICS_TERMINAL_COMPLETED);
+	metrics_inc_tracker_terminal(METRICS_TERMINAL_FAILED);
+	metrics_inc_tracker_terminal(METRICS_TERMINAL_TIMED_OUT);
+	metrics_inc_tracker_terminal(METRICS_TERMINAL_EXPIRED);
+	metrics_inc_tracker_terminal((enum metrics_terminal)5); /* ignored */
+	for (int i = 0; i < 7; i++)
+		metrics_inc_tracker_heartbeats();
+	metrics_inc_tracker_early_releases();
+	metrics_inc_tracker_evicted();
+	metrics_inc_tracker_evicted();
+	text = render();
+	assert_true(sample(text, "pgmqd_tracked_jobs{status=\"IN_QUEUE\"}") == 3);
+	assert_true(sample(text, "pgmqd_tracked_jobs{status=\"IN_PROGRESS\"}") == 2);
+	assert_true(sample(text, "pgmqd_tracked_jobs{status=\"RUNNING\"}") == 0);
+	assert_true(sample(text, "pgmqd_tracked_jobs{status=\"OTHER\"}") == 1);
+	assert_true(sample(text, "pgmqd_tracker_terminal_total{status=\"COMPLETED\"}") == 2);
+	assert_true(sample(text, "pgmqd_tracker_terminal_total{status=\"FAILED\"}") == 1);
+	assert_true(sample(text, "pgmqd_tracker_terminal_total{status=\"CANCELLED\"}") == 0);
+	assert_true(sample(text, "pgmqd_tracker_terminal_total{status=\"TIMED_OUT\"}") == 1);
+	assert_true(sample(text, "pgmqd_tracker_terminal_total{status=\"EXPIRED\"}") == 1);
+	assert_true(sample(text, "pgmqd_tracker_heartbeats_total") == 7);
+	assert_true(sample(text, "pgmqd_tracker_early_releases_total") == 1);
+	assert_true(sample(text, "pgmqd_tracker_evicted_total") == 2);
+	free(text);
+
+	metrics_init();
+	text = render();
+	assert_true(sample(text, "pgmqd_tracked_jobs{status=\"IN_QUEUE\"}") == 0);
+	assert_true(sample(text, "pgmqd_tracker_heartbeats_total") == 0);
+	assert_true(sample(text, "pgmqd_tracker_terminal_total{status=\"COMPLETED\"}") == 0);
+	free(text);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -375,6 +448,7 @@ int main(void)
 		cmocka_unit_test(requests_by_outcome_and_code),
 		cmocka_unit_test(histogram_buckets),
 		cmocka_unit_test(gauges),
+		cmocka_unit_test(tracker_series),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
