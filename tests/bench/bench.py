@@ -62,7 +62,8 @@ MB = 1_000_000  # sizes are reported in decimal megabytes (10^6 bytes)
 
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 
-# Sizes. The full run fits `make bench` into 15 minutes on a 2-core machine (about 7 there).
+# Sizes. The full run keeps `make bench` within 15 minutes on a 2-core machine (about 10 on
+# the one of docs/performance.md, build included).
 if QUICK:
     SIZES = dict(drain_n=5_000, drain_reps=(1, 1), latency_n=100, latency_gap_s=(0.002, 0.018),
                  runpod_window_s=10.0, runpod_cap=100, idle_s=5.0, memory_n=20_000)
