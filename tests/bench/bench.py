@@ -1030,10 +1030,10 @@ def build_rows(res):
                      ref + f"{p['wakeups']:,} ({first}: {p1['wakeups']:,})",
                      ratio(n["wakeups"], p["wakeups"]), "—", None))
         rows.append(("4c", f"idle: database reads (`pgmqd_reads_total`) in the 2nd {span}",
-                     f"{n['reads']:.0f} reads, {n['xacts']} transactions in all ({first}: "
-                     f"{n1['reads']:.0f}, {n1['xacts']})",
-                     ref + f"{p['reads']:.0f} reads, {p['xacts']} transactions ({first}: "
-                     f"{p1['reads']:.0f}, {p1['xacts']})",
+                     f"reads {n['reads']:.0f}, transactions of any kind {n['xacts']} ({first}: "
+                     f"{n1['reads']:.0f} and {n1['xacts']})",
+                     ref + f"reads {p['reads']:.0f}, transactions {p['xacts']} ({first}: "
+                     f"{p1['reads']:.0f} and {p1['xacts']})",
                      ratio(n["reads"], p["reads"]), "≤ 1 per minute",
                      n["reads"] * per_min <= 1.0))
         rows.append(("4d", "idle: peak RSS (VmHWM)",
