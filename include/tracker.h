@@ -66,6 +66,11 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
  * NULL-safe. */
 void tracker_reload(struct tracker *t, const struct config *cfg);
 
+/* Registers wake(arg, after_s): called when an early release makes messages
+ * visible again after_s seconds from now, so that the owner reads then
+ * (no NOTIFY announces them). NULL-safe. */
+void tracker_set_wake(struct tracker *t, void (*wake)(void *arg, double after_s), void *arg);
+
 /* Shutdown: no new /status requests or statements from now on. Requests
  * and statements in flight may still complete; their callbacks only do
  * bookkeeping. NULL-safe. */

@@ -86,6 +86,7 @@ struct dispatcher {
 	enum notify_state notify_state;
 	bool notify_broken_logged;
 	ev_timer debounce;
+	ev_timer wake_timer;    /* a read when released messages come back */
 	ev_timer selftest_timer;
 	double idle_poll_ms;    /* current poll period (backs off while idle) */
 	bool again;             /* a trigger arrived during a read */
@@ -913,6 +914,7 @@ static void maybe_finish(struct dispatcher *d)
 	ev_timer_stop(d->loop, &d->deadline);
 	ev_timer_stop(d->loop, &d->stats_timer);
 	ev_timer_stop(d->loop, &d->debounce);
+	ev_timer_stop(d->loop, &d->wake_timer);
 	ev_timer_stop(d->loop, &d->selftest_timer);
 	ev_timer_stop(d->loop, &d->rate_timer);
 	d->done(d->done_arg, d->stopping && !d->once ? DISPATCH_DONE_STOPPED : d->once_result);
@@ -1008,6 +1010,33 @@ static void on_debounce(struct ev_loop *loop, ev_timer *w, int revents)
 	(void)loop;
 	(void)revents;
 	kick(w->data);
+}
+
+static void on_wake_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct log_line *l = log_begin(LOG_DEBUG, "wake_read");
+
+	(void)loop;
+	(void)revents;
+	log_str(l, "reason", "released messages are visible again");
+	log_end(l);
+	reset_idle(w->data);
+	kick(w->data);
+}
+
+/* Messages we made visible again after_s from now: read then, whatever
+ * the idle poll period has grown to. The earliest request wins. */
+static void wake_after(void *arg, double after_s)
+{
+	struct dispatcher *d = arg;
+
+	if (d->finished || d->stopping)
+		return;
+	if (ev_is_active(&d->wake_timer) && ev_timer_remaining(d->loop, &d->wake_timer) <= after_s)
+		return;
+	ev_timer_stop(d->loop, &d->wake_timer);
+	ev_timer_set(&d->wake_timer, after_s, 0.0);
+	ev_timer_start(d->loop, &d->wake_timer);
 }
 
 static void on_notify(void *arg, const char *channel, const char *payload)
@@ -1348,6 +1377,7 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 		dispatcher_free(d);
 		return NULL;
 	}
+	tracker_set_wake(d->tracker, wake_after, d);
 	ev_timer_init(&d->poll, on_poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
 	d->poll.data = d;
 	ev_init(&d->pause, on_pause_over);
@@ -1361,6 +1391,8 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 	d->queue_length = -1;
 	ev_init(&d->debounce, on_debounce);
 	d->debounce.data = d;
+	ev_init(&d->wake_timer, on_wake_timer);
+	d->wake_timer.data = d;
 	ev_init(&d->selftest_timer, on_selftest_timeout);
 	d->selftest_timer.data = d;
 	ev_init(&d->rate_timer, on_rate_timer);
@@ -1397,10 +1429,12 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 		return -1;
 	}
 	/* Turned on by this reload: follow jobs accepted from now on. */
-	if (d->tracker == NULL && cfg->tracker_enabled && !d->once && !d->stopping)
+	if (d->tracker == NULL && cfg->tracker_enabled && !d->once && !d->stopping) {
 		d->tracker = tracker_new(d->loop, cfg, d->http, d->pg);
-	else
+		tracker_set_wake(d->tracker, wake_after, d);
+	} else {
 		tracker_reload(d->tracker, cfg);
+	}
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_set(&d->poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
 	d->stats_timer.repeat = cfg->metrics_interval_ms / 1000.0;
@@ -1430,6 +1464,7 @@ void dispatcher_stop(struct dispatcher *d)
 	ev_timer_stop(d->loop, &d->probe);
 	ev_timer_stop(d->loop, &d->stats_timer);
 	ev_timer_stop(d->loop, &d->debounce);
+	ev_timer_stop(d->loop, &d->wake_timer);
 	ev_timer_stop(d->loop, &d->selftest_timer);
 	release_waiting(d); /* read but never sent: visible again at once */
 	state_changed(d);
@@ -1498,6 +1533,7 @@ void dispatcher_free(struct dispatcher *d)
 	ev_timer_stop(d->loop, &d->deadline);
 	ev_timer_stop(d->loop, &d->stats_timer);
 	ev_timer_stop(d->loop, &d->debounce);
+	ev_timer_stop(d->loop, &d->wake_timer);
 	ev_timer_stop(d->loop, &d->selftest_timer);
 	ev_timer_stop(d->loop, &d->rate_timer);
 	d->finished = true;

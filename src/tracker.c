@@ -84,6 +84,8 @@ struct tracker {
 	bool failing;            /* /status failing: warned once per streak */
 	long by_slot[N_SLOTS];
 	struct op *ops;
+	void (*wake)(void *arg, double after_s); /* a read is due then */
+	void *wake_arg;
 };
 
 /* ---- pure helpers ---- */
@@ -812,8 +814,20 @@ static void on_release_done(struct op *op, const long long *ids, int n, const st
 	log_int(l, "messages", n);
 	log_int(l, "retry_delay_s", op->delay_s);
 	log_end(l);
-	if (n > 0)
+	if (n > 0) {
 		metrics_inc_tracker_early_releases();
+		/* Nothing notifies when they become visible: ask for a read then. */
+		if (op->t && op->t->wake)
+			op->t->wake(op->t->wake_arg, op->delay_s + 0.05);
+	}
+}
+
+void tracker_set_wake(struct tracker *t, void (*wake)(void *arg, double after_s), void *arg)
+{
+	if (t == NULL)
+		return;
+	t->wake = wake;
+	t->wake_arg = arg;
 }
 
 static void on_heartbeat_done(struct tracker *t, struct op *op, struct tjob *j, long long *ids,

@@ -194,7 +194,7 @@ def test_failed_job_releases_its_messages_early(queue_db, emulator, start_daemon
     # The job ended at about first_run + 0.5 s; the tracker sees it within one interval
     # (0.33 s), the messages are back 1 s later, and the next read (200 ms) takes them.
     ended = first_run.responded_at + 0.2 + run_s
-    assert 0.9 <= second.received_at - ended <= 1.0 + 0.33 + 0.2 + 0.5
+    assert 0.9 <= second.received_at - ended <= 1.0 + 0.33 + 0.2 + 2.0
     assert [(e["old"], e["new"]) for e in events(d, "job_status")
             if e["job_id"] == job_id] == [("IN_QUEUE", "IN_PROGRESS"), ("IN_PROGRESS", final)]
     # Tracking of the first job ended; the second one is tracked now.
@@ -398,3 +398,23 @@ def test_reload_turns_the_tracker_on_and_off(queue_db, emulator, tmp_path):
     finally:
         assert d.stop() == 0
         assert_no_sanitizer_report(d.output)
+
+
+def test_early_release_wakes_a_read_whatever_the_idle_poll_period(queue_db, emulator, start_daemon):
+    """Released messages never NOTIFY: the tracker asks for a read when they come back,
+    even while idle polls have backed off far beyond retry_delay_s."""
+    queue_db.sql("SELECT pgmq.enable_notify_insert('jobs', 0)")
+    emulator.job_plan = lambda job_input: (
+        {"in_queue_s": 4.0, "run_s": 0.2, "final_status": "FAILED", "error": "boom"}
+        if job_input["jobs"][0]["read_ct"] == 1 else None)
+    ids = queue_db.send_many(jobs(1))
+    d = start_daemon("-v", PGMQD_TRACKER_ENABLED="on", PGMQD_TRACKER_INTERVAL_MS=300,
+                     PGMQD_TRACKER_RETRY_DELAY_S=1, PGMQD_QUEUE_POLL_INTERVAL_MS=1000,
+                     PGMQD_QUEUE_IDLE_POLL_MAX_MS=60000, PGMQD_QUEUE_VT_SECONDS=600)
+    d.wait_log(r"poll_period_ms=4000\b", timeout_s=20)          # idle polls backed off
+    wait_event(d, "early_release", timeout_s=20)
+    d.wait_log(r"event=wake_read", timeout_s=5)
+    emulator.wait_for(lambda: len(accepted(emulator)) == 2, timeout_s=10)
+    again = json.loads(accepted(emulator)[1].body)["input"]["jobs"]
+    assert [j["msg_id"] for j in again] == ids and again[0]["read_ct"] == 2
+    assert d.stop() == 0
