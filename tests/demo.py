@@ -54,6 +54,8 @@ def main():
         cluster.load_sql(os.path.join(HERE, "fixtures", "demo_jobs.sql"), "pgmqd_demo")
         conn = cluster.connect("pgmqd_demo")
         with conn.cursor() as cur:
+            # pgmq >= 1.7's insert notification: the daemon wakes on every enqueue.
+            cur.execute("SELECT pgmq.enable_notify_insert(%s, 0)", (QUEUE,))
             cur.execute("SELECT count(*) FROM pgmq.q_video_audio_transcription")
             say(f"queue {QUEUE}: {cur.fetchone()[0]} jobs waiting "
                 f"(PostgreSQL on 127.0.0.1:{cluster.port})")
