@@ -664,8 +664,17 @@ def latency_run(ctx, notify, count, seed, debounce_ms=None):
     return out
 
 
+def config_default(ctx, key):
+    """The binary's default for a key, from its --dump-config."""
+    env = Daemon(ctx, "dump", "host=127.0.0.1", "http://127.0.0.1:9/v2").env
+    out = subprocess.run([ctx.binary, "-T"], env=env, stdin=subprocess.DEVNULL,
+                         capture_output=True, text=True, check=True).stdout
+    return re.search(rf"^{re.escape(key)}\s*=\s*(\S+)", out, re.M).group(1)
+
+
 def scenario_latency(ctx, results):
     n = SIZES["latency_n"]
+    results["debounce_default"] = config_default(ctx, "queue.notify_debounce_ms")
     results["latency_notify"] = latency_run(ctx, True, n, seed=5)
     r = results["latency_notify"]
     log(f"2. NOTIFY: p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms, max {r['max']:.2f} ms")
@@ -993,7 +1002,7 @@ def build_rows(res):
     if r:
         ref = r["ref"]
         rows.append(("2c", "latency, same arrivals, NOTIFY on with `queue.notify_debounce_ms=0` "
-                           "(default 5)",
+                           f"(default {res.get('debounce_default', '?')})",
                      f"p50 {f_ms(r['p50'])} · p99 {f_ms(r['p99'])} · max {f_ms(r['max'])}",
                      f"NOTIFY at a bare LISTEN client: p50 {f_ms(ref['p50'])} · "
                      f"p99 {f_ms(ref['p99'])} · max {f_ms(ref['max'])}",
