@@ -914,6 +914,6 @@ void config_dump(const struct config *cfg, void *fp)
 			break;
 		}
 		}
-		fprintf(fp, "%-28s = %-40s # %s\n", label, val, source_names[cfg->source[i]]);
+		fprintf(fp, "%-36s = %-40s # %s\n", label, val, source_names[cfg->source[i]]);
 	}
 }

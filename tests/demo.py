@@ -74,6 +74,8 @@ def main():
             "PGMQD_RUNPOD_BASE_URL": emulator.base_url,
             "RUNPOD_ENDPOINT_ID": ENDPOINT_ID,
             "RUNPOD_API_KEY": API_KEY,
+            # Any free port: an installed service may already use the default 9187.
+            "PGMQD_ADMIN_LISTEN": "127.0.0.1:0",
         }
         say(f"starting {os.path.relpath(BINARY, REPO)} -v   (Ctrl-C to stop everything)")
         daemon = subprocess.Popen([BINARY, "-v"], env=env, stdin=subprocess.DEVNULL)
