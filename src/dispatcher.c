@@ -235,6 +235,22 @@ static double back_off(struct dispatcher *d, enum pause_reason why, double hint_
 	return ms;
 }
 
+/* A set_vt or archive statement failed (also while shutting down): one
+ * line with the error, then every msg id with why it stays invisible. */
+static void log_statement_failed(const struct dispatcher *d, const char *event,
+				 const struct pg_error *err, const struct batch *b, const char *why)
+{
+	char ids_event[64];
+	struct log_line *l = log_begin(LOG_ERROR, event);
+
+	log_str(l, "queue", d->cfg->queue_name);
+	log_str(l, "sqlstate", err->sqlstate);
+	log_str(l, "error", err->message);
+	log_end(l);
+	snprintf(ids_event, sizeof(ids_event), "%s_ids", event);
+	log_ids(LOG_ERROR, ids_event, d, b->ids, b->n, why);
+}
+
 static void on_released(void *arg, long count, const struct pg_error *err)
 {
 	struct batch *b = arg;
@@ -242,15 +258,7 @@ static void on_released(void *arg, long count, const struct pg_error *err)
 
 	d->db_pending--;
 	if (err) {
-		/* Also while shutting down: every id needs a line saying why it
-		 * stays invisible. */
-		struct log_line *l = log_begin(LOG_ERROR, "release_failed");
-		log_str(l, "queue", d->cfg->queue_name);
-		log_str(l, "sqlstate", err->sqlstate);
-		log_str(l, "error", err->message);
-		log_end(l);
-		log_ids(LOG_ERROR, "release_failed_ids", d, b->ids, b->n,
-			"visible again after vt_seconds");
+		log_statement_failed(d, "release_failed", err, b, "visible again after vt_seconds");
 	} else if (!d->finished) {
 		struct log_line *l = log_begin(LOG_DEBUG, "released");
 		log_str(l, "queue", d->cfg->queue_name);
@@ -282,19 +290,12 @@ static void on_archived(void *arg, long count, const struct pg_error *err)
 	struct dispatcher *d = b->d;
 
 	d->db_pending--;
-	{
-		if (err) {
-			struct log_line *l = log_begin(LOG_ERROR, "archive_failed");
-			log_str(l, "queue", d->cfg->queue_name);
-			log_str(l, "sqlstate", err->sqlstate);
-			log_str(l, "error", err->message);
-			log_end(l);
-			log_ids(LOG_ERROR, "archive_failed_ids", d, b->ids, b->n,
-				"visible again after vt_seconds, archived then");
-		} else if (!d->finished) {
-			d->stats.messages_archived += (unsigned long long)count;
-			metrics_add_messages_archived(b->archive_reason, (unsigned)count);
-		}
+	if (err) {
+		log_statement_failed(d, "archive_failed", err, b,
+				     "visible again after vt_seconds, archived then");
+	} else if (!d->finished) {
+		d->stats.messages_archived += (unsigned long long)count;
+		metrics_add_messages_archived(b->archive_reason, (unsigned)count);
 	}
 	batch_free(b);
 	maybe_finish(d);
