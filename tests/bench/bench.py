@@ -45,7 +45,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "integration"))
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests", "emulator"))
 
-from pgcluster import PgCluster  # noqa: E402
+from pgcluster import PgCluster, wait_until  # noqa: E402
 from runpod_emulator import RunPodEmulator  # noqa: E402
 
 PGMQ_SQL = os.path.join(REPO_ROOT, "tests", "fixtures", "pgmq.sql")
@@ -144,15 +144,6 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_for(predicate, timeout, what, interval=0.01):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def port_open(port):
@@ -187,8 +178,8 @@ class NginxSink:
             self.proc = self.children.spawn(["nginx", "-p", self.prefix, "-c", conf, "-e", errlog],
                                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             try:
-                wait_for(lambda: port_open(self.port) or self.proc.poll() is not None, 10,
-                         "nginx to listen")
+                wait_until(lambda: port_open(self.port) or self.proc.poll() is not None, 10,
+                           what="nginx to listen")
             except TimeoutError:
                 pass
             if self.proc.poll() is None and port_open(self.port):
@@ -298,7 +289,7 @@ class Daemon:
                                                 stderr=subprocess.STDOUT)
         finally:
             logf.close()
-        self.port = int(wait_for(self._admin_port, 15, f"daemon {self.name} to start"))
+        self.port = int(wait_until(self._admin_port, 15, what=f"daemon {self.name} to start"))
         return self
 
     def _admin_port(self):
@@ -346,7 +337,7 @@ class Daemon:
         def reached():
             self._check_alive()
             return self.counter(name) >= at_least
-        wait_for(reached, timeout, f"{name} >= {at_least} in daemon {self.name}", interval)
+        wait_until(reached, timeout, interval, what=f"{name} >= {at_least} in daemon {self.name}")
         return time.monotonic()
 
     def _check_alive(self):
