@@ -77,6 +77,10 @@ int runpod_pack(const struct pgmq_message *msgs, int n, size_t envelope, size_t 
  * backoff). Pure. */
 int runpod_parse_retry_after(const char *value, time_t now, long long *delay_ms);
 
+/* "Authorization: Bearer <api_key>", malloc'd (the caller frees), so the
+ * header fits whatever length the key has. NULL when out of memory. */
+char *runpod_auth_header(const char *api_key);
+
 /* "{base_url}/{endpoint_id}/{op}" into buf; returns 0 or -1 if too long. */
 int runpod_url(const char *base_url, const char *endpoint_id, const char *op, char *buf,
 	       size_t len);

@@ -245,6 +245,19 @@ int runpod_parse_retry_after(const char *value, time_t now, long long *delay_ms)
 	return 0;
 }
 
+char *runpod_auth_header(const char *api_key)
+{
+	static const char prefix[] = "Authorization: Bearer ";
+	size_t n = strlen(api_key);
+	char *h = malloc(sizeof(prefix) + n);
+
+	if (h == NULL)
+		return NULL;
+	memcpy(h, prefix, sizeof(prefix) - 1);
+	memcpy(h + sizeof(prefix) - 1, api_key, n + 1);
+	return h;
+}
+
 int runpod_url(const char *base_url, const char *endpoint_id, const char *op, char *buf,
 	       size_t len)
 {
