@@ -36,7 +36,7 @@ OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
 UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify \
-              test_tracker
+              test_tracker test_decisions test_reload
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install clean fuzz lint bench
@@ -54,6 +54,13 @@ $(BUILD) $(BUILD)/tests:
 
 $(BUILD)/tests/%: tests/unit/%.c $(LIB_OBJS) | $(BUILD)/tests
 	$(CC) $(ALL_CFLAGS) -Wno-unused-parameter $(LDFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS) $$(pkg-config --libs cmocka)
+
+# Allocation-failure injection: malloc, calloc, realloc and strdup of our own
+# objects go through the test's wrappers.
+$(BUILD)/tests/test_reload: tests/unit/test_reload.c $(LIB_OBJS) | $(BUILD)/tests
+	$(CC) $(ALL_CFLAGS) -Wno-unused-parameter $(LDFLAGS) \
+	  -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=strdup \
+	  -o $@ $< $(LIB_OBJS) $(LDLIBS) $$(pkg-config --libs cmocka)
 
 # Installs every build and test dependency from Debian's packages (idempotent).
 deps:
