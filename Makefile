@@ -104,7 +104,7 @@ bench: deps
 
 # libFuzzer targets (clang), each run for FUZZ_SECONDS from its checked-in corpus.
 FUZZ_SECONDS ?= 10
-FUZZ_TARGETS := config run_reply retry_after status_reply
+FUZZ_TARGETS := config run_reply status_reply
 FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -DPGMQD_VERSION='"$(VERSION)"' \
                 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
                 $(shell pkg-config --cflags $(PKGS))
@@ -113,7 +113,7 @@ build-fuzz/fuzz_config: tests/fuzz/fuzz_config.c src/config.c src/log.c $(wildca
 	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c src/config.c src/log.c $(shell pkg-config --libs libpq inih)
 build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c src/runpod.c $(wildcard include/*.h)
 	mkdir -p build-fuzz
-	clang $(FUZZ_CFLAGS) -o $@ $< src/runpod.c $(shell pkg-config --libs libcjson)
+	clang $(FUZZ_CFLAGS) -o $@ $< src/runpod.c $(shell pkg-config --libs libcjson libcurl)
 
 fuzz: $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
 	@set -e; for t in $(FUZZ_TARGETS); do \
