@@ -9,7 +9,6 @@
 #include "dispatcher_int.h"
 #include "log.h"
 
-#include <ctype.h>
 #include <stdio.h>
 #include <string.h>
 #include <unistd.h>
@@ -249,9 +248,8 @@ int wakeup_init(struct dispatcher *d, const struct config *cfg)
 	struct pg_callbacks lcb = { .connected = on_listen_connected, .disconnected = on_listen_lost_cb,
 				    .notify = wakeup_on_notify, .arg = d };
 
-	snprintf(d->w.table, sizeof(d->w.table), "q_%s", cfg->queue_name);
-	for (size_t i = 2; d->w.table[i]; i++)
-		d->w.table[i] = (char)tolower((unsigned char)d->w.table[i]);
+	if (pgmq_table_name(cfg->queue_name, d->w.table, sizeof(d->w.table)) != 0)
+		return -1;
 	snprintf(d->w.channel, sizeof(d->w.channel), "pgmq.%s.INSERT", d->w.table);
 	snprintf(d->w.selftest, sizeof(d->w.selftest), "pgmq-dispatcher self-test %ld",
 		 (long)getpid());

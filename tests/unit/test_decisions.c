@@ -209,6 +209,16 @@ static void finish_table(void **state)
 		assert_int_equal(dispatcher_should_finish(&cases[i].in), cases[i].want);
 }
 
+static void table_name(void **state)
+{
+	char buf[16];
+
+	(void)state;
+	assert_int_equal(pgmq_table_name("Jobs_1", buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "q_jobs_1");
+	assert_int_equal(pgmq_table_name("abcdefghijklmn", buf, sizeof(buf)), -1);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -219,6 +229,7 @@ int main(void)
 		cmocka_unit_test(retry_after_policy_table),
 		cmocka_unit_test(circuit_table),
 		cmocka_unit_test(finish_table),
+		cmocka_unit_test(table_name),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);
