@@ -138,6 +138,9 @@ struct finish_inputs {
 /* True when a --once cycle or a shutdown is over and done() must run. Pure. */
 bool dispatcher_should_finish(const struct finish_inputs *f);
 void dispatcher_kick(struct dispatcher *d);
+/* The read's callback (pgmq_read_fn); takes rows. Not static so that a
+ * unit test can hand it a read. */
+void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *err);
 void dispatcher_maybe_finish(struct dispatcher *d);
 void dispatcher_state_changed(struct dispatcher *d);
 double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double hint_ms);

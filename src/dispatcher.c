@@ -157,7 +157,7 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 	free(ends);
 }
 
-static void on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *err)
+void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *err)
 {
 	struct dispatcher *d = arg;
 	struct read_result *rr;
@@ -266,7 +266,7 @@ void dispatcher_kick(struct dispatcher *d)
 	d->read_wanted = false;
 	d->again = false;
 	if (pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name, d->cfg->vt_seconds,
-		      d->cfg->batch_size, on_read, d) != 0) {
+		      d->cfg->batch_size, dispatcher_on_read, d) != 0) {
 		log_msg(LOG_ERROR, "read_failed", "cannot queue the read statement");
 		dispatcher_back_off(d, PAUSE_DB, -1);
 		return;

@@ -174,7 +174,10 @@ static void send_now(struct dispatcher *d, struct batch *b)
 		batch_release(b, 0);
 		return;
 	}
-	ratelimit_record(&d->rl, ev_now(d->loop));
+	/* The wall clock now, not the loop's cached ev_now: that is from the
+	 * start of this iteration, and a busy one would make the window start
+	 * early and let a request out too soon. */
+	ratelimit_record(&d->rl, ev_time());
 	b->started = ev_now(d->loop);
 	if (log_enabled(LOG_TRACE)) {
 		struct log_line *l = log_begin(LOG_TRACE, "http_request");
@@ -202,7 +205,7 @@ static void send_waiting(struct dispatcher *d)
 {
 	double wait_s = 0;
 
-	while (d->waiting && ratelimit_slot(&d->rl, ev_now(d->loop), &wait_s))
+	while (d->waiting && ratelimit_slot(&d->rl, ev_time(), &wait_s))
 		send_now(d, pop_waiting(d));
 	if (d->waiting && !ev_is_active(&d->rate_timer)) {
 		ev_timer_set(&d->rate_timer, wait_s, 0.0);

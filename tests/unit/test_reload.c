@@ -3,7 +3,8 @@
  * malloc, calloc, realloc and strdup), and after each failure the old
  * configuration must be fully in effect: snapshot, URLs, auth header,
  * envelope, rate cap with its send times, no tracker. Then the reload that
- * succeeds switches everything. Also the pure reload diff. */
+ * succeeds switches everything. Also the pure reload diff, and that a
+ * --once run ends when on_read cannot allocate. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -143,6 +144,45 @@ static void every_failing_step_keeps_the_old_configuration(void **state)
 	ev_loop_destroy(loop);
 }
 
+static void record_done(void *arg, enum dispatcher_result r)
+{
+	*(int *)arg = (int)r;
+}
+
+/* A --once run whose read came back but whose read_result cannot be
+ * allocated must still end (it used to return without finishing, and
+ * --once hung). */
+static void once_ends_when_a_read_cannot_be_kept(void **state)
+{
+	char *env[] = { "PGMQD_QUEUE_NAME=jobs", "RUNPOD_ENDPOINT_ID=ep", "RUNPOD_API_KEY=key-123456",
+			NULL };
+	struct config a;
+	struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+	struct pgmq_batch *rows = calloc(1, sizeof(*rows));
+	int result = -1;
+	struct dispatcher *d;
+
+	(void)state;
+	load(&a, env);
+	d = dispatcher_new(loop, &a, true, record_done, &result);
+	assert_non_null(d);
+	rows->n = 1;
+	rows->msgs = calloc(1, sizeof(*rows->msgs));
+	rows->msgs[0] = (struct pgmq_message){ .msg_id = "1", .msg_id_num = 1, .read_ct = "1",
+					       .enqueued_at = "\"x\"", .message = "{}",
+					       .message_len = 2, .id_ok = true };
+	d->reading = true;
+	allocs = 0;
+	fail_at = 1; /* the read_result */
+	dispatcher_on_read(d, rows, NULL);
+	fail_at = 0;
+	assert_int_equal(allocs, 1);
+	assert_int_equal(result, DISPATCH_DONE_FAILED);
+	dispatcher_free(d);
+	config_free(&a);
+	ev_loop_destroy(loop);
+}
+
 static void reload_diff_table(void **state)
 {
 	struct config a = { .conninfo = "dbname=a", .max_requests_per_10s = 5 };
@@ -177,6 +217,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(every_failing_step_keeps_the_old_configuration),
 		cmocka_unit_test(reload_diff_table),
+		cmocka_unit_test(once_ends_when_a_read_cannot_be_kept),
 	};
 
 	log_setup(LOG_ERROR, LOG_FORMAT_LOGFMT);
