@@ -1,8 +1,8 @@
 /* dispatcher_int — the dispatcher's state, shared by the files it is split
- * into: dispatcher.c (pipeline, drain, lifecycle, reload), batch.c (batch
- * lifecycle and its one teardown), post.c (/run: rate cap, outcomes),
- * circuit.c (breaker and /health probes), wakeup.c (NOTIFY and idle
- * polls). Private: nothing outside those files includes it (unit tests
+ * into: dispatcher.c (pipeline, drain, lifecycle), reload.c (the
+ * all-or-nothing reload), batch.c (batch lifecycle and its one teardown),
+ * post.c (/run: rate cap, outcomes), circuit.c (breaker and /health
+ * probes), wakeup.c (NOTIFY and idle polls), dryrun.c. Private: nothing outside those files includes it (unit tests
  * aside). Owns no code; knows no wire formats. */
 #ifndef PGMQD_DISPATCHER_INT_H
 #define PGMQD_DISPATCHER_INT_H
