@@ -30,7 +30,8 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config log pg pgmq http runpod dispatcher reload batch post circuit wakeup \
+MODULES   := main config log pg pgmq http runpod dispatcher reload batch post circuit wakeup ledger \
+             ledger_cli migrate \
              dryrun backoff ratelimit sdnotify metrics admin tracker
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))

@@ -10,6 +10,8 @@
 #include "dispatcher_int.h"
 #include "log.h"
 
+#define BATCH_MAX_PARTS 64 /* ledger rows one read is split into; more stay in the read's row */
+
 /* How a batch ended. */
 enum batch_fate {
 	BATCH_ACCEPTED,        /* a job owns the messages (logged by the poster) */
@@ -51,9 +53,10 @@ void batch_end(struct batch *b, enum batch_fate fate, const char *why);
  * the batch ends when the statement does. */
 void batch_release(struct batch *b, int delay_s);
 
-/* Archives n messages from rr that must never be dispatched. */
+/* Archives n messages from rr that must never be dispatched; their
+ * ledger row is dispatch_id ("" for the read's). */
 void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pgmq_message *msgs,
-		   int n, enum metrics_archive_reason reason);
+		   int n, enum metrics_archive_reason reason, const char *dispatch_id);
 
 /* Logs msg ids in lines of 100 under event, so that no id is cut. */
 void batch_log_ids(enum log_level level, const char *event, const struct dispatcher *d,

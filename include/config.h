@@ -52,6 +52,7 @@ struct config {
 	int policy_execution_timeout_ms; /* policy.executionTimeout; 0 = not sent */
 	int policy_ttl_ms;       /* policy.ttl; 0 = not sent */
 	int policy_low_priority; /* bool: policy.lowPriority = true when set */
+	int dispatch_id_in_input; /* bool: input.dispatch_id carries the ledger's dispatch id */
 	/* [tracker] */
 	int tracker_enabled;     /* bool: follow accepted jobs through /status */
 	int tracker_interval_ms; /* /status period per job (jittered) */
@@ -59,6 +60,11 @@ struct config {
 	int tracker_retry_delay_s;   /* FAILED/CANCELLED/TIMED_OUT: visible again after this */
 	int tracker_max_concurrent;  /* /status requests in flight at once */
 	int tracker_max_status_per_10s; /* RunPod: 2000 per 10 s */
+	/* [ledger] */
+	int ledger_enabled;      /* bool: the dispatch ledger in PostgreSQL */
+	char *ledger_schema;     /* its schema, a plain lower-case identifier */
+	int ledger_retention_days; /* finished rows older than this are pruned */
+	int ledger_lease_s;      /* a replica's hold on its sending rows and tracked jobs */
 	/* [log] */
 	int log_level;           /* enum log_level */
 	int log_format;          /* enum log_format */

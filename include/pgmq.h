@@ -35,6 +35,11 @@ struct pgmq_batch {
 	struct pgmq_message *msgs;
 };
 
+/* The columns a read selects from the read function's rows. */
+#define PGMQ_READ_COLUMNS                                                                     \
+	"msg_id, read_ct, to_json(enqueued_at) AS enqueued_at, message, "                       \
+	"message->'document_id' AS document_id"
+
 /* Builds the read statement for a validated function name (see config's
  * read_function) into buf. Returns 0, or -1 if it does not fit. */
 int pgmq_read_sql(const char *read_function, char *buf, size_t len);
@@ -59,6 +64,12 @@ typedef void (*pgmq_read_fn)(void *arg, struct pgmq_batch *batch, const struct p
  * -1 when the query could not be queued (fn is then not called). */
 int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int vt_seconds,
 	      int qty, pgmq_read_fn fn, void *arg) __attribute__((warn_unused_result));
+
+/* Runs a read statement of the caller's (selecting PGMQ_READ_COLUMNS,
+ * e.g. wrapped in a CTE that records it); rows reach fn as pgmq_read's.
+ * Returns 0 or -1 when the query could not be queued. */
+int pgmq_read_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
+		    pgmq_read_fn fn, void *arg) __attribute__((warn_unused_result));
 
 /* Sets the vt of the given messages to now + delay_s in one statement
  * (pgmq.set_vt per id, which exists since pgmq 1.2; the array form needs

@@ -47,6 +47,7 @@ static const char *check_api_key(const char *v);
 static const char *check_base_url(const char *v);
 static const char *check_listen(const char *v);
 static const char *check_webhook(const char *v);
+static const char *check_schema(const char *v);
 
 #define OFF(f) offsetof(struct config, f)
 
@@ -105,6 +106,8 @@ static const struct key keys[] = {
 	  { 0 }, NULL, NULL, NULL },
 	{ "runpod", "policy_low_priority", K_BOOL, OFF(policy_low_priority), "off", 0, 0, 0, { 0 },
 	  NULL, NULL, NULL },
+	{ "runpod", "dispatch_id_in_input", K_BOOL, OFF(dispatch_id_in_input), "off", 0, 0, 0, { 0 },
+	  NULL, NULL, NULL },
 	{ "log", "level", K_ENUM, OFF(log_level), "info", 0, 0, 0, { 0 }, NULL, level_choices, NULL },
 	{ "log", "format", K_ENUM, OFF(log_format), "logfmt", 0, 0, 0, { 0 }, NULL, format_choices,
 	  NULL },
@@ -120,6 +123,14 @@ static const struct key keys[] = {
 	/* §2: /status allows 2000 requests per 10 s. */
 	{ "tracker", "max_status_per_10s", K_INT, OFF(tracker_max_status_per_10s), "2000", 1, 1000000,
 	  0, { 0 }, NULL, NULL, NULL },
+	{ "ledger", "enabled", K_BOOL, OFF(ledger_enabled), "on", 0, 0, F_STATIC, { 0 }, NULL, NULL,
+	  NULL },
+	{ "ledger", "schema", K_STR, OFF(ledger_schema), "pgmq_dispatcher", 0, 0, F_STATIC, { 0 }, NULL,
+	  NULL, check_schema },
+	{ "ledger", "retention_days", K_INT, OFF(ledger_retention_days), "14", 1, 3650, 0, { 0 }, NULL,
+	  NULL, NULL },
+	{ "ledger", "lease_s", K_INT, OFF(ledger_lease_s), "30", 2, 3600, F_STATIC, { 0 }, NULL, NULL,
+	  NULL },
 	{ "admin", "listen", K_STR, OFF(admin_listen), "127.0.0.1:9187", 0, 0, F_STATIC, { 0 }, NULL,
 	  NULL, check_listen },
 	{ "admin", "metrics_interval_ms", K_INT, OFF(metrics_interval_ms), "15000", 100, 3600000, 0,
@@ -572,6 +583,17 @@ static bool ident_char(char c, bool first)
 
 /* The read function is pasted into SQL, so it must be a plain lower-case
  * identifier, optionally schema-qualified: pgmq.read, public.pgmq_read. */
+/* A plain lower-case SQL identifier: it is put into SQL text unquoted. */
+static const char *check_schema(const char *v)
+{
+	if (*v == '\0' || strlen(v) > 63 || !(islower((unsigned char)*v) || *v == '_'))
+		return "must be a schema name: a-z or _ first, then a-z, 0-9 or _, at most 63";
+	for (const char *p = v; *p; p++)
+		if (!(islower((unsigned char)*p) || isdigit((unsigned char)*p) || *p == '_'))
+			return "must be a schema name: a-z or _ first, then a-z, 0-9 or _, at most 63";
+	return NULL;
+}
+
 static const char *check_function(const char *v)
 {
 	bool first = true;

@@ -3,6 +3,7 @@
 #include "config.h"
 #include "dispatcher.h"
 #include "admin.h"
+#include "ledger_cli.h"
 #include "log.h"
 #include "metrics.h"
 #include "sdnotify.h"
@@ -105,6 +106,9 @@ static void on_done(void *arg, enum dispatcher_result result)
 		break;
 	case DISPATCH_DONE_UNKNOWN:
 		app->exit_code = EX_TEMPFAIL;
+		break;
+	case DISPATCH_DONE_FATAL:
+		app->exit_code = EX_CONFIG;
 		break;
 	}
 	ev_break(app->loop, EVBREAK_ALL);
@@ -237,12 +241,16 @@ int main(int argc, char **argv)
 	int verbose = 0, quiet = 0, opt;
 	char level_override[32], format_override[32];
 	const char *overrides[3] = { NULL, NULL, NULL };
-	int noverrides = 0;
+	int noverrides = 0, command_argc = 0;
+	const char *command = NULL;
+	char **command_argv = NULL;
 	char masked[1024];
 
 	memset(&app, 0, sizeof(app));
 	format_override[0] = '\0';
-	while ((opt = getopt_long(argc, argv, "c:vqtTVh", longopts, NULL)) != -1) {
+	/* "+": options stop at the command (status, jobs, ...), whose own
+	 * options its module parses. */
+	while ((opt = getopt_long(argc, argv, "+c:vqtTVh", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'c':
 			path = optarg;
@@ -283,7 +291,11 @@ int main(int argc, char **argv)
 			return EX_USAGE;
 		}
 	}
-	if (optind < argc) {
+	if (optind < argc && ledger_cli_known(argv[optind])) {
+		command = argv[optind];
+		command_argc = argc - optind;
+		command_argv = argv + optind;
+	} else if (optind < argc) {
 		fprintf(stderr, "pgmq-dispatcher: unexpected argument '%s'\n", argv[optind]);
 		usage(stderr);
 		return EX_USAGE;
@@ -324,6 +336,12 @@ int main(int argc, char **argv)
 		config_free(app.cfg);
 		free(app.cfg);
 		return 0;
+	}
+	if (command) {
+		int rc = ledger_cli_main(app.cfg, command, command_argc, command_argv);
+		config_free(app.cfg);
+		free(app.cfg);
+		return rc;
 	}
 	if (health_check || dry_run) {
 		int rc;

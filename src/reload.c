@@ -17,6 +17,7 @@ struct runpod_extras dispatcher_extras_of(const struct config *cfg)
 		.execution_timeout_ms = cfg->policy_execution_timeout_ms,
 		.ttl_ms = cfg->policy_ttl_ms,
 		.low_priority = cfg->policy_low_priority != 0,
+		.dispatch_id = cfg->dispatch_id_in_input && cfg->ledger_enabled,
 	};
 }
 
@@ -100,9 +101,12 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 		/* Turned on by this reload: follow jobs accepted from now on. */
 		d->tracker = tracker;
 		tracker_set_wake(d->tracker, wakeup_after, d);
+		if (d->ledger)
+			tracker_set_observer(d->tracker, dispatcher_tracker_state, d);
 	} else {
 		tracker_reload(d->tracker, cfg);
 	}
+	ledger_reload(d->ledger, cfg);
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_set(&d->poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
 	d->stats_timer.repeat = cfg->metrics_interval_ms / 1000.0;

@@ -24,6 +24,7 @@ enum jstate {
 
 struct tjob {
 	char id[RUNPOD_JOB_ID_MAX + 1];
+	char dispatch_id[40];    /* the ledger's row, "" when none */
 	char status[RUNPOD_STATUS_MAX + 1]; /* last seen; IN_QUEUE from the /run reply */
 	long long *ids;          /* the messages the job carries (for the log) */
 	int n;
@@ -59,6 +60,7 @@ struct op {
 	struct op *prev, *next;
 	enum op_kind kind;
 	char job_id[RUNPOD_JOB_ID_MAX + 1];
+	char dispatch_id[40];
 	ev_tstamp sent_at;
 	int delay_s;
 	long long *ids;          /* statements: the ids sent */
@@ -86,7 +88,16 @@ struct tracker {
 	struct op *ops;
 	void (*wake)(void *arg, double after_s); /* a read is due then */
 	void *wake_arg;
+	tracker_observer_fn observe; /* a job's dispatch changed state */
+	void *observe_arg;
 };
+
+static void observe(const struct tracker *t, const struct tjob *j, const char *state,
+		    const char *error)
+{
+	if (t->observe && j && j->dispatch_id[0])
+		t->observe(t->observe_arg, j->dispatch_id, state, error);
+}
 
 /* ---- pure helpers ---- */
 
@@ -439,6 +450,7 @@ static struct op *op_new(struct tracker *t, enum op_kind kind, const struct tjob
 	op->t = t;
 	op->kind = kind;
 	memcpy(op->job_id, j->id, sizeof(op->job_id));
+	memcpy(op->dispatch_id, j->dispatch_id, sizeof(op->dispatch_id));
 	op->sent_at = ev_now(t->loop);
 	op->next = t->ops;
 	if (t->ops)
@@ -670,6 +682,7 @@ static void status_ok(struct tracker *t, struct tjob *j, const struct runpod_sta
 	if (strcmp(rep->status, j->status) != 0) {
 		log_transition(j, rep);
 		snprintf(j->status, sizeof(j->status), "%s", rep->status);
+		observe(t, j, j->status, rep->error[0] ? rep->error : NULL);
 	}
 	if (!terminal) {
 		set_slot(t, j, slot_of(j->status));
@@ -698,6 +711,7 @@ static void status_expired(struct tracker *t, struct tjob *j)
 	log_ids(l, j->ids, j->n);
 	log_str(l, "msg", "/status answered 404: tracking ends, the messages keep their vt");
 	log_end(l);
+	observe(t, j, "lost", "/status answered 404: the job expired or never existed");
 	metrics_inc_tracker_terminal(METRICS_TERMINAL_EXPIRED);
 	job_remove(t, j);
 }
@@ -808,6 +822,8 @@ static void on_release_done(struct op *op, const long long *ids, int n, const st
 		log_end(l);
 		return;
 	}
+	if (op->t && op->t->observe && op->dispatch_id[0])
+		op->t->observe(op->t->observe_arg, op->dispatch_id, "released", NULL);
 	l = log_begin(LOG_INFO, "early_release");
 	log_str(l, "job_id", op->job_id);
 	log_ids(l, ids, n);
@@ -949,8 +965,22 @@ struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, stru
 	return t;
 }
 
+void tracker_set_observer(struct tracker *t, tracker_observer_fn fn, void *arg)
+{
+	if (t == NULL)
+		return;
+	t->observe = fn;
+	t->observe_arg = arg;
+}
+
 void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids, int n,
 		 ev_tstamp read_at)
+{
+	tracker_add_dispatch(t, job_id, NULL, msg_ids, n, read_at);
+}
+
+void tracker_add_dispatch(struct tracker *t, const char *job_id, const char *dispatch_id,
+			  const long long *msg_ids, int n, ev_tstamp read_at)
 {
 	struct tjob *j;
 	ev_tstamp now;
@@ -976,6 +1006,7 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 	}
 	now = ev_now(t->loop);
 	snprintf(j->id, sizeof(j->id), "%s", job_id);
+	snprintf(j->dispatch_id, sizeof(j->dispatch_id), "%s", dispatch_id ? dispatch_id : "");
 	snprintf(j->status, sizeof(j->status), "IN_QUEUE"); /* what /run answers (§2.1) */
 	memcpy(j->ids, msg_ids, (size_t)n * sizeof(*j->ids));
 	j->n = n;

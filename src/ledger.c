@@ -1,0 +1,741 @@
+/* ledger — see include/ledger.h. */
+#include "ledger.h"
+#include "log.h"
+#include "migrate.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/random.h>
+
+#define STR_(x) #x
+#define PGMQD_STR(x) STR_(x)
+
+/* The read and, in the same statement, its row. $1 queue, $2 vt, $3 qty
+ * (as pgmq.read), $4 dispatch id, $5 endpoint, $6 owner, $7 lease_s. An
+ * empty read inserts nothing (HAVING). */
+static const char READ_SQL[] =
+	"WITH r AS MATERIALIZED (SELECT " PGMQ_READ_COLUMNS
+	" FROM %s($1::text, $2::integer, $3::integer)), "
+	"ins AS (INSERT INTO %s.dispatch (dispatch_id, queue, endpoint_id, msg_ids, read_cts, "
+	"read_at, vt_until, state, owner, lease_until, history) "
+	"SELECT $4::uuid, $1::text, $5::text, array_agg(msg_id ORDER BY msg_id), "
+	"array_agg(read_ct ORDER BY msg_id), now(), now() + make_interval(secs => $2::integer), "
+	"'sending', $6::uuid, now() + make_interval(secs => $7::integer), "
+	"jsonb_build_array(jsonb_build_object('state', 'sending', 'at', now())) "
+	"FROM r HAVING count(*) > 0) "
+	"SELECT * FROM r ORDER BY msg_id";
+
+/* All transitions noted while the previous statement ran, in one: grouped
+ * per row, the last state wins and every one joins the history. $1 ids,
+ * $2 states, $3 http, $4 job ids, $5 errors, $6 epoch times, $7 held. */
+static const char NOTES_SQL[] =
+	"WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::text[], "
+	"$5::text[], $6::float8[], $7::boolean[]) WITH ORDINALITY "
+	"AS u(id, state, http, job, err, at, held, ord)), "
+	"g AS (SELECT id, (array_agg(state ORDER BY ord DESC))[1] AS state, "
+	"(array_agg(held ORDER BY ord DESC))[1] AS held, "
+	"(array_agg(http ORDER BY ord DESC) FILTER (WHERE http IS NOT NULL))[1] AS http, "
+	"(array_agg(job ORDER BY ord DESC) FILTER (WHERE job IS NOT NULL))[1] AS job, "
+	"(array_agg(err ORDER BY ord DESC) FILTER (WHERE err IS NOT NULL))[1] AS err, "
+	"jsonb_agg(jsonb_build_object('state', state, 'at', to_timestamp(at)) ORDER BY ord) AS h, "
+	"max(to_timestamp(at)) AS at FROM u GROUP BY id) "
+	"UPDATE %s.dispatch d SET state = g.state, http_status = coalesce(g.http, d.http_status), "
+	"job_id = coalesce(g.job, d.job_id), error = coalesce(g.err, d.error), "
+	"updated_at = greatest(d.updated_at, g.at), history = d.history || g.h, "
+	"owner = CASE WHEN g.held THEN d.owner END, "
+	"lease_until = CASE WHEN g.held THEN d.lease_until END "
+	"FROM g WHERE d.dispatch_id = g.id";
+
+/* $1 the read's id, $2 part ids, $3 part states, $4 msg ids, $5 part (1-based). */
+static const char SPLIT_SQL[] =
+	"WITH src AS (SELECT * FROM %s.dispatch WHERE dispatch_id = $1::uuid), "
+	"m AS (SELECT x.id, x.part, src.read_cts[array_position(src.msg_ids, x.id)] AS rc "
+	"FROM src, unnest($4::bigint[], $5::integer[]) AS x(id, part)), "
+	"g AS (SELECT part, array_agg(id ORDER BY id) AS ids, array_agg(rc ORDER BY id) AS rcs "
+	"FROM m GROUP BY part), "
+	"up AS (UPDATE %s.dispatch d SET msg_ids = g.ids, read_cts = g.rcs, "
+	"state = ($3::text[])[1], history = d.history || jsonb_build_array(jsonb_build_object("
+	"'state', ($3::text[])[1], 'at', now(), 'split_into', cardinality($2::uuid[]))) "
+	"FROM g WHERE d.dispatch_id = $1::uuid AND g.part = 1 RETURNING 1), "
+	"ins AS (INSERT INTO %s.dispatch (dispatch_id, queue, endpoint_id, msg_ids, read_cts, "
+	"read_at, vt_until, state, owner, lease_until, history) "
+	"SELECT ($2::uuid[])[g.part], src.queue, src.endpoint_id, g.ids, g.rcs, src.read_at, "
+	"src.vt_until, ($3::text[])[g.part], src.owner, src.lease_until, "
+	"jsonb_build_array(jsonb_build_object('state', 'sending', 'at', src.read_at), "
+	"jsonb_build_object('state', ($3::text[])[g.part], 'at', now(), 'split_from', $1::text)) "
+	"FROM g, src WHERE g.part > 1 RETURNING 1) "
+	"SELECT (SELECT count(*) FROM up) + (SELECT count(*) FROM ins)";
+
+/* Renews this replica's leases, turns `sending` rows of dead replicas
+ * into `unknown`, prunes finished rows. $1 owner, $2 lease_s, $3 queue,
+ * $4 retention_days. One row per recovered dispatch, then a summary row. */
+static const char TICK_SQL[] =
+	"WITH renew AS (UPDATE %s.dispatch SET lease_until = now() + make_interval(secs => "
+	"$2::integer) WHERE owner = $1::uuid AND lease_until IS NOT NULL RETURNING 1), "
+	"lost AS (UPDATE %s.dispatch SET state = 'unknown', owner = NULL, lease_until = NULL, "
+	"updated_at = now(), error = 'the replica that sent it died before it recorded the "
+	"outcome', history = history || jsonb_build_array(jsonb_build_object('state', 'unknown', "
+	"'at', now())) WHERE state = 'sending' AND lease_until < now() AND queue = $3::text "
+	"AND owner IS DISTINCT FROM $1::uuid RETURNING dispatch_id, msg_ids), "
+	"prune AS (DELETE FROM %s.dispatch WHERE dispatch_id IN (SELECT dispatch_id FROM "
+	"%s.dispatch WHERE lease_until IS NULL AND updated_at < now() - make_interval(days => "
+	"$4::integer) LIMIT " PGMQD_STR(LEDGER_PRUNE_BATCH) ") RETURNING 1) "
+	"SELECT dispatch_id::text, msg_ids::text, (SELECT count(*) FROM prune) FROM lost "
+	"UNION ALL SELECT NULL, NULL, (SELECT count(*) FROM prune)";
+
+/* Takes expired leases of accepted jobs. $1 owner, $2 lease_s, $3 queue,
+ * $4 endpoint. */
+static const char CLAIM_SQL[] =
+	"UPDATE %s.dispatch d SET owner = $1::uuid, lease_until = now() + make_interval(secs => "
+	"$2::integer) WHERE d.dispatch_id IN (SELECT dispatch_id FROM %s.dispatch WHERE "
+	"job_id IS NOT NULL AND lease_until < now() AND queue = $3::text AND endpoint_id = $4::text "
+	"ORDER BY lease_until LIMIT " PGMQD_STR(LEDGER_CLAIM_BATCH) " FOR UPDATE SKIP LOCKED) "
+	"RETURNING d.dispatch_id::text, d.job_id, d.msg_ids::text, "
+	"extract(epoch FROM d.vt_until - now())::float8";
+
+struct note {
+	char id[LEDGER_ID_LEN + 1];
+	char state[LEDGER_STATE_MAX + 1];
+	long http;
+	char job[LEDGER_JOB_MAX + 1];
+	char *err;        /* malloc'd excerpt or NULL */
+	size_t err_len;
+	double at;
+	bool held;
+};
+
+enum stmt_kind { S_MIGRATE, S_NOTES, S_SPLIT, S_TICK, S_CLAIM };
+
+/* One statement in flight; outlives the ledger if need be. */
+struct stmt {
+	struct ledger *l;     /* NULL once the ledger is freed */
+	struct stmt *prev, *next;
+	enum stmt_kind kind;
+	int n;                /* notes written */
+};
+
+struct ledger {
+	struct ev_loop *loop;
+	const struct config *cfg;
+	struct pg *pg;
+	struct ledger_hooks hooks;
+	char owner[LEDGER_ID_LEN + 1];
+	bool ready, migrating, stopped, flushing, ticking, claiming;
+	ev_timer tick;
+	struct note notes[LEDGER_MAX_NOTES];
+	int nnotes;
+	struct stmt *stmts;
+	int in_flight;
+	unsigned long long recovered;
+};
+
+void ledger_new_id(char *out)
+{
+	unsigned char b[16];
+	size_t got = 0;
+
+	while (got < sizeof(b)) {
+		ssize_t r = getrandom(b + got, sizeof(b) - got, 0);
+		if (r <= 0) { /* no entropy source: fall back, still unique enough per process */
+			for (; got < sizeof(b); got++)
+				b[got] = (unsigned char)random();
+			break;
+		}
+		got += (size_t)r;
+	}
+	b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
+	b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
+	snprintf(out, LEDGER_ID_LEN + 1,
+		 "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
+		 b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
+		 b[15]);
+}
+
+int ledger_read_sql(const char *schema, const char *read_function, char *buf, size_t len)
+{
+	int n = snprintf(buf, len, READ_SQL, read_function, schema);
+
+	return n < 0 || (size_t)n >= len ? -1 : 0;
+}
+
+int ledger_array_elem(char *buf, size_t cap, size_t *used, const char *s, size_t max)
+{
+	size_t u = *used;
+
+	if (u > 0 && buf[u - 1] != '{') {
+		if (u + 1 >= cap)
+			return -1;
+		buf[u++] = ',';
+	}
+	if (s == NULL) {
+		if (u + 5 >= cap)
+			return -1;
+		memcpy(buf + u, "NULL", 4);
+		*used = u + 4;
+		buf[*used] = '\0';
+		return 0;
+	}
+	if (u + 1 >= cap)
+		return -1;
+	buf[u++] = '"';
+	for (size_t i = 0; i < max && s[i]; i++) {
+		unsigned char c = (unsigned char)s[i];
+		if (u + 3 >= cap)
+			return -1;
+		if (c == '"' || c == '\\')
+			buf[u++] = '\\';
+		buf[u++] = c >= 0x20 && c < 0x7f ? (char)c : '?';
+	}
+	if (u + 2 >= cap)
+		return -1;
+	buf[u++] = '"';
+	buf[u] = '\0';
+	*used = u;
+	return 0;
+}
+
+static struct stmt *stmt_new(struct ledger *l, enum stmt_kind kind)
+{
+	struct stmt *s = calloc(1, sizeof(*s));
+
+	if (s == NULL)
+		return NULL;
+	s->l = l;
+	s->kind = kind;
+	s->next = l->stmts;
+	if (l->stmts)
+		l->stmts->prev = s;
+	l->stmts = s;
+	l->in_flight++;
+	return s;
+}
+
+/* Unlinks s; returns its ledger (NULL when the ledger is gone). */
+static struct ledger *stmt_done(struct stmt *s)
+{
+	struct ledger *l = s->l;
+
+	if (l) {
+		if (s->prev)
+			s->prev->next = s->next;
+		else
+			l->stmts = s->next;
+		if (s->next)
+			s->next->prev = s->prev;
+		l->in_flight--;
+	}
+	free(s);
+	return l;
+}
+
+static int query(struct ledger *l, enum stmt_kind kind, const char *sql, int nparams,
+		 const char *const *params, pg_result_fn fn, struct stmt **out)
+{
+	struct stmt *s = stmt_new(l, kind);
+
+	if (s == NULL)
+		return -1;
+	if (pg_query(l->pg, sql, nparams, params, fn, s) != 0) {
+		stmt_done(s);
+		return -1;
+	}
+	if (out)
+		*out = s;
+	return 0;
+}
+
+static void log_error(const char *event, const struct pg_error *err)
+{
+	struct log_line *l = log_begin(LOG_ERROR, event);
+
+	log_str(l, "sqlstate", err->sqlstate);
+	log_str(l, "error", err->message);
+	log_end(l);
+}
+
+/* ---- migration ---- */
+
+static void schedule_tick(struct ledger *l, double after_s);
+
+static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct ledger *l = stmt_done(arg);
+	char line[1024];
+
+	if (res)
+		PQclear(res);
+	if (l == NULL)
+		return;
+	l->migrating = false;
+	if (err && err->connection_lost) {
+		if (l->hooks.settled)
+			l->hooks.settled(l->hooks.arg);
+		return; /* again after the reconnect */
+	}
+	if (err) {
+		struct log_line *ll = log_begin(LOG_ERROR, "ledger_unusable");
+		migrate_explain(l->cfg->ledger_schema, err->sqlstate, err->message, line, sizeof(line));
+		log_str(ll, "schema", l->cfg->ledger_schema);
+		log_str(ll, "sqlstate", err->sqlstate);
+		log_str(ll, "error", line);
+		log_end(ll);
+		if (l->hooks.fatal)
+			l->hooks.fatal(l->hooks.arg);
+		return;
+	}
+	l->ready = true;
+	{
+		struct log_line *ll = log_begin(LOG_INFO, "ledger_ready");
+		log_str(ll, "schema", l->cfg->ledger_schema);
+		log_int(ll, "version", MIGRATE_VERSION);
+		log_str(ll, "owner", l->owner);
+		log_end(ll);
+	}
+	schedule_tick(l, 0.0); /* recovery first */
+	if (l->hooks.ready)
+		l->hooks.ready(l->hooks.arg);
+}
+
+void ledger_connected(struct ledger *l)
+{
+	char *sql;
+
+	if (l == NULL || l->stopped)
+		return;
+	if (l->ready) {
+		schedule_tick(l, 0.0);
+		return;
+	}
+	if (l->migrating)
+		return;
+	sql = migrate_sql(l->cfg->ledger_schema, MIGRATE_VERSION);
+	if (sql == NULL || query(l, S_MIGRATE, sql, 0, NULL, on_migrated, NULL) != 0) {
+		log_msg(LOG_ERROR, "ledger_unusable", "cannot queue the ledger migration");
+		free(sql);
+		if (l->hooks.fatal)
+			l->hooks.fatal(l->hooks.arg);
+		return;
+	}
+	free(sql);
+	l->migrating = true;
+}
+
+/* ---- the read ---- */
+
+int ledger_read(struct ledger *l, const char *dispatch_id, int vt_seconds, int qty,
+		pgmq_read_fn fn, void *arg)
+{
+	char sql[2048], vt[16], n[16], lease[16];
+	const char *params[7] = { l->cfg->queue_name, vt, n, dispatch_id, l->cfg->endpoint_id,
+				  l->owner, lease };
+
+	if (ledger_read_sql(l->cfg->ledger_schema, l->cfg->read_function, sql, sizeof(sql)) != 0)
+		return -1;
+	snprintf(vt, sizeof(vt), "%d", vt_seconds);
+	snprintf(n, sizeof(n), "%d", qty);
+	snprintf(lease, sizeof(lease), "%d", l->cfg->ledger_lease_s);
+	return pgmq_read_query(l->pg, sql, 7, params, fn, arg);
+}
+
+/* ---- notes ---- */
+
+static void flush(struct ledger *l);
+
+static void on_notes(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct stmt *s = arg;
+	int n = s->n;
+	struct ledger *l = stmt_done(s);
+
+	if (res)
+		PQclear(res);
+	if (l == NULL)
+		return;
+	l->flushing = false;
+	if (err) {
+		struct log_line *ll = log_begin(LOG_ERROR, "ledger_write_failed");
+		log_int(ll, "transitions", n);
+		log_str(ll, "sqlstate", err->sqlstate);
+		log_str(ll, "error", err->message);
+		log_str(ll, "outcome", "those rows keep their previous state");
+		log_end(ll);
+	}
+	flush(l);
+	if (!ledger_busy(l) && l->hooks.settled)
+		l->hooks.settled(l->hooks.arg);
+}
+
+/* Writes every waiting note in one statement (when none is running). */
+static void flush(struct ledger *l)
+{
+	enum { A_ID, A_STATE, A_HTTP, A_JOB, A_ERR, A_AT, A_HELD, NA };
+	char *a[NA] = { 0 };
+	size_t cap[NA] = { 0 }, used[NA] = { 0 };
+	const char *params[NA];
+	struct stmt *s = NULL;
+	char sql[2048];
+	int n = l->nnotes, rc = 0;
+
+	if (l->flushing || n == 0 || !l->ready)
+		return;
+	for (int k = 0; k < NA && rc == 0; k++) {
+		cap[k] = (size_t)n * (k == A_ERR ? 2 * LEDGER_ERROR_BYTES + 8 : k == A_JOB ? 2 * LEDGER_JOB_MAX + 8 : 48) + 4;
+		if ((a[k] = malloc(cap[k])) == NULL)
+			rc = -1;
+		else
+			strcpy(a[k], "{");
+		used[k] = 1;
+	}
+	for (int i = 0; i < n && rc == 0; i++) {
+		const struct note *o = &l->notes[i];
+		char num[32];
+
+		rc |= ledger_array_elem(a[A_ID], cap[A_ID], &used[A_ID], o->id, LEDGER_ID_LEN);
+		rc |= ledger_array_elem(a[A_STATE], cap[A_STATE], &used[A_STATE], o->state, 32);
+		snprintf(num, sizeof(num), "%ld", o->http);
+		rc |= ledger_array_elem(a[A_HTTP], cap[A_HTTP], &used[A_HTTP], o->http ? num : NULL, 16);
+		rc |= ledger_array_elem(a[A_JOB], cap[A_JOB], &used[A_JOB], o->job[0] ? o->job : NULL,
+					LEDGER_JOB_MAX);
+		rc |= ledger_array_elem(a[A_ERR], cap[A_ERR], &used[A_ERR], o->err, o->err_len);
+		snprintf(num, sizeof(num), "%.6f", o->at);
+		rc |= ledger_array_elem(a[A_AT], cap[A_AT], &used[A_AT], num, sizeof(num));
+		rc |= ledger_array_elem(a[A_HELD], cap[A_HELD], &used[A_HELD], o->held ? "t" : "f", 1);
+	}
+	for (int k = 0; k < NA && rc == 0; k++) {
+		if (used[k] + 2 > cap[k]) {
+			rc = -1;
+			break;
+		}
+		a[k][used[k]++] = '}';
+		a[k][used[k]] = '\0';
+		params[k] = a[k];
+	}
+	snprintf(sql, sizeof(sql), NOTES_SQL, l->cfg->ledger_schema);
+	if (rc == 0)
+		rc = query(l, S_NOTES, sql, NA, params, on_notes, &s);
+	if (rc != 0) {
+		struct log_line *ll = log_begin(LOG_ERROR, "ledger_write_failed");
+		log_int(ll, "transitions", n);
+		log_str(ll, "error", "cannot queue the statement");
+		log_str(ll, "first_dispatch_id", l->notes[0].id);
+		log_end(ll);
+	} else {
+		s->n = n;
+		l->flushing = true;
+	}
+	for (int i = 0; i < n; i++)
+		free(l->notes[i].err);
+	l->nnotes = 0;
+	for (int k = 0; k < NA; k++)
+		free(a[k]);
+}
+
+void ledger_note(struct ledger *l, const char *dispatch_id, const char *state, long http_status,
+		 const char *job_id, const char *error, size_t error_len, bool held)
+{
+	struct note *o;
+
+	if (l == NULL || dispatch_id == NULL || dispatch_id[0] == '\0')
+		return;
+	if (l->nnotes == LEDGER_MAX_NOTES) {
+		/* The statement in flight takes too long: queue another now. */
+		l->flushing = false;
+		flush(l);
+	}
+	o = &l->notes[l->nnotes++];
+	memset(o, 0, sizeof(*o));
+	snprintf(o->id, sizeof(o->id), "%s", dispatch_id);
+	snprintf(o->state, sizeof(o->state), "%s", state);
+	o->http = http_status;
+	snprintf(o->job, sizeof(o->job), "%s", job_id ? job_id : "");
+	if (error && error_len > 0) {
+		o->err_len = error_len < LEDGER_ERROR_BYTES ? error_len : LEDGER_ERROR_BYTES;
+		o->err = malloc(o->err_len + 1);
+		if (o->err) {
+			memcpy(o->err, error, o->err_len);
+			o->err[o->err_len] = '\0';
+			o->err_len = strlen(o->err); /* stop at a NUL */
+		}
+	}
+	o->at = ev_time();
+	o->held = held;
+	flush(l);
+}
+
+/* ---- split ---- */
+
+static void on_split(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct ledger *l = stmt_done(arg);
+
+	if (res)
+		PQclear(res);
+	if (l && err)
+		log_error("ledger_split_failed", err);
+}
+
+void ledger_split(struct ledger *l, const char *read_id, const struct ledger_part *parts,
+		  int nparts, const long long *ids, const int *part_of, int n)
+{
+	size_t cap = (size_t)n * 24 + (size_t)nparts * 48 + 16;
+	char *pid = malloc(cap), *pst = malloc(cap), *mid = malloc(cap), *mpt = malloc(cap);
+	size_t u[4] = { 1, 1, 1, 1 };
+	const char *params[5] = { read_id, pid, pst, mid, mpt };
+	char sql[4096], num[24];
+	int rc = pid && pst && mid && mpt ? 0 : -1;
+
+	if (l == NULL) {
+		rc = 0;
+		goto out;
+	}
+	if (rc == 0) {
+		strcpy(pid, "{");
+		strcpy(pst, "{");
+		strcpy(mid, "{");
+		strcpy(mpt, "{");
+	}
+	for (int p = 0; p < nparts && rc == 0; p++) {
+		rc |= ledger_array_elem(pid, cap, &u[0], parts[p].dispatch_id, LEDGER_ID_LEN);
+		rc |= ledger_array_elem(pst, cap, &u[1], parts[p].state, 32);
+	}
+	for (int i = 0; i < n && rc == 0; i++) {
+		if (part_of[i] < 0)
+			continue;
+		snprintf(num, sizeof(num), "%lld", ids[i]);
+		rc |= ledger_array_elem(mid, cap, &u[2], num, sizeof(num));
+		snprintf(num, sizeof(num), "%d", part_of[i] + 1);
+		rc |= ledger_array_elem(mpt, cap, &u[3], num, sizeof(num));
+	}
+	if (rc == 0) {
+		strcpy(pid + u[0], "}");
+		strcpy(pst + u[1], "}");
+		strcpy(mid + u[2], "}");
+		strcpy(mpt + u[3], "}");
+		snprintf(sql, sizeof(sql), SPLIT_SQL, l->cfg->ledger_schema, l->cfg->ledger_schema,
+			 l->cfg->ledger_schema);
+		rc = query(l, S_SPLIT, sql, 5, params, on_split, NULL);
+	}
+out:
+	if (rc != 0)
+		log_msg(LOG_ERROR, "ledger_split_failed", "cannot queue the split of dispatch %s into "
+			"%d parts; its row keeps every msg id", read_id, nparts);
+	free(pid);
+	free(pst);
+	free(mid);
+	free(mpt);
+}
+
+/* ---- tick: leases, recovery, retention, claims ---- */
+
+static void log_ids(enum log_level level, const char *event, const char *dispatch_id,
+		    const char *ids_text)
+{
+	struct log_line *ll = log_begin(level, event);
+
+	log_str(ll, "dispatch_id", dispatch_id);
+	log_str(ll, "msg_ids", ids_text);
+	log_str(ll, "outcome", "unknown: the sender died before it recorded the outcome; the "
+			       "messages came back after their vt");
+	log_end(ll);
+}
+
+static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct ledger *l = stmt_done(arg);
+	int rows;
+
+	if (l == NULL) {
+		if (res)
+			PQclear(res);
+		return;
+	}
+	l->ticking = false;
+	if (err) {
+		log_error("ledger_tick_failed", err);
+		return;
+	}
+	rows = PQntuples(res);
+	for (int i = 0; i < rows; i++) {
+		if (PQgetisnull(res, i, 0)) {
+			long pruned = strtol(PQgetvalue(res, i, 2), NULL, 10);
+			if (pruned > 0) {
+				struct log_line *ll = log_begin(LOG_DEBUG, "ledger_pruned");
+				log_int(ll, "rows", pruned);
+				log_int(ll, "retention_days", l->cfg->ledger_retention_days);
+				log_end(ll);
+			}
+			continue;
+		}
+		l->recovered++;
+		log_ids(LOG_WARN, "ledger_recovered_unknown", PQgetvalue(res, i, 0),
+			PQgetvalue(res, i, 1));
+	}
+	PQclear(res);
+}
+
+/* "{1,2,3}" → ids; returns the count, -1 when out of memory. */
+static int parse_ids(const char *s, long long **out)
+{
+	int n = 1, k = 0;
+	long long *ids;
+
+	for (const char *p = s; *p; p++)
+		n += *p == ',';
+	ids = malloc((size_t)n * sizeof(*ids));
+	if (ids == NULL)
+		return -1;
+	for (const char *p = s; *p;) {
+		char *end;
+		long long v;
+		while (*p == '{' || *p == ',' || *p == '}')
+			p++;
+		if (*p == '\0')
+			break;
+		v = strtoll(p, &end, 10);
+		if (end == p) {
+			p++;
+			continue;
+		}
+		ids[k++] = v;
+		p = end;
+	}
+	*out = ids;
+	return k;
+}
+
+static void on_claim(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct ledger *l = stmt_done(arg);
+	int rows;
+
+	if (l == NULL) {
+		if (res)
+			PQclear(res);
+		return;
+	}
+	l->claiming = false;
+	if (err) {
+		log_error("ledger_claim_failed", err);
+		return;
+	}
+	rows = PQntuples(res);
+	for (int i = 0; i < rows; i++) {
+		long long *ids = NULL;
+		int n = parse_ids(PQgetvalue(res, i, 2), &ids);
+		struct log_line *ll = log_begin(LOG_INFO, "job_claimed");
+
+		log_str(ll, "dispatch_id", PQgetvalue(res, i, 0));
+		log_str(ll, "job_id", PQgetvalue(res, i, 1));
+		log_str(ll, "msg_ids", PQgetvalue(res, i, 2));
+		log_str(ll, "msg", "its replica's lease expired: this one follows the job now");
+		log_end(ll);
+		if (n > 0 && l->hooks.claimed && !l->stopped)
+			l->hooks.claimed(l->hooks.arg, PQgetvalue(res, i, 0), PQgetvalue(res, i, 1), ids,
+					 n, strtod(PQgetvalue(res, i, 3), NULL));
+		free(ids);
+	}
+	PQclear(res);
+}
+
+static void on_tick_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct ledger *l = w->data;
+	char sql[2048], lease[16], days[16];
+	const char *params[4] = { l->owner, lease, l->cfg->queue_name, days };
+
+	(void)loop;
+	(void)revents;
+	if (l->stopped || !l->ready || !pg_ready(l->pg))
+		return;
+	snprintf(lease, sizeof(lease), "%d", l->cfg->ledger_lease_s);
+	snprintf(days, sizeof(days), "%d", l->cfg->ledger_retention_days);
+	if (!l->ticking) {
+		snprintf(sql, sizeof(sql), TICK_SQL, l->cfg->ledger_schema, l->cfg->ledger_schema,
+			 l->cfg->ledger_schema, l->cfg->ledger_schema);
+		if (query(l, S_TICK, sql, 4, params, on_tick, NULL) == 0)
+			l->ticking = true;
+	}
+	if (!l->claiming && l->cfg->tracker_enabled && l->hooks.claimed) {
+		params[3] = l->cfg->endpoint_id;
+		snprintf(sql, sizeof(sql), CLAIM_SQL, l->cfg->ledger_schema, l->cfg->ledger_schema);
+		if (query(l, S_CLAIM, sql, 4, params, on_claim, NULL) == 0)
+			l->claiming = true;
+	}
+}
+
+static void schedule_tick(struct ledger *l, double after_s)
+{
+	double period = l->cfg->ledger_lease_s / 3.0;
+
+	ev_timer_stop(l->loop, &l->tick);
+	ev_timer_set(&l->tick, after_s, period);
+	ev_timer_start(l->loop, &l->tick);
+}
+
+/* ---- life ---- */
+
+struct ledger *ledger_new(struct ev_loop *loop, const struct config *cfg, struct pg *pg,
+			  const struct ledger_hooks *hooks)
+{
+	struct ledger *l = calloc(1, sizeof(*l));
+
+	if (l == NULL)
+		return NULL;
+	l->loop = loop;
+	l->cfg = cfg;
+	l->pg = pg;
+	if (hooks)
+		l->hooks = *hooks;
+	ledger_new_id(l->owner);
+	ev_init(&l->tick, on_tick_timer);
+	l->tick.data = l;
+	return l;
+}
+
+bool ledger_ready(const struct ledger *l)
+{
+	return l == NULL || l->ready;
+}
+
+bool ledger_busy(const struct ledger *l)
+{
+	return l && (l->nnotes > 0 || l->flushing || l->migrating);
+}
+
+unsigned long long ledger_recovered_unknown(const struct ledger *l)
+{
+	return l ? l->recovered : 0;
+}
+
+void ledger_stop(struct ledger *l)
+{
+	if (l == NULL)
+		return;
+	l->stopped = true;
+	ev_timer_stop(l->loop, &l->tick);
+}
+
+void ledger_reload(struct ledger *l, const struct config *cfg)
+{
+	if (l)
+		l->cfg = cfg;
+}
+
+void ledger_free(struct ledger *l)
+{
+	if (l == NULL)
+		return;
+	ev_timer_stop(l->loop, &l->tick);
+	for (struct stmt *s = l->stmts; s; s = s->next)
+		s->l = NULL;
+	for (int i = 0; i < l->nnotes; i++)
+		free(l->notes[i].err);
+	if (l->nnotes > 0) {
+		struct log_line *ll = log_begin(LOG_WARN, "ledger_unwritten");
+		log_int(ll, "transitions", l->nnotes);
+		log_str(ll, "first_dispatch_id", l->notes[0].id);
+		log_end(ll);
+	}
+	free(l);
+}

@@ -1,0 +1,263 @@
+"""The dispatch ledger (issue 12): one row per dispatch written with the read, its
+transitions, migrations, crash recovery, the lease that hands a job to another replica,
+and the status / jobs / redrive commands.
+
+Every wait is on a condition with a deadline."""
+
+import json
+import re
+
+import pytest
+
+from daemon import (API_KEY, ENDPOINT_ID, QUEUE, Daemon, Fault, RunPodEmulator, base_env,
+                    logfmt, run_once)
+from pgcluster import wait_until
+
+SCHEMA = "pgmq_dispatcher"
+
+
+def rows(db, where="true"):
+    return db.sql(f"SELECT dispatch_id::text, state, job_id, msg_ids, read_cts, http_status, "
+                  f"history, error FROM {SCHEMA}.dispatch WHERE {where} ORDER BY read_at, dispatch_id")
+
+
+def states_of(history):
+    return [h["state"] for h in history]
+
+
+def accepted_runs(emu):
+    return [r for r in emu.requests("run") if r.accepted]
+
+
+def test_one_row_per_dispatch_written_with_the_read(queue_db, emulator, start_daemon):
+    ids = queue_db.send_many([{"n": i} for i in range(12)])
+    d = start_daemon(PGMQD_QUEUE_BATCH_SIZE="10")
+    emulator.wait_for(lambda: len(accepted_runs(emulator)) == 2, timeout_s=15)
+    wait_until(lambda: all(r[1] == "accepted" for r in rows(queue_db)) and len(rows(queue_db)) == 2,
+               10, what="two accepted rows")
+    got = rows(queue_db)
+    assert sorted(i for r in got for i in r[3]) == ids
+    assert all(ct == 1 for r in got for ct in r[4])
+    jobs = {r[2] for r in got}
+    assert jobs == {j["id"] for j in emulator.jobs()}
+    keys = {r.headers.get("Idempotency-Key") for r in accepted_runs(emulator)}
+    assert keys == {r[0] for r in got}            # the dispatch id went out as the key
+    for r in got:
+        assert states_of(r[6]) == ["sending", "accepted"]
+        assert r[5] == 200
+    # The default body is unchanged: no dispatch id in it.
+    for body in emulator.run_bodies():
+        assert "dispatch_id" not in body["input"]
+    d.stop()
+
+
+def test_dispatch_id_in_input_is_opt_in(queue_db, emulator, start_daemon):
+    queue_db.send_many([{"n": 1}, {"n": 2}])
+    start_daemon(PGMQD_RUNPOD_DISPATCH_ID_IN_INPUT="on")
+    emulator.wait_for(lambda: len(accepted_runs(emulator)) == 1, timeout_s=15)
+    body = emulator.run_bodies()[0]
+    wait_until(lambda: rows(queue_db) and rows(queue_db)[0][1] == "accepted", 10)
+    assert body["input"]["dispatch_id"] == rows(queue_db)[0][0]
+    assert accepted_runs(emulator)[0].headers.get("Idempotency-Key") == rows(queue_db)[0][0]
+
+
+def test_ledger_off_keeps_todays_behaviour(queue_db, emulator, start_daemon):
+    queue_db.send_many([{"n": 1}])
+    d = start_daemon(PGMQD_LEDGER_ENABLED="off")
+    emulator.wait_for(lambda: len(accepted_runs(emulator)) == 1, timeout_s=15)
+    assert queue_db.sql("SELECT to_regnamespace(%s)", (SCHEMA,))[0][0] is None
+    assert "Idempotency-Key" not in accepted_runs(emulator)[0].headers
+    d.stop()
+
+
+def test_a_read_split_into_several_bodies_gets_one_row_each(queue_db, emulator, start_daemon):
+    big = "x" * 300
+    ids = queue_db.send_many([{"n": i, "pad": big} for i in range(6)])
+    start_daemon(PGMQD_RUNPOD_MAX_BODY_BYTES="1000")
+    emulator.wait_for(lambda: len(accepted_runs(emulator)) >= 3, timeout_s=15)
+    runs = accepted_runs(emulator)
+    wait_until(lambda: len(rows(queue_db, "state = 'accepted'")) == len(runs), 10,
+               what="one accepted row per body")
+    got = rows(queue_db)
+    by_key = {r.headers["Idempotency-Key"]: r for r in runs}
+    assert sorted(i for r in got for i in r[3]) == ids
+    for r in got:
+        body = json.loads(by_key[r[0]].body)
+        assert [j["msg_id"] for j in body["input"]["jobs"]] == r[3]
+
+
+def test_poison_archive_status_and_redrive(queue_db, emulator, start_daemon):
+    (mid,) = queue_db.send_many([{"poison": True}])
+    queue_db.sql("SELECT * FROM pgmq.read('jobs', 0, 1)")     # read once already
+    env = base_env(queue_db, emulator, PGMQD_QUEUE_MAX_READ_CT="1")
+    d = start_daemon(PGMQD_QUEUE_MAX_READ_CT="1")
+    wait_until(lambda: queue_db.sql("SELECT count(*) FROM pgmq.a_jobs")[0][0] == 1, 10)
+    wait_until(lambda: rows(queue_db) and rows(queue_db)[0][1] == "archived", 10)
+    d.stop()
+    rc, out = run_once(env, "status", str(mid))
+    assert rc == 0, out
+    line = next(l for l in out if l.startswith(str(mid)))
+    assert re.search(r"\barchive\b.*\barchived\b", line), out
+    rc, out = run_once(env, "status", "--json", str(mid))
+    got = json.loads("\n".join(out))
+    assert got[0]["msg_id"] == mid and got[0]["now_in"] == "archive"
+    assert got[0]["state"] == "archived" and got[0]["read_ct"] == 2
+    rc, out = run_once(env, "redrive", "--dry-run", str(mid))
+    assert rc == 0 and any(l.startswith(str(mid)) for l in out), out
+    assert queue_db.sql("SELECT count(*) FROM pgmq.a_jobs")[0][0] == 1  # dry run moved nothing
+    rc, out = run_once(env, "redrive", str(mid))
+    assert rc == 0 and "1 message(s) redriven" in "\n".join(out), out
+    assert queue_db.sql("SELECT read_ct FROM pgmq.q_jobs WHERE msg_id = %s", (mid,)) == [(0,)]
+    # Dispatched again, and status tells the whole story.
+    d2 = start_daemon(PGMQD_QUEUE_MAX_READ_CT="1")
+    emulator.wait_for(lambda: len(accepted_runs(emulator)) == 1, timeout_s=15)
+    wait_until(lambda: [r[1] for r in rows(queue_db)] == ["archived", "redriven", "accepted"], 10,
+               what="archived, redriven, accepted")
+    rc, out = run_once(env, "status", "--json", str(mid))
+    assert [r["state"] for r in json.loads("\n".join(out))] == ["archived", "redriven", "accepted"]
+    assert json.loads("\n".join(out))[-1]["job_id"] == emulator.jobs()[0]["id"]
+    rc, out = run_once(env, "jobs", "--state", "accepted", "--since", "10m", "--json")
+    assert rc == 0 and [r["job_id"] for r in json.loads("\n".join(out))] == [emulator.jobs()[0]["id"]]
+    rc, out = run_once(env, "jobs")
+    assert rc == 0 and out[0].split()[:3] == ["DISPATCH_ID", "READ", "STATE"], out
+    d2.stop()
+
+
+# ---- migrations ----
+
+def schema_version(db):
+    return db.sql(f"SELECT version FROM {SCHEMA}.schema_version")[0][0]
+
+
+def test_migrate_fresh_then_up_to_date(queue_db, emulator):
+    env = base_env(queue_db, emulator)
+    rc, out = run_once(env, "migrate")
+    assert rc == 0 and "version 2 (was 0)" in "\n".join(out), out
+    rc, out = run_once(env, "migrate")
+    assert rc == 0 and "version 2, up to date" in "\n".join(out), out
+    assert schema_version(queue_db) == 2
+
+
+def test_previous_version_is_upgraded_at_start(queue_db, emulator, start_daemon):
+    env = base_env(queue_db, emulator)
+    rc, out = run_once(env, "migrate", "--target-version", "1")
+    assert rc == 0 and schema_version(queue_db) == 1
+    assert queue_db.sql(f"SELECT count(*) FROM information_schema.columns WHERE table_schema = "
+                        f"'{SCHEMA}' AND column_name = 'lease_until'")[0][0] == 0
+    queue_db.send_many([{"n": 1}])
+    d = start_daemon()
+    d.wait_log(r"event=ledger_ready")
+    emulator.wait_for(lambda: len(accepted_runs(emulator)) == 1, timeout_s=15)
+    assert schema_version(queue_db) == 2
+    wait_until(lambda: rows(queue_db) and rows(queue_db)[0][1] == "accepted", 10)
+
+
+def test_newer_schema_is_refused_naming_both_versions(queue_db, emulator):
+    env = base_env(queue_db, emulator)
+    assert run_once(env, "migrate")[0] == 0
+    queue_db.sql(f"UPDATE {SCHEMA}.schema_version SET version = 7")
+    queue_db.send_many([{"n": 1}])
+    d = Daemon(env, args=["-v"]).start()
+    assert d.wait_exit(20) == 78
+    line = next(l for l in d.lines if "ledger_unusable" in l)
+    assert "version 7" in line and "version 2" in line, line
+    assert emulator.requests("run") == []
+    rc, out = run_once(env, "migrate")
+    assert rc == 78 and "version 7" in "\n".join(out)
+
+
+def test_role_without_create_is_pointed_at_migrate(queue_db, emulator, pg_cluster):
+    queue_db.sql("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'locked') "
+                 "THEN CREATE ROLE locked LOGIN; END IF; END $$")
+    queue_db.sql(f"REVOKE CREATE ON DATABASE {queue_db.dbname} FROM PUBLIC")
+    queue_db.sql("GRANT USAGE ON SCHEMA pgmq TO locked")
+    env = base_env(queue_db, emulator,
+                   PGMQD_DATABASE_CONNINFO=pg_cluster.conninfo_for(queue_db.dbname, user="locked"))
+    d = Daemon(env, args=[]).start()
+    assert d.wait_exit(20) == 78
+    errors = [l for l in d.lines if "level=error" in l]
+    assert len(errors) == 1 and "pgmq-dispatcher migrate" in errors[0], d.output
+    # An owner migrates once; then the locked-down role starts (and finds it up to date).
+    assert run_once(base_env(queue_db, emulator), "migrate")[0] == 0
+    queue_db.sql(f"GRANT USAGE ON SCHEMA {SCHEMA} TO locked; "
+                 f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {SCHEMA} TO locked; "
+                 f"GRANT SELECT, UPDATE ON ALL TABLES IN SCHEMA pgmq TO locked; "
+                 f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgmq TO locked")
+    queue_db.send_many([{"n": 1}])
+    d = Daemon(env, args=[]).start()
+    try:
+        emulator.wait_for(lambda: len(accepted_runs(emulator)) == 1, timeout_s=15)
+    finally:
+        d.stop()
+
+
+# ---- crash recovery ----
+
+def recovered(d):
+    return [logfmt(l) for l in d.lines if "event=ledger_recovered_unknown" in l]
+
+
+def test_kill_after_the_post_went_out_before_the_reply(queue_db, emulator, start_daemon):
+    ids = queue_db.send_many([{"n": i} for i in range(3)])
+    emulator.hold_runs()
+    d = start_daemon(PGMQD_LEDGER_LEASE_S="2", PGMQD_QUEUE_VT_SECONDS="600")
+    emulator.wait_for(lambda: emulator.in_flight_run == 1, timeout_s=15)
+    assert [r[1] for r in rows(queue_db)] == ["sending"]
+    d.proc.kill()
+    d.proc.wait()
+    emulator.release_runs()
+    d2 = start_daemon(PGMQD_LEDGER_LEASE_S="2", PGMQD_QUEUE_VT_SECONDS="600")
+    d2.wait_log(r"event=ledger_recovered_unknown", timeout_s=15)
+    (r,) = rows(queue_db)
+    assert r[1] == "unknown" and r[3] == ids
+    assert states_of(r[6]) == ["sending", "unknown"]
+    assert recovered(d2)[0]["msg_ids"] == "{%s}" % ",".join(map(str, ids))
+    # Nothing was lost: the messages keep their vt (a job may exist), none read twice.
+    assert all(v["read_ct"] == 1 and v["invisible"] for v in queue_db.rows().values())
+    d2.stop()
+
+
+def test_kill_after_the_read_before_the_post(queue_db, emulator, start_daemon):
+    # One /run per 10 s: the second read's batch waits for a rate slot.
+    queue_db.send_many([{"n": i} for i in range(4)])
+    d = start_daemon(PGMQD_LEDGER_LEASE_S="2", PGMQD_QUEUE_BATCH_SIZE="2",
+                     PGMQD_RUNPOD_MAX_REQUESTS_PER_10S="1")
+    emulator.wait_for(lambda: len(accepted_runs(emulator)) == 1, timeout_s=15)
+    wait_until(lambda: sorted(r[1] for r in rows(queue_db)) == ["accepted", "sending"], 10)
+    d.proc.kill()
+    d.proc.wait()
+    d2 = start_daemon(PGMQD_LEDGER_LEASE_S="2")
+    d2.wait_log(r"event=ledger_recovered_unknown", timeout_s=15)
+    got = rows(queue_db)
+    assert sorted(r[1] for r in got) == ["accepted", "unknown"]
+    acc = next(r for r in got if r[1] == "accepted")
+    assert [acc[2]] == [j["id"] for j in emulator.jobs()]
+    assert len(emulator.requests("run")) == 1     # the unknown one never went out
+    d2.stop()
+
+
+def test_kill_after_the_reply_before_the_ledger_update(queue_db, emulator, start_daemon, pg_cluster):
+    d = start_daemon(PGMQD_LEDGER_LEASE_S="2")
+    d.wait_log(r"event=ledger_ready")
+    # Hold the ledger's rows: the read inserts, the update after the reply waits.
+    locker = pg_cluster.connect(queue_db.dbname, autocommit=False)
+    emulator.hold_runs()
+    queue_db.send_many([{"n": 1}])
+    wait_until(lambda: [r[1] for r in rows(queue_db)] == ["sending"], 15)
+    with locker.cursor() as cur:
+        cur.execute(f"SELECT 1 FROM {SCHEMA}.dispatch FOR UPDATE")
+    emulator.release_runs()
+    d.wait_log(r"event=batch_accepted")
+    d.proc.kill()
+    d.proc.wait()
+    locker.rollback()
+    locker.close()
+    d2 = start_daemon(PGMQD_LEDGER_LEASE_S="2")
+    # The dead daemon's backend may still commit the update it was waiting
+    # with; else the row is recovered as unknown. Either is the truth.
+    wait_until(lambda: rows(queue_db)[0][1] in ("unknown", "accepted"), 15)
+    (r,) = rows(queue_db)
+    (job,) = emulator.jobs()
+    assert r[1] == "unknown" or r[2] == job["id"], r
+    assert r[1] == "accepted" or recovered(d2)
+    d2.stop()
