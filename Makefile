@@ -31,13 +31,13 @@ BUILD      := build-san
 endif
 
 MODULES   := main config log pg pgmq http runpod dispatcher reload batch post circuit wakeup ledger \
-             ledger_cli migrate \
+             ledger_sql ledger_cli migrate \
              dryrun backoff ratelimit sdnotify metrics admin tracker
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
 UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify \
-              test_tracker test_decisions test_reload
+              test_tracker test_decisions test_reload test_ledger
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install clean fuzz lint bench

@@ -1,98 +1,12 @@
 /* ledger — see include/ledger.h. */
 #include "ledger.h"
 #include "log.h"
+#include "ledger_sql.h"
 #include "migrate.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/random.h>
-
-#define STR_(x) #x
-#define PGMQD_STR(x) STR_(x)
-
-/* The read and, in the same statement, its row. $1 queue, $2 vt, $3 qty
- * (as pgmq.read), $4 dispatch id, $5 endpoint, $6 owner, $7 lease_s. An
- * empty read inserts nothing (HAVING). */
-static const char READ_SQL[] =
-	"WITH r AS MATERIALIZED (SELECT " PGMQ_READ_COLUMNS
-	" FROM %s($1::text, $2::integer, $3::integer)), "
-	"ins AS (INSERT INTO %s.dispatch (dispatch_id, queue, endpoint_id, msg_ids, read_cts, "
-	"read_at, vt_until, state, owner, lease_until, history) "
-	"SELECT $4::uuid, $1::text, $5::text, array_agg(msg_id ORDER BY msg_id), "
-	"array_agg(read_ct ORDER BY msg_id), now(), now() + make_interval(secs => $2::integer), "
-	"'sending', $6::uuid, now() + make_interval(secs => $7::integer), "
-	"jsonb_build_array(jsonb_build_object('state', 'sending', 'at', now())) "
-	"FROM r HAVING count(*) > 0) "
-	"SELECT * FROM r ORDER BY msg_id";
-
-/* All transitions noted while the previous statement ran, in one: grouped
- * per row, the last state wins and every one joins the history. $1 ids,
- * $2 states, $3 http, $4 job ids, $5 errors, $6 epoch times, $7 held. */
-static const char NOTES_SQL[] =
-	"WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::text[], "
-	"$5::text[], $6::float8[], $7::boolean[]) WITH ORDINALITY "
-	"AS u(id, state, http, job, err, at, held, ord)), "
-	"g AS (SELECT id, (array_agg(state ORDER BY ord DESC))[1] AS state, "
-	"(array_agg(held ORDER BY ord DESC))[1] AS held, "
-	"(array_agg(http ORDER BY ord DESC) FILTER (WHERE http IS NOT NULL))[1] AS http, "
-	"(array_agg(job ORDER BY ord DESC) FILTER (WHERE job IS NOT NULL))[1] AS job, "
-	"(array_agg(err ORDER BY ord DESC) FILTER (WHERE err IS NOT NULL))[1] AS err, "
-	"jsonb_agg(jsonb_build_object('state', state, 'at', to_timestamp(at)) ORDER BY ord) AS h, "
-	"max(to_timestamp(at)) AS at FROM u GROUP BY id) "
-	"UPDATE %s.dispatch d SET state = g.state, http_status = coalesce(g.http, d.http_status), "
-	"job_id = coalesce(g.job, d.job_id), error = coalesce(g.err, d.error), "
-	"updated_at = greatest(d.updated_at, g.at), history = d.history || g.h, "
-	"owner = CASE WHEN g.held THEN d.owner END, "
-	"lease_until = CASE WHEN g.held THEN d.lease_until END "
-	"FROM g WHERE d.dispatch_id = g.id";
-
-/* $1 the read's id, $2 part ids, $3 part states, $4 msg ids, $5 part (1-based). */
-static const char SPLIT_SQL[] =
-	"WITH src AS (SELECT * FROM %s.dispatch WHERE dispatch_id = $1::uuid), "
-	"m AS (SELECT x.id, x.part, src.read_cts[array_position(src.msg_ids, x.id)] AS rc "
-	"FROM src, unnest($4::bigint[], $5::integer[]) AS x(id, part)), "
-	"g AS (SELECT part, array_agg(id ORDER BY id) AS ids, array_agg(rc ORDER BY id) AS rcs "
-	"FROM m GROUP BY part), "
-	"up AS (UPDATE %s.dispatch d SET msg_ids = g.ids, read_cts = g.rcs, "
-	"state = ($3::text[])[1], history = d.history || jsonb_build_array(jsonb_build_object("
-	"'state', ($3::text[])[1], 'at', now(), 'split_into', cardinality($2::uuid[]))) "
-	"FROM g WHERE d.dispatch_id = $1::uuid AND g.part = 1 RETURNING 1), "
-	"ins AS (INSERT INTO %s.dispatch (dispatch_id, queue, endpoint_id, msg_ids, read_cts, "
-	"read_at, vt_until, state, owner, lease_until, history) "
-	"SELECT ($2::uuid[])[g.part], src.queue, src.endpoint_id, g.ids, g.rcs, src.read_at, "
-	"src.vt_until, ($3::text[])[g.part], src.owner, src.lease_until, "
-	"jsonb_build_array(jsonb_build_object('state', 'sending', 'at', src.read_at), "
-	"jsonb_build_object('state', ($3::text[])[g.part], 'at', now(), 'split_from', $1::text)) "
-	"FROM g, src WHERE g.part > 1 RETURNING 1) "
-	"SELECT (SELECT count(*) FROM up) + (SELECT count(*) FROM ins)";
-
-/* Renews this replica's leases, turns `sending` rows of dead replicas
- * into `unknown`, prunes finished rows. $1 owner, $2 lease_s, $3 queue,
- * $4 retention_days. One row per recovered dispatch, then a summary row. */
-static const char TICK_SQL[] =
-	"WITH renew AS (UPDATE %s.dispatch SET lease_until = now() + make_interval(secs => "
-	"$2::integer) WHERE owner = $1::uuid AND lease_until IS NOT NULL RETURNING 1), "
-	"lost AS (UPDATE %s.dispatch SET state = 'unknown', owner = NULL, lease_until = NULL, "
-	"updated_at = now(), error = 'the replica that sent it died before it recorded the "
-	"outcome', history = history || jsonb_build_array(jsonb_build_object('state', 'unknown', "
-	"'at', now())) WHERE state = 'sending' AND lease_until < now() AND queue = $3::text "
-	"AND owner IS DISTINCT FROM $1::uuid RETURNING dispatch_id, msg_ids), "
-	"prune AS (DELETE FROM %s.dispatch WHERE dispatch_id IN (SELECT dispatch_id FROM "
-	"%s.dispatch WHERE lease_until IS NULL AND updated_at < now() - make_interval(days => "
-	"$4::integer) LIMIT " PGMQD_STR(LEDGER_PRUNE_BATCH) ") RETURNING 1) "
-	"SELECT dispatch_id::text, msg_ids::text, (SELECT count(*) FROM prune) FROM lost "
-	"UNION ALL SELECT NULL, NULL, (SELECT count(*) FROM prune)";
-
-/* Takes expired leases of accepted jobs. $1 owner, $2 lease_s, $3 queue,
- * $4 endpoint. */
-static const char CLAIM_SQL[] =
-	"UPDATE %s.dispatch d SET owner = $1::uuid, lease_until = now() + make_interval(secs => "
-	"$2::integer) WHERE d.dispatch_id IN (SELECT dispatch_id FROM %s.dispatch WHERE "
-	"job_id IS NOT NULL AND lease_until < now() AND queue = $3::text AND endpoint_id = $4::text "
-	"ORDER BY lease_until LIMIT " PGMQD_STR(LEDGER_CLAIM_BATCH) " FOR UPDATE SKIP LOCKED) "
-	"RETURNING d.dispatch_id::text, d.job_id, d.msg_ids::text, "
-	"extract(epoch FROM d.vt_until - now())::float8";
 
 struct note {
 	char id[LEDGER_ID_LEN + 1];
@@ -129,71 +43,6 @@ struct ledger {
 	int in_flight;
 	unsigned long long recovered;
 };
-
-void ledger_new_id(char *out)
-{
-	unsigned char b[16];
-	size_t got = 0;
-
-	while (got < sizeof(b)) {
-		ssize_t r = getrandom(b + got, sizeof(b) - got, 0);
-		if (r <= 0) { /* no entropy source: fall back, still unique enough per process */
-			for (; got < sizeof(b); got++)
-				b[got] = (unsigned char)random();
-			break;
-		}
-		got += (size_t)r;
-	}
-	b[6] = (unsigned char)((b[6] & 0x0f) | 0x40);
-	b[8] = (unsigned char)((b[8] & 0x3f) | 0x80);
-	snprintf(out, LEDGER_ID_LEN + 1,
-		 "%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1],
-		 b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14],
-		 b[15]);
-}
-
-int ledger_read_sql(const char *schema, const char *read_function, char *buf, size_t len)
-{
-	int n = snprintf(buf, len, READ_SQL, read_function, schema);
-
-	return n < 0 || (size_t)n >= len ? -1 : 0;
-}
-
-int ledger_array_elem(char *buf, size_t cap, size_t *used, const char *s, size_t max)
-{
-	size_t u = *used;
-
-	if (u > 0 && buf[u - 1] != '{') {
-		if (u + 1 >= cap)
-			return -1;
-		buf[u++] = ',';
-	}
-	if (s == NULL) {
-		if (u + 5 >= cap)
-			return -1;
-		memcpy(buf + u, "NULL", 4);
-		*used = u + 4;
-		buf[*used] = '\0';
-		return 0;
-	}
-	if (u + 1 >= cap)
-		return -1;
-	buf[u++] = '"';
-	for (size_t i = 0; i < max && s[i]; i++) {
-		unsigned char c = (unsigned char)s[i];
-		if (u + 3 >= cap)
-			return -1;
-		if (c == '"' || c == '\\')
-			buf[u++] = '\\';
-		buf[u++] = c >= 0x20 && c < 0x7f ? (char)c : '?';
-	}
-	if (u + 2 >= cap)
-		return -1;
-	buf[u++] = '"';
-	buf[u] = '\0';
-	*used = u;
-	return 0;
-}
 
 static struct stmt *stmt_new(struct ledger *l, enum stmt_kind kind)
 {
@@ -411,7 +260,7 @@ static void flush(struct ledger *l)
 		a[k][used[k]] = '\0';
 		params[k] = a[k];
 	}
-	snprintf(sql, sizeof(sql), NOTES_SQL, l->cfg->ledger_schema);
+	snprintf(sql, sizeof(sql), LEDGER_NOTES_SQL, l->cfg->ledger_schema);
 	if (rc == 0)
 		rc = query(l, S_NOTES, sql, NA, params, on_notes, &s);
 	if (rc != 0) {
@@ -512,7 +361,7 @@ void ledger_split(struct ledger *l, const char *read_id, const struct ledger_par
 		strcpy(pst + u[1], "}");
 		strcpy(mid + u[2], "}");
 		strcpy(mpt + u[3], "}");
-		snprintf(sql, sizeof(sql), SPLIT_SQL, l->cfg->ledger_schema, l->cfg->ledger_schema,
+		snprintf(sql, sizeof(sql), LEDGER_SPLIT_SQL, l->cfg->ledger_schema, l->cfg->ledger_schema,
 			 l->cfg->ledger_schema);
 		rc = query(l, S_SPLIT, sql, 5, params, on_split, NULL);
 	}
@@ -574,36 +423,6 @@ static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
 	PQclear(res);
 }
 
-/* "{1,2,3}" → ids; returns the count, -1 when out of memory. */
-static int parse_ids(const char *s, long long **out)
-{
-	int n = 1, k = 0;
-	long long *ids;
-
-	for (const char *p = s; *p; p++)
-		n += *p == ',';
-	ids = malloc((size_t)n * sizeof(*ids));
-	if (ids == NULL)
-		return -1;
-	for (const char *p = s; *p;) {
-		char *end;
-		long long v;
-		while (*p == '{' || *p == ',' || *p == '}')
-			p++;
-		if (*p == '\0')
-			break;
-		v = strtoll(p, &end, 10);
-		if (end == p) {
-			p++;
-			continue;
-		}
-		ids[k++] = v;
-		p = end;
-	}
-	*out = ids;
-	return k;
-}
-
 static void on_claim(void *arg, PGresult *res, const struct pg_error *err)
 {
 	struct ledger *l = stmt_done(arg);
@@ -622,7 +441,7 @@ static void on_claim(void *arg, PGresult *res, const struct pg_error *err)
 	rows = PQntuples(res);
 	for (int i = 0; i < rows; i++) {
 		long long *ids = NULL;
-		int n = parse_ids(PQgetvalue(res, i, 2), &ids);
+		int n = ledger_parse_ids(PQgetvalue(res, i, 2), &ids);
 		struct log_line *ll = log_begin(LOG_INFO, "job_claimed");
 
 		log_str(ll, "dispatch_id", PQgetvalue(res, i, 0));
@@ -651,14 +470,14 @@ static void on_tick_timer(struct ev_loop *loop, ev_timer *w, int revents)
 	snprintf(lease, sizeof(lease), "%d", l->cfg->ledger_lease_s);
 	snprintf(days, sizeof(days), "%d", l->cfg->ledger_retention_days);
 	if (!l->ticking) {
-		snprintf(sql, sizeof(sql), TICK_SQL, l->cfg->ledger_schema, l->cfg->ledger_schema,
+		snprintf(sql, sizeof(sql), LEDGER_TICK_SQL, l->cfg->ledger_schema, l->cfg->ledger_schema,
 			 l->cfg->ledger_schema, l->cfg->ledger_schema);
 		if (query(l, S_TICK, sql, 4, params, on_tick, NULL) == 0)
 			l->ticking = true;
 	}
 	if (!l->claiming && l->cfg->tracker_enabled && l->hooks.claimed) {
 		params[3] = l->cfg->endpoint_id;
-		snprintf(sql, sizeof(sql), CLAIM_SQL, l->cfg->ledger_schema, l->cfg->ledger_schema);
+		snprintf(sql, sizeof(sql), LEDGER_CLAIM_SQL, l->cfg->ledger_schema, l->cfg->ledger_schema);
 		if (query(l, S_CLAIM, sql, 4, params, on_claim, NULL) == 0)
 			l->claiming = true;
 	}
