@@ -56,8 +56,14 @@ struct ledger *ledger_new(struct ev_loop *loop, const struct config *cfg, struct
 /* After every (re)connect: migrates once, then starts the tick. */
 void ledger_connected(struct ledger *l);
 
-/* True once the schema is known to be up to date. */
+/* True once reads may start: the schema is up to date, or the role may
+ * not migrate it (logged once: reads then go on without the ledger, as
+ * with ledger.enabled = off, and the migration is tried again after each
+ * reconnect). NULL-safe (true). */
 bool ledger_ready(const struct ledger *l);
+
+/* True when reads are recorded (the schema is up to date). */
+bool ledger_recording(const struct ledger *l);
 
 /* True while a statement of the ledger is outstanding or notes wait. */
 bool ledger_busy(const struct ledger *l);

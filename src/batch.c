@@ -243,7 +243,7 @@ static int part_add(struct parts *ps, const struct read_result *rr, const char *
 {
 	int k = ps->n;
 
-	if (k == BATCH_MAX_PARTS)
+	if (k == BATCH_MAX_PARTS || rr->dispatch_id[0] == '\0') /* not recorded */
 		return -1;
 	if (k == 0)
 		snprintf(ps->ids[0], sizeof(ps->ids[0]), "%s", rr->dispatch_id);
@@ -345,7 +345,7 @@ void batch_dispatch_rows(struct dispatcher *d, struct read_result *rr)
 	drop_id = group(ps, rr, "archiving", part_of, ix + sz, ndrop);
 	poison_id = group(ps, rr, "archiving", part_of, ix + 2 * sz, npoison);
 	bad_id = group(ps, rr, "releasing", part_of, ix + 3 * sz, nbad);
-	if (d->ledger && ps->n > 1)
+	if (rr->dispatch_id[0] && ps->n > 1)
 		ledger_split(d->ledger, rr->dispatch_id, ps->p, ps->n, row_ids, part_of, rows->n);
 	if (nbad > 0) {
 		struct batch *b = batch_new(d, rr, bad, nbad);

@@ -125,7 +125,7 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	}
 	rr->rows = *rows;
 	rr->refs = 1;
-	snprintf(rr->dispatch_id, sizeof(rr->dispatch_id), "%s", d->ledger ? d->read_id : "");
+	snprintf(rr->dispatch_id, sizeof(rr->dispatch_id), "%s", d->read_id);
 	free(rows);
 	full = rr->rows.n >= d->cfg->batch_size;
 	d->stats.messages_read += (unsigned long long)rr->rows.n;
@@ -172,9 +172,10 @@ void dispatcher_kick(struct dispatcher *d)
 		return;
 	d->read_wanted = false;
 	d->again = false;
-	if (d->ledger)
+	d->read_id[0] = '\0';
+	if (ledger_recording(d->ledger))
 		ledger_new_id(d->read_id); /* before the read: its row is made with it */
-	if (d->ledger ? ledger_read(d->ledger, d->read_id, d->cfg->vt_seconds, d->cfg->batch_size,
+	if (d->read_id[0] ? ledger_read(d->ledger, d->read_id, d->cfg->vt_seconds, d->cfg->batch_size,
 				    dispatcher_on_read, d) != 0
 		      : pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name,
 				  d->cfg->vt_seconds, d->cfg->batch_size, dispatcher_on_read, d) != 0) {

@@ -36,6 +36,7 @@ struct ledger {
 	struct ledger_hooks hooks;
 	char owner[LEDGER_ID_LEN + 1];
 	bool ready, migrating, stopped, flushing, ticking, claiming;
+	bool degraded; /* the role may not migrate: reads go on without the ledger */
 	ev_timer tick;
 	struct note notes[LEDGER_MAX_NOTES];
 	int nnotes;
@@ -122,6 +123,24 @@ static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
 			l->hooks.settled(l->hooks.arg);
 		return; /* again after the reconnect */
 	}
+	if (err && strcmp(err->sqlstate, "42501") == 0) {
+		/* A role that may not create the schema: today's behaviour,
+		 * loudly, rather than a daemon that no longer starts after an
+		 * upgrade. Tried again after each reconnect. */
+		if (!l->degraded) {
+			struct log_line *ll = log_begin(LOG_ERROR, "ledger_unavailable");
+			migrate_explain(l->cfg->ledger_schema, err->sqlstate, err->message, line,
+					sizeof(line));
+			log_str(ll, "schema", l->cfg->ledger_schema);
+			log_str(ll, "error", line);
+			log_str(ll, "outcome", "dispatching without the ledger until it is migrated");
+			log_end(ll);
+		}
+		l->degraded = true;
+		if (l->hooks.ready)
+			l->hooks.ready(l->hooks.arg);
+		return;
+	}
 	if (err) {
 		struct log_line *ll = log_begin(LOG_ERROR, "ledger_unusable");
 		migrate_explain(l->cfg->ledger_schema, err->sqlstate, err->message, line, sizeof(line));
@@ -134,6 +153,7 @@ static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
 		return;
 	}
 	l->ready = true;
+	l->degraded = false;
 	{
 		struct log_line *ll = log_begin(LOG_INFO, "ledger_ready");
 		log_str(ll, "schema", l->cfg->ledger_schema);
@@ -514,7 +534,12 @@ struct ledger *ledger_new(struct ev_loop *loop, const struct config *cfg, struct
 
 bool ledger_ready(const struct ledger *l)
 {
-	return l == NULL || l->ready;
+	return l == NULL || l->ready || l->degraded;
+}
+
+bool ledger_recording(const struct ledger *l)
+{
+	return l && l->ready;
 }
 
 bool ledger_busy(const struct ledger *l)

@@ -168,26 +168,38 @@ def test_newer_schema_is_refused_naming_both_versions(queue_db, emulator):
 
 
 def test_role_without_create_is_pointed_at_migrate(queue_db, emulator, pg_cluster):
+    """One clear line pointing at `pgmq-dispatcher migrate`; the daemon goes on as with the
+    ledger off (an upgrade does not stop a locked-down deployment), and uses the ledger once
+    an owner has migrated."""
     queue_db.sql("DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'locked') "
                  "THEN CREATE ROLE locked LOGIN; END IF; END $$")
     queue_db.sql(f"REVOKE CREATE ON DATABASE {queue_db.dbname} FROM PUBLIC")
-    queue_db.sql("GRANT USAGE ON SCHEMA pgmq TO locked")
+    queue_db.sql("GRANT USAGE ON SCHEMA pgmq TO locked; "
+                 "GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA pgmq TO locked; "
+                 "GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgmq TO locked")
     env = base_env(queue_db, emulator,
                    PGMQD_DATABASE_CONNINFO=pg_cluster.conninfo_for(queue_db.dbname, user="locked"))
-    d = Daemon(env, args=[]).start()
-    assert d.wait_exit(20) == 78
-    errors = [l for l in d.lines if "level=error" in l]
-    assert len(errors) == 1 and "pgmq-dispatcher migrate" in errors[0], d.output
-    # An owner migrates once; then the locked-down role starts (and finds it up to date).
-    assert run_once(base_env(queue_db, emulator), "migrate")[0] == 0
-    queue_db.sql(f"GRANT USAGE ON SCHEMA {SCHEMA} TO locked; "
-                 f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {SCHEMA} TO locked; "
-                 f"GRANT SELECT, UPDATE ON ALL TABLES IN SCHEMA pgmq TO locked; "
-                 f"GRANT EXECUTE ON ALL FUNCTIONS IN SCHEMA pgmq TO locked")
     queue_db.send_many([{"n": 1}])
     d = Daemon(env, args=[]).start()
     try:
+        d.wait_log(r"event=ledger_unavailable")
         emulator.wait_for(lambda: len(accepted_runs(emulator)) == 1, timeout_s=15)
+        errors = [l for l in d.lines if "level=error" in l]
+        assert len(errors) == 1 and "`pgmq-dispatcher migrate`" in errors[0], d.output
+        assert "Idempotency-Key" not in accepted_runs(emulator)[0].headers
+    finally:
+        d.stop()
+    assert queue_db.sql("SELECT to_regnamespace(%s)", (SCHEMA,))[0][0] is None
+    # An owner migrates once; then the locked-down role records its dispatches.
+    assert run_once(base_env(queue_db, emulator), "migrate")[0] == 0
+    queue_db.sql(f"GRANT USAGE ON SCHEMA {SCHEMA} TO locked; "
+                 f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA {SCHEMA} TO locked")
+    queue_db.send_many([{"n": 2}])
+    d = Daemon(env, args=[]).start()
+    try:
+        emulator.wait_for(lambda: len(accepted_runs(emulator)) == 2, timeout_s=15)
+        wait_until(lambda: [r[1] for r in rows(queue_db)] == ["accepted"], 10)
+        assert not [l for l in d.lines if "level=error" in l]
     finally:
         d.stop()
 
