@@ -381,8 +381,7 @@ void ledger_split(struct ledger *l, const char *read_id, const struct ledger_par
 		strcpy(pst + u[1], "}");
 		strcpy(mid + u[2], "}");
 		strcpy(mpt + u[3], "}");
-		snprintf(sql, sizeof(sql), LEDGER_SPLIT_SQL, l->cfg->ledger_schema, l->cfg->ledger_schema,
-			 l->cfg->ledger_schema);
+		snprintf(sql, sizeof(sql), LEDGER_SPLIT_SQL, l->cfg->ledger_schema);
 		rc = query(l, S_SPLIT, sql, 5, params, on_split, NULL);
 	}
 out:
@@ -490,14 +489,13 @@ static void on_tick_timer(struct ev_loop *loop, ev_timer *w, int revents)
 	snprintf(lease, sizeof(lease), "%d", l->cfg->ledger_lease_s);
 	snprintf(days, sizeof(days), "%d", l->cfg->ledger_retention_days);
 	if (!l->ticking) {
-		snprintf(sql, sizeof(sql), LEDGER_TICK_SQL, l->cfg->ledger_schema, l->cfg->ledger_schema,
-			 l->cfg->ledger_schema, l->cfg->ledger_schema);
+		snprintf(sql, sizeof(sql), LEDGER_TICK_SQL, l->cfg->ledger_schema);
 		if (query(l, S_TICK, sql, 4, params, on_tick, NULL) == 0)
 			l->ticking = true;
 	}
 	if (!l->claiming && l->cfg->tracker_enabled && l->hooks.claimed) {
 		params[3] = l->cfg->endpoint_id;
-		snprintf(sql, sizeof(sql), LEDGER_CLAIM_SQL, l->cfg->ledger_schema, l->cfg->ledger_schema);
+		snprintf(sql, sizeof(sql), LEDGER_CLAIM_SQL, l->cfg->ledger_schema);
 		if (query(l, S_CLAIM, sql, 4, params, on_claim, NULL) == 0)
 			l->claiming = true;
 	}

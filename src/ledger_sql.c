@@ -11,23 +11,32 @@
 #define STR_(x) #x
 #define PGMQD_STR(x) STR_(x)
 
-/* The read and, in the same statement, its row. $1 queue, $2 vt, $3 qty
- * (as pgmq.read), $4 dispatch id, $5 endpoint, $6 owner, $7 lease_s. An
- * empty read inserts nothing (HAVING). */
+/* Every format takes the schema as %1$s (the read's also the read function
+ * as %2$s). The dispatch table has no index on a column that changes after
+ * the insert, so its transitions are HOT updates; what changes (who holds
+ * a row, until when) lives in the small lease table, one row per
+ * unfinished dispatch. */
+
+/* The read and, in the same statement, its row and its lease. $1 queue,
+ * $2 vt, $3 qty (as pgmq.read), $4 dispatch id, $5 endpoint, $6 owner,
+ * $7 lease_s. An empty read inserts nothing (HAVING). */
 const char LEDGER_READ_SQL[] =
 	"WITH r AS MATERIALIZED (SELECT " PGMQ_READ_COLUMNS
-	" FROM %s($1::text, $2::integer, $3::integer)), "
-	"ins AS (INSERT INTO %s.dispatch (dispatch_id, queue, endpoint_id, msg_ids, read_cts, "
-	"read_at, vt_until, state, owner, lease_until, history) "
+	" FROM %2$s($1::text, $2::integer, $3::integer)), "
+	"ins AS (INSERT INTO %1$s.dispatch (dispatch_id, queue, endpoint_id, msg_ids, read_cts, "
+	"read_at, vt_until, state, history) "
 	"SELECT $4::uuid, $1::text, $5::text, array_agg(msg_id ORDER BY msg_id), "
 	"array_agg(read_ct ORDER BY msg_id), now(), now() + make_interval(secs => $2::integer), "
-	"'sending', $6::uuid, now() + make_interval(secs => $7::integer), "
-	"jsonb_build_array(jsonb_build_object('state', 'sending', 'at', now())) "
-	"FROM r HAVING count(*) > 0) "
+	"'sending', jsonb_build_array(jsonb_build_object('state', 'sending', 'at', now())) "
+	"FROM r HAVING count(*) > 0 RETURNING dispatch_id), "
+	"lz AS (INSERT INTO %1$s.lease (dispatch_id, queue, endpoint_id, owner, lease_until) "
+	"SELECT dispatch_id, $1::text, $5::text, $6::uuid, now() + make_interval(secs => "
+	"$7::integer) FROM ins) "
 	"SELECT * FROM r ORDER BY msg_id";
 
 /* All transitions noted while the previous statement ran, in one: grouped
- * per row, the last state wins and every one joins the history. $1 ids,
+ * per row, the last state wins and every one joins the history; a row no
+ * longer held gives up its lease, a held one takes its job id. $1 ids,
  * $2 states, $3 http, $4 job ids, $5 errors, $6 epoch times, $7 held. */
 const char LEDGER_NOTES_SQL[] =
 	"WITH u AS (SELECT * FROM unnest($1::uuid[], $2::text[], $3::integer[], $4::text[], "
@@ -39,59 +48,69 @@ const char LEDGER_NOTES_SQL[] =
 	"(array_agg(job ORDER BY ord DESC) FILTER (WHERE job IS NOT NULL))[1] AS job, "
 	"(array_agg(err ORDER BY ord DESC) FILTER (WHERE err IS NOT NULL))[1] AS err, "
 	"jsonb_agg(jsonb_build_object('state', state, 'at', to_timestamp(at)) ORDER BY ord) AS h, "
-	"max(to_timestamp(at)) AS at FROM u GROUP BY id) "
-	"UPDATE %s.dispatch d SET state = g.state, http_status = coalesce(g.http, d.http_status), "
+	"max(to_timestamp(at)) AS at FROM u GROUP BY id), "
+	"gone AS (DELETE FROM %1$s.lease l USING g WHERE l.dispatch_id = g.id AND NOT g.held), "
+	"kept AS (UPDATE %1$s.lease l SET job_id = g.job FROM g WHERE l.dispatch_id = g.id "
+	"AND g.held AND g.job IS NOT NULL) "
+	"UPDATE %1$s.dispatch d SET state = g.state, http_status = coalesce(g.http, d.http_status), "
 	"job_id = coalesce(g.job, d.job_id), error = coalesce(g.err, d.error), "
-	"updated_at = greatest(d.updated_at, g.at), history = d.history || g.h, "
-	"owner = CASE WHEN g.held THEN d.owner END, "
-	"lease_until = CASE WHEN g.held THEN d.lease_until END "
+	"updated_at = greatest(d.updated_at, g.at), history = d.history || g.h "
 	"FROM g WHERE d.dispatch_id = g.id";
 
 /* $1 the read's id, $2 part ids, $3 part states, $4 msg ids, $5 part (1-based). */
 const char LEDGER_SPLIT_SQL[] =
-	"WITH src AS (SELECT * FROM %s.dispatch WHERE dispatch_id = $1::uuid), "
+	"WITH src AS (SELECT * FROM %1$s.dispatch WHERE dispatch_id = $1::uuid), "
+	"ls AS (SELECT * FROM %1$s.lease WHERE dispatch_id = $1::uuid), "
 	"m AS (SELECT x.id, x.part, src.read_cts[array_position(src.msg_ids, x.id)] AS rc "
 	"FROM src, unnest($4::bigint[], $5::integer[]) AS x(id, part)), "
 	"g AS (SELECT part, array_agg(id ORDER BY id) AS ids, array_agg(rc ORDER BY id) AS rcs "
 	"FROM m GROUP BY part), "
-	"up AS (UPDATE %s.dispatch d SET msg_ids = g.ids, read_cts = g.rcs, "
+	"up AS (UPDATE %1$s.dispatch d SET msg_ids = g.ids, read_cts = g.rcs, "
 	"state = ($3::text[])[1], history = d.history || jsonb_build_array(jsonb_build_object("
 	"'state', ($3::text[])[1], 'at', now(), 'split_into', cardinality($2::uuid[]))) "
 	"FROM g WHERE d.dispatch_id = $1::uuid AND g.part = 1 RETURNING 1), "
-	"ins AS (INSERT INTO %s.dispatch (dispatch_id, queue, endpoint_id, msg_ids, read_cts, "
-	"read_at, vt_until, state, owner, lease_until, history) "
+	"ins AS (INSERT INTO %1$s.dispatch (dispatch_id, queue, endpoint_id, msg_ids, read_cts, "
+	"read_at, vt_until, state, history) "
 	"SELECT ($2::uuid[])[g.part], src.queue, src.endpoint_id, g.ids, g.rcs, src.read_at, "
-	"src.vt_until, ($3::text[])[g.part], src.owner, src.lease_until, "
+	"src.vt_until, ($3::text[])[g.part], "
 	"jsonb_build_array(jsonb_build_object('state', 'sending', 'at', src.read_at), "
 	"jsonb_build_object('state', ($3::text[])[g.part], 'at', now(), 'split_from', $1::text)) "
-	"FROM g, src WHERE g.part > 1 RETURNING 1) "
+	"FROM g, src WHERE g.part > 1 RETURNING dispatch_id), "
+	"il AS (INSERT INTO %1$s.lease (dispatch_id, queue, endpoint_id, owner, lease_until) "
+	"SELECT ins.dispatch_id, ls.queue, ls.endpoint_id, ls.owner, ls.lease_until FROM ins, ls) "
 	"SELECT (SELECT count(*) FROM up) + (SELECT count(*) FROM ins)";
 
-/* Renews this replica's leases, turns `sending` rows of dead replicas
- * into `unknown`, prunes finished rows. $1 owner, $2 lease_s, $3 queue,
- * $4 retention_days. One row per recovered dispatch, then a summary row. */
+/* Renews this replica's leases, turns rows that dead replicas left
+ * unfinished before any job (sending, archiving, releasing) into
+ * `unknown`, prunes finished rows older than the retention. $1 owner,
+ * $2 lease_s, $3 queue, $4 retention_days. One row per recovered dispatch,
+ * then a summary row. */
 const char LEDGER_TICK_SQL[] =
-	"WITH renew AS (UPDATE %s.dispatch SET lease_until = now() + make_interval(secs => "
-	"$2::integer) WHERE owner = $1::uuid AND lease_until IS NOT NULL RETURNING 1), "
-	"lost AS (UPDATE %s.dispatch SET state = 'unknown', owner = NULL, lease_until = NULL, "
-	"updated_at = now(), error = 'the replica that sent it died before it recorded the "
-	"outcome', history = history || jsonb_build_array(jsonb_build_object('state', 'unknown', "
-	"'at', now())) WHERE state = 'sending' AND lease_until < now() AND queue = $3::text "
-	"AND owner IS DISTINCT FROM $1::uuid RETURNING dispatch_id, msg_ids), "
-	"prune AS (DELETE FROM %s.dispatch WHERE dispatch_id IN (SELECT dispatch_id FROM "
-	"%s.dispatch WHERE lease_until IS NULL AND updated_at < now() - make_interval(days => "
-	"$4::integer) LIMIT " PGMQD_STR(LEDGER_PRUNE_BATCH) ") RETURNING 1) "
+	"WITH renew AS (UPDATE %1$s.lease SET lease_until = now() + make_interval(secs => "
+	"$2::integer) WHERE owner = $1::uuid RETURNING 1), "
+	"dead AS (DELETE FROM %1$s.lease WHERE job_id IS NULL AND lease_until < now() "
+	"AND queue = $3::text AND owner <> $1::uuid RETURNING dispatch_id), "
+	"lost AS (UPDATE %1$s.dispatch d SET state = 'unknown', updated_at = now(), "
+	"error = 'the replica that read it died before it recorded the outcome', "
+	"history = history || jsonb_build_array(jsonb_build_object('state', 'unknown', 'at', "
+	"now())) FROM dead WHERE d.dispatch_id = dead.dispatch_id "
+	"AND d.state IN ('sending', 'archiving', 'releasing') RETURNING d.dispatch_id, d.msg_ids), "
+	"prune AS (DELETE FROM %1$s.dispatch WHERE dispatch_id IN (SELECT p.dispatch_id FROM "
+	"%1$s.dispatch p WHERE p.read_at < now() - make_interval(days => $4::integer) "
+	"AND NOT EXISTS (SELECT 1 FROM %1$s.lease l WHERE l.dispatch_id = p.dispatch_id) "
+	"LIMIT " PGMQD_STR(LEDGER_PRUNE_BATCH) ") RETURNING 1) "
 	"SELECT dispatch_id::text, msg_ids::text, (SELECT count(*) FROM prune) FROM lost "
 	"UNION ALL SELECT NULL, NULL, (SELECT count(*) FROM prune)";
 
 /* Takes expired leases of accepted jobs. $1 owner, $2 lease_s, $3 queue,
  * $4 endpoint. */
 const char LEDGER_CLAIM_SQL[] =
-	"UPDATE %s.dispatch d SET owner = $1::uuid, lease_until = now() + make_interval(secs => "
-	"$2::integer) WHERE d.dispatch_id IN (SELECT dispatch_id FROM %s.dispatch WHERE "
-	"job_id IS NOT NULL AND lease_until < now() AND queue = $3::text AND endpoint_id = $4::text "
+	"UPDATE %1$s.lease l SET owner = $1::uuid, lease_until = now() + make_interval(secs => "
+	"$2::integer) FROM %1$s.dispatch d WHERE d.dispatch_id = l.dispatch_id "
+	"AND l.dispatch_id IN (SELECT dispatch_id FROM %1$s.lease WHERE job_id IS NOT NULL "
+	"AND lease_until < now() AND queue = $3::text AND endpoint_id = $4::text "
 	"ORDER BY lease_until LIMIT " PGMQD_STR(LEDGER_CLAIM_BATCH) " FOR UPDATE SKIP LOCKED) "
-	"RETURNING d.dispatch_id::text, d.job_id, d.msg_ids::text, "
+	"RETURNING l.dispatch_id::text, l.job_id, d.msg_ids::text, "
 	"extract(epoch FROM d.vt_until - now())::float8";
 
 void ledger_new_id(char *out)
@@ -118,7 +137,7 @@ void ledger_new_id(char *out)
 
 int ledger_read_sql(const char *schema, const char *read_function, char *buf, size_t len)
 {
-	int n = snprintf(buf, len, LEDGER_READ_SQL, read_function, schema);
+	int n = snprintf(buf, len, LEDGER_READ_SQL, schema, read_function);
 
 	return n < 0 || (size_t)n >= len ? -1 : 0;
 }
