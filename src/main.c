@@ -36,7 +36,7 @@ struct app {
 static void usage(FILE *fp)
 {
 	fprintf(fp,
-		"Usage: pgmq-dispatcher [options]\n"
+		"Usage: pgmq-dispatcher [options] [command]\n"
 		"Reads batches from a PGMQ queue and submits them to a RunPod Serverless endpoint.\n\n"
 		"  -c, --config FILE     configuration file (default " CONFIG_DEFAULT_PATH ")\n"
 		"  -v, --verbose         more output: -v debug, -vv trace (SQL and HTTP metadata)\n"
@@ -50,6 +50,12 @@ static void usage(FILE *fp)
 		"  -T, --dump-config     print the effective configuration, secrets masked\n"
 		"  -V, --version         print the version\n"
 		"  -h, --help            this help\n\n"
+		"Commands on the dispatch ledger (after the options; add --json for JSON):\n"
+		"  migrate               create or upgrade the ledger schema; exit 0 when up to date\n"
+		"  status MSG_ID...      every dispatch of those messages, and where each is now\n"
+		"  jobs [--state S] [--since 15m|TIME] [--limit N]   dispatches, newest first\n"
+		"  redrive [--dry-run] MSG_ID... | --archived-from TIME [--archived-to TIME]\n"
+		"                        archived messages back into the queue\n\n"
 		"Every key can also be set as PGMQD_<SECTION>_<KEY>; see pgmq-dispatcher(8).\n");
 }
 
