@@ -65,6 +65,7 @@ struct config {
 	char *ledger_schema;     /* its schema, a plain lower-case identifier */
 	int ledger_retention_days; /* finished rows older than this are pruned */
 	int ledger_lease_s;      /* a replica's hold on its sending rows and tracked jobs */
+	int ledger_completed_grace_s; /* a COMPLETED job's messages should be gone by then */
 	/* [log] */
 	int log_level;           /* enum log_level */
 	int log_format;          /* enum log_format */

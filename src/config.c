@@ -129,6 +129,8 @@ static const struct key keys[] = {
 	  NULL, check_schema },
 	{ "ledger", "retention_days", K_INT, OFF(ledger_retention_days), "14", 1, 3650, 0, { 0 }, NULL,
 	  NULL, NULL },
+	{ "ledger", "completed_grace_s", K_INT, OFF(ledger_completed_grace_s), "60", 1, 86400, 0,
+	  { 0 }, NULL, NULL, NULL },
 	{ "ledger", "lease_s", K_INT, OFF(ledger_lease_s), "30", 2, 3600, F_STATIC, { 0 }, NULL, NULL,
 	  NULL },
 	{ "admin", "listen", K_STR, OFF(admin_listen), "127.0.0.1:9187", 0, 0, F_STATIC, { 0 }, NULL,

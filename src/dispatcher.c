@@ -366,8 +366,10 @@ void dispatcher_tracker_state(void *arg, const char *dispatch_id, const char *st
 			     const char *error)
 {
 	struct dispatcher *d = arg;
-	bool held = !runpod_status_is_terminal(state) && strcmp(state, "lost") != 0 &&
-		    strcmp(state, "released") != 0;
+	/* A COMPLETED job keeps its lease until the ledger has checked, after
+	 * the grace period, that the worker deleted its messages. */
+	bool held = (!runpod_status_is_terminal(state) || strcmp(state, "COMPLETED") == 0) &&
+		    strcmp(state, "lost") != 0 && strcmp(state, "released") != 0;
 
 	ledger_note(d->ledger, dispatch_id, state, 0, NULL, error, error ? strlen(error) : 0, held);
 }

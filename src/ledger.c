@@ -1,6 +1,7 @@
 /* ledger — see include/ledger.h. */
 #include "ledger.h"
 #include "log.h"
+#include "metrics.h"
 #include "ledger_sql.h"
 #include "migrate.h"
 
@@ -396,18 +397,6 @@ out:
 
 /* ---- tick: leases, recovery, retention, claims ---- */
 
-static void log_ids(enum log_level level, const char *event, const char *dispatch_id,
-		    const char *ids_text)
-{
-	struct log_line *ll = log_begin(level, event);
-
-	log_str(ll, "dispatch_id", dispatch_id);
-	log_str(ll, "msg_ids", ids_text);
-	log_str(ll, "outcome", "unknown: the sender died before it recorded the outcome; the "
-			       "messages came back after their vt");
-	log_end(ll);
-}
-
 static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
 {
 	struct ledger *l = stmt_done(arg);
@@ -425,19 +414,37 @@ static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
 	}
 	rows = PQntuples(res);
 	for (int i = 0; i < rows; i++) {
-		if (PQgetisnull(res, i, 0)) {
+		const char *kind = PQgetvalue(res, i, 0);
+		struct log_line *ll;
+
+		if (strcmp(kind, "pruned") == 0) {
 			long pruned = strtol(PQgetvalue(res, i, 2), NULL, 10);
 			if (pruned > 0) {
-				struct log_line *ll = log_begin(LOG_DEBUG, "ledger_pruned");
+				ll = log_begin(LOG_DEBUG, "ledger_pruned");
 				log_int(ll, "rows", pruned);
 				log_int(ll, "retention_days", l->cfg->ledger_retention_days);
 				log_end(ll);
 			}
-			continue;
+		} else if (strcmp(kind, "unknown") == 0) {
+			l->recovered++;
+			metrics_inc_ledger_recovered_unknown();
+			ll = log_begin(LOG_WARN, "ledger_recovered_unknown");
+			log_str(ll, "dispatch_id", PQgetvalue(res, i, 1));
+			log_str(ll, "msg_ids", PQgetvalue(res, i, 2));
+			log_str(ll, "outcome", "unknown: the replica that read them died before it "
+					       "recorded the outcome; they come back after their vt");
+			log_end(ll);
+		} else {
+			metrics_inc_ledger_completed_undeleted();
+			ll = log_begin(LOG_WARN, "job_completed_messages_left");
+			log_str(ll, "dispatch_id", PQgetvalue(res, i, 1));
+			log_str(ll, "job_id", PQgetvalue(res, i, 3));
+			log_str(ll, "msg_ids", PQgetvalue(res, i, 2));
+			log_int(ll, "grace_s", l->cfg->ledger_completed_grace_s);
+			log_str(ll, "msg", "the job COMPLETED but the worker did not delete or archive "
+					   "these messages: they come back after their vt");
+			log_end(ll);
 		}
-		l->recovered++;
-		log_ids(LOG_WARN, "ledger_recovered_unknown", PQgetvalue(res, i, 0),
-			PQgetvalue(res, i, 1));
 	}
 	PQclear(res);
 }
@@ -463,6 +470,8 @@ static void on_claim(void *arg, PGresult *res, const struct pg_error *err)
 		int n = ledger_parse_ids(PQgetvalue(res, i, 2), &ids);
 		struct log_line *ll = log_begin(LOG_INFO, "job_claimed");
 
+		metrics_inc_ledger_jobs_claimed();
+
 		log_str(ll, "dispatch_id", PQgetvalue(res, i, 0));
 		log_str(ll, "job_id", PQgetvalue(res, i, 1));
 		log_str(ll, "msg_ids", PQgetvalue(res, i, 2));
@@ -479,8 +488,8 @@ static void on_claim(void *arg, PGresult *res, const struct pg_error *err)
 static void on_tick_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	struct ledger *l = w->data;
-	char sql[2048], lease[16], days[16];
-	const char *params[4] = { l->owner, lease, l->cfg->queue_name, days };
+	char sql[4096], lease[16], days[16], grace[16], table[80], qtable[96];
+	const char *params[5] = { l->owner, lease, l->cfg->queue_name, days, grace };
 
 	(void)loop;
 	(void)revents;
@@ -488,9 +497,13 @@ static void on_tick_timer(struct ev_loop *loop, ev_timer *w, int revents)
 		return;
 	snprintf(lease, sizeof(lease), "%d", l->cfg->ledger_lease_s);
 	snprintf(days, sizeof(days), "%d", l->cfg->ledger_retention_days);
+	snprintf(grace, sizeof(grace), "%d", l->cfg->ledger_completed_grace_s);
+	if (pgmq_table_name(l->cfg->queue_name, table, sizeof(table)) != 0)
+		return;
+	snprintf(qtable, sizeof(qtable), "pgmq.\"%s\"", table);
 	if (!l->ticking) {
-		snprintf(sql, sizeof(sql), LEDGER_TICK_SQL, l->cfg->ledger_schema);
-		if (query(l, S_TICK, sql, 4, params, on_tick, NULL) == 0)
+		snprintf(sql, sizeof(sql), LEDGER_TICK_SQL, l->cfg->ledger_schema, qtable);
+		if (query(l, S_TICK, sql, 5, params, on_tick, NULL) == 0)
 			l->ticking = true;
 	}
 	if (!l->claiming && l->cfg->tracker_enabled && l->hooks.claimed) {

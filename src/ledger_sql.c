@@ -82,9 +82,11 @@ const char LEDGER_SPLIT_SQL[] =
 
 /* Renews this replica's leases, turns rows that dead replicas left
  * unfinished before any job (sending, archiving, releasing) into
- * `unknown`, prunes finished rows older than the retention. $1 owner,
- * $2 lease_s, $3 queue, $4 retention_days. One row per recovered dispatch,
- * then a summary row. */
+ * `unknown`, ends the leases of COMPLETED jobs after the grace period
+ * naming the messages still in the queue (%2$s), prunes finished rows
+ * older than the retention. $1 owner, $2 lease_s, $3 queue,
+ * $4 retention_days, $5 completed_grace_s. Rows: kind, dispatch id, msg
+ * ids (or the pruned count), job id. */
 const char LEDGER_TICK_SQL[] =
 	"WITH renew AS (UPDATE %1$s.lease SET lease_until = now() + make_interval(secs => "
 	"$2::integer) WHERE owner = $1::uuid RETURNING 1), "
@@ -95,12 +97,18 @@ const char LEDGER_TICK_SQL[] =
 	"history = history || jsonb_build_array(jsonb_build_object('state', 'unknown', 'at', "
 	"now())) FROM dead WHERE d.dispatch_id = dead.dispatch_id "
 	"AND d.state IN ('sending', 'archiving', 'releasing') RETURNING d.dispatch_id, d.msg_ids), "
+	"done AS (DELETE FROM %1$s.lease l USING %1$s.dispatch d WHERE l.dispatch_id = "
+	"d.dispatch_id AND l.queue = $3::text AND d.state = 'COMPLETED' AND d.updated_at < now() - "
+	"make_interval(secs => $5::integer) RETURNING d.dispatch_id, d.job_id, d.msg_ids), "
 	"prune AS (DELETE FROM %1$s.dispatch WHERE dispatch_id IN (SELECT p.dispatch_id FROM "
 	"%1$s.dispatch p WHERE p.read_at < now() - make_interval(days => $4::integer) "
 	"AND NOT EXISTS (SELECT 1 FROM %1$s.lease l WHERE l.dispatch_id = p.dispatch_id) "
 	"LIMIT " PGMQD_STR(LEDGER_PRUNE_BATCH) ") RETURNING 1) "
-	"SELECT dispatch_id::text, msg_ids::text, (SELECT count(*) FROM prune) FROM lost "
-	"UNION ALL SELECT NULL, NULL, (SELECT count(*) FROM prune)";
+	"SELECT 'unknown', dispatch_id::text, msg_ids::text, NULL FROM lost "
+	"UNION ALL SELECT 'undeleted', done.dispatch_id::text, x.ids::text, done.job_id FROM done, "
+	"LATERAL (SELECT array_agg(q.msg_id ORDER BY q.msg_id) AS ids FROM %2$s q "
+	"WHERE q.msg_id = ANY (done.msg_ids)) x WHERE x.ids IS NOT NULL "
+	"UNION ALL SELECT 'pruned', NULL, (SELECT count(*) FROM prune)::text, NULL";
 
 /* Takes expired leases of accepted jobs. $1 owner, $2 lease_s, $3 queue,
  * $4 endpoint. */
@@ -109,6 +117,8 @@ const char LEDGER_CLAIM_SQL[] =
 	"$2::integer) FROM %1$s.dispatch d WHERE d.dispatch_id = l.dispatch_id "
 	"AND l.dispatch_id IN (SELECT dispatch_id FROM %1$s.lease WHERE job_id IS NOT NULL "
 	"AND lease_until < now() AND queue = $3::text AND endpoint_id = $4::text "
+	"AND NOT EXISTS (SELECT 1 FROM %1$s.dispatch c WHERE c.dispatch_id = lease.dispatch_id "
+	"AND c.state = 'COMPLETED') "
 	"ORDER BY lease_until LIMIT " PGMQD_STR(LEDGER_CLAIM_BATCH) " FOR UPDATE SKIP LOCKED) "
 	"RETURNING l.dispatch_id::text, l.job_id, d.msg_ids::text, "
 	"extract(epoch FROM d.vt_until - now())::float8";

@@ -128,7 +128,7 @@ static void on_posted(void *arg, const struct http_response *r)
 		d->once_result = DISPATCH_DONE_DISPATCHED;
 		/* started is reset when the POST leaves (after a rate-cap wait);
 		 * the vt has run since the read. */
-		tracker_add(d->tracker, reply.id, b->ids, b->n, b->read_at);
+		tracker_add_dispatch(d->tracker, reply.id, b->dispatch_id, b->ids, b->n, b->read_at);
 		batch_end(b, BATCH_ACCEPTED, NULL);
 		break;
 	case RUNPOD_UNKNOWN:

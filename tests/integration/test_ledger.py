@@ -7,6 +7,7 @@ Every wait is on a condition with a deadline."""
 import json
 import re
 import threading
+import urllib.request
 
 import pytest
 
@@ -205,6 +206,11 @@ def test_role_without_create_is_pointed_at_migrate(queue_db, emulator, pg_cluste
 
 # ---- crash recovery ----
 
+def metrics_text(d):
+    port = int(re.search(r"admin_port=(\d+)", d.output).group(1))
+    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+
+
 def recovered(d):
     return [logfmt(l) for l in d.lines if "event=ledger_recovered_unknown" in l]
 
@@ -224,6 +230,7 @@ def test_kill_after_the_post_went_out_before_the_reply(queue_db, emulator, start
     assert r[1] == "unknown" and r[3] == ids
     assert states_of(r[6]) == ["sending", "unknown"]
     assert recovered(d2)[0]["msg_ids"] == "{%s}" % ",".join(map(str, ids))
+    assert "pgmqd_ledger_recovered_unknown_total 1" in metrics_text(d2)     # counted
     # Nothing was lost: the messages keep their vt (a job may exist), none read twice.
     assert all(v["read_ct"] == 1 and v["invisible"] for v in queue_db.rows().values())
     d2.stop()
@@ -363,10 +370,31 @@ def test_three_replicas_random_kills(queue_db, emulator, start_daemon):
         assert acc == 1 or (acc > 1 and unk >= acc - 1), (m, acc, unk, rows(queue_db, f"msg_ids @> ARRAY[{m}::bigint]"))
     # Leases are held only for unfinished dispatches (one each: the primary key).
     assert queue_db.sql(f"SELECT count(*) FROM {SCHEMA}.lease l JOIN {SCHEMA}.dispatch d "
-                        f"USING (dispatch_id) WHERE d.state IN ('COMPLETED', 'unknown', "
+                        f"USING (dispatch_id) WHERE d.state IN ('unknown', "
                         f"'released', 'archived', 'rejected')")[0][0] == 0
     for d in reps:
         d.stop()
     stop.set()
     worker.join()
     worker_db.close()
+
+
+def test_completed_job_whose_messages_stay_is_logged_and_counted(queue_db, emulator, start_daemon):
+    """The worker forgot to delete: after ledger.completed_grace_s the messages still in the
+    queue are named and counted; a deleted one is not."""
+    ids = queue_db.send_many([{"n": 1}, {"n": 2}])
+    d = start_daemon(PGMQD_TRACKER_ENABLED="on", PGMQD_TRACKER_INTERVAL_MS="200",
+                     PGMQD_LEDGER_LEASE_S="3", PGMQD_LEDGER_COMPLETED_GRACE_S="2")
+    d.wait_log(r"event=ledger_ready")
+    try:
+        wait_until(lambda: rows(queue_db) and rows(queue_db)[0][1] == "COMPLETED", 20)
+    except TimeoutError:
+        open("/tmp/l/out.txt", "w").write(d.output)
+        raise
+    queue_db.sql("SELECT pgmq.delete('jobs', %s::bigint)", (ids[0],))   # one of two deleted
+    (m,) = d.wait_log(r"event=job_completed_messages_left .*", timeout_s=15)
+    fields = logfmt(m.string)
+    assert fields["msg_ids"] == "{%d}" % ids[1] and fields["job_id"] == emulator.jobs()[0]["id"]
+    assert "pgmqd_ledger_completed_undeleted_total 1" in metrics_text(d)
+    assert queue_db.sql(f"SELECT count(*) FROM {SCHEMA}.lease")[0][0] == 0
+    d.stop()
