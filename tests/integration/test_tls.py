@@ -89,7 +89,8 @@ def test_certificate_for_another_name_is_refused_before_anything_is_sent(queue_d
         line = d.wait_log(r"event=batch_rejected .*request_sent=no", timeout_s=15)[0].string
         fields = logfmt(line)
         assert "no alternative certificate subject name matches" in fields["error"], line
-        # Released: visible again at once (vt far below the 600 s read) and read again.
+        # Released: set_vt makes them visible after the short backoff instead of the 600 s vt
+        # of the read, so they are read (and refused) again.
         d.wait_log(r"event=batch_rejected .*request_sent=no", timeout_s=15, count=2)
         rows = queue_db.rows()
         assert sorted(rows) == ids and all(r["read_ct"] >= 2 for r in rows.values()), rows
