@@ -40,6 +40,7 @@ struct config {
 	char *endpoint_id;
 	char *api_key;           /* secret */
 	char *base_url;          /* no trailing slash */
+	char *ca_file;           /* PEM CA bundle for https; "" = the system store */
 	int connect_timeout_ms;
 	int request_timeout_ms;
 	int max_body_bytes;      /* split batches above it; archive single messages above it */

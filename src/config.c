@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 enum ktype { K_STR, K_INT, K_ENUM, K_BOOL };
@@ -47,6 +48,7 @@ static const char *check_api_key(const char *v);
 static const char *check_base_url(const char *v);
 static const char *check_listen(const char *v);
 static const char *check_webhook(const char *v);
+static const char *check_ca_file(const char *v);
 
 #define OFF(f) offsetof(struct config, f)
 
@@ -79,6 +81,8 @@ static const struct key keys[] = {
 	  "runpod_api_key", NULL, check_api_key },
 	{ "runpod", "base_url", K_STR, OFF(base_url), "https://api.runpod.ai/v2", 0, 0, 0,
 	  { "RUNPOD_ENDPOINT_BASE_URL" }, NULL, NULL, check_base_url },
+	/* PEM bundle for private CAs and TLS-inspecting egress proxies; "" = the system store. */
+	{ "runpod", "ca_file", K_STR, OFF(ca_file), "", 0, 0, 0, { 0 }, NULL, NULL, check_ca_file },
 	{ "runpod", "connect_timeout_ms", K_INT, OFF(connect_timeout_ms), "10000", 100, 600000, 0, { 0 },
 	  NULL, NULL, NULL },
 	{ "runpod", "request_timeout_ms", K_INT, OFF(request_timeout_ms), "30000", 100, 3600000, 0,
@@ -619,7 +623,7 @@ static const char *check_api_key(const char *v)
 	return NULL;
 }
 
-static const char *check_base_url(const char *v)
+static const char *check_url(const char *v)
 {
 	size_t scheme = strncmp(v, "https://", 8) == 0 ? 8 : strncmp(v, "http://", 7) == 0 ? 7 : 0;
 
@@ -635,9 +639,68 @@ static const char *check_base_url(const char *v)
 	return NULL;
 }
 
+/* True when the authority of an http:// URL names the loopback interface:
+ * localhost, 127.0.0.0/8 in dotted form or [::1], with an optional port. */
+static bool url_host_is_loopback(const char *v)
+{
+	const char *host = v + strlen("http://"), *end = host + strcspn(host, "/?#");
+	const char *at = memchr(host, '@', (size_t)(end - host));
+	size_t len;
+	unsigned a, b, c, d;
+	char tail;
+
+	if (at)
+		host = at + 1;
+	if (*host == '[')
+		return strncmp(host, "[::1]", 5) == 0 && (host + 5 == end || host[5] == ':');
+	len = strcspn(host, ":/?#");
+	if (len == 9 && strncasecmp(host, "localhost", 9) == 0)
+		return true;
+	if (len > 15)
+		return false;
+	char ip[16];
+	memcpy(ip, host, len);
+	ip[len] = '\0';
+	return sscanf(ip, "%u.%u.%u.%u%c", &a, &b, &c, &d, &tail) == 4 && a == 127 && b < 256 &&
+	       c < 256 && d < 256;
+}
+
+/* Plain http:// only to this machine: anything else would send the API key in clear. */
+static const char *check_base_url(const char *v)
+{
+	const char *problem = check_url(v);
+
+	if (problem == NULL && strncmp(v, "http://", 7) == 0 && !url_host_is_loopback(v))
+		return "http:// is allowed only to a loopback host (127.0.0.1, [::1], localhost); "
+		       "use https://";
+	return problem;
+}
+
+/* The webhook is called by RunPod, not by the daemon: either scheme, any host. */
 static const char *check_webhook(const char *v)
 {
-	return *v == '\0' ? NULL : check_base_url(v);
+	return *v == '\0' ? NULL : check_url(v);
+}
+
+/* "" (the system store) or a readable regular file; its contents are libcurl's to judge. */
+static const char *check_ca_file(const char *v)
+{
+	struct stat st;
+	FILE *f;
+
+	if (*v == '\0')
+		return NULL;
+	if (*v != '/')
+		return "must be an absolute path";
+	if (stat(v, &st) != 0)
+		return errno == ENOENT ? "no such file" : "cannot be read";
+	if (!S_ISREG(st.st_mode))
+		return "is not a regular file";
+	f = fopen(v, "r");
+	if (f == NULL)
+		return "cannot be opened for reading";
+	fclose(f);
+	return NULL;
 }
 
 static const char *const bool_true[] = { "on", "true", "yes", "1", NULL };

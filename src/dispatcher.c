@@ -431,6 +431,7 @@ static void probe_now(struct dispatcher *d)
 		.headers = headers,
 		.connect_timeout_ms = d->cfg->connect_timeout_ms,
 		.timeout_ms = d->cfg->request_timeout_ms,
+		.ca_file = d->cfg->ca_file,
 	};
 
 	if (d->probing || !d->circuit_open)
@@ -595,6 +596,7 @@ static void send_now(struct dispatcher *d, struct batch *b)
 		.headers = headers,
 		.connect_timeout_ms = d->cfg->connect_timeout_ms,
 		.timeout_ms = d->cfg->request_timeout_ms,
+		.ca_file = d->cfg->ca_file,
 	};
 
 	o.body = runpod_envelope_body(&d->envelope, b->msgs, b->n, &o.body_len);

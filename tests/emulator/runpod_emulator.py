@@ -25,6 +25,10 @@ Command line (manual runs, C integration tests started as a subprocess)::
 Routes, all under ``/v2/{endpoint_id}/``: ``run`` (POST), ``runsync`` (POST),
 ``status/{id}`` (GET, POST), ``cancel/{id}`` (POST), ``retry/{id}`` (POST),
 ``purge-queue`` (POST), ``health`` (GET). Everything else is a 404 JSON reply.
+
+HTTPS: give ``tls_cert`` and ``tls_key`` (PEM files; CLI ``--tls-cert``/``--tls-key``) and the
+emulator serves TLS instead (``base_url`` then says ``https://``). Handshakes that the client
+aborts, e.g. because it refused the certificate, are counted in ``tls_handshake_failures``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -466,8 +471,15 @@ class RunPodEmulator:
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
         log: Callable[[str], None] | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.host = host
+        self.tls_context: ssl.SSLContext | None = None
+        if tls_cert:
+            self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls_context.load_cert_chain(tls_cert, tls_key)
+        self.tls_handshake_failures = 0
         self.requested_port = port
         self.clock = clock
         self.log = log
@@ -533,9 +545,10 @@ class RunPodEmulator:
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:<port>/v2`` — what the daemon uses as its base URL."""
+        """``http://127.0.0.1:<port>/v2`` (``https://`` with TLS) — the daemon's base URL."""
         host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
-        return f"http://{host}:{self.port}/v2"
+        scheme = "https" if self.tls_context else "http"
+        return f"{scheme}://{host}:{self.port}/v2"
 
     @property
     def endpoint_id(self) -> str:
@@ -1063,6 +1076,14 @@ class _Server(http.server.ThreadingHTTPServer):
         self._aborted: set[socket.socket] = set()
         super().__init__(address, _Handler)
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        context = self.emulator.tls_context
+        if context is not None:
+            # The handshake runs in the connection's own thread (_Handler.setup), never here.
+            sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         with self._conn_cond:
             self._connections.add(request)
@@ -1103,8 +1124,8 @@ class _Server(http.server.ThreadingHTTPServer):
             return self._conn_cond.wait_for(lambda: not self._connections, timeout_s)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return  # clients vanishing is normal in fault tests
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, ssl.SSLError, OSError)):
+            return  # clients vanishing (or refusing our certificate) is normal in tests
         super().handle_error(request, client_address)
 
 
@@ -1120,6 +1141,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # Replies are written in one send; NODELAY also spares the client's
         # pipelined requests from Nagle / delayed-ACK stalls.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(self.connection, ssl.SSLSocket):
+            try:
+                self.connection.do_handshake()
+            except (ssl.SSLError, OSError):
+                emulator = self.server.emulator
+                with emulator._cond:
+                    emulator.tls_handshake_failures += 1
+                    emulator._generation += 1
+                    emulator._cond.notify_all()
+                raise
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib name)
         pass  # the emulator logs its own one-line summaries
@@ -1356,6 +1387,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="standing fault, e.g. 0.05:status:503, 0.01:close:create")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-fault")
     parser.add_argument("--quiet", action="store_true", help="no per-request lines")
+    parser.add_argument("--tls-cert", metavar="PEM",
+                        help="serve HTTPS with this certificate (chain) instead of HTTP")
+    parser.add_argument("--tls-key", metavar="PEM",
+                        help="private key of --tls-cert (default: in the --tls-cert file)")
     args = parser.parse_args(argv)
 
     endpoints = _endpoints_from_args(args)
@@ -1381,7 +1416,7 @@ def main(argv: list[str] | None = None) -> int:
         status_delay_s=args.status_delay_ms / 1000.0, rate_cap=args.rate_cap,
         rate_window_s=args.rate_window_s, rate_retry_after=args.rate_retry_after,
         concurrency_cap=args.concurrency_cap, seed=args.seed,
-        log=None if args.quiet else log_line)
+        log=None if args.quiet else log_line, tls_cert=args.tls_cert, tls_key=args.tls_key)
     for probability, fault in faults:
         emulator.add_random_fault(fault, probability)
 

@@ -284,7 +284,7 @@ def test_no_secret_in_any_output_at_trace_level(emulator):
         from daemon import QueueDb
         import conftest
         pg.createdb("secret")
-        pg.load_sql(conftest.PGMQ_SQL, "secret")
+        conftest.load_pgmq(pg, "secret")
         db = QueueDb(pg, "secret")
         ids = db.send_many([{"document_id": "d1"}, {"document_id": "d2"}])
         emulator.add_endpoint("ep-test-1", key)

@@ -93,6 +93,13 @@ static void bad_values(void **state)
 		{ "PGMQD_RUNPOD_ENDPOINT_ID=a/b", "runpod.endpoint_id", "letters, digits" },
 		{ "PGMQD_RUNPOD_BASE_URL=ftp://x", "runpod.base_url", "https://" },
 		{ "PGMQD_RUNPOD_BASE_URL=https://", "runpod.base_url", "no host" },
+		{ "PGMQD_RUNPOD_BASE_URL=http://api.runpod.ai/v2", "runpod.base_url", "loopback" },
+		{ "PGMQD_RUNPOD_BASE_URL=http://127.0.0.1@evil.example/v2", "runpod.base_url", "loopback" },
+		{ "PGMQD_RUNPOD_BASE_URL=http://127.0.0.256/v2", "runpod.base_url", "loopback" },
+		{ "PGMQD_RUNPOD_BASE_URL=http://[::1]x/v2", "runpod.base_url", "loopback" },
+		{ "PGMQD_RUNPOD_CA_FILE=/nonexistent/ca.pem", "runpod.ca_file", "no such file" },
+		{ "PGMQD_RUNPOD_CA_FILE=ca.pem", "runpod.ca_file", "absolute" },
+		{ "PGMQD_RUNPOD_CA_FILE=/", "runpod.ca_file", "regular file" },
 		{ "PGMQD_RUNPOD_API_KEY=has space", "runpod.api_key", "whitespace" },
 		{ "PGMQD_LOG_LEVEL=loud", "log.level", "one of error, warn, info, debug, trace" },
 		{ "PGMQD_LOG_FORMAT=xml", "log.format", "one of logfmt, json" },
@@ -329,7 +336,27 @@ static void base_url_trailing_slash(void **state)
 
 	assert_int_equal(load_env(env, NULL, &c, &e), 0);
 	assert_string_equal(c.base_url, "http://127.0.0.1:8000/v2");
+	assert_string_equal(c.ca_file, "");
 	config_free(&c);
+}
+
+/* Plain http:// is fine to this machine, under any spelling of loopback. */
+static void http_to_loopback_only(void **state)
+{
+	static const char *const ok[] = {
+		"PGMQD_RUNPOD_BASE_URL=http://127.0.0.1/v2", "PGMQD_RUNPOD_BASE_URL=http://127.1.2.3:80/v2",
+		"PGMQD_RUNPOD_BASE_URL=http://LOCALHOST:8000", "PGMQD_RUNPOD_BASE_URL=http://[::1]:8000/v2",
+		"PGMQD_RUNPOD_BASE_URL=https://runpod.example/v2", "PGMQD_RUNPOD_CA_FILE=/etc/passwd",
+	};
+
+	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+		char *env[] = { BASE_ENV, (char *)ok[i], NULL };
+		struct config c;
+		struct errors e;
+
+		assert_int_equal(load_env(env, NULL, &c, &e), 0);
+		config_free(&c);
+	}
 }
 
 static void cli_override_errors(void **state)
@@ -359,6 +386,7 @@ int main(void)
 		cmocka_unit_test(secrets_never_in_errors),
 		cmocka_unit_test(mask_conninfo),
 		cmocka_unit_test(base_url_trailing_slash),
+		cmocka_unit_test(http_to_loopback_only),
 		cmocka_unit_test(cli_override_errors),
 	};
 	return cmocka_run_group_tests_name("config", tests, NULL, NULL);
