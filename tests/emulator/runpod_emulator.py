@@ -85,7 +85,18 @@ ROUTE_METHODS = {
 ROUTES_WITH_JOB_ID = frozenset({"status", "cancel", "retry"})
 
 FAULT_KINDS = ("status", "delay", "malformed", "close", "reset")
-MALFORMED_VARIANTS = ("not_json", "empty", "no_id", "id_not_string", "extra_fields")
+MALFORMED_VARIANTS = ("not_json", "empty", "no_id", "id_not_string", "extra_fields",
+                      "id_bad_escape", "id_nul_escape", "id_control", "id_bad_utf8", "id_too_long")
+# Raw /run reply bodies whose "id" a lenient JSON parser may read as a
+# plausible, cut-off id (Debian's cJSON: "job\uX000" -> "job",
+# "abc\u0000def" -> "abc"). Written as bytes: json.dumps cannot make them.
+_BAD_ID_BODIES = {
+    "id_bad_escape": b'{"id":"job\\uX000","status":"IN_QUEUE"}',
+    "id_nul_escape": b'{"id":"abc\\u0000def","status":"IN_QUEUE"}',
+    "id_control": b'{"id":"abc\\u001b[2Jdef","status":"IN_QUEUE"}',
+    "id_bad_utf8": b'{"id":"abc\xc0\xafdef","status":"IN_QUEUE"}',
+    "id_too_long": b'{"id":"' + b"j" * 300 + b'","status":"IN_QUEUE"}',
+}
 ANY_ROUTE = "*"
 
 # Bodies larger than the cap are read and discarded (so the connection stays
@@ -165,7 +176,11 @@ class Fault:
     variant    For "malformed": "not_json" (200 text/html), "empty" (200, no
                body), "no_id" (``{"status": "IN_QUEUE"}``), "id_not_string"
                (``{"id": 12345, ...}``), "extra_fields" (normal handling plus
-               unknown members in the JSON reply; a /run is then accepted).
+               unknown members in the JSON reply; a /run is then accepted),
+               "id_bad_escape" (``"job\\uX000"``), "id_nul_escape"
+               (``"abc\\u0000def"``), "id_control" (an escaped ESC), "id_bad_utf8"
+               (an overlong UTF-8 sequence), "id_too_long" (300 bytes): ids a
+               lenient parser may take as a plausible, cut-off id.
     create_job For "status", "malformed" (except "extra_fields"), "close" and
                "reset" on /run: whether a job is still created from a valid body
                (the "outcome unknown" case: RunPod queued it, the reply was lost).
@@ -838,6 +853,8 @@ class RunPodEmulator:
             return _Reply(body=b"", headers=dict(fault.headers))
         if fault.variant == "no_id":
             return _json_reply(200, {"status": "IN_QUEUE"}, fault.headers)
+        if fault.variant in _BAD_ID_BODIES:
+            return _Reply(body=_BAD_ID_BODIES[fault.variant], headers=dict(fault.headers))
         return _json_reply(200, {"id": 12345, "status": "IN_QUEUE"}, fault.headers)
 
     @staticmethod
