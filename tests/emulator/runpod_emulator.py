@@ -503,6 +503,7 @@ class RunPodEmulator:
         self._stopping = threading.Event()
         self._gate = threading.Event()  # cleared by hold_runs(): /run waits before answering
         self._in_flight_run = 0
+        self._held_run = 0  # /run requests parked by hold_runs(), past every cap
         self._reset_state()
 
     # ----------------------------------------------------------- lifecycle
@@ -677,6 +678,12 @@ class RunPodEmulator:
         """Highest number of /run requests processed at the same time."""
         with self._cond:
             return self._max_concurrent_run
+
+    @property
+    def held_run(self) -> int:
+        """/run requests admitted (past the caps) and parked by hold_runs() right now."""
+        with self._cond:
+            return self._held_run
 
     @property
     def in_flight_run(self) -> int:
@@ -891,9 +898,17 @@ class RunPodEmulator:
         limited = self._admit_run()
         if limited is not None:
             return limited
-        while not self._gate.wait(0.1):  # hold_runs(): park here until released or stopped
-            if self._stopping.is_set():
-                return _Reply(action="close")
+        with self._cond:
+            self._held_run += 1
+            self._cond.notify_all()
+        try:
+            while not self._gate.wait(0.1):  # hold_runs(): park here until released or stopped
+                if self._stopping.is_set():
+                    return _Reply(action="close")
+        finally:
+            with self._cond:
+                self._held_run -= 1
+                self._cond.notify_all()
         error = _job_body_error(rec)
         if error is not None:
             return _error_reply(400, error)
