@@ -1364,28 +1364,46 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="runpod_emulator.py",
         description="RunPod Serverless queue-endpoint emulator for local tests.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; keep it on loopback)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="port to listen on (default 8000; 0 picks a free port)")
     parser.add_argument("--endpoint", action="append", required=True,
                         help="endpoint id; repeat for several endpoints")
     parser.add_argument("--api-key", action="append",
                         help="API key (one for all endpoints, or one per --endpoint); "
                              "default $RUNPOD_API_KEY")
     parser.add_argument("--api-key-file", help="read the API key from this file")
-    parser.add_argument("--in-queue-s", type=float, default=DEFAULT_IN_QUEUE_S)
-    parser.add_argument("--run-s", type=float, default=DEFAULT_RUN_S)
-    parser.add_argument("--final-status", default=DEFAULT_FINAL_STATUS)
-    parser.add_argument("--retention-s", type=float, default=DEFAULT_RETENTION_S)
-    parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--status-delay-ms", type=float, default=0.0)
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--in-queue-s", type=float, default=DEFAULT_IN_QUEUE_S,
+                        help="seconds a new job stays IN_QUEUE before it runs "
+                             f"(default {DEFAULT_IN_QUEUE_S:g})")
+    parser.add_argument("--run-s", type=float, default=DEFAULT_RUN_S,
+                        help=f"seconds a job stays IN_PROGRESS (default {DEFAULT_RUN_S:g})")
+    parser.add_argument("--final-status", default=DEFAULT_FINAL_STATUS,
+                        help="status a job ends in: COMPLETED, FAILED, CANCELLED or TIMED_OUT "
+                             f"(default {DEFAULT_FINAL_STATUS})")
+    parser.add_argument("--retention-s", type=float, default=DEFAULT_RETENTION_S,
+                        help="seconds a finished job's result stays readable through /status "
+                             f"(default {DEFAULT_RETENTION_S:g}, RunPod's 30 min)")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="delay before every reply, in ms (default 0)")
+    parser.add_argument("--status-delay-ms", type=float, default=0.0,
+                        help="extra delay before /status replies, in ms (default 0)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest /run body accepted; larger ones get 413 "
+                             f"(default {DEFAULT_MAX_BODY_BYTES})")
     parser.add_argument("--rate-cap", type=int, help="max /run per window (default off)")
-    parser.add_argument("--rate-window-s", type=float, default=DEFAULT_RATE_WINDOW_S)
+    parser.add_argument("--rate-window-s", type=float, default=DEFAULT_RATE_WINDOW_S,
+                        help="length of the --rate-cap window in seconds "
+                             f"(default {DEFAULT_RATE_WINDOW_S:g})")
     parser.add_argument("--rate-retry-after",
                         help='Retry-After on rate-cap 429s: seconds, an HTTP-date or "auto"')
     parser.add_argument("--concurrency-cap", type=int, help="max concurrent /run (default off)")
     parser.add_argument("--random-fault", action="append", default=[], metavar="PROB:KIND[:ARG]",
-                        help="standing fault, e.g. 0.05:status:503, 0.01:close:create")
+                        help="standing fault hitting each /run with probability PROB; repeatable. "
+                             "Kinds: status:CODE[:RETRY_AFTER], delay:SECONDS, malformed:VARIANT "
+                             f"({', '.join(MALFORMED_VARIANTS)}), close[:create], reset[:create]; "
+                             "e.g. 0.05:status:503, 0.01:malformed:id_nul_escape")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-fault")
     parser.add_argument("--quiet", action="store_true", help="no per-request lines")
     args = parser.parse_args(argv)
