@@ -364,6 +364,11 @@ int main(int argc, char **argv)
 	register_secrets(app.cfg);
 	if (dump)
 		config_dump(app.cfg, stdout);
+	if (check && !dump) {
+		char used[512];
+		config_describe(app.cfg, path, used, sizeof(used));
+		printf("pgmq-dispatcher: configuration valid: %s\n", used);
+	}
 	if (check || dump) {
 		config_free(app.cfg);
 		free(app.cfg);
