@@ -59,6 +59,12 @@ void log_strn(struct log_line *l, const char *key, const char *value, size_t len
  * searched for secrets, so one straddling the cut is masked whole). */
 void log_excerpt(struct log_line *l, const char *key, const char *value, size_t len, size_t max);
 void log_int(struct log_line *l, const char *key, long long value);
+/* An integer kept as text (a bigint msg_id or read_ct as PostgreSQL printed
+ * it): a JSON number in JSON, exact past 2^53; text that is not an integer
+ * is logged as a string, like log_str(). */
+void log_num(struct log_line *l, const char *key, const char *digits);
+/* A list of integers: "1,2,3" in logfmt, [1,2,3] in JSON. */
+void log_int_list(struct log_line *l, const char *key, const long long *values, size_t n);
 void log_end(struct log_line *l);
 
 struct ev_loop;

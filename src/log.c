@@ -350,6 +350,46 @@ void log_int(struct log_line *l, const char *key, long long value)
 	put(l, num, (size_t)n);
 }
 
+void log_num(struct log_line *l, const char *key, const char *digits)
+{
+	size_t n, i = 0;
+
+	if (l == NULL)
+		return;
+	n = digits ? strlen(digits) : 0;
+	if (n > 0 && digits[0] == '-')
+		i = 1;
+	if (n == i || n > 40)
+		goto text;
+	for (; i < n; i++)
+		if (digits[i] < '0' || digits[i] > '9')
+			goto text;
+	put_key(l, key); /* an integer as PostgreSQL printed it: exact, even past 2^53 */
+	put(l, digits, n);
+	return;
+text:
+	log_str(l, key, digits);
+}
+
+void log_int_list(struct log_line *l, const char *key, const long long *values, size_t n)
+{
+	char num[24];
+
+	if (l == NULL)
+		return;
+	put_key(l, key);
+	if (format == LOG_FORMAT_JSON)
+		putc_(l, '[');
+	else if (n == 0)
+		put(l, "\"\"", 2);
+	for (size_t i = 0; i < n; i++) {
+		int k = snprintf(num, sizeof(num), "%s%lld", i ? "," : "", values[i]);
+		put(l, num, (size_t)k);
+	}
+	if (format == LOG_FORMAT_JSON)
+		putc_(l, ']');
+}
+
 /* Replaces every registered secret in the line by "***". */
 static void redact(struct log_line *l)
 {
