@@ -71,6 +71,7 @@ struct config {
 
 	/* Where each key's value came from, indexed like the key table. */
 	unsigned char source[CONFIG_MAX_KEYS];
+	bool file_read;          /* the configuration file existed and was read */
 };
 
 /* What to load. envp is a NULL-terminated "NAME=value" array (environ in
@@ -103,6 +104,11 @@ void config_keep_static(const struct config *cur, struct config *next,
 
 /* Frees the strings of a snapshot loaded by config_load(). NULL-safe. */
 void config_free(struct config *cfg);
+
+/* One line for -t: which file was read (path, as given to config_load)
+ * and how many keys came from each source, e.g. "file /etc/x.conf (2
+ * keys); environment: 3 keys; default: 40 keys". */
+void config_describe(const struct config *cfg, const char *path, char *buf, size_t len);
 
 /* Writes the effective configuration to fp (a FILE *), one
  * "section.key = value  # source" line each; secrets print as "***" and the

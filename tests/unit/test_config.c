@@ -370,6 +370,85 @@ static void cli_override_errors(void **state)
 	assert_non_null(strstr(e.lines[0], "nosuch.key=1|command line|unknown key"));
 }
 
+/* Issue 10, first hour: what a new user meets. */
+static void unknown_keys_suggest_the_nearest(void **state)
+{
+	char *path = write_file("[queue]\nname = q\nbatch_sise = 3\nqqqqqqqq = 1\n[runpod]\n"
+				"endpoint_id = e\napi_key = k-123456\n");
+	char *env[] = { "PGMQD_QUEUE_VT_SECOND=5", NULL };
+	const char *cli[] = { "queue.poll_intervall_ms=5", NULL };
+	struct config_input in = { .path = path, .path_explicit = true, .envp = env,
+				   .cli_overrides = cli };
+	struct config c;
+	struct errors e = { 0 };
+
+	assert_int_equal(config_load(&in, &c, collect, &e), 4);
+	assert_non_null(strstr(e.lines[0], "queue.batch_sise|file "));
+	assert_non_null(strstr(e.lines[0], "|unknown key; did you mean queue.batch_size?"));
+	assert_non_null(strstr(e.lines[1], "|unknown key") );
+	assert_null(strstr(e.lines[1], "did you mean"));        /* nothing near: no guess */
+	assert_non_null(strstr(e.lines[2], "unknown environment variable; did you mean "
+					   "PGMQD_QUEUE_VT_SECONDS?"));
+	assert_non_null(strstr(e.lines[3], "did you mean queue.poll_interval_ms?"));
+	unlink(path);
+}
+
+static void example_placeholders_are_refused(void **state)
+{
+	char *env[] = { "PGMQD_QUEUE_NAME=jobs", "RUNPOD_API_KEY=key-123456", NULL };
+	struct config_input in = { .path = "config/pgmq-dispatcher.conf", .path_explicit = true,
+				   .envp = env };
+	char *env2[] = { BASE_ENV, "PGMQD_RUNPOD_WEBHOOK=<your-webhook>", NULL };
+	struct config c;
+	struct errors e = { 0 };
+
+	/* The shipped example, with only the key added, still fails on its placeholder. */
+	assert_true(config_load(&in, &c, collect, &e) >= 1);
+	assert_non_null(strstr(e.lines[0], "runpod.endpoint_id|file config/pgmq-dispatcher.conf:"));
+	assert_non_null(strstr(e.lines[0], "placeholder"));
+	assert_int_equal(load_env(env2, NULL, &c, &e), 1);
+	assert_non_null(strstr(e.lines[0], "runpod.webhook|"));
+	assert_non_null(strstr(e.lines[0], "placeholder"));
+}
+
+static void missing_default_file_and_credential_named(void **state)
+{
+	char *env[] = { "PGMQD_QUEUE_NAME=jobs", "RUNPOD_ENDPOINT_ID=ep1", NULL };
+	struct config c;
+	struct errors e;
+
+	assert_int_equal(load_env(env, NULL, &c, &e), 1);
+	assert_non_null(strstr(e.lines[0], "runpod.api_key|default|is required"));
+	assert_non_null(strstr(e.lines[0], "systemd credential runpod_api_key"));
+	assert_non_null(strstr(e.lines[0], "/nonexistent/pgmq-dispatcher.conf does not exist"));
+}
+
+static void describe_names_file_and_sources(void **state)
+{
+	char *path = write_file("[queue]\nname = q\n[runpod]\nendpoint_id = e\n");
+	char *env[] = { "RUNPOD_API_KEY=key-123456", NULL };
+	struct config_input in = { .path = path, .path_explicit = true, .envp = env };
+	const char *cli[] = { "log.level=debug", NULL };
+	struct config c;
+	struct errors e = { 0 };
+	char buf[512], want[600];
+
+	in.cli_overrides = cli;
+	assert_int_equal(config_load(&in, &c, collect, &e), 0);
+	config_describe(&c, path, buf, sizeof(buf));
+	snprintf(want, sizeof(want), "file %s (2 keys); command line: 1 key; environment: 1 key; "
+		 "default: ", path);
+	assert_memory_equal(buf, want, strlen(want));
+	config_free(&c);
+	unlink(path);
+	char *env2[] = { BASE_ENV, NULL };
+	assert_int_equal(load_env(env2, NULL, &c, &e), 0);
+	config_describe(&c, "/nonexistent/pgmq-dispatcher.conf", buf, sizeof(buf));
+	assert_non_null(strstr(buf, "no file (/nonexistent/pgmq-dispatcher.conf does not exist); "
+				    "environment: 3 keys"));
+	config_free(&c);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -388,6 +467,10 @@ int main(void)
 		cmocka_unit_test(base_url_trailing_slash),
 		cmocka_unit_test(http_to_loopback_only),
 		cmocka_unit_test(cli_override_errors),
+		cmocka_unit_test(unknown_keys_suggest_the_nearest),
+		cmocka_unit_test(example_placeholders_are_refused),
+		cmocka_unit_test(missing_default_file_and_credential_named),
+		cmocka_unit_test(describe_names_file_and_sources),
 	};
 	return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }
