@@ -26,15 +26,12 @@ void log_setup(enum log_level level, enum log_format format);
 /* True when lines of this level are written. */
 bool log_enabled(enum log_level level);
 
-/* Name of a level ("error" … "trace"). */
-const char *log_level_name(enum log_level level);
-
 /* Parses "error", "warn", "info", "debug", "trace"; returns -1 if unknown. */
 int log_level_parse(const char *name);
 
 /* Registers a secret to be masked in every later line. The string is
  * copied; secrets shorter than 4 bytes are ignored (they would mask noise).
- * At most 8 secrets; returns -1 when full. */
+ * At most 16 secrets (MAX_SECRETS in log.c); returns -1 when full. */
 int log_secret_add(const char *secret);
 
 /* Forgets every registered secret (used on reload, before re-adding). */

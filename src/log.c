@@ -59,11 +59,6 @@ bool log_enabled(enum log_level level)
 	return level <= threshold;
 }
 
-const char *log_level_name(enum log_level level)
-{
-	return level_names[level];
-}
-
 int log_level_parse(const char *name)
 {
 	for (int i = 0; i <= LOG_TRACE; i++)
