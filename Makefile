@@ -45,14 +45,17 @@ all: $(BUILD)/$(PROG)
 $(BUILD)/$(PROG): $(OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/%.o: src/%.c $(wildcard include/*.h) | $(BUILD)
-	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+# -MMD -MP: the compiler writes each object's header dependencies to a .d file beside it.
+$(BUILD)/%.o: src/%.c | $(BUILD)
+	$(CC) $(ALL_CFLAGS) -MMD -MP -c -o $@ $<
 
 $(BUILD) $(BUILD)/tests:
 	mkdir -p $@
 
 $(BUILD)/tests/%: tests/unit/%.c $(LIB_OBJS) | $(BUILD)/tests
-	$(CC) $(ALL_CFLAGS) -Wno-unused-parameter $(LDFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS) $$(pkg-config --libs cmocka)
+	$(CC) $(ALL_CFLAGS) -Wno-unused-parameter -MMD -MP $(LDFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS) $$(pkg-config --libs cmocka)
+
+-include $(OBJS:.o=.d) $(UNIT_BINS:=.d)
 
 # Installs every build and test dependency from Debian's packages (idempotent).
 deps:
@@ -105,7 +108,7 @@ build-fuzz/fuzz_config: tests/fuzz/fuzz_config.c src/config.c src/log.c $(wildca
 	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c src/config.c src/log.c $(shell pkg-config --libs libpq inih)
 build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c src/runpod.c $(wildcard include/*.h)
 	mkdir -p build-fuzz
-	clang $(FUZZ_CFLAGS) -o $@ $< src/runpod.c $(shell pkg-config --libs libcjson)
+	clang $(FUZZ_CFLAGS) -o $@ $< src/runpod.c $(shell pkg-config --libs libcjson libcurl)
 
 fuzz: $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
 	@set -e; for t in $(FUZZ_TARGETS); do \
