@@ -30,12 +30,12 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config log pg pgmq http runpod dispatcher sdnotify metrics admin tracker
+MODULES   := main config log pg pgmq http runpod dispatcher sdnotify metrics admin tracker tracker_reply jobtable
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
 UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify \
-              test_tracker
+              test_tracker test_jobtable
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install clean fuzz lint bench
