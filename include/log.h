@@ -21,7 +21,7 @@ enum log_level { LOG_ERROR = 0, LOG_WARN, LOG_INFO, LOG_DEBUG, LOG_TRACE };
 enum log_format { LOG_FORMAT_LOGFMT = 0, LOG_FORMAT_JSON };
 
 /* Sets the threshold and format; detects journald on stderr. */
-void log_setup(enum log_level level, enum log_format format);
+void log_setup(enum log_level level, enum log_format fmt);
 
 /* True when lines of this level are written. */
 bool log_enabled(enum log_level level);

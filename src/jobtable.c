@@ -58,7 +58,7 @@ static int heap_reserve(struct jt_heap_array *a, int n)
 		return 0;
 	while (cap < n)
 		cap *= 2;
-	v = realloc(a->v, (size_t)cap * sizeof(*v));
+	v = realloc(a->v, (size_t)cap * sizeof(struct jt_node *));
 	if (v == NULL)
 		return -1;
 	a->v = v;
@@ -120,7 +120,7 @@ static void map_grow(struct jobtable *t)
 	size_t nb = t->nbuckets * 2;
 	struct jt_node **b;
 
-	if ((size_t)t->count < t->nbuckets || (b = calloc(nb, sizeof(*b))) == NULL)
+	if ((size_t)t->count < t->nbuckets || (b = calloc(nb, sizeof(struct jt_node *))) == NULL)
 		return;
 	for (size_t i = 0; i < t->nbuckets; i++) {
 		struct jt_node *n = t->buckets[i], *next;
@@ -139,7 +139,7 @@ static void map_grow(struct jobtable *t)
 int jobtable_init(struct jobtable *t, int limit)
 {
 	memset(t, 0, sizeof(*t));
-	t->buckets = calloc(FIRST_BUCKETS, sizeof(*t->buckets));
+	t->buckets = calloc(FIRST_BUCKETS, sizeof(struct jt_node *));
 	if (t->buckets == NULL)
 		return -1;
 	t->nbuckets = FIRST_BUCKETS;

@@ -34,7 +34,8 @@ static void bucket_refill(struct tracker_bucket *b, double now)
 
 void tracker_bucket_setup(struct tracker_bucket *b, int per_10s, double now, bool keep)
 {
-	double burst = per_10s / 10 > 1 ? (double)(per_10s / 10) : 1.0;
+	int whole_tenth = per_10s / 10; /* whole events: the burst is never fractional */
+	double burst = whole_tenth > 1 ? (double)whole_tenth : 1.0;
 	double rate = (per_10s - burst) / 10.0;
 
 	if (rate <= 0)
