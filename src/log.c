@@ -324,7 +324,8 @@ static void redact(struct log_line *l)
 
 		l->buf[l->len] = '\0';
 		while ((p = memmem(p, l->len - (size_t)(p - l->buf), secrets[i], slen)) != NULL) {
-			memcpy(p, "***", 3); /* NOLINT(bugprone-not-null-terminated-result): in place */
+			/* in place, inside the line: NOLINTNEXTLINE(bugprone-not-null-terminated-result) */
+			memcpy(p, "***", 3);
 			memmove(p + 3, p + slen, l->len - (size_t)(p - l->buf) - slen + 1);
 			l->len -= slen - 3;
 			p += 3;
