@@ -138,7 +138,8 @@ TIDY_FLAGS  := -std=c11 -D_GNU_SOURCE -Iinclude -DPGMQD_VERSION='"$(VERSION)"' \
 TIDY_SKIP_http       := -clang-analyzer-unix.Malloc
 TIDY_SKIP_dispatcher := -clang-analyzer-core.uninitialized.Assign
 
-lint: lint-tidy lint-cppcheck lint-format
+# The quick checks first.
+lint: lint-format lint-cppcheck lint-tidy
 
 lint-tidy:
 	@rc=0; $(foreach f,$(LINT_SRCS),clang-tidy --quiet \
