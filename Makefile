@@ -30,8 +30,8 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config log pg pgmq http runpod dispatcher reload batch post circuit wakeup \
-             dryrun backoff ratelimit sdnotify metrics admin tracker
+MODULES   := main config log pg pgmq http jsonscan runpod dispatcher reload batch post circuit \
+             wakeup dryrun backoff ratelimit sdnotify metrics admin tracker
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
@@ -110,10 +110,10 @@ FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -DPGMQD_VERSION='"$(VERS
                 $(shell pkg-config --cflags $(PKGS))
 build-fuzz/fuzz_config: tests/fuzz/fuzz_config.c src/config.c src/log.c $(wildcard include/*.h)
 	mkdir -p build-fuzz
-	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c src/config.c src/log.c $(shell pkg-config --libs libpq inih)
-build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c src/runpod.c $(wildcard include/*.h)
+	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c src/config.c src/log.c $(shell pkg-config --libs libpq inih) $(EV_LIBS)
+build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c src/runpod.c src/jsonscan.c $(wildcard include/*.h)
 	mkdir -p build-fuzz
-	clang $(FUZZ_CFLAGS) -o $@ $< src/runpod.c $(shell pkg-config --libs libcjson libcurl)
+	clang $(FUZZ_CFLAGS) -o $@ $< src/runpod.c src/jsonscan.c $(shell pkg-config --libs libcjson libcurl)
 
 fuzz: $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
 	@set -e; for t in $(FUZZ_TARGETS); do \

@@ -40,6 +40,7 @@ struct config {
 	char *endpoint_id;
 	char *api_key;           /* secret */
 	char *base_url;          /* no trailing slash */
+	char *ca_file;           /* PEM CA bundle for https; "" = the system store */
 	int connect_timeout_ms;
 	int request_timeout_ms;
 	int max_body_bytes;      /* split batches above it; archive single messages above it */
@@ -70,6 +71,7 @@ struct config {
 
 	/* Where each key's value came from, indexed like the key table. */
 	unsigned char source[CONFIG_MAX_KEYS];
+	bool file_read;          /* the configuration file existed and was read */
 };
 
 /* What to load. envp is a NULL-terminated "NAME=value" array (environ in
@@ -102,6 +104,11 @@ void config_keep_static(const struct config *cur, struct config *next,
 
 /* Frees the strings of a snapshot loaded by config_load(). NULL-safe. */
 void config_free(struct config *cfg);
+
+/* One line for -t: which file was read (path, as given to config_load)
+ * and how many keys came from each source, e.g. "file /etc/x.conf (2
+ * keys); environment: 3 keys; default: 40 keys". */
+void config_describe(const struct config *cfg, const char *path, char *buf, size_t len);
 
 /* Writes the effective configuration to fp (a FILE *), one
  * "section.key = value  # source" line each; secrets print as "***" and the

@@ -10,7 +10,7 @@ set -eu
 PACKAGES="build-essential pkg-config
 libev-dev libpq-dev libcurl4-openssl-dev libcjson-dev libinih-dev libsystemd-dev
 libmicrohttpd-dev libcmocka-dev
-postgresql-15 postgresql-client-15
+postgresql-15 postgresql-client-15 pgbouncer openssl
 nginx-light time
 python3 python3-pytest python3-psycopg2
 valgrind clang systemd groff-base man-db mandoc"
