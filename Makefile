@@ -30,7 +30,7 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config log pg pgmq http jsonscan runpod dispatcher sdnotify metrics admin tracker
+MODULES   := main config config_keys config_source config_check log log_sink pg pgmq http jsonscan runpod dispatcher sdnotify metrics admin tracker
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
@@ -100,9 +100,11 @@ FUZZ_TARGETS := config run_reply retry_after status_reply
 FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -DPGMQD_VERSION='"$(VERSION)"' \
                 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
                 $(shell pkg-config --cflags $(PKGS))
-build-fuzz/fuzz_config: tests/fuzz/fuzz_config.c src/config.c src/log.c $(wildcard include/*.h)
+CONFIG_SRCS  := src/config.c src/config_keys.c src/config_source.c src/config_check.c \
+                src/log.c src/log_sink.c
+build-fuzz/fuzz_config: tests/fuzz/fuzz_config.c $(CONFIG_SRCS) $(wildcard include/*.h)
 	mkdir -p build-fuzz
-	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c src/config.c src/log.c $(shell pkg-config --libs libpq inih) $(EV_LIBS)
+	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c $(CONFIG_SRCS) $(shell pkg-config --libs libpq inih) $(EV_LIBS)
 build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c src/runpod.c src/jsonscan.c $(wildcard include/*.h)
 	mkdir -p build-fuzz
 	clang $(FUZZ_CFLAGS) -o $@ $< src/runpod.c src/jsonscan.c $(shell pkg-config --libs libcjson)
