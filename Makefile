@@ -34,7 +34,7 @@ MODULES   := main config config_keys config_source config_check log log_sink pg 
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
-UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify \
+UNIT_TESTS := test_runpod test_config test_config_check test_log test_pgmq test_metrics test_admin test_sdnotify \
               test_tracker
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
