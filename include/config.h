@@ -5,7 +5,7 @@
  * DATABASE_URL, and X_FILE twins for secrets), $CREDENTIALS_DIRECTORY
  * (systemd LoadCredential=), the INI file, built-in defaults.
  *
- * One table in config.c describes every key (type, default, range, secret);
+ * One table in config_keys.c describes every key (type, default, range, secret);
  * it drives loading, validation and the redacted dump. */
 #ifndef PGMQD_CONFIG_H
 #define PGMQD_CONFIG_H
