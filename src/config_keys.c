@@ -15,6 +15,8 @@
 static const char *const level_choices[] = { "error", "warn", "info", "debug", "trace", NULL };
 static const char *const format_choices[] = { "logfmt", "json", NULL };
 
+/* One row per key reads best as a table: */
+/* clang-format off */
 const struct key config_keys[] = {
 	{ "database", "conninfo", K_STR, OFF(conninfo), "", 0, 0, F_SECRET | F_FILE | F_CONNINFO,
 	  { "DATABASE_URL" }, "database_conninfo", NULL, check_conninfo },
@@ -94,6 +96,7 @@ const struct key config_keys[] = {
 	{ "daemon", "shutdown_timeout_ms", K_INT, OFF(shutdown_timeout_ms), "8000", 0, 600000, 0, { 0 },
 	  NULL, NULL, NULL },
 };
+/* clang-format on */
 
 const size_t config_nkeys = sizeof(config_keys) / sizeof(config_keys[0]);
 _Static_assert(sizeof(config_keys) / sizeof(config_keys[0]) <= CONFIG_MAX_KEYS,
