@@ -61,10 +61,18 @@ static void listen_addresses(void **state)
 		const char *v;
 		bool ok;
 	} cases[] = {
-		{ "off", true },          { "127.0.0.1:9187", true }, { "[::1]:0", true },
-		{ "localhost:65535", true }, { "127.0.0.1:65536", false }, { "127.0.0.1:", false },
-		{ ":80", false },         { "::1:80", false },        { "[]:80", false },
-		{ "[::1]80", false },     { "host:8x", false },       { "a b:80", false },
+		{ "off", true },
+		{ "127.0.0.1:9187", true },
+		{ "[::1]:0", true },
+		{ "localhost:65535", true },
+		{ "127.0.0.1:65536", false },
+		{ "127.0.0.1:", false },
+		{ ":80", false },
+		{ "::1:80", false },
+		{ "[]:80", false },
+		{ "[::1]80", false },
+		{ "host:8x", false },
+		{ "a b:80", false },
 	};
 
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -80,8 +88,10 @@ static void integers_are_strict(void **state)
 		bool ok;
 		long v;
 	} cases[] = {
-		{ "0", true, 0 },   { "42", true, 42 }, { "-7", true, -7 }, { "+7", false, 0 },
-		{ " 7", false, 0 }, { "7 ", false, 0 }, { "", false, 0 },   { "1e3", false, 0 },
+		{ "0", true, 0 },     { "42", true, 42 },
+		{ "-7", true, -7 },   { "+7", false, 0 },
+		{ " 7", false, 0 },   { "7 ", false, 0 },
+		{ "", false, 0 },     { "1e3", false, 0 },
 		{ "0x10", false, 0 }, { "99999999999999999999", false, 0 },
 	};
 
@@ -95,8 +105,8 @@ static void integers_are_strict(void **state)
 
 static void placeholders(void **state)
 {
-	static const char *const yes[] = { "your-endpoint-id", "YOUR_KEY", "<api key>", "changeme",
-					   "Change-Me", "todo" };
+	static const char *const yes[] = { "your-endpoint-id", "YOUR_KEY",  "<api key>",
+					   "changeme",         "Change-Me", "todo" };
 	static const char *const no[] = { "ep1", "yours", "<partial", "abc>", "todolist", "" };
 
 	for (size_t i = 0; i < sizeof(yes) / sizeof(yes[0]); i++)
