@@ -47,6 +47,7 @@ struct http_request_opts {
 	size_t body_len;
 	long connect_timeout_ms;
 	long timeout_ms;             /* whole transfer */
+	const char *ca_file;         /* PEM CA bundle (CURLOPT_CAINFO); NULL or "" = system store */
 };
 
 /* Creates the multi handle and its watchers. Call curl_global_init() once

@@ -102,12 +102,15 @@ int runpod_url(const char *base_url, const char *endpoint_id, const char *op, ch
 struct runpod_run_reply {
 	char id[RUNPOD_JOB_ID_MAX + 1];
 	char status[RUNPOD_STATUS_MAX + 1];
+	char why[80]; /* when parsing failed: "id: control character", ... */
 };
 
 /* Parses a /run reply body (not NUL-terminated; len bytes). Unknown members
  * are ignored. Returns 0, or -1 when the body is not a JSON object with a
- * non-empty string "id" of at most RUNPOD_JOB_ID_MAX printable bytes. A
- * missing or odd "status" leaves status "". */
+ * non-empty string "id" of at most RUNPOD_JOB_ID_MAX bytes, with why set.
+ * Strings are judged on their raw bytes (jsonscan.h): valid UTF-8, valid
+ * escapes, no control character, within the limit. A missing or odd
+ * "status" leaves status "". Pure. */
 int runpod_parse_run_reply(const char *body, size_t len, struct runpod_run_reply *out);
 
 enum runpod_outcome {
@@ -154,8 +157,10 @@ struct runpod_status_reply {
  * must be a non-empty string of printable bytes; a longer one than
  * RUNPOD_STATUS_MAX is cut (it is then unknown, i.e. non-terminal). An
  * "error" that is not a string (a handler's object) is kept as compact JSON
- * text. Unknown members are ignored. Returns 0, or -1 when the body is not
- * a JSON object with such a status. Pure. */
+ * text; an unusable error string (control characters other than \n \r \t)
+ * is replaced by a note saying why. An unusable "id" is left "". Strings
+ * are judged on their raw bytes (jsonscan.h). Unknown members are ignored.
+ * Returns 0, or -1 when the body is not a JSON object with such a status. Pure. */
 int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status_reply *out);
 
 /* True for COMPLETED, FAILED, CANCELLED and TIMED_OUT (§5); every other
@@ -163,8 +168,9 @@ int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status
 bool runpod_status_is_terminal(const char *status);
 
 /* "{base_url}/{endpoint_id}/status/{job_id}" into buf, the job id
- * percent-encoded outside RFC 3986's unreserved characters (ids are
- * opaque). Returns 0, or -1 if it does not fit. */
+ * percent-encoded outside RFC 3986's unreserved characters by
+ * curl_easy_escape() (ids are opaque). Returns 0, or -1 if it does not fit
+ * or out of memory. */
 int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id,
 		      char *buf, size_t len);
 

@@ -1,5 +1,8 @@
-/* log — see include/log.h. */
+/* log — see include/log.h: levels, the line builder (logfmt or JSON,
+ * escaping, cuts) and secret redaction. Pure formatting into a static
+ * buffer; the finished line goes to log_sink.c, which owns stderr. */
 #include "log.h"
+#include "log_sink.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -57,11 +60,6 @@ void log_setup(enum log_level level, enum log_format fmt)
 bool log_enabled(enum log_level level)
 {
 	return level <= threshold;
-}
-
-const char *log_level_name(enum log_level level)
-{
-	return level_names[level];
 }
 
 int log_level_parse(const char *name)
@@ -218,17 +216,24 @@ static void put_key(struct log_line *l, const char *key)
 	}
 }
 
+static struct log_line *start_line(struct log_line *l, enum log_level level, const char *event);
+
 struct log_line *log_begin(enum log_level level, const char *event)
+{
+	if (!log_enabled(level))
+		return NULL;
+	return start_line(&line, level, event);
+}
+
+static struct log_line *start_line(struct log_line *l, enum log_level level, const char *event)
 {
 	char ts[64];
 	struct timespec now;
 	struct tm tm;
 
-	if (!log_enabled(level))
-		return NULL;
-	line.len = 0;
-	line.field_start = 0;
-	line.truncated = false;
+	l->len = 0;
+	l->field_start = 0;
+	l->truncated = false;
 	clock_gettime(CLOCK_REALTIME, &now);
 	gmtime_r(&now.tv_sec, &tm);
 	snprintf(ts, sizeof(ts), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
@@ -237,32 +242,32 @@ struct log_line *log_begin(enum log_level level, const char *event)
 
 	if (journald) {
 		char prio[4] = { '<', (char)('0' + level_prio[level]), '>', 0 };
-		put(&line, prio, 3);
+		put(l, prio, 3);
 	}
 	if (format == LOG_FORMAT_JSON) {
-		putc_(&line, '{');
+		putc_(l, '{');
 		if (!journald) {
-			put(&line, "\"time\":\"", 8);
-			put(&line, ts, strlen(ts));
-			put(&line, "\",", 2);
+			put(l, "\"time\":\"", 8);
+			put(l, ts, strlen(ts));
+			put(l, "\",", 2);
 		}
-		put(&line, "\"level\":\"", 9);
-		put(&line, level_names[level], strlen(level_names[level]));
-		put(&line, "\",\"event\":\"", 11);
-		put_escaped(&line, event, strlen(event));
-		putc_(&line, '"');
+		put(l, "\"level\":\"", 9);
+		put(l, level_names[level], strlen(level_names[level]));
+		put(l, "\",\"event\":\"", 11);
+		put_escaped(l, event, strlen(event));
+		putc_(l, '"');
 	} else {
 		if (!journald) {
-			put(&line, "time=", 5);
-			put(&line, ts, strlen(ts));
-			putc_(&line, ' ');
+			put(l, "time=", 5);
+			put(l, ts, strlen(ts));
+			putc_(l, ' ');
 		}
-		put(&line, "level=", 6);
-		put(&line, level_names[level], strlen(level_names[level]));
-		put(&line, " event=", 7);
-		put(&line, event, strlen(event));
+		put(l, "level=", 6);
+		put(l, level_names[level], strlen(level_names[level]));
+		put(l, " event=", 7);
+		put(l, event, strlen(event));
 	}
-	return &line;
+	return l;
 }
 
 void log_strn(struct log_line *l, const char *key, const char *value, size_t n)
@@ -320,6 +325,46 @@ void log_int(struct log_line *l, const char *key, long long value)
 	put(l, num, (size_t)n);
 }
 
+void log_num(struct log_line *l, const char *key, const char *digits)
+{
+	size_t n, i = 0;
+
+	if (l == NULL)
+		return;
+	n = digits ? strlen(digits) : 0;
+	if (n > 0 && digits[0] == '-')
+		i = 1;
+	if (n == i || n > 40)
+		goto text;
+	for (; i < n; i++)
+		if (digits[i] < '0' || digits[i] > '9')
+			goto text;
+	put_key(l, key); /* an integer as PostgreSQL printed it: exact, even past 2^53 */
+	put(l, digits, n);
+	return;
+text:
+	log_str(l, key, digits);
+}
+
+void log_int_list(struct log_line *l, const char *key, const long long *values, size_t n)
+{
+	char num[24];
+
+	if (l == NULL)
+		return;
+	put_key(l, key);
+	if (format == LOG_FORMAT_JSON)
+		putc_(l, '[');
+	else if (n == 0)
+		put(l, "\"\"", 2);
+	for (size_t i = 0; i < n; i++) {
+		int k = snprintf(num, sizeof(num), "%s%lld", i ? "," : "", values[i]);
+		put(l, num, (size_t)k);
+	}
+	if (format == LOG_FORMAT_JSON)
+		putc_(l, ']');
+}
+
 /* Replaces every registered secret in the line by "***". */
 static void redact(struct log_line *l)
 {
@@ -329,6 +374,7 @@ static void redact(struct log_line *l)
 
 		l->buf[l->len] = '\0';
 		while ((p = memmem(p, l->len - (size_t)(p - l->buf), secrets[i], slen)) != NULL) {
+			/* in place, inside the line: NOLINTNEXTLINE(bugprone-not-null-terminated-result) */
 			memcpy(p, "***", 3);
 			memmove(p + 3, p + slen, l->len - (size_t)(p - l->buf) - slen + 1);
 			l->len -= slen - 3;
@@ -353,8 +399,21 @@ void log_end(struct log_line *l)
 	if (format == LOG_FORMAT_JSON)
 		l->buf[l->len++] = '}';
 	l->buf[l->len++] = '\n';
-	(void)!write(STDERR_FILENO, l->buf, l->len);
+	log_sink_write(l->buf, l->len);
 	errno = saved;
+}
+
+/* Called by the sink once stderr takes lines again: says how many were
+ * dropped meanwhile, at warn, whatever the threshold. */
+void log_note_dropped(unsigned long long n)
+{
+	static struct log_line note;
+
+	start_line(&note, LOG_WARN, "log_lines_dropped");
+	log_int(&note, "lines", (long long)n);
+	log_str(&note, "msg", n == 1 ? "stderr was not read: 1 log line was dropped"
+				     : "stderr was not read: log lines were dropped");
+	log_end(&note);
 }
 
 void log_msg(enum log_level level, const char *event, const char *fmt, ...)
@@ -374,3 +433,4 @@ void log_msg(enum log_level level, const char *event, const char *fmt, ...)
 	log_end(l);
 	errno = saved;
 }
+

@@ -33,8 +33,10 @@ int pgmq_batch_from_result(PGresult *res, struct pgmq_batch *out, char *err, siz
 	memset(out, 0, sizeof(*out));
 	c_id = PQfnumber(res, "msg_id");
 	if (c_id < 0) {
-		snprintf(err, errlen, "the read function returned no column named msg_id (%d rows read, "
-			 "their ids unknown; visible again after vt_seconds)", PQntuples(res));
+		snprintf(err, errlen, "the read function returned no column named msg_id (%d %s read, "
+			 "%s unknown; visible again after vt_seconds)", PQntuples(res),
+			 PQntuples(res) == 1 ? "row" : "rows",
+			 PQntuples(res) == 1 ? "its id" : "their ids");
 		PQclear(res);
 		return -1;
 	}
@@ -57,7 +59,7 @@ int pgmq_batch_from_result(PGresult *res, struct pgmq_batch *out, char *err, siz
 		return 0;
 	out->msgs = calloc((size_t)n, sizeof(*out->msgs));
 	if (out->msgs == NULL) {
-		snprintf(err, errlen, "out of memory for %d rows", n);
+		snprintf(err, errlen, "out of memory for %d %s", n, n == 1 ? "row" : "rows");
 		pgmq_batch_free(out);
 		return -1;
 	}

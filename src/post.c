@@ -177,6 +177,7 @@ static void send_now(struct dispatcher *d, struct batch *b)
 		.headers = headers,
 		.connect_timeout_ms = d->cfg->connect_timeout_ms,
 		.timeout_ms = d->cfg->request_timeout_ms,
+		.ca_file = d->cfg->ca_file,
 	};
 
 	if (b->dispatch_id[0]) {

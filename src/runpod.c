@@ -1,6 +1,8 @@
 /* runpod — see include/runpod.h. */
 #include "runpod.h"
 
+#include "jsonscan.h"
+
 #include <cjson/cJSON.h>
 #include <curl/curl.h>
 #include <stdio.h>
@@ -244,35 +246,47 @@ int runpod_url(const char *base_url, const char *endpoint_id, const char *op, ch
 	return n < 0 || (size_t)n >= len ? -1 : 0;
 }
 
-static bool printable(const char *s)
+/* "id: control character" and the like into why (bounded). */
+static void say_why(char *why, size_t cap, const char *field, const struct jsonscan_member *m)
 {
-	for (; *s; s++)
-		if ((unsigned char)*s < 0x20 || *s == 0x7f)
-			return false;
-	return true;
+	const char *problem = m->state == JSONSCAN_ABSENT       ? "missing"
+			      : m->state == JSONSCAN_NOT_STRING ? "not a string"
+			      : m->why                          ? m->why
+								: "empty";
+	snprintf(why, cap, "%s: %s", field, problem);
 }
 
 int runpod_parse_run_reply(const char *body, size_t len, struct runpod_run_reply *out)
 {
-	cJSON *root, *id, *status;
+	cJSON *root;
+	const char *bad = NULL;
+	struct jsonscan_member m[2] = {
+		{ .key = "id", .buf = out->id, .cap = sizeof(out->id) },
+		{ .key = "status", .buf = out->status, .cap = sizeof(out->status) },
+	};
 	int rc = -1;
 
 	memset(out, 0, sizeof(*out));
-	if (body == NULL)
+	if (body == NULL) {
+		snprintf(out->why, sizeof(out->why), "no body");
 		return -1;
+	}
+	/* cJSON judges the structure; jsonscan re-reads the strings from the
+	 * raw bytes, as cJSON decodes "\u0000" and bad \u escapes leniently. */
 	root = cJSON_ParseWithLength(body, len);
-	if (root == NULL)
-		return -1;
-	id = cJSON_GetObjectItemCaseSensitive(root, "id");
-	status = cJSON_GetObjectItemCaseSensitive(root, "status");
-	if (cJSON_IsObject(root) && cJSON_IsString(id) && id->valuestring[0] != '\0' &&
-	    strlen(id->valuestring) <= RUNPOD_JOB_ID_MAX && printable(id->valuestring)) {
-		snprintf(out->id, sizeof(out->id), "%s", id->valuestring);
-		if (cJSON_IsString(status) && strlen(status->valuestring) <= RUNPOD_STATUS_MAX &&
-		    printable(status->valuestring))
-			snprintf(out->status, sizeof(out->status), "%s", status->valuestring);
+	if (jsonscan_members(body, len, m, 2, &bad) != 0) {
+		snprintf(out->why, sizeof(out->why), "%s", bad ? bad : "not a JSON object");
+	} else if (!cJSON_IsObject(root)) {
+		snprintf(out->why, sizeof(out->why), "not valid JSON");
+	} else if (m[0].state != JSONSCAN_OK || out->id[0] == '\0') {
+		say_why(out->why, sizeof(out->why), "id", &m[0]);
+	} else {
 		rc = 0;
 	}
+	if (rc != 0)
+		out->id[0] = '\0';
+	if (rc != 0 || m[1].state != JSONSCAN_OK)
+		out->status[0] = '\0';
 	cJSON_Delete(root);
 	return rc;
 }
@@ -346,7 +360,13 @@ static long long millis(const cJSON *item)
 
 int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status_reply *out)
 {
-	cJSON *root, *id, *status, *error;
+	cJSON *root, *error;
+	struct jsonscan_member m[3] = {
+		{ .key = "status", .buf = out->status, .cap = sizeof(out->status), .cut_ok = true },
+		{ .key = "id", .buf = out->id, .cap = sizeof(out->id) },
+		{ .key = "error", .buf = out->error, .cap = sizeof(out->error), .cut_ok = true,
+		  .allow_layout = true },
+	};
 	int rc = -1;
 
 	memset(out, 0, sizeof(*out));
@@ -354,27 +374,25 @@ int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status
 	if (body == NULL)
 		return -1;
 	root = cJSON_ParseWithLength(body, len);
-	if (root == NULL)
-		return -1;
-	status = cJSON_GetObjectItemCaseSensitive(root, "status");
-	if (!cJSON_IsObject(root) || !cJSON_IsString(status) || status->valuestring[0] == '\0' ||
-	    !printable(status->valuestring))
+	if (!cJSON_IsObject(root) || jsonscan_members(body, len, m, 3, NULL) != 0 ||
+	    m[0].state != JSONSCAN_OK || out->status[0] == '\0')
 		goto out;
-	snprintf(out->status, sizeof(out->status), "%s", status->valuestring);
-	id = cJSON_GetObjectItemCaseSensitive(root, "id");
-	if (cJSON_IsString(id) && strlen(id->valuestring) <= RUNPOD_JOB_ID_MAX &&
-	    printable(id->valuestring))
-		snprintf(out->id, sizeof(out->id), "%s", id->valuestring);
+	if (m[1].state != JSONSCAN_OK)
+		out->id[0] = '\0';
 	out->delay_ms = millis(cJSON_GetObjectItemCaseSensitive(root, "delayTime"));
 	out->execution_ms = millis(cJSON_GetObjectItemCaseSensitive(root, "executionTime"));
 	error = cJSON_GetObjectItemCaseSensitive(root, "error");
-	if (error != NULL && !cJSON_IsNull(error)) {
-		char *printed = cJSON_IsString(error) ? NULL : cJSON_PrintUnformatted(error);
-		const char *text = cJSON_IsString(error) ? error->valuestring : printed;
+	if (m[2].state == JSONSCAN_OK) {
+		out->error_truncated = m[2].cut;
+	} else if (m[2].state == JSONSCAN_INVALID) {
+		snprintf(out->error, sizeof(out->error), "(error text not shown: %s)", m[2].why);
+	} else if (error != NULL && !cJSON_IsNull(error)) {
+		/* A handler's object: its compact JSON text, cut at a UTF-8 boundary. */
+		char *printed = cJSON_PrintUnformatted(error);
 
-		if (text) {
-			size_t n = strlen(text), keep = utf8_prefix(text, n, sizeof(out->error));
-			memcpy(out->error, text, keep);
+		if (printed) {
+			size_t n = strlen(printed), keep = utf8_prefix(printed, n, sizeof(out->error));
+			memcpy(out->error, printed, keep);
 			out->error[keep] = '\0';
 			out->error_truncated = keep < n;
 		}
@@ -382,6 +400,8 @@ int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status
 	}
 	rc = 0;
 out:
+	if (rc != 0)
+		memset(out->status, 0, sizeof(out->status));
 	cJSON_Delete(root);
 	return rc;
 }
@@ -399,28 +419,13 @@ bool runpod_status_is_terminal(const char *status)
 int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id,
 		      char *buf, size_t len)
 {
-	static const char hex[] = "0123456789ABCDEF";
-	int n = snprintf(buf, len, "%s/%s/status/", base_url, endpoint_id);
-	size_t used;
+	/* libcurl >= 7.82 accepts a NULL handle here. */
+	char *id = curl_easy_escape(NULL, job_id, 0);
+	int n;
 
-	if (n < 0 || (size_t)n >= len)
+	if (id == NULL)
 		return -1;
-	used = (size_t)n;
-	for (const unsigned char *p = (const unsigned char *)job_id; *p; p++) {
-		bool plain = (*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') ||
-			     (*p >= '0' && *p <= '9') || *p == '-' || *p == '.' || *p == '_' ||
-			     *p == '~';
-
-		if (used + (plain ? 1 : 3) >= len)
-			return -1;
-		if (plain) {
-			buf[used++] = (char)*p;
-		} else {
-			buf[used++] = '%';
-			buf[used++] = hex[*p >> 4];
-			buf[used++] = hex[*p & 15];
-		}
-	}
-	buf[used] = '\0';
-	return 0;
+	n = snprintf(buf, len, "%s/%s/status/%s", base_url, endpoint_id, id);
+	curl_free(id);
+	return n < 0 || (size_t)n >= len ? -1 : 0;
 }

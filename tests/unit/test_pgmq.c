@@ -81,7 +81,7 @@ static void missing_column(void **state)
 	pgmq_batch_free(&b);
 	/* no msg_id column: nothing can be named. */
 	assert_int_equal(pgmq_batch_from_result(make_result(no_id, 4, rows, 1), &b, err, sizeof(err)), -1);
-	assert_non_null(strstr(err, "no column named msg_id (1 rows read"));
+	assert_non_null(strstr(err, "no column named msg_id (1 row read, its id unknown"));
 }
 
 /* One bad row does not take the good ones with it. */
