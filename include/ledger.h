@@ -27,19 +27,19 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#define LEDGER_ID_LEN 36        /* a UUID as text */
-#define LEDGER_MAX_NOTES 1024   /* transitions waiting for their statement */
-#define LEDGER_ERROR_BYTES 256  /* error excerpt kept per row */
-#define LEDGER_STATE_MAX 32     /* bytes of a state (RunPod's status strings included) */
-#define LEDGER_JOB_MAX 128      /* bytes of a RunPod job id */
-#define LEDGER_CLAIM_BATCH 100  /* jobs claimed per tick */
-#define LEDGER_PRUNE_BATCH 500  /* rows pruned per tick */
+#define LEDGER_ID_LEN 36       /* a UUID as text */
+#define LEDGER_MAX_NOTES 1024  /* transitions waiting for their statement */
+#define LEDGER_ERROR_BYTES 256 /* error excerpt kept per row */
+#define LEDGER_STATE_MAX 32    /* bytes of a state (RunPod's status strings included) */
+#define LEDGER_JOB_MAX 128     /* bytes of a RunPod job id */
+#define LEDGER_CLAIM_BATCH 100 /* jobs claimed per tick */
+#define LEDGER_PRUNE_BATCH 500 /* rows pruned per tick */
 
 struct ledger;
 
 struct ledger_hooks {
-	void (*ready)(void *arg);  /* the schema is up to date: reads may start */
-	void (*fatal)(void *arg);  /* the schema cannot be used (logged): stop */
+	void (*ready)(void *arg);   /* the schema is up to date: reads may start */
+	void (*fatal)(void *arg);   /* the schema cannot be used (logged): stop */
 	void (*settled)(void *arg); /* a write finished: ledger_busy may have changed */
 	/* An accepted job whose lease this replica took: follow it. vt_left_s
 	 * is what the ledger last knew of its vt (may be <= 0). */
@@ -80,8 +80,8 @@ int ledger_read_sql(const char *schema, const char *read_function, char *buf, si
 
 /* Queues the read of up to qty messages for vt_seconds with its ledger
  * row under dispatch_id. Returns 0 or -1 (fn is then not called). */
-int ledger_read(struct ledger *l, const char *dispatch_id, int vt_seconds, int qty,
-		pgmq_read_fn fn, void *arg) __attribute__((warn_unused_result));
+int ledger_read(struct ledger *l, const char *dispatch_id, int vt_seconds, int qty, pgmq_read_fn fn,
+		void *arg) __attribute__((warn_unused_result));
 
 /* One part of a read that becomes several rows. */
 struct ledger_part {

@@ -31,7 +31,7 @@ void read_result_unref(struct read_result *rr)
 struct batch *batch_new(struct dispatcher *d, struct read_result *rr,
 			const struct pgmq_message *msgs, int n)
 {
-	struct batch *b = calloc(1, sizeof(*b));
+	struct batch *b = n > 0 ? calloc(1, sizeof(*b)) : NULL;
 
 	if (b == NULL)
 		return NULL;

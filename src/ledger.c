@@ -14,7 +14,7 @@ struct note {
 	char state[LEDGER_STATE_MAX + 1];
 	long http;
 	char job[LEDGER_JOB_MAX + 1];
-	char *err;        /* malloc'd excerpt or NULL */
+	char *err; /* malloc'd excerpt or NULL */
 	size_t err_len;
 	double at;
 	bool held;
@@ -24,10 +24,10 @@ enum stmt_kind { S_MIGRATE, S_NOTES, S_SPLIT, S_TICK, S_CLAIM };
 
 /* One statement in flight; outlives the ledger if need be. */
 struct stmt {
-	struct ledger *l;     /* NULL once the ledger is freed */
+	struct ledger *l; /* NULL once the ledger is freed */
 	struct stmt *prev, *next;
 	enum stmt_kind kind;
-	int n;                /* notes written */
+	int n; /* notes written */
 };
 
 struct ledger {
@@ -134,7 +134,8 @@ static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
 					sizeof(line));
 			log_str(ll, "schema", l->cfg->ledger_schema);
 			log_str(ll, "error", line);
-			log_str(ll, "outcome", "dispatching without the ledger until it is migrated");
+			log_str(ll, "outcome",
+				"dispatching without the ledger until it is migrated");
 			log_end(ll);
 		}
 		l->degraded = true;
@@ -144,7 +145,8 @@ static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
 	}
 	if (err) {
 		struct log_line *ll = log_begin(LOG_ERROR, "ledger_unusable");
-		migrate_explain(l->cfg->ledger_schema, err->sqlstate, err->message, line, sizeof(line));
+		migrate_explain(l->cfg->ledger_schema, err->sqlstate, err->message, line,
+				sizeof(line));
 		log_str(ll, "schema", l->cfg->ledger_schema);
 		log_str(ll, "sqlstate", err->sqlstate);
 		log_str(ll, "error", line);
@@ -193,12 +195,12 @@ void ledger_connected(struct ledger *l)
 
 /* ---- the read ---- */
 
-int ledger_read(struct ledger *l, const char *dispatch_id, int vt_seconds, int qty,
-		pgmq_read_fn fn, void *arg)
+int ledger_read(struct ledger *l, const char *dispatch_id, int vt_seconds, int qty, pgmq_read_fn fn,
+		void *arg)
 {
 	char sql[2048], vt[16], n[16], lease[16];
-	const char *params[7] = { l->cfg->queue_name, vt, n, dispatch_id, l->cfg->endpoint_id,
-				  l->owner, lease };
+	const char *params[7] = { l->cfg->queue_name,  vt,       n,    dispatch_id,
+				  l->cfg->endpoint_id, l->owner, lease };
 
 	if (ledger_read_sql(l->cfg->ledger_schema, l->cfg->read_function, sql, sizeof(sql)) != 0)
 		return -1;
@@ -250,11 +252,14 @@ static void flush(struct ledger *l)
 	if (l->flushing || n == 0 || !l->ready)
 		return;
 	for (int k = 0; k < NA && rc == 0; k++) {
-		cap[k] = (size_t)n * (k == A_ERR ? 2 * LEDGER_ERROR_BYTES + 8 : k == A_JOB ? 2 * LEDGER_JOB_MAX + 8 : 48) + 4;
+		cap[k] = (size_t)n * (k == A_ERR   ? 2 * LEDGER_ERROR_BYTES + 8
+				      : k == A_JOB ? 2 * LEDGER_JOB_MAX + 8
+						   : 48) +
+			 4;
 		if ((a[k] = malloc(cap[k])) == NULL)
 			rc = -1;
 		else
-			strcpy(a[k], "{");
+			memcpy(a[k], "{", 2);
 		used[k] = 1;
 	}
 	for (int i = 0; i < n && rc == 0; i++) {
@@ -264,13 +269,15 @@ static void flush(struct ledger *l)
 		rc |= ledger_array_elem(a[A_ID], cap[A_ID], &used[A_ID], o->id, LEDGER_ID_LEN);
 		rc |= ledger_array_elem(a[A_STATE], cap[A_STATE], &used[A_STATE], o->state, 32);
 		snprintf(num, sizeof(num), "%ld", o->http);
-		rc |= ledger_array_elem(a[A_HTTP], cap[A_HTTP], &used[A_HTTP], o->http ? num : NULL, 16);
-		rc |= ledger_array_elem(a[A_JOB], cap[A_JOB], &used[A_JOB], o->job[0] ? o->job : NULL,
-					LEDGER_JOB_MAX);
+		rc |= ledger_array_elem(a[A_HTTP], cap[A_HTTP], &used[A_HTTP], o->http ? num : NULL,
+					16);
+		rc |= ledger_array_elem(a[A_JOB], cap[A_JOB], &used[A_JOB],
+					o->job[0] ? o->job : NULL, LEDGER_JOB_MAX);
 		rc |= ledger_array_elem(a[A_ERR], cap[A_ERR], &used[A_ERR], o->err, o->err_len);
 		snprintf(num, sizeof(num), "%.6f", o->at);
 		rc |= ledger_array_elem(a[A_AT], cap[A_AT], &used[A_AT], num, sizeof(num));
-		rc |= ledger_array_elem(a[A_HELD], cap[A_HELD], &used[A_HELD], o->held ? "t" : "f", 1);
+		rc |= ledger_array_elem(a[A_HELD], cap[A_HELD], &used[A_HELD], o->held ? "t" : "f",
+					1);
 	}
 	for (int k = 0; k < NA && rc == 0; k++) {
 		if (used[k] + 2 > cap[k]) {
@@ -360,10 +367,10 @@ void ledger_split(struct ledger *l, const char *read_id, const struct ledger_par
 		goto out;
 	}
 	if (rc == 0) {
-		strcpy(pid, "{");
-		strcpy(pst, "{");
-		strcpy(mid, "{");
-		strcpy(mpt, "{");
+		memcpy(pid, "{", 2);
+		memcpy(pst, "{", 2);
+		memcpy(mid, "{", 2);
+		memcpy(mpt, "{", 2);
 	}
 	for (int p = 0; p < nparts && rc == 0; p++) {
 		rc |= ledger_array_elem(pid, cap, &u[0], parts[p].dispatch_id, LEDGER_ID_LEN);
@@ -378,17 +385,19 @@ void ledger_split(struct ledger *l, const char *read_id, const struct ledger_par
 		rc |= ledger_array_elem(mpt, cap, &u[3], num, sizeof(num));
 	}
 	if (rc == 0) {
-		strcpy(pid + u[0], "}");
-		strcpy(pst + u[1], "}");
-		strcpy(mid + u[2], "}");
-		strcpy(mpt + u[3], "}");
+		memcpy(pid + u[0], "}", 2);
+		memcpy(pst + u[1], "}", 2);
+		memcpy(mid + u[2], "}", 2);
+		memcpy(mpt + u[3], "}", 2);
 		snprintf(sql, sizeof(sql), LEDGER_SPLIT_SQL, l->cfg->ledger_schema);
 		rc = query(l, S_SPLIT, sql, 5, params, on_split, NULL);
 	}
 out:
 	if (rc != 0)
-		log_msg(LOG_ERROR, "ledger_split_failed", "cannot queue the split of dispatch %s into "
-			"%d parts; its row keeps every msg id", read_id, nparts);
+		log_msg(LOG_ERROR, "ledger_split_failed",
+			"cannot queue the split of dispatch %s into "
+			"%d parts; its row keeps every msg id",
+			read_id, nparts);
 	free(pid);
 	free(pst);
 	free(mid);
@@ -431,8 +440,9 @@ static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
 			ll = log_begin(LOG_WARN, "ledger_recovered_unknown");
 			log_str(ll, "dispatch_id", PQgetvalue(res, i, 1));
 			log_str(ll, "msg_ids", PQgetvalue(res, i, 2));
-			log_str(ll, "outcome", "unknown: the replica that read them died before it "
-					       "recorded the outcome; they come back after their vt");
+			log_str(ll, "outcome",
+				"unknown: the replica that read them died before it "
+				"recorded the outcome; they come back after their vt");
 			log_end(ll);
 		} else {
 			metrics_inc_ledger_completed_undeleted();
@@ -441,8 +451,9 @@ static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
 			log_str(ll, "job_id", PQgetvalue(res, i, 3));
 			log_str(ll, "msg_ids", PQgetvalue(res, i, 2));
 			log_int(ll, "grace_s", l->cfg->ledger_completed_grace_s);
-			log_str(ll, "msg", "the job COMPLETED but the worker did not delete or archive "
-					   "these messages: they come back after their vt");
+			log_str(ll, "msg",
+				"the job COMPLETED but the worker did not delete or archive "
+				"these messages: they come back after their vt");
 			log_end(ll);
 		}
 	}
@@ -478,8 +489,8 @@ static void on_claim(void *arg, PGresult *res, const struct pg_error *err)
 		log_str(ll, "msg", "its replica's lease expired: this one follows the job now");
 		log_end(ll);
 		if (n > 0 && l->hooks.claimed && !l->stopped)
-			l->hooks.claimed(l->hooks.arg, PQgetvalue(res, i, 0), PQgetvalue(res, i, 1), ids,
-					 n, strtod(PQgetvalue(res, i, 3), NULL));
+			l->hooks.claimed(l->hooks.arg, PQgetvalue(res, i, 0), PQgetvalue(res, i, 1),
+					 ids, n, strtod(PQgetvalue(res, i, 3), NULL));
 		free(ids);
 	}
 	PQclear(res);

@@ -32,11 +32,16 @@ long ledger_cli_span_s(const char *s)
 	if (end[0] == '\0' || end[1] != '\0' || v < 0 || v > 100L * 365 * 86400)
 		return -1;
 	switch (end[0]) {
-	case 's': return v;
-	case 'm': return v * 60;
-	case 'h': return v * 3600;
-	case 'd': return v * 86400;
-	default: return -1;
+	case 's':
+		return v;
+	case 'm':
+		return v * 60;
+	case 'h':
+		return v * 3600;
+	case 'd':
+		return v * 86400;
+	default:
+		return -1;
 	}
 }
 
@@ -84,7 +89,7 @@ static int ids_param(const char *cmd, int argc, char **argv, char *buf, size_t l
 {
 	size_t used = 1;
 
-	strcpy(buf, "{");
+	memcpy(buf, "{", 2);
 	*n = 0;
 	for (int i = 0; i < argc; i++) {
 		char *end;
@@ -126,7 +131,8 @@ static void print_result(PGresult *res, bool json, const char *const *ago, doubl
 				cJSON *item = NULL;
 				if (PQgetisnull(res, i, c)) {
 					item = cJSON_CreateNull();
-				} else if (type == 1016 || type == 1007) { /* int8[], int4[]: {1,2} → [1,2] */
+				} else if (type == 1016 ||
+					   type == 1007) { /* int8[], int4[]: {1,2} → [1,2] */
 					char *t = strdup(v);
 					if (t && strlen(t) >= 2) {
 						t[0] = '[';
@@ -134,8 +140,8 @@ static void print_result(PGresult *res, bool json, const char *const *ago, doubl
 						item = cJSON_Parse(t);
 					}
 					free(t);
-				} else if (type == 114 || type == 3802 || type == 20 || type == 23 ||
-					   type == 701) { /* json, jsonb, numbers */
+				} else if (type == 114 || type == 3802 || type == 20 ||
+					   type == 23 || type == 701) { /* json, jsonb, numbers */
 					item = cJSON_Parse(v);
 				}
 				if (item == NULL)
@@ -174,8 +180,9 @@ static void print_result(PGresult *res, bool json, const char *const *ago, doubl
 			const char *v = PQgetisnull(res, i, c) ? "-" : PQgetvalue(res, i, c);
 			for (const char *const *a = ago; *a; a++)
 				if (strcmp(*a, PQfname(res, c)) == 0 && !PQgetisnull(res, i, c)) {
-					ledger_cli_ago(now - strtod(v, NULL), tmp, sizeof(tmp) - 4);
-					strcat(tmp, " ago");
+					char age[16];
+					ledger_cli_ago(now - strtod(v, NULL), age, sizeof(age));
+					snprintf(tmp, sizeof(tmp), "%s ago", age);
 					v = tmp;
 				}
 			printf("%-*.*s%s", width[c], 60, v, c + 1 < cols ? "  " : "\n");
@@ -250,7 +257,8 @@ static int cmd_status(const struct config *cfg, PGconn *conn, bool json, int arg
 		char sql2[3400];
 		snprintf(sql2, sizeof(sql2),
 			 "SELECT msg_id, now_in, dispatch_id, read, read_ct, state, job_id, http, "
-			 "updated, states FROM (%s) s", sql);
+			 "updated, states FROM (%s) s",
+			 sql);
 		brief = PQexecParams(conn, sql2, 1, NULL, params, NULL, NULL, 0);
 		PQclear(res);
 		if (PQresultStatus(brief) != PGRES_TUPLES_OK)
@@ -287,14 +295,16 @@ static int cmd_jobs(const struct config *cfg, PGconn *conn, bool json, int argc,
 			break;
 		case 'l':
 			if (atoi(optarg) < 1 || atoi(optarg) > 100000) {
-				fprintf(stderr, "pgmq-dispatcher jobs: --limit takes 1 to 100000\n");
+				fprintf(stderr,
+					"pgmq-dispatcher jobs: --limit takes 1 to 100000\n");
 				return EX_USAGE;
 			}
 			snprintf(limit, sizeof(limit), "%d", atoi(optarg));
 			break;
 		default:
-			fprintf(stderr, "usage: pgmq-dispatcher jobs [--state S] [--since 15m|TIME] "
-					"[--limit N] [--json]\n");
+			fprintf(stderr,
+				"usage: pgmq-dispatcher jobs [--state S] [--since 15m|TIME] "
+				"[--limit N] [--json]\n");
 			return EX_USAGE;
 		}
 	}
@@ -305,15 +315,16 @@ static int cmd_jobs(const struct config *cfg, PGconn *conn, bool json, int argc,
 	} else {
 		params[2] = since;
 	}
-	snprintf(sql, sizeof(sql),
-		 "SELECT dispatch_id::text AS dispatch_id, extract(epoch FROM read_at)::float8 AS read, "
-		 "state, job_id, cardinality(msg_ids) AS messages, msg_ids[1] AS first_msg_id, "
-		 "http_status AS http, extract(epoch FROM updated_at)::float8 AS updated, error "
-		 "FROM %s.dispatch WHERE queue = $1 AND ($2::text IS NULL OR state = $2) "
-		 "AND ($3::timestamptz IS NULL OR read_at >= $3::timestamptz) "
-		 "AND ($4::interval IS NULL OR read_at >= now() - $4::interval) "
-		 "ORDER BY read_at DESC LIMIT $5::integer",
-		 cfg->ledger_schema);
+	snprintf(
+		sql, sizeof(sql),
+		"SELECT dispatch_id::text AS dispatch_id, extract(epoch FROM read_at)::float8 AS read, "
+		"state, job_id, cardinality(msg_ids) AS messages, msg_ids[1] AS first_msg_id, "
+		"http_status AS http, extract(epoch FROM updated_at)::float8 AS updated, error "
+		"FROM %s.dispatch WHERE queue = $1 AND ($2::text IS NULL OR state = $2) "
+		"AND ($3::timestamptz IS NULL OR read_at >= $3::timestamptz) "
+		"AND ($4::interval IS NULL OR read_at >= now() - $4::interval) "
+		"ORDER BY read_at DESC LIMIT $5::integer",
+		cfg->ledger_schema);
 	res = PQexecParams(conn, sql, 5, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(res) != PGRES_TUPLES_OK)
 		return fail("jobs", res);
@@ -332,17 +343,18 @@ static int redrive_one(const struct config *cfg, PGconn *conn, const char *q, co
 	PGresult *res;
 
 	ledger_new_id(id);
-	snprintf(sql, sizeof(sql),
-		 "WITH a AS (DELETE FROM %s WHERE msg_id = $1::bigint RETURNING *), "
-		 "q AS (INSERT INTO %s (msg_id, read_ct, enqueued_at, vt, message) "
-		 "OVERRIDING SYSTEM VALUE SELECT msg_id, 0, enqueued_at, clock_timestamp(), message "
-		 "FROM a RETURNING msg_id), "
-		 "l AS (INSERT INTO %s.dispatch (dispatch_id, queue, endpoint_id, msg_ids, read_cts, "
-		 "read_at, vt_until, state, history) SELECT $2::uuid, $3, $4, ARRAY[a.msg_id], "
-		 "ARRAY[a.read_ct], now(), now(), 'redriven', jsonb_build_array(jsonb_build_object("
-		 "'state', 'redriven', 'at', now(), 'archived_at', a.archived_at)) FROM a) "
-		 "SELECT msg_id FROM q",
-		 a, q, cfg->ledger_schema);
+	snprintf(
+		sql, sizeof(sql),
+		"WITH a AS (DELETE FROM %s WHERE msg_id = $1::bigint RETURNING *), "
+		"q AS (INSERT INTO %s (msg_id, read_ct, enqueued_at, vt, message) "
+		"OVERRIDING SYSTEM VALUE SELECT msg_id, 0, enqueued_at, clock_timestamp(), message "
+		"FROM a RETURNING msg_id), "
+		"l AS (INSERT INTO %s.dispatch (dispatch_id, queue, endpoint_id, msg_ids, read_cts, "
+		"read_at, vt_until, state, history) SELECT $2::uuid, $3, $4, ARRAY[a.msg_id], "
+		"ARRAY[a.read_ct], now(), now(), 'redriven', jsonb_build_array(jsonb_build_object("
+		"'state', 'redriven', 'at', now(), 'archived_at', a.archived_at)) FROM a) "
+		"SELECT msg_id FROM q",
+		a, q, cfg->ledger_schema);
 	res = PQexecParams(conn, sql, 4, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(res) != PGRES_TUPLES_OK)
 		return fail("redrive", res);
@@ -390,20 +402,22 @@ static int cmd_redrive(const struct config *cfg, PGconn *conn, bool json, int ar
 	params[2] = to;
 	if (tables(conn, cfg->queue_name, q, a, sizeof(q)) != 0)
 		return EX_USAGE;
-	snprintf(sql, sizeof(sql),
-		 "SELECT msg_id, read_ct, extract(epoch FROM archived_at)::float8 AS archived FROM %s "
-		 "WHERE ($1::bigint[] IS NULL OR msg_id = ANY ($1::bigint[])) "
-		 "AND ($2::timestamptz IS NULL OR archived_at >= $2::timestamptz) "
-		 "AND ($3::timestamptz IS NULL OR archived_at < $3::timestamptz) "
-		 "ORDER BY msg_id LIMIT " "1000",
-		 a);
+	snprintf(
+		sql, sizeof(sql),
+		"SELECT msg_id, read_ct, extract(epoch FROM archived_at)::float8 AS archived FROM %s "
+		"WHERE ($1::bigint[] IS NULL OR msg_id = ANY ($1::bigint[])) "
+		"AND ($2::timestamptz IS NULL OR archived_at >= $2::timestamptz) "
+		"AND ($3::timestamptz IS NULL OR archived_at < $3::timestamptz) "
+		"ORDER BY msg_id LIMIT "
+		"1000",
+		a);
 	res = PQexecParams(conn, sql, 3, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(res) != PGRES_TUPLES_OK)
 		return fail("redrive", res);
 	if (dry) {
 		if (!json)
-			printf("would redrive %d archived message(s) of queue %s:\n", PQntuples(res),
-			       cfg->queue_name);
+			printf("would redrive %d archived message(s) of queue %s:\n",
+			       PQntuples(res), cfg->queue_name);
 		print_result(res, json, AGO_COLS, db_now(conn));
 		PQclear(res);
 		return 0;
@@ -414,8 +428,8 @@ static int cmd_redrive(const struct config *cfg, PGconn *conn, bool json, int ar
 		if (rc == 0 && ok) {
 			moved++;
 			if (!json)
-				printf("redriven msg_id %s (was read %s times)\n", PQgetvalue(res, i, 0),
-				       PQgetvalue(res, i, 1));
+				printf("redriven msg_id %s (was read %s times)\n",
+				       PQgetvalue(res, i, 0), PQgetvalue(res, i, 1));
 		}
 	}
 	if (json)
@@ -432,10 +446,10 @@ usage:
 
 int ledger_cli_main(const struct config *cfg, const char *command, int argc, char **argv)
 {
-	int (*fn)(const struct config *, PGconn *, bool, int, char **) =
-		strcmp(command, "status") == 0 ? cmd_status
-		: strcmp(command, "jobs") == 0 ? cmd_jobs
-					       : cmd_redrive;
+	int (*fn)(const struct config *, PGconn *, bool, int,
+		  char **) = strcmp(command, "status") == 0 ? cmd_status
+			     : strcmp(command, "jobs") == 0 ? cmd_jobs
+							    : cmd_redrive;
 	bool json = false;
 	int rest = 0, rc;
 	PGconn *conn;

@@ -103,12 +103,13 @@ const char LEDGER_TICK_SQL[] =
 	"prune AS (DELETE FROM %1$s.dispatch WHERE dispatch_id IN (SELECT p.dispatch_id FROM "
 	"%1$s.dispatch p WHERE p.read_at < now() - make_interval(days => $4::integer) "
 	"AND NOT EXISTS (SELECT 1 FROM %1$s.lease l WHERE l.dispatch_id = p.dispatch_id) "
-	"LIMIT " PGMQD_STR(LEDGER_PRUNE_BATCH) ") RETURNING 1) "
-	"SELECT 'unknown', dispatch_id::text, msg_ids::text, NULL FROM lost "
-	"UNION ALL SELECT 'undeleted', done.dispatch_id::text, x.ids::text, done.job_id FROM done, "
-	"LATERAL (SELECT array_agg(q.msg_id ORDER BY q.msg_id) AS ids FROM %2$s q "
-	"WHERE q.msg_id = ANY (done.msg_ids)) x WHERE x.ids IS NOT NULL "
-	"UNION ALL SELECT 'pruned', NULL, (SELECT count(*) FROM prune)::text, NULL";
+	"LIMIT " PGMQD_STR(
+		LEDGER_PRUNE_BATCH) ") RETURNING 1) "
+				    "SELECT 'unknown', dispatch_id::text, msg_ids::text, NULL FROM lost "
+				    "UNION ALL SELECT 'undeleted', done.dispatch_id::text, x.ids::text, done.job_id FROM done, "
+				    "LATERAL (SELECT array_agg(q.msg_id ORDER BY q.msg_id) AS ids FROM %2$s q "
+				    "WHERE q.msg_id = ANY (done.msg_ids)) x WHERE x.ids IS NOT NULL "
+				    "UNION ALL SELECT 'pruned', NULL, (SELECT count(*) FROM prune)::text, NULL";
 
 /* Takes expired leases of accepted jobs. $1 owner, $2 lease_s, $3 queue,
  * $4 endpoint. */
@@ -119,9 +120,10 @@ const char LEDGER_CLAIM_SQL[] =
 	"AND lease_until < now() AND queue = $3::text AND endpoint_id = $4::text "
 	"AND NOT EXISTS (SELECT 1 FROM %1$s.dispatch c WHERE c.dispatch_id = lease.dispatch_id "
 	"AND c.state = 'COMPLETED') "
-	"ORDER BY lease_until LIMIT " PGMQD_STR(LEDGER_CLAIM_BATCH) " FOR UPDATE SKIP LOCKED) "
-	"RETURNING l.dispatch_id::text, l.job_id, d.msg_ids::text, "
-	"extract(epoch FROM d.vt_until - now())::float8";
+	"ORDER BY lease_until LIMIT " PGMQD_STR(
+		LEDGER_CLAIM_BATCH) " FOR UPDATE SKIP LOCKED) "
+				    "RETURNING l.dispatch_id::text, l.job_id, d.msg_ids::text, "
+				    "extract(epoch FROM d.vt_until - now())::float8";
 
 void ledger_new_id(char *out)
 {
@@ -217,4 +219,3 @@ int ledger_parse_ids(const char *s, long long **out)
 	*out = ids;
 	return k;
 }
-

@@ -35,15 +35,14 @@ static const char V1[] =
 
 /* Version 2: leases, one row per unfinished dispatch, by which one replica
  * at a time holds a row it is sending or a job it follows. */
-static const char V2[] =
-	"CREATE TABLE @S@.lease ("
-	" dispatch_id uuid PRIMARY KEY,"
-	" queue text NOT NULL,"
-	" endpoint_id text NOT NULL,"
-	" owner uuid NOT NULL,"
-	" lease_until timestamptz NOT NULL,"
-	" job_id text);"
-	"CREATE INDEX lease_until ON @S@.lease (lease_until);";
+static const char V2[] = "CREATE TABLE @S@.lease ("
+			 " dispatch_id uuid PRIMARY KEY,"
+			 " queue text NOT NULL,"
+			 " endpoint_id text NOT NULL,"
+			 " owner uuid NOT NULL,"
+			 " lease_until timestamptz NOT NULL,"
+			 " job_id text);"
+			 "CREATE INDEX lease_until ON @S@.lease (lease_until);";
 
 static const char HEAD[] =
 	"DO $pgmqd_migrate$ DECLARE v integer := 0; BEGIN "
@@ -98,8 +97,10 @@ char *migrate_sql(const char *schema, int target)
 		snprintf(step, sizeof(step), " END IF; ");
 		append(out, &len, step, schema, t);
 	}
-	append(out, &len, "IF v < @T@ THEN UPDATE @S@.schema_version SET version = @T@; END IF; "
-			  "END $pgmqd_migrate$", schema, t);
+	append(out, &len,
+	       "IF v < @T@ THEN UPDATE @S@.schema_version SET version = @T@; END IF; "
+	       "END $pgmqd_migrate$",
+	       schema, t);
 	return out;
 }
 
@@ -120,7 +121,8 @@ int migrate_current(PGconn *conn, const char *schema, char *err, size_t errlen)
 	PQclear(res);
 	if (!v)
 		return 0;
-	snprintf(sql, sizeof(sql), "SELECT coalesce(max(version), 0) FROM %s.schema_version", schema);
+	snprintf(sql, sizeof(sql), "SELECT coalesce(max(version), 0) FROM %s.schema_version",
+		 schema);
 	res = PQexec(conn, sql);
 	if (PQresultStatus(res) != PGRES_TUPLES_OK) {
 		snprintf(err, errlen, "%s", PQresultErrorMessage(res));
@@ -138,9 +140,11 @@ void migrate_explain(const char *schema, const char *sqlstate, const char *messa
 	size_t n;
 
 	if (strcmp(sqlstate, "42501") == 0)
-		snprintf(buf, len, "this role may not create or change the ledger schema %s (%s): run "
-			 "`pgmq-dispatcher migrate` once as a role that may, or set ledger.enabled = off",
-			 schema, message);
+		snprintf(
+			buf, len,
+			"this role may not create or change the ledger schema %s (%s): run "
+			"`pgmq-dispatcher migrate` once as a role that may, or set ledger.enabled = off",
+			schema, message);
 	else
 		snprintf(buf, len, "%s", message);
 	/* One line. */
@@ -186,11 +190,13 @@ int migrate_main(const struct config *cfg, int argc, char **argv)
 	if (PQresultStatus(res) != PGRES_COMMAND_OK) {
 		const char *state = res ? PQresultErrorField(res, PG_DIAG_SQLSTATE) : NULL;
 		migrate_explain(cfg->ledger_schema, state ? state : "",
-				res ? PQresultErrorMessage(res) : "out of memory", line, sizeof(line));
+				res ? PQresultErrorMessage(res) : "out of memory", line,
+				sizeof(line));
 		fprintf(stderr, "pgmq-dispatcher migrate: %s\n", line);
 		PQclear(res);
 		PQfinish(conn);
-		return state && strcmp(state, MIGRATE_SQLSTATE_NEWER) == 0 ? EX_CONFIG : EX_UNAVAILABLE;
+		return state && strcmp(state, MIGRATE_SQLSTATE_NEWER) == 0 ? EX_CONFIG
+									   : EX_UNAVAILABLE;
 	}
 	PQclear(res);
 	after = migrate_current(conn, cfg->ledger_schema, err, sizeof(err));
@@ -198,6 +204,7 @@ int migrate_main(const struct config *cfg, int argc, char **argv)
 	if (before == after)
 		printf("ledger schema %s: version %d, up to date\n", cfg->ledger_schema, after);
 	else
-		printf("ledger schema %s: version %d (was %d)\n", cfg->ledger_schema, after, before);
+		printf("ledger schema %s: version %d (was %d)\n", cfg->ledger_schema, after,
+		       before);
 	return 0;
 }

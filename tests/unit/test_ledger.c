@@ -37,7 +37,9 @@ static void array_elems(void **state)
 	for (size_t i = 0; i < N(cases); i++) {
 		size_t used = 1;
 		strcpy(buf, "{");
-		assert_int_equal(ledger_array_elem(buf, sizeof(buf), &used, cases[i].in, cases[i].max), 0);
+		assert_int_equal(ledger_array_elem(buf, sizeof(buf), &used, cases[i].in,
+						   cases[i].max),
+				 0);
 		assert_string_equal(buf, cases[i].out);
 		assert_int_equal(used, strlen(cases[i].out));
 	}
@@ -52,7 +54,9 @@ static void array_elems(void **state)
 		char small[8];
 		size_t used = 1;
 		strcpy(small, "{");
-		assert_int_equal(ledger_array_elem(small, sizeof(small), &used, "too long here", 99), -1);
+		assert_int_equal(ledger_array_elem(small, sizeof(small), &used, "too long here",
+						   99),
+				 -1);
 	}
 }
 
@@ -125,13 +129,14 @@ static void spans_and_ages(void **state)
 	static const struct {
 		const char *in;
 		long s;
-	} spans[] = { { "90s", 90 }, { "15m", 900 }, { "2h", 7200 }, { "3d", 259200 },
-		      { "2024-01-01", -1 }, { "m", -1 }, { "5", -1 }, { "5x", -1 }, { "-5m", -1 } };
+	} spans[] = { { "90s", 90 },    { "15m", 900 },       { "2h", 7200 },
+		      { "3d", 259200 }, { "2024-01-01", -1 }, { "m", -1 },
+		      { "5", -1 },      { "5x", -1 },         { "-5m", -1 } };
 	static const struct {
 		double s;
 		const char *out;
-	} ages[] = { { 0, "0s" }, { 119, "119s" }, { 120, "2m" }, { 7199, "119m" }, { 7200, "2h" },
-		     { 3 * 86400, "3d" }, { -5, "0s" } };
+	} ages[] = { { 0, "0s" },    { 119, "119s" },     { 120, "2m" }, { 7199, "119m" },
+		     { 7200, "2h" }, { 3 * 86400, "3d" }, { -5, "0s" } };
 	char buf[16];
 
 	(void)state;
@@ -147,8 +152,11 @@ static void dispatch_id_in_body(void **state)
 {
 	struct runpod_extras plain = { 0 }, with = { .dispatch_id = true };
 	struct runpod_envelope e0, e1;
-	struct pgmq_message m = { .msg_id = "7", .msg_id_num = 7, .read_ct = "1",
-				  .enqueued_at = "\"2026-01-01T00:00:00+00:00\"", .message = "{}",
+	struct pgmq_message m = { .msg_id = "7",
+				  .msg_id_num = 7,
+				  .read_ct = "1",
+				  .enqueued_at = "\"2026-01-01T00:00:00+00:00\"",
+				  .message = "{}",
 				  .message_len = 2 };
 	const char *id = "0123abcd-0000-4000-8000-0123456789ab";
 	size_t len0, len1;
@@ -162,7 +170,9 @@ static void dispatch_id_in_body(void **state)
 	runpod_envelope_set_dispatch_id(&e0, b0, id); /* no placeholder: unchanged */
 	runpod_envelope_set_dispatch_id(&e1, b1, id);
 	assert_null(strstr(b0, "dispatch_id"));
-	assert_non_null(strstr(b1, "{\"input\":{\"dispatch_id\":\"0123abcd-0000-4000-8000-0123456789ab\",\"queue\""));
+	assert_non_null(strstr(
+		b1,
+		"{\"input\":{\"dispatch_id\":\"0123abcd-0000-4000-8000-0123456789ab\",\"queue\""));
 	/* Sizes are exact before the id is known. */
 	assert_int_equal(len1, len0 + strlen(",\"dispatch_id\":\"\"") + 36);
 	assert_int_equal(strlen(b1), len1);
@@ -175,8 +185,8 @@ static void dispatch_id_in_body(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(array_elems),    cmocka_unit_test(parse_ids),
-		cmocka_unit_test(dispatch_ids),   cmocka_unit_test(read_statement),
+		cmocka_unit_test(array_elems),         cmocka_unit_test(parse_ids),
+		cmocka_unit_test(dispatch_ids),        cmocka_unit_test(read_statement),
 		cmocka_unit_test(migration_statement), cmocka_unit_test(spans_and_ages),
 		cmocka_unit_test(dispatch_id_in_body),
 	};
