@@ -25,8 +25,12 @@ const char LEDGER_READ_SQL[] =
 	" FROM %2$s($1::text, $2::integer, $3::integer)), "
 	"ins AS (INSERT INTO %1$s.dispatch (dispatch_id, queue, endpoint_id, msg_ids, read_cts, "
 	"read_at, vt_until, state, history) "
-	"SELECT $4::uuid, $1::text, $5::text, array_agg(msg_id ORDER BY msg_id), "
-	"array_agg(read_ct ORDER BY msg_id), now(), now() + make_interval(secs => $2::integer), "
+	/* A read function may return malformed fields (batch.c releases those
+	 * rows): they are recorded as NULL rather than failing the read. */
+	"SELECT $4::uuid, $1::text, $5::text, array_agg(CASE WHEN msg_id::text ~ '^[0-9]{1,18}$' "
+	"THEN msg_id::text::bigint END ORDER BY msg_id), array_agg(CASE WHEN read_ct::text ~ "
+	"'^[0-9]{1,9}$' THEN read_ct::text::integer END ORDER BY msg_id), now(), "
+	"now() + make_interval(secs => $2::integer), "
 	"'sending', jsonb_build_array(jsonb_build_object('state', 'sending', 'at', now())) "
 	"FROM r HAVING count(*) > 0 RETURNING dispatch_id), "
 	"lz AS (INSERT INTO %1$s.lease (dispatch_id, queue, endpoint_id, owner, lease_until) "
