@@ -31,7 +31,7 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config log pg pgmq http jsonscan runpod dispatcher sdnotify metrics admin tracker tracker_reply jobtable
+MODULES   := main config log pg pgmq http jsonscan runpod dispatcher sdnotify metrics admin tracker tracker_reply tracker_health jobtable
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
