@@ -23,7 +23,8 @@
  * - At most max_tracked_jobs jobs; past it the oldest is dropped with a
  *   warning (event=tracker_evicted) and a counter.
  * - Stuck queues: while any job is tracked, GET {base_url}/{endpoint_id}/health
- *   once per interval_ms (same bucket, runpod-serverless-api.md §7); its
+ *   once per interval_ms (from the same bucket, at most a tenth of it;
+ *   runpod-serverless-api.md §7); its
  *   job and worker counts go to /metrics with the age of the oldest job
  *   still IN_QUEUE. Unhealthy workers while jobs wait IN_QUEUE give one
  *   warning (event=runpod_workers_unhealthy), and one line when no worker
@@ -60,6 +61,7 @@
 
 #define TRACKER_MAX_DB 4        /* tracker statements on the pg connection at once */
 #define TRACKER_IDS_PER_LINE 100 /* msg ids named in one log line; the rest are counted */
+#define TRACKER_HEALTH_SHARE 0.1 /* /health takes at most this share of max_status_per_10s */
 
 struct tracker;
 
@@ -129,6 +131,11 @@ bool tracker_bucket_take(struct tracker_bucket *b, double now);
 
 /* Seconds until a token is available (0 when one is). */
 double tracker_bucket_wait_s(const struct tracker_bucket *b, double now);
+
+/* Seconds between /health polls: interval_ms, but never more often than
+ * TRACKER_HEALTH_SHARE of the max_status_per_10s budget allows, so /status
+ * keeps the rest. ±10 % jitter is added by the caller. */
+double tracker_health_interval_s(int interval_ms, int max_status_per_10s);
 
 /* Whether a job accepted at accepted_at may still get a heartbeat at now
  * under tracker.max_heartbeat_s (0: no ceiling). Seconds. */

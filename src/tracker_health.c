@@ -23,10 +23,20 @@ ev_tstamp tracker_health_at(const struct tracker *t)
 	return t->health_due;
 }
 
+double tracker_health_interval_s(int interval_ms, int max_status_per_10s)
+{
+	double share_s = 10.0 / (TRACKER_HEALTH_SHARE * max_status_per_10s);
+
+	return fmax(interval_ms / 1000.0, share_s);
+}
+
 static void health_next(struct tracker *t, ev_tstamp now)
 {
-	t->health_due = now + tracker_jittered_s(t->cfg->tracker_interval_ms,
-						 (double)random() / ((double)RAND_MAX + 1.0));
+	double rnd = (double)random() / ((double)RAND_MAX + 1.0);
+
+	t->health_due = now + (0.9 + 0.2 * rnd) *
+				      tracker_health_interval_s(t->cfg->tracker_interval_ms,
+								t->cfg->tracker_max_status_per_10s);
 }
 
 /* Seconds the oldest tracked job has waited IN_QUEUE, -1 when none waits. */

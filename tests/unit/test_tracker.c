@@ -296,6 +296,15 @@ static void heartbeat_ceiling(void **state)
 	assert_false(tracker_heartbeat_allowed(100.0, 500.0, 60));
 }
 
+/* /health: every interval, but at most a tenth of the /status budget. */
+static void health_interval(void **state)
+{
+	assert_true(fabs(tracker_health_interval_s(10000, 2000) - 10.0) < 1e-9);
+	assert_true(fabs(tracker_health_interval_s(300, 2000) - 0.3) < 1e-9);
+	assert_true(fabs(tracker_health_interval_s(100, 20) - 5.0) < 1e-9);  /* 1 of 20 per 10 s */
+	assert_true(fabs(tracker_health_interval_s(100, 30) - 10.0 / 3.0) < 1e-9);
+}
+
 static void queue_cap(void **state)
 {
 	assert_false(tracker_queue_full(1000000, 100, 0)); /* off */
@@ -324,6 +333,7 @@ int main(void)
 		cmocka_unit_test(health_note_warns_once),
 		cmocka_unit_test(heartbeat_ceiling),
 		cmocka_unit_test(queue_cap),
+		cmocka_unit_test(health_interval),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
