@@ -62,6 +62,7 @@ struct dispatcher {
 	enum pause_reason pause_reason;
 	bool reading;
 	bool read_wanted;       /* a drain read waits for an in-flight slot */
+	bool queue_capped;      /* reads pause: tracker.max_queued_jobs jobs wait IN_QUEUE */
 	bool stopping;
 	bool finished;
 	bool once_read_done;
@@ -873,6 +874,32 @@ static void on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *e
 	maybe_finish(d);
 }
 
+/* tracker.max_queued_jobs: true while reads pause because that many jobs
+ * wait IN_QUEUE (in-flight /run requests counted). Each change is logged
+ * once and shown in /metrics and STATUS=; the tracker's wake hook asks for
+ * a read when fewer wait. */
+static bool queue_capped(struct dispatcher *d)
+{
+	long queued = tracker_queued_jobs(d->tracker);
+	bool full = tracker_queue_full(queued, d->in_flight, d->cfg->tracker_max_queued_jobs);
+
+	if (full != d->queue_capped) {
+		struct log_line *l = log_begin(full ? LOG_WARN : LOG_INFO,
+					       full ? "reads_paused" : "reads_resumed");
+		log_int(l, "queued_jobs", queued);
+		log_int(l, "in_flight", d->in_flight);
+		log_int(l, "max_queued_jobs", d->cfg->tracker_max_queued_jobs);
+		if (full)
+			log_str(l, "msg", "RunPod is not starting the jobs sent: no new /run until "
+					  "fewer wait IN_QUEUE; the messages wait in the queue");
+		log_end(l);
+		d->queue_capped = full;
+		metrics_set_queue_cap_reached(full);
+		state_changed(d);
+	}
+	return full;
+}
+
 static void kick(struct dispatcher *d)
 {
 	if (d->reading) {
@@ -882,7 +909,7 @@ static void kick(struct dispatcher *d)
 	if (d->stopping || d->finished || d->circuit_open || !pg_ready(d->pg) ||
 	    ev_is_active(&d->pause))
 		return;
-	if (d->in_flight >= d->cfg->max_in_flight) {
+	if (d->in_flight >= d->cfg->max_in_flight || queue_capped(d)) {
 		d->read_wanted = true;
 		return;
 	}
@@ -1021,7 +1048,9 @@ static void on_wake_timer(struct ev_loop *loop, ev_timer *w, int revents)
 
 	(void)loop;
 	(void)revents;
-	log_str(l, "reason", "released messages are visible again");
+	log_str(l, "reason", ((struct dispatcher *)w->data)->queue_capped
+				     ? "fewer jobs wait IN_QUEUE (max_queued_jobs)"
+				     : "released messages are visible again");
 	log_end(l);
 	reset_idle(w->data);
 	kick(w->data);
@@ -1520,8 +1549,11 @@ void dispatcher_status(const struct dispatcher *d, char *buf, size_t len)
 	char why[96];
 	bool ready = dispatcher_ready(d, why, sizeof(why));
 
+	if (ready && d->queue_capped)
+		snprintf(why, sizeof(why), "reads paused at max_queued_jobs %d (IN_QUEUE %d)",
+			 d->cfg->tracker_max_queued_jobs, tracker_queued_jobs(d->tracker));
 	snprintf(buf, len, "%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
-		 "unknown %llu; queue length %lld", ready ? "dispatching" : why, d->in_flight,
+		 "unknown %llu; queue length %lld", ready && !d->queue_capped ? "dispatching" : why, d->in_flight,
 		 d->stats.messages_accepted, d->stats.requests_accepted, d->stats.requests_rejected,
 		 d->stats.requests_unknown, d->queue_length);
 }

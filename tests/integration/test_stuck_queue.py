@@ -7,7 +7,9 @@ deadline."""
 
 import time
 
+from daemon import Daemon, base_env
 from pgcluster import wait_until
+from test_service import NotifySocket
 from test_tracker import TRACKER, accepted, events, ids_of, jobs, metrics, read_ct, wait_event
 
 
@@ -103,3 +105,46 @@ def test_heartbeat_ceiling_stops_extending_once(queue_db, emulator, start_daemon
     assert second != job_id
     assert metrics(d)["pgmqd_tracker_heartbeat_ceilings_total"] >= 1
     assert d.stop() == 0
+
+
+def test_max_queued_jobs_pauses_reads_until_jobs_start(queue_db, emulator):
+    """Workers in a crash loop, 6 messages, one per /run, at most 2 jobs IN_QUEUE: two
+    /run, then reads pause (logged once, /metrics, STATUS=) while the messages wait in
+    the queue; healed, the jobs start and the rest go out."""
+    emulator.job_plan = lambda job_input: {"in_queue_s": 0.2, "run_s": 0.2}
+    emulator.set_unhealthy_workers(3)
+    ids = queue_db.send_many(jobs(6))
+    ns = NotifySocket(abstract=True)
+    env = base_env(queue_db, emulator, NOTIFY_SOCKET=ns.address, PGMQD_QUEUE_BATCH_SIZE=1,
+                   PGMQD_TRACKER_MAX_QUEUED_JOBS=2, **TRACKER)
+    d = Daemon(env, args=["-v"]).start()
+    try:
+        paused = wait_event(d, "reads_paused")[0]
+        assert paused["max_queued_jobs"] == "2"
+        assert int(paused["queued_jobs"]) + int(paused["in_flight"]) >= 2
+        ns.wait(lambda ms: any("STATUS=reads paused at max_queued_jobs 2 (IN_QUEUE " in m
+                              for _, m in ms),
+                what="STATUS= naming the pause")
+        # Many read opportunities pass (200 ms polls): still two jobs, four messages unread.
+        reads = d.count_log(r"event=wake_read|event=queue_empty|event=batch_read ")
+        time_limit = time.monotonic() + 3.0
+        wait_until(lambda: time.monotonic() >= time_limit, timeout=10, what="3 s to pass")
+        assert len(emulator.requests("run")) == 2
+        assert d.count_log(r"event=batch_read ") == 2 and reads == d.count_log(
+            r"event=wake_read|event=queue_empty|event=batch_read ")
+        assert sorted(read_ct(queue_db, i) for i in ids) == [0, 0, 0, 0, 1, 1]
+        assert len(events(d, "reads_paused")) == 1
+        assert metrics(d)["pgmqd_tracker_queue_cap_reached"] == 1
+
+        # Healed: jobs leave IN_QUEUE, reads resume, every message goes out once.
+        emulator.set_unhealthy_workers(0)
+        wait_event(d, "reads_resumed", timeout_s=15)
+        emulator.wait_for(lambda: len(accepted(emulator)) == 6, timeout_s=20)
+        sent = sorted(j["msg_id"] for r in accepted(emulator)
+                      for j in __import__("json").loads(r.body)["input"]["jobs"])
+        assert sent == ids
+        wait_until(lambda: metrics(d)["pgmqd_tracker_queue_cap_reached"] == 0, timeout=10,
+                   what="the cap gauge to drop")
+    finally:
+        assert d.stop() == 0
+        ns.close()
