@@ -31,12 +31,13 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config log pg pgmq http jsonscan runpod dispatcher sdnotify metrics admin tracker tracker_reply tracker_health jobtable
+MODULES   := main config log pg pgmq http jsonscan runpod dispatcher reload batch post circuit \
+             wakeup dryrun backoff ratelimit sdnotify metrics admin tracker tracker_reply tracker_health jobtable
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
 UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify \
-              test_tracker test_jobtable
+              test_tracker test_jobtable test_decisions test_reload
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install clean fuzz lint lint-tidy \
@@ -58,6 +59,13 @@ $(BUILD)/tests/%: tests/unit/%.c $(LIB_OBJS) | $(BUILD)/tests
 	$(CC) $(ALL_CFLAGS) -Wno-unused-parameter -MMD -MP $(LDFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS) $$(pkg-config --libs cmocka)
 
 -include $(OBJS:.o=.d) $(UNIT_BINS:=.d)
+
+# Allocation-failure injection: malloc, calloc, realloc and strdup of our own
+# objects go through the test's wrappers.
+$(BUILD)/tests/test_reload: tests/unit/test_reload.c $(LIB_OBJS) | $(BUILD)/tests
+	$(CC) $(ALL_CFLAGS) -Wno-unused-parameter -MMD -MP $(LDFLAGS) \
+	  -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=strdup \
+	  -o $@ $< $(LIB_OBJS) $(LDLIBS) $$(pkg-config --libs cmocka)
 
 # Installs every build and test dependency from Debian's packages (idempotent).
 deps:
@@ -101,7 +109,7 @@ bench: deps
 
 # libFuzzer targets (clang), each run for FUZZ_SECONDS from its checked-in corpus.
 FUZZ_SECONDS ?= 10
-FUZZ_TARGETS := config run_reply retry_after status_reply
+FUZZ_TARGETS := config run_reply status_reply
 FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -DPGMQD_VERSION='"$(VERSION)"' \
                 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
                 $(shell pkg-config --cflags $(PKGS))

@@ -60,9 +60,6 @@ struct http *http_new(struct ev_loop *loop);
 int http_start(struct http *h, const struct http_request_opts *o, http_done_fn fn, void *arg)
 	__attribute__((warn_unused_result));
 
-/* Number of requests started and not yet completed. */
-int http_in_flight(const struct http *h);
-
 /* Aborts every running request; each callback runs once with aborted set. */
 void http_cancel_all(struct http *h);
 

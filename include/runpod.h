@@ -71,11 +71,17 @@ int runpod_pack(const struct pgmq_message *msgs, int n, size_t envelope, size_t 
 
 /* Parses a Retry-After header value (RFC 9110 §10.2.3): delta-seconds
  * ("120") or an HTTP-date ("Wed, 21 Oct 2026 07:28:00 GMT", also the
- * obsolete RFC 850 and asctime forms). now is the current wall-clock time.
+ * obsolete RFC 850 and asctime forms, parsed by libcurl's curl_getdate,
+ * which also takes other zones than GMT and ignores unknown trailing
+ * words). now is the current wall-clock time.
  * On success stores the delay in ms (0 for a date in the past) and returns
  * 0; returns -1 for anything else (the caller falls back to its own
  * backoff). Pure. */
 int runpod_parse_retry_after(const char *value, time_t now, long long *delay_ms);
+
+/* "Authorization: Bearer <api_key>", malloc'd (the caller frees), so the
+ * header fits whatever length the key has. NULL when out of memory. */
+char *runpod_auth_header(const char *api_key);
 
 /* "{base_url}/{endpoint_id}/{op}" into buf; returns 0 or -1 if too long. */
 int runpod_url(const char *base_url, const char *endpoint_id, const char *op, char *buf,

@@ -384,11 +384,6 @@ static void check_multi_info(struct http *h)
 	}
 }
 
-int http_in_flight(const struct http *h)
-{
-	return h->in_flight;
-}
-
 void http_cancel_all(struct http *h)
 {
 	while (h->requests)

@@ -279,18 +279,28 @@ int pgmq_metrics(struct pg *pg, const char *queue, pgmq_metrics_fn fn, void *arg
 	return 0;
 }
 
+int pgmq_table_name(const char *queue, char *buf, size_t len)
+{
+	int n = snprintf(buf, len, "q_%s", queue);
+
+	if (n < 0 || (size_t)n >= len)
+		return -1;
+	for (size_t i = 2; buf[i]; i++)
+		buf[i] = (char)tolower((unsigned char)buf[i]);
+	return 0;
+}
+
 PGresult *pgmq_peek(PGconn *conn, const char *queue, int qty, char *err, size_t errlen)
 {
 	char table[64], sql[512], n[16];
 	const char *params[1] = { n };
 	char *ident;
 	PGresult *res;
-	size_t i;
 
-	/* pgmq-api.md §3.4: the table is q_ + lower(name), quoted as an identifier. */
-	snprintf(table, sizeof(table), "q_%s", queue);
-	for (i = 0; table[i]; i++)
-		table[i] = (char)tolower((unsigned char)table[i]);
+	if (pgmq_table_name(queue, table, sizeof(table)) != 0) {
+		snprintf(err, errlen, "queue name too long");
+		return NULL;
+	}
 	ident = PQescapeIdentifier(conn, table, strlen(table));
 	if (ident == NULL) {
 		snprintf(err, errlen, "%s", PQerrorMessage(conn));

