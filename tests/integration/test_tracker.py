@@ -419,3 +419,19 @@ def test_early_release_wakes_a_read_whatever_the_idle_poll_period(queue_db, emul
     again = json.loads(accepted(emulator)[1].body)["input"]["jobs"]
     assert [j["msg_id"] for j in again] == ids and again[0]["read_ct"] == 2
     assert d.stop() == 0
+
+
+def test_tracker_lines_in_json_keep_ids_as_numbers(queue_db, emulator, start_daemon):
+    """One name per thing (runpod_job_id, as in batch_accepted) and msg_ids as a JSON array
+    of numbers, not a string."""
+    emulator.job_plan = lambda job_input: {"in_queue_s": 0.2, "run_s": 0.5}
+    ids = queue_db.send_many(jobs(2))
+    d = start_daemon("-v", PGMQD_LOG_FORMAT="json", **TRACKER)
+    d.wait_log(r'"event":"job_status".*"new":"COMPLETED"')
+    lines = [json.loads(line) for line in d.lines if line.startswith("{")]
+    accepted_line = next(e for e in lines if e["event"] == "batch_accepted")
+    status = [e for e in lines if e["event"] == "job_status"]
+    assert {e["runpod_job_id"] for e in status} == {accepted_line["runpod_job_id"]}
+    assert all(e["msg_ids"] == ids for e in status)
+    assert not any("job_id" in e for e in lines)
+    assert d.stop() == 0
