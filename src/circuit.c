@@ -151,8 +151,9 @@ bool circuit_queue_capped(struct dispatcher *d)
 	log_int(l, "in_flight", d->in_flight);
 	log_int(l, "max_queued_jobs", d->cfg->tracker_max_queued_jobs);
 	if (full)
-		log_str(l, "msg", "RunPod is not starting the jobs sent: no new /run until fewer "
-				  "wait IN_QUEUE; the messages wait in the queue");
+		log_str(l, "msg",
+			"RunPod is not starting the jobs sent: no new /run until fewer "
+			"wait IN_QUEUE; the messages wait in the queue");
 	log_end(l);
 	d->queue_capped = full;
 	metrics_set_queue_cap_reached(full);

@@ -559,8 +559,10 @@ void dispatcher_status(const struct dispatcher *d, char *buf, size_t len)
 	if (ready && d->queue_capped)
 		snprintf(why, sizeof(why), "reads paused at max_queued_jobs %d (IN_QUEUE %d)",
 			 d->cfg->tracker_max_queued_jobs, tracker_queued_jobs(d->tracker));
-	snprintf(buf, len, "%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
-		 "unknown %llu; queue length %lld", ready && !d->queue_capped ? "dispatching" : why, d->in_flight,
+	snprintf(buf, len,
+		 "%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
+		 "unknown %llu; queue length %lld",
+		 ready && !d->queue_capped ? "dispatching" : why, d->in_flight,
 		 d->stats.messages_accepted, d->stats.requests_accepted, d->stats.requests_rejected,
 		 d->stats.requests_unknown, d->queue_length);
 }

@@ -411,10 +411,12 @@ static struct {
 	atomic_uint_least64_t health_time_bits;
 } mt;
 
-static const char *const health_job_names[METRICS_HEALTH_NJOBS] = {
-	"completed", "failed", "in_progress", "in_queue", "retried" };
+static const char *const health_job_names[METRICS_HEALTH_NJOBS] = { "completed", "failed",
+								    "in_progress", "in_queue",
+								    "retried" };
 static const char *const health_worker_names[METRICS_HEALTH_NWORKERS] = {
-	"idle", "initializing", "ready", "running", "throttled", "unhealthy" };
+	"idle", "initializing", "ready", "running", "throttled", "unhealthy"
+};
 
 static void tracker_metrics_init(void)
 {
@@ -525,7 +527,8 @@ static void render_tracker(struct buf *b)
 	for (size_t i = 0; i < METRICS_HEALTH_NJOBS; i++)
 		bprintf(b, PREFIX "runpod_health_jobs{state=\"%s\"} %lld\n", health_job_names[i],
 			atomic_load_explicit(&mt.health_jobs[i], memory_order_relaxed));
-	family(b, "runpod_health_workers", "gauge", "Worker counts from RunPod's /health, by state.");
+	family(b, "runpod_health_workers", "gauge",
+	       "Worker counts from RunPod's /health, by state.");
 	for (size_t i = 0; i < METRICS_HEALTH_NWORKERS; i++)
 		bprintf(b, PREFIX "runpod_health_workers{state=\"%s\"} %lld\n",
 			health_worker_names[i],

@@ -425,8 +425,9 @@ int runpod_parse_health_reply(const char *body, size_t len, struct runpod_health
 {
 	static const char *const job_keys[RUNPOD_HJ_N] = { "completed", "failed", "inProgress",
 							   "inQueue", "retried" };
-	static const char *const worker_keys[RUNPOD_HW_N] = { "idle", "initializing", "ready",
-							      "running", "throttled", "unhealthy" };
+	static const char *const worker_keys[RUNPOD_HW_N] = {
+		"idle", "initializing", "ready", "running", "throttled", "unhealthy"
+	};
 	cJSON *root;
 	const cJSON *jobs, *workers;
 	int rc = -1;
@@ -441,7 +442,9 @@ int runpod_parse_health_reply(const char *body, size_t len, struct runpod_health
 		for (int i = 0; i < RUNPOD_HJ_N; i++)
 			out->jobs[i] = cJSON_IsObject(jobs) ? counter_of(jobs, job_keys[i]) : 0;
 		for (int i = 0; i < RUNPOD_HW_N; i++)
-			out->workers[i] = cJSON_IsObject(workers) ? counter_of(workers, worker_keys[i]) : 0;
+			out->workers[i] = cJSON_IsObject(workers)
+						  ? counter_of(workers, worker_keys[i])
+						  : 0;
 		rc = 0;
 	}
 	cJSON_Delete(root);

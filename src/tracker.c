@@ -147,7 +147,8 @@ void tracker_log_ids(struct log_line *l, const long long *ids, int n)
 {
 	if (l == NULL)
 		return;
-	log_int_list(l, "msg_ids", ids, (size_t)(n < TRACKER_IDS_PER_LINE ? n : TRACKER_IDS_PER_LINE));
+	log_int_list(l, "msg_ids", ids,
+		     (size_t)(n < TRACKER_IDS_PER_LINE ? n : TRACKER_IDS_PER_LINE));
 	if (n > TRACKER_IDS_PER_LINE)
 		log_int(l, "msg_count", n);
 }
@@ -354,8 +355,9 @@ static void db_work(struct tracker *t, struct tjob *j, ev_tstamp now)
 		log_int(l, "tracked_s", (long long)(now - j->added_at));
 		log_int(l, "max_heartbeat_s", t->cfg->tracker_max_heartbeat_s);
 		log_int(l, "vt_left_s", (long long)fmax(0.0, j->vt_until - now));
-		log_str(l, "msg", "no more vt extensions for this job: its messages become visible "
-				  "when their vt runs out and are read again; the job is still followed");
+		log_str(l, "msg",
+			"no more vt extensions for this job: its messages become visible "
+			"when their vt runs out and are read again; the job is still followed");
 		log_end(l);
 		metrics_inc_tracker_heartbeat_ceilings();
 		j->hb_ceiling = true;

@@ -74,7 +74,8 @@ void tracker_health_start(struct tracker *t, ev_tstamp now)
 	if (op == NULL || http_start(t->http, &o, tracker_on_health, op) != 0) {
 		if (op)
 			tracker_op_free(op);
-		log_msg(LOG_DEBUG, "health_not_started", "cannot start a /health request; retrying");
+		log_msg(LOG_DEBUG, "health_not_started",
+			"cannot start a /health request; retrying");
 		return;
 	}
 	t->health_polling = true;
@@ -106,16 +107,18 @@ static void health_ok(struct tracker *t, const struct runpod_health *h, ev_tstam
 		t->health_failing = false;
 		log_msg(LOG_INFO, "health_recovered", "/health answers again");
 	}
-	switch (tracker_health_note(t->unhealthy_warned, h->workers[RUNPOD_HW_UNHEALTHY], in_queue)) {
+	switch (tracker_health_note(t->unhealthy_warned, h->workers[RUNPOD_HW_UNHEALTHY],
+				    in_queue)) {
 	case TRACKER_HEALTH_WARN:
 		t->unhealthy_warned = true;
 		l = log_begin(LOG_WARN, "runpod_workers_unhealthy");
 		log_counts(l, h);
 		log_int(l, "jobs_in_queue", in_queue);
 		log_int(l, "oldest_in_queue_s", (long long)oldest_in_queue_s(t, now));
-		log_str(l, "msg", "RunPod reports unhealthy workers while jobs wait IN_QUEUE: workers "
-				  "that crash at start look like a long queue; see the endpoint's worker "
-				  "logs (said once until no worker is unhealthy)");
+		log_str(l, "msg",
+			"RunPod reports unhealthy workers while jobs wait IN_QUEUE: workers "
+			"that crash at start look like a long queue; see the endpoint's worker "
+			"logs (said once until no worker is unhealthy)");
 		log_end(l);
 		break;
 	case TRACKER_HEALTH_RECOVERED:
@@ -141,8 +144,9 @@ static void health_failed(struct tracker *t, const struct http_response *r, ev_t
 	else if (r->body_len > 0)
 		log_excerpt(l, "body", r->body, r->body_len, BODY_EXCERPT_BYTES);
 	if (!t->health_failing)
-		log_str(l, "msg", "worker counts in /metrics are stale until /health answers again "
-				  "(further failures at debug level)");
+		log_str(l, "msg",
+			"worker counts in /metrics are stale until /health answers again "
+			"(further failures at debug level)");
 	log_end(l);
 	t->health_failing = true;
 	if (r->status == 429) { /* the same budget as /status: both wait */

@@ -75,11 +75,11 @@ struct tracker {
 	void *wake_arg;
 
 	/* GET /health (tracker_health.c), polled while jobs are tracked */
-	char health_url[2048];   /* "" when it does not fit: no polls */
-	bool health_polling;     /* a /health request is in flight */
-	bool health_failing;     /* /health failing: warned once per streak */
-	bool unhealthy_warned;   /* runpod_workers_unhealthy said, not yet recovered */
-	ev_tstamp health_due;    /* next /health poll */
+	char health_url[2048]; /* "" when it does not fit: no polls */
+	bool health_polling;   /* a /health request is in flight */
+	bool health_failing;   /* /health failing: warned once per streak */
+	bool unhealthy_warned; /* runpod_workers_unhealthy said, not yet recovered */
+	ev_tstamp health_due;  /* next /health poll */
 };
 
 /* The job named id, or NULL. */

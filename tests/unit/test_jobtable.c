@@ -146,7 +146,8 @@ static void heaps_match_brute_force(void **state)
 				r->in_heap[k] = false;
 		}
 		for (int k = 0; k < JT_NHEAPS; k++)
-			assert_ptr_equal(jobtable_first(&t, (enum jt_heap)k), brute_first((enum jt_heap)k));
+			assert_ptr_equal(jobtable_first(&t, (enum jt_heap)k),
+					 brute_first((enum jt_heap)k));
 	}
 	/* Draining a heap yields its keys in order. */
 	{

@@ -135,18 +135,37 @@ static void help_and_type_lines(void **state)
 static void every_line_is_well_formed(void **state)
 {
 	static const char *const allowed[] = {
-		"reason=\"too_large\"", "reason=\"max_read_ct\"", "result=\"rows\"",
-		"result=\"empty\"",     "result=\"error\"",       "outcome=\"accepted\"",
-		"outcome=\"rejected\"", "outcome=\"unknown\"",    "le=\"",
+		"reason=\"too_large\"",
+		"reason=\"max_read_ct\"",
+		"result=\"rows\"",
+		"result=\"empty\"",
+		"result=\"error\"",
+		"outcome=\"accepted\"",
+		"outcome=\"rejected\"",
+		"outcome=\"unknown\"",
+		"le=\"",
 		/* the tracker's */
-		"status=\"IN_QUEUE\"", "status=\"IN_PROGRESS\"", "status=\"RUNNING\"",
-		"status=\"OTHER\"", "status=\"COMPLETED\"", "status=\"FAILED\"",
-		"status=\"CANCELLED\"", "status=\"TIMED_OUT\"", "status=\"EXPIRED\"",
+		"status=\"IN_QUEUE\"",
+		"status=\"IN_PROGRESS\"",
+		"status=\"RUNNING\"",
+		"status=\"OTHER\"",
+		"status=\"COMPLETED\"",
+		"status=\"FAILED\"",
+		"status=\"CANCELLED\"",
+		"status=\"TIMED_OUT\"",
+		"status=\"EXPIRED\"",
 		/* RunPod's /health */
-		"state=\"completed\"", "state=\"failed\"", "state=\"in_progress\"",
-		"state=\"in_queue\"", "state=\"retried\"", "state=\"idle\"",
-		"state=\"initializing\"", "state=\"ready\"", "state=\"running\"",
-		"state=\"throttled\"", "state=\"unhealthy\"",
+		"state=\"completed\"",
+		"state=\"failed\"",
+		"state=\"in_progress\"",
+		"state=\"in_queue\"",
+		"state=\"retried\"",
+		"state=\"idle\"",
+		"state=\"initializing\"",
+		"state=\"ready\"",
+		"state=\"running\"",
+		"state=\"throttled\"",
+		"state=\"unhealthy\"",
 	};
 	char *text, *save = NULL;
 

@@ -301,7 +301,7 @@ static void health_interval(void **state)
 {
 	assert_true(fabs(tracker_health_interval_s(10000, 2000) - 10.0) < 1e-9);
 	assert_true(fabs(tracker_health_interval_s(300, 2000) - 0.3) < 1e-9);
-	assert_true(fabs(tracker_health_interval_s(100, 20) - 5.0) < 1e-9);  /* 1 of 20 per 10 s */
+	assert_true(fabs(tracker_health_interval_s(100, 20) - 5.0) < 1e-9); /* 1 of 20 per 10 s */
 	assert_true(fabs(tracker_health_interval_s(100, 30) - 10.0 / 3.0) < 1e-9);
 }
 
