@@ -5,9 +5,10 @@ the age of the oldest waiting job, warns once, stops heartbeating a job after
 max_heartbeat_s, and max_queued_jobs pauses reads. Every wait is on a condition with a
 deadline."""
 
+import json
 import time
 
-from daemon import Daemon, base_env
+from daemon import Daemon, assert_no_sanitizer_report, base_env
 from pgcluster import wait_until
 from test_service import NotifySocket
 from test_tracker import TRACKER, accepted, events, ids_of, jobs, metrics, read_ct, wait_event
@@ -141,10 +142,11 @@ def test_max_queued_jobs_pauses_reads_until_jobs_start(queue_db, emulator):
         wait_event(d, "reads_resumed", timeout_s=15)
         emulator.wait_for(lambda: len(accepted(emulator)) == 6, timeout_s=20)
         sent = sorted(j["msg_id"] for r in accepted(emulator)
-                      for j in __import__("json").loads(r.body)["input"]["jobs"])
+                      for j in json.loads(r.body)["input"]["jobs"])
         assert sent == ids
         wait_until(lambda: metrics(d)["pgmqd_tracker_queue_cap_reached"] == 0, timeout=10,
                    what="the cap gauge to drop")
     finally:
         assert d.stop() == 0
         ns.close()
+        assert_no_sanitizer_report(d.output)
