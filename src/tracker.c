@@ -528,9 +528,15 @@ static void forget_all(struct tracker *t)
 
 void tracker_reload(struct tracker *t, const struct config *cfg)
 {
+	int old_cap;
+
 	if (t == NULL)
 		return;
+	old_cap = t->cfg->tracker_max_queued_jobs;
 	apply(t, cfg, true);
+	/* Reads paused at the old max_queued_jobs look again now. */
+	if (cfg->tracker_max_queued_jobs != old_cap && t->wake)
+		t->wake(t->wake_arg, 0.0);
 	if (!cfg->tracker_enabled && t->enabled) {
 		struct log_line *l = log_begin(LOG_INFO, "tracker_disabled");
 		log_int(l, "jobs", jobtable_count(&t->jobs));
