@@ -71,7 +71,7 @@ fi
 unit_has() { grep -qx "$1" "$UNIT"; }
 # shellcheck disable=SC2016 # $MAINPID is systemd's, not the shell's
 for line in Type=notify WatchdogSec=30s 'Documentation=man:pgmq-dispatcher(8)' \
-	'ExecReload=/bin/kill -HUP $MAINPID' Restart=on-failure 'RestartPreventExitStatus=64 78' \
+	"ExecReload=/bin/sh -c 'kill -HUP \$MAINPID'" Restart=on-failure 'RestartPreventExitStatus=64 78' \
 	"ExecStartPre=$INSTALLED_BIN --check-config"; do
 	if unit_has "$line"; then pass "$line"; else fail "missing: $line"; fi
 done
