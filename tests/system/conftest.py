@@ -87,7 +87,11 @@ def setup_sql(extension: bool) -> str:
         "\\i /opt/pgmqd-test/pgmq.sql"
     return f"""{load}
 SELECT pgmq.create('{QUEUE}');
-CREATE ROLE pgmq_dispatcher LOGIN PASSWORD '{DB_PASSWORD}';
+DO $$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'pgmq_dispatcher') THEN
+    CREATE ROLE pgmq_dispatcher LOGIN PASSWORD '{DB_PASSWORD}';
+  END IF;
+END $$;
 GRANT USAGE ON SCHEMA pgmq TO pgmq_dispatcher;
 GRANT ALL ON ALL TABLES IN SCHEMA pgmq TO pgmq_dispatcher;
 GRANT ALL ON ALL SEQUENCES IN SCHEMA pgmq TO pgmq_dispatcher;

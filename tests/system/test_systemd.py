@@ -231,6 +231,24 @@ def test_security_exposure_at_most_1_5(booted):
     assert float(m.group(1)) <= 1.5
 
 
+def test_enabled_unit_boot_to_ready(booted):
+    """Enabled, the unit comes up with the system: the time from systemd's
+    start in the container to the unit's READY=1 (active)."""
+    c = booted
+    c.run(["systemctl", "enable", UNIT])
+    assert c.poweroff() == 0
+    boot_s = c.boot()
+    wait_until(lambda: c.show(UNIT, "ActiveState") == "active", 60, "the unit after boot")
+    wall_s = time.monotonic() - c.boot_started
+    userspace = int(c.run(["systemctl", "show", "-P", "UserspaceTimestampMonotonic"]).stdout)
+    active = int(c.show(UNIT, "ActiveEnterTimestampMonotonic"))
+    ready_s = (active - userspace) / 1e6
+    print(f"\nsystem: boot to READY=1: {ready_s:.2f} s after PID 1 started "
+          f"({wall_s:.1f} s from launching systemd-nspawn; boot finished after {boot_s:.1f} s)")
+    assert 0 < ready_s < 60
+    assert c.show(UNIT, "NRestarts") == "0"
+
+
 def test_secrets_never_in_journal(booted):
     c = booted
     # Read from outside, every field of every entry, binary-safe.
