@@ -29,9 +29,23 @@ API_KEY = "rpa_SYSTEST_" + os.urandom(12).hex()
 DB_PASSWORD = "pw_SYSTEST_" + os.urandom(12).hex()
 
 
+_rootfs: subprocess.Popen | None = None
+
+
 def pytest_configure(config):
+    """Starts building (or finding) the cached Debian root at once, so that its
+    debootstrap overlaps the Docker tests' on a cold machine."""
+    global _rootfs
     if os.geteuid() != 0:
         pytest.exit("tests/system needs root (systemd-nspawn, dockerd)", returncode=1)
+    _rootfs = subprocess.Popen(["sh", str(HERE / "rootfs.sh")], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+
+
+def cached_root() -> str:
+    out, err = _rootfs.communicate(timeout=1800)
+    assert _rootfs.returncode == 0, f"tests/system/rootfs.sh failed:\n{err}"
+    return out.strip()
 
 
 def _deb() -> Path:
@@ -172,8 +186,7 @@ def booted(deb, request):
     """A booted root (cached debootstrap, copied), the .deb installed in it
     with dpkg while systemd runs (so its maintainer scripts meet a live
     systemd), PostgreSQL, pgmq and the emulator up."""
-    base = subprocess.run(["sh", str(HERE / "rootfs.sh")], check=True, capture_output=True,
-                          text=True).stdout.strip()
+    base = cached_root()
     work = Path(tempfile.mkdtemp(prefix="pgmqd-system-", dir="/var/tmp"))
     root = work / "root"
     subprocess.run(["cp", "-a", "--reflink=auto", base, str(root)], check=True)
