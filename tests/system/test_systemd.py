@@ -85,12 +85,14 @@ def test_active_only_after_ready_and_dispatches(booted):
         c.run(["systemd-analyze", "log-level", "info"])
     assert c.show(UNIT, "ActiveState") == "active"
     assert c.show(UNIT, "SubState") == "running"
-    pid1 = c.journal("_PID=1", after=cur)
-    ready = pid1.find("READY=1")
-    active = pid1.find("Changed start -> running")
-    assert ready != -1, pid1[-3000:]
-    assert active != -1, pid1[-3000:]
-    assert ready < active, "the unit became active before the daemon's READY=1"
+    pid1 = [line for line in c.journal("_PID=1", after=cur).splitlines()
+            if f"{UNIT}: " in line]
+    ready = [i for i, line in enumerate(pid1)
+             if "Got notification message" in line and "READY=1" in line]
+    running = [i for i, line in enumerate(pid1) if re.search(r"Changed \S+ -> running", line)]
+    assert ready and running, "\n".join(pid1[-40:])
+    assert ready[0] < running[0], \
+        "the unit became active before the daemon's READY=1:\n" + "\n".join(pid1[-40:])
     print(f"\nsystem: systemctl start to active (READY=1): {c.ready_s:.2f} s")
 
     cur = c.cursor()
@@ -115,7 +117,8 @@ def test_reload_applies_a_changed_value(booted):
     finally:
         c.run(["systemd-analyze", "log-level", "info"])
     assert c.show(UNIT, "ActiveState") == "active"
-    pid1 = c.journal("_PID=1", after=cur)
+    pid1 = "\n".join(line for line in c.journal("_PID=1", after=cur).splitlines()
+                     if f"{UNIT}: Got notification message" in line)
     reloading = pid1.find("RELOADING=1")
     ready = pid1.find("READY=1", max(reloading, 0))
     assert reloading != -1 and ready > reloading, pid1[-3000:]
