@@ -108,6 +108,28 @@ else
 	fail "TimeoutStopSec='${stop_s}' s is not above daemon.shutdown_timeout_ms '${drain_ms}' ms"
 fi
 
+# --- make install / uninstall ----------------------------------------------
+echo "== make install PREFIX=/usr, make uninstall (DESTDIR)"
+inst=$tmp/inst
+if make -s install DESTDIR="$inst" PREFIX=/usr UNITDIR=/lib/systemd/system >/dev/null 2>&1; then
+	iunit=$inst/lib/systemd/system/pgmq-dispatcher.service
+	n=$(grep -cE '^Exec(Start|StartPre)=/usr/bin/pgmq-dispatcher( |$)' "$iunit" 2>/dev/null)
+	if [ "${n:-0}" -eq 2 ] && ! grep -q '^Exec.*/usr/local/' "$iunit"; then
+		pass "installed unit names /usr/bin/pgmq-dispatcher ($n Exec lines)"
+	else
+		fail "installed unit does not name \$(BINDIR): $(grep '^Exec' "$iunit" 2>/dev/null | tr '\n' ' ')"
+	fi
+	make -s uninstall DESTDIR="$inst" PREFIX=/usr UNITDIR=/lib/systemd/system >/dev/null 2>&1
+	left=$(find "$inst" -type f ! -path "*/etc/*" | wc -l)
+	if [ "$left" -eq 0 ] && [ -f "$inst/etc/pgmq-dispatcher/pgmq-dispatcher.conf" ]; then
+		pass "make uninstall removed binary, man page and unit; kept /etc"
+	else
+		fail "make uninstall left $left file(s) outside /etc or removed the configuration"
+	fi
+else
+	fail "make install DESTDIR=... PREFIX=/usr failed"
+fi
+
 # --- man page -------------------------------------------------------------
 echo "== $MAN"
 out=$(groff -man -ww -z "$MAN" 2>&1)
