@@ -40,6 +40,7 @@ struct config {
 	char *endpoint_id;
 	char *api_key;           /* secret */
 	char *base_url;          /* no trailing slash */
+	char *ca_file;           /* PEM CA bundle for https; "" = the system store */
 	int connect_timeout_ms;
 	int request_timeout_ms;
 	int max_body_bytes;      /* split batches above it; archive single messages above it */
@@ -47,7 +48,7 @@ struct config {
 	int backoff_max_ms;      /* cap of the exponential pause */
 	int retry_after_max_ms;  /* cap on a 429/503 Retry-After */
 	int probe_interval_ms;   /* cap of the /health probe period while the circuit is open */
-	int max_requests_per_10s;/* token bucket on /run (RunPod: 1000 per 10 s per endpoint) */
+	int max_requests_per_10s;/* sliding 10 s window on /run (RunPod: 1000 per 10 s per endpoint) */
 	char *webhook;           /* optional "webhook" beside "input"; "" = none */
 	int policy_execution_timeout_ms; /* policy.executionTimeout; 0 = not sent */
 	int policy_ttl_ms;       /* policy.ttl; 0 = not sent */
@@ -70,6 +71,7 @@ struct config {
 
 	/* Where each key's value came from, indexed like the key table. */
 	unsigned char source[CONFIG_MAX_KEYS];
+	bool file_read;          /* the configuration file existed and was read */
 };
 
 /* What to load. envp is a NULL-terminated "NAME=value" array (environ in
@@ -95,13 +97,20 @@ int config_load(const struct config_input *in, struct config *out,
 		config_error_fn on_error, void *arg);
 
 /* For a reload: copies into next the values of keys that cannot change
- * at runtime (queue.name) from cur, calling ignored() for each such key
- * whose value differed. */
+ * at runtime (database.listen_conninfo, database.connect_timeout_ms,
+ * queue.name, queue.notify, admin.listen: the F_STATIC rows of the key
+ * table in config.c) from cur, calling ignored()
+ * for each such key whose value differed. */
 void config_keep_static(const struct config *cur, struct config *next,
 			void (*ignored)(void *arg, const char *key), void *arg);
 
 /* Frees the strings of a snapshot loaded by config_load(). NULL-safe. */
 void config_free(struct config *cfg);
+
+/* One line for -t: which file was read (path, as given to config_load)
+ * and how many keys came from each source, e.g. "file /etc/x.conf (2
+ * keys); environment: 3 keys; default: 40 keys". */
+void config_describe(const struct config *cfg, const char *path, char *buf, size_t len);
 
 /* Writes the effective configuration to fp (a FILE *), one
  * "section.key = value  # source" line each; secrets print as "***" and the

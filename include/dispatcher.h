@@ -5,7 +5,14 @@
  * are outstanding). Outcomes follow DESIGN.md's delivery semantics:
  * accepted → logged, the worker owns the messages; rejected → messages
  * released with set_vt(backoff) and reads paused for that backoff; unknown →
- * messages keep their vt, logged distinctly. Knows no wire formats. */
+ * messages keep their vt, logged distinctly.
+ *
+ * The public face of a dispatcher split into modules (docs/architecture.md):
+ * dispatcher.c (pipeline, drain, lifecycle), reload.c, batch.c, post.c,
+ * circuit.c, wakeup.c, with the decisions in backoff.c and ratelimit.c.
+ * It writes no SQL (pgmq.c does, apart from the LISTEN statements in
+ * wakeup.c) and no /run body (runpod.c), but it does choose the HTTP
+ * headers of its requests. */
 #ifndef PGMQD_DISPATCHER_H
 #define PGMQD_DISPATCHER_H
 
@@ -66,9 +73,6 @@ const struct dispatcher_stats *dispatcher_stats(const struct dispatcher *d);
  * outcome unknown, logged with its msg ids; their messages keep the vt. */
 void dispatcher_abort(struct dispatcher *d);
 
-/* True while 401/403/404 keep reads stopped. */
-bool dispatcher_circuit_open(const struct dispatcher *d);
-
 /* Registers fn, called on the loop whenever the state changes (database
  * connected or lost, circuit opened or closed, stopping) and after each
  * queue metrics refresh. */
@@ -89,11 +93,5 @@ void dispatcher_free(struct dispatcher *d);
  * bodies a read would send now (split under max_body_bytes), one per line.
  * Returns 0, or -1 after logging why. */
 int dispatcher_dry_run(const struct config *cfg, FILE *out);
-
-/* Pause before the next read after `failures` consecutive failures
- * (1-based): capped exponential with full jitter, rnd in [0, 1). Never below
- * min_ms so that a pause is a pause. Pure. */
-double dispatcher_backoff_ms(int failures, double base_ms, double cap_ms, double min_ms,
-			     double rnd);
 
 #endif

@@ -47,6 +47,7 @@ struct http_request_opts {
 	size_t body_len;
 	long connect_timeout_ms;
 	long timeout_ms;             /* whole transfer */
+	const char *ca_file;         /* PEM CA bundle (CURLOPT_CAINFO); NULL or "" = system store */
 };
 
 /* Creates the multi handle and its watchers. Call curl_global_init() once
@@ -58,9 +59,6 @@ struct http *http_new(struct ev_loop *loop);
  * be started (logged; fn is not called). */
 int http_start(struct http *h, const struct http_request_opts *o, http_done_fn fn, void *arg)
 	__attribute__((warn_unused_result));
-
-/* Number of requests started and not yet completed. */
-int http_in_flight(const struct http *h);
 
 /* Aborts every running request; each callback runs once with aborted set. */
 void http_cancel_all(struct http *h);

@@ -7,7 +7,7 @@
  * with PQconsumeInput/PQisBusy/PQgetResult from an ev_io. Nothing blocks.
  *
  * A lost connection is logged once and repaired with capped exponential
- * backoff and full jitter. Knows nothing of PGMQ or RunPod. */
+ * backoff and full jitter (backoff.h). Knows nothing of PGMQ or RunPod. */
 #ifndef PGMQD_PG_H
 #define PGMQD_PG_H
 
@@ -68,9 +68,6 @@ int pg_query(struct pg *pg, const char *sql, int nparams, const char *const *par
  * or -1 when out of memory (the old conninfo stays). */
 int pg_set_conninfo(struct pg *pg, const char *conninfo);
 
-/* Number of queries queued or running. */
-int pg_pending(const struct pg *pg);
-
 /* Closes the connection, fails pending queries with connection_lost (their
  * callbacks run inside this call) and frees everything. NULL-safe. */
 void pg_free(struct pg *pg);
@@ -79,10 +76,5 @@ void pg_free(struct pg *pg);
  * LISTEN channels such as pgmq.q_jobs.INSERT that contain dots and capitals
  * (pgmq-api.md §5). Returns 0, or -1 when it does not fit. Pure. */
 int pg_quote_ident(const char *name, char *buf, size_t len);
-
-/* Backoff before reconnect attempt number `attempt` (0-based): a uniformly
- * random delay in [0, min(cap_ms, base_ms * 2^attempt)] (full jitter).
- * rnd is a value in [0, 1). Pure. */
-double pg_backoff_ms(int attempt, double base_ms, double cap_ms, double rnd);
 
 #endif

@@ -81,6 +81,10 @@ typedef void (*pgmq_metrics_fn)(void *arg, long long length, double oldest_age_s
 int pgmq_metrics(struct pg *pg, const char *queue, pgmq_metrics_fn fn, void *arg)
 	__attribute__((warn_unused_result));
 
+/* The queue's table in schema pgmq, q_ + lower(queue) (pgmq-api.md §3.4),
+ * unquoted, into buf. Returns 0, or -1 when it does not fit. Pure. */
+int pgmq_table_name(const char *queue, char *buf, size_t len);
+
 /* Blocking, read-only look at the next qty visible messages of a queue
  * (for --dry-run): selects from pgmq.q_<lower(queue)> without locking or
  * changing anything; read_ct is shown as the read would make it (+1).

@@ -71,11 +71,17 @@ int runpod_pack(const struct pgmq_message *msgs, int n, size_t envelope, size_t 
 
 /* Parses a Retry-After header value (RFC 9110 §10.2.3): delta-seconds
  * ("120") or an HTTP-date ("Wed, 21 Oct 2026 07:28:00 GMT", also the
- * obsolete RFC 850 and asctime forms). now is the current wall-clock time.
+ * obsolete RFC 850 and asctime forms, parsed by libcurl's curl_getdate,
+ * which also takes other zones than GMT and ignores unknown trailing
+ * words). now is the current wall-clock time.
  * On success stores the delay in ms (0 for a date in the past) and returns
  * 0; returns -1 for anything else (the caller falls back to its own
  * backoff). Pure. */
 int runpod_parse_retry_after(const char *value, time_t now, long long *delay_ms);
+
+/* "Authorization: Bearer <api_key>", malloc'd (the caller frees), so the
+ * header fits whatever length the key has. NULL when out of memory. */
+char *runpod_auth_header(const char *api_key);
 
 /* "{base_url}/{endpoint_id}/{op}" into buf; returns 0 or -1 if too long. */
 int runpod_url(const char *base_url, const char *endpoint_id, const char *op, char *buf,
@@ -85,12 +91,15 @@ int runpod_url(const char *base_url, const char *endpoint_id, const char *op, ch
 struct runpod_run_reply {
 	char id[RUNPOD_JOB_ID_MAX + 1];
 	char status[RUNPOD_STATUS_MAX + 1];
+	char why[80]; /* when parsing failed: "id: control character", ... */
 };
 
 /* Parses a /run reply body (not NUL-terminated; len bytes). Unknown members
  * are ignored. Returns 0, or -1 when the body is not a JSON object with a
- * non-empty string "id" of at most RUNPOD_JOB_ID_MAX printable bytes. A
- * missing or odd "status" leaves status "". */
+ * non-empty string "id" of at most RUNPOD_JOB_ID_MAX bytes, with why set.
+ * Strings are judged on their raw bytes (jsonscan.h): valid UTF-8, valid
+ * escapes, no control character, within the limit. A missing or odd
+ * "status" leaves status "". Pure. */
 int runpod_parse_run_reply(const char *body, size_t len, struct runpod_run_reply *out);
 
 enum runpod_outcome {
@@ -137,8 +146,10 @@ struct runpod_status_reply {
  * must be a non-empty string of printable bytes; a longer one than
  * RUNPOD_STATUS_MAX is cut (it is then unknown, i.e. non-terminal). An
  * "error" that is not a string (a handler's object) is kept as compact JSON
- * text. Unknown members are ignored. Returns 0, or -1 when the body is not
- * a JSON object with such a status. Pure. */
+ * text; an unusable error string (control characters other than \n \r \t)
+ * is replaced by a note saying why. An unusable "id" is left "". Strings
+ * are judged on their raw bytes (jsonscan.h). Unknown members are ignored.
+ * Returns 0, or -1 when the body is not a JSON object with such a status. Pure. */
 int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status_reply *out);
 
 /* True for COMPLETED, FAILED, CANCELLED and TIMED_OUT (§5); every other
@@ -146,8 +157,9 @@ int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status
 bool runpod_status_is_terminal(const char *status);
 
 /* "{base_url}/{endpoint_id}/status/{job_id}" into buf, the job id
- * percent-encoded outside RFC 3986's unreserved characters (ids are
- * opaque). Returns 0, or -1 if it does not fit. */
+ * percent-encoded outside RFC 3986's unreserved characters by
+ * curl_easy_escape() (ids are opaque). Returns 0, or -1 if it does not fit
+ * or out of memory. */
 int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id,
 		      char *buf, size_t len);
 

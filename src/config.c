@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 enum ktype { K_STR, K_INT, K_ENUM, K_BOOL };
@@ -47,9 +48,12 @@ static const char *check_api_key(const char *v);
 static const char *check_base_url(const char *v);
 static const char *check_listen(const char *v);
 static const char *check_webhook(const char *v);
+static const char *check_ca_file(const char *v);
 
 #define OFF(f) offsetof(struct config, f)
 
+/* One row per key reads best as a table: */
+/* clang-format off */
 static const struct key keys[] = {
 	{ "database", "conninfo", K_STR, OFF(conninfo), "", 0, 0, F_SECRET | F_FILE | F_CONNINFO,
 	  { "DATABASE_URL" }, "database_conninfo", NULL, check_conninfo },
@@ -79,6 +83,8 @@ static const struct key keys[] = {
 	  "runpod_api_key", NULL, check_api_key },
 	{ "runpod", "base_url", K_STR, OFF(base_url), "https://api.runpod.ai/v2", 0, 0, 0,
 	  { "RUNPOD_ENDPOINT_BASE_URL" }, NULL, NULL, check_base_url },
+	/* PEM bundle for private CAs and TLS-inspecting egress proxies; "" = the system store. */
+	{ "runpod", "ca_file", K_STR, OFF(ca_file), "", 0, 0, 0, { 0 }, NULL, NULL, check_ca_file },
 	{ "runpod", "connect_timeout_ms", K_INT, OFF(connect_timeout_ms), "10000", 100, 600000, 0, { 0 },
 	  NULL, NULL, NULL },
 	{ "runpod", "request_timeout_ms", K_INT, OFF(request_timeout_ms), "30000", 100, 3600000, 0,
@@ -127,6 +133,7 @@ static const struct key keys[] = {
 	{ "daemon", "shutdown_timeout_ms", K_INT, OFF(shutdown_timeout_ms), "8000", 0, 600000, 0, { 0 },
 	  NULL, NULL, NULL },
 };
+/* clang-format on */
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
 _Static_assert(NKEYS <= CONFIG_MAX_KEYS, "raise CONFIG_MAX_KEYS");
@@ -141,6 +148,7 @@ struct raw {
 	config_error_fn on_error;
 	void *arg;
 	const char *path;
+	bool file_missing;               /* the default file does not exist */
 };
 
 static void fail(struct raw *r, const char *key, const char *where, const char *fmt, ...)
@@ -239,6 +247,69 @@ static char *line_reader(char *str, int num, void *stream)
 	return s;
 }
 
+/* Edit distance (Levenshtein) of two short strings, capped at 99. */
+static int distance(const char *a, const char *b)
+{
+	size_t la = strlen(a), lb = strlen(b);
+	int row[65];
+
+	if (la > 64 || lb > 64)
+		return 99;
+	for (size_t j = 0; j <= lb; j++)
+		row[j] = (int)j;
+	for (size_t i = 1; i <= la; i++) {
+		int diag = row[0];
+		row[0] = (int)i;
+		for (size_t j = 1; j <= lb; j++) {
+			int up = row[j], best = diag + (tolower((unsigned char)a[i - 1]) !=
+							tolower((unsigned char)b[j - 1]));
+			if (up + 1 < best)
+				best = up + 1;
+			if (row[j - 1] + 1 < best)
+				best = row[j - 1] + 1;
+			diag = up;
+			row[j] = best;
+		}
+	}
+	return row[lb];
+}
+
+static void env_name(const struct key *k, char *buf, size_t len);
+
+/* The known name nearest to an unknown one ("section.key", or an
+ * environment variable when env), or NULL when none is close. */
+static const char *nearest_key(const char *unknown, bool env, char *buf, size_t len)
+{
+	int best = 99;
+	char name[128];
+
+	for (size_t i = 0; i < NKEYS; i++) {
+		int d;
+		if (env)
+			env_name(&keys[i], name, sizeof(name));
+		else
+			snprintf(name, sizeof(name), "%s.%s", keys[i].section, keys[i].name);
+		d = distance(unknown, name);
+		if (d < best) {
+			best = d;
+			snprintf(buf, len, "%s", name);
+		}
+	}
+	/* A typo, not another word: at most a third of the name differs. */
+	return best <= 3 && (size_t)best * 3 <= strlen(unknown) ? buf : NULL;
+}
+
+/* True for the example file's stand-ins ("your-endpoint-id", "<key>",
+ * "changeme"): a value that was never filled in. */
+static bool is_placeholder(const char *v)
+{
+	size_t n = strlen(v);
+
+	return strncasecmp(v, "your-", 5) == 0 || strncasecmp(v, "your_", 5) == 0 ||
+	       (n >= 2 && v[0] == '<' && v[n - 1] == '>') || strcasecmp(v, "changeme") == 0 ||
+	       strcasecmp(v, "change-me") == 0 || strcasecmp(v, "todo") == 0;
+}
+
 static int on_ini_value(void *user, const char *section, const char *name, const char *value)
 {
 	struct file_ctx *fc = user;
@@ -250,7 +321,11 @@ static int on_ini_value(void *user, const char *section, const char *name, const
 	snprintf(where, sizeof(where), "file %s:%d", r->path, lineno);
 	snprintf(label, sizeof(label), "%s.%s", section, name);
 	if (i < 0) {
-		fail(r, label, where, "unknown key");
+		char near[128];
+		if (nearest_key(label, false, near, sizeof(near)))
+			fail(r, label, where, "unknown key; did you mean %s?", near);
+		else
+			fail(r, label, where, "unknown key");
 		return 1;
 	}
 	if (fc->seen[i]) {
@@ -283,6 +358,8 @@ static void load_file(struct raw *r, const char *path, bool explicit_path)
 		if (explicit_path || errno != ENOENT)
 			fail(r, "config", path, "cannot open the configuration file: %s",
 			     strerror(errno));
+		else
+			r->file_missing = true;
 		return;
 	}
 	fc.fp = fp;
@@ -443,8 +520,13 @@ static void load_env(struct raw *r, char *const *envp)
 				known = true;
 		}
 		if (!known) {
+			char near[128];
 			snprintf(label, sizeof(label), "%.*s", (int)(eq - *e), *e);
-			fail(r, label, "environment", "unknown environment variable");
+			if (nearest_key(label, true, near, sizeof(near)))
+				fail(r, label, "environment",
+				     "unknown environment variable; did you mean %s?", near);
+			else
+				fail(r, label, "environment", "unknown environment variable");
 		}
 	}
 }
@@ -495,7 +577,12 @@ static void load_cli(struct raw *r, const char *const *cli)
 		snprintf(name, sizeof(name), "%.*s", (int)(eq - dot - 1), dot + 1);
 		i = find_key(section, name);
 		if (i < 0) {
-			fail(r, *cli, "command line", "unknown key");
+			char label[130], near[128];
+			snprintf(label, sizeof(label), "%s.%s", section, name);
+			if (nearest_key(label, false, near, sizeof(near)))
+				fail(r, *cli, "command line", "unknown key; did you mean %s?", near);
+			else
+				fail(r, *cli, "command line", "unknown key");
 			continue;
 		}
 		set_raw(r, (size_t)i, eq + 1, SRC_CLI, "command line");
@@ -619,7 +706,7 @@ static const char *check_api_key(const char *v)
 	return NULL;
 }
 
-static const char *check_base_url(const char *v)
+static const char *check_url(const char *v)
 {
 	size_t scheme = strncmp(v, "https://", 8) == 0 ? 8 : strncmp(v, "http://", 7) == 0 ? 7 : 0;
 
@@ -635,9 +722,68 @@ static const char *check_base_url(const char *v)
 	return NULL;
 }
 
+/* True when the authority of an http:// URL names the loopback interface:
+ * localhost, 127.0.0.0/8 in dotted form or [::1], with an optional port. */
+static bool url_host_is_loopback(const char *v)
+{
+	const char *host = v + strlen("http://"), *end = host + strcspn(host, "/?#");
+	const char *at = memchr(host, '@', (size_t)(end - host));
+	size_t len;
+	unsigned a, b, c, d;
+	char tail;
+
+	if (at)
+		host = at + 1;
+	if (*host == '[')
+		return strncmp(host, "[::1]", 5) == 0 && (host + 5 == end || host[5] == ':');
+	len = strcspn(host, ":/?#");
+	if (len == 9 && strncasecmp(host, "localhost", 9) == 0)
+		return true;
+	if (len > 15)
+		return false;
+	char ip[16];
+	memcpy(ip, host, len);
+	ip[len] = '\0';
+	return sscanf(ip, "%u.%u.%u.%u%c", &a, &b, &c, &d, &tail) == 4 && a == 127 && b < 256 &&
+	       c < 256 && d < 256;
+}
+
+/* Plain http:// only to this machine: anything else would send the API key in clear. */
+static const char *check_base_url(const char *v)
+{
+	const char *problem = check_url(v);
+
+	if (problem == NULL && strncmp(v, "http://", 7) == 0 && !url_host_is_loopback(v))
+		return "http:// is allowed only to a loopback host (127.0.0.1, [::1], localhost); "
+		       "use https://";
+	return problem;
+}
+
+/* The webhook is called by RunPod, not by the daemon: either scheme, any host. */
 static const char *check_webhook(const char *v)
 {
-	return *v == '\0' ? NULL : check_base_url(v);
+	return *v == '\0' ? NULL : check_url(v);
+}
+
+/* "" (the system store) or a readable regular file; its contents are libcurl's to judge. */
+static const char *check_ca_file(const char *v)
+{
+	struct stat st;
+	FILE *f;
+
+	if (*v == '\0')
+		return NULL;
+	if (*v != '/')
+		return "must be an absolute path";
+	if (stat(v, &st) != 0)
+		return errno == ENOENT ? "no such file" : "cannot be read";
+	if (!S_ISREG(st.st_mode))
+		return "is not a regular file";
+	f = fopen(v, "r");
+	if (f == NULL)
+		return "cannot be opened for reading";
+	fclose(f);
+	return NULL;
 }
 
 static const char *const bool_true[] = { "on", "true", "yes", "1", NULL };
@@ -685,11 +831,17 @@ static void apply(struct raw *r, struct config *cfg)
 			continue;
 		if (v == NULL) {
 			if (k->def == NULL) {
-				char name[128];
+				char name[128], cred[160] = "", nofile[320] = "";
 				env_name(k, name, sizeof(name));
-				fail(r, label, "default", "is required (set it in the file or as %s%s%s)",
+				if (k->credential)
+					snprintf(cred, sizeof(cred), ", or as the systemd credential %s "
+						 "(LoadCredential=)", k->credential);
+				if (r->file_missing)
+					snprintf(nofile, sizeof(nofile), "; the configuration file %s "
+						 "does not exist", r->path);
+				fail(r, label, "default", "is required (set it in the file or as %s%s%s%s)%s",
 				     name, k->compat_env[0] ? " or " : "",
-				     k->compat_env[0] ? k->compat_env[0] : "");
+				     k->compat_env[0] ? k->compat_env[0] : "", cred, nofile);
 				continue;
 			}
 			v = k->def;
@@ -754,6 +906,9 @@ static void apply(struct raw *r, struct config *cfg)
 		case K_STR: {
 			const char *problem = k->check ? k->check(v) : NULL;
 			char *copy;
+			/* Before the key's own check, whose complaint would miss the point. */
+			if (r->source[i] != SRC_DEFAULT && is_placeholder(v))
+				problem = "is the example's placeholder, not a real value";
 			if (problem) {
 				if (k->flags & F_SECRET)
 					fail(r, label, r->where[i], "%s", problem);
@@ -794,6 +949,7 @@ int config_load(const struct config_input *in, struct config *out, config_error_
 	load_env(&r, in->envp);
 	load_cli(&r, in->cli_overrides);
 	apply(&r, out);
+	out->file_read = in->path != NULL && !r.file_missing;
 	for (size_t i = 0; i < NKEYS; i++)
 		free(r.value[i]);
 	errors = r.errors;
@@ -883,6 +1039,26 @@ char *config_mask_conninfo(const char *conninfo, char *buf, size_t len)
 
 static const char *const source_names[] = { "default", "file", "credential", "environment",
 					     "command line" };
+
+void config_describe(const struct config *cfg, const char *path, char *buf, size_t len)
+{
+	int count[SRC_CLI + 1] = { 0 };
+	size_t used;
+
+	for (size_t i = 0; i < NKEYS; i++)
+		count[cfg->source[i] <= SRC_CLI ? cfg->source[i] : SRC_DEFAULT]++;
+	if (cfg->file_read)
+		used = (size_t)snprintf(buf, len, "file %s (%d key%s)", path, count[SRC_FILE],
+					count[SRC_FILE] == 1 ? "" : "s");
+	else
+		used = (size_t)snprintf(buf, len, "no file (%s does not exist)", path);
+	for (int s = SRC_CLI; s >= SRC_DEFAULT && used < len; s--) {
+		if (count[s] == 0 || s == SRC_FILE)
+			continue;
+		used += (size_t)snprintf(buf + used, len - used, "; %s: %d key%s", source_names[s],
+					 count[s], count[s] == 1 ? "" : "s");
+	}
+}
 
 void config_dump(const struct config *cfg, void *fp)
 {

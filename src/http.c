@@ -290,6 +290,8 @@ int http_start(struct http *h, const struct http_request_opts *o, http_done_fn f
 	SETOPT(r->easy, CURLOPT_CONNECTTIMEOUT_MS, o->connect_timeout_ms);
 	SETOPT(r->easy, CURLOPT_TIMEOUT_MS, o->timeout_ms);
 	SETOPT(r->easy, CURLOPT_TCP_KEEPALIVE, 1L);
+	if (o->ca_file && *o->ca_file)
+		SETOPT(r->easy, CURLOPT_CAINFO, o->ca_file);
 	/* Over TLS, ALPN tells at the handshake whether HTTP/2 can multiplex
 	 * further requests on one connection: worth waiting for. Over plain
 	 * HTTP/1.1 waiting would serialise requests behind a slow one. */
@@ -380,11 +382,6 @@ static void check_multi_info(struct http *h)
 		curl_easy_getinfo(msg->easy_handle, CURLINFO_PRIVATE, (char **)&r);
 		finish(h, r, msg->data.result, false);
 	}
-}
-
-int http_in_flight(const struct http *h)
-{
-	return h->in_flight;
 }
 
 void http_cancel_all(struct http *h)

@@ -2,10 +2,15 @@
 #include "log.h"
 
 #include <errno.h>
+#include <ev.h>
+#include <fcntl.h>
+#include <poll.h>
 #include <stdarg.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -29,6 +34,24 @@ static enum log_format format = LOG_FORMAT_LOGFMT;
 static bool journald;
 static struct log_line line;
 static char *secrets[MAX_SECRETS];
+
+/* Bytes of finished lines waiting for a stalled stderr (issue 10, defect 7).
+ * While a loop is attached, a write never blocks: what the reader does not
+ * take waits here, and a line that does not fit is dropped and counted. */
+#define PENDING_MAX (64 * 1024)
+
+static struct {
+	struct ev_loop *loop; /* NULL: direct, blocking writes (startup, -t, exit) */
+	ev_io watcher;        /* EV_WRITE while bytes wait */
+	int fd;               /* a non-blocking description of stderr, or stderr */
+	bool own_fd;          /* fd was opened here (closed on detach) */
+	bool sock;            /* stderr is a socket (journald): send(MSG_DONTWAIT) */
+	size_t head, len;     /* waiting bytes: pending[head .. head + len) */
+	unsigned long long unreported; /* dropped since the last "log_lines_dropped" */
+	char pending[PENDING_MAX];
+} out = { .fd = STDERR_FILENO };
+
+static _Atomic unsigned long long dropped_total; /* read by the /metrics thread */
 
 static const char *const level_names[] = { "error", "warn", "info", "debug", "trace" };
 /* sd-daemon.h: SD_ERR 3, SD_WARNING 4, SD_INFO 6, SD_DEBUG 7. */
@@ -57,11 +80,6 @@ void log_setup(enum log_level level, enum log_format fmt)
 bool log_enabled(enum log_level level)
 {
 	return level <= threshold;
-}
-
-const char *log_level_name(enum log_level level)
-{
-	return level_names[level];
 }
 
 int log_level_parse(const char *name)
@@ -218,17 +236,24 @@ static void put_key(struct log_line *l, const char *key)
 	}
 }
 
+static struct log_line *start_line(struct log_line *l, enum log_level level, const char *event);
+
 struct log_line *log_begin(enum log_level level, const char *event)
+{
+	if (!log_enabled(level))
+		return NULL;
+	return start_line(&line, level, event);
+}
+
+static struct log_line *start_line(struct log_line *l, enum log_level level, const char *event)
 {
 	char ts[64];
 	struct timespec now;
 	struct tm tm;
 
-	if (!log_enabled(level))
-		return NULL;
-	line.len = 0;
-	line.field_start = 0;
-	line.truncated = false;
+	l->len = 0;
+	l->field_start = 0;
+	l->truncated = false;
 	clock_gettime(CLOCK_REALTIME, &now);
 	gmtime_r(&now.tv_sec, &tm);
 	snprintf(ts, sizeof(ts), "%04d-%02d-%02dT%02d:%02d:%02d.%03ldZ", tm.tm_year + 1900,
@@ -237,32 +262,32 @@ struct log_line *log_begin(enum log_level level, const char *event)
 
 	if (journald) {
 		char prio[4] = { '<', (char)('0' + level_prio[level]), '>', 0 };
-		put(&line, prio, 3);
+		put(l, prio, 3);
 	}
 	if (format == LOG_FORMAT_JSON) {
-		putc_(&line, '{');
+		putc_(l, '{');
 		if (!journald) {
-			put(&line, "\"time\":\"", 8);
-			put(&line, ts, strlen(ts));
-			put(&line, "\",", 2);
+			put(l, "\"time\":\"", 8);
+			put(l, ts, strlen(ts));
+			put(l, "\",", 2);
 		}
-		put(&line, "\"level\":\"", 9);
-		put(&line, level_names[level], strlen(level_names[level]));
-		put(&line, "\",\"event\":\"", 11);
-		put_escaped(&line, event, strlen(event));
-		putc_(&line, '"');
+		put(l, "\"level\":\"", 9);
+		put(l, level_names[level], strlen(level_names[level]));
+		put(l, "\",\"event\":\"", 11);
+		put_escaped(l, event, strlen(event));
+		putc_(l, '"');
 	} else {
 		if (!journald) {
-			put(&line, "time=", 5);
-			put(&line, ts, strlen(ts));
-			putc_(&line, ' ');
+			put(l, "time=", 5);
+			put(l, ts, strlen(ts));
+			putc_(l, ' ');
 		}
-		put(&line, "level=", 6);
-		put(&line, level_names[level], strlen(level_names[level]));
-		put(&line, " event=", 7);
-		put(&line, event, strlen(event));
+		put(l, "level=", 6);
+		put(l, level_names[level], strlen(level_names[level]));
+		put(l, " event=", 7);
+		put(l, event, strlen(event));
 	}
-	return &line;
+	return l;
 }
 
 void log_strn(struct log_line *l, const char *key, const char *value, size_t n)
@@ -320,6 +345,46 @@ void log_int(struct log_line *l, const char *key, long long value)
 	put(l, num, (size_t)n);
 }
 
+void log_num(struct log_line *l, const char *key, const char *digits)
+{
+	size_t n, i = 0;
+
+	if (l == NULL)
+		return;
+	n = digits ? strlen(digits) : 0;
+	if (n > 0 && digits[0] == '-')
+		i = 1;
+	if (n == i || n > 40)
+		goto text;
+	for (; i < n; i++)
+		if (digits[i] < '0' || digits[i] > '9')
+			goto text;
+	put_key(l, key); /* an integer as PostgreSQL printed it: exact, even past 2^53 */
+	put(l, digits, n);
+	return;
+text:
+	log_str(l, key, digits);
+}
+
+void log_int_list(struct log_line *l, const char *key, const long long *values, size_t n)
+{
+	char num[24];
+
+	if (l == NULL)
+		return;
+	put_key(l, key);
+	if (format == LOG_FORMAT_JSON)
+		putc_(l, '[');
+	else if (n == 0)
+		put(l, "\"\"", 2);
+	for (size_t i = 0; i < n; i++) {
+		int k = snprintf(num, sizeof(num), "%s%lld", i ? "," : "", values[i]);
+		put(l, num, (size_t)k);
+	}
+	if (format == LOG_FORMAT_JSON)
+		putc_(l, ']');
+}
+
 /* Replaces every registered secret in the line by "***". */
 static void redact(struct log_line *l)
 {
@@ -329,12 +394,145 @@ static void redact(struct log_line *l)
 
 		l->buf[l->len] = '\0';
 		while ((p = memmem(p, l->len - (size_t)(p - l->buf), secrets[i], slen)) != NULL) {
+			/* in place, inside the line: NOLINTNEXTLINE(bugprone-not-null-terminated-result) */
 			memcpy(p, "***", 3);
 			memmove(p + 3, p + slen, l->len - (size_t)(p - l->buf) - slen + 1);
 			l->len -= slen - 3;
 			p += 3;
 		}
 	}
+}
+
+static ssize_t write_some(const char *p, size_t n)
+{
+	if (out.sock)
+		return send(out.fd, p, n, MSG_DONTWAIT | MSG_NOSIGNAL);
+	return write(out.fd, p, n);
+}
+
+static void write_blocking(const char *p, size_t n)
+{
+	while (n > 0) {
+		ssize_t w = write(STDERR_FILENO, p, n);
+
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return;
+		p += w;
+		n -= (size_t)w;
+	}
+}
+
+static size_t count_lines(const char *p, size_t n)
+{
+	size_t k = 0;
+
+	for (size_t i = 0; i < n; i++)
+		k += p[i] == '\n';
+	return k;
+}
+
+static void drop(unsigned long long lines)
+{
+	out.unreported += lines;
+	atomic_fetch_add_explicit(&dropped_total, lines, memory_order_relaxed);
+}
+
+static void emit(const char *p, size_t n);
+
+/* Writes waiting bytes until the reader stops taking them. Once all are
+ * out, says how many lines were dropped meanwhile. */
+static void flush_pending(void)
+{
+	while (out.len > 0) {
+		ssize_t w = write_some(out.pending + out.head, out.len);
+
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+			return;
+		if (w <= 0) { /* the reader is gone (EPIPE) or stderr is broken */
+			drop(count_lines(out.pending + out.head, out.len));
+			out.len = 0;
+			break;
+		}
+		out.head += (size_t)w;
+		out.len -= (size_t)w;
+	}
+	out.head = 0;
+	if (out.unreported > 0) {
+		static struct log_line note;
+		unsigned long long n = out.unreported;
+
+		out.unreported = 0;
+		start_line(&note, LOG_WARN, "log_lines_dropped");
+		log_int(&note, "lines", (long long)n);
+		log_str(&note, "msg", n == 1 ? "stderr was not read: 1 log line was dropped"
+					     : "stderr was not read: log lines were dropped");
+		log_end(&note);
+	}
+}
+
+static void watch(bool on)
+{
+	if (out.loop == NULL || on == ev_is_active(&out.watcher))
+		return;
+	/* The watcher never keeps the loop alive on its own. */
+	if (on) {
+		ev_io_start(out.loop, &out.watcher);
+		ev_unref(out.loop);
+	} else {
+		ev_ref(out.loop);
+		ev_io_stop(out.loop, &out.watcher);
+	}
+}
+
+static void on_writable(struct ev_loop *loop, ev_io *w, int revents)
+{
+	(void)loop;
+	(void)w;
+	(void)revents;
+	flush_pending();
+	watch(out.len > 0);
+}
+
+/* One finished line: written at once when nothing waits, else queued
+ * behind what waits; dropped and counted when the queue is full. */
+static void emit(const char *p, size_t n)
+{
+	if (out.loop == NULL) {
+		write_blocking(p, n);
+		return;
+	}
+	if (out.len > 0)
+		flush_pending();
+	if (out.len == 0) {
+		ssize_t w = write_some(p, n);
+
+		if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+			drop(1);
+			return;
+		}
+		if (w > 0) {
+			p += w;
+			n -= (size_t)w;
+		}
+		if (n == 0)
+			return;
+	}
+	if (out.head > 0) {
+		memmove(out.pending, out.pending + out.head, out.len);
+		out.head = 0;
+	}
+	/* The rest of a line already begun always fits: the queue was empty. */
+	if (n > sizeof(out.pending) - out.len) {
+		drop(1);
+		return;
+	}
+	memcpy(out.pending + out.len, p, n);
+	out.len += n;
+	watch(true);
 }
 
 void log_end(struct log_line *l)
@@ -353,8 +551,67 @@ void log_end(struct log_line *l)
 	if (format == LOG_FORMAT_JSON)
 		l->buf[l->len++] = '}';
 	l->buf[l->len++] = '\n';
-	(void)!write(STDERR_FILENO, l->buf, l->len);
+	emit(l->buf, l->len);
 	errno = saved;
+}
+
+int log_attach_loop(struct ev_loop *loop)
+{
+	struct stat st;
+	int fd = -1;
+
+	if (out.loop != NULL || fstat(STDERR_FILENO, &st) != 0)
+		return -1;
+	out.sock = S_ISSOCK(st.st_mode);
+	if (S_ISFIFO(st.st_mode) || S_ISCHR(st.st_mode)) {
+		/* A new open file description of the same pipe or terminal:
+		 * O_NONBLOCK on it leaves the one shared with our parent alone. */
+		fd = open("/proc/self/fd/2", O_WRONLY | O_NONBLOCK | O_CLOEXEC);
+		if (fd < 0)
+			return -1;
+	}
+	out.fd = fd >= 0 ? fd : STDERR_FILENO;
+	out.own_fd = fd >= 0;
+	out.head = out.len = 0;
+	out.loop = loop;
+	ev_io_init(&out.watcher, on_writable, out.fd, EV_WRITE);
+	return 0;
+}
+
+void log_detach_loop(int timeout_ms)
+{
+	struct timespec start, now;
+
+	if (out.loop == NULL)
+		return;
+	watch(false);
+	clock_gettime(CLOCK_MONOTONIC, &start);
+	for (;;) {
+		struct pollfd pfd = { .fd = out.fd, .events = POLLOUT };
+		long left;
+
+		flush_pending();
+		if (out.len == 0)
+			break;
+		clock_gettime(CLOCK_MONOTONIC, &now);
+		left = timeout_ms - ((now.tv_sec - start.tv_sec) * 1000L +
+				     (now.tv_nsec - start.tv_nsec) / 1000000L);
+		if (left <= 0 || (poll(&pfd, 1, (int)left) < 0 && errno != EINTR)) {
+			drop(count_lines(out.pending + out.head, out.len));
+			out.len = 0;
+			break;
+		}
+	}
+	if (out.own_fd)
+		close(out.fd);
+	out.fd = STDERR_FILENO;
+	out.own_fd = out.sock = false;
+	out.loop = NULL;
+}
+
+unsigned long long log_lines_dropped(void)
+{
+	return atomic_load_explicit(&dropped_total, memory_order_relaxed);
 }
 
 void log_msg(enum log_level level, const char *event, const char *fmt, ...)

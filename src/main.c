@@ -8,7 +8,9 @@
 #include "sdnotify.h"
 
 #include <curl/curl.h>
+#include <errno.h>
 #include <ev.h>
+#include <fcntl.h>
 #include <getopt.h>
 #include <libpq-fe.h>
 #include <signal.h>
@@ -18,8 +20,6 @@
 #include <sysexits.h>
 #include <time.h>
 #include <unistd.h>
-
-extern char **environ;
 
 struct app {
 	struct ev_loop *loop;
@@ -42,7 +42,7 @@ static void usage(FILE *fp)
 		"  -q, --quiet           warnings and errors only\n"
 		"      --log-format FMT  logfmt (default) or json\n"
 		"      --once            one read-and-dispatch cycle, then exit:\n"
-		"                        0 dispatched, 1 queue empty, 69 failed, 75 outcome unknown\n"
+		"                        0 dispatched or queue empty, 69 failed, 75 outcome unknown\n"
 		"      --dry-run         print the /run bodies the next read would send; changes nothing\n"
 		"      --health-check    query the local admin /healthz; exit 0 healthy, 1 not\n"
 		"  -t, --check-config    validate the configuration (no network), exit 0 or 78\n"
@@ -98,6 +98,9 @@ static void on_done(void *arg, enum dispatcher_result result)
 		app->exit_code = 0;
 		break;
 	case DISPATCH_DONE_EMPTY:
+		/* A cron tick that finds nothing to do has succeeded. */
+		log_msg(LOG_INFO, "once_queue_empty", "the queue had no visible messages: nothing "
+			"to dispatch");
 		app->exit_code = EXIT_ONCE_EMPTY;
 		break;
 	case DISPATCH_DONE_FAILED:
@@ -110,13 +113,27 @@ static void on_done(void *arg, enum dispatcher_result result)
 	ev_break(app->loop, EVBREAK_ALL);
 }
 
+static const char *signal_name(int signum)
+{
+	switch (signum) {
+	case SIGINT:
+		return "SIGINT";
+	case SIGTERM:
+		return "SIGTERM";
+	case SIGHUP:
+		return "SIGHUP";
+	}
+	return "signal";
+}
+
 static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
 {
 	struct app *app = w->data;
 
 	(void)revents;
 	if (++app->signals > 1) {
-		log_msg(LOG_WARN, "exit_now", "second signal %d: exiting without waiting", w->signum);
+		log_msg(LOG_WARN, "exit_now", "second %s: exiting without waiting",
+			signal_name(w->signum));
 		dispatcher_abort(app->d); /* may finish the drain and call on_done */
 		app->exit_code = 1;
 		ev_break(loop, EVBREAK_ALL);
@@ -124,7 +141,7 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
 	}
 	{
 		struct log_line *l = log_begin(LOG_INFO, "signal");
-		log_int(l, "signal", w->signum);
+		log_str(l, "signal", signal_name(w->signum));
 		log_str(l, "action", "graceful stop");
 		log_end(l);
 	}
@@ -214,6 +231,29 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 	on_state(app);
 }
 
+/* Opens /dev/null on each of fds 0-2 that is closed, so that no later
+ * descriptor (the epoll fd, libcurl's socketpair, a socket) takes its
+ * number and receives log lines or reads. Must run before anything opens a
+ * descriptor. Returns 0, or -1 when /dev/null cannot be opened. */
+static int open_closed_std_fds(void)
+{
+	for (int fd = 0; fd <= 2; fd++) {
+		int got;
+
+		if (fcntl(fd, F_GETFD) != -1 || errno != EBADF)
+			continue;
+		/* open() takes the lowest free number: fd itself, as the lower
+		 * ones are open by now. */
+		got = open("/dev/null", fd == 0 ? O_RDONLY : O_WRONLY);
+		if (got != fd) {
+			if (got >= 0)
+				close(got);
+			return -1;
+		}
+	}
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	static const struct option longopts[] = {
@@ -240,6 +280,8 @@ int main(int argc, char **argv)
 	int noverrides = 0;
 	char masked[1024];
 
+	if (open_closed_std_fds() != 0)
+		return EX_OSERR;
 	memset(&app, 0, sizeof(app));
 	format_override[0] = '\0';
 	while ((opt = getopt_long(argc, argv, "c:vqtTVh", longopts, NULL)) != -1) {
@@ -320,6 +362,11 @@ int main(int argc, char **argv)
 	register_secrets(app.cfg);
 	if (dump)
 		config_dump(app.cfg, stdout);
+	if (check && !dump) {
+		char used[512];
+		config_describe(app.cfg, path, used, sizeof(used));
+		printf("pgmq-dispatcher: configuration valid: %s\n", used);
+	}
 	if (check || dump) {
 		config_free(app.cfg);
 		free(app.cfg);
@@ -359,8 +406,11 @@ int main(int argc, char **argv)
 		return EX_OSERR;
 	}
 	metrics_init();
+	/* From here on a stalled stderr never blocks the loop. */
+	log_attach_loop(app.loop);
 	app.d = dispatcher_new(app.loop, app.cfg, once, on_done, &app);
 	if (app.d == NULL) {
+		log_detach_loop(1000);
 		config_free(app.cfg);
 		free(app.cfg);
 		return EX_SOFTWARE;
@@ -376,6 +426,7 @@ int main(int argc, char **argv)
 			log_str(l, "error", err);
 			log_end(l);
 			dispatcher_free(app.d);
+			log_detach_loop(1000);
 			config_free(app.cfg);
 			free(app.cfg);
 			return EX_OSERR;
@@ -435,6 +486,8 @@ int main(int argc, char **argv)
 	ev_signal_stop(app.loop, &app.sig_int);
 	ev_signal_stop(app.loop, &app.sig_term);
 	ev_signal_stop(app.loop, &app.sig_hup);
+	/* Lines still waiting for a slow reader get a little time, not forever. */
+	log_detach_loop(2000);
 	ev_loop_destroy(app.loop);
 	curl_global_cleanup();
 	config_free(app.cfg);

@@ -1,5 +1,6 @@
 /* metrics — see include/metrics.h. */
 #include "metrics.h"
+#include "log.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -376,6 +377,9 @@ char *metrics_render(size_t *len)
 	gauge_double(&b, "start_time_seconds", "Unix time the process started.",
 		     load_double(&m.start_time_bits));
 	render_tracker(&b);
+	family(&b, "log_lines_dropped_total", "counter",
+	       "Log lines dropped because stderr was not being read.");
+	bprintf(&b, PREFIX "log_lines_dropped_total %llu\n", log_lines_dropped());
 
 	if (b.failed) {
 		free(b.p);

@@ -1,5 +1,6 @@
 /* pg — see include/pg.h. */
 #include "pg.h"
+#include "backoff.h"
 #include "log.h"
 
 #include <math.h>
@@ -48,20 +49,6 @@ static void on_send_soon(struct ev_loop *loop, ev_timer *w, int revents);
 static void connect_step(struct pg *pg);
 static void send_next(struct pg *pg);
 
-double pg_backoff_ms(int attempt, double base_ms, double cap_ms, double rnd)
-{
-	double ceiling = base_ms * pow(2.0, attempt > 30 ? 30 : attempt);
-
-	if (ceiling > cap_ms)
-		ceiling = cap_ms;
-	return ceiling * rnd;
-}
-
-static double jitter(void)
-{
-	return (double)random() / ((double)RAND_MAX + 1.0);
-}
-
 struct pg *pg_new(struct ev_loop *loop, const char *conninfo, int connect_timeout_ms,
 		  const struct pg_callbacks *cb)
 {
@@ -90,11 +77,6 @@ struct pg *pg_new(struct ev_loop *loop, const char *conninfo, int connect_timeou
 bool pg_ready(const struct pg *pg)
 {
 	return pg->state == PG_READY;
-}
-
-int pg_pending(const struct pg *pg)
-{
-	return pg->nqueued;
 }
 
 /* One line, no trailing newline: libpq messages end with "\n". */
@@ -175,7 +157,9 @@ static void lose(struct pg *pg, const char *why)
 	}
 	pg->state = PG_WAITING;
 	pg->reconnect_wanted = false;
-	double delay_ms = pg_backoff_ms(pg->attempt, BACKOFF_BASE_MS, BACKOFF_CAP_MS, jitter());
+	/* Full jitter, no floor: the first retry may come at once. */
+	double delay_ms = backoff_ms(pg->attempt + 1, BACKOFF_BASE_MS, BACKOFF_CAP_MS, 0.0,
+				     backoff_jitter());
 	pg->attempt++;
 	ev_timer_set(&pg->timer, delay_ms / 1000.0, 0.0);
 	ev_timer_start(pg->loop, &pg->timer);

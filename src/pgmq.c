@@ -36,8 +36,10 @@ int pgmq_batch_from_result(PGresult *res, struct pgmq_batch *out, char *err, siz
 	memset(out, 0, sizeof(*out));
 	c_id = PQfnumber(res, "msg_id");
 	if (c_id < 0) {
-		snprintf(err, errlen, "the read function returned no column named msg_id (%d rows read, "
-			 "their ids unknown; visible again after vt_seconds)", PQntuples(res));
+		snprintf(err, errlen, "the read function returned no column named msg_id (%d %s read, "
+			 "%s unknown; visible again after vt_seconds)", PQntuples(res),
+			 PQntuples(res) == 1 ? "row" : "rows",
+			 PQntuples(res) == 1 ? "its id" : "their ids");
 		PQclear(res);
 		return -1;
 	}
@@ -60,7 +62,7 @@ int pgmq_batch_from_result(PGresult *res, struct pgmq_batch *out, char *err, siz
 		return 0;
 	out->msgs = calloc((size_t)n, sizeof(*out->msgs));
 	if (out->msgs == NULL) {
-		snprintf(err, errlen, "out of memory for %d rows", n);
+		snprintf(err, errlen, "out of memory for %d %s", n, n == 1 ? "row" : "rows");
 		pgmq_batch_free(out);
 		return -1;
 	}
@@ -277,18 +279,28 @@ int pgmq_metrics(struct pg *pg, const char *queue, pgmq_metrics_fn fn, void *arg
 	return 0;
 }
 
+int pgmq_table_name(const char *queue, char *buf, size_t len)
+{
+	int n = snprintf(buf, len, "q_%s", queue);
+
+	if (n < 0 || (size_t)n >= len)
+		return -1;
+	for (size_t i = 2; buf[i]; i++)
+		buf[i] = (char)tolower((unsigned char)buf[i]);
+	return 0;
+}
+
 PGresult *pgmq_peek(PGconn *conn, const char *queue, int qty, char *err, size_t errlen)
 {
 	char table[64], sql[512], n[16];
 	const char *params[1] = { n };
 	char *ident;
 	PGresult *res;
-	size_t i;
 
-	/* pgmq-api.md §3.4: the table is q_ + lower(name), quoted as an identifier. */
-	snprintf(table, sizeof(table), "q_%s", queue);
-	for (i = 0; table[i]; i++)
-		table[i] = (char)tolower((unsigned char)table[i]);
+	if (pgmq_table_name(queue, table, sizeof(table)) != 0) {
+		snprintf(err, errlen, "queue name too long");
+		return NULL;
+	}
 	ident = PQescapeIdentifier(conn, table, strlen(table));
 	if (ident == NULL) {
 		snprintf(err, errlen, "%s", PQerrorMessage(conn));

@@ -1,7 +1,10 @@
 /* runpod — see include/runpod.h. */
 #include "runpod.h"
 
+#include "jsonscan.h"
+
 #include <cjson/cJSON.h>
+#include <curl/curl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <ctype.h>
@@ -176,50 +179,6 @@ int runpod_pack(const struct pgmq_message *msgs, int n, size_t envelope, size_t 
 	return runs;
 }
 
-static int month_index(const char *m)
-{
-	static const char *const months[] = { "Jan", "Feb", "Mar", "Apr", "May", "Jun",
-					      "Jul", "Aug", "Sep", "Oct", "Nov", "Dec" };
-	for (int i = 0; i < 12; i++)
-		if (strncmp(m, months[i], 3) == 0)
-			return i;
-	return -1;
-}
-
-/* HTTP-date in its three forms (RFC 9110 §5.6.7), always GMT. */
-static int parse_http_date(const char *v, time_t *out)
-{
-	struct tm tm;
-	char wday[16], mon[4], zone[4];
-	int day, year, hh, mm, ss, n = 0;
-
-	memset(&tm, 0, sizeof(tm));
-	/* IMF-fixdate: Sun, 06 Nov 1994 08:49:37 GMT */
-	if (sscanf(v, "%3s, %2d %3s %4d %2d:%2d:%2d %3s%n", wday, &day, mon, &year, &hh, &mm, &ss,
-		   zone, &n) == 8 && v[n] == '\0' && strcmp(zone, "GMT") == 0) {
-	/* RFC 850: Sunday, 06-Nov-94 08:49:37 GMT */
-	} else if (sscanf(v, "%15[A-Za-z], %2d-%3s-%2d %2d:%2d:%2d %3s%n", wday, &day, mon, &year, &hh,
-			  &mm, &ss, zone, &n) == 8 && v[n] == '\0' && strcmp(zone, "GMT") == 0) {
-		year += year < 70 ? 2000 : 1900;
-	/* asctime: Sun Nov  6 08:49:37 1994 */
-	} else if (sscanf(v, "%3s %3s %2d %2d:%2d:%2d %4d%n", wday, mon, &day, &hh, &mm, &ss, &year,
-			  &n) == 7 && v[n] == '\0') {
-	} else {
-		return -1;
-	}
-	tm.tm_mon = month_index(mon);
-	if (tm.tm_mon < 0 || day < 1 || day > 31 || hh > 23 || mm > 59 || ss > 60 || year < 1970 ||
-	    year > 9999 || hh < 0 || mm < 0 || ss < 0)
-		return -1;
-	tm.tm_mday = day;
-	tm.tm_year = year - 1900;
-	tm.tm_hour = hh;
-	tm.tm_min = mm;
-	tm.tm_sec = ss;
-	*out = timegm(&tm);
-	return *out == (time_t)-1 ? -1 : 0;
-}
-
 int runpod_parse_retry_after(const char *value, time_t now, long long *delay_ms)
 {
 	const char *p = value;
@@ -239,10 +198,25 @@ int runpod_parse_retry_after(const char *value, time_t now, long long *delay_ms)
 		*delay_ms = secs * 1000;
 		return 0;
 	}
-	if (parse_http_date(value, &when) != 0)
+	/* HTTP-date in any of its three forms: libcurl's parser. */
+	when = curl_getdate(value, NULL);
+	if (when == -1)
 		return -1;
 	*delay_ms = when > now ? (long long)(when - now) * 1000 : 0;
 	return 0;
+}
+
+char *runpod_auth_header(const char *api_key)
+{
+	static const char prefix[] = "Authorization: Bearer ";
+	size_t n = strlen(api_key);
+	char *h = malloc(sizeof(prefix) + n);
+
+	if (h == NULL)
+		return NULL;
+	memcpy(h, prefix, sizeof(prefix) - 1);
+	memcpy(h + sizeof(prefix) - 1, api_key, n + 1);
+	return h;
 }
 
 int runpod_url(const char *base_url, const char *endpoint_id, const char *op, char *buf,
@@ -253,35 +227,47 @@ int runpod_url(const char *base_url, const char *endpoint_id, const char *op, ch
 	return n < 0 || (size_t)n >= len ? -1 : 0;
 }
 
-static bool printable(const char *s)
+/* "id: control character" and the like into why (bounded). */
+static void say_why(char *why, size_t cap, const char *field, const struct jsonscan_member *m)
 {
-	for (; *s; s++)
-		if ((unsigned char)*s < 0x20 || *s == 0x7f)
-			return false;
-	return true;
+	const char *problem = m->state == JSONSCAN_ABSENT       ? "missing"
+			      : m->state == JSONSCAN_NOT_STRING ? "not a string"
+			      : m->why                          ? m->why
+								: "empty";
+	snprintf(why, cap, "%s: %s", field, problem);
 }
 
 int runpod_parse_run_reply(const char *body, size_t len, struct runpod_run_reply *out)
 {
-	cJSON *root, *id, *status;
+	cJSON *root;
+	const char *bad = NULL;
+	struct jsonscan_member m[2] = {
+		{ .key = "id", .buf = out->id, .cap = sizeof(out->id) },
+		{ .key = "status", .buf = out->status, .cap = sizeof(out->status) },
+	};
 	int rc = -1;
 
 	memset(out, 0, sizeof(*out));
-	if (body == NULL)
+	if (body == NULL) {
+		snprintf(out->why, sizeof(out->why), "no body");
 		return -1;
+	}
+	/* cJSON judges the structure; jsonscan re-reads the strings from the
+	 * raw bytes, as cJSON decodes "\u0000" and bad \u escapes leniently. */
 	root = cJSON_ParseWithLength(body, len);
-	if (root == NULL)
-		return -1;
-	id = cJSON_GetObjectItemCaseSensitive(root, "id");
-	status = cJSON_GetObjectItemCaseSensitive(root, "status");
-	if (cJSON_IsObject(root) && cJSON_IsString(id) && id->valuestring[0] != '\0' &&
-	    strlen(id->valuestring) <= RUNPOD_JOB_ID_MAX && printable(id->valuestring)) {
-		snprintf(out->id, sizeof(out->id), "%s", id->valuestring);
-		if (cJSON_IsString(status) && strlen(status->valuestring) <= RUNPOD_STATUS_MAX &&
-		    printable(status->valuestring))
-			snprintf(out->status, sizeof(out->status), "%s", status->valuestring);
+	if (jsonscan_members(body, len, m, 2, &bad) != 0) {
+		snprintf(out->why, sizeof(out->why), "%s", bad ? bad : "not a JSON object");
+	} else if (!cJSON_IsObject(root)) {
+		snprintf(out->why, sizeof(out->why), "not valid JSON");
+	} else if (m[0].state != JSONSCAN_OK || out->id[0] == '\0') {
+		say_why(out->why, sizeof(out->why), "id", &m[0]);
+	} else {
 		rc = 0;
 	}
+	if (rc != 0)
+		out->id[0] = '\0';
+	if (rc != 0 || m[1].state != JSONSCAN_OK)
+		out->status[0] = '\0';
 	cJSON_Delete(root);
 	return rc;
 }
@@ -355,7 +341,13 @@ static long long millis(const cJSON *item)
 
 int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status_reply *out)
 {
-	cJSON *root, *id, *status, *error;
+	cJSON *root, *error;
+	struct jsonscan_member m[3] = {
+		{ .key = "status", .buf = out->status, .cap = sizeof(out->status), .cut_ok = true },
+		{ .key = "id", .buf = out->id, .cap = sizeof(out->id) },
+		{ .key = "error", .buf = out->error, .cap = sizeof(out->error), .cut_ok = true,
+		  .allow_layout = true },
+	};
 	int rc = -1;
 
 	memset(out, 0, sizeof(*out));
@@ -363,27 +355,25 @@ int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status
 	if (body == NULL)
 		return -1;
 	root = cJSON_ParseWithLength(body, len);
-	if (root == NULL)
-		return -1;
-	status = cJSON_GetObjectItemCaseSensitive(root, "status");
-	if (!cJSON_IsObject(root) || !cJSON_IsString(status) || status->valuestring[0] == '\0' ||
-	    !printable(status->valuestring))
+	if (!cJSON_IsObject(root) || jsonscan_members(body, len, m, 3, NULL) != 0 ||
+	    m[0].state != JSONSCAN_OK || out->status[0] == '\0')
 		goto out;
-	snprintf(out->status, sizeof(out->status), "%s", status->valuestring);
-	id = cJSON_GetObjectItemCaseSensitive(root, "id");
-	if (cJSON_IsString(id) && strlen(id->valuestring) <= RUNPOD_JOB_ID_MAX &&
-	    printable(id->valuestring))
-		snprintf(out->id, sizeof(out->id), "%s", id->valuestring);
+	if (m[1].state != JSONSCAN_OK)
+		out->id[0] = '\0';
 	out->delay_ms = millis(cJSON_GetObjectItemCaseSensitive(root, "delayTime"));
 	out->execution_ms = millis(cJSON_GetObjectItemCaseSensitive(root, "executionTime"));
 	error = cJSON_GetObjectItemCaseSensitive(root, "error");
-	if (error != NULL && !cJSON_IsNull(error)) {
-		char *printed = cJSON_IsString(error) ? NULL : cJSON_PrintUnformatted(error);
-		const char *text = cJSON_IsString(error) ? error->valuestring : printed;
+	if (m[2].state == JSONSCAN_OK) {
+		out->error_truncated = m[2].cut;
+	} else if (m[2].state == JSONSCAN_INVALID) {
+		snprintf(out->error, sizeof(out->error), "(error text not shown: %s)", m[2].why);
+	} else if (error != NULL && !cJSON_IsNull(error)) {
+		/* A handler's object: its compact JSON text, cut at a UTF-8 boundary. */
+		char *printed = cJSON_PrintUnformatted(error);
 
-		if (text) {
-			size_t n = strlen(text), keep = utf8_prefix(text, n, sizeof(out->error));
-			memcpy(out->error, text, keep);
+		if (printed) {
+			size_t n = strlen(printed), keep = utf8_prefix(printed, n, sizeof(out->error));
+			memcpy(out->error, printed, keep);
 			out->error[keep] = '\0';
 			out->error_truncated = keep < n;
 		}
@@ -391,6 +381,8 @@ int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status
 	}
 	rc = 0;
 out:
+	if (rc != 0)
+		memset(out->status, 0, sizeof(out->status));
 	cJSON_Delete(root);
 	return rc;
 }
@@ -408,28 +400,13 @@ bool runpod_status_is_terminal(const char *status)
 int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id,
 		      char *buf, size_t len)
 {
-	static const char hex[] = "0123456789ABCDEF";
-	int n = snprintf(buf, len, "%s/%s/status/", base_url, endpoint_id);
-	size_t used;
+	/* libcurl >= 7.82 accepts a NULL handle here. */
+	char *id = curl_easy_escape(NULL, job_id, 0);
+	int n;
 
-	if (n < 0 || (size_t)n >= len)
+	if (id == NULL)
 		return -1;
-	used = (size_t)n;
-	for (const unsigned char *p = (const unsigned char *)job_id; *p; p++) {
-		bool plain = (*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') ||
-			     (*p >= '0' && *p <= '9') || *p == '-' || *p == '.' || *p == '_' ||
-			     *p == '~';
-
-		if (used + (plain ? 1 : 3) >= len)
-			return -1;
-		if (plain) {
-			buf[used++] = (char)*p;
-		} else {
-			buf[used++] = '%';
-			buf[used++] = hex[*p >> 4];
-			buf[used++] = hex[*p & 15];
-		}
-	}
-	buf[used] = '\0';
-	return 0;
+	n = snprintf(buf, len, "%s/%s/status/%s", base_url, endpoint_id, id);
+	curl_free(id);
+	return n < 0 || (size_t)n >= len ? -1 : 0;
 }

@@ -1,21 +1,26 @@
 #!/usr/bin/python3
-"""`make run`: the main job on a throwaway setup.
+"""`make run`: the main job on a throwaway setup, for a person to watch.
 
 Starts a private PostgreSQL 15 cluster with the PGMQ-compatible schema and the
 queue video_audio_transcription, loads 25 real-shaped transcription jobs,
-starts the RunPod emulator on 127.0.0.1, and runs pgmq-dispatcher in the
-foreground with -v, configured from the environment alone. A new job is
-enqueued every few seconds so that the daemon keeps having work. Ctrl-C (or
-SIGTERM) stops the daemon gracefully, then the emulator and the cluster.
+starts the RunPod emulator on 127.0.0.1 (jobs wait 2 s, run 5 s, then
+COMPLETED), and runs pgmq-dispatcher in the foreground at the default (info)
+level with the job tracker on, so each batch is followed to COMPLETED. A new
+job is enqueued every few seconds so that the daemon keeps having work.
+
+Every line goes through one printer, whole, with a tag saying who wrote it
+([demo], [dispatcher], [runpod]); the emulator shows its /run requests only.
+Ctrl-C (or SIGTERM) stops the daemon gracefully, then the emulator and the
+cluster.
 """
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -31,9 +36,38 @@ API_KEY = "rp_demo_key_not_a_real_secret"
 BINARY = os.environ.get("DISPATCHER_BIN", os.path.join(REPO, "build", "pgmq-dispatcher"))
 TRICKLE_S = float(os.environ.get("DEMO_TRICKLE_S", "4"))
 
+_print_lock = threading.Lock()
+
+
+def emit(tag, text):
+    """One whole line per write, never two writers at once."""
+    with _print_lock:
+        try:
+            sys.stdout.write(f"{tag} {text}\n")
+            sys.stdout.flush()
+        except (OSError, ValueError):
+            pass
+
 
 def say(text):
-    print(f"[demo] {text}", flush=True)
+    emit("[demo]      ", text)
+
+
+def emulator_line(line):
+    # /status and /health polls every second are noise for a person; /run is the story.
+    if line.startswith("POST ") and line.split(" ", 2)[1].endswith("/run"):
+        emit("[runpod]    ", line)
+
+
+def relay(stream):
+    for raw in iter(stream.readline, b""):
+        emit("[dispatcher]", raw.decode("utf-8", "replace").rstrip("\n"))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def main():
@@ -46,8 +80,9 @@ def main():
     cluster = PgCluster()
     emulator = None
     daemon = None
+    reader = None
     try:
-        say("starting PostgreSQL 15 (throwaway cluster) ...")
+        say("starting a throwaway PostgreSQL 15 cluster ...")
         cluster.start()
         cluster.createdb("pgmqd_demo")
         cluster.load_sql(os.path.join(HERE, "fixtures", "pgmq.sql"), "pgmqd_demo")
@@ -57,15 +92,12 @@ def main():
             # pgmq >= 1.7's insert notification: the daemon wakes on every enqueue.
             cur.execute("SELECT pgmq.enable_notify_insert(%s, 0)", (QUEUE,))
             cur.execute("SELECT count(*) FROM pgmq.q_video_audio_transcription")
-            say(f"queue {QUEUE}: {cur.fetchone()[0]} jobs waiting "
-                f"(PostgreSQL on 127.0.0.1:{cluster.port})")
+            waiting = cur.fetchone()[0]
 
         emulator = RunPodEmulator(endpoint_id=ENDPOINT_ID, api_key=API_KEY, in_queue_s=2.0,
-                                  run_s=5.0, log=lambda line: print(f"[runpod-emulator] {line}",
-                                                                    flush=True))
+                                  run_s=5.0, log=emulator_line)
         emulator.start()
-        say(f"RunPod emulator on {emulator.base_url} (endpoint {ENDPOINT_ID})")
-
+        admin = f"127.0.0.1:{free_port()}"
         env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "DATABASE_URL": cluster.conninfo_for("pgmqd_demo"),
@@ -74,16 +106,31 @@ def main():
             "PGMQD_RUNPOD_BASE_URL": emulator.base_url,
             "RUNPOD_ENDPOINT_ID": ENDPOINT_ID,
             "RUNPOD_API_KEY": API_KEY,
-            # Any free port: an installed service may already use the default 9187.
-            "PGMQD_ADMIN_LISTEN": "127.0.0.1:0",
+            "PGMQD_TRACKER_ENABLED": "on",
+            "PGMQD_TRACKER_INTERVAL_MS": "2000",
+            "PGMQD_ADMIN_LISTEN": admin,
         }
-        say(f"starting {os.path.relpath(BINARY, REPO)} -v   (Ctrl-C to stop everything)")
-        daemon = subprocess.Popen([BINARY, "-v"], env=env, stdin=subprocess.DEVNULL)
+        rule = "-" * 72
+        say(rule)
+        say(f"PostgreSQL   127.0.0.1:{cluster.port}, database pgmqd_demo, "
+            f"queue {QUEUE} ({waiting} jobs waiting)")
+        say(f"RunPod       emulator at {emulator.base_url}, endpoint {ENDPOINT_ID}: "
+            "jobs queue 2 s, run 5 s, then COMPLETED")
+        say(f"dispatcher   {os.path.relpath(BINARY, REPO)}: batches of 10 to /run, "
+            "tracker following each job")
+        say(f"watch        http://{admin}/metrics and /healthz")
+        say(f"meanwhile    one new job every {TRICKLE_S:g} s;  Ctrl-C stops everything")
+        say(rule)
+        daemon = subprocess.Popen([BINARY], env=env, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        reader = threading.Thread(target=relay, args=(daemon.stdout,), daemon=True)
+        reader.start()
 
         n = 0
         while not stop.wait(TRICKLE_S):
             if daemon.poll() is not None:
-                say(f"daemon exited with {daemon.returncode}")
+                reader.join(5)
+                say(f"the dispatcher exited with {daemon.returncode}")
                 return daemon.returncode or 1
             n += 1
             job = {"document_id": f"9e000000-0000-4000-8000-{n:012d}",
@@ -98,8 +145,10 @@ def main():
         if daemon.poll() is None:
             daemon.send_signal(signal.SIGINT)  # no-op if the terminal already sent it
         rc = daemon.wait(timeout=30)
-        say(f"daemon exited with {rc}; accepted /run requests: "
-            f"{sum(1 for r in emulator.requests('run') if r.accepted)}")
+        reader.join(5)
+        accepted = sum(1 for r in emulator.requests("run") if r.accepted)
+        say(f"the dispatcher exited with {rc}; {accepted} /run "
+            f"request{'' if accepted == 1 else 's'} accepted")
         return rc
     finally:
         if daemon is not None and daemon.poll() is None:

@@ -25,6 +25,10 @@ Command line (manual runs, C integration tests started as a subprocess)::
 Routes, all under ``/v2/{endpoint_id}/``: ``run`` (POST), ``runsync`` (POST),
 ``status/{id}`` (GET, POST), ``cancel/{id}`` (POST), ``retry/{id}`` (POST),
 ``purge-queue`` (POST), ``health`` (GET). Everything else is a 404 JSON reply.
+
+HTTPS: give ``tls_cert`` and ``tls_key`` (PEM files; CLI ``--tls-cert``/``--tls-key``) and the
+emulator serves TLS instead (``base_url`` then says ``https://``). Handshakes that the client
+aborts, e.g. because it refused the certificate, are counted in ``tls_handshake_failures``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ import os
 import random
 import signal
 import socket
+import ssl
 import struct
 import sys
 import threading
@@ -85,7 +90,18 @@ ROUTE_METHODS = {
 ROUTES_WITH_JOB_ID = frozenset({"status", "cancel", "retry"})
 
 FAULT_KINDS = ("status", "delay", "malformed", "close", "reset")
-MALFORMED_VARIANTS = ("not_json", "empty", "no_id", "id_not_string", "extra_fields")
+MALFORMED_VARIANTS = ("not_json", "empty", "no_id", "id_not_string", "extra_fields",
+                      "id_bad_escape", "id_nul_escape", "id_control", "id_bad_utf8", "id_too_long")
+# Raw /run reply bodies whose "id" a lenient JSON parser may read as a
+# plausible, cut-off id (Debian's cJSON: "job\uX000" -> "job",
+# "abc\u0000def" -> "abc"). Written as bytes: json.dumps cannot make them.
+_BAD_ID_BODIES = {
+    "id_bad_escape": b'{"id":"job\\uX000","status":"IN_QUEUE"}',
+    "id_nul_escape": b'{"id":"abc\\u0000def","status":"IN_QUEUE"}',
+    "id_control": b'{"id":"abc\\u001b[2Jdef","status":"IN_QUEUE"}',
+    "id_bad_utf8": b'{"id":"abc\xc0\xafdef","status":"IN_QUEUE"}',
+    "id_too_long": b'{"id":"' + b"j" * 300 + b'","status":"IN_QUEUE"}',
+}
 ANY_ROUTE = "*"
 
 # Bodies larger than the cap are read and discarded (so the connection stays
@@ -165,7 +181,11 @@ class Fault:
     variant    For "malformed": "not_json" (200 text/html), "empty" (200, no
                body), "no_id" (``{"status": "IN_QUEUE"}``), "id_not_string"
                (``{"id": 12345, ...}``), "extra_fields" (normal handling plus
-               unknown members in the JSON reply; a /run is then accepted).
+               unknown members in the JSON reply; a /run is then accepted),
+               "id_bad_escape" (``"job\\uX000"``), "id_nul_escape"
+               (``"abc\\u0000def"``), "id_control" (an escaped ESC), "id_bad_utf8"
+               (an overlong UTF-8 sequence), "id_too_long" (300 bytes): ids a
+               lenient parser may take as a plausible, cut-off id.
     create_job For "status", "malformed" (except "extra_fields"), "close" and
                "reset" on /run: whether a job is still created from a valid body
                (the "outcome unknown" case: RunPod queued it, the reply was lost).
@@ -466,8 +486,15 @@ class RunPodEmulator:
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
         log: Callable[[str], None] | None = None,
+        tls_cert: str | None = None,
+        tls_key: str | None = None,
     ) -> None:
         self.host = host
+        self.tls_context: ssl.SSLContext | None = None
+        if tls_cert:
+            self.tls_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls_context.load_cert_chain(tls_cert, tls_key)
+        self.tls_handshake_failures = 0
         self.requested_port = port
         self.clock = clock
         self.log = log
@@ -488,6 +515,7 @@ class RunPodEmulator:
         self._stopping = threading.Event()
         self._gate = threading.Event()  # cleared by hold_runs(): /run waits before answering
         self._in_flight_run = 0
+        self._held_run = 0  # /run requests parked by hold_runs(), past every cap
         self._reset_state()
 
     # ----------------------------------------------------------- lifecycle
@@ -533,9 +561,10 @@ class RunPodEmulator:
 
     @property
     def base_url(self) -> str:
-        """``http://127.0.0.1:<port>/v2`` — what the daemon uses as its base URL."""
+        """``http://127.0.0.1:<port>/v2`` (``https://`` with TLS) — the daemon's base URL."""
         host = self.host if self.host not in ("", "0.0.0.0", "::") else "127.0.0.1"
-        return f"http://{host}:{self.port}/v2"
+        scheme = "https" if self.tls_context else "http"
+        return f"{scheme}://{host}:{self.port}/v2"
 
     @property
     def endpoint_id(self) -> str:
@@ -662,6 +691,12 @@ class RunPodEmulator:
         """Highest number of /run requests processed at the same time."""
         with self._cond:
             return self._max_concurrent_run
+
+    @property
+    def held_run(self) -> int:
+        """/run requests admitted (past the caps) and parked by hold_runs() right now."""
+        with self._cond:
+            return self._held_run
 
     @property
     def in_flight_run(self) -> int:
@@ -838,6 +873,8 @@ class RunPodEmulator:
             return _Reply(body=b"", headers=dict(fault.headers))
         if fault.variant == "no_id":
             return _json_reply(200, {"status": "IN_QUEUE"}, fault.headers)
+        if fault.variant in _BAD_ID_BODIES:
+            return _Reply(body=_BAD_ID_BODIES[fault.variant], headers=dict(fault.headers))
         return _json_reply(200, {"id": 12345, "status": "IN_QUEUE"}, fault.headers)
 
     @staticmethod
@@ -874,9 +911,17 @@ class RunPodEmulator:
         limited = self._admit_run()
         if limited is not None:
             return limited
-        while not self._gate.wait(0.1):  # hold_runs(): park here until released or stopped
-            if self._stopping.is_set():
-                return _Reply(action="close")
+        with self._cond:
+            self._held_run += 1
+            self._cond.notify_all()
+        try:
+            while not self._gate.wait(0.1):  # hold_runs(): park here until released or stopped
+                if self._stopping.is_set():
+                    return _Reply(action="close")
+        finally:
+            with self._cond:
+                self._held_run -= 1
+                self._cond.notify_all()
         error = _job_body_error(rec)
         if error is not None:
             return _error_reply(400, error)
@@ -1063,6 +1108,14 @@ class _Server(http.server.ThreadingHTTPServer):
         self._aborted: set[socket.socket] = set()
         super().__init__(address, _Handler)
 
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, address = super().get_request()
+        context = self.emulator.tls_context
+        if context is not None:
+            # The handshake runs in the connection's own thread (_Handler.setup), never here.
+            sock = context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        return sock, address
+
     def process_request(self, request: socket.socket, client_address: Any) -> None:
         with self._conn_cond:
             self._connections.add(request)
@@ -1103,8 +1156,8 @@ class _Server(http.server.ThreadingHTTPServer):
             return self._conn_cond.wait_for(lambda: not self._connections, timeout_s)
 
     def handle_error(self, request: Any, client_address: Any) -> None:
-        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            return  # clients vanishing is normal in fault tests
+        if isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError, ssl.SSLError, OSError)):
+            return  # clients vanishing (or refusing our certificate) is normal in tests
         super().handle_error(request, client_address)
 
 
@@ -1120,6 +1173,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         # Replies are written in one send; NODELAY also spares the client's
         # pipelined requests from Nagle / delayed-ACK stalls.
         self.connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if isinstance(self.connection, ssl.SSLSocket):
+            try:
+                self.connection.do_handshake()
+            except (ssl.SSLError, OSError):
+                emulator = self.server.emulator
+                with emulator._cond:
+                    emulator.tls_handshake_failures += 1
+                    emulator._generation += 1
+                    emulator._cond.notify_all()
+                raise
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (stdlib name)
         pass  # the emulator logs its own one-line summaries
@@ -1332,30 +1395,52 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="runpod_emulator.py",
         description="RunPod Serverless queue-endpoint emulator for local tests.")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1; keep it on loopback)")
+    parser.add_argument("--port", type=int, default=8000,
+                        help="port to listen on (default 8000; 0 picks a free port)")
     parser.add_argument("--endpoint", action="append", required=True,
                         help="endpoint id; repeat for several endpoints")
     parser.add_argument("--api-key", action="append",
                         help="API key (one for all endpoints, or one per --endpoint); "
                              "default $RUNPOD_API_KEY")
     parser.add_argument("--api-key-file", help="read the API key from this file")
-    parser.add_argument("--in-queue-s", type=float, default=DEFAULT_IN_QUEUE_S)
-    parser.add_argument("--run-s", type=float, default=DEFAULT_RUN_S)
-    parser.add_argument("--final-status", default=DEFAULT_FINAL_STATUS)
-    parser.add_argument("--retention-s", type=float, default=DEFAULT_RETENTION_S)
-    parser.add_argument("--latency-ms", type=float, default=0.0)
-    parser.add_argument("--status-delay-ms", type=float, default=0.0)
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES)
+    parser.add_argument("--in-queue-s", type=float, default=DEFAULT_IN_QUEUE_S,
+                        help="seconds a new job stays IN_QUEUE before it runs "
+                             f"(default {DEFAULT_IN_QUEUE_S:g})")
+    parser.add_argument("--run-s", type=float, default=DEFAULT_RUN_S,
+                        help=f"seconds a job stays IN_PROGRESS (default {DEFAULT_RUN_S:g})")
+    parser.add_argument("--final-status", default=DEFAULT_FINAL_STATUS,
+                        help="status a job ends in: COMPLETED, FAILED, CANCELLED or TIMED_OUT "
+                             f"(default {DEFAULT_FINAL_STATUS})")
+    parser.add_argument("--retention-s", type=float, default=DEFAULT_RETENTION_S,
+                        help="seconds a finished job's result stays readable through /status "
+                             f"(default {DEFAULT_RETENTION_S:g}, RunPod's 30 min)")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="delay before every reply, in ms (default 0)")
+    parser.add_argument("--status-delay-ms", type=float, default=0.0,
+                        help="extra delay before /status replies, in ms (default 0)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES,
+                        help="largest /run body accepted; larger ones get 413 "
+                             f"(default {DEFAULT_MAX_BODY_BYTES})")
     parser.add_argument("--rate-cap", type=int, help="max /run per window (default off)")
-    parser.add_argument("--rate-window-s", type=float, default=DEFAULT_RATE_WINDOW_S)
+    parser.add_argument("--rate-window-s", type=float, default=DEFAULT_RATE_WINDOW_S,
+                        help="length of the --rate-cap window in seconds "
+                             f"(default {DEFAULT_RATE_WINDOW_S:g})")
     parser.add_argument("--rate-retry-after",
                         help='Retry-After on rate-cap 429s: seconds, an HTTP-date or "auto"')
     parser.add_argument("--concurrency-cap", type=int, help="max concurrent /run (default off)")
     parser.add_argument("--random-fault", action="append", default=[], metavar="PROB:KIND[:ARG]",
-                        help="standing fault, e.g. 0.05:status:503, 0.01:close:create")
+                        help="standing fault hitting each /run with probability PROB; repeatable. "
+                             "Kinds: status:CODE[:RETRY_AFTER], delay:SECONDS, malformed:VARIANT "
+                             f"({', '.join(MALFORMED_VARIANTS)}), close[:create], reset[:create]; "
+                             "e.g. 0.05:status:503, 0.01:malformed:id_nul_escape")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-fault")
     parser.add_argument("--quiet", action="store_true", help="no per-request lines")
+    parser.add_argument("--tls-cert", metavar="PEM",
+                        help="serve HTTPS with this certificate (chain) instead of HTTP")
+    parser.add_argument("--tls-key", metavar="PEM",
+                        help="private key of --tls-cert (default: in the --tls-cert file)")
     args = parser.parse_args(argv)
 
     endpoints = _endpoints_from_args(args)
@@ -1381,7 +1466,7 @@ def main(argv: list[str] | None = None) -> int:
         status_delay_s=args.status_delay_ms / 1000.0, rate_cap=args.rate_cap,
         rate_window_s=args.rate_window_s, rate_retry_after=args.rate_retry_after,
         concurrency_cap=args.concurrency_cap, seed=args.seed,
-        log=None if args.quiet else log_line)
+        log=None if args.quiet else log_line, tls_cert=args.tls_cert, tls_key=args.tls_key)
     for probability, fault in faults:
         emulator.add_random_fault(fault, probability)
 

@@ -14,6 +14,10 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 		if (strlen(r.id) == 0 || strlen(r.id) > RUNPOD_JOB_ID_MAX ||
 		    strlen(r.status) > RUNPOD_STATUS_MAX)
 			__builtin_trap();
+		/* ...and no control byte, whatever the escapes said (issue 10). */
+		for (const unsigned char *c = (const unsigned char *)r.id; *c; c++)
+			if (*c < 0x20 || *c == 0x7f)
+				__builtin_trap();
 	}
 	return 0;
 }

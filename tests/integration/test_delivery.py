@@ -414,7 +414,14 @@ def test_sighup_reload(queue_db, emulator, tmp_path):
         d.signal(signal.SIGHUP)
         d.wait_log(r"event=reloaded")
         assert logfmt(d.wait_log(r"event=reload_key_ignored")[0].string)["key"] == "queue.name"
-        ids = queue_db.send_many(jobs(3))
+        # A read sent before the reload still asks for batch_size 2: wait until one
+        # sent after it has come back empty before inserting. One transaction, so
+        # that no 100 ms poll can fall between the inserts.
+        at = next(i for i, line in enumerate(d.lines) if "event=reloaded" in line)
+        wait_until(lambda: any("event=queue_empty" in line for line in d.lines[at + 1:]), 10,
+                   what="an empty read after the reload")
+        ids = [r[0] for r in queue_db.sql("SELECT * FROM pgmq.send_batch(%s, %s::jsonb[])",
+                                          (queue_db.queue, [json.dumps(j) for j in jobs(3)]))]
         emulator.wait_for(lambda: len(accepted_ids(emulator)) == 3, timeout_s=10)
         assert [len(json.loads(r.body)["input"]["jobs"]) for r in accepted(emulator)] == [3]
         assert accepted_ids(emulator) == ids

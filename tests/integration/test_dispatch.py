@@ -200,7 +200,8 @@ def test_bad_config_file_exits_78(queue_db, text, key, tmp_path):
 def test_once_exit_codes(queue_db, emulator):
     env = base_env(queue_db, emulator)
     rc, lines = run_once(env, "--once")
-    assert rc == 1, lines                                   # nothing to do
+    assert rc == 0, lines                                   # nothing to do is success (cron)
+    assert any("event=once_queue_empty" in line for line in lines), lines
     assert emulator.requests("run") == []
     queue_db.send_many(transcription_jobs(12))
     rc, lines = run_once(env, "--once")

@@ -678,7 +678,9 @@ def test_concurrency_cap_answers_429(make_emulator):
     emu.hold_runs()
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         held = [pool.submit(post_run, emu) for _ in range(2)]
-        emu.wait_for(lambda: emu.in_flight_run == 2, WAIT_S, "2 /run in flight")
+        # Parked at the gate means admitted: counting them merely in flight
+        # raced with their admission, which a third request could then fail.
+        emu.wait_for(lambda: emu.held_run == 2, WAIT_S, "2 /run admitted and held")
         over = post_run(emu)
         assert over.status == 429 and over.headers["Retry-After"] == "1"
         emu.release_runs()

@@ -59,7 +59,7 @@ TOO_LONG_MESSAGE = "queue name is too long, maximum length is 47 characters"
 def db(make_pgmq_db):
     """A database with the base fixture (1.5 layout) shared by the tests of this module;
     every test works on its own queue."""
-    return make_pgmq_db(prefix="fixture")
+    return make_pgmq_db(prefix="fixture", fixture=True)
 
 
 @pytest.fixture
@@ -807,7 +807,7 @@ def test_public_pgmq_read_wrapper(conn, queue):
 def test_demo_jobs(pg_cluster, make_pgmq_db, connect):
     dumps = []
     for _ in range(2):
-        dbname = make_pgmq_db(prefix="demo")
+        dbname = make_pgmq_db(prefix="demo", fixture=True)
         pg_cluster.load_sql(DEMO_JOBS_SQL, dbname)
         dumps.append(run(connect(dbname), "SELECT msg_id, message FROM pgmq.q_video_audio_transcription "
                                           "ORDER BY msg_id"))
@@ -865,7 +865,7 @@ COMBINATIONS = [(), ("1.10",), ("1.12",), ("1.10", "1.12"), ("1.12", "1.10")]
 
 @pytest.mark.parametrize("addons", COMBINATIONS, ids=lambda a: "base+" + "+".join(a) if a else "base")
 def test_daemon_read_works_in_every_combination(pg_cluster, make_pgmq_db, connect, addons):
-    dbname = make_pgmq_db(prefix="combo")
+    dbname = make_pgmq_db(prefix="combo", fixture=True)
     conn = connect(dbname)
     # One queue created before the add-ons (an "upgraded" table), one after (a fresh install).
     run(conn, "SELECT pgmq.create('before')")

@@ -241,7 +241,10 @@ def test_check_config_touches_no_network(queue_db):
     env = base_env(queue_db, None, PGMQD_DATABASE_CONNINFO=f"host=127.0.0.1 port={free_port()}",
                    PGMQD_RUNPOD_BASE_URL="http://127.0.0.1:9/v2")
     rc, lines = run_once(env, "-t")
-    assert rc == 0 and lines == []
+    # One line naming what was used (issue 10): no file here, keys from the environment.
+    assert rc == 0 and len(lines) == 1, lines
+    assert lines[0].startswith("pgmq-dispatcher: configuration valid: no file (")
+    assert "; environment: 7 keys; default: " in lines[0]
     rc, lines = run_once(dict(env, PGMQD_QUEUE_VT_SECONDS="0"), "--check-config")
     assert rc == 78 and len(lines) == 1
 
@@ -284,7 +287,7 @@ def test_no_secret_in_any_output_at_trace_level(emulator):
         from daemon import QueueDb
         import conftest
         pg.createdb("secret")
-        pg.load_sql(conftest.PGMQ_SQL, "secret")
+        conftest.load_pgmq(pg, "secret")
         db = QueueDb(pg, "secret")
         ids = db.send_many([{"document_id": "d1"}, {"document_id": "d2"}])
         emulator.add_endpoint("ep-test-1", key)
@@ -321,7 +324,7 @@ def test_journald_priority_prefixes(queue_db, emulator):
     while chunk := os.read(r, 65536):
         out += chunk
     os.close(r)
-    assert proc.wait(timeout=30) == 1         # empty queue
+    assert proc.wait(timeout=30) == 0         # empty queue: success, as for a cron tick
     lines = out.decode().splitlines()
     assert lines and all(re.match(r"^<[3467]>level=", l) for l in lines), lines
     assert not any("time=" in l for l in lines)

@@ -13,6 +13,7 @@ import urllib.request
 
 import pytest
 
+import conftest
 from daemon import Daemon, Fault, assert_no_sanitizer_report, base_env, logfmt
 from pgcluster import wait_until
 
@@ -403,7 +404,7 @@ def test_reload_turns_the_tracker_on_and_off(queue_db, emulator, tmp_path):
 def test_early_release_wakes_a_read_whatever_the_idle_poll_period(queue_db, emulator, start_daemon):
     """Released messages never NOTIFY: the tracker asks for a read when they come back,
     even while idle polls have backed off far beyond retry_delay_s."""
-    queue_db.sql("SELECT pgmq.enable_notify_insert('jobs', 0)")
+    conftest.enable_insert_notify(queue_db.cluster, queue_db.dbname, queue_db.queue)
     emulator.job_plan = lambda job_input: (
         {"in_queue_s": 4.0, "run_s": 0.2, "final_status": "FAILED", "error": "boom"}
         if job_input["jobs"][0]["read_ct"] == 1 else None)

@@ -93,6 +93,13 @@ static void bad_values(void **state)
 		{ "PGMQD_RUNPOD_ENDPOINT_ID=a/b", "runpod.endpoint_id", "letters, digits" },
 		{ "PGMQD_RUNPOD_BASE_URL=ftp://x", "runpod.base_url", "https://" },
 		{ "PGMQD_RUNPOD_BASE_URL=https://", "runpod.base_url", "no host" },
+		{ "PGMQD_RUNPOD_BASE_URL=http://api.runpod.ai/v2", "runpod.base_url", "loopback" },
+		{ "PGMQD_RUNPOD_BASE_URL=http://127.0.0.1@evil.example/v2", "runpod.base_url", "loopback" },
+		{ "PGMQD_RUNPOD_BASE_URL=http://127.0.0.256/v2", "runpod.base_url", "loopback" },
+		{ "PGMQD_RUNPOD_BASE_URL=http://[::1]x/v2", "runpod.base_url", "loopback" },
+		{ "PGMQD_RUNPOD_CA_FILE=/nonexistent/ca.pem", "runpod.ca_file", "no such file" },
+		{ "PGMQD_RUNPOD_CA_FILE=ca.pem", "runpod.ca_file", "absolute" },
+		{ "PGMQD_RUNPOD_CA_FILE=/", "runpod.ca_file", "regular file" },
 		{ "PGMQD_RUNPOD_API_KEY=has space", "runpod.api_key", "whitespace" },
 		{ "PGMQD_LOG_LEVEL=loud", "log.level", "one of error, warn, info, debug, trace" },
 		{ "PGMQD_LOG_FORMAT=xml", "log.format", "one of logfmt, json" },
@@ -329,7 +336,27 @@ static void base_url_trailing_slash(void **state)
 
 	assert_int_equal(load_env(env, NULL, &c, &e), 0);
 	assert_string_equal(c.base_url, "http://127.0.0.1:8000/v2");
+	assert_string_equal(c.ca_file, "");
 	config_free(&c);
+}
+
+/* Plain http:// is fine to this machine, under any spelling of loopback. */
+static void http_to_loopback_only(void **state)
+{
+	static const char *const ok[] = {
+		"PGMQD_RUNPOD_BASE_URL=http://127.0.0.1/v2", "PGMQD_RUNPOD_BASE_URL=http://127.1.2.3:80/v2",
+		"PGMQD_RUNPOD_BASE_URL=http://LOCALHOST:8000", "PGMQD_RUNPOD_BASE_URL=http://[::1]:8000/v2",
+		"PGMQD_RUNPOD_BASE_URL=https://runpod.example/v2", "PGMQD_RUNPOD_CA_FILE=/etc/passwd",
+	};
+
+	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
+		char *env[] = { BASE_ENV, (char *)ok[i], NULL };
+		struct config c;
+		struct errors e;
+
+		assert_int_equal(load_env(env, NULL, &c, &e), 0);
+		config_free(&c);
+	}
 }
 
 static void cli_override_errors(void **state)
@@ -341,6 +368,85 @@ static void cli_override_errors(void **state)
 
 	assert_int_equal(load_env(env, cli, &c, &e), 1);
 	assert_non_null(strstr(e.lines[0], "nosuch.key=1|command line|unknown key"));
+}
+
+/* Issue 10, first hour: what a new user meets. */
+static void unknown_keys_suggest_the_nearest(void **state)
+{
+	char *path = write_file("[queue]\nname = q\nbatch_sise = 3\nqqqqqqqq = 1\n[runpod]\n"
+				"endpoint_id = e\napi_key = k-123456\n");
+	char *env[] = { "PGMQD_QUEUE_VT_SECOND=5", NULL };
+	const char *cli[] = { "queue.poll_intervall_ms=5", NULL };
+	struct config_input in = { .path = path, .path_explicit = true, .envp = env,
+				   .cli_overrides = cli };
+	struct config c;
+	struct errors e = { 0 };
+
+	assert_int_equal(config_load(&in, &c, collect, &e), 4);
+	assert_non_null(strstr(e.lines[0], "queue.batch_sise|file "));
+	assert_non_null(strstr(e.lines[0], "|unknown key; did you mean queue.batch_size?"));
+	assert_non_null(strstr(e.lines[1], "|unknown key") );
+	assert_null(strstr(e.lines[1], "did you mean"));        /* nothing near: no guess */
+	assert_non_null(strstr(e.lines[2], "unknown environment variable; did you mean "
+					   "PGMQD_QUEUE_VT_SECONDS?"));
+	assert_non_null(strstr(e.lines[3], "did you mean queue.poll_interval_ms?"));
+	unlink(path);
+}
+
+static void example_placeholders_are_refused(void **state)
+{
+	char *env[] = { "PGMQD_QUEUE_NAME=jobs", "RUNPOD_API_KEY=key-123456", NULL };
+	struct config_input in = { .path = "config/pgmq-dispatcher.conf", .path_explicit = true,
+				   .envp = env };
+	char *env2[] = { BASE_ENV, "PGMQD_RUNPOD_WEBHOOK=<your-webhook>", NULL };
+	struct config c;
+	struct errors e = { 0 };
+
+	/* The shipped example, with only the key added, still fails on its placeholder. */
+	assert_true(config_load(&in, &c, collect, &e) >= 1);
+	assert_non_null(strstr(e.lines[0], "runpod.endpoint_id|file config/pgmq-dispatcher.conf:"));
+	assert_non_null(strstr(e.lines[0], "placeholder"));
+	assert_int_equal(load_env(env2, NULL, &c, &e), 1);
+	assert_non_null(strstr(e.lines[0], "runpod.webhook|"));
+	assert_non_null(strstr(e.lines[0], "placeholder"));
+}
+
+static void missing_default_file_and_credential_named(void **state)
+{
+	char *env[] = { "PGMQD_QUEUE_NAME=jobs", "RUNPOD_ENDPOINT_ID=ep1", NULL };
+	struct config c;
+	struct errors e;
+
+	assert_int_equal(load_env(env, NULL, &c, &e), 1);
+	assert_non_null(strstr(e.lines[0], "runpod.api_key|default|is required"));
+	assert_non_null(strstr(e.lines[0], "systemd credential runpod_api_key"));
+	assert_non_null(strstr(e.lines[0], "/nonexistent/pgmq-dispatcher.conf does not exist"));
+}
+
+static void describe_names_file_and_sources(void **state)
+{
+	char *path = write_file("[queue]\nname = q\n[runpod]\nendpoint_id = e\n");
+	char *env[] = { "RUNPOD_API_KEY=key-123456", NULL };
+	struct config_input in = { .path = path, .path_explicit = true, .envp = env };
+	const char *cli[] = { "log.level=debug", NULL };
+	struct config c;
+	struct errors e = { 0 };
+	char buf[512], want[600];
+
+	in.cli_overrides = cli;
+	assert_int_equal(config_load(&in, &c, collect, &e), 0);
+	config_describe(&c, path, buf, sizeof(buf));
+	snprintf(want, sizeof(want), "file %s (2 keys); command line: 1 key; environment: 1 key; "
+		 "default: ", path);
+	assert_memory_equal(buf, want, strlen(want));
+	config_free(&c);
+	unlink(path);
+	char *env2[] = { BASE_ENV, NULL };
+	assert_int_equal(load_env(env2, NULL, &c, &e), 0);
+	config_describe(&c, "/nonexistent/pgmq-dispatcher.conf", buf, sizeof(buf));
+	assert_non_null(strstr(buf, "no file (/nonexistent/pgmq-dispatcher.conf does not exist); "
+				    "environment: 3 keys"));
+	config_free(&c);
 }
 
 int main(void)
@@ -359,7 +465,12 @@ int main(void)
 		cmocka_unit_test(secrets_never_in_errors),
 		cmocka_unit_test(mask_conninfo),
 		cmocka_unit_test(base_url_trailing_slash),
+		cmocka_unit_test(http_to_loopback_only),
 		cmocka_unit_test(cli_override_errors),
+		cmocka_unit_test(unknown_keys_suggest_the_nearest),
+		cmocka_unit_test(example_placeholders_are_refused),
+		cmocka_unit_test(missing_default_file_and_credential_named),
+		cmocka_unit_test(describe_names_file_and_sources),
 	};
 	return cmocka_run_group_tests_name("config", tests, NULL, NULL);
 }

@@ -4,6 +4,8 @@
 #include <stddef.h>
 #include <cmocka.h>
 
+#include <ev.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -176,6 +178,72 @@ static void control_bytes(void **state)
 	assert_non_null(strstr(out, "v=\"a\\u0001b\\u007f\""));
 }
 
+static void emit_numbers(void)
+{
+	static const long long ids[] = { 7, 9007199254740993LL };
+	struct log_line *l = log_begin(LOG_INFO, "n");
+	log_num(l, "msg_id", "9007199254740993");
+	log_num(l, "odd", "12a");
+	log_int_list(l, "msg_ids", ids, 2);
+	log_end(l);
+}
+
+/* Issue 10: numbers as numbers in JSON, exact past 2^53. */
+static void numbers_stay_numbers(void **state)
+{
+	const char *out;
+
+	log_setup(LOG_INFO, LOG_FORMAT_JSON);
+	out = capture(emit_numbers);
+	assert_non_null(strstr(out, "\"msg_id\":9007199254740993,\"odd\":\"12a\","
+				    "\"msg_ids\":[7,9007199254740993]}\n"));
+	log_setup(LOG_INFO, LOG_FORMAT_LOGFMT);
+	out = capture(emit_numbers);
+	assert_non_null(strstr(out, " msg_id=9007199254740993 odd=12a msg_ids=7,9007199254740993\n"));
+}
+
+/* Issue 10, defect 7: with a loop attached, a full stderr pipe never blocks
+ * a log call; lines beyond the buffer are dropped and counted, and once the
+ * pipe is read again one line says how many. */
+static void stalled_stderr_never_blocks(void **state)
+{
+	struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
+	int fds[2], saved = dup(STDERR_FILENO);
+	unsigned long long before = log_lines_dropped();
+	static char buf[512 * 1024];
+	size_t total = 0;
+	bool note = false;
+	int i;
+
+	assert_int_equal(pipe(fds), 0);
+	fcntl(fds[1], F_SETPIPE_SZ, 4096);
+	dup2(fds[1], STDERR_FILENO);
+	close(fds[1]);
+	log_setup(LOG_INFO, LOG_FORMAT_LOGFMT);
+	assert_int_equal(log_attach_loop(loop), 0);
+	/* ~1 MiB of lines into a 4 KiB pipe nobody reads: returns at once. */
+	for (i = 0; i < 5000; i++)
+		log_msg(LOG_INFO, "filler", "%0200d", i);
+	assert_true(log_lines_dropped() > before);
+	/* Read everything; the loop writes what waited, then the note. */
+	fcntl(fds[0], F_SETFL, O_NONBLOCK);
+	for (int round = 0; round < 2000 && !note; round++) {
+		ssize_t n;
+		ev_run(loop, EVRUN_NOWAIT);
+		while ((n = read(fds[0], buf + total, sizeof(buf) - 1 - total)) > 0)
+			total += (size_t)n;
+		buf[total] = '\0';
+		note = strstr(buf, "event=log_lines_dropped") != NULL;
+	}
+	log_detach_loop(100);
+	dup2(saved, STDERR_FILENO);
+	close(saved);
+	close(fds[0]);
+	ev_loop_destroy(loop);
+	assert_true(note);
+	assert_true(total >= 64 * 1024); /* the buffer's worth came out */
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -186,6 +254,8 @@ int main(void)
 		cmocka_unit_test(secrets_with_quotes_and_cuts),
 		cmocka_unit_test(truncation_keeps_lines_whole),
 		cmocka_unit_test(control_bytes),
+		cmocka_unit_test(numbers_stay_numbers),
+		cmocka_unit_test(stalled_stderr_never_blocks),
 	};
 	return cmocka_run_group_tests_name("log", tests, NULL, NULL);
 }

@@ -9,6 +9,7 @@
 
 #include "dispatcher.h"
 #include "pg.h"
+#include "backoff.h"
 #include "pgmq.h"
 
 static PGresult *make_result(const char *const *names, int ncols, const char *const *rows, int nrows)
@@ -80,7 +81,7 @@ static void missing_column(void **state)
 	pgmq_batch_free(&b);
 	/* no msg_id column: nothing can be named. */
 	assert_int_equal(pgmq_batch_from_result(make_result(no_id, 4, rows, 1), &b, err, sizeof(err)), -1);
-	assert_non_null(strstr(err, "no column named msg_id (1 rows read"));
+	assert_non_null(strstr(err, "no column named msg_id (1 row read, its id unknown"));
 }
 
 /* One bad row does not take the good ones with it. */
@@ -125,13 +126,13 @@ static void empty_result(void **state)
 static void backoff(void **state)
 {
 	/* Full jitter: rnd scales the capped exponential ceiling. */
-	assert_true(pg_backoff_ms(0, 250, 30000, 0.999) < 250.0);
-	assert_true(pg_backoff_ms(3, 250, 30000, 0.5) == 1000.0);
-	assert_true(pg_backoff_ms(20, 250, 30000, 0.5) == 15000.0);
-	assert_true(dispatcher_backoff_ms(1, 1000, 60000, 250, 0.5) == 500.0);
-	assert_true(dispatcher_backoff_ms(3, 1000, 60000, 250, 0.5) == 2000.0);
-	assert_true(dispatcher_backoff_ms(40, 1000, 60000, 250, 0.999) <= 60000.0);
-	assert_true(dispatcher_backoff_ms(2, 1000, 60000, 250, 0.0) == 250.0);
+	assert_true(backoff_ms(1, 250, 30000, 0, 0.999) < 250.0);
+	assert_true(backoff_ms(4, 250, 30000, 0, 0.5) == 1000.0);
+	assert_true(backoff_ms(21, 250, 30000, 0, 0.5) == 15000.0);
+	assert_true(backoff_ms(1, 1000, 60000, 250, 0.5) == 500.0);
+	assert_true(backoff_ms(3, 1000, 60000, 250, 0.5) == 2000.0);
+	assert_true(backoff_ms(40, 1000, 60000, 250, 0.999) <= 60000.0);
+	assert_true(backoff_ms(2, 1000, 60000, 250, 0.0) == 250.0);
 }
 
 int main(void)

@@ -148,6 +148,77 @@ static void reply_id_too_long(void **state)
 	assert_int_equal(runpod_parse_run_reply(body, strlen(body), &r), 0);
 }
 
+/* Issue 10, defect 3: every string of a reply is judged on its raw bytes.
+ * Debian's cJSON reads "job\uX000" as "job" and "abc\u0000def" as "abc". */
+static void reply_strings_judged_on_raw_bytes(void **state)
+{
+	static const struct {
+		const char *body;
+		const char *why; /* NULL: accepted */
+	} cases[] = {
+		{ "{\"id\":\"job\\uX000\"}", "invalid escape in a string" },
+		{ "{\"id\":\"abc\\u0000def\"}", "id: control character" },
+		{ "{\"id\":\"abc\\u001fdef\"}", "id: control character" },
+		{ "{\"id\":\"abc\\u0085def\"}", "id: control character" },
+		{ "{\"id\":\"ab\\tc\"}", "id: control character" },
+		{ "{\"id\":\"ab\x7f\"}", "id: control character" },
+		{ "{\"id\":\"ab\xc3\"}", "invalid UTF-8 in a string" },
+		{ "{\"id\":\"ab\xc0\xaf\"}", "invalid UTF-8 in a string" },       /* overlong '/' */
+		{ "{\"id\":\"ab\xed\xa0\x80\"}", "invalid UTF-8 in a string" },   /* surrogate */
+		{ "{\"id\":\"ab\\ud800\"}", "invalid escape in a string" },        /* lone surrogate */
+		{ "{\"id\":\"ab\\udc00\\ud800\"}", "invalid escape in a string" },
+		{ "{\"id\":\"a\",\"id\":\"b\"}", "id: appears twice" },
+		{ "{\"id\":\"ok\",\"x\":[\"\\uZZZZ\"]}", "invalid escape in a string" },
+		{ "{\"id\":\"ok\",\"k\\u0000\":1}", NULL },
+		{ "{\"id\\u0000\":\"bad\",\"id\":\"ok\"}", NULL },
+		{ "{\"id\":\"K\xc3\xb6ln-\xf0\x9f\x8e\xac\"}", NULL },
+		{ "{\"id\":\"\\u00e9\\ud83c\\udfac\\/\"}", NULL },
+	};
+	struct runpod_run_reply r;
+	const char *b;
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		int rc = runpod_parse_run_reply(cases[i].body, strlen(cases[i].body), &r);
+		if (cases[i].why == NULL) {
+			assert_int_equal(rc, 0);
+			assert_true(r.id[0] != '\0');
+		} else {
+			assert_int_equal(rc, -1);
+			assert_string_equal(r.id, "");
+			assert_string_equal(r.why, cases[i].why);
+		}
+	}
+	b = "{\"id\":\"\\u00e9\\ud83c\\udfac\"}";
+	assert_int_equal(runpod_parse_run_reply(b, strlen(b), &r), 0);
+	assert_string_equal(r.id, "\xc3\xa9\xf0\x9f\x8e\xac");
+	/* A bad status leaves status empty, the id still counts. */
+	b = "{\"id\":\"x\",\"status\":\"IN\\u0000Q\"}";
+	assert_int_equal(runpod_parse_run_reply(b, strlen(b), &r), 0);
+	assert_string_equal(r.id, "x");
+	assert_string_equal(r.status, "");
+}
+
+/* The same rules for /status: status and id on raw bytes, error kept with
+ * its line breaks but never with other control characters. */
+static void status_strings_judged_on_raw_bytes(void **state)
+{
+	struct runpod_status_reply s;
+	const char *b;
+
+	b = "{\"status\":\"COMPLETED\\u0000X\"}";
+	assert_int_equal(runpod_parse_status_reply(b, strlen(b), &s), -1);
+	b = "{\"status\":\"COMPLE\\uX000\"}";
+	assert_int_equal(runpod_parse_status_reply(b, strlen(b), &s), -1);
+	b = "{\"status\":\"FAILED\",\"id\":\"j\\u0000k\",\"error\":\"Trace:\\n  at x\"}";
+	assert_int_equal(runpod_parse_status_reply(b, strlen(b), &s), 0);
+	assert_string_equal(s.id, "");
+	assert_string_equal(s.error, "Trace:\n  at x");
+	b = "{\"status\":\"FAILED\",\"error\":\"boom\\u001b[31m\"}";
+	assert_int_equal(runpod_parse_status_reply(b, strlen(b), &s), 0);
+	assert_string_equal(s.status, "FAILED");
+	assert_string_equal(s.error, "(error text not shown: control character)");
+}
+
 static void classification(void **state)
 {
 	static const struct {
@@ -230,11 +301,11 @@ static void retry_after(void **state)
 		{ " 5", -1, 0 },
 		{ "5s", -1, 0 },
 		{ "soon", -1, 0 },
-		{ "Sun, 29 Nov 2026 08:00:30 CET", -1, 0 },
+		{ "Sun, 29 Nov 2026 08:00:30 CET", 0, 0 },   /* curl_getdate: 07:00:30 GMT, past */
 		{ "Sun, 32 Nov 2026 08:00:30 GMT", -1, 0 },
 		{ "Sun, 29 Foo 2026 08:00:30 GMT", -1, 0 },
 		{ "Sun, 29 Nov 2026 25:00:30 GMT", -1, 0 },
-		{ "Sun, 29 Nov 2026 08:00:30 GMT trailing", -1, 0 },
+		{ "Sun, 29 Nov 2026 08:00:30 GMT trailing", 0, 30000 }, /* curl ignores the word */
 		{ "99999999999999999999999", -1, 0 },
 	};
 
@@ -259,6 +330,8 @@ int main(void)
 		cmocka_unit_test(reply_parsing),
 		cmocka_unit_test(reply_parsing_respects_length),
 		cmocka_unit_test(reply_id_too_long),
+		cmocka_unit_test(reply_strings_judged_on_raw_bytes),
+		cmocka_unit_test(status_strings_judged_on_raw_bytes),
 		cmocka_unit_test(classification),
 		cmocka_unit_test(job_bytes_match_the_body),
 		cmocka_unit_test(retry_after),

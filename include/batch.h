@@ -1,0 +1,62 @@
+/* batch — the life of a batch: the messages of one read on their way to
+ * one fate (a /run request, a release, an archive). Owns the read's rows
+ * (shared, reference-counted), the batch and its msg ids, and the one
+ * teardown, batch_end, which logs the ids whose fate needs explaining and
+ * frees. Also the pure decision of what becomes of each row of a read.
+ * Knows nothing of HTTP, rate caps, the circuit or NOTIFY. */
+#ifndef PGMQD_BATCH_H
+#define PGMQD_BATCH_H
+
+#include "dispatcher_int.h"
+#include "log.h"
+
+/* How a batch ended. */
+enum batch_fate {
+	BATCH_ACCEPTED,        /* a job owns the messages (logged by the poster) */
+	BATCH_UNKNOWN,         /* a job may exist; messages keep their vt */
+	BATCH_RELEASED,        /* set_vt done (logged with the count) */
+	BATCH_RELEASE_FAILED,  /* set_vt failed: visible again after vt */
+	BATCH_ARCHIVED,        /* archived (each message logged when chosen) */
+	BATCH_ARCHIVE_FAILED,  /* archive failed: visible again after vt */
+	BATCH_UNSENT,          /* never sent (exit): visible again after vt */
+	BATCH_DROPPED,         /* out of memory or being freed: visible after vt */
+};
+
+/* What becomes of one row of a read. */
+enum row_fate {
+	ROW_SEND,            /* goes out in a /run request */
+	ROW_TOO_LARGE,       /* cannot fit a request on its own: archived */
+	ROW_MAX_READ_CT,     /* read more than max_read_ct times: archived */
+	ROW_INVALID,         /* malformed row with a usable msg_id: released after a pause */
+	ROW_INVALID_LOST,    /* malformed row, no msg_id: visible again after vt */
+};
+
+/* The fate of row m given the /run envelope size, max_body_bytes and
+ * max_read_ct (0 = no limit). Pure. */
+enum row_fate batch_row_fate(const struct pgmq_message *m, size_t envelope_bytes, size_t limit,
+			     int max_read_ct);
+
+/* A batch of n messages (copied) from rr, which it references; NULL when
+ * out of memory. */
+struct batch *batch_new(struct dispatcher *d, struct read_result *rr,
+			const struct pgmq_message *msgs, int n);
+
+void read_result_unref(struct read_result *rr);
+
+/* The one teardown of a batch: logs its ids where fate asks for it (why
+ * says what becomes of them) and frees it. */
+void batch_end(struct batch *b, enum batch_fate fate, const char *why);
+
+/* Makes the batch's messages visible again after delay_s (one set_vt);
+ * the batch ends when the statement does. */
+void batch_release(struct batch *b, int delay_s);
+
+/* Archives n messages from rr that must never be dispatched. */
+void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pgmq_message *msgs,
+		   int n, enum metrics_archive_reason reason);
+
+/* Logs msg ids in lines of 100 under event, so that no id is cut. */
+void batch_log_ids(enum log_level level, const char *event, const struct dispatcher *d,
+		   const long long *ids, int n, const char *why);
+
+#endif

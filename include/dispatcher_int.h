@@ -1,0 +1,196 @@
+/* dispatcher_int — the dispatcher's state, shared by the files it is split
+ * into: dispatcher.c (pipeline, drain, lifecycle), reload.c (the
+ * all-or-nothing reload), batch.c (batch lifecycle and its one teardown),
+ * post.c (/run: rate cap, outcomes), circuit.c (breaker and /health
+ * probes), wakeup.c (NOTIFY and idle polls), dryrun.c. Private: nothing outside those files includes it (unit tests
+ * aside). Owns no code; knows no wire formats. */
+#ifndef PGMQD_DISPATCHER_INT_H
+#define PGMQD_DISPATCHER_INT_H
+
+#include "dispatcher.h"
+#include "metrics.h"
+#include "pgmq.h"
+#include "ratelimit.h"
+#include "runpod.h"
+#include "tracker.h"
+
+#include <ev.h>
+#include <stdbool.h>
+
+#define RATE_WINDOW_S 10.0
+#define RATE_MARGIN_S 0.05 /* our send time vs RunPod's receive time */
+
+/* Why reads are paused. */
+enum pause_reason { PAUSE_NONE, PAUSE_DB, PAUSE_RUNPOD };
+
+/* LISTEN state of the connection that listens. */
+enum notify_state {
+	NOTIFY_OFF,     /* not listening (off, or connection down) */
+	NOTIFY_TESTING, /* LISTEN sent, waiting for our own self-test NOTIFY */
+	NOTIFY_OK,      /* notifications arrive: idle polls may back off */
+	NOTIFY_BROKEN,  /* they do not (transaction pooler): poll only */
+};
+
+/* NOTIFY wake-up and idle back-off (wakeup.c). */
+struct wakeup {
+	struct pg *listen_pg;   /* separate LISTEN connection, or NULL */
+	char table[80];         /* q_<lower(queue)>: the queue table in schema pgmq */
+	char channel[96];       /* pgmq.q_<lower(queue)>.INSERT (pgmq 1.7 - 1.13.0) */
+	char channel2[96];      /* pgmq.q_<queue as created>.INSERT (1.13.1), if different */
+	bool has_trigger;       /* the queue table has an insert trigger to notify us */
+	bool no_trigger_logged;
+	char selftest[64];      /* payload of our own test notification */
+	enum notify_state notify_state;
+	bool notify_broken_logged;
+	double idle_poll_ms;    /* current poll period (backs off while idle) */
+};
+
+/* Derived from one configuration snapshot; built whole before it is used
+ * (dispatcher_reload), so a failure leaves the old one in effect. */
+struct dispatcher_conf {
+	const struct config *cfg;
+	char run_url[2048];
+	char health_url[2048];
+	char *auth_header;               /* "Authorization: Bearer <key>", malloc'd */
+	struct runpod_envelope envelope; /* the /run body around its jobs */
+};
+
+struct dispatcher {
+	struct ev_loop *loop;
+	const struct config *cfg;       /* == conf.cfg */
+	struct dispatcher_conf conf;
+	struct pg *pg;
+	struct http *http;
+	struct tracker *tracker; /* NULL unless [tracker] enabled */
+	bool once;
+	dispatcher_done_fn done;
+	void *done_arg;
+
+	/* Every timer, so that one loop stops them all (dispatcher.c). */
+	ev_timer poll;          /* periodic trigger */
+	ev_timer pause;         /* reads paused until it fires (backoff) */
+	ev_timer probe;         /* next /health probe while the circuit is open */
+	ev_timer deadline;      /* shutdown deadline */
+	ev_timer stats_timer;   /* queue metrics refresh and STATUS counts */
+	ev_timer debounce;      /* a burst of NOTIFYs becomes one read */
+	ev_timer wake_timer;    /* a read when released messages come back */
+	ev_timer selftest_timer;
+	ev_timer rate_timer;    /* a rate slot frees */
+
+	void (*state_hook)(void *arg);
+	void *state_arg;
+	bool connected_once;
+	bool metrics_pending;   /* a pgmq.metrics query is outstanding */
+	long long queue_length; /* from the last pgmq.metrics, -1 unknown */
+	enum pause_reason pause_reason;
+	bool reading;
+	bool read_wanted;       /* a drain read waits for an in-flight slot */
+	bool again;             /* a trigger arrived during a read */
+	bool stopping;
+	bool finished;
+	bool read_done;         /* a read came back (what --once waits for) */
+	bool circuit_open;
+	bool deadline_passed;   /* shutdown: stop waiting for the database */
+	bool probing;           /* a /health request is in flight */
+	int probe_failures;
+	int in_flight;          /* /run requests outstanding (waiting ones included) */
+	int db_pending;         /* set_vt / archive statements outstanding */
+	int failures;           /* consecutive failures behind the current pause */
+	enum dispatcher_result once_result;
+
+	struct dispatcher_stats stats;
+	struct wakeup w;
+
+	/* /run rate cap (post.c) */
+	struct ratelimit rl;
+	struct batch *waiting, *waiting_tail; /* read, waiting for a rate slot */
+	int nwaiting;
+};
+
+/* The rows of one read, shared by the batches it was split into. */
+struct read_result {
+	struct pgmq_batch rows;
+	int refs;
+};
+
+/* Messages on their way to one outcome: a /run request, a release or an
+ * archive. msgs point into rr's PGresult. */
+struct batch {
+	struct dispatcher *d;
+	struct batch *next;     /* in the rate-cap waiting list */
+	enum metrics_archive_reason archive_reason;
+	struct read_result *rr;
+	struct pgmq_message *msgs;
+	long long *ids;
+	int n;
+	ev_tstamp started;
+	ev_tstamp read_at;      /* when the read returned: the vt runs from here */
+};
+
+/* dispatcher.c */
+
+/* What the finish decision looks at. busy: a read, a request, a statement,
+ * a probe or a metrics query is outstanding. */
+struct finish_inputs {
+	bool finished, once, read_done, stopping, deadline_passed, busy;
+};
+
+/* True when a --once cycle or a shutdown is over and done() must run. Pure. */
+bool dispatcher_should_finish(const struct finish_inputs *f);
+void dispatcher_kick(struct dispatcher *d);
+/* The read's callback (pgmq_read_fn); takes rows. Not static so that a
+ * unit test can hand it a read. */
+void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *err);
+void dispatcher_maybe_finish(struct dispatcher *d);
+void dispatcher_state_changed(struct dispatcher *d);
+double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double hint_ms);
+
+/* reload.c */
+
+/* What a reload changes that needs more than a pointer swap. */
+struct reload_diff {
+	bool rate_cap;    /* max_requests_per_10s changed: a new ring */
+	bool conninfo;    /* the connection follows the new conninfo */
+	bool new_tracker; /* [tracker] turned on: a tracker to build */
+};
+
+/* The diff from old to cfg for a dispatcher that has a tracker or not,
+ * runs --once or not, is stopping or not. Pure. */
+struct reload_diff dispatcher_reload_diff(const struct config *old, const struct config *cfg,
+					  bool have_tracker, bool once, bool stopping);
+
+/* Builds out (URLs, auth header, envelope) from cfg; out is cleared
+ * first and the caller's other state untouched. 0, or -1 (logged). */
+int dispatcher_conf_build(struct dispatcher_conf *out, const struct config *cfg);
+void dispatcher_conf_free(struct dispatcher_conf *c);
+
+/* The /run extras (webhook, policy) of a snapshot; points into cfg. */
+struct runpod_extras dispatcher_extras_of(const struct config *cfg);
+
+/* post.c: queues a batch behind the rate cap (it counts as in flight). */
+void post_batch(struct dispatcher *d, struct batch *b);
+/* Hands batches that never went out back to the queue (shutdown). */
+void post_release_waiting(struct dispatcher *d);
+/* Drops batches that never went out, logging their ids (exit). */
+void post_drop_waiting(struct dispatcher *d);
+void post_on_rate_timer(struct ev_loop *loop, ev_timer *w, int revents);
+
+/* circuit.c */
+void circuit_open(struct dispatcher *d, long http_status);
+void circuit_probe_now(struct dispatcher *d);
+void circuit_reload(struct dispatcher *d);
+void circuit_on_probe_timer(struct ev_loop *loop, ev_timer *w, int revents);
+
+/* wakeup.c */
+int wakeup_init(struct dispatcher *d, const struct config *cfg);
+void wakeup_start_listen(struct dispatcher *d, struct pg *pg);
+void wakeup_listen_lost(struct dispatcher *d);
+void wakeup_reset_idle(struct dispatcher *d);
+void wakeup_idle_read(struct dispatcher *d);
+void wakeup_after(void *arg, double after_s);
+void wakeup_on_notify(void *arg, const char *channel, const char *payload);
+void wakeup_on_debounce(struct ev_loop *loop, ev_timer *w, int revents);
+void wakeup_on_wake_timer(struct ev_loop *loop, ev_timer *w, int revents);
+void wakeup_on_selftest_timeout(struct ev_loop *loop, ev_timer *w, int revents);
+
+#endif

@@ -1,0 +1,188 @@
+/* batch — see include/batch.h. */
+#include "batch.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+
+#define IDS_PER_LINE 100
+
+enum row_fate batch_row_fate(const struct pgmq_message *m, size_t envelope_bytes, size_t limit,
+			     int max_read_ct)
+{
+	if (m->invalid)
+		return m->id_ok ? ROW_INVALID : ROW_INVALID_LOST;
+	if (max_read_ct > 0 && atol(m->read_ct) > max_read_ct)
+		return ROW_MAX_READ_CT;
+	if (envelope_bytes + runpod_job_bytes(m) > limit)
+		return ROW_TOO_LARGE;
+	return ROW_SEND;
+}
+
+void read_result_unref(struct read_result *rr)
+{
+	if (rr && --rr->refs == 0) {
+		pgmq_batch_free(&rr->rows);
+		free(rr);
+	}
+}
+
+struct batch *batch_new(struct dispatcher *d, struct read_result *rr,
+			const struct pgmq_message *msgs, int n)
+{
+	struct batch *b = calloc(1, sizeof(*b));
+
+	if (b == NULL)
+		return NULL;
+	b->msgs = malloc((size_t)n * sizeof(*b->msgs));
+	b->ids = malloc((size_t)n * sizeof(*b->ids));
+	if (b->msgs == NULL || b->ids == NULL) {
+		free(b->msgs);
+		free(b->ids);
+		free(b);
+		return NULL;
+	}
+	b->d = d;
+	b->rr = rr;
+	rr->refs++;
+	b->n = n;
+	b->started = b->read_at = ev_now(d->loop);
+	for (int i = 0; i < n; i++) {
+		b->msgs[i] = msgs[i];
+		b->ids[i] = msgs[i].msg_id_num;
+	}
+	return b;
+}
+
+void batch_log_ids(enum log_level level, const char *event, const struct dispatcher *d,
+		   const long long *ids, int n, const char *why)
+{
+	char list[IDS_PER_LINE * 21];
+
+	for (int i = 0; i < n; i += IDS_PER_LINE) {
+		size_t used = 0;
+		struct log_line *l;
+
+		for (int j = i; j < n && j < i + IDS_PER_LINE; j++)
+			used += (size_t)snprintf(list + used, sizeof(list) - used, "%s%lld",
+						 j > i ? "," : "", ids[j]);
+		l = log_begin(level, event);
+		log_str(l, "queue", d->cfg->queue_name);
+		log_str(l, "outcome", why);
+		log_str(l, "msg_ids", list);
+		log_end(l);
+	}
+}
+
+void batch_end(struct batch *b, enum batch_fate fate, const char *why)
+{
+	switch (fate) {
+	case BATCH_UNKNOWN:
+		batch_log_ids(LOG_WARN, "outcome_unknown_ids", b->d, b->ids, b->n, why);
+		break;
+	case BATCH_RELEASE_FAILED:
+		batch_log_ids(LOG_ERROR, "release_failed_ids", b->d, b->ids, b->n, why);
+		break;
+	case BATCH_ARCHIVE_FAILED:
+		batch_log_ids(LOG_ERROR, "archive_failed_ids", b->d, b->ids, b->n, why);
+		break;
+	case BATCH_UNSENT:
+		batch_log_ids(LOG_WARN, "unsent_ids", b->d, b->ids, b->n, why);
+		break;
+	case BATCH_ACCEPTED:
+	case BATCH_RELEASED:
+	case BATCH_ARCHIVED:
+	case BATCH_DROPPED:
+		break;
+	}
+	read_result_unref(b->rr);
+	free(b->msgs);
+	free(b->ids);
+	free(b);
+}
+
+/* A set_vt or archive statement failed (also while shutting down): one
+ * line with the error; batch_end then names every msg id. */
+static void log_statement_failed(const struct dispatcher *d, const char *event,
+				 const struct pg_error *err)
+{
+	struct log_line *l = log_begin(LOG_ERROR, event);
+
+	log_str(l, "queue", d->cfg->queue_name);
+	log_str(l, "sqlstate", err->sqlstate);
+	log_str(l, "error", err->message);
+	log_end(l);
+}
+
+static void on_released(void *arg, long count, const struct pg_error *err)
+{
+	struct batch *b = arg;
+	struct dispatcher *d = b->d;
+
+	d->db_pending--;
+	if (err) {
+		log_statement_failed(d, "release_failed", err);
+		batch_end(b, BATCH_RELEASE_FAILED, "visible again after vt_seconds");
+	} else {
+		if (!d->finished) {
+			struct log_line *l = log_begin(LOG_DEBUG, "released");
+			log_str(l, "queue", d->cfg->queue_name);
+			log_int(l, "messages", count);
+			log_end(l);
+			d->stats.messages_released += (unsigned long long)count;
+			metrics_add_messages_released((unsigned)count);
+		}
+		batch_end(b, BATCH_RELEASED, NULL);
+	}
+	dispatcher_maybe_finish(d);
+}
+
+void batch_release(struct batch *b, int delay_s)
+{
+	struct dispatcher *d = b->d;
+
+	if (pgmq_set_vt(d->pg, d->cfg->queue_name, b->ids, b->n, delay_s, on_released, b) != 0) {
+		log_msg(LOG_ERROR, "release_failed", "cannot queue set_vt");
+		batch_end(b, BATCH_RELEASE_FAILED, "visible again after vt_seconds");
+		return;
+	}
+	d->db_pending++;
+}
+
+static void on_archived(void *arg, long count, const struct pg_error *err)
+{
+	struct batch *b = arg;
+	struct dispatcher *d = b->d;
+
+	d->db_pending--;
+	if (err) {
+		log_statement_failed(d, "archive_failed", err);
+		batch_end(b, BATCH_ARCHIVE_FAILED, "visible again after vt_seconds, archived then");
+	} else {
+		if (!d->finished) {
+			d->stats.messages_archived += (unsigned long long)count;
+			metrics_add_messages_archived(b->archive_reason, (unsigned)count);
+		}
+		batch_end(b, BATCH_ARCHIVED, NULL);
+	}
+	dispatcher_maybe_finish(d);
+}
+
+void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pgmq_message *msgs,
+		   int n, enum metrics_archive_reason reason)
+{
+	struct batch *b;
+
+	if (n == 0)
+		return;
+	b = batch_new(d, rr, msgs, n);
+	if (b)
+		b->archive_reason = reason;
+	if (b == NULL || pgmq_archive(d->pg, d->cfg->queue_name, b->ids, n, on_archived, b) != 0) {
+		log_msg(LOG_ERROR, "archive_failed", "cannot queue pgmq.archive for %d messages; "
+			"they come back after vt_seconds", n);
+		if (b)
+			batch_end(b, BATCH_DROPPED, NULL);
+		return;
+	}
+	d->db_pending++;
+}

@@ -1,0 +1,62 @@
+/* ratelimit — see include/ratelimit.h. */
+#include "ratelimit.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+int ratelimit_init(struct ratelimit *rl, int cap, double window_s)
+{
+	memset(rl, 0, sizeof(*rl));
+	rl->window_s = window_s;
+	rl->sent_at = malloc((size_t)(cap < 1 ? 1 : cap) * sizeof(*rl->sent_at));
+	if (rl->sent_at == NULL)
+		return -1;
+	rl->cap = cap < 1 ? 1 : cap;
+	return 0;
+}
+
+bool ratelimit_slot(const struct ratelimit *rl, double now, double *wait_s)
+{
+	double oldest;
+
+	if (rl->count < rl->cap)
+		return true;
+	oldest = rl->sent_at[rl->head];
+	if (now - oldest >= rl->window_s)
+		return true;
+	*wait_s = oldest + rl->window_s - now;
+	return false;
+}
+
+void ratelimit_record(struct ratelimit *rl, double now)
+{
+	if (rl->count < rl->cap) {
+		rl->sent_at[(rl->head + rl->count) % rl->cap] = now;
+		rl->count++;
+	} else {
+		rl->sent_at[rl->head] = now;
+		rl->head = (rl->head + 1) % rl->cap;
+	}
+}
+
+int ratelimit_resized(const struct ratelimit *rl, int new_cap, struct ratelimit *out)
+{
+	int keep;
+
+	if (ratelimit_init(out, new_cap, rl->window_s) != 0)
+		return -1;
+	keep = rl->count < out->cap ? rl->count : out->cap;
+	for (int i = 0; i < keep; i++)
+		out->sent_at[i] = rl->sent_at[(rl->head + rl->count - keep + i) % rl->cap];
+	out->count = keep;
+	return 0;
+}
+
+void ratelimit_free(struct ratelimit *rl)
+{
+	if (rl == NULL)
+		return;
+	free(rl->sent_at);
+	rl->sent_at = NULL;
+	rl->cap = rl->head = rl->count = 0;
+}

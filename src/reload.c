@@ -1,0 +1,123 @@
+/* reload — SIGHUP: what a new snapshot changes (a pure diff), the
+ * derived strings of a snapshot (URLs, auth header, /run envelope), and the
+ * all-or-nothing switch: everything new is built first, then committed in
+ * steps that cannot fail, so a failure leaves the old configuration fully
+ * in effect, rate cap included. Knows nothing of reads, batches or NOTIFY
+ * beyond asking wakeup and circuit to follow the new timers. */
+#include "dispatcher_int.h"
+#include "log.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+struct runpod_extras dispatcher_extras_of(const struct config *cfg)
+{
+	return (struct runpod_extras){
+		.webhook = cfg->webhook,
+		.execution_timeout_ms = cfg->policy_execution_timeout_ms,
+		.ttl_ms = cfg->policy_ttl_ms,
+		.low_priority = cfg->policy_low_priority != 0,
+	};
+}
+
+/* Builds everything a snapshot's URLs, key and envelope give; the old
+ * conf is untouched. 0, or -1 (logged, out cleared). */
+int dispatcher_conf_build(struct dispatcher_conf *out, const struct config *cfg)
+{
+	struct runpod_extras extras = dispatcher_extras_of(cfg);
+
+	memset(out, 0, sizeof(*out));
+	if (runpod_url(cfg->base_url, cfg->endpoint_id, "run", out->run_url, sizeof(out->run_url)) != 0 ||
+	    runpod_url(cfg->base_url, cfg->endpoint_id, "health", out->health_url,
+		       sizeof(out->health_url)) != 0) {
+		log_msg(LOG_ERROR, "config_invalid", "runpod.base_url and runpod.endpoint_id are too long");
+		return -1;
+	}
+	out->auth_header = runpod_auth_header(cfg->api_key);
+	if (out->auth_header == NULL ||
+	    runpod_envelope_init(&out->envelope, cfg->queue_name, cfg->vt_seconds, &extras) != 0) {
+		log_msg(LOG_ERROR, "out_of_memory", "cannot build the /run envelope");
+		free(out->auth_header);
+		out->auth_header = NULL;
+		return -1;
+	}
+	out->cfg = cfg;
+	return 0;
+}
+
+void dispatcher_conf_free(struct dispatcher_conf *c)
+{
+	free(c->auth_header);
+	c->auth_header = NULL;
+	runpod_envelope_free(&c->envelope);
+}
+
+struct reload_diff dispatcher_reload_diff(const struct config *old, const struct config *cfg,
+					  bool have_tracker, bool once, bool stopping)
+{
+	return (struct reload_diff){
+		.rate_cap = old->max_requests_per_10s != cfg->max_requests_per_10s,
+		.conninfo = strcmp(old->conninfo, cfg->conninfo) != 0,
+		.new_tracker = !have_tracker && cfg->tracker_enabled && !once && !stopping,
+	};
+}
+
+/* All or nothing: everything new is built first, and the old state stays
+ * in effect if any of it fails; then commits in steps that cannot fail. */
+int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
+{
+	struct reload_diff diff = dispatcher_reload_diff(d->cfg, cfg, d->tracker != NULL, d->once,
+							 d->stopping);
+	struct dispatcher_conf conf;
+	struct ratelimit rl = { 0 };
+	struct tracker *tracker = NULL;
+
+	if (dispatcher_conf_build(&conf, cfg) != 0)
+		return -1;
+	if (diff.rate_cap && ratelimit_resized(&d->rl, cfg->max_requests_per_10s, &rl) != 0) {
+		log_msg(LOG_ERROR, "out_of_memory", "cannot resize the /run rate cap");
+		goto fail;
+	}
+	if (diff.new_tracker && (tracker = tracker_new(d->loop, cfg, d->http, d->pg)) == NULL) {
+		log_msg(LOG_ERROR, "reload_failed", "cannot start the tracker");
+		goto fail;
+	}
+	/* The last step that can fail, and it changes nothing when it does. */
+	if (pg_set_conninfo(d->pg, cfg->conninfo) != 0) {
+		log_msg(LOG_ERROR, "out_of_memory", "cannot take the new conninfo");
+		goto fail;
+	}
+
+	/* Commit: nothing below can fail. */
+	dispatcher_conf_free(&d->conf);
+	d->conf = conf;
+	d->cfg = cfg;
+	if (diff.rate_cap) {
+		ratelimit_free(&d->rl);
+		d->rl = rl;
+	}
+	if (tracker) {
+		/* Turned on by this reload: follow jobs accepted from now on. */
+		d->tracker = tracker;
+		tracker_set_wake(d->tracker, wakeup_after, d);
+	} else {
+		tracker_reload(d->tracker, cfg);
+	}
+	ev_timer_stop(d->loop, &d->poll);
+	ev_timer_set(&d->poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
+	d->stats_timer.repeat = cfg->metrics_interval_ms / 1000.0;
+	d->w.idle_poll_ms = -1;
+	wakeup_reset_idle(d);
+	if (!d->once && !d->stopping && !d->finished) {
+		ev_timer_start(d->loop, &d->poll);
+		ev_timer_again(d->loop, &d->stats_timer);
+	}
+	circuit_reload(d);
+	return 0;
+fail:
+	tracker_free(tracker);
+	ratelimit_free(&rl);
+	dispatcher_conf_free(&conf);
+	return -1;
+}
+
