@@ -60,6 +60,8 @@ struct config {
 	int tracker_retry_delay_s;   /* FAILED/CANCELLED/TIMED_OUT: visible again after this */
 	int tracker_max_concurrent;  /* /status requests in flight at once */
 	int tracker_max_status_per_10s; /* RunPod: 2000 per 10 s */
+	int tracker_max_queued_jobs; /* reads pause while this many jobs wait IN_QUEUE; 0 = off */
+	int tracker_max_heartbeat_s; /* no heartbeat for a job tracked longer; 0 = off */
 	/* [log] */
 	int log_level;           /* enum log_level */
 	int log_format;          /* enum log_format */

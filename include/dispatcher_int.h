@@ -1,7 +1,7 @@
 /* dispatcher_int — the dispatcher's state, shared by the files it is split
  * into: dispatcher.c (pipeline, drain, lifecycle), reload.c (the
  * all-or-nothing reload), batch.c (batch lifecycle and its one teardown),
- * post.c (/run: rate cap, outcomes), circuit.c (breaker and /health
+ * post.c (/run: rate cap, outcomes), circuit.c (breaker, /health
  * probes), wakeup.c (NOTIFY and idle polls), dryrun.c. Private: nothing outside those files includes it (unit tests
  * aside). Owns no code; knows no wire formats. */
 #ifndef PGMQD_DISPATCHER_INT_H
@@ -85,6 +85,7 @@ struct dispatcher {
 	enum pause_reason pause_reason;
 	bool reading;
 	bool read_wanted;       /* a drain read waits for an in-flight slot */
+	bool queue_capped;      /* reads pause: tracker.max_queued_jobs jobs wait IN_QUEUE */
 	bool again;             /* a trigger arrived during a read */
 	bool stopping;
 	bool finished;
@@ -180,6 +181,10 @@ void circuit_open(struct dispatcher *d, long http_status);
 void circuit_probe_now(struct dispatcher *d);
 void circuit_reload(struct dispatcher *d);
 void circuit_on_probe_timer(struct ev_loop *loop, ev_timer *w, int revents);
+/* tracker.max_queued_jobs: true while reads pause because that many jobs
+ * wait IN_QUEUE (in-flight /run counted); logs each change once, sets the
+ * gauge and STATUS=. */
+bool circuit_queue_capped(struct dispatcher *d);
 
 /* wakeup.c */
 int wakeup_init(struct dispatcher *d, const struct config *cfg);

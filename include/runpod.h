@@ -163,4 +163,40 @@ bool runpod_status_is_terminal(const char *status);
 int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id,
 		      char *buf, size_t len);
 
+/* ---- /health (the tracker) ---- */
+
+enum runpod_health_job {
+	RUNPOD_HJ_COMPLETED,
+	RUNPOD_HJ_FAILED,
+	RUNPOD_HJ_IN_PROGRESS,
+	RUNPOD_HJ_IN_QUEUE,
+	RUNPOD_HJ_RETRIED,
+	RUNPOD_HJ_N
+};
+enum runpod_health_worker {
+	RUNPOD_HW_IDLE,
+	RUNPOD_HW_INITIALIZING,
+	RUNPOD_HW_READY,
+	RUNPOD_HW_RUNNING,
+	RUNPOD_HW_THROTTLED,
+	RUNPOD_HW_UNHEALTHY,
+	RUNPOD_HW_N
+};
+
+/* The counters of a GET /v2/{endpoint_id}/health reply
+ * (runpod-serverless-api.md §7): jobs {completed, failed, inProgress,
+ * inQueue, retried}, workers {idle, initializing, ready, running,
+ * throttled, unhealthy}. */
+struct runpod_health {
+	long long jobs[RUNPOD_HJ_N];
+	long long workers[RUNPOD_HW_N];
+};
+
+/* Parses a /health reply body (len bytes, not NUL-terminated) leniently, as
+ * §7 advises: a missing counter, or one that is not a number >= 0, is 0;
+ * unknown keys are ignored ("unhealthy" is read by third-party clients,
+ * not documented). Returns 0, or -1 when the body is not a JSON object
+ * with a "jobs" or a "workers" object (out is then all zero). Pure. */
+int runpod_parse_health_reply(const char *body, size_t len, struct runpod_health *out);
+
 #endif

@@ -22,6 +22,18 @@
  *   sooner anyway); the RunPod error text is logged, cut at 256 bytes.
  * - At most max_tracked_jobs jobs; past it the oldest is dropped with a
  *   warning (event=tracker_evicted) and a counter.
+ * - Stuck queues: while any job is tracked, GET {base_url}/{endpoint_id}/health
+ *   once per interval_ms (from the same bucket, at most a tenth of it;
+ *   runpod-serverless-api.md §7); its
+ *   job and worker counts go to /metrics with the age of the oldest job
+ *   still IN_QUEUE. Unhealthy workers while jobs wait IN_QUEUE give one
+ *   warning (event=runpod_workers_unhealthy), and one line when no worker
+ *   is unhealthy any more (event=runpod_workers_recovered).
+ * - max_heartbeat_s (0 = off): a job tracked that long gets no more
+ *   heartbeats (event=heartbeat_ceiling, once); its messages come back when
+ *   their vt runs out. It is still followed.
+ * - max_queued_jobs (0 = off): the dispatcher asks tracker_queued_jobs()
+ *   before each read and pauses reads at the cap.
  *
  * State lives in memory only: after a restart the messages of jobs that
  * were tracked behave as they do without the tracker.
@@ -30,11 +42,12 @@
  * TRACKER_MAX_DB statements queued at once, so the dispatcher's reads keep
  * their room in pg's FIFO. Scheduling is one ev_timer over the bounded job
  * table of include/jobtable.h (a map by job id, a list in insertion order,
- * two binary heaps: next /status, next database action): O(log n) per job
- * event.
+ * three binary heaps: next /status, next database action, oldest
+ * IN_QUEUE): O(log n) per job event.
  *
  * Files: tracker.c (the API, scheduling, sending /status and set_vt),
- * tracker_reply.c (what each answer does), jobtable.c (the table);
+ * tracker_reply.c (what each answer does), tracker_health.c (/health and
+ * the IN_QUEUE watch), jobtable.c (the table);
  * src/tracker_int.h is what the first two share. */
 #ifndef PGMQD_TRACKER_H
 #define PGMQD_TRACKER_H
@@ -48,6 +61,7 @@
 
 #define TRACKER_MAX_DB 4        /* tracker statements on the pg connection at once */
 #define TRACKER_IDS_PER_LINE 100 /* msg ids named in one log line; the rest are counted */
+#define TRACKER_HEALTH_SHARE 0.1 /* /health takes at most this share of max_status_per_10s */
 
 struct tracker;
 
@@ -75,6 +89,12 @@ void tracker_reload(struct tracker *t, const struct config *cfg);
  * visible again after_s seconds from now, so that the owner reads then
  * (no NOTIFY announces them). NULL-safe. */
 void tracker_set_wake(struct tracker *t, void (*wake)(void *arg, double after_s), void *arg);
+
+/* Jobs accepted and not started: tracked jobs whose last status is
+ * IN_QUEUE (0 when t is NULL or disabled). For tracker.max_queued_jobs;
+ * when the count drops while that cap is on, the wake hook is called with
+ * 0 s so that paused reads resume. */
+int tracker_queued_jobs(const struct tracker *t);
 
 /* Shutdown: no new /status requests or statements from now on. Requests
  * and statements in flight may still complete; their callbacks only do
@@ -111,6 +131,27 @@ bool tracker_bucket_take(struct tracker_bucket *b, double now);
 
 /* Seconds until a token is available (0 when one is). */
 double tracker_bucket_wait_s(const struct tracker_bucket *b, double now);
+
+/* Seconds between /health polls: interval_ms, but never more often than
+ * TRACKER_HEALTH_SHARE of the max_status_per_10s budget allows, so /status
+ * keeps the rest. ±10 % jitter is added by the caller. */
+double tracker_health_interval_s(int interval_ms, int max_status_per_10s);
+
+/* Whether a job accepted at accepted_at may still get a heartbeat at now
+ * under tracker.max_heartbeat_s (0: no ceiling). Seconds. */
+bool tracker_heartbeat_allowed(double accepted_at, double now, int max_heartbeat_s);
+
+/* Whether reads pause under tracker.max_queued_jobs (0: never): queued
+ * jobs accepted and not started (last status IN_QUEUE) plus in_flight /run
+ * requests (each may add one) reach the cap. */
+bool tracker_queue_full(long queued, int in_flight, int max_queued_jobs);
+
+/* What to say after a /health answer: warn once when workers are unhealthy
+ * (unhealthy > 0) while in_queue tracked jobs wait IN_QUEUE; say it
+ * recovered once no worker is unhealthy. warned: the warning was given
+ * and recovery not yet said. */
+enum tracker_health_note { TRACKER_HEALTH_QUIET, TRACKER_HEALTH_WARN, TRACKER_HEALTH_RECOVERED };
+enum tracker_health_note tracker_health_note(bool warned, long long unhealthy, long in_queue);
 
 /* When a heartbeat is due for messages whose vt of vt_seconds runs out at
  * vt_until: as soon as less than a third of it remains. */

@@ -4,6 +4,8 @@
 #include "backoff.h"
 #include "dispatcher_int.h"
 #include "log.h"
+#include "metrics.h"
+#include "tracker.h"
 
 enum circuit_action circuit_next(bool open, enum circuit_event ev, long http_status)
 {
@@ -131,4 +133,30 @@ void circuit_reload(struct dispatcher *d)
 	d->probe_failures = 0;
 	ev_timer_stop(d->loop, &d->probe);
 	circuit_probe_now(d);
+}
+
+/* Like the open circuit, a queue that does not move stops reads: the
+ * tracker counts the jobs waiting IN_QUEUE and its wake hook asks for a
+ * read when fewer wait. */
+bool circuit_queue_capped(struct dispatcher *d)
+{
+	long queued = tracker_queued_jobs(d->tracker);
+	bool full = tracker_queue_full(queued, d->in_flight, d->cfg->tracker_max_queued_jobs);
+	struct log_line *l;
+
+	if (full == d->queue_capped)
+		return full;
+	l = log_begin(full ? LOG_WARN : LOG_INFO, full ? "reads_paused" : "reads_resumed");
+	log_int(l, "queued_jobs", queued);
+	log_int(l, "in_flight", d->in_flight);
+	log_int(l, "max_queued_jobs", d->cfg->tracker_max_queued_jobs);
+	if (full)
+		log_str(l, "msg",
+			"RunPod is not starting the jobs sent: no new /run until fewer "
+			"wait IN_QUEUE; the messages wait in the queue");
+	log_end(l);
+	d->queue_capped = full;
+	metrics_set_queue_cap_reached(full);
+	dispatcher_state_changed(d);
+	return full;
 }

@@ -89,6 +89,10 @@ const struct key config_keys[] = {
 	/* §2: /status allows 2000 requests per 10 s. */
 	{ "tracker", "max_status_per_10s", K_INT, OFF(tracker_max_status_per_10s), "2000", 1, 1000000,
 	  0, { 0 }, NULL, NULL, NULL },
+	{ "tracker", "max_queued_jobs", K_INT, OFF(tracker_max_queued_jobs), "0", 1, 1000000,
+	  F_ZERO_OFF, { 0 }, NULL, NULL, NULL },
+	{ "tracker", "max_heartbeat_s", K_INT, OFF(tracker_max_heartbeat_s), "0", 1, 31536000,
+	  F_ZERO_OFF, { 0 }, NULL, NULL, NULL },
 	{ "admin", "listen", K_STR, OFF(admin_listen), "127.0.0.1:9187", 0, 0, F_STATIC, { 0 }, NULL,
 	  NULL, check_listen },
 	{ "admin", "metrics_interval_ms", K_INT, OFF(metrics_interval_ms), "15000", 100, 3600000, 0,

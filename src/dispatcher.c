@@ -257,7 +257,7 @@ void dispatcher_kick(struct dispatcher *d)
 	if (d->stopping || d->finished || d->circuit_open || !pg_ready(d->pg) ||
 	    ev_is_active(&d->pause))
 		return;
-	if (d->in_flight >= d->cfg->max_in_flight) {
+	if (d->in_flight >= d->cfg->max_in_flight || circuit_queue_capped(d)) {
 		d->read_wanted = true;
 		return;
 	}
@@ -556,8 +556,13 @@ void dispatcher_status(const struct dispatcher *d, char *buf, size_t len)
 	char why[96];
 	bool ready = dispatcher_ready(d, why, sizeof(why));
 
-	snprintf(buf, len, "%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
-		 "unknown %llu; queue length %lld", ready ? "dispatching" : why, d->in_flight,
+	if (ready && d->queue_capped)
+		snprintf(why, sizeof(why), "reads paused at max_queued_jobs %d (IN_QUEUE %d)",
+			 d->cfg->tracker_max_queued_jobs, tracker_queued_jobs(d->tracker));
+	snprintf(buf, len,
+		 "%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
+		 "unknown %llu; queue length %lld",
+		 ready && !d->queue_capped ? "dispatching" : why, d->in_flight,
 		 d->stats.messages_accepted, d->stats.requests_accepted, d->stats.requests_rejected,
 		 d->stats.requests_unknown, d->queue_length);
 }

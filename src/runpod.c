@@ -410,3 +410,43 @@ int runpod_status_url(const char *base_url, const char *endpoint_id, const char 
 	curl_free(id);
 	return n < 0 || (size_t)n >= len ? -1 : 0;
 }
+
+/* A /health counter: a whole number >= 0, else 0 (§7: parse leniently). */
+static long long counter_of(const cJSON *obj, const char *key)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+
+	if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0) || v->valuedouble > 1e15)
+		return 0;
+	return (long long)v->valuedouble;
+}
+
+int runpod_parse_health_reply(const char *body, size_t len, struct runpod_health *out)
+{
+	static const char *const job_keys[RUNPOD_HJ_N] = { "completed", "failed", "inProgress",
+							   "inQueue", "retried" };
+	static const char *const worker_keys[RUNPOD_HW_N] = {
+		"idle", "initializing", "ready", "running", "throttled", "unhealthy"
+	};
+	cJSON *root;
+	const cJSON *jobs, *workers;
+	int rc = -1;
+
+	memset(out, 0, sizeof(*out));
+	if (body == NULL)
+		return -1;
+	root = cJSON_ParseWithLength(body, len);
+	jobs = cJSON_GetObjectItemCaseSensitive(root, "jobs");
+	workers = cJSON_GetObjectItemCaseSensitive(root, "workers");
+	if (cJSON_IsObject(root) && (cJSON_IsObject(jobs) || cJSON_IsObject(workers))) {
+		for (int i = 0; i < RUNPOD_HJ_N; i++)
+			out->jobs[i] = cJSON_IsObject(jobs) ? counter_of(jobs, job_keys[i]) : 0;
+		for (int i = 0; i < RUNPOD_HW_N; i++)
+			out->workers[i] = cJSON_IsObject(workers)
+						  ? counter_of(workers, worker_keys[i])
+						  : 0;
+		rc = 0;
+	}
+	cJSON_Delete(root);
+	return rc;
+}

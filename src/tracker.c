@@ -74,6 +74,30 @@ double tracker_heartbeat_at(double vt_until, int vt_seconds)
 	return vt_until - vt_seconds / 3.0;
 }
 
+bool tracker_heartbeat_allowed(double accepted_at, double now, int max_heartbeat_s)
+{
+	return max_heartbeat_s <= 0 || now - accepted_at < max_heartbeat_s;
+}
+
+bool tracker_queue_full(long queued, int in_flight, int max_queued_jobs)
+{
+	return max_queued_jobs > 0 && queued + in_flight >= max_queued_jobs;
+}
+
+enum tracker_health_note tracker_health_note(bool warned, long long unhealthy, long in_queue)
+{
+	if (!warned && unhealthy > 0 && in_queue > 0)
+		return TRACKER_HEALTH_WARN;
+	if (warned && unhealthy == 0)
+		return TRACKER_HEALTH_RECOVERED;
+	return TRACKER_HEALTH_QUIET;
+}
+
+int tracker_queued_jobs(const struct tracker *t)
+{
+	return t && t->enabled ? (int)t->by_slot[METRICS_TRACKED_IN_QUEUE] : 0;
+}
+
 static double rnd(void)
 {
 	return (double)random() / ((double)RAND_MAX + 1.0);
@@ -95,8 +119,14 @@ struct tjob *tracker_job_find(const struct tracker *t, const char *id)
 
 void tracker_set_slot(struct tracker *t, struct tjob *j, int slot)
 {
+	long queued_before = t->by_slot[METRICS_TRACKED_IN_QUEUE];
+
 	if (j->slot == slot)
 		return;
+	if (slot == METRICS_TRACKED_IN_QUEUE)
+		jobtable_schedule(&t->jobs, JT_QUEUED, &j->node, j->added_at);
+	else
+		jobtable_unschedule(&t->jobs, JT_QUEUED, &j->node);
 	if (j->slot >= 0) {
 		t->by_slot[j->slot]--;
 		metrics_set_tracked_jobs((enum metrics_tracked_status)j->slot, t->by_slot[j->slot]);
@@ -106,25 +136,21 @@ void tracker_set_slot(struct tracker *t, struct tjob *j, int slot)
 		t->by_slot[slot]++;
 		metrics_set_tracked_jobs((enum metrics_tracked_status)slot, t->by_slot[slot]);
 	}
+	tracker_queued_changed(t, queued_before);
 }
 
 /* ---- logging ---- */
 
-/* "1,2,3" for the first TRACKER_IDS_PER_LINE ids; more are counted. */
+/* msg_ids=1,2,3 (a JSON array of numbers in JSON logs) for the first
+ * TRACKER_IDS_PER_LINE ids; past that, msg_count says how many in all. */
 void tracker_log_ids(struct log_line *l, const long long *ids, int n)
 {
-	char list[TRACKER_IDS_PER_LINE * 21 + 48];
-	size_t used = 0;
-
 	if (l == NULL)
 		return;
-	list[0] = '\0';
-	for (int i = 0; i < n && i < TRACKER_IDS_PER_LINE; i++)
-		used += (size_t)snprintf(list + used, sizeof(list) - used, "%s%lld", i ? "," : "",
-					 ids[i]);
+	log_int_list(l, "msg_ids", ids,
+		     (size_t)(n < TRACKER_IDS_PER_LINE ? n : TRACKER_IDS_PER_LINE));
 	if (n > TRACKER_IDS_PER_LINE)
-		snprintf(list + used, sizeof(list) - used, ",...(%d in all)", n);
-	log_str(l, "msg_ids", list);
+		log_int(l, "msg_count", n);
 }
 
 /* ---- jobs ---- */
@@ -141,7 +167,7 @@ static void evict(struct tracker *t, struct tjob *j, const char *why)
 {
 	struct log_line *l = log_begin(LOG_WARN, "tracker_evicted");
 
-	log_str(l, "job_id", j->id);
+	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "status", j->status);
 	tracker_log_ids(l, j->ids, j->n);
 	log_int(l, "max_tracked_jobs", t->cfg->tracker_max_tracked_jobs);
@@ -167,19 +193,19 @@ void tracker_db_at(struct tracker *t, struct tjob *j, ev_tstamp when)
 /* Heartbeats are scheduled while the job lives and has messages left. */
 void tracker_schedule_heartbeat(struct tracker *t, struct tjob *j)
 {
-	if (j->state == J_LIVE && j->n_live > 0 && !j->db_busy && !j->hb_parked)
+	if (j->state == J_LIVE && j->n_live > 0 && !j->db_busy && !j->hb_parked && !j->hb_ceiling)
 		tracker_db_at(t, j, tracker_heartbeat_at(j->vt_until, j->vt_len));
 }
 
 /* ---- ops ---- */
 
-static struct op *op_new(struct tracker *t, enum op_kind kind, const struct tjob *j)
+struct op *tracker_op_new(struct tracker *t, enum op_kind kind, const struct tjob *j)
 {
 	struct op *op = calloc(1, sizeof(*op));
 
 	if (op == NULL)
 		return NULL;
-	if (kind != OP_STATUS && j->n_live > 0) {
+	if (j != NULL && kind != OP_STATUS && j->n_live > 0) {
 		op->ids = malloc((size_t)j->n_live * sizeof(*op->ids));
 		if (op->ids == NULL) {
 			free(op);
@@ -190,7 +216,8 @@ static struct op *op_new(struct tracker *t, enum op_kind kind, const struct tjob
 	}
 	op->t = t;
 	op->kind = kind;
-	memcpy(op->job_id, j->id, sizeof(op->job_id));
+	if (j != NULL)
+		memcpy(op->job_id, j->id, sizeof(op->job_id));
 	op->sent_at = ev_now(t->loop);
 	op->next = t->ops;
 	if (t->ops)
@@ -235,6 +262,10 @@ void tracker_arm(struct tracker *t)
 		ev_tstamp token_at = now + tracker_bucket_wait_s(&t->bucket, now);
 		at = fmax(p->key[JT_POLL], fmax(t->paused_until, token_at));
 	}
+	if (!isinf(tracker_health_at(t))) {
+		ev_tstamp token_at = now + tracker_bucket_wait_s(&t->bucket, now);
+		at = fmin(at, fmax(tracker_health_at(t), fmax(t->paused_until, token_at)));
+	}
 	if (d && t->db_in_flight < TRACKER_MAX_DB && d->key[JT_DB] < at)
 		at = d->key[JT_DB];
 	if (isinf(at))
@@ -260,14 +291,14 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 
 	if (runpod_status_url(t->cfg->base_url, t->cfg->endpoint_id, j->id, url, sizeof(url)) != 0) {
 		struct log_line *l = log_begin(LOG_ERROR, "tracker_dropped");
-		log_str(l, "job_id", j->id);
+		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->ids, j->n);
 		log_str(l, "msg", "the /status URL does not fit; the messages keep their vt");
 		log_end(l);
 		tracker_job_remove(t, j);
 		return;
 	}
-	op = op_new(t, OP_STATUS, j);
+	op = tracker_op_new(t, OP_STATUS, j);
 	if (op == NULL || http_start(t->http, &o, tracker_on_status, op) != 0) {
 		if (op)
 			tracker_op_free(op);
@@ -289,7 +320,7 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
  * queued (pg's FIFO full, out of memory). */
 static int start_statement(struct tracker *t, struct tjob *j, enum op_kind kind, int delay_s)
 {
-	struct op *op = op_new(t, kind, j);
+	struct op *op = tracker_op_new(t, kind, j);
 
 	if (op == NULL)
 		return -1;
@@ -316,9 +347,25 @@ static void db_work(struct tracker *t, struct tjob *j, ev_tstamp now)
 	}
 	if (j->n_live == 0)
 		return;
+	if (!tracker_heartbeat_allowed(j->added_at, now, t->cfg->tracker_max_heartbeat_s)) {
+		struct log_line *l = log_begin(LOG_WARN, "heartbeat_ceiling");
+		log_str(l, "runpod_job_id", j->id);
+		log_str(l, "status", j->status);
+		tracker_log_ids(l, j->live, j->n_live);
+		log_int(l, "tracked_s", (long long)(now - j->added_at));
+		log_int(l, "max_heartbeat_s", t->cfg->tracker_max_heartbeat_s);
+		log_int(l, "vt_left_s", (long long)fmax(0.0, j->vt_until - now));
+		log_str(l, "msg",
+			"no more vt extensions for this job: its messages become visible "
+			"when their vt runs out and are read again; the job is still followed");
+		log_end(l);
+		metrics_inc_tracker_heartbeat_ceilings();
+		j->hb_ceiling = true;
+		return;
+	}
 	if (now - j->seen_at > stale_s) {
 		struct log_line *l = log_begin(LOG_WARN, "heartbeat_paused");
-		log_str(l, "job_id", j->id);
+		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->live, j->n_live);
 		log_int(l, "silent_s", (long long)(now - j->seen_at));
 		log_str(l, "msg", "no /status answer for too long; the messages keep their vt and come "
@@ -343,6 +390,10 @@ static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 	(void)revents;
 	if (!t->enabled || t->stopped)
 		return;
+	/* /health first: one request per interval, never starved by the polls. */
+	if (tracker_health_at(t) <= now + DUE_SLACK_S && t->paused_until <= now + DUE_SLACK_S &&
+	    tracker_bucket_take(&t->bucket, now))
+		tracker_health_start(t, now);
 	while ((j = job_of(jobtable_first(&t->jobs, JT_POLL))) != NULL &&
 	       t->status_in_flight < t->cfg->tracker_max_concurrent &&
 	       j->node.key[JT_POLL] <= now + DUE_SLACK_S && t->paused_until <= now + DUE_SLACK_S &&
@@ -373,6 +424,9 @@ static void apply(struct tracker *t, const struct config *cfg, bool keep_tokens)
 	t->cfg = cfg;
 	jobtable_set_limit(&t->jobs, cfg->tracker_max_tracked_jobs);
 	snprintf(t->auth_header, sizeof(t->auth_header), "Authorization: Bearer %s", cfg->api_key);
+	if (runpod_url(cfg->base_url, cfg->endpoint_id, "health", t->health_url,
+		       sizeof(t->health_url)) != 0)
+		t->health_url[0] = '\0';
 	tracker_bucket_setup(&t->bucket, cfg->tracker_max_status_per_10s, ev_now(t->loop),
 			     keep_tokens);
 }
@@ -401,6 +455,8 @@ struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, stru
 		log_int(l, "max_concurrent", cfg->tracker_max_concurrent);
 		log_int(l, "max_status_per_10s", cfg->tracker_max_status_per_10s);
 		log_int(l, "retry_delay_s", cfg->tracker_retry_delay_s);
+		log_int(l, "max_queued_jobs", cfg->tracker_max_queued_jobs);
+		log_int(l, "max_heartbeat_s", cfg->tracker_max_heartbeat_s);
 		log_end(l);
 	}
 	return t;
@@ -447,12 +503,13 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 	j->vt_len = t->cfg->vt_seconds;
 	j->vt_until = read_at + j->vt_len;
 	j->seen_at = now;
+	j->added_at = now;
 	tracker_set_slot(t, j, METRICS_TRACKED_IN_QUEUE);
 	tracker_poll_later(t, j, now);
 	tracker_schedule_heartbeat(t, j);
 	{
 		struct log_line *l = log_begin(LOG_DEBUG, "job_tracked");
-		log_str(l, "job_id", j->id);
+		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->ids, j->n);
 		log_int(l, "vt_left_ms", (long long)((j->vt_until - now) * 1000.0));
 		log_int(l, "tracked", jobtable_count(&t->jobs));
@@ -471,9 +528,15 @@ static void forget_all(struct tracker *t)
 
 void tracker_reload(struct tracker *t, const struct config *cfg)
 {
+	int old_cap;
+
 	if (t == NULL)
 		return;
+	old_cap = t->cfg->tracker_max_queued_jobs;
 	apply(t, cfg, true);
+	/* Reads paused at the old max_queued_jobs look again now. */
+	if (cfg->tracker_max_queued_jobs != old_cap && t->wake)
+		t->wake(t->wake_arg, 0.0);
 	if (!cfg->tracker_enabled && t->enabled) {
 		struct log_line *l = log_begin(LOG_INFO, "tracker_disabled");
 		log_int(l, "jobs", jobtable_count(&t->jobs));
@@ -515,6 +578,7 @@ void tracker_free(struct tracker *t)
 		op->t = NULL;
 		op->prev = op->next = NULL;
 	}
+	t->wake = NULL; /* forgetting jobs asks for no read now */
 	forget_all(t);
 	jobtable_free(&t->jobs);
 	free(t);

@@ -37,9 +37,11 @@ struct tjob {
 	bool polling;            /* a /status request is in flight */
 	bool db_busy;            /* a heartbeat statement is in flight */
 	bool hb_parked;          /* heartbeats paused: /status silent for too long */
+	bool hb_ceiling;         /* heartbeats ended for good: max_heartbeat_s reached */
+	ev_tstamp added_at;      /* when /run accepted it (ev_now, Unix time) */
 };
 
-enum op_kind { OP_STATUS, OP_HEARTBEAT, OP_RELEASE };
+enum op_kind { OP_STATUS, OP_HEARTBEAT, OP_RELEASE, OP_HEALTH };
 
 /* The context of one request or statement. It names its job by id, never
  * by pointer: the job may be evicted or finished before the answer comes. */
@@ -47,7 +49,7 @@ struct op {
 	struct tracker *t;       /* NULL once the tracker is freed */
 	struct op *prev, *next;
 	enum op_kind kind;
-	char job_id[RUNPOD_JOB_ID_MAX + 1];
+	char job_id[RUNPOD_JOB_ID_MAX + 1]; /* "" for OP_HEALTH */
 	ev_tstamp sent_at;
 	int delay_s;
 	long long *ids;          /* statements: the ids sent */
@@ -71,6 +73,13 @@ struct tracker {
 	struct op *ops;
 	void (*wake)(void *arg, double after_s); /* a read is due then */
 	void *wake_arg;
+
+	/* GET /health (tracker_health.c), polled while jobs are tracked */
+	char health_url[2048]; /* "" when it does not fit: no polls */
+	bool health_polling;   /* a /health request is in flight */
+	bool health_failing;   /* /health failing: warned once per streak */
+	bool unhealthy_warned; /* runpod_workers_unhealthy said, not yet recovered */
+	ev_tstamp health_due;  /* next /health poll */
 };
 
 /* The job named id, or NULL. */
@@ -87,6 +96,9 @@ void tracker_poll_later(struct tracker *t, struct tjob *j, ev_tstamp now);
 void tracker_db_at(struct tracker *t, struct tjob *j, ev_tstamp when);
 /* Schedules j's next heartbeat when it is due one. */
 void tracker_schedule_heartbeat(struct tracker *t, struct tjob *j);
+/* A request or statement context for j (NULL for /health), linked into
+ * t's list; NULL when out of memory. */
+struct op *tracker_op_new(struct tracker *t, enum op_kind kind, const struct tjob *j);
 /* Unlinks and frees a request or statement context. */
 void tracker_op_free(struct op *op);
 /* Re-arms the tracker's timer for its next due work. */
@@ -95,5 +107,18 @@ void tracker_arm(struct tracker *t);
 /* The answers, in tracker_reply.c: http and pg callbacks with an op. */
 void tracker_on_status(void *arg, const struct http_response *r);
 void tracker_on_db(void *arg, const long long *ids, int n, const struct pg_error *err);
+/* The /health answer, in tracker_health.c. */
+void tracker_on_health(void *arg, const struct http_response *r);
+
+/* /health, in tracker_health.c. */
+/* When the next /health poll is due: INFINITY when none is wanted (no job
+ * tracked, one in flight, or no URL). */
+ev_tstamp tracker_health_at(const struct tracker *t);
+/* Starts a /health request (the caller took a bucket token). */
+void tracker_health_start(struct tracker *t, ev_tstamp now);
+/* The IN_QUEUE count went from before to its current value: the oldest
+ * IN_QUEUE gauge follows, and a read is asked for when reads may have
+ * paused at max_queued_jobs. */
+void tracker_queued_changed(struct tracker *t, long before);
 
 #endif

@@ -72,7 +72,10 @@ void wakeup_on_wake_timer(struct ev_loop *loop, ev_timer *w, int revents)
 
 	(void)loop;
 	(void)revents;
-	log_str(l, "reason", "released messages are visible again");
+	log_str(l, "reason",
+		((struct dispatcher *)w->data)->queue_capped
+			? "fewer jobs wait IN_QUEUE (max_queued_jobs)"
+			: "released messages are visible again");
 	log_end(l);
 	wakeup_reset_idle(w->data);
 	dispatcher_kick(w->data);

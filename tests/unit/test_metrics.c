@@ -135,13 +135,37 @@ static void help_and_type_lines(void **state)
 static void every_line_is_well_formed(void **state)
 {
 	static const char *const allowed[] = {
-		"reason=\"too_large\"", "reason=\"max_read_ct\"", "result=\"rows\"",
-		"result=\"empty\"",     "result=\"error\"",       "outcome=\"accepted\"",
-		"outcome=\"rejected\"", "outcome=\"unknown\"",    "le=\"",
+		"reason=\"too_large\"",
+		"reason=\"max_read_ct\"",
+		"result=\"rows\"",
+		"result=\"empty\"",
+		"result=\"error\"",
+		"outcome=\"accepted\"",
+		"outcome=\"rejected\"",
+		"outcome=\"unknown\"",
+		"le=\"",
 		/* the tracker's */
-		"status=\"IN_QUEUE\"", "status=\"IN_PROGRESS\"", "status=\"RUNNING\"",
-		"status=\"OTHER\"", "status=\"COMPLETED\"", "status=\"FAILED\"",
-		"status=\"CANCELLED\"", "status=\"TIMED_OUT\"", "status=\"EXPIRED\"",
+		"status=\"IN_QUEUE\"",
+		"status=\"IN_PROGRESS\"",
+		"status=\"RUNNING\"",
+		"status=\"OTHER\"",
+		"status=\"COMPLETED\"",
+		"status=\"FAILED\"",
+		"status=\"CANCELLED\"",
+		"status=\"TIMED_OUT\"",
+		"status=\"EXPIRED\"",
+		/* RunPod's /health */
+		"state=\"completed\"",
+		"state=\"failed\"",
+		"state=\"in_progress\"",
+		"state=\"in_queue\"",
+		"state=\"retried\"",
+		"state=\"idle\"",
+		"state=\"initializing\"",
+		"state=\"ready\"",
+		"state=\"running\"",
+		"state=\"throttled\"",
+		"state=\"unhealthy\"",
 	};
 	char *text, *save = NULL;
 
@@ -439,6 +463,47 @@ static void tracker_series(void **state)
 	free(text);
 }
 
+/* The stuck-queue series: the oldest IN_QUEUE age grows with the clock,
+ * /health counts are set whole, the cap flag is 0/1. */
+static void stuck_queue_series(void **state)
+{
+	const long long jobs[METRICS_HEALTH_NJOBS] = { 7, 1, 2, 5, 0 };
+	const long long workers[METRICS_HEALTH_NWORKERS] = { 1, 0, 1, 2, 0, 3 };
+	char *text;
+	double age;
+
+	metrics_init();
+	text = render();
+	assert_true(sample(text, "pgmqd_tracker_oldest_in_queue_seconds") == 0);
+	assert_true(sample(text, "pgmqd_tracker_queue_cap_reached") == 0);
+	assert_true(sample(text, "pgmqd_runpod_health_workers{state=\"unhealthy\"}") == 0);
+	assert_true(sample(text, "pgmqd_runpod_health_timestamp_seconds") == 0);
+	free(text);
+
+	metrics_set_oldest_in_queue_since(now_unix() - 42.0);
+	metrics_set_queue_cap_reached(true);
+	metrics_set_runpod_health(jobs, workers);
+	metrics_inc_tracker_heartbeat_ceilings();
+	text = render();
+	age = sample(text, "pgmqd_tracker_oldest_in_queue_seconds");
+	assert_true(age >= 42.0 && age < 52.0);
+	assert_true(sample(text, "pgmqd_tracker_queue_cap_reached") == 1);
+	assert_true(sample(text, "pgmqd_runpod_health_jobs{state=\"in_queue\"}") == 5);
+	assert_true(sample(text, "pgmqd_runpod_health_jobs{state=\"completed\"}") == 7);
+	assert_true(sample(text, "pgmqd_runpod_health_workers{state=\"unhealthy\"}") == 3);
+	assert_true(sample(text, "pgmqd_runpod_health_workers{state=\"running\"}") == 2);
+	assert_true(sample(text, "pgmqd_runpod_health_timestamp_seconds") > now_unix() - 60);
+	assert_true(sample(text, "pgmqd_tracker_heartbeat_ceilings_total") == 1);
+	free(text);
+
+	metrics_set_oldest_in_queue_since(0); /* none waits */
+	metrics_set_queue_cap_reached(false);
+	text = render();
+	assert_true(sample(text, "pgmqd_tracker_oldest_in_queue_seconds") == 0);
+	assert_true(sample(text, "pgmqd_tracker_queue_cap_reached") == 0);
+	free(text);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -449,6 +514,7 @@ int main(void)
 		cmocka_unit_test(histogram_buckets),
 		cmocka_unit_test(gauges),
 		cmocka_unit_test(tracker_series),
+		cmocka_unit_test(stuck_queue_series),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -244,6 +244,76 @@ static void heartbeat_when_a_third_is_left(void **state)
 	assert_true(fabs(tracker_heartbeat_at(10.0, 1) - (10.0 - 1.0 / 3.0)) < 1e-9);
 }
 
+/* §7: counters read leniently, unknown keys ignored, no jobs/workers
+ * object is not a /health reply. */
+static void health_reply(void **state)
+{
+	struct runpod_health h;
+	const char *full = "{\"jobs\":{\"completed\":7,\"failed\":1,\"inProgress\":2,"
+			   "\"inQueue\":5,\"retried\":0},\"workers\":{\"idle\":1,"
+			   "\"initializing\":4,\"ready\":1,\"running\":2,\"throttled\":3,"
+			   "\"unhealthy\":6,\"outdated\":9}}";
+	const char *odd = "{\"workers\":{\"unhealthy\":\"3\",\"idle\":-1,\"running\":2.0}}";
+
+	assert_int_equal(runpod_parse_health_reply(full, strlen(full), &h), 0);
+	assert_int_equal(h.jobs[RUNPOD_HJ_COMPLETED], 7);
+	assert_int_equal(h.jobs[RUNPOD_HJ_IN_PROGRESS], 2);
+	assert_int_equal(h.jobs[RUNPOD_HJ_IN_QUEUE], 5);
+	assert_int_equal(h.workers[RUNPOD_HW_INITIALIZING], 4);
+	assert_int_equal(h.workers[RUNPOD_HW_THROTTLED], 3);
+	assert_int_equal(h.workers[RUNPOD_HW_UNHEALTHY], 6);
+	/* Missing jobs, a string, a negative number: 0. */
+	assert_int_equal(runpod_parse_health_reply(odd, strlen(odd), &h), 0);
+	assert_int_equal(h.jobs[RUNPOD_HJ_IN_QUEUE], 0);
+	assert_int_equal(h.workers[RUNPOD_HW_UNHEALTHY], 0);
+	assert_int_equal(h.workers[RUNPOD_HW_IDLE], 0);
+	assert_int_equal(h.workers[RUNPOD_HW_RUNNING], 2);
+	assert_int_equal(runpod_parse_health_reply("{\"status\":\"ok\"}", 15, &h), -1);
+	assert_int_equal(runpod_parse_health_reply("[1]", 3, &h), -1);
+	assert_int_equal(runpod_parse_health_reply("{\"jobs\":", 8, &h), -1);
+	assert_int_equal(runpod_parse_health_reply(NULL, 0, &h), -1);
+	assert_int_equal(h.workers[RUNPOD_HW_RUNNING], 0); /* cleared on failure */
+}
+
+/* Warn once while unhealthy workers meet waiting jobs; recovered once no
+ * worker is unhealthy; nothing in between. */
+static void health_note_warns_once(void **state)
+{
+	assert_int_equal(tracker_health_note(false, 0, 10), TRACKER_HEALTH_QUIET);
+	assert_int_equal(tracker_health_note(false, 3, 0), TRACKER_HEALTH_QUIET);
+	assert_int_equal(tracker_health_note(false, 3, 1), TRACKER_HEALTH_WARN);
+	assert_int_equal(tracker_health_note(true, 3, 1), TRACKER_HEALTH_QUIET);
+	assert_int_equal(tracker_health_note(true, 3, 0), TRACKER_HEALTH_QUIET);
+	assert_int_equal(tracker_health_note(true, 0, 5), TRACKER_HEALTH_RECOVERED);
+	assert_int_equal(tracker_health_note(true, 0, 0), TRACKER_HEALTH_RECOVERED);
+}
+
+static void heartbeat_ceiling(void **state)
+{
+	assert_true(tracker_heartbeat_allowed(100.0, 1e9, 0)); /* off */
+	assert_true(tracker_heartbeat_allowed(100.0, 159.9, 60));
+	assert_false(tracker_heartbeat_allowed(100.0, 160.0, 60));
+	assert_false(tracker_heartbeat_allowed(100.0, 500.0, 60));
+}
+
+/* /health: every interval, but at most a tenth of the /status budget. */
+static void health_interval(void **state)
+{
+	assert_true(fabs(tracker_health_interval_s(10000, 2000) - 10.0) < 1e-9);
+	assert_true(fabs(tracker_health_interval_s(300, 2000) - 0.3) < 1e-9);
+	assert_true(fabs(tracker_health_interval_s(100, 20) - 5.0) < 1e-9); /* 1 of 20 per 10 s */
+	assert_true(fabs(tracker_health_interval_s(100, 30) - 10.0 / 3.0) < 1e-9);
+}
+
+static void queue_cap(void **state)
+{
+	assert_false(tracker_queue_full(1000000, 100, 0)); /* off */
+	assert_false(tracker_queue_full(4, 0, 5));
+	assert_true(tracker_queue_full(5, 0, 5));
+	assert_true(tracker_queue_full(3, 2, 5)); /* in-flight /run may each add a job */
+	assert_false(tracker_queue_full(3, 1, 5));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -259,6 +329,11 @@ int main(void)
 		cmocka_unit_test(bucket_keeps_the_cap),
 		cmocka_unit_test(bucket_waits_and_reloads),
 		cmocka_unit_test(heartbeat_when_a_third_is_left),
+		cmocka_unit_test(health_reply),
+		cmocka_unit_test(health_note_warns_once),
+		cmocka_unit_test(heartbeat_ceiling),
+		cmocka_unit_test(queue_cap),
+		cmocka_unit_test(health_interval),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
