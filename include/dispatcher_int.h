@@ -123,6 +123,7 @@ struct batch {
 	struct pgmq_message *msgs;
 	long long *ids;
 	int n;
+	size_t body_bytes;      /* of the last /run body sent for it */
 	ev_tstamp started;
 	ev_tstamp read_at;      /* when the read returned: the vt runs from here */
 };

@@ -18,6 +18,13 @@ enum row_fate batch_row_fate(const struct pgmq_message *m, size_t envelope_bytes
 	return ROW_SEND;
 }
 
+enum reject_action batch_reject_action(long http_status, int n)
+{
+	if (http_status != 413)
+		return REJECT_RELEASE;
+	return n > 1 ? REJECT_SPLIT : REJECT_TOO_LARGE;
+}
+
 void read_result_unref(struct read_result *rr)
 {
 	if (rr && --rr->refs == 0) {
@@ -92,6 +99,7 @@ void batch_end(struct batch *b, enum batch_fate fate, const char *why)
 	case BATCH_RELEASED:
 	case BATCH_ARCHIVED:
 	case BATCH_DROPPED:
+	case BATCH_SPLIT:
 		break;
 	}
 	read_result_unref(b->rr);
@@ -185,4 +193,50 @@ void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pg
 		return;
 	}
 	d->db_pending++;
+}
+
+void batch_split(struct batch *b)
+{
+	struct dispatcher *d = b->d;
+	int half = b->n / 2;
+	struct batch *lo = batch_new(d, b->rr, b->msgs, half);
+	struct batch *hi = batch_new(d, b->rr, b->msgs + half, b->n - half);
+	struct log_line *l;
+
+	if (lo == NULL || hi == NULL) {
+		if (lo)
+			batch_end(lo, BATCH_SPLIT, NULL);
+		if (hi)
+			batch_end(hi, BATCH_SPLIT, NULL);
+		log_msg(LOG_ERROR, "out_of_memory", "cannot split a batch of %d; releasing it", b->n);
+		batch_release(b, 0);
+		return;
+	}
+	l = log_begin(LOG_WARN, "batch_split");
+	log_str(l, "queue", d->cfg->queue_name);
+	log_int(l, "jobs", b->n);
+	log_int(l, "first_msg_id", b->ids[0]);
+	log_int(l, "last_msg_id", b->ids[b->n - 1]);
+	log_str(l, "outcome", "413: sending the two halves");
+	log_end(l);
+	lo->read_at = hi->read_at = b->read_at;
+	batch_end(b, BATCH_SPLIT, NULL);
+	post_batch(d, lo);
+	post_batch(d, hi);
+}
+
+void batch_archive_too_large(struct batch *b, size_t body_bytes)
+{
+	struct dispatcher *d = b->d;
+	struct log_line *l = log_begin(LOG_ERROR, "message_archived");
+
+	log_str(l, "queue", d->cfg->queue_name);
+	log_int(l, "msg_id", b->ids[0]);
+	log_str(l, "reason", "too_large");
+	log_num(l, "read_ct", b->msgs[0].read_ct);
+	log_int(l, "body_bytes", (long long)body_bytes);
+	log_str(l, "problem", "RunPod answered 413 to this message on its own");
+	log_end(l);
+	batch_archive(d, b->rr, b->msgs, 1, METRICS_ARCHIVE_TOO_LARGE);
+	batch_end(b, BATCH_SPLIT, NULL);
 }

@@ -76,6 +76,30 @@ static void rate_resize_keeps_newest(void **state)
 	ratelimit_free(&big);
 }
 
+static void reject_action_table(void **state)
+{
+	static const struct {
+		long status;
+		int n;
+		enum reject_action action;
+	} cases[] = {
+		{ 413, 100, REJECT_SPLIT },
+		{ 413, 2, REJECT_SPLIT },
+		{ 413, 1, REJECT_TOO_LARGE }, /* nothing left to split */
+		{ 400, 100, REJECT_RELEASE }, /* may be our configuration: never archive on it */
+		{ 400, 1, REJECT_RELEASE },
+		{ 429, 5, REJECT_RELEASE },
+		{ 500, 5, REJECT_RELEASE },
+		{ 503, 1, REJECT_RELEASE },
+		{ 0, 5, REJECT_RELEASE },     /* not connected */
+		{ 401, 5, REJECT_RELEASE },   /* the circuit handles it */
+	};
+
+	(void)state;
+	for (size_t i = 0; i < N(cases); i++)
+		assert_int_equal(batch_reject_action(cases[i].status, cases[i].n), cases[i].action);
+}
+
 static void row_fate_table(void **state)
 {
 	static const struct {
@@ -92,6 +116,7 @@ static void row_fate_table(void **state)
 		{ NULL, true, "600", 10, 0, ROW_SEND },        /* 0: no limit */
 		{ NULL, true, "1", 5000, 5, ROW_TOO_LARGE },
 		{ NULL, true, "6", 5000, 5, ROW_MAX_READ_CT }, /* poison wins */
+		{ NULL, true, "2147483647", 10, 1000000, ROW_MAX_READ_CT }, /* int4 max, config max */
 		{ "message is NULL", true, "1", 10, 5, ROW_INVALID },
 		{ "msg_id is NULL", false, "1", 10, 5, ROW_INVALID_LOST },
 	};
@@ -224,6 +249,7 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(rate_slot_table),
 		cmocka_unit_test(rate_resize_keeps_newest),
+		cmocka_unit_test(reject_action_table),
 		cmocka_unit_test(row_fate_table),
 		cmocka_unit_test(backoff_table),
 		cmocka_unit_test(retry_after_policy_table),
