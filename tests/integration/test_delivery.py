@@ -341,6 +341,32 @@ def test_poison_guard_archives_over_read_messages(queue_db, emulator, start_daem
     assert d.stop() == 0
 
 
+def test_read_ct_at_int4_max_names_the_row_and_the_way_out(queue_db, emulator, start_daemon):
+    """pgmq.read fails with 22003 for every read once a row's read_ct is 2^31-1: the log names
+    the row and the statement that unblocks the queue."""
+    ids = queue_db.send_many(jobs(3))
+    queue_db.sql("UPDATE pgmq.q_jobs SET read_ct = 2147483647 WHERE msg_id = %s", (ids[1],))
+    d = start_daemon("-v", **FAST_BACKOFF)
+    d.wait_log(r"event=read_failed .*sqlstate=22003")
+    fields = logfmt(d.wait_log(r"event=read_ct_overflow ")[0].string)
+    assert fields["msg_ids"] == str(ids[1]), fields
+    assert fields["fix"] == f"SELECT pgmq.archive('{QUEUE}', {ids[1]})", fields
+    assert fields["level"] == "error"
+    assert d.stop() == 0
+
+
+def test_poison_guard_archives_a_row_at_int4_max(queue_db, emulator, start_daemon):
+    ids = queue_db.send_many(jobs(3))
+    queue_db.sql("UPDATE pgmq.q_jobs SET read_ct = 2147483647 WHERE msg_id = %s", (ids[1],))
+    d = start_daemon("-v", PGMQD_QUEUE_MAX_READ_CT=5, **FAST_BACKOFF)
+    fields = logfmt(d.wait_log(r"event=read_ct_overflow ")[0].string)
+    assert fields["msg_ids"] == str(ids[1]) and "archiving" in fields["outcome"], fields
+    d.wait_log(r"event=read_ct_overflow_archived .*messages=1")
+    emulator.wait_for(lambda: sorted(accepted_ids(emulator)) == [ids[0], ids[2]], timeout_s=15)
+    assert queue_db.sql("SELECT msg_id FROM pgmq.a_jobs") == [(ids[1],)]
+    assert d.stop() == 0
+
+
 # ------------------------------------------------------------------ signals and lifecycle
 
 def test_sigterm_lets_in_flight_finish(queue_db, emulator, start_daemon):
