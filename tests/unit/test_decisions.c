@@ -14,6 +14,7 @@
 #include "batch.h"
 #include "circuit.h"
 #include "dispatcher_int.h"
+#include "pg.h"
 #include "ratelimit.h"
 
 #define N(a) (sizeof(a) / sizeof((a)[0]))
@@ -74,6 +75,27 @@ static void rate_resize_keeps_newest(void **state)
 	ratelimit_free(&rl);
 	ratelimit_free(&small);
 	ratelimit_free(&big);
+}
+
+static void db_outage_warn_table(void **state)
+{
+	static const struct {
+		bool first;
+		const char *last, *now;
+		double since_s;
+		bool warn;
+	} cases[] = {
+		{ true, "", "connection refused", 0, true },                  /* first failure */
+		{ false, "connection refused", "connection refused", 1, false },
+		{ false, "connection refused", "connection refused", 59.9, false },
+		{ false, "connection refused", "connection refused", 60, true }, /* once a minute */
+		{ false, "connection refused", "password authentication failed", 1, true }, /* changed */
+	};
+
+	(void)state;
+	for (size_t i = 0; i < N(cases); i++)
+		assert_int_equal(pg_warn_due(cases[i].first, cases[i].last, cases[i].now,
+					     cases[i].since_s), cases[i].warn);
 }
 
 static void reject_action_table(void **state)
@@ -250,6 +272,7 @@ int main(void)
 		cmocka_unit_test(rate_slot_table),
 		cmocka_unit_test(rate_resize_keeps_newest),
 		cmocka_unit_test(reject_action_table),
+		cmocka_unit_test(db_outage_warn_table),
 		cmocka_unit_test(row_fate_table),
 		cmocka_unit_test(backoff_table),
 		cmocka_unit_test(retry_after_policy_table),
