@@ -63,19 +63,12 @@ struct batch *batch_new(struct dispatcher *d, struct read_result *rr,
 void batch_log_ids(enum log_level level, const char *event, const struct dispatcher *d,
 		   const long long *ids, int n, const char *why)
 {
-	char list[IDS_PER_LINE * 21];
-
 	for (int i = 0; i < n; i += IDS_PER_LINE) {
-		size_t used = 0;
-		struct log_line *l;
+		struct log_line *l = log_begin(level, event);
 
-		for (int j = i; j < n && j < i + IDS_PER_LINE; j++)
-			used += (size_t)snprintf(list + used, sizeof(list) - used, "%s%lld",
-						 j > i ? "," : "", ids[j]);
-		l = log_begin(level, event);
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "outcome", why);
-		log_str(l, "msg_ids", list);
+		log_int_list(l, "msg_ids", ids + i, (size_t)(n - i < IDS_PER_LINE ? n - i : IDS_PER_LINE));
 		log_end(l);
 	}
 }
@@ -186,8 +179,8 @@ void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pg
 	if (b)
 		b->archive_reason = reason;
 	if (b == NULL || pgmq_archive(d->pg, d->cfg->queue_name, b->ids, n, on_archived, b) != 0) {
-		log_msg(LOG_ERROR, "archive_failed", "cannot queue pgmq.archive for %d messages; "
-			"they come back after vt_seconds", n);
+		log_msg(LOG_ERROR, "archive_failed", "cannot queue pgmq.archive for %d message%s; "
+			"they come back after vt_seconds", n, n == 1 ? "" : "s");
 		if (b)
 			batch_end(b, BATCH_DROPPED, NULL);
 		return;

@@ -179,8 +179,8 @@ static void send_now(struct dispatcher *d, struct batch *b)
 	o.body = runpod_envelope_body(&d->conf.envelope, b->msgs, b->n, &o.body_len);
 	if (o.body == NULL || http_start(d->http, &o, on_posted, b) != 0) {
 		/* Nothing was sent: the messages come back at once. */
-		log_msg(LOG_ERROR, "post_failed", "cannot start the /run request; releasing %d messages",
-			b->n);
+		log_msg(LOG_ERROR, "post_failed", "cannot start the /run request; releasing %d message%s",
+			b->n, b->n == 1 ? "" : "s");
 		d->in_flight--;
 		metrics_set_in_flight(d->in_flight);
 		dispatcher_back_off(d, PAUSE_RUNPOD, -1);

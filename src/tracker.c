@@ -141,7 +141,7 @@ static void evict(struct tracker *t, struct tjob *j, const char *why)
 {
 	struct log_line *l = log_begin(LOG_WARN, "tracker_evicted");
 
-	log_str(l, "job_id", j->id);
+	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "status", j->status);
 	tracker_log_ids(l, j->ids, j->n);
 	log_int(l, "max_tracked_jobs", t->cfg->tracker_max_tracked_jobs);
@@ -260,7 +260,7 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 
 	if (runpod_status_url(t->cfg->base_url, t->cfg->endpoint_id, j->id, url, sizeof(url)) != 0) {
 		struct log_line *l = log_begin(LOG_ERROR, "tracker_dropped");
-		log_str(l, "job_id", j->id);
+		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->ids, j->n);
 		log_str(l, "msg", "the /status URL does not fit; the messages keep their vt");
 		log_end(l);
@@ -318,7 +318,7 @@ static void db_work(struct tracker *t, struct tjob *j, ev_tstamp now)
 		return;
 	if (now - j->seen_at > stale_s) {
 		struct log_line *l = log_begin(LOG_WARN, "heartbeat_paused");
-		log_str(l, "job_id", j->id);
+		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->live, j->n_live);
 		log_int(l, "silent_s", (long long)(now - j->seen_at));
 		log_str(l, "msg", "no /status answer for too long; the messages keep their vt and come "
@@ -452,7 +452,7 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 	tracker_schedule_heartbeat(t, j);
 	{
 		struct log_line *l = log_begin(LOG_DEBUG, "job_tracked");
-		log_str(l, "job_id", j->id);
+		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->ids, j->n);
 		log_int(l, "vt_left_ms", (long long)((j->vt_until - now) * 1000.0));
 		log_int(l, "tracked", jobtable_count(&t->jobs));

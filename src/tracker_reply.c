@@ -39,7 +39,7 @@ static void log_transition(const struct tjob *j, const struct runpod_status_repl
 {
 	struct log_line *l = log_begin(LOG_INFO, "job_status");
 
-	log_str(l, "job_id", j->id);
+	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "old", j->status);
 	log_str(l, "new", rep->status);
 	if (rep->delay_ms >= 0)
@@ -60,7 +60,7 @@ static void job_failed(struct tracker *t, struct tjob *j, const struct runpod_st
 	bool release = j->n_live > 0 && vt_left > delay;
 	struct log_line *l = log_begin(LOG_WARN, "job_failed");
 
-	log_str(l, "job_id", j->id);
+	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "status", rep->status);
 	if (rep->error[0])
 		log_str(l, "error", rep->error);
@@ -119,7 +119,7 @@ static void status_expired(struct tracker *t, struct tjob *j)
 {
 	struct log_line *l = log_begin(LOG_WARN, "job_expired");
 
-	log_str(l, "job_id", j->id);
+	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "status", j->status);
 	tracker_log_ids(l, j->ids, j->n);
 	log_str(l, "msg", "/status answered 404: tracking ends, the messages keep their vt");
@@ -134,7 +134,7 @@ static void status_failed(struct tracker *t, struct tjob *j, const struct http_r
 	struct log_line *l = log_begin(t->failing ? LOG_DEBUG : LOG_WARN, "status_failed");
 	long long pause_ms;
 
-	log_str(l, "job_id", j->id);
+	log_str(l, "runpod_job_id", j->id);
 	log_int(l, "http_status", r->status);
 	if (r->code != CURLE_OK)
 		log_str(l, "error", r->error);
@@ -212,7 +212,7 @@ static void keep_found(struct tjob *j, const long long *sorted, int n)
 			j->live[kept++] = j->live[i];
 	if (kept < j->n_live) {
 		struct log_line *l = log_begin(LOG_DEBUG, "heartbeat_ended");
-		log_str(l, "job_id", j->id);
+		log_str(l, "runpod_job_id", j->id);
 		log_int(l, "messages_gone", j->n_live - kept);
 		log_int(l, "messages_left", kept);
 		log_end(l);
@@ -226,7 +226,7 @@ static void on_release_done(struct op *op, const long long *ids, int n, const st
 
 	if (err) {
 		l = log_begin(LOG_ERROR, "early_release_failed");
-		log_str(l, "job_id", op->job_id);
+		log_str(l, "runpod_job_id", op->job_id);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		tracker_log_ids(l, op->ids, op->n);
@@ -235,7 +235,7 @@ static void on_release_done(struct op *op, const long long *ids, int n, const st
 		return;
 	}
 	l = log_begin(LOG_INFO, "early_release");
-	log_str(l, "job_id", op->job_id);
+	log_str(l, "runpod_job_id", op->job_id);
 	tracker_log_ids(l, ids, n);
 	log_int(l, "messages", n);
 	log_int(l, "retry_delay_s", op->delay_s);
@@ -255,7 +255,7 @@ static void on_heartbeat_done(struct tracker *t, struct op *op, struct tjob *j, 
 
 	if (err) {
 		l = log_begin(LOG_WARN, "heartbeat_failed");
-		log_str(l, "job_id", op->job_id);
+		log_str(l, "runpod_job_id", op->job_id);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		tracker_log_ids(l, op->ids, op->n);
@@ -266,7 +266,7 @@ static void on_heartbeat_done(struct tracker *t, struct op *op, struct tjob *j, 
 	}
 	if (n > 0) {
 		l = log_begin(LOG_INFO, "heartbeat");
-		log_str(l, "job_id", op->job_id);
+		log_str(l, "runpod_job_id", op->job_id);
 		tracker_log_ids(l, ids, n);
 		log_int(l, "vt_seconds", op->delay_s);
 		log_end(l);

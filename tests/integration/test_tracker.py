@@ -89,12 +89,12 @@ def test_long_job_is_never_read_twice(queue_db, emulator, start_daemon):
         assert read_ct(queue_db, msg) == 1
         assert d.count_log(r"event=batch_read ") == 1
 
-    wait_event(d, "job_status", job_id=job_id, old="IN_QUEUE", new="IN_PROGRESS")
+    wait_event(d, "job_status", runpod_job_id=job_id, old="IN_QUEUE", new="IN_PROGRESS")
     # A heartbeat whenever less than a third (2 s) of the 6 s vt is left: at about 4, 8,
     # 12 and 16 s. Between them the dispatcher reads every 200 ms, so a message that became
     # visible even briefly would be read a second time.
     for k in range(1, 5):
-        beat = wait_event(d, "heartbeat", count=k, job_id=job_id, timeout_s=10)[-1]
+        beat = wait_event(d, "heartbeat", count=k, runpod_job_id=job_id, timeout_s=10)[-1]
         assert ids_of(beat["msg_ids"]) == [msg]
         assert beat["vt_seconds"] == "6"
         assert 3.0 < vt_left_s(queue_db, msg) <= 6.0
@@ -105,8 +105,8 @@ def test_long_job_is_never_read_twice(queue_db, emulator, start_daemon):
     # next set_vt finds no row, which ends the heartbeat quietly.
     queue_db.sql("SELECT pgmq.delete(%s, %s::bigint)", (queue_db.queue, msg))
     beats = len(events(d, "heartbeat"))
-    wait_event(d, "heartbeat_ended", job_id=job_id, timeout_s=10)
-    done = wait_event(d, "job_status", job_id=job_id, old="IN_PROGRESS", new="COMPLETED",
+    wait_event(d, "heartbeat_ended", runpod_job_id=job_id, timeout_s=10)
+    done = wait_event(d, "job_status", runpod_job_id=job_id, old="IN_PROGRESS", new="COMPLETED",
                       timeout_s=20)[0]
     assert len(events(d, "heartbeat")) == beats
     assert int(done["delay_ms"]) >= 3900 and int(done["execution_ms"]) >= 19900
@@ -146,10 +146,10 @@ def test_vt_counts_from_the_read_when_a_batch_waits_for_a_rate_slot(queue_db, em
     posts = emulator.requests("run")
     assert posts[2].received_at >= first_post + 9.9          # held for the rate slot
     c_job = lines[2]["runpod_job_id"]
-    beat = wait_event(d, "heartbeat", job_id=c_job, timeout_s=10)[0]
+    beat = wait_event(d, "heartbeat", runpod_job_id=c_job, timeout_s=10)[0]
     assert ids_of(beat["msg_ids"]) == [c]
     assert time.monotonic() < read_at + 6.0                  # before its vt ran out
-    wait_event(d, "heartbeat", count=2, job_id=c_job, timeout_s=10)
+    wait_event(d, "heartbeat", count=2, runpod_job_id=c_job, timeout_s=10)
     assert read_ct(queue_db, c) == 1 and len(emulator.requests("run")) == 3
     assert d.stop() == 0
 
@@ -174,7 +174,7 @@ def test_failed_job_releases_its_messages_early(queue_db, emulator, start_daemon
     job_id = wait_event(d, "batch_accepted")[0]["runpod_job_id"]
     first_run = emulator.requests("run")[0]
 
-    failed = wait_event(d, "job_failed", job_id=job_id, status=final)[0]
+    failed = wait_event(d, "job_failed", runpod_job_id=job_id, status=final)[0]
     assert ids_of(failed["msg_ids"]) == ids
     assert failed["retry_delay_s"] == "1"
     if final == "CANCELLED":
@@ -183,7 +183,7 @@ def test_failed_job_releases_its_messages_early(queue_db, emulator, start_daemon
         assert failed["error"].startswith("Traceback (most recent call last): eee")
         assert len(failed["error"].encode()) == 256      # bounded
         assert failed["error_truncated"] == "yes"
-    release = wait_event(d, "early_release", job_id=job_id)[0]
+    release = wait_event(d, "early_release", runpod_job_id=job_id)[0]
     assert sorted(ids_of(release["msg_ids"])) == ids and release["messages"] == "2"
 
     # Visible again after retry_delay_s and dispatched again, read_ct 2.
@@ -197,7 +197,7 @@ def test_failed_job_releases_its_messages_early(queue_db, emulator, start_daemon
     ended = first_run.responded_at + 0.2 + run_s
     assert 0.9 <= second.received_at - ended <= 1.0 + 0.33 + 0.2 + 2.0
     assert [(e["old"], e["new"]) for e in events(d, "job_status")
-            if e["job_id"] == job_id] == [("IN_QUEUE", "IN_PROGRESS"), ("IN_PROGRESS", final)]
+            if e["runpod_job_id"] == job_id] == [("IN_QUEUE", "IN_PROGRESS"), ("IN_PROGRESS", final)]
     # Tracking of the first job ended; the second one is tracked now.
     second_id = second.job_id
     polls = len(status_requests(emulator, job_id))
@@ -218,9 +218,9 @@ def test_failed_job_whose_messages_are_gone_releases_nothing(queue_db, emulator,
     d = start_daemon("-v", PGMQD_QUEUE_VT_SECONDS=600, **TRACKER)
     job_id = wait_event(d, "batch_accepted")[0]["runpod_job_id"]
     queue_db.sql("SELECT pgmq.archive(%s, %s::bigint[])", (queue_db.queue, ids))
-    failed = wait_event(d, "job_failed", job_id=job_id, error="boom")[0]
+    failed = wait_event(d, "job_failed", runpod_job_id=job_id, error="boom")[0]
     assert ids_of(failed["msg_ids"]) == ids
-    release = wait_event(d, "early_release", job_id=job_id)[0]
+    release = wait_event(d, "early_release", runpod_job_id=job_id)[0]
     assert release["messages"] == "0" and release["msg_ids"] == ""
     assert metrics(d)["pgmqd_tracker_early_releases_total"] == 0
     assert len(emulator.requests("run")) == 1
@@ -236,7 +236,7 @@ def test_expired_job_ends_tracking_and_keeps_vt(queue_db, emulator, start_daemon
     d = start_daemon("-v", **TRACKER)
     job_id = wait_event(d, "batch_accepted")[0]["runpod_job_id"]
     vt_before = vt_left_s(queue_db, ids[0])
-    expired = wait_event(d, "job_expired", job_id=job_id)[0]
+    expired = wait_event(d, "job_expired", runpod_job_id=job_id)[0]
     assert ids_of(expired["msg_ids"]) == ids
     assert expired["status"] == "IN_QUEUE"
     assert len(status_requests(emulator, job_id)) == 1
@@ -259,11 +259,11 @@ def test_unknown_status_is_not_terminal(queue_db, emulator, start_daemon, status
     [msg] = queue_db.send_many(jobs(1))
     d = start_daemon("-v", PGMQD_QUEUE_VT_SECONDS=3, **TRACKER)
     job_id = wait_event(d, "batch_accepted")[0]["runpod_job_id"]
-    wait_event(d, "job_status", job_id=job_id, new=status)
+    wait_event(d, "job_status", runpod_job_id=job_id, new=status)
     polls = len(status_requests(emulator, job_id))
     # Still polled, and still heartbeating (vt 3 s: one every ~2 s).
     emulator.wait_for(lambda: len(status_requests(emulator, job_id)) >= polls + 3, timeout_s=10)
-    wait_event(d, "heartbeat", count=2, job_id=job_id, timeout_s=10)
+    wait_event(d, "heartbeat", count=2, runpod_job_id=job_id, timeout_s=10)
     assert read_ct(queue_db, msg) == 1 and len(emulator.requests("run")) == 1
     assert len([e for e in events(d, "job_status") if e["new"] == status]) == 1  # logged once
     assert not events(d, "job_failed") and not events(d, "job_expired")
@@ -299,7 +299,7 @@ def test_max_tracked_jobs_bounds_memory(queue_db, emulator, start_daemon):
     job_ids = [a["runpod_job_id"] for a in accepted_lines]
     evicted = wait_event(d, "tracker_evicted", count=2)
     # The oldest two, in order, with their messages named.
-    assert [e["job_id"] for e in evicted] == job_ids[:2]
+    assert [e["runpod_job_id"] for e in evicted] == job_ids[:2]
     assert [ids_of(e["msg_ids"]) for e in evicted] == [[int(a["first_msg_id"])]
                                                        for a in accepted_lines[:2]]
     assert all(e["max_tracked_jobs"] == "3" for e in evicted)
