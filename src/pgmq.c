@@ -390,19 +390,11 @@ int pgmq_find_read_ct_overflow(struct pg *pg, const char *queue, int margin, int
 	char table[64], quoted[160], sql[512], lo[16], n[16];
 	const char *params[2] = { lo, n };
 	struct ids_call *c;
-	size_t used = 0;
 
 	if (pgmq_table_name(queue, table, sizeof(table)) != 0)
 		return -1;
-	/* "..." with every " doubled, as quote_ident does. */
-	quoted[used++] = '"';
-	for (const char *p = table; *p && used < sizeof(quoted) - 3; p++) {
-		if (*p == '"')
-			quoted[used++] = '"';
-		quoted[used++] = *p;
-	}
-	quoted[used++] = '"';
-	quoted[used] = '\0';
+	if (pg_quote_ident(table, quoted, sizeof(quoted)) != 0)
+		return -1;
 	snprintf(sql, sizeof(sql), "SELECT msg_id FROM pgmq.%s WHERE read_ct >= $1::integer "
 		 "ORDER BY read_ct DESC, msg_id LIMIT $2::integer", quoted);
 	snprintf(lo, sizeof(lo), "%d", PGMQ_READ_CT_MAX - (margin < 0 ? 0 : margin));
