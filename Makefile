@@ -32,7 +32,7 @@ BUILD      := build-san
 endif
 
 MODULES   := main config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
-             runpod dispatcher reload batch post circuit wakeup dryrun backoff ratelimit sdnotify \
+             runpod dispatcher reload batch post circuit wakeup overflow dryrun backoff ratelimit sdnotify \
              metrics admin tracker tracker_reply jobtable
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
