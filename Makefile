@@ -37,8 +37,8 @@ BUILD      := build-san
 endif
 
 MODULES   := main config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
-             runpod dispatcher reload batch post circuit wakeup dryrun backoff ratelimit sdnotify \
-             metrics admin tracker tracker_reply tracker_health jobtable
+             runpod dispatcher reload batch post circuit wakeup overflow dryrun backoff ratelimit \
+             sdnotify metrics admin tracker tracker_reply tracker_health jobtable
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 

@@ -2,7 +2,8 @@
  * into: dispatcher.c (pipeline, drain, lifecycle), reload.c (the
  * all-or-nothing reload), batch.c (batch lifecycle and its one teardown),
  * post.c (/run: rate cap, outcomes), circuit.c (breaker, /health
- * probes), wakeup.c (NOTIFY and idle polls), dryrun.c. Private: nothing outside those files includes it (unit tests
+ * probes, the max_queued_jobs pause), wakeup.c (NOTIFY and idle polls),
+ * overflow.c (rows at the read_ct limit), dryrun.c. Private: nothing outside those files includes it (unit tests
  * aside). Owns no code; knows no wire formats. */
 #ifndef PGMQD_DISPATCHER_INT_H
 #define PGMQD_DISPATCHER_INT_H
@@ -124,6 +125,7 @@ struct batch {
 	struct pgmq_message *msgs;
 	long long *ids;
 	int n;
+	size_t body_bytes;      /* of the last /run body sent for it */
 	ev_tstamp started;
 	ev_tstamp read_at;      /* when the read returned: the vt runs from here */
 };
@@ -175,6 +177,11 @@ void post_release_waiting(struct dispatcher *d);
 /* Drops batches that never went out, logging their ids (exit). */
 void post_drop_waiting(struct dispatcher *d);
 void post_on_rate_timer(struct ev_loop *loop, ev_timer *w, int revents);
+
+/* overflow.c: after a read failed with 22003, finds the rows at the
+ * read_ct limit, logs them with the way out, archives them when
+ * max_read_ct is on. Counts in db_pending while its statements run. */
+void overflow_find(struct dispatcher *d);
 
 /* circuit.c */
 void circuit_open(struct dispatcher *d, long http_status);

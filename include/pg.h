@@ -77,4 +77,12 @@ void pg_free(struct pg *pg);
  * (pgmq-api.md §5). Returns 0, or -1 when it does not fit. Pure. */
 int pg_quote_ident(const char *name, char *buf, size_t len);
 
+/* Seconds between repeated warnings while the database stays unreachable. */
+#define PG_OUTAGE_WARN_EVERY_S 60.0
+
+/* Whether a failed connect is logged at warn: the first of an outage
+ * (first), an error text that differs from the last one warned about, or
+ * PG_OUTAGE_WARN_EVERY_S since that warning; otherwise debug. Pure. */
+bool pg_warn_due(bool first, const char *last_error, const char *error, double since_warn_s);
+
 #endif

@@ -102,4 +102,16 @@ typedef void (*pgmq_ids_fn)(void *arg, const long long *ids, int n, const struct
 int pgmq_set_vt_ids(struct pg *pg, const char *queue, const long long *msg_ids, int n, int delay_s,
 		    pgmq_ids_fn fn, void *arg) __attribute__((warn_unused_result));
 
+/* read_ct is an integer (int4) column: pgmq.read fails with SQLSTATE 22003
+ * (numeric_value_out_of_range) once a row it picks is at this value. */
+#define PGMQ_READ_CT_MAX 2147483647
+#define PGMQ_SQLSTATE_OUT_OF_RANGE "22003"
+
+/* The msg ids (at most limit, highest read_ct first) of the rows of queue
+ * whose read_ct is within margin of PGMQ_READ_CT_MAX: the rows that make a
+ * read fail with 22003. Selects from pgmq.q_<lower(queue)>, locks nothing.
+ * fn as for pgmq_set_vt_ids(). Returns 0, or -1 when not queued. */
+int pgmq_find_read_ct_overflow(struct pg *pg, const char *queue, int margin, int limit,
+			       pgmq_ids_fn fn, void *arg) __attribute__((warn_unused_result));
+
 #endif

@@ -65,9 +65,9 @@ static void log_archive(const struct dispatcher *d, const struct pgmq_message *m
 	struct log_line *l = log_begin(LOG_ERROR, "message_archived");
 
 	log_str(l, "queue", d->cfg->queue_name);
-	log_str(l, "msg_id", m->msg_id);
+	log_num(l, "msg_id", m->msg_id);
 	log_str(l, "reason", reason);
-	log_str(l, "read_ct", m->read_ct);
+	log_num(l, "read_ct", m->read_ct);
 	if (bytes) {
 		log_int(l, "body_bytes", (long long)bytes);
 		log_int(l, "max_body_bytes", d->cfg->max_body_bytes);
@@ -113,7 +113,7 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 			 * function is broken and would hide it again). */
 			l = log_begin(LOG_ERROR, "row_invalid");
 			log_str(l, "queue", d->cfg->queue_name);
-			log_str(l, "msg_id", m->msg_id);
+			log_num(l, "msg_id", m->msg_id);
 			log_str(l, "problem", m->invalid);
 			log_str(l, "outcome", m->id_ok ? "released" : "cannot release: visible again after vt_seconds");
 			log_end(l);
@@ -147,8 +147,8 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 		if (b)
 			post_batch(d, b);
 		else
-			log_msg(LOG_ERROR, "out_of_memory", "dropping %d messages; visible again "
-				"after vt", ends[r] - start);
+			log_msg(LOG_ERROR, "out_of_memory", "dropping %d message%s; visible again "
+				"after vt", ends[r] - start, ends[r] - start == 1 ? "" : "s");
 	}
 	free(keep);
 	free(drop);
@@ -183,9 +183,14 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 		log_str(l, "error", err->message);
 		if (unknown)
 			log_str(l, "outcome", "messages it read, if any, are visible again after vt_seconds");
-		if (!err->connection_lost)
+		/* --once does not read again: announce no retry. */
+		if (!err->connection_lost && !d->once)
 			log_int(l, "retry_in_ms", (long long)dispatcher_back_off(d, PAUSE_DB, -1));
+		else if (!err->connection_lost)
+			log_str(l, "outcome", "--once: no retry, exit status 1");
 		log_end(l);
+		if (strcmp(err->sqlstate, PGMQ_SQLSTATE_OUT_OF_RANGE) == 0)
+			overflow_find(d);
 		d->once_result = DISPATCH_DONE_FAILED;
 		d->read_done = true;
 		dispatcher_maybe_finish(d);
@@ -228,8 +233,8 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 		struct log_line *l = log_begin(LOG_DEBUG, "batch_read");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_int(l, "jobs", rr->rows.n);
-		log_str(l, "first_msg_id", rr->rows.msgs[0].msg_id);
-		log_str(l, "last_msg_id", rr->rows.msgs[rr->rows.n - 1].msg_id);
+		log_num(l, "first_msg_id", rr->rows.msgs[0].msg_id);
+		log_num(l, "last_msg_id", rr->rows.msgs[rr->rows.n - 1].msg_id);
 		log_end(l);
 	}
 	if (d->stopping) {

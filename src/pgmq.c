@@ -381,3 +381,32 @@ int pgmq_set_vt_ids(struct pg *pg, const char *queue, const long long *msg_ids, 
 	free(arr);
 	return rc;
 }
+
+/* ---- rows whose read_ct is about to overflow int4 ---- */
+
+int pgmq_find_read_ct_overflow(struct pg *pg, const char *queue, int margin, int limit,
+			       pgmq_ids_fn fn, void *arg)
+{
+	char table[64], quoted[160], sql[512], lo[16], n[16];
+	const char *params[2] = { lo, n };
+	struct ids_call *c;
+
+	if (pgmq_table_name(queue, table, sizeof(table)) != 0)
+		return -1;
+	if (pg_quote_ident(table, quoted, sizeof(quoted)) != 0)
+		return -1;
+	snprintf(sql, sizeof(sql), "SELECT msg_id FROM pgmq.%s WHERE read_ct >= $1::integer "
+		 "ORDER BY read_ct DESC, msg_id LIMIT $2::integer", quoted);
+	snprintf(lo, sizeof(lo), "%d", PGMQ_READ_CT_MAX - (margin < 0 ? 0 : margin));
+	snprintf(n, sizeof(n), "%d", limit);
+	c = calloc(1, sizeof(*c));
+	if (c == NULL)
+		return -1;
+	c->fn = fn;
+	c->arg = arg;
+	if (pg_query(pg, sql, 2, params, on_ids, c) != 0) {
+		free(c);
+		return -1;
+	}
+	return 0;
+}

@@ -14,6 +14,7 @@
 #include "batch.h"
 #include "circuit.h"
 #include "dispatcher_int.h"
+#include "pg.h"
 #include "ratelimit.h"
 
 #define N(a) (sizeof(a) / sizeof((a)[0]))
@@ -76,6 +77,51 @@ static void rate_resize_keeps_newest(void **state)
 	ratelimit_free(&big);
 }
 
+static void db_outage_warn_table(void **state)
+{
+	static const struct {
+		bool first;
+		const char *last, *now;
+		double since_s;
+		bool warn;
+	} cases[] = {
+		{ true, "", "connection refused", 0, true },                  /* first failure */
+		{ false, "connection refused", "connection refused", 1, false },
+		{ false, "connection refused", "connection refused", 59.9, false },
+		{ false, "connection refused", "connection refused", 60, true }, /* once a minute */
+		{ false, "connection refused", "password authentication failed", 1, true }, /* changed */
+	};
+
+	(void)state;
+	for (size_t i = 0; i < N(cases); i++)
+		assert_int_equal(pg_warn_due(cases[i].first, cases[i].last, cases[i].now,
+					     cases[i].since_s), cases[i].warn);
+}
+
+static void reject_action_table(void **state)
+{
+	static const struct {
+		long status;
+		int n;
+		enum reject_action action;
+	} cases[] = {
+		{ 413, 100, REJECT_SPLIT },
+		{ 413, 2, REJECT_SPLIT },
+		{ 413, 1, REJECT_TOO_LARGE }, /* nothing left to split */
+		{ 400, 100, REJECT_RELEASE }, /* may be our configuration: never archive on it */
+		{ 400, 1, REJECT_RELEASE },
+		{ 429, 5, REJECT_RELEASE },
+		{ 500, 5, REJECT_RELEASE },
+		{ 503, 1, REJECT_RELEASE },
+		{ 0, 5, REJECT_RELEASE },     /* not connected */
+		{ 401, 5, REJECT_RELEASE },   /* the circuit handles it */
+	};
+
+	(void)state;
+	for (size_t i = 0; i < N(cases); i++)
+		assert_int_equal(batch_reject_action(cases[i].status, cases[i].n), cases[i].action);
+}
+
 static void row_fate_table(void **state)
 {
 	static const struct {
@@ -92,6 +138,7 @@ static void row_fate_table(void **state)
 		{ NULL, true, "600", 10, 0, ROW_SEND },        /* 0: no limit */
 		{ NULL, true, "1", 5000, 5, ROW_TOO_LARGE },
 		{ NULL, true, "6", 5000, 5, ROW_MAX_READ_CT }, /* poison wins */
+		{ NULL, true, "2147483647", 10, 1000000, ROW_MAX_READ_CT }, /* int4 max, config max */
 		{ "message is NULL", true, "1", 10, 5, ROW_INVALID },
 		{ "msg_id is NULL", false, "1", 10, 5, ROW_INVALID_LOST },
 	};
@@ -224,6 +271,8 @@ int main(void)
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(rate_slot_table),
 		cmocka_unit_test(rate_resize_keeps_newest),
+		cmocka_unit_test(reject_action_table),
+		cmocka_unit_test(db_outage_warn_table),
 		cmocka_unit_test(row_fate_table),
 		cmocka_unit_test(backoff_table),
 		cmocka_unit_test(retry_after_policy_table),
