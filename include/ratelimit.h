@@ -8,6 +8,11 @@
 
 #include <stdbool.h>
 
+/* The window of the per_10s caps (/run and /status) and the margin added to
+ * it for the gap between our send time and the server's receive time. */
+#define RATE_WINDOW_S 10.0
+#define RATE_MARGIN_S 0.05
+
 struct ratelimit {
 	double *sent_at;        /* ring of send times, cap entries */
 	int cap, head, count;

@@ -17,14 +17,16 @@ int ratelimit_init(struct ratelimit *rl, int cap, double window_s)
 
 bool ratelimit_slot(const struct ratelimit *rl, double now, double *wait_s)
 {
-	double oldest;
+	double wait;
 
 	if (rl->count < rl->cap)
 		return true;
-	oldest = rl->sent_at[rl->head];
-	if (now - oldest >= rl->window_s)
+	/* One expression decides both, so that a refusal never comes with a
+	 * wait that rounds to 0 (a timer armed for it would spin). */
+	wait = rl->sent_at[rl->head] + rl->window_s - now;
+	if (wait <= 0.0)
 		return true;
-	*wait_s = oldest + rl->window_s - now;
+	*wait_s = wait;
 	return false;
 }
 
