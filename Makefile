@@ -32,7 +32,7 @@ BUILD      := build-san
 endif
 
 MODULES   := main config log pg pgmq http jsonscan runpod dispatcher reload batch post circuit \
-             wakeup dryrun backoff ratelimit sdnotify metrics admin tracker tracker_reply jobtable
+             wakeup dryrun backoff ratelimit sdnotify metrics admin listenaddr tracker tracker_reply jobtable
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
@@ -113,9 +113,9 @@ FUZZ_TARGETS := config run_reply status_reply
 FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -DPGMQD_VERSION='"$(VERSION)"' \
                 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
                 $(shell pkg-config --cflags $(PKGS))
-build-fuzz/fuzz_config: tests/fuzz/fuzz_config.c src/config.c src/log.c $(wildcard include/*.h)
+build-fuzz/fuzz_config: tests/fuzz/fuzz_config.c src/config.c src/listenaddr.c src/log.c $(wildcard include/*.h)
 	mkdir -p build-fuzz
-	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c src/config.c src/log.c $(shell pkg-config --libs libpq inih) $(EV_LIBS)
+	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c src/config.c src/listenaddr.c src/log.c $(shell pkg-config --libs libpq inih) $(EV_LIBS)
 build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c src/runpod.c src/jsonscan.c $(wildcard include/*.h)
 	mkdir -p build-fuzz
 	clang $(FUZZ_CFLAGS) -o $@ $< src/runpod.c src/jsonscan.c $(shell pkg-config --libs libcjson libcurl)
