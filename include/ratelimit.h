@@ -1,7 +1,8 @@
 /* ratelimit — a sliding-window request limiter: at most `cap` requests in
  * any window of window_s seconds. Exact, unlike a token bucket, whose burst
  * would allow up to twice the cap in some window. Owns the ring of the last
- * `cap` send times. Knows nothing of libev, HTTP or RunPod: the caller
+ * `cap` send times. One for /run (dispatcher) and one for /status
+ * (tracker). Knows nothing of libev, HTTP or RunPod: the caller
  * passes the clock and starts its own timer for the wait it is told. */
 #ifndef PGMQD_RATELIMIT_H
 #define PGMQD_RATELIMIT_H
