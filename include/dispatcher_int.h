@@ -18,9 +18,6 @@
 #include <ev.h>
 #include <stdbool.h>
 
-#define RATE_WINDOW_S 10.0
-#define RATE_MARGIN_S 0.05 /* our send time vs RunPod's receive time */
-
 /* Why reads are paused. */
 enum pause_reason { PAUSE_NONE, PAUSE_DB, PAUSE_RUNPOD };
 

@@ -1,5 +1,6 @@
 /* admin — see include/admin.h. */
 #include "admin.h"
+#include "listenaddr.h"
 #include "log.h"
 
 #include <arpa/inet.h>
@@ -51,54 +52,25 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...)
 	va_end(ap);
 }
 
-/* Parses "host:port" or "[v6]:port" into a socket address. Returns 0, or -1
- * with a reason in err. */
+/* Resolves an admin.listen value (syntax: include/listenaddr.h) into a
+ * socket address. Returns 0, or -1 with a reason in err. */
 static int parse_listen(const char *addr, struct sockaddr_storage *ss, socklen_t *sslen,
 			char *err, size_t errlen)
 {
-	char host[256];
-	const char *port, *colon;
-	size_t hostlen;
-	char *end;
-	long p;
+	char host[LISTENADDR_HOST_MAX + 1], port[8];
+	const char *why;
+	int p = 0, rc;
 	struct addrinfo hints, *res = NULL;
-	int rc;
 
 	if (addr == NULL || *addr == '\0') {
 		set_err(err, errlen, "empty listen address");
 		return -1;
 	}
-	if (addr[0] == '[') {
-		const char *rb = strchr(addr, ']');
-		if (rb == NULL || rb[1] != ':') {
-			set_err(err, errlen, "bad listen address \"%s\": expected [addr]:port", addr);
-			return -1;
-		}
-		hostlen = (size_t)(rb - addr - 1);
-		memcpy(host, addr + 1, hostlen < sizeof(host) ? hostlen : 0);
-		port = rb + 2;
-	} else {
-		colon = strrchr(addr, ':');
-		if (colon == NULL || strchr(addr, ':') != colon) {
-			set_err(err, errlen,
-				"bad listen address \"%s\": expected host:port or [v6addr]:port", addr);
-			return -1;
-		}
-		hostlen = (size_t)(colon - addr);
-		memcpy(host, addr, hostlen < sizeof(host) ? hostlen : 0);
-		port = colon + 1;
-	}
-	if (hostlen == 0 || hostlen >= sizeof(host)) {
-		set_err(err, errlen, "bad listen address \"%s\": missing or overlong host", addr);
+	if ((why = listenaddr_split(addr, host, sizeof(host), &p)) != NULL) {
+		set_err(err, errlen, "bad listen address \"%s\": %s", addr, why);
 		return -1;
 	}
-	host[hostlen] = '\0';
-	errno = 0;
-	p = strtol(port, &end, 10);
-	if (*port < '0' || *port > '9' || *end != '\0' || errno != 0 || p < 0 || p > 65535) {
-		set_err(err, errlen, "bad listen address \"%s\": port must be 0..65535", addr);
-		return -1;
-	}
+	snprintf(port, sizeof(port), "%d", p);
 	memset(&hints, 0, sizeof(hints));
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;

@@ -387,6 +387,10 @@ static void check_multi_info(struct http *h)
 void http_cancel_all(struct http *h)
 {
 	while (h->requests)
+		/* finish() unlinks the request before it frees it, and the head's
+		 * prev is always NULL, so h->requests moves on; the analyzer assumes
+		 * a head with a prev. Loops, as callbacks may cancel others.
+		 * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
 		finish(h, h->requests, CURLE_ABORTED_BY_CALLBACK, true);
 }
 
@@ -394,12 +398,13 @@ void http_free(struct http *h)
 {
 	if (h == NULL)
 		return;
-	while (h->requests) {
-		struct http_request *r = h->requests;
+	/* No callbacks run here, so the list is walked once, not unlinked. */
+	for (struct http_request *r = h->requests, *next; r != NULL; r = next) {
+		next = r->next;
 		curl_multi_remove_handle(h->multi, r->easy);
-		unlink_request(h, r);
 		free_request(r);
 	}
+	h->requests = NULL;
 	ev_timer_stop(h->loop, &h->timer);
 	curl_multi_cleanup(h->multi);
 	free(h);

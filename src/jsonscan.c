@@ -193,6 +193,7 @@ static int string_token(struct scan *s, struct sink *k)
 static int value(struct scan *s, int depth);
 
 /* An object or array after its opening bracket. */
+/* Recursion bounded by MAX_DEPTH (checked in value()). NOLINTNEXTLINE(misc-no-recursion) */
 static int container(struct scan *s, int depth, unsigned char close, bool keys)
 {
 	skip_ws(s);
@@ -224,6 +225,7 @@ static int container(struct scan *s, int depth, unsigned char close, bool keys)
 	}
 }
 
+/* Recursion bounded by MAX_DEPTH. NOLINTNEXTLINE(misc-no-recursion) */
 static int value(struct scan *s, int depth)
 {
 	const unsigned char *start;
@@ -258,7 +260,7 @@ static struct jsonscan_member *wanted(struct jsonscan_member *members, size_t n,
 int jsonscan_members(const char *body, size_t len, struct jsonscan_member *members, size_t n,
 		     const char **why)
 {
-	struct scan s = { (const unsigned char *)body, (const unsigned char *)body + len, NULL };
+	struct scan s = { (const unsigned char *)body, NULL, NULL };
 	bool seen[16] = { false };
 	int rc = -1;
 
@@ -272,6 +274,7 @@ int jsonscan_members(const char *body, size_t len, struct jsonscan_member *membe
 		fail(&s, "no body");
 		goto out;
 	}
+	s.end = s.p + len;
 	skip_ws(&s);
 	if (s.p >= s.end || *s.p++ != '{') {
 		fail(&s, "not a JSON object");

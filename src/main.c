@@ -3,6 +3,7 @@
 #include "config.h"
 #include "dispatcher.h"
 #include "admin.h"
+#include "listenaddr.h"
 #include "log.h"
 #include "metrics.h"
 #include "sdnotify.h"
@@ -31,6 +32,15 @@ struct app {
 	struct admin *admin;
 	ev_signal sig_int, sig_term, sig_hup;
 };
+
+/* The port of a valid admin.listen value, -1 for "off". */
+static int listen_port(const char *listen)
+{
+	char host[LISTENADDR_HOST_MAX + 1];
+	int port = -1;
+
+	return listenaddr_split(listen, host, sizeof(host), &port) == NULL ? port : -1;
+}
 
 static void usage(FILE *fp)
 {
@@ -383,8 +393,7 @@ int main(int argc, char **argv)
 			rc = dispatcher_dry_run(app.cfg, stdout) == 0 ? 0 : EX_UNAVAILABLE;
 		if (health_check && rc != 0 && strcmp(app.cfg->admin_listen, "off") == 0)
 			log_msg(LOG_WARN, "health_check", "admin.listen is off: nothing to ask");
-		else if (health_check && rc != 0 && strlen(app.cfg->admin_listen) > 2 &&
-			 strcmp(app.cfg->admin_listen + strlen(app.cfg->admin_listen) - 2, ":0") == 0)
+		else if (health_check && rc != 0 && listen_port(app.cfg->admin_listen) == 0)
 			log_msg(LOG_WARN, "health_check", "admin.listen uses port 0 (any free port): "
 				"set a fixed port to use --health-check");
 		config_free(app.cfg);

@@ -71,6 +71,7 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 	struct dispatcher_conf conf;
 	struct ratelimit rl = { 0 };
 	struct tracker *tracker = NULL;
+	struct tracker_next tracker_next = { 0 };
 
 	if (dispatcher_conf_build(&conf, cfg) != 0)
 		return -1;
@@ -80,6 +81,10 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 	}
 	if (diff.new_tracker && (tracker = tracker_new(d->loop, cfg, d->http, d->pg)) == NULL) {
 		log_msg(LOG_ERROR, "reload_failed", "cannot start the tracker");
+		goto fail;
+	}
+	if (tracker_reload_prepare(d->tracker, cfg, &tracker_next) != 0) {
+		log_msg(LOG_ERROR, "out_of_memory", "cannot resize the /status rate cap");
 		goto fail;
 	}
 	/* The last step that can fail, and it changes nothing when it does. */
@@ -101,8 +106,9 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 		d->tracker = tracker;
 		tracker_set_wake(d->tracker, wakeup_after, d);
 	} else {
-		tracker_reload(d->tracker, cfg);
+		tracker_reload(d->tracker, cfg, &tracker_next);
 	}
+	tracker_next_free(&tracker_next); /* what the tracker did not take */
 	ev_timer_stop(d->loop, &d->poll);
 	ev_timer_set(&d->poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
 	d->stats_timer.repeat = cfg->metrics_interval_ms / 1000.0;
@@ -115,6 +121,7 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 	circuit_reload(d);
 	return 0;
 fail:
+	tracker_next_free(&tracker_next);
 	tracker_free(tracker);
 	ratelimit_free(&rl);
 	dispatcher_conf_free(&conf);

@@ -241,13 +241,13 @@ int runpod_parse_run_reply(const char *body, size_t len, struct runpod_run_reply
 {
 	cJSON *root;
 	const char *bad = NULL;
-	struct jsonscan_member m[2] = {
-		{ .key = "id", .buf = out->id, .cap = sizeof(out->id) },
-		{ .key = "status", .buf = out->status, .cap = sizeof(out->status) },
-	};
+	struct jsonscan_member m[2];
 	int rc = -1;
 
 	memset(out, 0, sizeof(*out));
+	m[0] = (struct jsonscan_member){ .key = "id", .buf = out->id, .cap = sizeof(out->id) };
+	m[1] = (struct jsonscan_member){ .key = "status", .buf = out->status,
+					 .cap = sizeof(out->status) };
 	if (body == NULL) {
 		snprintf(out->why, sizeof(out->why), "no body");
 		return -1;
@@ -342,15 +342,18 @@ static long long millis(const cJSON *item)
 int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status_reply *out)
 {
 	cJSON *root, *error;
-	struct jsonscan_member m[3] = {
-		{ .key = "status", .buf = out->status, .cap = sizeof(out->status), .cut_ok = true },
-		{ .key = "id", .buf = out->id, .cap = sizeof(out->id) },
-		{ .key = "error", .buf = out->error, .cap = sizeof(out->error), .cut_ok = true,
-		  .allow_layout = true },
-	};
+	struct jsonscan_member m[3];
 	int rc = -1;
 
+	/* out first, then the members that point into it (cppcheck reads an
+	 * initializer naming out->x as a use of the caller's uninitialized out). */
 	memset(out, 0, sizeof(*out));
+	m[0] = (struct jsonscan_member){ .key = "status", .buf = out->status,
+					 .cap = sizeof(out->status), .cut_ok = true };
+	m[1] = (struct jsonscan_member){ .key = "id", .buf = out->id, .cap = sizeof(out->id) };
+	m[2] = (struct jsonscan_member){ .key = "error", .buf = out->error,
+					 .cap = sizeof(out->error), .cut_ok = true,
+					 .allow_layout = true };
 	out->delay_ms = out->execution_ms = -1;
 	if (body == NULL)
 		return -1;

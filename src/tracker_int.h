@@ -9,6 +9,7 @@
 #include "jobtable.h"
 #include "log.h"
 #include "pg.h"
+#include "ratelimit.h"
 #include "runpod.h"
 
 #define DUE_SLACK_S 0.001       /* a timer may fire a hair early; that counts as due */
@@ -63,10 +64,10 @@ struct tracker {
 	struct pg *pg;
 	ev_timer timer;
 	bool enabled, stopped;
-	char auth_header[1100];
+	char *auth_header;       /* "Authorization: Bearer <key>", from runpod_auth_header */
 	struct jobtable jobs;    /* JT_POLL: next /status; JT_DB: next heartbeat or release */
 	int status_in_flight, db_in_flight;
-	struct tracker_bucket bucket;
+	struct ratelimit status_rl; /* max_status_per_10s, sliding window */
 	ev_tstamp paused_until;  /* after a 429 */
 	bool failing;            /* /status failing: warned once per streak */
 	long by_slot[N_SLOTS];
@@ -114,7 +115,7 @@ void tracker_on_health(void *arg, const struct http_response *r);
 /* When the next /health poll is due: INFINITY when none is wanted (no job
  * tracked, one in flight, or no URL). */
 ev_tstamp tracker_health_at(const struct tracker *t);
-/* Starts a /health request (the caller took a bucket token). */
+/* Starts a /health request (the caller took a slot of the /status limiter). */
 void tracker_health_start(struct tracker *t, ev_tstamp now);
 /* The IN_QUEUE count went from before to its current value: the oldest
  * IN_QUEUE gauge follows, and a read is asked for when reads may have

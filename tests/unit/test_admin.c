@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "admin.h"
+#include "listenaddr.h"
 #include "log.h"
 #include "metrics.h"
 
@@ -507,6 +508,61 @@ static void bad_addresses(void **state)
 	assert_int_equal(admin_port(NULL), -1);
 }
 
+/* The one parser of admin.listen (include/listenaddr.h), used by config's
+ * check, admin_start and main's --health-check hint. */
+static void listen_split(void **state)
+{
+	static const struct {
+		const char *v, *host;
+		int port;
+		const char *why; /* NULL: accepted; else a substring of the problem */
+	} cases[] = {
+		{ "127.0.0.1:9187", "127.0.0.1", 9187, NULL },
+		{ "localhost:0", "localhost", 0, NULL },
+		{ "[::1]:65535", "::1", 65535, NULL },
+		{ "0.0.0.0:00080", "0.0.0.0", 80, NULL },
+		{ "", NULL, 0, "empty" },
+		{ "127.0.0.1", NULL, 0, "expected host:port" },
+		{ "::1:9187", NULL, 0, "expected host:port or [v6addr]:port" },
+		{ "[::1]9187", NULL, 0, "expected [addr]:port" },
+		{ "[::1", NULL, 0, "expected [addr]:port" },
+		{ ":9187", NULL, 0, "missing or overlong host" },
+		{ "[]:9187", NULL, 0, "missing or overlong host" },
+		{ "127.0.0.1:", NULL, 0, "port must be 0..65535" },
+		{ "127.0.0.1:65536", NULL, 0, "port must be 0..65535" },
+		{ "127.0.0.1:99999999999999999999", NULL, 0, "port must be 0..65535" },
+		{ "127.0.0.1:-1", NULL, 0, "port must be 0..65535" },
+		{ "127.0.0.1:+1", NULL, 0, "port must be 0..65535" },
+		{ "127.0.0.1:80x", NULL, 0, "port must be 0..65535" },
+		{ "127.0.0.1: 80", NULL, 0, "whitespace or a control character" },
+		{ "127.0.0.1:80\n", NULL, 0, "whitespace or a control character" },
+	};
+	char host[LISTENADDR_HOST_MAX + 1], longer[LISTENADDR_HOST_MAX + 8];
+	int port;
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		const char *why = listenaddr_split(cases[i].v, host, sizeof(host), &port);
+
+		if (cases[i].why == NULL) {
+			if (why != NULL)
+				fail_msg("\"%s\": %s", cases[i].v, why);
+			assert_string_equal(host, cases[i].host);
+			assert_int_equal(port, cases[i].port);
+		} else if (why == NULL || strstr(why, cases[i].why) == NULL) {
+			fail_msg("\"%s\": \"%s\" lacks \"%s\"", cases[i].v, why ? why : "(accepted)",
+				 cases[i].why);
+		}
+	}
+	/* The host's length limit, exactly. */
+	memset(longer, 'a', LISTENADDR_HOST_MAX);
+	strcpy(longer + LISTENADDR_HOST_MAX, ":1");
+	assert_null(listenaddr_split(longer, host, sizeof(host), &port));
+	memset(longer, 'a', LISTENADDR_HOST_MAX + 1);
+	strcpy(longer + LISTENADDR_HOST_MAX + 1, ":1");
+	assert_non_null(listenaddr_split(longer, host, sizeof(host), &port));
+	assert_non_null(listenaddr_split(NULL, host, sizeof(host), &port));
+}
+
 static void bind_failure(void **state)
 {
 	struct sockaddr_in in = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
@@ -541,6 +597,7 @@ int main(void)
 		cmocka_unit_test(health_check),
 		cmocka_unit_test(health_check_times_out),
 		cmocka_unit_test(bad_addresses),
+		cmocka_unit_test(listen_split),
 		cmocka_unit_test(bind_failure),
 	};
 

@@ -53,6 +53,43 @@ static void rate_slot_table(void **state)
 	}
 }
 
+/* keep: slots held back for another kind of request (the tracker's
+ * /health share). Cap 4, window 10. */
+static void rate_slot_keep_table(void **state)
+{
+	static const struct {
+		int sends, keep;
+		double at[4];
+		double now;
+		bool slot;
+		double wait_s;
+	} cases[] = {
+		{ 2, 1, { 0, 1 }, 1.5, true, 0 },            /* 2 used + 1 kept < 4 */
+		{ 3, 1, { 0, 1, 2 }, 2.5, false, 7.5 },      /* the oldest must age out */
+		{ 3, 1, { 0, 1, 2 }, 10.0, true, 0 },
+		{ 3, 2, { 0, 1, 2 }, 10.5, false, 0.5 },     /* two must age out: 0 and 1 */
+		{ 4, 1, { 0, 1, 2, 3 }, 10.5, false, 0.5 },  /* full: 0 and 1 must age out */
+		{ 4, 1, { 0, 1, 2, 3 }, 11.0, true, 0 },
+		{ 4, 9, { 0, 1, 2, 3 }, 12.5, false, 0.5 },  /* keep clamps to cap - 1 = 3 */
+		{ 1, -1, { 0 }, 0.5, true, 0 },              /* negative keep is 0 */
+	};
+
+	(void)state;
+	for (size_t i = 0; i < N(cases); i++) {
+		struct ratelimit rl;
+		double wait_s = -1;
+
+		assert_int_equal(ratelimit_init(&rl, 4, 10.0), 0);
+		for (int s = 0; s < cases[i].sends; s++)
+			ratelimit_record(&rl, cases[i].at[s]);
+		assert_int_equal(ratelimit_slot_keep(&rl, cases[i].now, cases[i].keep, &wait_s),
+				 cases[i].slot);
+		if (!cases[i].slot)
+			assert_true(fabs(wait_s - cases[i].wait_s) < 1e-9);
+		ratelimit_free(&rl);
+	}
+}
+
 static void rate_resize_keeps_newest(void **state)
 {
 	struct ratelimit rl, small, big;
@@ -270,6 +307,7 @@ int main(void)
 {
 	const struct CMUnitTest tests[] = {
 		cmocka_unit_test(rate_slot_table),
+		cmocka_unit_test(rate_slot_keep_table),
 		cmocka_unit_test(rate_resize_keeps_newest),
 		cmocka_unit_test(reject_action_table),
 		cmocka_unit_test(db_outage_warn_table),

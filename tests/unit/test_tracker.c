@@ -1,6 +1,6 @@
 /* Unit tests for the tracker's pure parts: the /status reply parser and
  * terminal set (runpod.c), the /status URL, and the tracker's scheduling
- * helpers (jitter, token bucket, heartbeat rule). */
+ * helpers (jitter, the /status limiter as configured, heartbeat rule). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -176,25 +176,27 @@ static void jitter_is_ten_percent(void **state)
 	assert_true(fabs(tracker_jittered_s(300, 0.0) - 0.27) < 1e-9);
 }
 
-/* Takes tokens as fast as they come, every step_s for run_s seconds, and
- * checks that no 10 s window (half-open) ever holds more than per_10s. */
-static void bucket_window(int per_10s, double step_s, double run_s)
+/* The /status limiter as the tracker uses it (include/ratelimit.h, cap
+ * per_10s, window RATE_WINDOW_S + RATE_MARGIN_S): takes a slot whenever there
+ * is one, every step_s for run_s seconds, and checks that no 10 s window
+ * (half-open) ever holds more than per_10s. */
+static void status_window(int per_10s, double step_s, double run_s)
 {
-	struct tracker_bucket b = { 0 };
+	struct ratelimit rl;
 	int cap = (int)(run_s / step_s) + 2, n = 0, lo = 0;
 	double *taken = malloc((size_t)cap * sizeof(*taken));
 	int best = 0;
 
 	assert_non_null(taken);
-	tracker_bucket_setup(&b, per_10s, 100.0, false);
+	assert_int_equal(ratelimit_init(&rl, per_10s, RATE_WINDOW_S + RATE_MARGIN_S), 0);
 	for (int i = 0; i * step_s <= run_s; i++) {
-		double now = 100.0 + i * step_s;
-		double wait = tracker_bucket_wait_s(&b, now);
-		bool got = tracker_bucket_take(&b, now);
+		double now = 100.0 + i * step_s, wait = 0.0;
+		bool got = ratelimit_slot(&rl, now, &wait);
 
-		assert_true(got == (wait == 0.0));
+		assert_true(got || wait > 0.0);
 		if (!got)
 			continue;
+		ratelimit_record(&rl, now);
 		taken[n++] = now;
 		while (taken[lo] <= now - 10.0)
 			lo++;
@@ -205,36 +207,38 @@ static void bucket_window(int per_10s, double step_s, double run_s)
 	}
 	/* And the cap is actually used: close to per_10s in a 10 s window. */
 	assert_true(best >= per_10s * 0.9 - 1);
+	ratelimit_free(&rl);
 	free(taken);
 }
 
-static void bucket_keeps_the_cap(void **state)
+static void status_limit_keeps_the_cap(void **state)
 {
-	bucket_window(2000, 0.001, 40.0);
-	bucket_window(1000, 0.0005, 25.0);
-	bucket_window(15, 0.01, 60.0);
-	bucket_window(7, 0.01, 60.0);
-	bucket_window(1, 0.01, 60.0);
+	status_window(2000, 0.001, 40.0);
+	status_window(1000, 0.0005, 25.0);
+	status_window(15, 0.01, 60.0);
+	status_window(7, 0.01, 60.0);
+	status_window(1, 0.01, 60.0);
 }
 
-static void bucket_waits_and_reloads(void **state)
+static void status_limit_waits_and_reloads(void **state)
 {
-	struct tracker_bucket b = { 0 };
+	struct ratelimit rl, lower;
+	double wait = 0.0;
 
-	tracker_bucket_setup(&b, 100, 0.0, false); /* burst 10, 9 per s */
-	for (int i = 0; i < 10; i++)
-		assert_true(tracker_bucket_take(&b, 0.0));
-	assert_false(tracker_bucket_take(&b, 0.0));
-	assert_true(fabs(tracker_bucket_wait_s(&b, 0.0) - 1.0 / 9.0) < 1e-9);
-	assert_true(tracker_bucket_take(&b, 1.0 / 9.0 + 1e-9));
-	/* A reload keeps the level (capped by the new burst) instead of refilling. */
-	tracker_bucket_setup(&b, 2000, 1.0, true);
-	assert_true(b.tokens < 10.0);
-	tracker_bucket_setup(&b, 20, 100.0, true); /* burst 2: a full bucket is cut to 2 */
-	assert_true(b.tokens <= 2.0);
-	assert_true(tracker_bucket_take(&b, 100.0));
-	assert_true(tracker_bucket_take(&b, 100.0));
-	assert_false(tracker_bucket_take(&b, 100.0));
+	assert_int_equal(ratelimit_init(&rl, 10, RATE_WINDOW_S + RATE_MARGIN_S), 0);
+	for (int i = 0; i < 10; i++) {
+		assert_true(ratelimit_slot(&rl, 0.0, &wait));
+		ratelimit_record(&rl, 0.0);
+	}
+	assert_false(ratelimit_slot(&rl, 0.0, &wait));
+	assert_true(fabs(wait - (RATE_WINDOW_S + RATE_MARGIN_S)) < 1e-9);
+	assert_true(ratelimit_slot(&rl, RATE_WINDOW_S + RATE_MARGIN_S, &wait));
+	/* A reload keeps the recent send times instead of starting empty. */
+	assert_int_equal(ratelimit_resized(&rl, 2, &lower), 0);
+	assert_false(ratelimit_slot(&lower, 1.0, &wait));
+	assert_true(ratelimit_slot(&lower, RATE_WINDOW_S + RATE_MARGIN_S, &wait));
+	ratelimit_free(&lower);
+	ratelimit_free(&rl);
 }
 
 static void heartbeat_when_a_third_is_left(void **state)
@@ -326,8 +330,8 @@ int main(void)
 		cmocka_unit_test(terminal_set),
 		cmocka_unit_test(status_url),
 		cmocka_unit_test(jitter_is_ten_percent),
-		cmocka_unit_test(bucket_keeps_the_cap),
-		cmocka_unit_test(bucket_waits_and_reloads),
+		cmocka_unit_test(status_limit_keeps_the_cap),
+		cmocka_unit_test(status_limit_waits_and_reloads),
 		cmocka_unit_test(heartbeat_when_a_third_is_left),
 		cmocka_unit_test(health_reply),
 		cmocka_unit_test(health_note_warns_once),
