@@ -47,7 +47,6 @@ def test_dispatch_through_pgbouncer_transaction_mode(queue_db, emulator, start_d
     assert d.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 defect 1: self-test on own session")
 def test_listen_through_transaction_pooler_is_reported_unusable_and_the_daemon_polls(
         queue_db, emulator, start_daemon, bouncer):
     conftest.enable_insert_notify(queue_db.cluster, queue_db.dbname, queue_db.queue)
