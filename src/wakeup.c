@@ -15,7 +15,7 @@
 #include <unistd.h>
 
 #define SELFTEST_TIMEOUT_S 5.0  /* a connect of its own, then the NOTIFY must arrive */
-#define TRIGGER_RECHECK_S 60.0  /* at least this often while reads come back empty */
+#define TRIGGER_RECHECK_S 10.0  /* at least this often while reads come back empty */
 
 static void trigger_check(struct dispatcher *d);
 static void sender_free(struct dispatcher *d);
@@ -56,8 +56,8 @@ void wakeup_idle_read(struct dispatcher *d)
 	double next = d->w.idle_poll_ms * 2;
 
 	/* Triggers come and go while we run: look again at each backed-off
-	 * read (they double apart, so few) and at least once a minute. */
-	if (d->cfg->notify && !d->once && pg_ready(d->pg) &&
+	 * read (they double apart, so few) and every TRIGGER_RECHECK_S. */
+	if (d->cfg->notify && !d->once &&
 	    (d->w.idle_poll_ms > d->cfg->poll_interval_ms ||
 	     ev_now(d->loop) - d->w.trigger_checked_at >= TRIGGER_RECHECK_S))
 		trigger_check(d);
