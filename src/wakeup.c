@@ -1,7 +1,7 @@
 /* wakeup — when to read, besides the pipeline's own drain: NOTIFY on
  * inserts (LISTEN on the main or a separate connection, a self-test
- * notification that proves they arrive, a look for the queue's insert
- * trigger), the debounce of a burst, the idle back-off of the poll period
+ * notification sent from another session that proves they arrive, a look
+ * for the queue's insert trigger, again while running), the debounce of a burst, the idle back-off of the poll period
  * up to idle_poll_max_ms, and the wake-up when released messages become
  * visible again. Acts on the dispatcher's state (include/dispatcher_int.h)
  * and asks it to read with dispatcher_kick. Knows nothing of batches,
