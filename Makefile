@@ -31,13 +31,14 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config log pg pgmq http jsonscan runpod dispatcher reload batch post circuit \
-             wakeup dryrun backoff ratelimit sdnotify metrics admin tracker tracker_reply jobtable
+MODULES   := main config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
+             runpod dispatcher reload batch post circuit wakeup dryrun backoff ratelimit sdnotify \
+             metrics admin tracker tracker_reply jobtable
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
-UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify \
-              test_tracker test_jobtable test_decisions test_reload
+UNIT_TESTS := test_runpod test_config test_config_check test_log test_pgmq test_metrics test_admin \
+              test_sdnotify test_tracker test_jobtable test_decisions test_reload
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install clean fuzz lint lint-tidy \
@@ -113,9 +114,11 @@ FUZZ_TARGETS := config run_reply status_reply
 FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -DPGMQD_VERSION='"$(VERSION)"' \
                 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
                 $(shell pkg-config --cflags $(PKGS))
-build-fuzz/fuzz_config: tests/fuzz/fuzz_config.c src/config.c src/log.c $(wildcard include/*.h)
+CONFIG_SRCS  := src/config.c src/config_keys.c src/config_source.c src/config_check.c \
+                src/log.c src/log_sink.c
+build-fuzz/fuzz_config: tests/fuzz/fuzz_config.c $(CONFIG_SRCS) $(wildcard include/*.h)
 	mkdir -p build-fuzz
-	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c src/config.c src/log.c $(shell pkg-config --libs libpq inih) $(EV_LIBS)
+	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c $(CONFIG_SRCS) $(shell pkg-config --libs libpq inih) $(EV_LIBS)
 build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c src/runpod.c src/jsonscan.c $(wildcard include/*.h)
 	mkdir -p build-fuzz
 	clang $(FUZZ_CFLAGS) -o $@ $< src/runpod.c src/jsonscan.c $(shell pkg-config --libs libcjson libcurl)

@@ -94,7 +94,7 @@ else
 fi
 # TimeoutStopSec must leave room for the daemon's drain deadline.
 stop_s=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)s\{0,1\}$/\1/p' "$UNIT")
-drain_ms=$(grep -o '"shutdown_timeout_ms", K_INT, OFF([a-z_]*), "[0-9]*"' src/config.c | grep -o '"[0-9]*"$' | tr -d '"')
+drain_ms=$(grep -o '"shutdown_timeout_ms", K_INT, OFF([a-z_]*), "[0-9]*"' src/config_keys.c | grep -o '"[0-9]*"$' | tr -d '"')
 # Type=notify and WatchdogSec= need the daemon to send READY=1 and WATCHDOG=1.
 if grep -q 'sdnotify_ready' src/main.c && grep -q 'sdnotify_watchdog_start' src/main.c; then
 	pass "src/main.c sends READY=1 and starts the watchdog"
@@ -136,7 +136,7 @@ else
 	fail "man -l: $lines lines, widest $width columns, $(grep -c '' "$tmp/man.err") error line(s)"
 	show <"$tmp/man.err"
 fi
-# Every long option of src/main.c and every key of src/config.c's table.
+# Every long option of src/main.c and every key of src/config_keys.c's table.
 # The man source spells --log-format as \-\-log\-format.
 opts=$(sed -n 's/^[[:space:]]*{ "\([a-z-]*\)", [a-z_]*_argument,.*/\1/p' src/main.c)
 missing="" count=0
@@ -149,7 +149,7 @@ if [ -z "$missing" ]; then
 else
 	fail "man page lacks options:$missing"
 fi
-keys=$(sed -n 's/^[[:space:]]*{ "\([a-z]*\)", "\([a-z0-9_]*\)", K_.*/\1.\2/p' src/config.c)
+keys=$(sed -n 's/^[[:space:]]*{ "\([a-z]*\)", "\([a-z0-9_]*\)", K_.*/\1.\2/p' src/config_keys.c)
 missing="" count=0
 for k in $keys; do
 	count=$((count + 1))
@@ -160,7 +160,7 @@ for k in $keys; do
 		grep -q "$env" "$MAN" || missing="$missing $k"
 done
 if [ -z "$missing" ]; then
-	pass "man page describes all $count keys of src/config.c (entry + PGMQD_ name)"
+	pass "man page describes all $count keys of src/config_keys.c (entry + PGMQD_ name)"
 else
 	fail "man page lacks keys:$missing"
 fi
