@@ -24,7 +24,7 @@ enum pause_reason { PAUSE_NONE, PAUSE_DB, PAUSE_RUNPOD };
 /* LISTEN state of the connection that listens. */
 enum notify_state {
 	NOTIFY_OFF,     /* not listening (off, or connection down) */
-	NOTIFY_TESTING, /* LISTEN sent, waiting for our own self-test NOTIFY */
+	NOTIFY_TESTING, /* LISTEN sent, waiting for the self-test NOTIFY from another session */
 	NOTIFY_OK,      /* notifications arrive: idle polls may back off */
 	NOTIFY_BROKEN,  /* they do not (transaction pooler): poll only */
 };
@@ -35,9 +35,14 @@ struct wakeup {
 	char table[80];         /* q_<lower(queue)>: the queue table in schema pgmq */
 	char channel[96];       /* pgmq.q_<lower(queue)>.INSERT (pgmq 1.7 - 1.13.0) */
 	char channel2[96];      /* pgmq.q_<queue as created>.INSERT (1.13.1), if different */
-	bool has_trigger;       /* the queue table has an insert trigger to notify us */
+	bool has_trigger;       /* the queue table has an enabled trigger on INSERT */
 	bool no_trigger_logged;
-	char selftest[64];      /* payload of our own test notification */
+	bool missing_logged;    /* the queue table does not exist (logged once) */
+	bool trigger_check_pending;
+	double trigger_checked_at; /* ev_now of the last trigger check */
+	char selftest[64];      /* payload of this round's self-test notification */
+	unsigned selftest_seq;
+	struct notify_sender *sender; /* the other session sending it, or NULL */
 	enum notify_state notify_state;
 	bool notify_broken_logged;
 	double idle_poll_ms;    /* current poll period (backs off while idle) */
@@ -152,6 +157,7 @@ struct reload_diff {
 	bool rate_cap;    /* max_requests_per_10s changed: a new ring */
 	bool conninfo;    /* the connection follows the new conninfo */
 	bool new_tracker; /* [tracker] turned on: a tracker to build */
+	bool runpod;      /* key, endpoint, base URL or CA changed: probe an open circuit now */
 };
 
 /* The diff from old to cfg for a dispatcher that has a tracker or not,
@@ -163,6 +169,11 @@ struct reload_diff dispatcher_reload_diff(const struct config *old, const struct
  * first and the caller's other state untouched. 0, or -1 (logged). */
 int dispatcher_conf_build(struct dispatcher_conf *out, const struct config *cfg);
 void dispatcher_conf_free(struct dispatcher_conf *c);
+
+/* Gives a timer a new repeat period_s keeping its phase: the next fire
+ * comes period_s after the last one (at once if that is past), not
+ * period_s from now. An inactive timer only takes the new repeat. */
+void dispatcher_timer_retime(struct ev_loop *loop, ev_timer *t, double period_s);
 
 /* The /run extras (webhook, policy) of a snapshot; points into cfg. */
 struct runpod_extras dispatcher_extras_of(const struct config *cfg);
@@ -194,7 +205,11 @@ bool circuit_queue_capped(struct dispatcher *d);
 int wakeup_init(struct dispatcher *d, const struct config *cfg);
 void wakeup_start_listen(struct dispatcher *d, struct pg *pg);
 void wakeup_listen_lost(struct dispatcher *d);
+/* Frees the LISTEN connection and a self-test still being sent. */
+void wakeup_free(struct dispatcher *d);
 void wakeup_reset_idle(struct dispatcher *d);
+/* After a reload: the poll period within the new bounds, phase kept. */
+void wakeup_reload(struct dispatcher *d);
 void wakeup_idle_read(struct dispatcher *d);
 void wakeup_after(void *arg, double after_s);
 void wakeup_on_notify(void *arg, const char *channel, const char *payload);

@@ -586,7 +586,7 @@ void dispatcher_free(struct dispatcher *d)
 		http_cancel_all(d->http);
 	tracker_free(d->tracker); /* after the aborts above, before http_free drops requests */
 	http_free(d->http);
-	pg_free(d->w.listen_pg);
+	wakeup_free(d);
 	pg_free(d->pg);
 	dispatcher_conf_free(&d->conf);
 	ratelimit_free(&d->rl);

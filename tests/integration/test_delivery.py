@@ -4,6 +4,7 @@ semantics against the real PostgreSQL and the RunPod emulator."""
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -481,6 +482,36 @@ def test_sighup_reload(queue_db, emulator, tmp_path):
         assert accepted_ids(emulator) == ids
     finally:
         assert d.stop() == 0
+
+
+def test_frequent_sighup_keeps_the_poll_cadence(queue_db, emulator, start_daemon):
+    # Issue 10 defect 5: a reload restarted the poll timer, so SIGHUP every 0.5 s with a 1 s poll
+    # stopped reads entirely. NOTIFY off: the poll timer is the only way to find messages.
+    d = start_daemon("-v", PGMQD_QUEUE_POLL_INTERVAL_MS=1000, PGMQD_QUEUE_NOTIFY="off")
+    d.wait_log(r"event=queue_empty")
+    stop = threading.Event()
+
+    def hup():
+        while not stop.wait(0.5):
+            d.signal(signal.SIGHUP)
+
+    t = threading.Thread(target=hup, daemon=True)
+    t.start()
+    try:
+        d.wait_log(r"event=reloaded", count=3)
+        sent = []
+        for _ in range(3):                       # each found by a poll within ~1 s
+            ids = queue_db.send_many(jobs(1))
+            sent += ids
+            emulator.wait_for(lambda: accepted_ids(emulator) == sent, timeout_s=4)
+        before = d.count_log(r"event=(queue_empty|batch_read)")
+        wait_until(lambda: d.count_log(r"event=(queue_empty|batch_read)") >= before + 3, 6,
+                   what="three polls in about three seconds of SIGHUPs")
+        assert d.count_log(r"event=reloaded") >= 6
+    finally:
+        stop.set()
+        t.join()
+    assert d.stop() == 0
 
 
 def test_sighup_with_new_conninfo_reconnects(pg_cluster, queue_db, emulator, tmp_path):

@@ -204,6 +204,14 @@ static void reload_diff_table(void **state)
 	b.conninfo = "dbname=b";
 	assert_true(dispatcher_reload_diff(&a, &b, false, false, false).rate_cap);
 	assert_true(dispatcher_reload_diff(&a, &b, false, false, false).conninfo);
+	/* Only a new key, endpoint, base URL or CA probes an open circuit at once. */
+	assert_false(dispatcher_reload_diff(&a, &b, false, false, false).runpod);
+	b.api_key = "rp_new";
+	assert_true(dispatcher_reload_diff(&a, &b, false, false, false).runpod);
+	b.api_key = NULL;
+	b.ca_file = "/etc/ca.pem";
+	assert_true(dispatcher_reload_diff(&a, &b, false, false, false).runpod);
+	b.ca_file = NULL;
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		b.tracker_enabled = cases[i].tracker_on;
 		assert_int_equal(dispatcher_reload_diff(&a, &b, cases[i].have, cases[i].once,
