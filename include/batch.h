@@ -12,22 +12,22 @@
 
 /* How a batch ended. */
 enum batch_fate {
-	BATCH_ACCEPTED,        /* a job owns the messages (logged by the poster) */
-	BATCH_UNKNOWN,         /* a job may exist; messages keep their vt */
-	BATCH_RELEASED,        /* set_vt done (logged with the count) */
-	BATCH_RELEASE_FAILED,  /* set_vt failed: visible again after vt */
-	BATCH_ARCHIVED,        /* archived (each message logged when chosen) */
-	BATCH_ARCHIVE_FAILED,  /* archive failed: visible again after vt */
-	BATCH_UNSENT,          /* never sent (exit): visible again after vt */
-	BATCH_DROPPED,         /* out of memory or being freed: visible after vt */
-	BATCH_SPLIT,           /* handed on whole to two smaller batches or an archive */
+	BATCH_ACCEPTED,       /* a job owns the messages (logged by the poster) */
+	BATCH_UNKNOWN,        /* a job may exist; messages keep their vt */
+	BATCH_RELEASED,       /* set_vt done (logged with the count) */
+	BATCH_RELEASE_FAILED, /* set_vt failed: visible again after vt */
+	BATCH_ARCHIVED,       /* archived (each message logged when chosen) */
+	BATCH_ARCHIVE_FAILED, /* archive failed: visible again after vt */
+	BATCH_UNSENT,         /* never sent (exit): visible again after vt */
+	BATCH_DROPPED,        /* out of memory or being freed: visible after vt */
+	BATCH_SPLIT,          /* handed on whole to two smaller batches or an archive */
 };
 
 /* What a /run rejection means for the batch that got it. */
 enum reject_action {
-	REJECT_RELEASE,    /* may pass later (429, 5xx, 400 ...): released after the pause */
-	REJECT_SPLIT,      /* this body will never pass (413): send the two halves */
-	REJECT_TOO_LARGE,  /* one message whose body still gets 413: archived */
+	REJECT_RELEASE,   /* may pass later (429, 5xx, 400 ...): released after the pause */
+	REJECT_SPLIT,     /* this body will never pass (413): send the two halves */
+	REJECT_TOO_LARGE, /* one message whose body still gets 413: archived */
 };
 
 /* The action for a batch of n messages rejected with http_status. Only a
@@ -39,11 +39,11 @@ enum reject_action batch_reject_action(long http_status, int n);
 
 /* What becomes of one row of a read. */
 enum row_fate {
-	ROW_SEND,            /* goes out in a /run request */
-	ROW_TOO_LARGE,       /* cannot fit a request on its own: archived */
-	ROW_MAX_READ_CT,     /* read more than max_read_ct times: archived */
-	ROW_INVALID,         /* malformed row with a usable msg_id: released after a pause */
-	ROW_INVALID_LOST,    /* malformed row, no msg_id: visible again after vt */
+	ROW_SEND,         /* goes out in a /run request */
+	ROW_TOO_LARGE,    /* cannot fit a request on its own: archived */
+	ROW_MAX_READ_CT,  /* read more than max_read_ct times: archived */
+	ROW_INVALID,      /* malformed row with a usable msg_id: released after a pause */
+	ROW_INVALID_LOST, /* malformed row, no msg_id: visible again after vt */
 };
 
 /* The fate of row m given the /run envelope size, max_body_bytes and

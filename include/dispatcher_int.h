@@ -31,21 +31,21 @@ enum notify_state {
 
 /* NOTIFY wake-up and idle back-off (wakeup.c). */
 struct wakeup {
-	struct pg *listen_pg;   /* separate LISTEN connection, or NULL */
-	char table[80];         /* q_<lower(queue)>: the queue table in schema pgmq */
-	char channel[96];       /* pgmq.q_<lower(queue)>.INSERT (pgmq 1.7 - 1.13.0) */
-	char channel2[96];      /* pgmq.q_<queue as created>.INSERT (1.13.1), if different */
-	bool has_trigger;       /* the queue table has an enabled trigger on INSERT */
+	struct pg *listen_pg; /* separate LISTEN connection, or NULL */
+	char table[80];       /* q_<lower(queue)>: the queue table in schema pgmq */
+	char channel[96];     /* pgmq.q_<lower(queue)>.INSERT (pgmq 1.7 - 1.13.0) */
+	char channel2[96];    /* pgmq.q_<queue as created>.INSERT (1.13.1), if different */
+	bool has_trigger;     /* the queue table has an enabled trigger on INSERT */
 	bool no_trigger_logged;
-	bool missing_logged;    /* the queue table does not exist (logged once) */
+	bool missing_logged; /* the queue table does not exist (logged once) */
 	bool trigger_check_pending;
 	double trigger_checked_at; /* ev_now of the last trigger check */
-	char selftest[64];      /* payload of this round's self-test notification */
+	char selftest[64];         /* payload of this round's self-test notification */
 	unsigned selftest_seq;
 	struct notify_sender *sender; /* the other session sending it, or NULL */
 	enum notify_state notify_state;
 	bool notify_broken_logged;
-	double idle_poll_ms;    /* current poll period (backs off while idle) */
+	double idle_poll_ms; /* current poll period (backs off while idle) */
 };
 
 /* Derived from one configuration snapshot; built whole before it is used
@@ -60,7 +60,7 @@ struct dispatcher_conf {
 
 struct dispatcher {
 	struct ev_loop *loop;
-	const struct config *cfg;       /* == conf.cfg */
+	const struct config *cfg; /* == conf.cfg */
 	struct dispatcher_conf conf;
 	struct pg *pg;
 	struct http *http;
@@ -70,15 +70,15 @@ struct dispatcher {
 	void *done_arg;
 
 	/* Every timer, so that one loop stops them all (dispatcher.c). */
-	ev_timer poll;          /* periodic trigger */
-	ev_timer pause;         /* reads paused until it fires (backoff) */
-	ev_timer probe;         /* next /health probe while the circuit is open */
-	ev_timer deadline;      /* shutdown deadline */
-	ev_timer stats_timer;   /* queue metrics refresh and STATUS counts */
-	ev_timer debounce;      /* a burst of NOTIFYs becomes one read */
-	ev_timer wake_timer;    /* a read when released messages come back */
+	ev_timer poll;        /* periodic trigger */
+	ev_timer pause;       /* reads paused until it fires (backoff) */
+	ev_timer probe;       /* next /health probe while the circuit is open */
+	ev_timer deadline;    /* shutdown deadline */
+	ev_timer stats_timer; /* queue metrics refresh and STATUS counts */
+	ev_timer debounce;    /* a burst of NOTIFYs becomes one read */
+	ev_timer wake_timer;  /* a read when released messages come back */
 	ev_timer selftest_timer;
-	ev_timer rate_timer;    /* a rate slot frees */
+	ev_timer rate_timer; /* a rate slot frees */
 
 	void (*state_hook)(void *arg);
 	void *state_arg;
@@ -87,19 +87,19 @@ struct dispatcher {
 	long long queue_length; /* from the last pgmq.metrics, -1 unknown */
 	enum pause_reason pause_reason;
 	bool reading;
-	bool read_wanted;       /* a drain read waits for an in-flight slot */
-	bool queue_capped;      /* reads pause: tracker.max_queued_jobs jobs wait IN_QUEUE */
-	bool again;             /* a trigger arrived during a read */
+	bool read_wanted;  /* a drain read waits for an in-flight slot */
+	bool queue_capped; /* reads pause: tracker.max_queued_jobs jobs wait IN_QUEUE */
+	bool again;        /* a trigger arrived during a read */
 	bool stopping;
 	bool finished;
-	bool read_done;         /* a read came back (what --once waits for) */
+	bool read_done; /* a read came back (what --once waits for) */
 	bool circuit_open;
-	bool deadline_passed;   /* shutdown: stop waiting for the database */
-	bool probing;           /* a /health request is in flight */
+	bool deadline_passed; /* shutdown: stop waiting for the database */
+	bool probing;         /* a /health request is in flight */
 	int probe_failures;
-	int in_flight;          /* /run requests outstanding (waiting ones included) */
-	int db_pending;         /* set_vt / archive statements outstanding */
-	int failures;           /* consecutive failures behind the current pause */
+	int in_flight;  /* /run requests outstanding (waiting ones included) */
+	int db_pending; /* set_vt / archive statements outstanding */
+	int failures;   /* consecutive failures behind the current pause */
 	enum dispatcher_result once_result;
 
 	struct dispatcher_stats stats;
@@ -121,15 +121,15 @@ struct read_result {
  * archive. msgs point into rr's PGresult. */
 struct batch {
 	struct dispatcher *d;
-	struct batch *next;     /* in the rate-cap waiting list */
+	struct batch *next; /* in the rate-cap waiting list */
 	enum metrics_archive_reason archive_reason;
 	struct read_result *rr;
 	struct pgmq_message *msgs;
 	long long *ids;
 	int n;
-	size_t body_bytes;      /* of the last /run body sent for it */
+	size_t body_bytes; /* of the last /run body sent for it */
 	ev_tstamp started;
-	ev_tstamp read_at;      /* when the read returned: the vt runs from here */
+	ev_tstamp read_at; /* when the read returned: the vt runs from here */
 };
 
 /* dispatcher.c */

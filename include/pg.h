@@ -16,15 +16,15 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#define PG_MAX_QUEUED 64        /* queries waiting or running */
+#define PG_MAX_QUEUED 64 /* queries waiting or running */
 
 struct pg;
 
 /* Why a query produced no result. */
 struct pg_error {
-	const char *sqlstate;   /* five characters, or "" when none */
-	const char *message;    /* one line, no trailing newline */
-	bool sent;              /* the server may have executed it (fate unknown
+	const char *sqlstate; /* five characters, or "" when none */
+	const char *message;  /* one line, no trailing newline */
+	bool sent;            /* the server may have executed it (fate unknown
 				   when the connection died afterwards) */
 	bool connection_lost;
 };
@@ -36,8 +36,8 @@ struct pg_error {
 typedef void (*pg_result_fn)(void *arg, PGresult *res, const struct pg_error *err);
 
 struct pg_callbacks {
-	void (*connected)(void *arg);    /* after every (re)connect */
-	void (*disconnected)(void *arg); /* once per loss */
+	void (*connected)(void *arg);      /* after every (re)connect */
+	void (*disconnected)(void *arg);   /* once per loss */
 	void (*connect_failed)(void *arg); /* after every failed attempt */
 	/* A NOTIFY arrived (LISTEN is the caller's query). Strings valid during
 	 * the call only. Must not free the connection. */

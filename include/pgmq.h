@@ -16,16 +16,16 @@
 
 /* One message of a read. Every pointer points into the batch's PGresult. */
 struct pgmq_message {
-	const char *msg_id;       /* bigint as exact decimal text */
-	long long msg_id_num;     /* the same, parsed (for ordering and logs) */
-	const char *read_ct;      /* integer as decimal text */
-	const char *enqueued_at;  /* to_json(enqueued_at): a JSON string literal, quotes included */
-	const char *message;      /* jsonb as PostgreSQL's JSON text; "null" for SQL NULL */
+	const char *msg_id;      /* bigint as exact decimal text */
+	long long msg_id_num;    /* the same, parsed (for ordering and logs) */
+	const char *read_ct;     /* integer as decimal text */
+	const char *enqueued_at; /* to_json(enqueued_at): a JSON string literal, quotes included */
+	const char *message;     /* jsonb as PostgreSQL's JSON text; "null" for SQL NULL */
 	size_t message_len;
-	const char *document_id;  /* JSON text of message->'document_id', or NULL */
-	const char *invalid;      /* NULL, or why this row cannot be sent (a wrapper
+	const char *document_id; /* JSON text of message->'document_id', or NULL */
+	const char *invalid;     /* NULL, or why this row cannot be sent (a wrapper
 				     returned a NULL or malformed field) */
-	bool id_ok;               /* msg_id_num is valid (the row can be released) */
+	bool id_ok;              /* msg_id_num is valid (the row can be released) */
 };
 
 /* The rows of one read, ordered by msg_id. Owns the PGresult. */
@@ -57,8 +57,8 @@ typedef void (*pgmq_read_fn)(void *arg, struct pgmq_batch *batch, const struct p
 /* Reads up to qty messages, invisible for vt_seconds, with read_function
  * (pgmq.read or a wrapper with parameters queue_name, vt, qty). Returns 0 or
  * -1 when the query could not be queued (fn is then not called). */
-int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int vt_seconds,
-	      int qty, pgmq_read_fn fn, void *arg) __attribute__((warn_unused_result));
+int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int vt_seconds, int qty,
+	      pgmq_read_fn fn, void *arg) __attribute__((warn_unused_result));
 
 /* Sets the vt of the given messages to now + delay_s in one statement
  * (pgmq.set_vt per id, which exists since pgmq 1.2; the array form needs

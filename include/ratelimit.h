@@ -15,9 +15,9 @@
 #define RATE_MARGIN_S 0.05
 
 struct ratelimit {
-	double *sent_at;        /* ring of send times, cap entries */
+	double *sent_at; /* ring of send times, cap entries */
 	int cap, head, count;
-	double window_s;        /* window length plus any safety margin */
+	double window_s; /* window length plus any safety margin */
 };
 
 /* A limiter of cap (>= 1) requests per window_s. Returns 0, or -1 when out

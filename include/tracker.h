@@ -62,7 +62,7 @@
 #include <ev.h>
 #include <stdbool.h>
 
-#define TRACKER_MAX_DB 4        /* tracker statements on the pg connection at once */
+#define TRACKER_MAX_DB 4         /* tracker statements on the pg connection at once */
 #define TRACKER_IDS_PER_LINE 100 /* msg ids named in one log line; the rest are counted */
 #define TRACKER_HEALTH_SHARE 0.1 /* /health takes at most this share of max_status_per_10s */
 

@@ -22,8 +22,8 @@
 #define TEXT_TYPE "text/plain; charset=utf-8"
 #define METRICS_TYPE "text/plain; version=0.0.4; charset=utf-8"
 #define LISTEN_BACKLOG 64
-#define CONNECTION_LIMIT 64u      /* scrapers and probes only */
-#define CONNECTION_TIMEOUT_S 10u  /* idle keep-alive connections are closed */
+#define CONNECTION_LIMIT 64u     /* scrapers and probes only */
+#define CONNECTION_TIMEOUT_S 10u /* idle keep-alive connections are closed */
 #define WHY_MAX 256
 #define HEALTH_DEFAULT_TIMEOUT_MS 5000
 
@@ -54,8 +54,8 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...)
 
 /* Resolves an admin.listen value (syntax: include/listenaddr.h) into a
  * socket address. Returns 0, or -1 with a reason in err. */
-static int parse_listen(const char *addr, struct sockaddr_storage *ss, socklen_t *sslen,
-			char *err, size_t errlen)
+static int parse_listen(const char *addr, struct sockaddr_storage *ss, socklen_t *sslen, char *err,
+			size_t errlen)
 {
 	char host[LISTENADDR_HOST_MAX + 1], port[8];
 	const char *why;
@@ -112,7 +112,8 @@ static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status, const
 	enum MHD_Result ok;
 
 	r = MHD_create_response_from_buffer(len, body,
-					    must_free ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_MUST_COPY);
+					    must_free ? MHD_RESPMEM_MUST_FREE
+						      : MHD_RESPMEM_MUST_COPY);
 	if (r == NULL) {
 		if (must_free)
 			free(body);
@@ -298,10 +299,9 @@ struct admin *admin_start(struct ev_loop *loop, const char *listen_addr,
 
 	a->mhd = MHD_start_daemon(MHD_USE_EPOLL | MHD_USE_ERROR_LOG, 0, NULL, NULL, on_request, a,
 				  MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, a,
-				  MHD_OPTION_LISTEN_SOCKET, fd,
-				  MHD_OPTION_CONNECTION_LIMIT, CONNECTION_LIMIT,
-				  MHD_OPTION_CONNECTION_TIMEOUT, CONNECTION_TIMEOUT_S,
-				  MHD_OPTION_END);
+				  MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_CONNECTION_LIMIT,
+				  CONNECTION_LIMIT, MHD_OPTION_CONNECTION_TIMEOUT,
+				  CONNECTION_TIMEOUT_S, MHD_OPTION_END);
 	if (a->mhd == NULL) {
 		set_err(err, errlen, "libmicrohttpd on %s: %s", listen_addr,
 			a->mhd_error[0] ? a->mhd_error : "MHD_start_daemon failed");

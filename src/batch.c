@@ -68,7 +68,8 @@ void batch_log_ids(enum log_level level, const char *event, const struct dispatc
 
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "outcome", why);
-		log_int_list(l, "msg_ids", ids + i, (size_t)(n - i < IDS_PER_LINE ? n - i : IDS_PER_LINE));
+		log_int_list(l, "msg_ids", ids + i,
+			     (size_t)(n - i < IDS_PER_LINE ? n - i : IDS_PER_LINE));
 		log_end(l);
 	}
 }
@@ -179,8 +180,10 @@ void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pg
 	if (b)
 		b->archive_reason = reason;
 	if (b == NULL || pgmq_archive(d->pg, d->cfg->queue_name, b->ids, n, on_archived, b) != 0) {
-		log_msg(LOG_ERROR, "archive_failed", "cannot queue pgmq.archive for %d message%s; "
-			"they come back after vt_seconds", n, n == 1 ? "" : "s");
+		log_msg(LOG_ERROR, "archive_failed",
+			"cannot queue pgmq.archive for %d message%s; "
+			"they come back after vt_seconds",
+			n, n == 1 ? "" : "s");
 		if (b)
 			batch_end(b, BATCH_DROPPED, NULL);
 		return;
@@ -201,7 +204,8 @@ void batch_split(struct batch *b)
 			batch_end(lo, BATCH_SPLIT, NULL);
 		if (hi)
 			batch_end(hi, BATCH_SPLIT, NULL);
-		log_msg(LOG_ERROR, "out_of_memory", "cannot split a batch of %d; releasing it", b->n);
+		log_msg(LOG_ERROR, "out_of_memory", "cannot split a batch of %d; releasing it",
+			b->n);
 		batch_release(b, 0);
 		return;
 	}

@@ -25,8 +25,8 @@ enum circuit_action circuit_next(bool open, enum circuit_event ev, long http_sta
 /* Probes back off from backoff_base_ms up to probe_interval_ms. */
 static void start_probe_timer(struct dispatcher *d)
 {
-	double ms = backoff_ms(++d->probe_failures, d->cfg->backoff_base_ms, d->cfg->probe_interval_ms,
-			       BACKOFF_MIN_MS, 1.0);
+	double ms = backoff_ms(++d->probe_failures, d->cfg->backoff_base_ms,
+			       d->cfg->probe_interval_ms, BACKOFF_MIN_MS, 1.0);
 
 	ms *= 0.5 + 0.5 * backoff_jitter();
 	ev_timer_stop(d->loop, &d->probe);
@@ -46,8 +46,9 @@ void circuit_open(struct dispatcher *d, long http_status)
 	l = log_begin(LOG_ERROR, "circuit_open");
 	log_str(l, "endpoint_id", d->cfg->endpoint_id);
 	log_int(l, "http_status", http_status);
-	log_str(l, "msg", "RunPod refuses the API key or the endpoint; no reads until a /health "
-			  "probe succeeds or the configuration is reloaded");
+	log_str(l, "msg",
+		"RunPod refuses the API key or the endpoint; no reads until a /health "
+		"probe succeeds or the configuration is reloaded");
 	log_end(l);
 	start_probe_timer(d);
 	dispatcher_state_changed(d);
@@ -85,7 +86,8 @@ static void on_probe_done(void *arg, const struct http_response *r)
 	if (r->code != CURLE_OK)
 		log_str(l, "error", r->error);
 	log_end(l);
-	switch (circuit_next(d->circuit_open, CIRCUIT_PROBE_REPLY, r->code == CURLE_OK ? r->status : 0)) {
+	switch (circuit_next(d->circuit_open, CIRCUIT_PROBE_REPLY,
+			     r->code == CURLE_OK ? r->status : 0)) {
 	case CIRCUIT_CLOSE:
 		close_circuit(d, "health probe succeeded");
 		break;

@@ -94,7 +94,8 @@ const char *check_conninfo(const char *v)
 	 * password would become the host and be printed as such. */
 	for (PQconninfoOption *o = opts; o->keyword; o++)
 		if (strcmp(o->keyword, "host") == 0 && o->val && strchr(o->val, '@'))
-			problem = "has an '@' in the host part: percent-encode '@' in the password as %40";
+			problem =
+				"has an '@' in the host part: percent-encode '@' in the password as %40";
 	PQconninfoFree(opts);
 	return problem;
 }

@@ -17,9 +17,9 @@
 /* The one list of the dispatcher's timers: stopping them all (finish,
  * free) or all but the shutdown deadline (stop) walks it. */
 static const size_t timer_offsets[] = {
-	OFFSET_OF_TIMER(poll),        OFFSET_OF_TIMER(pause),      OFFSET_OF_TIMER(probe),
-	OFFSET_OF_TIMER(deadline),    OFFSET_OF_TIMER(stats_timer), OFFSET_OF_TIMER(debounce),
-	OFFSET_OF_TIMER(wake_timer),  OFFSET_OF_TIMER(selftest_timer), OFFSET_OF_TIMER(rate_timer),
+	OFFSET_OF_TIMER(poll),       OFFSET_OF_TIMER(pause),          OFFSET_OF_TIMER(probe),
+	OFFSET_OF_TIMER(deadline),   OFFSET_OF_TIMER(stats_timer),    OFFSET_OF_TIMER(debounce),
+	OFFSET_OF_TIMER(wake_timer), OFFSET_OF_TIMER(selftest_timer), OFFSET_OF_TIMER(rate_timer),
 };
 
 static void stop_timers(struct dispatcher *d, const ev_timer *keep)
@@ -59,8 +59,8 @@ double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double h
 	return ms;
 }
 
-static void log_archive(const struct dispatcher *d, const struct pgmq_message *m, const char *reason,
-			size_t bytes)
+static void log_archive(const struct dispatcher *d, const struct pgmq_message *m,
+			const char *reason, size_t bytes)
 {
 	struct log_line *l = log_begin(LOG_ERROR, "message_archived");
 
@@ -115,7 +115,9 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 			log_str(l, "queue", d->cfg->queue_name);
 			log_num(l, "msg_id", m->msg_id);
 			log_str(l, "problem", m->invalid);
-			log_str(l, "outcome", m->id_ok ? "released" : "cannot release: visible again after vt_seconds");
+			log_str(l, "outcome",
+				m->id_ok ? "released"
+					 : "cannot release: visible again after vt_seconds");
 			log_end(l);
 			if (m->id_ok)
 				bad[nbad++] = *m;
@@ -147,8 +149,10 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 		if (b)
 			post_batch(d, b);
 		else
-			log_msg(LOG_ERROR, "out_of_memory", "dropping %d message%s; visible again "
-				"after vt", ends[r] - start, ends[r] - start == 1 ? "" : "s");
+			log_msg(LOG_ERROR, "out_of_memory",
+				"dropping %d message%s; visible again "
+				"after vt",
+				ends[r] - start, ends[r] - start == 1 ? "" : "s");
 	}
 	free(keep);
 	free(drop);
@@ -175,14 +179,16 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	d->stats.reads++;
 	if (err) {
 		bool unknown = err->connection_lost && err->sent;
-		struct log_line *l = log_begin(LOG_ERROR, unknown ? "read_fate_unknown" : "read_failed");
+		struct log_line *l = log_begin(LOG_ERROR,
+					       unknown ? "read_fate_unknown" : "read_failed");
 		d->stats.reads_failed++;
 		metrics_inc_reads(METRICS_READ_ERROR);
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		if (unknown)
-			log_str(l, "outcome", "messages it read, if any, are visible again after vt_seconds");
+			log_str(l, "outcome",
+				"messages it read, if any, are visible again after vt_seconds");
 		/* --once does not read again: announce no retry. */
 		if (!err->connection_lost && !d->once)
 			log_int(l, "retry_in_ms", (long long)dispatcher_back_off(d, PAUSE_DB, -1));
@@ -214,7 +220,8 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	}
 	rr = calloc(1, sizeof(*rr));
 	if (rr == NULL) {
-		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt", rows->n);
+		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt",
+			rows->n);
 		pgmq_batch_free(rows);
 		free(rows);
 		/* The read is over all the same: --once must end, not hang. */
@@ -369,7 +376,8 @@ static void on_connected(void *arg)
 		metrics_inc_pg_reconnects();
 	d->connected_once = true;
 	if (d->w.listen_pg == NULL)
-		wakeup_start_listen(d, d->pg); /* re-LISTEN first: the read below is queued after it */
+		wakeup_start_listen(d,
+				    d->pg); /* re-LISTEN first: the read below is queued after it */
 	dispatcher_state_changed(d);
 	dispatcher_kick(d);
 	if (!d->once && !d->stopping) {
@@ -452,8 +460,10 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 		{ OFFSET_OF_TIMER(rate_timer), post_on_rate_timer },
 	};
 	struct dispatcher *d = calloc(1, sizeof(*d));
-	struct pg_callbacks cb = { .connected = on_connected, .disconnected = on_disconnected,
-				   .connect_failed = on_connect_failed, .notify = wakeup_on_notify };
+	struct pg_callbacks cb = { .connected = on_connected,
+				   .disconnected = on_disconnected,
+				   .connect_failed = on_connect_failed,
+				   .notify = wakeup_on_notify };
 
 	if (d == NULL)
 		return NULL;
@@ -547,9 +557,9 @@ void dispatcher_set_state_hook(struct dispatcher *d, void (*fn)(void *arg), void
 bool dispatcher_ready(const struct dispatcher *d, char *why, size_t len)
 {
 	const char *reason = d->stopping || d->finished ? "draining: shutting down"
-			     : !pg_ready(d->pg)             ? "database disconnected"
-			     : d->circuit_open              ? "circuit open: RunPod refuses the key or endpoint"
-							    : NULL;
+			     : !pg_ready(d->pg)         ? "database disconnected"
+			     : d->circuit_open ? "circuit open: RunPod refuses the key or endpoint"
+					       : NULL;
 
 	if (reason && why && len)
 		snprintf(why, len, "%s", reason);

@@ -20,8 +20,8 @@ struct http_request {
 	struct curl_slist *headers;
 	char *body;
 	size_t body_len;
-	size_t body_pos;        /* bytes curl has read from the body */
-	bool resend_refused;    /* curl wanted to send the body again */
+	size_t body_pos;     /* bytes curl has read from the body */
+	bool resend_refused; /* curl wanted to send the body again */
 	http_done_fn fn;
 	void *arg;
 	char *reply;
@@ -41,14 +41,14 @@ struct http_socket {
 static void check_multi_info(struct http *h);
 
 /* Checked curl calls that name the option that failed. */
-#define SETOPT(easy, opt, val)                                                            \
-	do {                                                                                \
-		CURLcode rc_ = curl_easy_setopt((easy), (opt), (val));                       \
-		if (rc_ != CURLE_OK) {                                                      \
+#define SETOPT(easy, opt, val)                                                                    \
+	do {                                                                                      \
+		CURLcode rc_ = curl_easy_setopt((easy), (opt), (val));                            \
+		if (rc_ != CURLE_OK) {                                                            \
 			log_msg(LOG_ERROR, "http_setup_failed", "curl_easy_setopt(%s): %s", #opt, \
-				curl_easy_strerror(rc_));                                   \
-			goto fail;                                                          \
-		}                                                                           \
+				curl_easy_strerror(rc_));                                         \
+			goto fail;                                                                \
+		}                                                                                 \
 	} while (0)
 
 static void on_socket_event(struct ev_loop *loop, ev_io *w, int revents)
@@ -185,8 +185,8 @@ static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
 		size_t start = 12, end = n;
 		while (start < end && (data[start] == ' ' || data[start] == '\t'))
 			start++;
-		while (end > start && (data[end - 1] == '\r' || data[end - 1] == '\n' ||
-				       data[end - 1] == ' '))
+		while (end > start &&
+		       (data[end - 1] == '\r' || data[end - 1] == '\n' || data[end - 1] == ' '))
 			end--;
 		if (end - start < sizeof(r->retry_after)) {
 			memcpy(r->retry_after, data + start, end - start);
@@ -349,10 +349,11 @@ static void finish(struct http *h, struct http_request *r, CURLcode code, bool a
 	curl_easy_getinfo(r->easy, CURLINFO_PRIMARY_IP, &ip);
 	resp.code = code;
 	resp.error = r->error[0] ? r->error : (code != CURLE_OK ? curl_easy_strerror(code) : "");
-	resp.request_sent = request_size > 0 || uploaded > 0 || r->body_pos > 0 || r->resend_refused;
+	resp.request_sent = request_size > 0 || uploaded > 0 || r->body_pos > 0 ||
+			    r->resend_refused;
 	resp.resend_refused = r->resend_refused;
-	resp.connected = resp.request_sent || (ip != NULL && ip[0] != '\0' &&
-					       code != CURLE_COULDNT_CONNECT);
+	resp.connected = resp.request_sent ||
+			 (ip != NULL && ip[0] != '\0' && code != CURLE_COULDNT_CONNECT);
 	resp.aborted = aborted;
 	resp.body = r->reply ? r->reply : "";
 	resp.body_len = r->reply_len;

@@ -10,7 +10,6 @@
 
 #define OVERFLOW_IDS_MAX 100
 
-
 static void on_overflow_archived(void *arg, long count, const struct pg_error *err)
 {
 	struct dispatcher *d = arg;
@@ -68,7 +67,8 @@ static void on_overflow_found(void *arg, const long long *ids, int n, const stru
 		 n > 1 ? " for each msg_id" : "");
 	l = log_begin(LOG_ERROR, "read_ct_overflow");
 	log_str(l, "queue", d->cfg->queue_name);
-	log_str(l, "problem", "read_ct of these rows is at the integer limit 2147483647: "
+	log_str(l, "problem",
+		"read_ct of these rows is at the integer limit 2147483647: "
 		"every pgmq.read fails with SQLSTATE 22003");
 	log_int_list(l, "msg_ids", ids, (size_t)n);
 	if (d->cfg->max_read_ct > 0) {
@@ -82,7 +82,8 @@ static void on_overflow_found(void *arg, const long long *ids, int n, const stru
 		if (pgmq_archive(d->pg, d->cfg->queue_name, ids, n, on_overflow_archived, d) == 0)
 			d->db_pending++;
 		else
-			log_msg(LOG_ERROR, "read_ct_overflow_archive_failed", "cannot queue pgmq.archive");
+			log_msg(LOG_ERROR, "read_ct_overflow_archive_failed",
+				"cannot queue pgmq.archive");
 	}
 	dispatcher_maybe_finish(d);
 }

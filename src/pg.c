@@ -29,20 +29,20 @@ struct pg {
 
 	PGconn *conn;
 	enum pg_state state;
-	int attempt;             /* failed connects since the last success */
-	bool loss_logged;        /* the outage has had its first warning */
-	char warned_error[512];  /* error text of the last warning of this outage */
-	ev_tstamp warned_at;     /* when that warning was written */
-	bool sent;               /* head query was sent */
-	bool reconnect_wanted;   /* conninfo changed: reconnect when idle */
-	PGresult *result;        /* first result of the running query */
+	int attempt;            /* failed connects since the last success */
+	bool loss_logged;       /* the outage has had its first warning */
+	char warned_error[512]; /* error text of the last warning of this outage */
+	ev_tstamp warned_at;    /* when that warning was written */
+	bool sent;              /* head query was sent */
+	bool reconnect_wanted;  /* conninfo changed: reconnect when idle */
+	PGresult *result;       /* first result of the running query */
 
 	struct pg_query *head, *tail;
 	int nqueued;
 
 	ev_io io;
-	ev_timer timer;          /* reconnect backoff or connect deadline */
-	ev_timer send_soon;      /* sends outside the caller's stack */
+	ev_timer timer;     /* reconnect backoff or connect deadline */
+	ev_timer send_soon; /* sends outside the caller's stack */
 };
 
 static void on_io(struct ev_loop *loop, ev_io *w, int revents);
@@ -98,7 +98,8 @@ static void watch(struct pg *pg, int events)
 
 	if (fd < 0)
 		return;
-	if (ev_is_active(&pg->io) && (pg->io.fd != fd || (pg->io.events & (EV_READ | EV_WRITE)) != events))
+	if (ev_is_active(&pg->io) &&
+	    (pg->io.fd != fd || (pg->io.events & (EV_READ | EV_WRITE)) != events))
 		ev_io_stop(pg->loop, &pg->io);
 	if (!ev_is_active(&pg->io)) {
 		ev_io_set(&pg->io, fd, events);
@@ -225,8 +226,13 @@ static void connect_now(struct pg *pg)
 {
 	/* Our defaults come first: a later keyword, or the expanded
 	 * conninfo/URI in dbname, overrides them (libpq expand_dbname). */
-	const char *kw[] = { "fallback_application_name", "keepalives", "keepalives_idle",
-			     "keepalives_interval", "keepalives_count", "dbname", NULL };
+	const char *kw[] = { "fallback_application_name",
+			     "keepalives",
+			     "keepalives_idle",
+			     "keepalives_interval",
+			     "keepalives_count",
+			     "dbname",
+			     NULL };
 	const char *val[] = { "pgmq-dispatcher", "1", "30", "10", "3", pg->conninfo, NULL };
 
 	if (pg->state == PG_CONNECTING || pg->state == PG_READY)

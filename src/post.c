@@ -43,7 +43,8 @@ static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod
 		log_str(l, "error", r->error);
 		log_str(l, "request_sent", r->request_sent ? "yes" : "no");
 		if (r->resend_refused)
-			log_str(l, "resend", "refused: the connection died after the request was sent");
+			log_str(l, "resend",
+				"refused: the connection died after the request was sent");
 	}
 	if (outcome != RUNPOD_ACCEPTED && r->body_len > 0)
 		log_excerpt(l, "body", r->body, r->body_len, BODY_EXCERPT_BYTES);
@@ -79,7 +80,8 @@ static double retry_after_ms(const struct dispatcher *d, const struct http_respo
 {
 	long long ms = -1;
 
-	if (r->retry_after == NULL || runpod_parse_retry_after(r->retry_after, time(NULL), &ms) != 0)
+	if (r->retry_after == NULL ||
+	    runpod_parse_retry_after(r->retry_after, time(NULL), &ms) != 0)
 		ms = -1;
 	return backoff_retry_after_ms((int)r->status, ms, d->cfg->retry_after_max_ms);
 }
@@ -179,8 +181,9 @@ static void send_now(struct dispatcher *d, struct batch *b)
 	o.body = runpod_envelope_body(&d->conf.envelope, b->msgs, b->n, &o.body_len);
 	if (o.body == NULL || http_start(d->http, &o, on_posted, b) != 0) {
 		/* Nothing was sent: the messages come back at once. */
-		log_msg(LOG_ERROR, "post_failed", "cannot start the /run request; releasing %d message%s",
-			b->n, b->n == 1 ? "" : "s");
+		log_msg(LOG_ERROR, "post_failed",
+			"cannot start the /run request; releasing %d message%s", b->n,
+			b->n == 1 ? "" : "s");
 		d->in_flight--;
 		metrics_set_in_flight(d->in_flight);
 		dispatcher_back_off(d, PAUSE_RUNPOD, -1);

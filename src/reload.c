@@ -27,10 +27,12 @@ int dispatcher_conf_build(struct dispatcher_conf *out, const struct config *cfg)
 	struct runpod_extras extras = dispatcher_extras_of(cfg);
 
 	memset(out, 0, sizeof(*out));
-	if (runpod_url(cfg->base_url, cfg->endpoint_id, "run", out->run_url, sizeof(out->run_url)) != 0 ||
+	if (runpod_url(cfg->base_url, cfg->endpoint_id, "run", out->run_url,
+		       sizeof(out->run_url)) != 0 ||
 	    runpod_url(cfg->base_url, cfg->endpoint_id, "health", out->health_url,
 		       sizeof(out->health_url)) != 0) {
-		log_msg(LOG_ERROR, "config_invalid", "runpod.base_url and runpod.endpoint_id are too long");
+		log_msg(LOG_ERROR, "config_invalid",
+			"runpod.base_url and runpod.endpoint_id are too long");
 		return -1;
 	}
 	out->auth_header = runpod_auth_header(cfg->api_key);
@@ -66,7 +68,8 @@ struct reload_diff dispatcher_reload_diff(const struct config *old, const struct
 		.new_tracker = !have_tracker && cfg->tracker_enabled && !once && !stopping,
 		.runpod = differs(old->api_key, cfg->api_key) ||
 			  differs(old->endpoint_id, cfg->endpoint_id) ||
-			  differs(old->base_url, cfg->base_url) || differs(old->ca_file, cfg->ca_file),
+			  differs(old->base_url, cfg->base_url) ||
+			  differs(old->ca_file, cfg->ca_file),
 	};
 }
 
@@ -152,4 +155,3 @@ fail:
 	dispatcher_conf_free(&conf);
 	return -1;
 }
-

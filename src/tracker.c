@@ -221,15 +221,16 @@ void tracker_arm(struct tracker *t)
 		return;
 	if (p && t->status_in_flight < t->cfg->tracker_max_concurrent) {
 		double wait_s = 0.0;
-		ev_tstamp slot_at =
-			ratelimit_slot_keep(&t->status_rl, now, health_keep(t), &wait_s) ? now
-											  : now + wait_s;
+		ev_tstamp slot_at = ratelimit_slot_keep(&t->status_rl, now, health_keep(t), &wait_s)
+					    ? now
+					    : now + wait_s;
 
 		at = fmax(p->key[JT_POLL], fmax(t->paused_until, slot_at));
 	}
 	if (!isinf(tracker_health_at(t))) {
 		double wait_s = 0.0;
-		ev_tstamp slot_at = ratelimit_slot(&t->status_rl, now, &wait_s) ? now : now + wait_s;
+		ev_tstamp slot_at = ratelimit_slot(&t->status_rl, now, &wait_s) ? now
+										: now + wait_s;
 
 		at = fmin(at, fmax(tracker_health_at(t), fmax(t->paused_until, slot_at)));
 	}
@@ -240,7 +241,6 @@ void tracker_arm(struct tracker *t)
 	ev_timer_set(&t->timer, at > now ? at - now : 0.0, 0.0);
 	ev_timer_start(t->loop, &t->timer);
 }
-
 
 static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 {
@@ -256,7 +256,8 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 	};
 	struct op *op;
 
-	if (runpod_status_url(t->cfg->base_url, t->cfg->endpoint_id, j->id, url, sizeof(url)) != 0) {
+	if (runpod_status_url(t->cfg->base_url, t->cfg->endpoint_id, j->id, url, sizeof(url)) !=
+	    0) {
 		struct log_line *l = log_begin(LOG_ERROR, "tracker_dropped");
 		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->ids, j->n);
@@ -269,7 +270,8 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 	if (op == NULL || http_start(t->http, &o, tracker_on_status, op) != 0) {
 		if (op)
 			tracker_op_free(op);
-		log_msg(LOG_DEBUG, "status_not_started", "cannot start a /status request; retrying");
+		log_msg(LOG_DEBUG, "status_not_started",
+			"cannot start a /status request; retrying");
 		tracker_poll_later(t, j, now);
 		return;
 	}
@@ -292,7 +294,8 @@ static int start_statement(struct tracker *t, struct tjob *j, enum op_kind kind,
 	if (op == NULL)
 		return -1;
 	op->delay_s = delay_s;
-	if (pgmq_set_vt_ids(t->pg, t->cfg->queue_name, op->ids, op->n, delay_s, tracker_on_db, op) != 0) {
+	if (pgmq_set_vt_ids(t->pg, t->cfg->queue_name, op->ids, op->n, delay_s, tracker_on_db,
+			    op) != 0) {
 		tracker_op_free(op);
 		return -1;
 	}
@@ -335,8 +338,9 @@ static void db_work(struct tracker *t, struct tjob *j, ev_tstamp now)
 		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->live, j->n_live);
 		log_int(l, "silent_s", (long long)(now - j->seen_at));
-		log_str(l, "msg", "no /status answer for too long; the messages keep their vt and come "
-				  "back when it runs out, unless /status answers again before");
+		log_str(l, "msg",
+			"no /status answer for too long; the messages keep their vt and come "
+			"back when it runs out, unless /status answers again before");
 		log_end(l);
 		j->hb_parked = true;
 		return;
@@ -416,8 +420,8 @@ int tracker_reload_prepare(const struct tracker *t, const struct config *cfg,
 		return 0;
 	if ((next->auth_header = runpod_auth_header(cfg->api_key)) == NULL ||
 	    (cfg->tracker_max_status_per_10s != t->status_rl.cap &&
-	     ratelimit_resized(&t->status_rl, cfg->tracker_max_status_per_10s,
-			       &next->status_rl) != 0)) {
+	     ratelimit_resized(&t->status_rl, cfg->tracker_max_status_per_10s, &next->status_rl) !=
+		     0)) {
 		tracker_next_free(next);
 		return -1;
 	}
@@ -478,16 +482,17 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 	struct tjob *j;
 	ev_tstamp now;
 
-	if (t == NULL || !t->enabled || t->stopped || job_id == NULL || job_id[0] == '\0' || n < 1 ||
-	    strlen(job_id) > RUNPOD_JOB_ID_MAX)
+	if (t == NULL || !t->enabled || t->stopped || job_id == NULL || job_id[0] == '\0' ||
+	    n < 1 || strlen(job_id) > RUNPOD_JOB_ID_MAX)
 		return;
 	if (tracker_job_find(t, job_id)) {
 		log_msg(LOG_DEBUG, "tracker_duplicate", "job %s is tracked already", job_id);
 		return;
 	}
 	while (jobtable_full(&t->jobs) && jobtable_oldest(&t->jobs))
-		evict(t, job_of(jobtable_oldest(&t->jobs)), "max_tracked_jobs reached: the oldest job is no longer tracked; its "
-				    "messages keep their vt");
+		evict(t, job_of(jobtable_oldest(&t->jobs)),
+		      "max_tracked_jobs reached: the oldest job is no longer tracked; its "
+		      "messages keep their vt");
 	j = calloc(1, sizeof(*j));
 	if (j != NULL) {
 		snprintf(j->id, sizeof(j->id), "%s", job_id);
@@ -498,7 +503,8 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 		if (j)
 			free(j->ids);
 		free(j);
-		log_msg(LOG_ERROR, "tracker_add_failed", "out of memory: job %s is not tracked", job_id);
+		log_msg(LOG_ERROR, "tracker_add_failed", "out of memory: job %s is not tracked",
+			job_id);
 		return;
 	}
 	now = ev_now(t->loop);
@@ -558,9 +564,11 @@ void tracker_reload(struct tracker *t, const struct config *cfg, struct tracker_
 		log_msg(LOG_INFO, "tracker_enabled", "following accepted jobs from now on");
 		t->enabled = true;
 	}
-	while (jobtable_count(&t->jobs) > cfg->tracker_max_tracked_jobs && jobtable_oldest(&t->jobs))
-		evict(t, job_of(jobtable_oldest(&t->jobs)), "max_tracked_jobs lowered: the oldest job is no longer tracked; its "
-				    "messages keep their vt");
+	while (jobtable_count(&t->jobs) > cfg->tracker_max_tracked_jobs &&
+	       jobtable_oldest(&t->jobs))
+		evict(t, job_of(jobtable_oldest(&t->jobs)),
+		      "max_tracked_jobs lowered: the oldest job is no longer tracked; its "
+		      "messages keep their vt");
 	tracker_arm(t);
 }
 

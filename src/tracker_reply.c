@@ -142,8 +142,9 @@ static void status_failed(struct tracker *t, struct tjob *j, const struct http_r
 		log_strn(l, "body", r->body,
 			 r->body_len < BODY_EXCERPT_BYTES ? r->body_len : BODY_EXCERPT_BYTES);
 	if (!t->failing)
-		log_str(l, "msg", "retrying every interval; heartbeats go on from the last status "
-				  "(further failures at debug level until /status answers again)");
+		log_str(l, "msg",
+			"retrying every interval; heartbeats go on from the last status "
+			"(further failures at debug level until /status answers again)");
 	log_end(l);
 	t->failing = true;
 	if (r->status == 429) { /* a 503 is a failure like any other: retried next interval */
@@ -330,4 +331,3 @@ void tracker_on_db(void *arg, const long long *ids, int n, const struct pg_error
 	tracker_op_free(op);
 	tracker_arm(t);
 }
-

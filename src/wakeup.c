@@ -14,8 +14,8 @@
 #include <string.h>
 #include <unistd.h>
 
-#define SELFTEST_TIMEOUT_S 5.0  /* a connect of its own, then the NOTIFY must arrive */
-#define TRIGGER_RECHECK_S 10.0  /* at least this often while reads come back empty */
+#define SELFTEST_TIMEOUT_S 5.0 /* a connect of its own, then the NOTIFY must arrive */
+#define TRIGGER_RECHECK_S 10.0 /* at least this often while reads come back empty */
 
 static void trigger_check(struct dispatcher *d);
 static void sender_free(struct dispatcher *d);
@@ -156,9 +156,10 @@ void wakeup_on_selftest_timeout(struct ev_loop *loop, ev_timer *w, int revents)
 	if (!d->w.notify_broken_logged) {
 		struct log_line *l = log_begin(LOG_WARN, "notify_unavailable");
 		log_str(l, "channel", d->w.channel);
-		log_str(l, "msg", "LISTEN receives no notifications on this connection (a transaction "
-				  "pooler?); polling every poll_interval_ms. Set database.listen_conninfo "
-				  "to a direct or session-mode connection to wake up on inserts.");
+		log_str(l, "msg",
+			"LISTEN receives no notifications on this connection (a transaction "
+			"pooler?); polling every poll_interval_ms. Set database.listen_conninfo "
+			"to a direct or session-mode connection to wake up on inserts.");
 		log_end(l);
 		d->w.notify_broken_logged = true;
 	}
@@ -223,7 +224,8 @@ static void sender_send(struct notify_sender *s)
 	const char *params[2] = { d->w.channel, d->w.selftest };
 
 	if (PQsetnonblocking(s->conn, 1) != 0 ||
-	    !PQsendQueryParams(s->conn, "SELECT pg_notify($1, $2)", 2, NULL, params, NULL, NULL, 0)) {
+	    !PQsendQueryParams(s->conn, "SELECT pg_notify($1, $2)", 2, NULL, params, NULL, NULL,
+			       0)) {
 		sender_failed(d, PQerrorMessage(s->conn));
 		return;
 	}
@@ -376,18 +378,20 @@ static void on_trigger_check(void *arg, PGresult *res, const struct pg_error *er
 			d->w.missing_logged = true;
 			o += sprintf(o, "SELECT pgmq.create('");
 			/* A literal: quotes doubled (queue names are short; pgmq limits them). */
-			for (const char *c = d->cfg->queue_name; *c && o < call + sizeof(call) - 8; c++) {
+			for (const char *c = d->cfg->queue_name; *c && o < call + sizeof(call) - 8;
+			     c++) {
 				if (*c == '\'')
 					*o++ = '\'';
 				*o++ = *c;
 			}
-			strcpy(o, "');");
+			snprintf(o, (size_t)(call + sizeof(call) - o), "');");
 			struct log_line *l = log_begin(LOG_WARN, "queue_missing");
 			log_str(l, "queue", d->cfg->queue_name);
 			log_str(l, "table", d->w.table);
 			log_str(l, "fix", call);
-			log_str(l, "msg", "the queue does not exist in this database: create it with the "
-					  "call in fix, or correct queue.name");
+			log_str(l, "msg",
+				"the queue does not exist in this database: create it with the "
+				"call in fix, or correct queue.name");
 			log_end(l);
 		}
 		d->w.no_trigger_logged = false;
@@ -396,14 +400,16 @@ static void on_trigger_check(void *arg, PGresult *res, const struct pg_error *er
 		d->w.no_trigger_logged = true;
 		struct log_line *l = log_begin(LOG_INFO, "notify_no_trigger");
 		log_str(l, "queue", d->cfg->queue_name);
-		log_str(l, "msg", "no insert trigger on the queue table: polling every poll_interval_ms; "
-				  "SELECT pgmq.enable_notify_insert(queue) (pgmq >= 1.7) or the trigger in "
-				  "docs/operations.md makes inserts wake the daemon");
+		log_str(l, "msg",
+			"no insert trigger on the queue table: polling every poll_interval_ms; "
+			"SELECT pgmq.enable_notify_insert(queue) (pgmq >= 1.7) or the trigger in "
+			"docs/operations.md makes inserts wake the daemon");
 		log_end(l);
 	} else if (d->w.has_trigger && !had && d->w.no_trigger_logged) {
 		struct log_line *l = log_begin(LOG_INFO, "notify_trigger_found");
 		log_str(l, "queue", d->cfg->queue_name);
-		log_str(l, "msg", "an insert trigger is on the queue table now: idle polls may back off");
+		log_str(l, "msg",
+			"an insert trigger is on the queue table now: idle polls may back off");
 		log_end(l);
 		d->w.no_trigger_logged = false;
 	}
@@ -491,8 +497,10 @@ static void on_listen_lost_cb(void *arg)
  * database.listen_conninfo, the separate LISTEN connection. */
 int wakeup_init(struct dispatcher *d, const struct config *cfg)
 {
-	struct pg_callbacks lcb = { .connected = on_listen_connected, .disconnected = on_listen_lost_cb,
-				    .notify = wakeup_on_notify, .arg = d };
+	struct pg_callbacks lcb = { .connected = on_listen_connected,
+				    .disconnected = on_listen_lost_cb,
+				    .notify = wakeup_on_notify,
+				    .arg = d };
 
 	if (pgmq_table_name(cfg->queue_name, d->w.table, sizeof(d->w.table)) != 0)
 		return -1;
@@ -506,7 +514,6 @@ int wakeup_init(struct dispatcher *d, const struct config *cfg)
 	d->w.listen_pg = pg_new(d->loop, cfg->listen_conninfo, cfg->db_connect_timeout_ms, &lcb);
 	return d->w.listen_pg ? 0 : -1;
 }
-
 
 void wakeup_free(struct dispatcher *d)
 {

@@ -198,7 +198,8 @@ static void roundtrip(int family, int port, const char *request, struct reply *r
 	ssize_t n;
 	int fd = connect_to(family, port);
 
-	assert_int_equal(send(fd, request, strlen(request), MSG_NOSIGNAL), (ssize_t)strlen(request));
+	assert_int_equal(send(fd, request, strlen(request), MSG_NOSIGNAL),
+			 (ssize_t)strlen(request));
 	while ((n = recv(fd, raw + got, sizeof(raw) - 1 - got, 0)) > 0)
 		got += (size_t)n;
 	assert_true(n == 0); /* EOF, not a timeout */
@@ -245,8 +246,8 @@ static void endpoints(void **state)
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		get(s.port, cases[i].method, cases[i].path, &r);
 		if (r.status != cases[i].status)
-			fail_msg("%s %s: status %d, want %d", cases[i].method, cases[i].path, r.status,
-				 cases[i].status);
+			fail_msg("%s %s: status %d, want %d", cases[i].method, cases[i].path,
+				 r.status, cases[i].status);
 		assert_string_equal(r.body, cases[i].body);
 		assert_string_equal(r.content_type, "text/plain; charset=utf-8");
 		if (r.status == 405)
@@ -411,7 +412,8 @@ static void ipv6_loopback(void **state)
 /* A port that nothing listens on (bound, then released). */
 static int free_port(void)
 {
-	struct sockaddr_in in = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	struct sockaddr_in in = { .sin_family = AF_INET,
+				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	socklen_t len = sizeof(in);
 	int fd = socket(AF_INET, SOCK_STREAM, 0);
 
@@ -452,7 +454,8 @@ static void health_check(void **state)
 /* A server that accepts and never answers: the probe gives up in time. */
 static void health_check_times_out(void **state)
 {
-	struct sockaddr_in in = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	struct sockaddr_in in = { .sin_family = AF_INET,
+				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	socklen_t len = sizeof(in);
 	struct timespec t0, t1;
 	char addr[64];
@@ -498,7 +501,8 @@ static void bad_addresses(void **state)
 		if (a != NULL)
 			fail_msg("\"%s\" was accepted", cases[i].addr);
 		if (strstr(err, cases[i].reason) == NULL)
-			fail_msg("\"%s\": err \"%s\" lacks \"%s\"", cases[i].addr, err, cases[i].reason);
+			fail_msg("\"%s\": err \"%s\" lacks \"%s\"", cases[i].addr, err,
+				 cases[i].reason);
 		assert_null(strchr(err, '\n'));
 	}
 	assert_null(admin_start(loop, NULL, &hooks, NULL, 0)); /* err is optional */
@@ -549,8 +553,8 @@ static void listen_split(void **state)
 			assert_string_equal(host, cases[i].host);
 			assert_int_equal(port, cases[i].port);
 		} else if (why == NULL || strstr(why, cases[i].why) == NULL) {
-			fail_msg("\"%s\": \"%s\" lacks \"%s\"", cases[i].v, why ? why : "(accepted)",
-				 cases[i].why);
+			fail_msg("\"%s\": \"%s\" lacks \"%s\"", cases[i].v,
+				 why ? why : "(accepted)", cases[i].why);
 		}
 	}
 	/* The host's length limit, exactly. */
@@ -565,7 +569,8 @@ static void listen_split(void **state)
 
 static void bind_failure(void **state)
 {
-	struct sockaddr_in in = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	struct sockaddr_in in = { .sin_family = AF_INET,
+				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	socklen_t len = sizeof(in);
 	struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
 	char addr[64], err[256];

@@ -26,7 +26,9 @@ static void status_reply_full_job_object(void **state)
 
 	assert_int_equal(parse("{\"id\":\"0b7f-u1\",\"status\":\"COMPLETED\",\"delayTime\":1830,"
 			       "\"executionTime\":4120,\"workerId\":\"k3v9\",\"output\":{\"n\":12},"
-			       "\"retries\":0,\"input\":{\"jobs\":[]}}", &r), 0);
+			       "\"retries\":0,\"input\":{\"jobs\":[]}}",
+			       &r),
+			 0);
 	assert_string_equal(r.id, "0b7f-u1");
 	assert_string_equal(r.status, "COMPLETED");
 	assert_int_equal(r.delay_ms, 1830);
@@ -50,7 +52,9 @@ static void status_reply_minimal_and_odd_members(void **state)
 	assert_int_equal(r.delay_ms, 13);
 	/* Times that are not non-negative numbers are absent. */
 	assert_int_equal(parse("{\"status\":\"IN_PROGRESS\",\"delayTime\":\"5\","
-			       "\"executionTime\":-3}", &r), 0);
+			       "\"executionTime\":-3}",
+			       &r),
+			 0);
 	assert_int_equal(r.delay_ms, -1);
 	assert_int_equal(r.execution_ms, -1);
 	/* error: null is no error. */
@@ -61,8 +65,16 @@ static void status_reply_minimal_and_odd_members(void **state)
 static void status_reply_rejects_garbage(void **state)
 {
 	static const char *const bad[] = {
-		"", "not json", "[]", "\"COMPLETED\"", "{}", "{\"status\":\"\"}", "{\"status\":5}",
-		"{\"status\":null}", "{\"status\":\"IN_\\u0001QUEUE\"}", "{\"id\":\"x\"}",
+		"",
+		"not json",
+		"[]",
+		"\"COMPLETED\"",
+		"{}",
+		"{\"status\":\"\"}",
+		"{\"status\":5}",
+		"{\"status\":null}",
+		"{\"status\":\"IN_\\u0001QUEUE\"}",
+		"{\"id\":\"x\"}",
 		"{\"status\":\"COMPLETED\"", /* cut */
 	};
 	struct runpod_status_reply r;
@@ -92,11 +104,14 @@ static void status_reply_error_text(void **state)
 
 	/* A runpod-python worker's error is a JSON string holding JSON (§4). */
 	assert_int_equal(parse("{\"status\":\"FAILED\",\"error\":\"{\\\"error_type\\\": "
-			       "\\\"ValueError\\\"}\"}", &r), 0);
+			       "\\\"ValueError\\\"}\"}",
+			       &r),
+			 0);
 	assert_string_equal(r.error, "{\"error_type\": \"ValueError\"}");
 	assert_false(r.error_truncated);
 	/* A handler's own object is kept as compact JSON. */
-	assert_int_equal(parse("{\"status\":\"FAILED\",\"error\":{\"code\": 7, \"why\": \"x\"}}", &r),
+	assert_int_equal(parse("{\"status\":\"FAILED\",\"error\":{\"code\": 7, \"why\": \"x\"}}",
+			       &r),
 			 0);
 	assert_string_equal(r.error, "{\"code\":7,\"why\":\"x\"}");
 	/* Long text is cut to RUNPOD_ERROR_MAX bytes. */
@@ -126,7 +141,8 @@ static void status_reply_long_status_is_cut(void **state)
 {
 	struct runpod_status_reply r;
 
-	assert_int_equal(parse("{\"status\":\"A_VERY_LONG_STATUS_NOBODY_HAS_SEEN_BEFORE_X\"}", &r), 0);
+	assert_int_equal(parse("{\"status\":\"A_VERY_LONG_STATUS_NOBODY_HAS_SEEN_BEFORE_X\"}", &r),
+			 0);
 	assert_int_equal(strlen(r.status), RUNPOD_STATUS_MAX);
 	assert_false(runpod_status_is_terminal(r.status));
 }
@@ -134,8 +150,9 @@ static void status_reply_long_status_is_cut(void **state)
 static void terminal_set(void **state)
 {
 	static const char *const terminal[] = { "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT" };
-	static const char *const live[] = { "IN_QUEUE", "IN_PROGRESS", "RUNNING", "completed",
-					    "COMPLETED ", "", "PAUSED", "CANCELED" };
+	static const char *const live[] = { "IN_QUEUE",  "IN_PROGRESS", "RUNNING",
+					    "completed", "COMPLETED ",  "",
+					    "PAUSED",    "CANCELED" };
 
 	for (size_t i = 0; i < sizeof(terminal) / sizeof(terminal[0]); i++)
 		assert_true(runpod_status_is_terminal(terminal[i]));
@@ -150,11 +167,13 @@ static void status_url(void **state)
 
 	assert_int_equal(runpod_status_url("https://api.runpod.ai/v2", "ep1",
 					   "0b7f9c52-3d1e-4a7b-9f60-5c2d8e41a9b3-u1", buf,
-					   sizeof(buf)), 0);
+					   sizeof(buf)),
+			 0);
 	assert_string_equal(buf, "https://api.runpod.ai/v2/ep1/status/"
 				 "0b7f9c52-3d1e-4a7b-9f60-5c2d8e41a9b3-u1");
 	/* Opaque ids: anything outside the unreserved set is percent-encoded. */
-	assert_int_equal(runpod_status_url("http://h/v2", "e", "a b/c?d#e%~._", buf, sizeof(buf)), 0);
+	assert_int_equal(runpod_status_url("http://h/v2", "e", "a b/c?d#e%~._", buf, sizeof(buf)),
+			 0);
 	assert_string_equal(buf, "http://h/v2/e/status/a%20b%2Fc%3Fd%23e%25~._");
 	assert_int_equal(runpod_status_url("http://h/v2", "e", "\xc3\xb6", buf, sizeof(buf)), 0);
 	assert_string_equal(buf, "http://h/v2/e/status/%C3%B6");
@@ -203,7 +222,8 @@ static void status_window(int per_10s, double step_s, double run_s)
 		if (n - lo > best)
 			best = n - lo;
 		if (n - lo > per_10s)
-			fail_msg("per_10s=%d: %d events in the 10 s up to %.3f", per_10s, n - lo, now);
+			fail_msg("per_10s=%d: %d events in the 10 s up to %.3f", per_10s, n - lo,
+				 now);
 	}
 	/* And the cap is actually used: close to per_10s in a 10 s window. */
 	assert_true(best >= per_10s * 0.9 - 1);
