@@ -4,6 +4,8 @@
 #include "backoff.h"
 #include "dispatcher_int.h"
 #include "log.h"
+#include "metrics.h"
+#include "tracker.h"
 
 enum circuit_action circuit_next(bool open, enum circuit_event ev, long http_status)
 {
@@ -23,8 +25,8 @@ enum circuit_action circuit_next(bool open, enum circuit_event ev, long http_sta
 /* Probes back off from backoff_base_ms up to probe_interval_ms. */
 static void start_probe_timer(struct dispatcher *d)
 {
-	double ms = backoff_ms(++d->probe_failures, d->cfg->backoff_base_ms, d->cfg->probe_interval_ms,
-			       BACKOFF_MIN_MS, 1.0);
+	double ms = backoff_ms(++d->probe_failures, d->cfg->backoff_base_ms,
+			       d->cfg->probe_interval_ms, BACKOFF_MIN_MS, 1.0);
 
 	ms *= 0.5 + 0.5 * backoff_jitter();
 	ev_timer_stop(d->loop, &d->probe);
@@ -44,8 +46,9 @@ void circuit_open(struct dispatcher *d, long http_status)
 	l = log_begin(LOG_ERROR, "circuit_open");
 	log_str(l, "endpoint_id", d->cfg->endpoint_id);
 	log_int(l, "http_status", http_status);
-	log_str(l, "msg", "RunPod refuses the API key or the endpoint; no reads until a /health "
-			  "probe succeeds or the configuration is reloaded");
+	log_str(l, "msg",
+		"RunPod refuses the API key or the endpoint; no reads until a /health "
+		"probe succeeds or the configuration is reloaded");
 	log_end(l);
 	start_probe_timer(d);
 	dispatcher_state_changed(d);
@@ -83,7 +86,8 @@ static void on_probe_done(void *arg, const struct http_response *r)
 	if (r->code != CURLE_OK)
 		log_str(l, "error", r->error);
 	log_end(l);
-	switch (circuit_next(d->circuit_open, CIRCUIT_PROBE_REPLY, r->code == CURLE_OK ? r->status : 0)) {
+	switch (circuit_next(d->circuit_open, CIRCUIT_PROBE_REPLY,
+			     r->code == CURLE_OK ? r->status : 0)) {
 	case CIRCUIT_CLOSE:
 		close_circuit(d, "health probe succeeded");
 		break;
@@ -131,4 +135,30 @@ void circuit_reload(struct dispatcher *d)
 	d->probe_failures = 0;
 	ev_timer_stop(d->loop, &d->probe);
 	circuit_probe_now(d);
+}
+
+/* Like the open circuit, a queue that does not move stops reads: the
+ * tracker counts the jobs waiting IN_QUEUE and its wake hook asks for a
+ * read when fewer wait. */
+bool circuit_queue_capped(struct dispatcher *d)
+{
+	long queued = tracker_queued_jobs(d->tracker);
+	bool full = tracker_queue_full(queued, d->in_flight, d->cfg->tracker_max_queued_jobs);
+	struct log_line *l;
+
+	if (full == d->queue_capped)
+		return full;
+	l = log_begin(full ? LOG_WARN : LOG_INFO, full ? "reads_paused" : "reads_resumed");
+	log_int(l, "queued_jobs", queued);
+	log_int(l, "in_flight", d->in_flight);
+	log_int(l, "max_queued_jobs", d->cfg->tracker_max_queued_jobs);
+	if (full)
+		log_str(l, "msg",
+			"RunPod is not starting the jobs sent: no new /run until fewer "
+			"wait IN_QUEUE; the messages wait in the queue");
+	log_end(l);
+	d->queue_capped = full;
+	metrics_set_queue_cap_reached(full);
+	dispatcher_state_changed(d);
+	return full;
 }

@@ -91,6 +91,10 @@ const struct key config_keys[] = {
 	/* §2: /status allows 2000 requests per 10 s. */
 	{ "tracker", "max_status_per_10s", K_INT, OFF(tracker_max_status_per_10s), "2000", 1, 1000000,
 	  0, { 0 }, NULL, NULL, NULL },
+	{ "tracker", "max_queued_jobs", K_INT, OFF(tracker_max_queued_jobs), "0", 1, 1000000,
+	  F_ZERO_OFF, { 0 }, NULL, NULL, NULL },
+	{ "tracker", "max_heartbeat_s", K_INT, OFF(tracker_max_heartbeat_s), "0", 1, 31536000,
+	  F_ZERO_OFF, { 0 }, NULL, NULL, NULL },
 	{ "ledger", "enabled", K_BOOL, OFF(ledger_enabled), "on", 0, 0, F_STATIC, { 0 }, NULL, NULL,
 	  NULL },
 	{ "ledger", "schema", K_STR, OFF(ledger_schema), "pgmq_dispatcher", 0, 0, F_STATIC, { 0 }, NULL,
@@ -122,7 +126,8 @@ void config_key_label(const struct key *k, char *buf, size_t len)
 int config_find_key(const char *section, const char *name)
 {
 	for (size_t i = 0; i < NKEYS; i++)
-		if (strcmp(config_keys[i].section, section) == 0 && strcmp(config_keys[i].name, name) == 0)
+		if (strcmp(config_keys[i].section, section) == 0 &&
+		    strcmp(config_keys[i].name, name) == 0)
 			return (int)i;
 	return -1;
 }
@@ -148,7 +153,8 @@ const char *config_nearest_key(const char *unknown, bool env, char *buf, size_t 
 		if (env)
 			config_env_name(&config_keys[i], name, sizeof(name));
 		else
-			snprintf(name, sizeof(name), "%s.%s", config_keys[i].section, config_keys[i].name);
+			snprintf(name, sizeof(name), "%s.%s", config_keys[i].section,
+				 config_keys[i].name);
 		d = config_distance(unknown, name);
 		if (d < best) {
 			best = d;
@@ -239,7 +245,7 @@ char *config_mask_conninfo(const char *conninfo, char *buf, size_t len)
 }
 
 static const char *const source_names[] = { "default", "file", "credential", "environment",
-					     "command line" };
+					    "command line" };
 
 void config_describe(const struct config *cfg, const char *path, char *buf, size_t len)
 {
@@ -275,10 +281,12 @@ void config_dump(const struct config *cfg, void *fp)
 			snprintf(val, sizeof(val), "%d", *(const int *)(const void *)field);
 			break;
 		case K_ENUM:
-			snprintf(val, sizeof(val), "%s", k->choices[*(const int *)(const void *)field]);
+			snprintf(val, sizeof(val), "%s",
+				 k->choices[*(const int *)(const void *)field]);
 			break;
 		case K_BOOL:
-			snprintf(val, sizeof(val), "%s", *(const int *)(const void *)field ? "on" : "off");
+			snprintf(val, sizeof(val), "%s",
+				 *(const int *)(const void *)field ? "on" : "off");
 			break;
 		case K_STR: {
 			const char *s = *(char *const *)(const void *)field;

@@ -17,9 +17,9 @@
 /* The one list of the dispatcher's timers: stopping them all (finish,
  * free) or all but the shutdown deadline (stop) walks it. */
 static const size_t timer_offsets[] = {
-	OFFSET_OF_TIMER(poll),        OFFSET_OF_TIMER(pause),      OFFSET_OF_TIMER(probe),
-	OFFSET_OF_TIMER(deadline),    OFFSET_OF_TIMER(stats_timer), OFFSET_OF_TIMER(debounce),
-	OFFSET_OF_TIMER(wake_timer),  OFFSET_OF_TIMER(selftest_timer), OFFSET_OF_TIMER(rate_timer),
+	OFFSET_OF_TIMER(poll),       OFFSET_OF_TIMER(pause),          OFFSET_OF_TIMER(probe),
+	OFFSET_OF_TIMER(deadline),   OFFSET_OF_TIMER(stats_timer),    OFFSET_OF_TIMER(debounce),
+	OFFSET_OF_TIMER(wake_timer), OFFSET_OF_TIMER(selftest_timer), OFFSET_OF_TIMER(rate_timer),
 };
 
 static void stop_timers(struct dispatcher *d, const ev_timer *keep)
@@ -81,17 +81,24 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 		if (unknown)
 			ledger_note(d->ledger, d->read_id, "unknown", 0, NULL, err->message,
 				    strlen(err->message), false);
-		struct log_line *l = log_begin(LOG_ERROR, unknown ? "read_fate_unknown" : "read_failed");
+		struct log_line *l = log_begin(LOG_ERROR,
+					       unknown ? "read_fate_unknown" : "read_failed");
 		d->stats.reads_failed++;
 		metrics_inc_reads(METRICS_READ_ERROR);
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		if (unknown)
-			log_str(l, "outcome", "messages it read, if any, are visible again after vt_seconds");
-		if (!err->connection_lost)
+			log_str(l, "outcome",
+				"messages it read, if any, are visible again after vt_seconds");
+		/* --once does not read again: announce no retry. */
+		if (!err->connection_lost && !d->once)
 			log_int(l, "retry_in_ms", (long long)dispatcher_back_off(d, PAUSE_DB, -1));
+		else if (!err->connection_lost)
+			log_str(l, "outcome", "--once: no retry, exit status 1");
 		log_end(l);
+		if (strcmp(err->sqlstate, PGMQ_SQLSTATE_OUT_OF_RANGE) == 0)
+			overflow_find(d);
 		d->once_result = DISPATCH_DONE_FAILED;
 		d->read_done = true;
 		dispatcher_maybe_finish(d);
@@ -115,7 +122,8 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	}
 	rr = calloc(1, sizeof(*rr));
 	if (rr == NULL) {
-		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt", rows->n);
+		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt",
+			rows->n);
 		pgmq_batch_free(rows);
 		free(rows);
 		/* The read is over all the same: --once must end, not hang. */
@@ -135,8 +143,8 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 		struct log_line *l = log_begin(LOG_DEBUG, "batch_read");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_int(l, "jobs", rr->rows.n);
-		log_str(l, "first_msg_id", rr->rows.msgs[0].msg_id);
-		log_str(l, "last_msg_id", rr->rows.msgs[rr->rows.n - 1].msg_id);
+		log_num(l, "first_msg_id", rr->rows.msgs[0].msg_id);
+		log_num(l, "last_msg_id", rr->rows.msgs[rr->rows.n - 1].msg_id);
 		log_end(l);
 	}
 	if (d->stopping) {
@@ -164,7 +172,7 @@ void dispatcher_kick(struct dispatcher *d)
 	if (d->stopping || d->finished || d->circuit_open || !pg_ready(d->pg) ||
 	    ev_is_active(&d->pause) || !ledger_ready(d->ledger))
 		return;
-	if (d->in_flight >= d->cfg->max_in_flight) {
+	if (d->in_flight >= d->cfg->max_in_flight || circuit_queue_capped(d)) {
 		d->read_wanted = true;
 		return;
 	}
@@ -175,10 +183,11 @@ void dispatcher_kick(struct dispatcher *d)
 	d->read_id[0] = '\0';
 	if (ledger_recording(d->ledger))
 		ledger_new_id(d->read_id); /* before the read: its row is made with it */
-	if (d->read_id[0] ? ledger_read(d->ledger, d->read_id, d->cfg->vt_seconds, d->cfg->batch_size,
-				    dispatcher_on_read, d) != 0
-		      : pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name,
-				  d->cfg->vt_seconds, d->cfg->batch_size, dispatcher_on_read, d) != 0) {
+	if (d->read_id[0] ? ledger_read(d->ledger, d->read_id, d->cfg->vt_seconds,
+					d->cfg->batch_size, dispatcher_on_read, d) != 0
+			  : pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name,
+				      d->cfg->vt_seconds, d->cfg->batch_size, dispatcher_on_read,
+				      d) != 0) {
 		log_msg(LOG_ERROR, "read_failed", "cannot queue the read statement");
 		dispatcher_back_off(d, PAUSE_DB, -1);
 		return;
@@ -217,8 +226,9 @@ void dispatcher_maybe_finish(struct dispatcher *d)
 		return;
 	d->finished = true;
 	stop_timers(d, NULL);
-	d->done(d->done_arg, d->fatal ? DISPATCH_DONE_FATAL
-		    : d->stopping && !d->once ? DISPATCH_DONE_STOPPED : d->once_result);
+	d->done(d->done_arg, d->fatal                  ? DISPATCH_DONE_FATAL
+			     : d->stopping && !d->once ? DISPATCH_DONE_STOPPED
+						       : d->once_result);
 }
 
 static void on_poll(struct ev_loop *loop, ev_timer *w, int revents)
@@ -277,7 +287,8 @@ static void on_connected(void *arg)
 		metrics_inc_pg_reconnects();
 	d->connected_once = true;
 	if (d->w.listen_pg == NULL)
-		wakeup_start_listen(d, d->pg); /* re-LISTEN first: the read below is queued after it */
+		/* re-LISTEN first: the read below is queued after it */
+		wakeup_start_listen(d, d->pg);
 	ledger_connected(d->ledger); /* the migration, once; reads wait for it */
 	dispatcher_state_changed(d);
 	dispatcher_kick(d);
@@ -363,7 +374,7 @@ static void on_ledger_claimed(void *arg, const char *dispatch_id, const char *jo
 }
 
 void dispatcher_tracker_state(void *arg, const char *dispatch_id, const char *state,
-			     const char *error)
+			      const char *error)
 {
 	struct dispatcher *d = arg;
 	/* A COMPLETED job keeps its lease until the ledger has checked, after
@@ -404,8 +415,10 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 		{ OFFSET_OF_TIMER(rate_timer), post_on_rate_timer },
 	};
 	struct dispatcher *d = calloc(1, sizeof(*d));
-	struct pg_callbacks cb = { .connected = on_connected, .disconnected = on_disconnected,
-				   .connect_failed = on_connect_failed, .notify = wakeup_on_notify };
+	struct pg_callbacks cb = { .connected = on_connected,
+				   .disconnected = on_disconnected,
+				   .connect_failed = on_connect_failed,
+				   .notify = wakeup_on_notify };
 
 	if (d == NULL)
 		return NULL;
@@ -447,9 +460,11 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 	}
 	tracker_set_wake(d->tracker, wakeup_after, d);
 	if (cfg->ledger_enabled) {
-		struct ledger_hooks h = { .ready = on_ledger_ready, .fatal = on_ledger_fatal,
+		struct ledger_hooks h = { .ready = on_ledger_ready,
+					  .fatal = on_ledger_fatal,
 					  .settled = on_ledger_settled,
-					  .claimed = once ? NULL : on_ledger_claimed, .arg = d };
+					  .claimed = once ? NULL : on_ledger_claimed,
+					  .arg = d };
 		if ((d->ledger = ledger_new(loop, cfg, d->pg, &h)) == NULL) {
 			dispatcher_free(d);
 			return NULL;
@@ -510,9 +525,9 @@ void dispatcher_set_state_hook(struct dispatcher *d, void (*fn)(void *arg), void
 bool dispatcher_ready(const struct dispatcher *d, char *why, size_t len)
 {
 	const char *reason = d->stopping || d->finished ? "draining: shutting down"
-			     : !pg_ready(d->pg)             ? "database disconnected"
-			     : d->circuit_open              ? "circuit open: RunPod refuses the key or endpoint"
-							    : NULL;
+			     : !pg_ready(d->pg)         ? "database disconnected"
+			     : d->circuit_open ? "circuit open: RunPod refuses the key or endpoint"
+					       : NULL;
 
 	if (reason && why && len)
 		snprintf(why, len, "%s", reason);
@@ -524,8 +539,13 @@ void dispatcher_status(const struct dispatcher *d, char *buf, size_t len)
 	char why[96];
 	bool ready = dispatcher_ready(d, why, sizeof(why));
 
-	snprintf(buf, len, "%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
-		 "unknown %llu; queue length %lld", ready ? "dispatching" : why, d->in_flight,
+	if (ready && d->queue_capped)
+		snprintf(why, sizeof(why), "reads paused at max_queued_jobs %d (IN_QUEUE %d)",
+			 d->cfg->tracker_max_queued_jobs, tracker_queued_jobs(d->tracker));
+	snprintf(buf, len,
+		 "%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
+		 "unknown %llu; queue length %lld",
+		 ready && !d->queue_capped ? "dispatching" : why, d->in_flight,
 		 d->stats.messages_accepted, d->stats.requests_accepted, d->stats.requests_rejected,
 		 d->stats.requests_unknown, d->queue_length);
 }
@@ -545,7 +565,7 @@ void dispatcher_free(struct dispatcher *d)
 	tracker_free(d->tracker); /* after the aborts above, before http_free drops requests */
 	ledger_free(d->ledger);   /* its statements' callbacks find it gone */
 	http_free(d->http);
-	pg_free(d->w.listen_pg);
+	wakeup_free(d);
 	pg_free(d->pg);
 	dispatcher_conf_free(&d->conf);
 	ratelimit_free(&d->rl);

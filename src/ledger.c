@@ -1,50 +1,12 @@
 /* ledger — see include/ledger.h. */
-#include "ledger.h"
+#include "ledger_int.h"
 #include "log.h"
-#include "metrics.h"
 #include "ledger_sql.h"
 #include "migrate.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-struct note {
-	char id[LEDGER_ID_LEN + 1];
-	char state[LEDGER_STATE_MAX + 1];
-	long http;
-	char job[LEDGER_JOB_MAX + 1];
-	char *err; /* malloc'd excerpt or NULL */
-	size_t err_len;
-	double at;
-	bool held;
-};
-
-enum stmt_kind { S_MIGRATE, S_NOTES, S_SPLIT, S_TICK, S_CLAIM };
-
-/* One statement in flight; outlives the ledger if need be. */
-struct stmt {
-	struct ledger *l; /* NULL once the ledger is freed */
-	struct stmt *prev, *next;
-	enum stmt_kind kind;
-	int n; /* notes written */
-};
-
-struct ledger {
-	struct ev_loop *loop;
-	const struct config *cfg;
-	struct pg *pg;
-	struct ledger_hooks hooks;
-	char owner[LEDGER_ID_LEN + 1];
-	bool ready, migrating, stopped, flushing, ticking, claiming;
-	bool degraded; /* the role may not migrate: reads go on without the ledger */
-	ev_timer tick;
-	struct note notes[LEDGER_MAX_NOTES];
-	int nnotes;
-	struct stmt *stmts;
-	int in_flight;
-	unsigned long long recovered;
-};
 
 static struct stmt *stmt_new(struct ledger *l, enum stmt_kind kind)
 {
@@ -62,8 +24,7 @@ static struct stmt *stmt_new(struct ledger *l, enum stmt_kind kind)
 	return s;
 }
 
-/* Unlinks s; returns its ledger (NULL when the ledger is gone). */
-static struct ledger *stmt_done(struct stmt *s)
+struct ledger *ledger_stmt_done(struct stmt *s)
 {
 	struct ledger *l = s->l;
 
@@ -80,7 +41,7 @@ static struct ledger *stmt_done(struct stmt *s)
 	return l;
 }
 
-static int query(struct ledger *l, enum stmt_kind kind, const char *sql, int nparams,
+int ledger_query(struct ledger *l, enum stmt_kind kind, const char *sql, int nparams,
 		 const char *const *params, pg_result_fn fn, struct stmt **out)
 {
 	struct stmt *s = stmt_new(l, kind);
@@ -88,7 +49,7 @@ static int query(struct ledger *l, enum stmt_kind kind, const char *sql, int npa
 	if (s == NULL)
 		return -1;
 	if (pg_query(l->pg, sql, nparams, params, fn, s) != 0) {
-		stmt_done(s);
+		ledger_stmt_done(s);
 		return -1;
 	}
 	if (out)
@@ -96,7 +57,7 @@ static int query(struct ledger *l, enum stmt_kind kind, const char *sql, int npa
 	return 0;
 }
 
-static void log_error(const char *event, const struct pg_error *err)
+void ledger_log_error(const char *event, const struct pg_error *err)
 {
 	struct log_line *l = log_begin(LOG_ERROR, event);
 
@@ -107,11 +68,9 @@ static void log_error(const char *event, const struct pg_error *err)
 
 /* ---- migration ---- */
 
-static void schedule_tick(struct ledger *l, double after_s);
-
 static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
 {
-	struct ledger *l = stmt_done(arg);
+	struct ledger *l = ledger_stmt_done(arg);
 	char line[1024];
 
 	if (res)
@@ -164,7 +123,7 @@ static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
 		log_str(ll, "owner", l->owner);
 		log_end(ll);
 	}
-	schedule_tick(l, 0.0); /* recovery first */
+	ledger_schedule_tick(l, 0.0); /* recovery first */
 	if (l->hooks.ready)
 		l->hooks.ready(l->hooks.arg);
 }
@@ -176,13 +135,13 @@ void ledger_connected(struct ledger *l)
 	if (l == NULL || l->stopped)
 		return;
 	if (l->ready) {
-		schedule_tick(l, 0.0);
+		ledger_schedule_tick(l, 0.0);
 		return;
 	}
 	if (l->migrating)
 		return;
 	sql = migrate_sql(l->cfg->ledger_schema, MIGRATE_VERSION);
-	if (sql == NULL || query(l, S_MIGRATE, sql, 0, NULL, on_migrated, NULL) != 0) {
+	if (sql == NULL || ledger_query(l, S_MIGRATE, sql, 0, NULL, on_migrated, NULL) != 0) {
 		log_msg(LOG_ERROR, "ledger_unusable", "cannot queue the ledger migration");
 		free(sql);
 		if (l->hooks.fatal)
@@ -218,7 +177,7 @@ static void on_notes(void *arg, PGresult *res, const struct pg_error *err)
 {
 	struct stmt *s = arg;
 	int n = s->n;
-	struct ledger *l = stmt_done(s);
+	struct ledger *l = ledger_stmt_done(s);
 
 	if (res)
 		PQclear(res);
@@ -290,7 +249,7 @@ static void flush(struct ledger *l)
 	}
 	snprintf(sql, sizeof(sql), LEDGER_NOTES_SQL, l->cfg->ledger_schema);
 	if (rc == 0)
-		rc = query(l, S_NOTES, sql, NA, params, on_notes, &s);
+		rc = ledger_query(l, S_NOTES, sql, NA, params, on_notes, &s);
 	if (rc != 0) {
 		struct log_line *ll = log_begin(LOG_ERROR, "ledger_write_failed");
 		log_int(ll, "transitions", n);
@@ -344,12 +303,12 @@ void ledger_note(struct ledger *l, const char *dispatch_id, const char *state, l
 
 static void on_split(void *arg, PGresult *res, const struct pg_error *err)
 {
-	struct ledger *l = stmt_done(arg);
+	struct ledger *l = ledger_stmt_done(arg);
 
 	if (res)
 		PQclear(res);
 	if (l && err)
-		log_error("ledger_split_failed", err);
+		ledger_log_error("ledger_split_failed", err);
 }
 
 void ledger_split(struct ledger *l, const char *read_id, const struct ledger_part *parts,
@@ -390,7 +349,7 @@ void ledger_split(struct ledger *l, const char *read_id, const struct ledger_par
 		memcpy(mid + u[2], "}", 2);
 		memcpy(mpt + u[3], "}", 2);
 		snprintf(sql, sizeof(sql), LEDGER_SPLIT_SQL, l->cfg->ledger_schema);
-		rc = query(l, S_SPLIT, sql, 5, params, on_split, NULL);
+		rc = ledger_query(l, S_SPLIT, sql, 5, params, on_split, NULL);
 	}
 out:
 	if (rc != 0)
@@ -402,136 +361,6 @@ out:
 	free(pst);
 	free(mid);
 	free(mpt);
-}
-
-/* ---- tick: leases, recovery, retention, claims ---- */
-
-static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
-{
-	struct ledger *l = stmt_done(arg);
-	int rows;
-
-	if (l == NULL) {
-		if (res)
-			PQclear(res);
-		return;
-	}
-	l->ticking = false;
-	if (err) {
-		log_error("ledger_tick_failed", err);
-		return;
-	}
-	rows = PQntuples(res);
-	for (int i = 0; i < rows; i++) {
-		const char *kind = PQgetvalue(res, i, 0);
-		struct log_line *ll;
-
-		if (strcmp(kind, "pruned") == 0) {
-			long pruned = strtol(PQgetvalue(res, i, 2), NULL, 10);
-			if (pruned > 0) {
-				ll = log_begin(LOG_DEBUG, "ledger_pruned");
-				log_int(ll, "rows", pruned);
-				log_int(ll, "retention_days", l->cfg->ledger_retention_days);
-				log_end(ll);
-			}
-		} else if (strcmp(kind, "unknown") == 0) {
-			l->recovered++;
-			metrics_inc_ledger_recovered_unknown();
-			ll = log_begin(LOG_WARN, "ledger_recovered_unknown");
-			log_str(ll, "dispatch_id", PQgetvalue(res, i, 1));
-			log_str(ll, "msg_ids", PQgetvalue(res, i, 2));
-			log_str(ll, "outcome",
-				"unknown: the replica that read them died before it "
-				"recorded the outcome; they come back after their vt");
-			log_end(ll);
-		} else {
-			metrics_inc_ledger_completed_undeleted();
-			ll = log_begin(LOG_WARN, "job_completed_messages_left");
-			log_str(ll, "dispatch_id", PQgetvalue(res, i, 1));
-			log_str(ll, "job_id", PQgetvalue(res, i, 3));
-			log_str(ll, "msg_ids", PQgetvalue(res, i, 2));
-			log_int(ll, "grace_s", l->cfg->ledger_completed_grace_s);
-			log_str(ll, "msg",
-				"the job COMPLETED but the worker did not delete or archive "
-				"these messages: they come back after their vt");
-			log_end(ll);
-		}
-	}
-	PQclear(res);
-}
-
-static void on_claim(void *arg, PGresult *res, const struct pg_error *err)
-{
-	struct ledger *l = stmt_done(arg);
-	int rows;
-
-	if (l == NULL) {
-		if (res)
-			PQclear(res);
-		return;
-	}
-	l->claiming = false;
-	if (err) {
-		log_error("ledger_claim_failed", err);
-		return;
-	}
-	rows = PQntuples(res);
-	for (int i = 0; i < rows; i++) {
-		long long *ids = NULL;
-		int n = ledger_parse_ids(PQgetvalue(res, i, 2), &ids);
-		struct log_line *ll = log_begin(LOG_INFO, "job_claimed");
-
-		metrics_inc_ledger_jobs_claimed();
-
-		log_str(ll, "dispatch_id", PQgetvalue(res, i, 0));
-		log_str(ll, "job_id", PQgetvalue(res, i, 1));
-		log_str(ll, "msg_ids", PQgetvalue(res, i, 2));
-		log_str(ll, "msg", "its replica's lease expired: this one follows the job now");
-		log_end(ll);
-		if (n > 0 && l->hooks.claimed && !l->stopped)
-			l->hooks.claimed(l->hooks.arg, PQgetvalue(res, i, 0), PQgetvalue(res, i, 1),
-					 ids, n, strtod(PQgetvalue(res, i, 3), NULL));
-		free(ids);
-	}
-	PQclear(res);
-}
-
-static void on_tick_timer(struct ev_loop *loop, ev_timer *w, int revents)
-{
-	struct ledger *l = w->data;
-	char sql[4096], lease[16], days[16], grace[16], table[80], qtable[96];
-	const char *params[5] = { l->owner, lease, l->cfg->queue_name, days, grace };
-
-	(void)loop;
-	(void)revents;
-	if (l->stopped || !l->ready || !pg_ready(l->pg))
-		return;
-	snprintf(lease, sizeof(lease), "%d", l->cfg->ledger_lease_s);
-	snprintf(days, sizeof(days), "%d", l->cfg->ledger_retention_days);
-	snprintf(grace, sizeof(grace), "%d", l->cfg->ledger_completed_grace_s);
-	if (pgmq_table_name(l->cfg->queue_name, table, sizeof(table)) != 0)
-		return;
-	snprintf(qtable, sizeof(qtable), "pgmq.\"%s\"", table);
-	if (!l->ticking) {
-		snprintf(sql, sizeof(sql), LEDGER_TICK_SQL, l->cfg->ledger_schema, qtable);
-		if (query(l, S_TICK, sql, 5, params, on_tick, NULL) == 0)
-			l->ticking = true;
-	}
-	if (!l->claiming && l->cfg->tracker_enabled && l->hooks.claimed) {
-		params[3] = l->cfg->endpoint_id;
-		snprintf(sql, sizeof(sql), LEDGER_CLAIM_SQL, l->cfg->ledger_schema);
-		if (query(l, S_CLAIM, sql, 4, params, on_claim, NULL) == 0)
-			l->claiming = true;
-	}
-}
-
-static void schedule_tick(struct ledger *l, double after_s)
-{
-	double period = l->cfg->ledger_lease_s / 3.0;
-
-	ev_timer_stop(l->loop, &l->tick);
-	ev_timer_set(&l->tick, after_s, period);
-	ev_timer_start(l->loop, &l->tick);
 }
 
 /* ---- life ---- */
@@ -549,8 +378,7 @@ struct ledger *ledger_new(struct ev_loop *loop, const struct config *cfg, struct
 	if (hooks)
 		l->hooks = *hooks;
 	ledger_new_id(l->owner);
-	ev_init(&l->tick, on_tick_timer);
-	l->tick.data = l;
+	ledger_tick_init(l);
 	return l;
 }
 

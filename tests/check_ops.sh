@@ -71,7 +71,7 @@ fi
 unit_has() { grep -qx "$1" "$UNIT"; }
 # shellcheck disable=SC2016 # $MAINPID is systemd's, not the shell's
 for line in Type=notify WatchdogSec=30s 'Documentation=man:pgmq-dispatcher(8)' \
-	'ExecReload=/bin/kill -HUP $MAINPID' Restart=on-failure 'RestartPreventExitStatus=64 78' \
+	"ExecReload=/bin/sh -c 'kill -HUP \$MAINPID'" Restart=on-failure 'RestartPreventExitStatus=64 78' \
 	"ExecStartPre=$INSTALLED_BIN --check-config"; do
 	if unit_has "$line"; then pass "$line"; else fail "missing: $line"; fi
 done
@@ -106,6 +106,28 @@ if [ -n "$stop_s" ] && [ -n "$drain_ms" ] && [ $((stop_s * 1000)) -gt "$drain_ms
 	pass "TimeoutStopSec=${stop_s}s > daemon.shutdown_timeout_ms default ${drain_ms} ms"
 else
 	fail "TimeoutStopSec='${stop_s}' s is not above daemon.shutdown_timeout_ms '${drain_ms}' ms"
+fi
+
+# --- make install / uninstall ----------------------------------------------
+echo "== make install PREFIX=/usr, make uninstall (DESTDIR)"
+inst=$tmp/inst
+if make -s install DESTDIR="$inst" PREFIX=/usr UNITDIR=/lib/systemd/system >/dev/null 2>&1; then
+	iunit=$inst/lib/systemd/system/pgmq-dispatcher.service
+	n=$(grep -cE '^Exec(Start|StartPre)=/usr/bin/pgmq-dispatcher( |$)' "$iunit" 2>/dev/null)
+	if [ "${n:-0}" -eq 2 ] && ! grep -q '^Exec.*/usr/local/' "$iunit"; then
+		pass "installed unit names /usr/bin/pgmq-dispatcher ($n Exec lines)"
+	else
+		fail "installed unit does not name \$(BINDIR): $(grep '^Exec' "$iunit" 2>/dev/null | tr '\n' ' ')"
+	fi
+	make -s uninstall DESTDIR="$inst" PREFIX=/usr UNITDIR=/lib/systemd/system >/dev/null 2>&1
+	left=$(find "$inst" -type f ! -path "*/etc/*" | wc -l)
+	if [ "$left" -eq 0 ] && [ -f "$inst/etc/pgmq-dispatcher/pgmq-dispatcher.conf" ]; then
+		pass "make uninstall removed binary, man page and unit; kept /etc"
+	else
+		fail "make uninstall left $left file(s) outside /etc or removed the configuration"
+	fi
+else
+	fail "make install DESTDIR=... PREFIX=/usr failed"
 fi
 
 # --- man page -------------------------------------------------------------
