@@ -88,6 +88,41 @@ def test_a_read_split_into_several_bodies_gets_one_row_each(queue_db, emulator, 
         assert [j["msg_id"] for j in body["input"]["jobs"]] == r[3]
 
 
+def test_413_split_records_the_refused_body_and_each_half(queue_db, emulator, start_daemon):
+    """RunPod refuses a body with 413: that dispatch ends `split` with the 413 and keeps its
+    msg ids; each half is a dispatch of its own (its id in the header and, opt-in, the body);
+    a message refused alone is archived under its own row."""
+    msgs = [{"n": i, "pad": "x" * 300} for i in range(4)]
+    msgs.insert(2, {"n": "huge", "pad": "y" * 3000})
+    ids = queue_db.send_many(msgs)
+    huge = ids[2]
+    emulator.max_body_bytes = 1500
+    d = start_daemon(PGMQD_RUNPOD_MAX_BODY_BYTES="100000", PGMQD_QUEUE_BATCH_SIZE="20",
+                     PGMQD_RUNPOD_DISPATCH_ID_IN_INPUT="on")
+    # 5 -> 413 -> [2 accepted] + [3 -> 413 -> [huge alone -> 413, archived] + [2 accepted]]
+    emulator.wait_for(lambda: len(accepted_runs(emulator)) == 2, timeout_s=20)
+    wait_until(lambda: len(rows(queue_db, "state = 'accepted'")) == 2
+               and rows(queue_db, "state = 'archived'"), 15, what="accepted and archived rows")
+    got = rows(queue_db)
+    first = [r for r in got if sorted(r[3]) == ids]
+    assert len(first) == 1, got                   # the read's row keeps every msg id
+    assert first[0][1] == "split" and first[0][5] == 413, first
+    assert states_of(first[0][6]) == ["sending", "split"]
+    assert len(rows(queue_db, "state = 'split'")) == 2    # the body of three was refused too
+    archived = rows(queue_db, "state = 'archived'")
+    assert [r[3] for r in archived] == [[huge]] and archived[0][5] == 413, archived
+    assert "archiving" in states_of(archived[0][6])
+    accepted = rows(queue_db, "state = 'accepted'")
+    assert sorted(i for r in accepted for i in r[3]) == [i for i in ids if i != huge]
+    by_key = {r.headers["Idempotency-Key"]: r for r in accepted_runs(emulator)}
+    for r in accepted:                            # each half went out under its own id
+        body = json.loads(by_key[r[0]].body)
+        assert body["input"]["dispatch_id"] == r[0]
+        assert [j["msg_id"] for j in body["input"]["jobs"]] == r[3]
+    assert not rows(queue_db, "state IN ('sending', 'unknown')")
+    d.stop()
+
+
 def test_poison_archive_status_and_redrive(queue_db, emulator, start_daemon):
     (mid,) = queue_db.send_many([{"poison": True}])
     queue_db.sql("SELECT * FROM pgmq.read('jobs', 0, 1)")     # read once already
