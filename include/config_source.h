@@ -24,7 +24,7 @@ struct raw {
 	config_error_fn on_error;
 	void *arg;
 	const char *path;
-	bool file_missing;               /* the default file does not exist */
+	bool file_missing; /* the default file does not exist */
 };
 
 /* Counts one error and passes "key, where, problem" to r->on_error. */

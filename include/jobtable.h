@@ -27,10 +27,10 @@ enum jt_heap { JT_POLL, JT_DB, JT_QUEUED, JT_NHEAPS };
  * table's. */
 struct jt_node {
 	const char *id;
-	double key[JT_NHEAPS];                 /* heap keys, seconds */
-	int idx[JT_NHEAPS];                    /* heap positions, -1 when not in that heap */
-	struct jt_node *hnext;                 /* hash chain */
-	struct jt_node *older, *newer;         /* insertion order */
+	double key[JT_NHEAPS];         /* heap keys, seconds */
+	int idx[JT_NHEAPS];            /* heap positions, -1 when not in that heap */
+	struct jt_node *hnext;         /* hash chain */
+	struct jt_node *older, *newer; /* insertion order */
 };
 
 struct jt_heap_array {
@@ -40,7 +40,7 @@ struct jt_heap_array {
 
 struct jobtable {
 	struct jt_node **buckets;
-	size_t nbuckets;                       /* a power of two */
+	size_t nbuckets; /* a power of two */
 	struct jt_node *oldest, *newest;
 	int count, limit;
 	struct jt_heap_array heaps[JT_NHEAPS];

@@ -84,6 +84,6 @@ unsigned long long log_lines_dropped(void);
 
 /* One-shot line with a free-text msg field. */
 void log_msg(enum log_level level, const char *event, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
+	__attribute__((format(printf, 3, 4)));
 
 #endif

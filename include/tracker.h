@@ -4,8 +4,10 @@
  * For each job the dispatcher hands over, it asks
  * GET {base_url}/{endpoint_id}/status/{job_id} every interval_ms (±10 %
  * jitter) through the dispatcher's curl multi handle, with at most
- * max_concurrent requests in flight and a token bucket that keeps to
- * max_status_per_10s in any 10 s window (RunPod allows 2000).
+ * max_concurrent requests in flight and the sliding-window limiter of
+ * include/ratelimit.h keeping to max_status_per_10s in any 10 s window
+ * (RunPod allows 2000). A 429 pauses /status for its Retry-After (capped by
+ * the backoff policy, include/backoff.h) or one interval.
  *
  * - Every status change is logged once (event=job_status). COMPLETED,
  *   FAILED, CANCELLED and TIMED_OUT end tracking; any other string,
@@ -23,7 +25,7 @@
  * - At most max_tracked_jobs jobs; past it the oldest is dropped with a
  *   warning (event=tracker_evicted) and a counter.
  * - Stuck queues: while any job is tracked, GET {base_url}/{endpoint_id}/health
- *   once per interval_ms (from the same bucket, at most a tenth of it;
+ *   once per interval_ms (from the same /status limiter, at most a tenth of it;
  *   runpod-serverless-api.md §7); its
  *   job and worker counts go to /metrics with the age of the oldest job
  *   still IN_QUEUE. Unhealthy workers while jobs wait IN_QUEUE give one
@@ -55,11 +57,12 @@
 #include "config.h"
 #include "http.h"
 #include "pg.h"
+#include "ratelimit.h"
 
 #include <ev.h>
 #include <stdbool.h>
 
-#define TRACKER_MAX_DB 4        /* tracker statements on the pg connection at once */
+#define TRACKER_MAX_DB 4         /* tracker statements on the pg connection at once */
 #define TRACKER_IDS_PER_LINE 100 /* msg ids named in one log line; the rest are counted */
 #define TRACKER_HEALTH_SHARE 0.1 /* /health takes at most this share of max_status_per_10s */
 
@@ -79,11 +82,27 @@ struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, stru
 void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids, int n,
 		 ev_tstamp read_at);
 
-/* Follows a new validated snapshot: URLs, key, interval, limits. enabled =
+/* What a reload needs that can fail, built before anything changes. */
+struct tracker_next {
+	struct ratelimit status_rl; /* the /status limiter resized (empty: cap unchanged) */
+	char *auth_header;          /* malloc'd */
+};
+
+/* Builds into next what tracker_reload(t, cfg, next) needs. Returns 0, or
+ * -1 when out of memory (next empty, t unchanged). t NULL: 0, next empty. */
+int tracker_reload_prepare(const struct tracker *t, const struct config *cfg,
+			   struct tracker_next *next);
+
+/* Frees what next still holds. NULL-safe. */
+void tracker_next_free(struct tracker_next *next);
+
+/* Follows a new validated snapshot: URLs, key, interval, limits; takes
+ * next's contents (from tracker_reload_prepare with the same cfg) and
+ * cannot fail. The /status limiter keeps its recent send times. enabled =
  * off forgets every job (their messages keep their vt) and ignores later
  * adds until it is on again; a lower max_tracked_jobs evicts the oldest.
  * NULL-safe. */
-void tracker_reload(struct tracker *t, const struct config *cfg);
+void tracker_reload(struct tracker *t, const struct config *cfg, struct tracker_next *next);
 
 /* Registers wake(arg, after_s): called when an early release makes messages
  * visible again after_s seconds from now, so that the owner reads then
@@ -113,24 +132,6 @@ void tracker_free(struct tracker *t);
 /* The pause before a job's next /status: interval_ms ± 10 %, in seconds,
  * for rnd in [0, 1). */
 double tracker_jittered_s(int interval_ms, double rnd);
-
-/* A token bucket that admits at most per_10s events in any 10 s window:
- * it holds up to burst = max(1, per_10s / 10) tokens and refills at
- * (per_10s - burst) / 10 per second (burst / 10 when that is 0), so burst +
- * 10 s of refill never exceeds per_10s. Times in seconds. */
-struct tracker_bucket {
-	double tokens, burst, rate, at;
-};
-
-/* (Re)configures; tokens start full, or keep their level (capped) when the
- * bucket was set up before (reload). */
-void tracker_bucket_setup(struct tracker_bucket *b, int per_10s, double now, bool keep);
-
-/* Takes one token if there is one. */
-bool tracker_bucket_take(struct tracker_bucket *b, double now);
-
-/* Seconds until a token is available (0 when one is). */
-double tracker_bucket_wait_s(const struct tracker_bucket *b, double now);
 
 /* Seconds between /health polls: interval_ms, but never more often than
  * TRACKER_HEALTH_SHARE of the max_status_per_10s budget allows, so /status

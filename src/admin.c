@@ -1,5 +1,6 @@
 /* admin — see include/admin.h. */
 #include "admin.h"
+#include "listenaddr.h"
 #include "log.h"
 
 #include <arpa/inet.h>
@@ -21,8 +22,8 @@
 #define TEXT_TYPE "text/plain; charset=utf-8"
 #define METRICS_TYPE "text/plain; version=0.0.4; charset=utf-8"
 #define LISTEN_BACKLOG 64
-#define CONNECTION_LIMIT 64u      /* scrapers and probes only */
-#define CONNECTION_TIMEOUT_S 10u  /* idle keep-alive connections are closed */
+#define CONNECTION_LIMIT 64u     /* scrapers and probes only */
+#define CONNECTION_TIMEOUT_S 10u /* idle keep-alive connections are closed */
 #define WHY_MAX 256
 #define HEALTH_DEFAULT_TIMEOUT_MS 5000
 
@@ -51,54 +52,25 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...)
 	va_end(ap);
 }
 
-/* Parses "host:port" or "[v6]:port" into a socket address. Returns 0, or -1
- * with a reason in err. */
-static int parse_listen(const char *addr, struct sockaddr_storage *ss, socklen_t *sslen,
-			char *err, size_t errlen)
+/* Resolves an admin.listen value (syntax: include/listenaddr.h) into a
+ * socket address. Returns 0, or -1 with a reason in err. */
+static int parse_listen(const char *addr, struct sockaddr_storage *ss, socklen_t *sslen, char *err,
+			size_t errlen)
 {
-	char host[256];
-	const char *port, *colon;
-	size_t hostlen;
-	char *end;
-	long p;
+	char host[LISTENADDR_HOST_MAX + 1], port[8];
+	const char *why;
+	int p = 0, rc;
 	struct addrinfo hints, *res = NULL;
-	int rc;
 
 	if (addr == NULL || *addr == '\0') {
 		set_err(err, errlen, "empty listen address");
 		return -1;
 	}
-	if (addr[0] == '[') {
-		const char *rb = strchr(addr, ']');
-		if (rb == NULL || rb[1] != ':') {
-			set_err(err, errlen, "bad listen address \"%s\": expected [addr]:port", addr);
-			return -1;
-		}
-		hostlen = (size_t)(rb - addr - 1);
-		memcpy(host, addr + 1, hostlen < sizeof(host) ? hostlen : 0);
-		port = rb + 2;
-	} else {
-		colon = strrchr(addr, ':');
-		if (colon == NULL || strchr(addr, ':') != colon) {
-			set_err(err, errlen,
-				"bad listen address \"%s\": expected host:port or [v6addr]:port", addr);
-			return -1;
-		}
-		hostlen = (size_t)(colon - addr);
-		memcpy(host, addr, hostlen < sizeof(host) ? hostlen : 0);
-		port = colon + 1;
-	}
-	if (hostlen == 0 || hostlen >= sizeof(host)) {
-		set_err(err, errlen, "bad listen address \"%s\": missing or overlong host", addr);
+	if ((why = listenaddr_split(addr, host, sizeof(host), &p)) != NULL) {
+		set_err(err, errlen, "bad listen address \"%s\": %s", addr, why);
 		return -1;
 	}
-	host[hostlen] = '\0';
-	errno = 0;
-	p = strtol(port, &end, 10);
-	if (*port < '0' || *port > '9' || *end != '\0' || errno != 0 || p < 0 || p > 65535) {
-		set_err(err, errlen, "bad listen address \"%s\": port must be 0..65535", addr);
-		return -1;
-	}
+	snprintf(port, sizeof(port), "%d", p);
 	memset(&hints, 0, sizeof(hints));
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;
@@ -140,7 +112,8 @@ static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status, const
 	enum MHD_Result ok;
 
 	r = MHD_create_response_from_buffer(len, body,
-					    must_free ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_MUST_COPY);
+					    must_free ? MHD_RESPMEM_MUST_FREE
+						      : MHD_RESPMEM_MUST_COPY);
 	if (r == NULL) {
 		if (must_free)
 			free(body);
@@ -326,10 +299,9 @@ struct admin *admin_start(struct ev_loop *loop, const char *listen_addr,
 
 	a->mhd = MHD_start_daemon(MHD_USE_EPOLL | MHD_USE_ERROR_LOG, 0, NULL, NULL, on_request, a,
 				  MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, a,
-				  MHD_OPTION_LISTEN_SOCKET, fd,
-				  MHD_OPTION_CONNECTION_LIMIT, CONNECTION_LIMIT,
-				  MHD_OPTION_CONNECTION_TIMEOUT, CONNECTION_TIMEOUT_S,
-				  MHD_OPTION_END);
+				  MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_CONNECTION_LIMIT,
+				  CONNECTION_LIMIT, MHD_OPTION_CONNECTION_TIMEOUT,
+				  CONNECTION_TIMEOUT_S, MHD_OPTION_END);
 	if (a->mhd == NULL) {
 		set_err(err, errlen, "libmicrohttpd on %s: %s", listen_addr,
 			a->mhd_error[0] ? a->mhd_error : "MHD_start_daemon failed");

@@ -25,8 +25,8 @@ enum circuit_action circuit_next(bool open, enum circuit_event ev, long http_sta
 /* Probes back off from backoff_base_ms up to probe_interval_ms. */
 static void start_probe_timer(struct dispatcher *d)
 {
-	double ms = backoff_ms(++d->probe_failures, d->cfg->backoff_base_ms, d->cfg->probe_interval_ms,
-			       BACKOFF_MIN_MS, 1.0);
+	double ms = backoff_ms(++d->probe_failures, d->cfg->backoff_base_ms,
+			       d->cfg->probe_interval_ms, BACKOFF_MIN_MS, 1.0);
 
 	ms *= 0.5 + 0.5 * backoff_jitter();
 	ev_timer_stop(d->loop, &d->probe);
@@ -51,11 +51,13 @@ void circuit_open(struct dispatcher *d, long http_status)
 	 * usually means a wrong endpoint id or base_url, which it shows. */
 	log_str(l, "url", d->conf.run_url);
 	if (d->once)
-		log_str(l, "msg", "RunPod refuses the API key or the endpoint; --once reads no "
-				  "more and exits non-zero, the messages are visible again");
+		log_str(l, "msg",
+			"RunPod refuses the API key or the endpoint; --once reads no "
+			"more and exits non-zero, the messages are visible again");
 	else
-		log_str(l, "msg", "RunPod refuses the API key or the endpoint; no reads until a "
-				  "/health probe succeeds or the configuration is reloaded");
+		log_str(l, "msg",
+			"RunPod refuses the API key or the endpoint; no reads until a "
+			"/health probe succeeds or the configuration is reloaded");
 	log_end(l);
 	start_probe_timer(d);
 	dispatcher_state_changed(d);
@@ -96,8 +98,9 @@ static void remind_still_open(struct dispatcher *d, const struct http_response *
 	log_int(l, "probes", d->probe_failures);
 	log_int(l, "last_http_status", r->code == CURLE_OK ? r->status : 0);
 	log_str(l, "url", d->conf.health_url);
-	log_str(l, "msg", "no reads while RunPod refuses the API key or the endpoint; fix it "
-			  "and reload (SIGHUP) to probe at once");
+	log_str(l, "msg",
+		"no reads while RunPod refuses the API key or the endpoint; fix it "
+		"and reload (SIGHUP) to probe at once");
 	log_end(l);
 }
 
@@ -116,7 +119,8 @@ static void on_probe_done(void *arg, const struct http_response *r)
 	if (r->code != CURLE_OK)
 		log_str(l, "error", r->error);
 	log_end(l);
-	switch (circuit_next(d->circuit_open, CIRCUIT_PROBE_REPLY, r->code == CURLE_OK ? r->status : 0)) {
+	switch (circuit_next(d->circuit_open, CIRCUIT_PROBE_REPLY,
+			     r->code == CURLE_OK ? r->status : 0)) {
 	case CIRCUIT_CLOSE:
 		close_circuit(d, "health probe succeeded");
 		break;

@@ -40,14 +40,19 @@ static void apply(struct raw *r, struct config *cfg)
 				char name[128], cred[160] = "", nofile[320] = "";
 				config_env_name(k, name, sizeof(name));
 				if (k->credential)
-					snprintf(cred, sizeof(cred), ", or as the systemd credential %s "
-						 "(LoadCredential=)", k->credential);
+					snprintf(cred, sizeof(cred),
+						 ", or as the systemd credential %s "
+						 "(LoadCredential=)",
+						 k->credential);
 				if (r->file_missing)
-					snprintf(nofile, sizeof(nofile), "; the configuration file %s "
-						 "does not exist", r->path);
-				config_fail(r, label, "default", "is required (set it in the file or as %s%s%s%s)%s",
-				     name, k->compat_env[0] ? " or " : "",
-				     k->compat_env[0] ? k->compat_env[0] : "", cred, nofile);
+					snprintf(nofile, sizeof(nofile),
+						 "; the configuration file %s "
+						 "does not exist",
+						 r->path);
+				config_fail(r, label, "default",
+					    "is required (set it in the file or as %s%s%s%s)%s",
+					    name, k->compat_env[0] ? " or " : "",
+					    k->compat_env[0] ? k->compat_env[0] : "", cred, nofile);
 				continue;
 			}
 			v = k->def;
@@ -56,7 +61,8 @@ static void apply(struct raw *r, struct config *cfg)
 		case K_INT: {
 			long n;
 			if (!config_parse_int(v, &n)) {
-				config_fail(r, label, r->where[i], "not an integer: '%s'", shown(k, v));
+				config_fail(r, label, r->where[i], "not an integer: '%s'",
+					    shown(k, v));
 				break;
 			}
 			if ((k->flags & F_ZERO_OFF) && n == 0) {
@@ -65,12 +71,15 @@ static void apply(struct raw *r, struct config *cfg)
 			}
 			if (n < k->min || n > k->max) {
 				if (k->flags & F_ZERO_OFF) {
-					config_fail(r, label, r->where[i], "must be 0 (off) or between %ld and %ld, "
-					     "got %ld", k->min, k->max, n);
+					config_fail(r, label, r->where[i],
+						    "must be 0 (off) or between %ld and %ld, "
+						    "got %ld",
+						    k->min, k->max, n);
 					break;
 				}
-				config_fail(r, label, r->where[i], "must be between %ld and %ld, got %ld",
-				     k->min, k->max, n);
+				config_fail(r, label, r->where[i],
+					    "must be between %ld and %ld, got %ld", k->min, k->max,
+					    n);
 				break;
 			}
 			*(int *)(void *)field = (int)n;
@@ -85,8 +94,10 @@ static void apply(struct raw *r, struct config *cfg)
 				if (strcasecmp(v, bool_false[c]) == 0)
 					b = 0;
 			if (b < 0) {
-				config_fail(r, label, r->where[i], "must be on or off (true/false, yes/no, 1/0), "
-				     "got '%s'", v);
+				config_fail(r, label, r->where[i],
+					    "must be on or off (true/false, yes/no, 1/0), "
+					    "got '%s'",
+					    v);
 				break;
 			}
 			*(int *)(void *)field = b;
@@ -100,10 +111,13 @@ static void apply(struct raw *r, struct config *cfg)
 			if (found < 0) {
 				char list[128] = "";
 				for (int c = 0; k->choices[c]; c++) {
-					strncat(list, c ? ", " : "", sizeof(list) - strlen(list) - 1);
-					strncat(list, k->choices[c], sizeof(list) - strlen(list) - 1);
+					strncat(list, c ? ", " : "",
+						sizeof(list) - strlen(list) - 1);
+					strncat(list, k->choices[c],
+						sizeof(list) - strlen(list) - 1);
 				}
-				config_fail(r, label, r->where[i], "must be one of %s, got '%s'", list, v);
+				config_fail(r, label, r->where[i], "must be one of %s, got '%s'",
+					    list, v);
 				break;
 			}
 			*(int *)(void *)field = found;

@@ -115,7 +115,8 @@ void config_key_label(const struct key *k, char *buf, size_t len)
 int config_find_key(const char *section, const char *name)
 {
 	for (size_t i = 0; i < NKEYS; i++)
-		if (strcmp(config_keys[i].section, section) == 0 && strcmp(config_keys[i].name, name) == 0)
+		if (strcmp(config_keys[i].section, section) == 0 &&
+		    strcmp(config_keys[i].name, name) == 0)
 			return (int)i;
 	return -1;
 }
@@ -185,7 +186,8 @@ const char *config_nearest_key(const char *unknown, bool env, char *buf, size_t 
 		if (env)
 			config_env_name(&config_keys[i], name, sizeof(name));
 		else
-			snprintf(name, sizeof(name), "%s.%s", config_keys[i].section, config_keys[i].name);
+			snprintf(name, sizeof(name), "%s.%s", config_keys[i].section,
+				 config_keys[i].name);
 		d = config_distance(unknown, name);
 		if (!close_enough(d, unknown, name))
 			d = 99;
@@ -281,7 +283,7 @@ char *config_mask_conninfo(const char *conninfo, char *buf, size_t len)
 }
 
 static const char *const source_names[] = { "default", "file", "credential", "environment",
-					     "command line" };
+					    "command line" };
 
 void config_describe(const struct config *cfg, const char *path, char *buf, size_t len)
 {
@@ -317,10 +319,12 @@ void config_dump(const struct config *cfg, void *fp)
 			snprintf(val, sizeof(val), "%d", *(const int *)(const void *)field);
 			break;
 		case K_ENUM:
-			snprintf(val, sizeof(val), "%s", k->choices[*(const int *)(const void *)field]);
+			snprintf(val, sizeof(val), "%s",
+				 k->choices[*(const int *)(const void *)field]);
 			break;
 		case K_BOOL:
-			snprintf(val, sizeof(val), "%s", *(const int *)(const void *)field ? "on" : "off");
+			snprintf(val, sizeof(val), "%s",
+				 *(const int *)(const void *)field ? "on" : "off");
 			break;
 		case K_STR: {
 			const char *s = *(char *const *)(const void *)field;

@@ -17,9 +17,9 @@
 /* The one list of the dispatcher's timers: stopping them all (finish,
  * free) or all but the shutdown deadline (stop) walks it. */
 static const size_t timer_offsets[] = {
-	OFFSET_OF_TIMER(poll),        OFFSET_OF_TIMER(pause),      OFFSET_OF_TIMER(probe),
-	OFFSET_OF_TIMER(deadline),    OFFSET_OF_TIMER(stats_timer), OFFSET_OF_TIMER(debounce),
-	OFFSET_OF_TIMER(wake_timer),  OFFSET_OF_TIMER(selftest_timer), OFFSET_OF_TIMER(rate_timer),
+	OFFSET_OF_TIMER(poll),       OFFSET_OF_TIMER(pause),          OFFSET_OF_TIMER(probe),
+	OFFSET_OF_TIMER(deadline),   OFFSET_OF_TIMER(stats_timer),    OFFSET_OF_TIMER(debounce),
+	OFFSET_OF_TIMER(wake_timer), OFFSET_OF_TIMER(selftest_timer), OFFSET_OF_TIMER(rate_timer),
 };
 
 static void stop_timers(struct dispatcher *d, const ev_timer *keep)
@@ -59,15 +59,15 @@ double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double h
 	return ms;
 }
 
-static void log_archive(const struct dispatcher *d, const struct pgmq_message *m, const char *reason,
-			size_t bytes)
+static void log_archive(const struct dispatcher *d, const struct pgmq_message *m,
+			const char *reason, size_t bytes)
 {
 	struct log_line *l = log_begin(LOG_ERROR, "message_archived");
 
 	log_str(l, "queue", d->cfg->queue_name);
-	log_str(l, "msg_id", m->msg_id);
+	log_num(l, "msg_id", m->msg_id);
 	log_str(l, "reason", reason);
-	log_str(l, "read_ct", m->read_ct);
+	log_num(l, "read_ct", m->read_ct);
 	if (bytes) {
 		log_int(l, "body_bytes", (long long)bytes);
 		log_int(l, "max_body_bytes", d->cfg->max_body_bytes);
@@ -113,9 +113,11 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 			 * function is broken and would hide it again). */
 			l = log_begin(LOG_ERROR, "row_invalid");
 			log_str(l, "queue", d->cfg->queue_name);
-			log_str(l, "msg_id", m->msg_id);
+			log_num(l, "msg_id", m->msg_id);
 			log_str(l, "problem", m->invalid);
-			log_str(l, "outcome", m->id_ok ? "released" : "cannot release: visible again after vt_seconds");
+			log_str(l, "outcome",
+				m->id_ok ? "released"
+					 : "cannot release: visible again after vt_seconds");
 			log_end(l);
 			if (m->id_ok)
 				bad[nbad++] = *m;
@@ -147,8 +149,10 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 		if (b)
 			post_batch(d, b);
 		else
-			log_msg(LOG_ERROR, "out_of_memory", "dropping %d messages; visible again "
-				"after vt", ends[r] - start);
+			log_msg(LOG_ERROR, "out_of_memory",
+				"dropping %d message%s; visible again "
+				"after vt",
+				ends[r] - start, ends[r] - start == 1 ? "" : "s");
 	}
 	free(keep);
 	free(drop);
@@ -175,17 +179,24 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	d->stats.reads++;
 	if (err) {
 		bool unknown = err->connection_lost && err->sent;
-		struct log_line *l = log_begin(LOG_ERROR, unknown ? "read_fate_unknown" : "read_failed");
+		struct log_line *l = log_begin(LOG_ERROR,
+					       unknown ? "read_fate_unknown" : "read_failed");
 		d->stats.reads_failed++;
 		metrics_inc_reads(METRICS_READ_ERROR);
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		if (unknown)
-			log_str(l, "outcome", "messages it read, if any, are visible again after vt_seconds");
-		if (!err->connection_lost)
+			log_str(l, "outcome",
+				"messages it read, if any, are visible again after vt_seconds");
+		/* --once does not read again: announce no retry. */
+		if (!err->connection_lost && !d->once)
 			log_int(l, "retry_in_ms", (long long)dispatcher_back_off(d, PAUSE_DB, -1));
+		else if (!err->connection_lost)
+			log_str(l, "outcome", "--once: no retry, exit status 1");
 		log_end(l);
+		if (strcmp(err->sqlstate, PGMQ_SQLSTATE_OUT_OF_RANGE) == 0)
+			overflow_find(d);
 		d->once_result = DISPATCH_DONE_FAILED;
 		d->read_done = true;
 		dispatcher_maybe_finish(d);
@@ -209,7 +220,8 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	}
 	rr = calloc(1, sizeof(*rr));
 	if (rr == NULL) {
-		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt", rows->n);
+		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt",
+			rows->n);
 		pgmq_batch_free(rows);
 		free(rows);
 		/* The read is over all the same: --once must end, not hang. */
@@ -228,8 +240,8 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 		struct log_line *l = log_begin(LOG_DEBUG, "batch_read");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_int(l, "jobs", rr->rows.n);
-		log_str(l, "first_msg_id", rr->rows.msgs[0].msg_id);
-		log_str(l, "last_msg_id", rr->rows.msgs[rr->rows.n - 1].msg_id);
+		log_num(l, "first_msg_id", rr->rows.msgs[0].msg_id);
+		log_num(l, "last_msg_id", rr->rows.msgs[rr->rows.n - 1].msg_id);
 		log_end(l);
 	}
 	if (d->stopping) {
@@ -364,7 +376,8 @@ static void on_connected(void *arg)
 		metrics_inc_pg_reconnects();
 	d->connected_once = true;
 	if (d->w.listen_pg == NULL)
-		wakeup_start_listen(d, d->pg); /* re-LISTEN first: the read below is queued after it */
+		wakeup_start_listen(d,
+				    d->pg); /* re-LISTEN first: the read below is queued after it */
 	dispatcher_state_changed(d);
 	dispatcher_kick(d);
 	if (!d->once && !d->stopping) {
@@ -447,8 +460,10 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 		{ OFFSET_OF_TIMER(rate_timer), post_on_rate_timer },
 	};
 	struct dispatcher *d = calloc(1, sizeof(*d));
-	struct pg_callbacks cb = { .connected = on_connected, .disconnected = on_disconnected,
-				   .connect_failed = on_connect_failed, .notify = wakeup_on_notify };
+	struct pg_callbacks cb = { .connected = on_connected,
+				   .disconnected = on_disconnected,
+				   .connect_failed = on_connect_failed,
+				   .notify = wakeup_on_notify };
 
 	if (d == NULL)
 		return NULL;
@@ -542,9 +557,9 @@ void dispatcher_set_state_hook(struct dispatcher *d, void (*fn)(void *arg), void
 bool dispatcher_ready(const struct dispatcher *d, char *why, size_t len)
 {
 	const char *reason = d->stopping || d->finished ? "draining: shutting down"
-			     : !pg_ready(d->pg)             ? "database disconnected"
-			     : d->circuit_open              ? "circuit open: RunPod refuses the key or endpoint"
-							    : NULL;
+			     : !pg_ready(d->pg)         ? "database disconnected"
+			     : d->circuit_open ? "circuit open: RunPod refuses the key or endpoint"
+					       : NULL;
 
 	if (reason && why && len)
 		snprintf(why, len, "%s", reason);
@@ -581,7 +596,7 @@ void dispatcher_free(struct dispatcher *d)
 		http_cancel_all(d->http);
 	tracker_free(d->tracker); /* after the aborts above, before http_free drops requests */
 	http_free(d->http);
-	pg_free(d->w.listen_pg);
+	wakeup_free(d);
 	pg_free(d->pg);
 	dispatcher_conf_free(&d->conf);
 	ratelimit_free(&d->rl);

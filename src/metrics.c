@@ -58,7 +58,7 @@ static struct {
 	atomic_uint_least64_t queue_oldest_age_bits; /* doubles, stored as their bits */
 	atomic_uint_least64_t queue_refresh_time_bits;
 	atomic_uint_least64_t start_time_bits;
-	counter_t duration_buckets[N_BOUNDS + 1];    /* not cumulative; last is > 30 s */
+	counter_t duration_buckets[N_BOUNDS + 1]; /* not cumulative; last is > 30 s */
 	counter_t duration_sum_ns;
 } m;
 
@@ -272,8 +272,8 @@ static void counter(struct buf *b, const char *name, const char *help, counter_t
 	bprintf(b, PREFIX "%s %llu\n", name, (unsigned long long)get(c));
 }
 
-static void labelled(struct buf *b, const char *name, const char *label,
-		     const char *const *values, counter_t *c, size_t n)
+static void labelled(struct buf *b, const char *name, const char *label, const char *const *values,
+		     counter_t *c, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
 		bprintf(b, PREFIX "%s{%s=\"%s\"} %llu\n", name, label, values[i],
@@ -354,7 +354,8 @@ char *metrics_render(size_t *len)
 	labelled(&b, "messages_archived_total", "reason", archive_names, m.messages_archived,
 		 N_ARCHIVE_REASONS);
 	render_requests(&b);
-	counter(&b, "pg_reconnects_total", "Successful database reconnects after the first connection.", &m.pg_reconnects);
+	counter(&b, "pg_reconnects_total",
+		"Successful database reconnects after the first connection.", &m.pg_reconnects);
 	family(&b, "reads_total", "counter", "Queue reads by result.");
 	labelled(&b, "reads_total", "result", read_names, m.reads, N_READ_RESULTS);
 
@@ -491,7 +492,8 @@ void metrics_inc_tracker_evicted(void)
 
 static void render_tracker(struct buf *b)
 {
-	family(b, "tracked_jobs", "gauge", "Jobs the tracker follows through /status, by last status.");
+	family(b, "tracked_jobs", "gauge",
+	       "Jobs the tracker follows through /status, by last status.");
 	for (size_t i = 0; i < N_TRACKED; i++)
 		bprintf(b, PREFIX "tracked_jobs{status=\"%s\"} %ld\n", tracked_names[i],
 			atomic_load_explicit(&mt.tracked[i], memory_order_relaxed));
@@ -503,8 +505,8 @@ static void render_tracker(struct buf *b)
 	counter(b, "tracker_early_releases_total",
 		"Failed, cancelled or timed-out jobs whose messages were made visible early.",
 		&mt.early_releases);
-	counter(b, "tracker_evicted_total", "Jobs no longer tracked because max_tracked_jobs was reached.",
-		&mt.evicted);
+	counter(b, "tracker_evicted_total",
+		"Jobs no longer tracked because max_tracked_jobs was reached.", &mt.evicted);
 	counter(b, "tracker_heartbeat_ceilings_total",
 		"Jobs whose heartbeats stopped at max_heartbeat_s.", &mt.heartbeat_ceilings);
 	{

@@ -27,10 +27,12 @@ int dispatcher_conf_build(struct dispatcher_conf *out, const struct config *cfg)
 	struct runpod_extras extras = dispatcher_extras_of(cfg);
 
 	memset(out, 0, sizeof(*out));
-	if (runpod_url(cfg->base_url, cfg->endpoint_id, "run", out->run_url, sizeof(out->run_url)) != 0 ||
+	if (runpod_url(cfg->base_url, cfg->endpoint_id, "run", out->run_url,
+		       sizeof(out->run_url)) != 0 ||
 	    runpod_url(cfg->base_url, cfg->endpoint_id, "health", out->health_url,
 		       sizeof(out->health_url)) != 0) {
-		log_msg(LOG_ERROR, "config_invalid", "runpod.base_url and runpod.endpoint_id are too long");
+		log_msg(LOG_ERROR, "config_invalid",
+			"runpod.base_url and runpod.endpoint_id are too long");
 		return -1;
 	}
 	out->auth_header = runpod_auth_header(cfg->api_key);
@@ -52,6 +54,11 @@ void dispatcher_conf_free(struct dispatcher_conf *c)
 	runpod_envelope_free(&c->envelope);
 }
 
+static bool differs(const char *a, const char *b)
+{
+	return strcmp(a ? a : "", b ? b : "") != 0;
+}
+
 struct reload_diff dispatcher_reload_diff(const struct config *old, const struct config *cfg,
 					  bool have_tracker, bool once, bool stopping)
 {
@@ -59,7 +66,31 @@ struct reload_diff dispatcher_reload_diff(const struct config *old, const struct
 		.rate_cap = old->max_requests_per_10s != cfg->max_requests_per_10s,
 		.conninfo = strcmp(old->conninfo, cfg->conninfo) != 0,
 		.new_tracker = !have_tracker && cfg->tracker_enabled && !once && !stopping,
+		.runpod = differs(old->api_key, cfg->api_key) ||
+			  differs(old->endpoint_id, cfg->endpoint_id) ||
+			  differs(old->base_url, cfg->base_url) ||
+			  differs(old->ca_file, cfg->ca_file),
 	};
+}
+
+void dispatcher_timer_retime(struct ev_loop *loop, ev_timer *t, double period_s)
+{
+	double since_s, next_s;
+
+	if (!ev_is_active(t)) {
+		t->repeat = period_s;
+		return;
+	}
+	if (t->repeat == period_s)
+		return;
+	/* A repeating timer is due repeat after its last fire. */
+	since_s = t->repeat - ev_timer_remaining(loop, t);
+	if (since_s < 0)
+		since_s = 0;
+	next_s = period_s - since_s;
+	ev_timer_stop(loop, t);
+	ev_timer_set(t, next_s > 0 ? next_s : 0.0, period_s);
+	ev_timer_start(loop, t);
 }
 
 /* All or nothing: everything new is built first, and the old state stays
@@ -71,6 +102,7 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 	struct dispatcher_conf conf;
 	struct ratelimit rl = { 0 };
 	struct tracker *tracker = NULL;
+	struct tracker_next tracker_next = { 0 };
 
 	if (dispatcher_conf_build(&conf, cfg) != 0)
 		return -1;
@@ -80,6 +112,10 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 	}
 	if (diff.new_tracker && (tracker = tracker_new(d->loop, cfg, d->http, d->pg)) == NULL) {
 		log_msg(LOG_ERROR, "reload_failed", "cannot start the tracker");
+		goto fail;
+	}
+	if (tracker_reload_prepare(d->tracker, cfg, &tracker_next) != 0) {
+		log_msg(LOG_ERROR, "out_of_memory", "cannot resize the /status rate cap");
 		goto fail;
 	}
 	/* The last step that can fail, and it changes nothing when it does. */
@@ -101,23 +137,21 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 		d->tracker = tracker;
 		tracker_set_wake(d->tracker, wakeup_after, d);
 	} else {
-		tracker_reload(d->tracker, cfg);
+		tracker_reload(d->tracker, cfg, &tracker_next);
 	}
-	ev_timer_stop(d->loop, &d->poll);
-	ev_timer_set(&d->poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
-	d->stats_timer.repeat = cfg->metrics_interval_ms / 1000.0;
-	d->w.idle_poll_ms = -1;
-	wakeup_reset_idle(d);
-	if (!d->once && !d->stopping && !d->finished) {
-		ev_timer_start(d->loop, &d->poll);
-		ev_timer_again(d->loop, &d->stats_timer);
-	}
-	circuit_reload(d);
+	tracker_next_free(&tracker_next); /* what the tracker did not take */
+	/* Running timers keep their phase: a SIGHUP now and then must not
+	 * push the next poll or stats refresh away; only a changed period
+	 * moves them, counted from their last fire. */
+	wakeup_reload(d);
+	dispatcher_timer_retime(d->loop, &d->stats_timer, cfg->metrics_interval_ms / 1000.0);
+	if (diff.runpod)
+		circuit_reload(d);
 	return 0;
 fail:
+	tracker_next_free(&tracker_next);
 	tracker_free(tracker);
 	ratelimit_free(&rl);
 	dispatcher_conf_free(&conf);
 	return -1;
 }
-

@@ -3,6 +3,7 @@
  * include/tracker.h. */
 #include "tracker.h"
 #include "tracker_int.h"
+#include "backoff.h"
 #include "log.h"
 #include "metrics.h"
 #include "pgmq.h"
@@ -20,53 +21,6 @@
 double tracker_jittered_s(int interval_ms, double rnd)
 {
 	return interval_ms / 1000.0 * (0.9 + 0.2 * rnd);
-}
-
-static void bucket_refill(struct tracker_bucket *b, double now)
-{
-	if (now > b->at) {
-		b->tokens += (now - b->at) * b->rate;
-		if (b->tokens > b->burst)
-			b->tokens = b->burst;
-		b->at = now;
-	}
-}
-
-void tracker_bucket_setup(struct tracker_bucket *b, int per_10s, double now, bool keep)
-{
-	int whole_tenth = per_10s / 10; /* whole events: the burst is never fractional */
-	double burst = whole_tenth > 1 ? (double)whole_tenth : 1.0;
-	double rate = (per_10s - burst) / 10.0;
-
-	if (rate <= 0)
-		rate = burst / 10.0;
-	if (keep) {
-		bucket_refill(b, now);
-		if (b->tokens > burst)
-			b->tokens = burst;
-	} else {
-		b->tokens = burst;
-	}
-	b->burst = burst;
-	b->rate = rate;
-	b->at = now;
-}
-
-bool tracker_bucket_take(struct tracker_bucket *b, double now)
-{
-	bucket_refill(b, now);
-	if (b->tokens < 1.0)
-		return false;
-	b->tokens -= 1.0;
-	return true;
-}
-
-double tracker_bucket_wait_s(const struct tracker_bucket *b, double now)
-{
-	struct tracker_bucket c = *b;
-
-	bucket_refill(&c, now);
-	return c.tokens >= 1.0 ? 0.0 : (1.0 - c.tokens) / c.rate;
 }
 
 double tracker_heartbeat_at(double vt_until, int vt_seconds)
@@ -96,11 +50,6 @@ enum tracker_health_note tracker_health_note(bool warned, long long unhealthy, l
 int tracker_queued_jobs(const struct tracker *t)
 {
 	return t && t->enabled ? (int)t->by_slot[METRICS_TRACKED_IN_QUEUE] : 0;
-}
-
-static double rnd(void)
-{
-	return (double)random() / ((double)RAND_MAX + 1.0);
 }
 
 /* ---- the job table ---- */
@@ -182,7 +131,7 @@ void tracker_poll_later(struct tracker *t, struct tjob *j, ev_tstamp now)
 	if (j->state != J_LIVE)
 		return;
 	jobtable_schedule(&t->jobs, JT_POLL, &j->node,
-			  now + tracker_jittered_s(t->cfg->tracker_interval_ms, rnd()));
+			  now + tracker_jittered_s(t->cfg->tracker_interval_ms, backoff_jitter()));
 }
 
 void tracker_db_at(struct tracker *t, struct tjob *j, ev_tstamp when)
@@ -250,6 +199,18 @@ void tracker_op_free(struct op *op)
 
 /* ---- scheduling ---- */
 
+/* Slots of the /status window that polls leave free while /health is
+ * polled: its share (TRACKER_HEALTH_SHARE), so a backlog of polls, which
+ * takes every slot a sliding window frees, never starves /health. */
+static int health_keep(const struct tracker *t)
+{
+	int keep = (int)(t->cfg->tracker_max_status_per_10s * TRACKER_HEALTH_SHARE);
+
+	if (isinf(tracker_health_at(t)))
+		return 0;
+	return keep < 1 ? 1 : keep;
+}
+
 void tracker_arm(struct tracker *t)
 {
 	ev_tstamp now = ev_now(t->loop), at = INFINITY;
@@ -259,12 +220,19 @@ void tracker_arm(struct tracker *t)
 	if (!t->enabled || t->stopped)
 		return;
 	if (p && t->status_in_flight < t->cfg->tracker_max_concurrent) {
-		ev_tstamp token_at = now + tracker_bucket_wait_s(&t->bucket, now);
-		at = fmax(p->key[JT_POLL], fmax(t->paused_until, token_at));
+		double wait_s = 0.0;
+		ev_tstamp slot_at = ratelimit_slot_keep(&t->status_rl, now, health_keep(t), &wait_s)
+					    ? now
+					    : now + wait_s;
+
+		at = fmax(p->key[JT_POLL], fmax(t->paused_until, slot_at));
 	}
 	if (!isinf(tracker_health_at(t))) {
-		ev_tstamp token_at = now + tracker_bucket_wait_s(&t->bucket, now);
-		at = fmin(at, fmax(tracker_health_at(t), fmax(t->paused_until, token_at)));
+		double wait_s = 0.0;
+		ev_tstamp slot_at = ratelimit_slot(&t->status_rl, now, &wait_s) ? now
+										: now + wait_s;
+
+		at = fmin(at, fmax(tracker_health_at(t), fmax(t->paused_until, slot_at)));
 	}
 	if (d && t->db_in_flight < TRACKER_MAX_DB && d->key[JT_DB] < at)
 		at = d->key[JT_DB];
@@ -273,7 +241,6 @@ void tracker_arm(struct tracker *t)
 	ev_timer_set(&t->timer, at > now ? at - now : 0.0, 0.0);
 	ev_timer_start(t->loop, &t->timer);
 }
-
 
 static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 {
@@ -289,7 +256,8 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 	};
 	struct op *op;
 
-	if (runpod_status_url(t->cfg->base_url, t->cfg->endpoint_id, j->id, url, sizeof(url)) != 0) {
+	if (runpod_status_url(t->cfg->base_url, t->cfg->endpoint_id, j->id, url, sizeof(url)) !=
+	    0) {
 		struct log_line *l = log_begin(LOG_ERROR, "tracker_dropped");
 		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->ids, j->n);
@@ -302,7 +270,8 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 	if (op == NULL || http_start(t->http, &o, tracker_on_status, op) != 0) {
 		if (op)
 			tracker_op_free(op);
-		log_msg(LOG_DEBUG, "status_not_started", "cannot start a /status request; retrying");
+		log_msg(LOG_DEBUG, "status_not_started",
+			"cannot start a /status request; retrying");
 		tracker_poll_later(t, j, now);
 		return;
 	}
@@ -325,7 +294,8 @@ static int start_statement(struct tracker *t, struct tjob *j, enum op_kind kind,
 	if (op == NULL)
 		return -1;
 	op->delay_s = delay_s;
-	if (pgmq_set_vt_ids(t->pg, t->cfg->queue_name, op->ids, op->n, delay_s, tracker_on_db, op) != 0) {
+	if (pgmq_set_vt_ids(t->pg, t->cfg->queue_name, op->ids, op->n, delay_s, tracker_on_db,
+			    op) != 0) {
 		tracker_op_free(op);
 		return -1;
 	}
@@ -368,8 +338,9 @@ static void db_work(struct tracker *t, struct tjob *j, ev_tstamp now)
 		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->live, j->n_live);
 		log_int(l, "silent_s", (long long)(now - j->seen_at));
-		log_str(l, "msg", "no /status answer for too long; the messages keep their vt and come "
-				  "back when it runs out, unless /status answers again before");
+		log_str(l, "msg",
+			"no /status answer for too long; the messages keep their vt and come "
+			"back when it runs out, unless /status answers again before");
 		log_end(l);
 		j->hb_parked = true;
 		return;
@@ -385,6 +356,7 @@ static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	struct tracker *t = w->data;
 	ev_tstamp now = ev_now(loop);
+	double wait_s;
 	struct tjob *j;
 
 	(void)revents;
@@ -392,12 +364,15 @@ static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 		return;
 	/* /health first: one request per interval, never starved by the polls. */
 	if (tracker_health_at(t) <= now + DUE_SLACK_S && t->paused_until <= now + DUE_SLACK_S &&
-	    tracker_bucket_take(&t->bucket, now))
+	    ratelimit_slot(&t->status_rl, now, &wait_s)) {
+		ratelimit_record(&t->status_rl, now);
 		tracker_health_start(t, now);
+	}
 	while ((j = job_of(jobtable_first(&t->jobs, JT_POLL))) != NULL &&
 	       t->status_in_flight < t->cfg->tracker_max_concurrent &&
 	       j->node.key[JT_POLL] <= now + DUE_SLACK_S && t->paused_until <= now + DUE_SLACK_S &&
-	       tracker_bucket_take(&t->bucket, now)) {
+	       ratelimit_slot_keep(&t->status_rl, now, health_keep(t), &wait_s)) {
+		ratelimit_record(&t->status_rl, now);
 		jobtable_unschedule(&t->jobs, JT_POLL, &j->node);
 		start_status(t, j, now);
 	}
@@ -419,24 +394,63 @@ void tracker_set_wake(struct tracker *t, void (*wake)(void *arg, double after_s)
 
 /* ---- the API ---- */
 
-static void apply(struct tracker *t, const struct config *cfg, bool keep_tokens)
+/* Takes cfg; the limits that need memory come ready in next. */
+static void apply(struct tracker *t, const struct config *cfg, struct tracker_next *next)
 {
 	t->cfg = cfg;
 	jobtable_set_limit(&t->jobs, cfg->tracker_max_tracked_jobs);
-	snprintf(t->auth_header, sizeof(t->auth_header), "Authorization: Bearer %s", cfg->api_key);
 	if (runpod_url(cfg->base_url, cfg->endpoint_id, "health", t->health_url,
 		       sizeof(t->health_url)) != 0)
 		t->health_url[0] = '\0';
-	tracker_bucket_setup(&t->bucket, cfg->tracker_max_status_per_10s, ev_now(t->loop),
-			     keep_tokens);
+	free(t->auth_header);
+	t->auth_header = next->auth_header;
+	next->auth_header = NULL;
+	if (next->status_rl.sent_at != NULL) {
+		ratelimit_free(&t->status_rl);
+		t->status_rl = next->status_rl;
+		memset(&next->status_rl, 0, sizeof(next->status_rl));
+	}
+}
+
+int tracker_reload_prepare(const struct tracker *t, const struct config *cfg,
+			   struct tracker_next *next)
+{
+	memset(next, 0, sizeof(*next));
+	if (t == NULL)
+		return 0;
+	if ((next->auth_header = runpod_auth_header(cfg->api_key)) == NULL ||
+	    (cfg->tracker_max_status_per_10s != t->status_rl.cap &&
+	     ratelimit_resized(&t->status_rl, cfg->tracker_max_status_per_10s, &next->status_rl) !=
+		     0)) {
+		tracker_next_free(next);
+		return -1;
+	}
+	return 0;
+}
+
+void tracker_next_free(struct tracker_next *next)
+{
+	if (next == NULL)
+		return;
+	ratelimit_free(&next->status_rl);
+	free(next->auth_header);
+	next->auth_header = NULL;
 }
 
 struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, struct http *http,
 			    struct pg *pg)
 {
 	struct tracker *t = calloc(1, sizeof(*t));
+	struct tracker_next next = { 0 };
 
-	if (t == NULL || jobtable_init(&t->jobs, cfg->tracker_max_tracked_jobs) != 0) {
+	if (t == NULL || jobtable_init(&t->jobs, cfg->tracker_max_tracked_jobs) != 0 ||
+	    ratelimit_init(&t->status_rl, cfg->tracker_max_status_per_10s,
+			   RATE_WINDOW_S + RATE_MARGIN_S) != 0 ||
+	    (next.auth_header = runpod_auth_header(cfg->api_key)) == NULL) {
+		if (t) { /* calloc'd: freeing what was not set up is a no-op */
+			ratelimit_free(&t->status_rl);
+			jobtable_free(&t->jobs);
+		}
 		free(t);
 		log_msg(LOG_ERROR, "tracker_failed", "out of memory");
 		return NULL;
@@ -447,7 +461,7 @@ struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, stru
 	t->enabled = cfg->tracker_enabled != 0;
 	ev_init(&t->timer, on_timer);
 	t->timer.data = t;
-	apply(t, cfg, false);
+	apply(t, cfg, &next);
 	{
 		struct log_line *l = log_begin(LOG_INFO, "tracker_started");
 		log_int(l, "interval_ms", cfg->tracker_interval_ms);
@@ -468,16 +482,17 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 	struct tjob *j;
 	ev_tstamp now;
 
-	if (t == NULL || !t->enabled || t->stopped || job_id == NULL || job_id[0] == '\0' || n < 1 ||
-	    strlen(job_id) > RUNPOD_JOB_ID_MAX)
+	if (t == NULL || !t->enabled || t->stopped || job_id == NULL || job_id[0] == '\0' ||
+	    n < 1 || strlen(job_id) > RUNPOD_JOB_ID_MAX)
 		return;
 	if (tracker_job_find(t, job_id)) {
 		log_msg(LOG_DEBUG, "tracker_duplicate", "job %s is tracked already", job_id);
 		return;
 	}
 	while (jobtable_full(&t->jobs) && jobtable_oldest(&t->jobs))
-		evict(t, job_of(jobtable_oldest(&t->jobs)), "max_tracked_jobs reached: the oldest job is no longer tracked; its "
-				    "messages keep their vt");
+		evict(t, job_of(jobtable_oldest(&t->jobs)),
+		      "max_tracked_jobs reached: the oldest job is no longer tracked; its "
+		      "messages keep their vt");
 	j = calloc(1, sizeof(*j));
 	if (j != NULL) {
 		snprintf(j->id, sizeof(j->id), "%s", job_id);
@@ -488,7 +503,8 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 		if (j)
 			free(j->ids);
 		free(j);
-		log_msg(LOG_ERROR, "tracker_add_failed", "out of memory: job %s is not tracked", job_id);
+		log_msg(LOG_ERROR, "tracker_add_failed", "out of memory: job %s is not tracked",
+			job_id);
 		return;
 	}
 	now = ev_now(t->loop);
@@ -526,14 +542,14 @@ static void forget_all(struct tracker *t)
 		tracker_job_remove(t, j);
 }
 
-void tracker_reload(struct tracker *t, const struct config *cfg)
+void tracker_reload(struct tracker *t, const struct config *cfg, struct tracker_next *next)
 {
 	int old_cap;
 
 	if (t == NULL)
 		return;
 	old_cap = t->cfg->tracker_max_queued_jobs;
-	apply(t, cfg, true);
+	apply(t, cfg, next);
 	/* Reads paused at the old max_queued_jobs look again now. */
 	if (cfg->tracker_max_queued_jobs != old_cap && t->wake)
 		t->wake(t->wake_arg, 0.0);
@@ -548,9 +564,11 @@ void tracker_reload(struct tracker *t, const struct config *cfg)
 		log_msg(LOG_INFO, "tracker_enabled", "following accepted jobs from now on");
 		t->enabled = true;
 	}
-	while (jobtable_count(&t->jobs) > cfg->tracker_max_tracked_jobs && jobtable_oldest(&t->jobs))
-		evict(t, job_of(jobtable_oldest(&t->jobs)), "max_tracked_jobs lowered: the oldest job is no longer tracked; its "
-				    "messages keep their vt");
+	while (jobtable_count(&t->jobs) > cfg->tracker_max_tracked_jobs &&
+	       jobtable_oldest(&t->jobs))
+		evict(t, job_of(jobtable_oldest(&t->jobs)),
+		      "max_tracked_jobs lowered: the oldest job is no longer tracked; its "
+		      "messages keep their vt");
 	tracker_arm(t);
 }
 
@@ -581,5 +599,7 @@ void tracker_free(struct tracker *t)
 	t->wake = NULL; /* forgetting jobs asks for no read now */
 	forget_all(t);
 	jobtable_free(&t->jobs);
+	ratelimit_free(&t->status_rl);
+	free(t->auth_header);
 	free(t);
 }

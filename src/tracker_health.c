@@ -1,6 +1,6 @@
 /* tracker_health — the tracker's watch on a queue that does not move: GET
- * /health while jobs are tracked (one per interval, from the /status token
- * bucket), RunPod's job and worker counts and the age of the oldest tracked
+ * /health while jobs are tracked (one per interval, from the /status
+ * limiter), RunPod's job and worker counts and the age of the oldest tracked
  * job still IN_QUEUE in /metrics, one warning when workers are unhealthy
  * while jobs wait, and the wake-up that lets paused reads resume when
  * fewer jobs wait (max_queued_jobs). Reply shape: runpod-serverless-api.md

@@ -4,6 +4,7 @@
  * releases). Sending, scheduling and the job table are in tracker.c and
  * jobtable.c; see include/tracker.h for the behaviour. */
 #include "tracker_int.h"
+#include "backoff.h"
 #include "metrics.h"
 
 #include <stdio.h>
@@ -132,7 +133,6 @@ static void status_failed(struct tracker *t, struct tjob *j, const struct http_r
 			  ev_tstamp now)
 {
 	struct log_line *l = log_begin(t->failing ? LOG_DEBUG : LOG_WARN, "status_failed");
-	long long pause_ms;
 
 	log_str(l, "runpod_job_id", j->id);
 	log_int(l, "http_status", r->status);
@@ -142,16 +142,22 @@ static void status_failed(struct tracker *t, struct tjob *j, const struct http_r
 		log_strn(l, "body", r->body,
 			 r->body_len < BODY_EXCERPT_BYTES ? r->body_len : BODY_EXCERPT_BYTES);
 	if (!t->failing)
-		log_str(l, "msg", "retrying every interval; heartbeats go on from the last status "
-				  "(further failures at debug level until /status answers again)");
+		log_str(l, "msg",
+			"retrying every interval; heartbeats go on from the last status "
+			"(further failures at debug level until /status answers again)");
 	log_end(l);
 	t->failing = true;
-	if (r->status == 429) {
-		if (r->retry_after == NULL ||
-		    runpod_parse_retry_after(r->retry_after, time(NULL), &pause_ms) != 0)
+	if (r->status == 429) { /* a 503 is a failure like any other: retried next interval */
+		long long parsed_ms = -1;
+		double pause_ms;
+
+		if (r->retry_after != NULL &&
+		    runpod_parse_retry_after(r->retry_after, time(NULL), &parsed_ms) != 0)
+			parsed_ms = -1;
+		pause_ms = backoff_retry_after_ms((int)r->status, parsed_ms,
+						  t->cfg->retry_after_max_ms);
+		if (pause_ms < 0)
 			pause_ms = t->cfg->tracker_interval_ms;
-		if (pause_ms > t->cfg->retry_after_max_ms)
-			pause_ms = t->cfg->retry_after_max_ms;
 		if (now + pause_ms / 1000.0 > t->paused_until)
 			t->paused_until = now + pause_ms / 1000.0;
 	}
@@ -325,4 +331,3 @@ void tracker_on_db(void *arg, const long long *ids, int n, const struct pg_error
 	tracker_op_free(op);
 	tracker_arm(t);
 }
-

@@ -313,13 +313,20 @@ def test_no_secret_in_any_output_at_trace_level(emulator):
 
 
 def test_json_log_format(queue_db, emulator, start_daemon):
-    queue_db.send_many([{"x": 1}])
-    d = start_daemon("--log-format", "json", "-v")
+    ids = queue_db.send_many([{"x": 1}, {"x": 2}])
+    queue_db.sql("UPDATE pgmq.q_jobs SET read_ct = 5 WHERE msg_id = %s", (ids[1],))
+    d = start_daemon("--log-format", "json", "-v", PGMQD_QUEUE_MAX_READ_CT=5)
     d.wait_log(r'"event":"batch_accepted"')
+    d.wait_log(r'"event":"message_archived"')
     assert d.stop() == 0
-    for line in d.lines:
-        obj = json.loads(line)
+    objs = [json.loads(line) for line in d.lines]
+    for obj in objs:
         assert obj["time"].endswith("Z") and obj["level"] and obj["event"]
+    # Numbers as numbers: msg ids and read_ct are JSON integers, not strings.
+    read = next(o for o in objs if o["event"] == "batch_read")
+    assert read["first_msg_id"] == ids[0] and read["last_msg_id"] == ids[1], read
+    archived = next(o for o in objs if o["event"] == "message_archived")
+    assert archived["msg_id"] == ids[1] and archived["read_ct"] == 6, archived
 
 
 def test_journald_priority_prefixes(queue_db, emulator):

@@ -64,8 +64,9 @@ def test_unhealthy_workers_are_visible_and_warned_once(queue_db, emulator, start
 
 
 def test_health_polls_share_the_status_budget(queue_db, emulator, start_daemon):
-    """3 jobs due every 100 ms, but 30 requests per 10 s in all: a burst of 3, then 2.7 per
-    second, /status and /health together; /health takes a tenth (one per 3.3 s)."""
+    """3 jobs due every 100 ms, but 30 requests per 10 s in all (a sliding window), /status
+    and /health together; polls leave /health its tenth (3 per window), so a backlog of
+    polls, which takes every slot the window frees, does not starve it."""
     emulator.job_plan = lambda job_input: {"in_queue_s": 60, "run_s": 1}
     queue_db.send_many(jobs(3))
     d = start_daemon("-v", PGMQD_QUEUE_BATCH_SIZE=1, PGMQD_TRACKER_ENABLED="on",
@@ -75,8 +76,10 @@ def test_health_polls_share_the_status_budget(queue_db, emulator, start_daemon):
     reqs = emulator.requests("status") + health_requests(emulator)
     times = sorted(r.received_at for r in reqs)
     for i in range(len(times)):
-        for j in range(i + 1, len(times)):
-            assert j - i + 1 <= 3 + 2.7 * (times[j] - times[i]) + 1, (i, j, times)
+        j = i
+        while j + 1 < len(times) and times[j + 1] - times[i] < 10.0 - 0.05:
+            j += 1
+        assert j - i + 1 <= 30, (i, j, times)
     # /status still gets the larger share.
     assert len(emulator.requests("status")) >= 4 * len(health_requests(emulator))
     assert d.stop() == 0

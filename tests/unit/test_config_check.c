@@ -199,10 +199,10 @@ static void key_table_names(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(loopback_hosts),    cmocka_unit_test(base_url_rule),
-		cmocka_unit_test(listen_addresses),  cmocka_unit_test(integers_are_strict),
-		cmocka_unit_test(placeholders),      cmocka_unit_test(edit_distance),
-		cmocka_unit_test(nearest_key_names), cmocka_unit_test(key_table_names),
+		cmocka_unit_test(loopback_hosts),        cmocka_unit_test(base_url_rule),
+		cmocka_unit_test(listen_addresses),      cmocka_unit_test(integers_are_strict),
+		cmocka_unit_test(placeholders),          cmocka_unit_test(edit_distance),
+		cmocka_unit_test(nearest_key_names),     cmocka_unit_test(key_table_names),
 		cmocka_unit_test(conninfo_placeholders),
 	};
 

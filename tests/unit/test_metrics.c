@@ -118,8 +118,8 @@ static void help_and_type_lines(void **state)
 		const char *next = strstr(t, "# HELP ");
 		for (const char *p = strstr(text, families[i].name); p;
 		     p = strstr(p + 1, families[i].name)) {
-			if (p != text && p[-1] == '\n' && strncmp(p, families[i].name,
-								    strlen(families[i].name)) == 0) {
+			if (p != text && p[-1] == '\n' &&
+			    strncmp(p, families[i].name, strlen(families[i].name)) == 0) {
 				assert_true(p > t);
 				if (next)
 					assert_true(p < next);
@@ -178,7 +178,8 @@ static void every_line_is_well_formed(void **state)
 	for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
 		char *value, *end;
 
-		if (strncmp(line, "# HELP pgmqd_", 13) == 0 || strncmp(line, "# TYPE pgmqd_", 13) == 0)
+		if (strncmp(line, "# HELP pgmqd_", 13) == 0 ||
+		    strncmp(line, "# TYPE pgmqd_", 13) == 0)
 			continue;
 		assert_true(strncmp(line, "pgmqd_", 6) == 0);
 		value = strrchr(line, ' ');
@@ -233,7 +234,7 @@ static void counters(void **state)
 	metrics_inc_reads(METRICS_READ_ROWS);
 	metrics_inc_reads(METRICS_READ_EMPTY);
 	metrics_inc_reads(METRICS_READ_ERROR);
-	metrics_inc_reads((enum metrics_read_result)-1); /* ignored */
+	metrics_inc_reads((enum metrics_read_result) - 1); /* ignored */
 	metrics_inc_pg_reconnects();
 	metrics_inc_pg_reconnects();
 
@@ -303,7 +304,8 @@ static void requests_by_outcome_and_code(void **state)
 			fail_msg("%s: got %g, want %g", series, sample(text, series), want);
 	}
 	/* Pairs never counted are not rendered; nothing unbounded is. */
-	assert_null(find_sample(text, "pgmqd_runpod_requests_total{outcome=\"accepted\",code=\"500\"}"));
+	assert_null(find_sample(text,
+				"pgmqd_runpod_requests_total{outcome=\"accepted\",code=\"500\"}"));
 	assert_null(strstr(text, "code=\"418\""));
 	assert_null(strstr(text, "code=\"99999\""));
 	assert_null(strstr(text, "code=\"-1\""));
@@ -318,9 +320,9 @@ static void histogram_buckets(void **state)
 		const char *le;
 		double bound;
 	} buckets[] = {
-		{ "0.005", .005 }, { "0.01", .01 }, { "0.025", .025 }, { "0.05", .05 },
-		{ "0.1", .1 },     { "0.25", .25 }, { "0.5", .5 },     { "1", 1 },
-		{ "2.5", 2.5 },    { "5", 5 },      { "10", 10 },      { "30", 30 },
+		{ "0.005", .005 },    { "0.01", .01 }, { "0.025", .025 }, { "0.05", .05 },
+		{ "0.1", .1 },        { "0.25", .25 }, { "0.5", .5 },     { "1", 1 },
+		{ "2.5", 2.5 },       { "5", 5 },      { "10", 10 },      { "30", 30 },
 		{ "+Inf", INFINITY },
 	};
 	const size_t nobs = sizeof(obs) / sizeof(obs[0]);
@@ -340,8 +342,8 @@ static void histogram_buckets(void **state)
 		for (size_t i = 0; i < nobs; i++)
 			if (obs[i] <= buckets[b].bound)
 				want++;
-		snprintf(series, sizeof(series), "pgmqd_runpod_request_duration_seconds_bucket{le=\"%s\"}",
-			 buckets[b].le);
+		snprintf(series, sizeof(series),
+			 "pgmqd_runpod_request_duration_seconds_bucket{le=\"%s\"}", buckets[b].le);
 		got = sample(text, series);
 		if (got != want)
 			fail_msg("%s: got %g, want %g", series, got, want);
