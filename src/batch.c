@@ -222,18 +222,33 @@ void batch_split(struct batch *b)
 	post_batch(d, hi);
 }
 
-void batch_archive_too_large(struct batch *b, size_t body_bytes)
+void batch_log_archived(const struct dispatcher *d, const struct pgmq_message *m,
+			const char *reason, size_t bytes, const char *problem)
 {
-	struct dispatcher *d = b->d;
 	struct log_line *l = log_begin(LOG_ERROR, "message_archived");
 
 	log_str(l, "queue", d->cfg->queue_name);
-	log_int(l, "msg_id", b->ids[0]);
-	log_str(l, "reason", "too_large");
-	log_num(l, "read_ct", b->msgs[0].read_ct);
-	log_int(l, "body_bytes", (long long)body_bytes);
-	log_str(l, "problem", "RunPod answered 413 to this message on its own");
+	log_num(l, "msg_id", m->msg_id);
+	log_str(l, "reason", reason);
+	log_num(l, "read_ct", m->read_ct);
+	if (bytes) {
+		log_int(l, "body_bytes", (long long)bytes);
+		if (problem == NULL)
+			log_int(l, "max_body_bytes", d->cfg->max_body_bytes);
+	} else {
+		log_int(l, "max_read_ct", d->cfg->max_read_ct);
+	}
+	if (problem)
+		log_str(l, "problem", problem);
 	log_end(l);
+}
+
+void batch_archive_too_large(struct batch *b, size_t body_bytes)
+{
+	struct dispatcher *d = b->d;
+
+	batch_log_archived(d, &b->msgs[0], "too_large", body_bytes,
+			   "RunPod answered 413 to this message on its own");
 	batch_archive(d, b->rr, b->msgs, 1, METRICS_ARCHIVE_TOO_LARGE);
 	batch_end(b, BATCH_SPLIT, NULL);
 }

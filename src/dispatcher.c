@@ -59,24 +59,6 @@ double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double h
 	return ms;
 }
 
-static void log_archive(const struct dispatcher *d, const struct pgmq_message *m,
-			const char *reason, size_t bytes)
-{
-	struct log_line *l = log_begin(LOG_ERROR, "message_archived");
-
-	log_str(l, "queue", d->cfg->queue_name);
-	log_num(l, "msg_id", m->msg_id);
-	log_str(l, "reason", reason);
-	log_num(l, "read_ct", m->read_ct);
-	if (bytes) {
-		log_int(l, "body_bytes", (long long)bytes);
-		log_int(l, "max_body_bytes", d->cfg->max_body_bytes);
-	} else {
-		log_int(l, "max_read_ct", d->cfg->max_read_ct);
-	}
-	log_end(l);
-}
-
 /* Splits the rows of a read into /run requests no larger than
  * max_body_bytes (in msg_id order) and archives the messages that must
  * never be dispatched: read more than max_read_ct times, or too large to
@@ -123,11 +105,11 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 				bad[nbad++] = *m;
 			break;
 		case ROW_MAX_READ_CT:
-			log_archive(d, m, "max_read_ct", 0);
+			batch_log_archived(d, m, "max_read_ct", 0, NULL);
 			poison[npoison++] = *m;
 			break;
 		case ROW_TOO_LARGE:
-			log_archive(d, m, "too_large", envelope + runpod_job_bytes(m));
+			batch_log_archived(d, m, "too_large", envelope + runpod_job_bytes(m), NULL);
 			drop[ndrop++] = *m;
 			break;
 		case ROW_SEND:
