@@ -77,6 +77,12 @@ void batch_split(struct batch *b);
  * (logged with msg_id and body_bytes); b ends as BATCH_SPLIT. */
 void batch_archive_too_large(struct batch *b, size_t body_bytes);
 
+/* Logs the one message_archived line of m: reason (max_read_ct,
+ * too_large), body_bytes when bytes > 0 (with max_body_bytes unless a
+ * problem is given), the problem when not NULL. */
+void batch_log_archived(const struct dispatcher *d, const struct pgmq_message *m,
+			const char *reason, size_t bytes, const char *problem);
+
 /* Archives n messages from rr that must never be dispatched; their
  * ledger row is dispatch_id ("" for the read's). */
 void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pgmq_message *msgs,

@@ -101,9 +101,11 @@ struct dispatcher {
 	bool deadline_passed; /* shutdown: stop waiting for the database */
 	bool probing;         /* a /health request is in flight */
 	int probe_failures;
-	int in_flight;  /* /run requests outstanding (waiting ones included) */
-	int db_pending; /* set_vt / archive statements outstanding */
-	int failures;   /* consecutive failures behind the current pause */
+	ev_tstamp circuit_opened_at;   /* ev_now when the circuit opened */
+	ev_tstamp circuit_reminded_at; /* last circuit_still_open line (or the opening) */
+	int in_flight;                 /* /run requests outstanding (waiting ones included) */
+	int db_pending;                /* set_vt / archive statements outstanding */
+	int failures;                  /* consecutive failures behind the current pause */
 	enum dispatcher_result once_result;
 
 	struct dispatcher_stats stats;

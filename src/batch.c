@@ -217,24 +217,6 @@ void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pg
 	d->db_pending++;
 }
 
-static void log_archive(const struct dispatcher *d, const struct pgmq_message *m,
-			const char *reason, size_t bytes)
-{
-	struct log_line *l = log_begin(LOG_ERROR, "message_archived");
-
-	log_str(l, "queue", d->cfg->queue_name);
-	log_num(l, "msg_id", m->msg_id);
-	log_str(l, "reason", reason);
-	log_num(l, "read_ct", m->read_ct);
-	if (bytes) {
-		log_int(l, "body_bytes", (long long)bytes);
-		log_int(l, "max_body_bytes", d->cfg->max_body_bytes);
-	} else {
-		log_int(l, "max_read_ct", d->cfg->max_read_ct);
-	}
-	log_end(l);
-}
-
 /* The groups a read becomes, in the order their batches are made: one per
  * /run body, then too large, poison, invalid. The first takes the read's
  * ledger row; the others get rows of their own (one split statement). */
@@ -333,12 +315,12 @@ void batch_dispatch_rows(struct dispatcher *d, struct read_result *rr)
 			}
 			break;
 		case ROW_MAX_READ_CT:
-			log_archive(d, m, "max_read_ct", 0);
+			batch_log_archived(d, m, "max_read_ct", 0, NULL);
 			ix[2 * sz + (size_t)npoison] = i;
 			poison[npoison++] = *m;
 			break;
 		case ROW_TOO_LARGE:
-			log_archive(d, m, "too_large", envelope + runpod_job_bytes(m));
+			batch_log_archived(d, m, "too_large", envelope + runpod_job_bytes(m), NULL);
 			ix[sz + (size_t)ndrop] = i;
 			drop[ndrop++] = *m;
 			break;
@@ -451,18 +433,33 @@ void batch_split(struct batch *b)
 	post_batch(d, hi);
 }
 
-void batch_archive_too_large(struct batch *b, size_t body_bytes)
+void batch_log_archived(const struct dispatcher *d, const struct pgmq_message *m,
+			const char *reason, size_t bytes, const char *problem)
 {
-	struct dispatcher *d = b->d;
 	struct log_line *l = log_begin(LOG_ERROR, "message_archived");
 
 	log_str(l, "queue", d->cfg->queue_name);
-	log_int(l, "msg_id", b->ids[0]);
-	log_str(l, "reason", "too_large");
-	log_num(l, "read_ct", b->msgs[0].read_ct);
-	log_int(l, "body_bytes", (long long)body_bytes);
-	log_str(l, "problem", "RunPod answered 413 to this message on its own");
+	log_num(l, "msg_id", m->msg_id);
+	log_str(l, "reason", reason);
+	log_num(l, "read_ct", m->read_ct);
+	if (bytes) {
+		log_int(l, "body_bytes", (long long)bytes);
+		if (problem == NULL)
+			log_int(l, "max_body_bytes", d->cfg->max_body_bytes);
+	} else {
+		log_int(l, "max_read_ct", d->cfg->max_read_ct);
+	}
+	if (problem)
+		log_str(l, "problem", problem);
 	log_end(l);
+}
+
+void batch_archive_too_large(struct batch *b, size_t body_bytes)
+{
+	struct dispatcher *d = b->d;
+
+	batch_log_archived(d, &b->msgs[0], "too_large", body_bytes,
+			   "RunPod answered 413 to this message on its own");
 	/* The row goes on as the archive's: archiving (with the 413, leased
 	 * until the archive is done), then archived. */
 	ledger_note(d->ledger, b->dispatch_id, "archiving", b->http_status, NULL, b->error,

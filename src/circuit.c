@@ -42,13 +42,22 @@ void circuit_open(struct dispatcher *d, long http_status)
 		return;
 	d->circuit_open = true;
 	d->probe_failures = 0;
+	d->circuit_opened_at = d->circuit_reminded_at = ev_now(d->loop);
 	metrics_set_circuit_open(true);
 	l = log_begin(LOG_ERROR, "circuit_open");
 	log_str(l, "endpoint_id", d->cfg->endpoint_id);
 	log_int(l, "http_status", http_status);
-	log_str(l, "msg",
-		"RunPod refuses the API key or the endpoint; no reads until a /health "
-		"probe succeeds or the configuration is reloaded");
+	/* The /run URL carries no secret (the key goes in a header); a 404
+	 * usually means a wrong endpoint id or base_url, which it shows. */
+	log_str(l, "url", d->conf.run_url);
+	if (d->once)
+		log_str(l, "msg",
+			"RunPod refuses the API key or the endpoint; --once reads no "
+			"more and exits non-zero, the messages are visible again");
+	else
+		log_str(l, "msg",
+			"RunPod refuses the API key or the endpoint; no reads until a "
+			"/health probe succeeds or the configuration is reloaded");
 	log_end(l);
 	start_probe_timer(d);
 	dispatcher_state_changed(d);
@@ -69,6 +78,30 @@ static void close_circuit(struct dispatcher *d, const char *why)
 	log_end(l);
 	dispatcher_state_changed(d);
 	dispatcher_kick(d);
+}
+
+/* While the circuit stays open, one warning at most each
+ * CIRCUIT_REMIND_S: how long it has been open and how many probes failed,
+ * so a daemon at the default level is not silent about reading nothing. */
+#define CIRCUIT_REMIND_S 60.0
+static void remind_still_open(struct dispatcher *d, const struct http_response *r)
+{
+	ev_tstamp now = ev_now(d->loop);
+	struct log_line *l;
+
+	if (now - d->circuit_reminded_at < CIRCUIT_REMIND_S)
+		return;
+	d->circuit_reminded_at = now;
+	l = log_begin(LOG_WARN, "circuit_still_open");
+	log_str(l, "endpoint_id", d->cfg->endpoint_id);
+	log_int(l, "open_s", (long)(now - d->circuit_opened_at));
+	log_int(l, "probes", d->probe_failures);
+	log_int(l, "last_http_status", r->code == CURLE_OK ? r->status : 0);
+	log_str(l, "url", d->conf.health_url);
+	log_str(l, "msg",
+		"no reads while RunPod refuses the API key or the endpoint; fix it "
+		"and reload (SIGHUP) to probe at once");
+	log_end(l);
 }
 
 static void on_probe_done(void *arg, const struct http_response *r)
@@ -92,6 +125,7 @@ static void on_probe_done(void *arg, const struct http_response *r)
 		close_circuit(d, "health probe succeeded");
 		break;
 	case CIRCUIT_PROBE_LATER:
+		remind_still_open(d, r);
 		start_probe_timer(d);
 		break;
 	default:

@@ -50,6 +50,24 @@ bool config_is_placeholder(const char *v)
 	       strcasecmp(v, "change-me") == 0 || strcasecmp(v, "todo") == 0;
 }
 
+/* True when a longer value (a conninfo) holds an unfilled part of an
+ * example: "<...>" or a word starting "your-"/"your_". */
+bool config_has_placeholder_part(const char *v)
+{
+	for (const char *lt = strchr(v, '<'); lt; lt = strchr(lt + 1, '<')) {
+		const char *q = lt + 1;
+		while (isalnum((unsigned char)*q) || *q == '-' || *q == '_' || *q == ' ')
+			q++;
+		if (*q == '>' && q > lt + 1)
+			return true;
+	}
+	for (const char *p = v; *p; p++)
+		if ((p == v || !isalnum((unsigned char)p[-1])) &&
+		    (strncasecmp(p, "your-", 5) == 0 || strncasecmp(p, "your_", 5) == 0))
+			return true;
+	return false;
+}
+
 /* Strict decimal integer: optional '-', digits, nothing else. */
 bool config_parse_int(const char *s, long *out)
 {
@@ -81,6 +99,9 @@ const char *check_conninfo(const char *v)
 
 	if (*v == '\0')
 		return NULL; /* libpq defaults and PG* variables */
+	if (config_has_placeholder_part(v))
+		return "is the example's placeholder: a part like <password>, <ref>, <region> or "
+		       "your-... was not filled in";
 	const char *problem = NULL;
 
 	opts = PQconninfoParse(v, &err);

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 static const char *const level_choices[] = { "error", "warn", "info", "debug", "trace", NULL };
 static const char *const format_choices[] = { "logfmt", "json", NULL };
@@ -141,28 +142,77 @@ void config_env_name(const struct key *k, char *buf, size_t len)
 		buf[i] = (char)toupper((unsigned char)buf[i]);
 }
 
+/* The name part of a label: after "section." (file, command line) or after
+ * "PGMQD_SECTION_" (environment; section names hold no '_'), without a unit
+ * suffix, copied into out. */
+static void name_stem(const char *label, bool env, char *out, size_t len)
+{
+	static const char *const units[] = { "_ms", "_s", "_seconds", "_bytes", "_10s", NULL };
+	const char *p = label;
+	size_t n;
+
+	if (env) {
+		if (strncasecmp(p, "PGMQD_", 6) == 0)
+			p += 6;
+		const char *u = strchr(p, '_');
+		if (u)
+			p = u + 1;
+	} else {
+		const char *dot = strchr(p, '.');
+		if (dot)
+			p = dot + 1;
+	}
+	snprintf(out, len, "%s", p);
+	n = strlen(out);
+	for (int i = 0; units[i]; i++) {
+		size_t un = strlen(units[i]);
+		if (n > un && strcasecmp(out + n - un, units[i]) == 0) {
+			out[n - un] = '\0';
+			break;
+		}
+	}
+}
+
+/* A typo, not another word: at most 3 edits and at most a third of the
+ * shorter of the two names. */
+static bool close_enough(int d, const char *a, const char *b)
+{
+	size_t la = strlen(a), lb = strlen(b);
+	size_t shorter = la < lb ? la : lb;
+
+	return d <= 3 && (size_t)d * 3 <= shorter;
+}
+
 /* The known name nearest to an unknown one ("section.key", or an
- * environment variable when env), or NULL when none is close. */
+ * environment variable when env), or NULL when none is close. Compares the
+ * whole label and, apart, the key's name without its section and unit
+ * suffix ("pol_interval" → queue.poll_interval_ms). */
 const char *config_nearest_key(const char *unknown, bool env, char *buf, size_t len)
 {
 	int best = 99;
-	char name[128];
+	char name[128], stem_u[128], stem_k[128];
 
+	name_stem(unknown, env, stem_u, sizeof(stem_u));
 	for (size_t i = 0; i < NKEYS; i++) {
-		int d;
+		int d, ds;
 		if (env)
 			config_env_name(&config_keys[i], name, sizeof(name));
 		else
 			snprintf(name, sizeof(name), "%s.%s", config_keys[i].section,
 				 config_keys[i].name);
 		d = config_distance(unknown, name);
+		if (!close_enough(d, unknown, name))
+			d = 99;
+		name_stem(name, env, stem_k, sizeof(stem_k));
+		ds = config_distance(stem_u, stem_k);
+		if (close_enough(ds, stem_u, stem_k) && ds < d)
+			d = ds;
 		if (d < best) {
 			best = d;
 			snprintf(buf, len, "%s", name);
 		}
 	}
-	/* A typo, not another word: at most a third of the name differs. */
-	return best <= 3 && (size_t)best * 3 <= strlen(unknown) ? buf : NULL;
+	return best < 99 ? buf : NULL;
 }
 
 void config_keep_static(const struct config *cur, struct config *next,

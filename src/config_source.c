@@ -11,6 +11,9 @@
 #include <string.h>
 #include <unistd.h>
 
+/* Where the list of keys is, for an unknown key with no near match. */
+#define KEY_LIST_HINT "; the keys are listed by pgmq-dispatcher -T and in man 8 pgmq-dispatcher"
+
 void config_fail(struct raw *r, const char *key, const char *where, const char *fmt, ...)
 {
 	char problem[512];
@@ -100,7 +103,7 @@ static int on_ini_value(void *user, const char *section, const char *name, const
 		if (config_nearest_key(label, false, near, sizeof(near)))
 			config_fail(r, label, where, "unknown key; did you mean %s?", near);
 		else
-			config_fail(r, label, where, "unknown key");
+			config_fail(r, label, where, "unknown key" KEY_LIST_HINT);
 		return 1;
 	}
 	if (fc->seen[i]) {
@@ -296,7 +299,7 @@ void config_load_env(struct raw *r, char *const *envp)
 					    "unknown environment variable; did you mean %s?", near);
 			else
 				config_fail(r, label, "environment",
-					    "unknown environment variable");
+					    "unknown environment variable" KEY_LIST_HINT);
 		}
 	}
 }
@@ -354,7 +357,7 @@ void config_load_cli(struct raw *r, const char *const *cli)
 				config_fail(r, *cli, "command line",
 					    "unknown key; did you mean %s?", near);
 			else
-				config_fail(r, *cli, "command line", "unknown key");
+				config_fail(r, *cli, "command line", "unknown key" KEY_LIST_HINT);
 			continue;
 		}
 		config_set_raw(r, (size_t)i, eq + 1, SRC_CLI, "command line");

@@ -95,7 +95,7 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 		if (!err->connection_lost && !d->once)
 			log_int(l, "retry_in_ms", (long long)dispatcher_back_off(d, PAUSE_DB, -1));
 		else if (!err->connection_lost)
-			log_str(l, "outcome", "--once: no retry, exit status 1");
+			log_str(l, "outcome", "--once: no retry, exit status 69");
 		log_end(l);
 		if (strcmp(err->sqlstate, PGMQ_SQLSTATE_OUT_OF_RANGE) == 0)
 			overflow_find(d);

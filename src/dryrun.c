@@ -49,9 +49,9 @@ int dispatcher_dry_run(const struct config *cfg, FILE *out)
 		free(body);
 	}
 	log_msg(LOG_INFO, "dry_run",
-		"%d visible messages would go out in %d /run requests; "
+		"%d visible message%s would go out in %d /run request%s; "
 		"nothing was changed",
-		rows.n, runs);
+		rows.n, rows.n == 1 ? "" : "s", runs, runs == 1 ? "" : "s");
 	free(ends);
 	pgmq_batch_free(&rows);
 	return 0;

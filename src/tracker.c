@@ -182,18 +182,6 @@ void tracker_op_free(struct op *op)
 
 /* ---- scheduling ---- */
 
-/* Slots of the /status window that polls leave free while /health is
- * polled: its share (TRACKER_HEALTH_SHARE), so a backlog of polls, which
- * takes every slot a sliding window frees, never starves /health. */
-static int health_keep(const struct tracker *t)
-{
-	int keep = (int)(t->cfg->tracker_max_status_per_10s * TRACKER_HEALTH_SHARE);
-
-	if (isinf(tracker_health_at(t)))
-		return 0;
-	return keep < 1 ? 1 : keep;
-}
-
 void tracker_arm(struct tracker *t)
 {
 	ev_tstamp now = ev_now(t->loop), at = INFINITY;
@@ -204,7 +192,8 @@ void tracker_arm(struct tracker *t)
 		return;
 	if (p && t->status_in_flight < t->cfg->tracker_max_concurrent) {
 		double wait_s = 0.0;
-		ev_tstamp slot_at = ratelimit_slot_keep(&t->status_rl, now, health_keep(t), &wait_s)
+		ev_tstamp slot_at = ratelimit_slot_keep(&t->status_rl, now, tracker_health_keep(t),
+							&wait_s)
 					    ? now
 					    : now + wait_s;
 
@@ -354,7 +343,7 @@ static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 	while ((j = job_of(jobtable_first(&t->jobs, JT_POLL))) != NULL &&
 	       t->status_in_flight < t->cfg->tracker_max_concurrent &&
 	       j->node.key[JT_POLL] <= now + DUE_SLACK_S && t->paused_until <= now + DUE_SLACK_S &&
-	       ratelimit_slot_keep(&t->status_rl, now, health_keep(t), &wait_s)) {
+	       ratelimit_slot_keep(&t->status_rl, now, tracker_health_keep(t), &wait_s)) {
 		ratelimit_record(&t->status_rl, now);
 		jobtable_unschedule(&t->jobs, JT_POLL, &j->node);
 		start_status(t, j, now);

@@ -43,6 +43,18 @@ ev_tstamp tracker_health_at(const struct tracker *t)
 	return t->health_due;
 }
 
+/* Slots of the /status window that polls leave free while /health is
+ * polled: its share (TRACKER_HEALTH_SHARE), so a backlog of polls, which
+ * takes every slot a sliding window frees, never starves /health. */
+int tracker_health_keep(const struct tracker *t)
+{
+	int keep = (int)(t->cfg->tracker_max_status_per_10s * TRACKER_HEALTH_SHARE);
+
+	if (isinf(tracker_health_at(t)))
+		return 0;
+	return keep < 1 ? 1 : keep;
+}
+
 double tracker_health_interval_s(int interval_ms, int max_status_per_10s)
 {
 	double share_s = 10.0 / (TRACKER_HEALTH_SHARE * max_status_per_10s);

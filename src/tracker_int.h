@@ -123,6 +123,10 @@ void tracker_on_health(void *arg, const struct http_response *r);
 /* When the next /health poll is due: INFINITY when none is wanted (no job
  * tracked, one in flight, or no URL). */
 ev_tstamp tracker_health_at(const struct tracker *t);
+
+/* Slots of the /status window that polls leave free for /health: its
+ * share while /health is polled, 0 otherwise. */
+int tracker_health_keep(const struct tracker *t);
 /* Starts a /health request (the caller took a slot of the /status limiter). */
 void tracker_health_start(struct tracker *t, ev_tstamp now);
 /* The IN_QUEUE count went from before to its current value: the oldest

@@ -150,6 +150,34 @@ def test_circuit_opens_and_a_probe_closes_it(queue_db, emulator, start_daemon, s
     assert d.stop() == 0
 
 
+def test_circuit_open_in_once_names_the_url_and_what_once_does(queue_db, emulator, start_daemon):
+    ids = queue_db.send_many(jobs(2))
+    d = start_daemon("--once", RUNPOD_ENDPOINT_ID="not-yet-there", **FAST_BACKOFF)
+    assert d.wait_exit() != 0
+    line = logfmt(d.wait_log(r"event=circuit_open .*http_status=404")[0].string)
+    # The URL posted to (a 404 is mostly a wrong endpoint id or base_url); no key in it.
+    assert line["url"] == emulator.url("run", endpoint_id="not-yet-there")
+    assert "--once" in line["msg"] and "no reads until" not in line["msg"]
+    assert API_KEY not in d.output
+    assert [r[0] for r in queue_db.sql("SELECT msg_id FROM pgmq.q_jobs WHERE vt <= now() "
+                                      "ORDER BY msg_id")] == ids
+
+
+def test_circuit_still_open_is_reminded_at_the_default_level(queue_db, emulator, start_daemon):
+    queue_db.send_many(jobs(1))
+    emulator.add_endpoint(ENDPOINT_ID, "some-other-key")
+    d = start_daemon("--log-format", "logfmt", PGMQD_RUNPOD_PROBE_INTERVAL_MS=500, **FAST_BACKOFF)
+    d.wait_log(r"event=circuit_open .*http_status=401")
+    # At most once a minute: the first reminder about 60 s after the opening.
+    line = logfmt(d.wait_log(r"level=warn event=circuit_still_open", timeout_s=100)[0].string)
+    assert 60 <= int(line["open_s"]) < 90
+    assert int(line["probes"]) >= 10 and int(line["last_http_status"]) == 401
+    assert len(emulator.requests("health")) >= int(line["probes"])
+    assert d.count_log(r"event=circuit_still_open") == 1
+    assert API_KEY not in d.output
+    assert d.stop() == 0
+
+
 def test_reload_closes_the_circuit(queue_db, emulator, tmp_path):
     conf = tmp_path / "d.conf"
     key_file = tmp_path / "key"

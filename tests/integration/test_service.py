@@ -276,6 +276,14 @@ def test_dry_run_changes_nothing(queue_db, emulator):
     assert all(j["read_ct"] == 1 for b in bodies for j in b["input"]["jobs"])
     assert queue_db.sql("SELECT msg_id, read_ct, vt FROM pgmq.q_jobs ORDER BY msg_id") == before
     assert emulator.requests() == []
+    assert any("10 visible messages would go out in 1 /run request;" in l for l in d.lines), d.lines
+
+
+def test_dry_run_summary_singular(queue_db, emulator):
+    queue_db.send_many([{"document_id": "d1"}])
+    d = Daemon(base_env(queue_db, emulator), args=["--dry-run"]).start()
+    assert d.wait_exit() == 0
+    assert any("1 visible message would go out in 1 /run request;" in l for l in d.lines), d.lines
 
 
 # ------------------------------------------------------------------ secrets and logs
