@@ -36,7 +36,7 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
+MODULES   := main budget config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
              runpod dispatcher reload batch post circuit wakeup overflow dryrun backoff ratelimit \
              sdnotify metrics admin listenaddr tracker tracker_reply tracker_health jobtable \
              ledger ledger_tick ledger_sql ledger_cli migrate
