@@ -43,7 +43,7 @@ MODULES   := main budget config config_keys config_source config_check log log_s
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
-UNIT_TESTS := test_runpod test_config test_config_check test_log test_pgmq test_metrics test_admin \
+UNIT_TESTS := test_budget test_runpod test_config test_config_check test_log test_pgmq test_metrics test_admin \
               test_sdnotify test_tracker test_jobtable test_decisions test_reload test_ledger
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 

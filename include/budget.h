@@ -38,8 +38,8 @@
 #include <ev.h>
 #include <stdbool.h>
 
-#define BUDGET_RETRY_S 1.0      /* next database attempt after a failure */
-#define BUDGET_MIN_WAIT_S 0.005 /* floor of a denied grant's retry */
+#define BUDGET_RETRY_S 1.0        /* next database attempt after a failure */
+#define BUDGET_MIN_WAIT_S 0.005   /* floor of a denied grant's retry */
 #define BUDGET_STMT_TIMEOUT_S 2.0 /* a grant not answered by then: fall back */
 
 enum budget_kind { BUDGET_RUN = 0, BUDGET_STATUS, BUDGET_NKINDS };

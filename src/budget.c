@@ -117,8 +117,9 @@ static void set_fallback(struct budget *b, bool on, const char *why)
 		log_str(l, "endpoint_id", b->endpoint_id);
 		log_str(l, "error", why);
 		log_int(l, "local_cap", b->local_cap);
-		log_str(l, "outcome", b->local_cap > 0 ? "sending at the local share of the cap"
-						       : "sending nothing until a grant comes");
+		log_str(l, "outcome",
+			b->local_cap > 0 ? "sending at the local share of the cap"
+					 : "sending nothing until a grant comes");
 		log_end(l);
 	} else {
 		struct log_line *l = log_begin(LOG_INFO, "fleet_budget_restored");
@@ -160,8 +161,8 @@ static void on_taken(void *arg, PGresult *res, const struct pg_error *err)
 	if (err) {
 		/* 42883/42P01: not migrated (ledger.enabled off and a role that
 		 * may not create it): named once. */
-		if (!b->missing_logged && (strcmp(err->sqlstate, "42883") == 0 ||
-					   strcmp(err->sqlstate, "42P01") == 0)) {
+		if (!b->missing_logged &&
+		    (strcmp(err->sqlstate, "42883") == 0 || strcmp(err->sqlstate, "42P01") == 0)) {
 			struct log_line *l = log_begin(LOG_ERROR, "fleet_budget_unavailable");
 			log_str(l, "schema", b->schema);
 			log_str(l, "error", err->message);
@@ -207,8 +208,9 @@ static void on_taken(void *arg, PGresult *res, const struct pg_error *err)
 static void ask(struct budget *b, int waiting)
 {
 	char sql[sizeof(TAKE_SQL) + 64], cap[16], count[32], want[16], max[16];
-	const char *params[7] = { b->endpoint_id, kind_names[b->kind], b->owner, cap, count, want,
-				  max };
+	const char *params[7] = {
+		b->endpoint_id, kind_names[b->kind], b->owner, cap, count, want, max
+	};
 	struct req *r;
 
 	if (b->req || ev_is_active(&b->retry))

@@ -216,8 +216,9 @@ void tracker_arm(struct tracker *t)
 		ev_tstamp slot_at = ratelimit_slot(&t->status_rl, now, &wait_s) ? now
 										: now + wait_s;
 
-		at = fmin(at, fleet_due(t, fmax(tracker_health_at(t), fmax(t->paused_until, slot_at)),
-					now));
+		at = fmin(at,
+			  fleet_due(t, fmax(tracker_health_at(t), fmax(t->paused_until, slot_at)),
+				    now));
 	}
 	if (d && t->db_in_flight < TRACKER_MAX_DB && d->key[JT_DB] < at)
 		at = d->key[JT_DB];

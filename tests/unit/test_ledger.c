@@ -112,7 +112,8 @@ static void migration_statement(void **state)
 	assert_null(strstr(v1, "lease_until")); /* version 2 only */
 	assert_non_null(strstr(v2, "lease_until"));
 	assert_non_null(strstr(v2, "CREATE TABLE my_schema.dispatch"));
-	assert_non_null(strstr(v2, "IF v > 2 THEN RAISE EXCEPTION"));
+	snprintf(line, sizeof(line), "IF v > %d THEN RAISE EXCEPTION", MIGRATE_VERSION);
+	assert_non_null(strstr(v2, line));
 	assert_null(migrate_sql("x", 0));
 	assert_null(migrate_sql("x", MIGRATE_VERSION + 1));
 	free(v1);
