@@ -254,6 +254,17 @@ static void send_waiting(struct dispatcher *d)
 			}
 			return;
 		}
+		/* With the fleet budget a wait may outlast the database: a
+		 * batch whose vt ran out meanwhile may be another reader's
+		 * now, so it is never sent. */
+		if (d->budget &&
+		    ev_now(d->loop) - d->waiting->read_at >= d->cfg->vt_seconds - 1.0) {
+			d->in_flight--;
+			metrics_set_in_flight(d->in_flight);
+			batch_end(pop_waiting(d), BATCH_UNSENT,
+				  "its vt ran out while it waited for the fleet budget");
+			continue;
+		}
 		/* The fleet's share (off: always true); its ready hook comes
 		 * back here when a grant arrives. */
 		if (!budget_take(d->budget, ev_time(), d->nwaiting))

@@ -88,8 +88,7 @@ static double lcg_next(unsigned *seed)
 }
 
 /* The model of budget_take: prune, count, grant. Returns the slots. */
-static int model_take(struct db_grant *g, int *n, double now, double count_s, int owner,
-		      int want)
+static int model_take(struct db_grant *g, int *n, double now, double count_s, int owner, int want)
 {
 	int used = 0, others = 0, keep = 0, slots;
 	bool seen[REPLICAS] = { false };
