@@ -18,6 +18,40 @@ struct req {
 	double sent_at; /* ev_time() when sent: the grant's validity runs from here */
 };
 
+/* Fallback sends in owed newer than since. */
+static int owed_count(const struct ratelimit *o, double since)
+{
+	int n = 0;
+
+	for (int i = 0; i < o->count; i++)
+		if (o->sent_at[(o->head + i) % o->cap] > since)
+			n++;
+	return n;
+}
+
+/* Forgets the fallback sends up to `until` (reported by a statement sent
+ * then); keeps later ones for the next. */
+static void owed_drop(struct ratelimit *o, double until)
+{
+	double *kept;
+	int keep = 0;
+
+	if (o->count == 0)
+		return;
+	kept = malloc((size_t)o->cap * sizeof(*kept));
+	if (kept == NULL)
+		return; /* reported twice: counted longer, never less */
+	for (int i = 0; i < o->count; i++) {
+		double t = o->sent_at[(o->head + i) % o->cap];
+		if (t > until)
+			kept[keep++] = t;
+	}
+	memcpy(o->sent_at, kept, (size_t)keep * sizeof(*kept));
+	free(kept);
+	o->head = 0;
+	o->count = keep;
+}
+
 struct budget {
 	struct ev_loop *loop;
 	struct pg *pg;
@@ -37,8 +71,13 @@ struct budget {
 	ev_timer stmt_timeout; /* a grant that does not come: fall back meanwhile */
 	bool fallback;         /* no grant can be had: the local share */
 	bool missing_logged;
-	struct ratelimit local; /* the fallback's limiter */
+	struct ratelimit local; /* the fallback's limiter; every send is recorded in it */
 	int local_cap;
+	/* Sends made in fallback (not in the database): reported with the next
+	 * statement, which counts them as a grant of this replica. */
+	struct ratelimit owed;
+	double last_ok_at;       /* ev_time() of the last answered statement (or start) */
+	double transition_until; /* after a fallback: the local share holds too until then */
 	bool migrated;
 };
 
@@ -101,9 +140,14 @@ int budget_fallback_cap(int cap, int expected_replicas)
 
 /* ---- the statement ---- */
 
+static double count_s_of(const struct budget *b)
+{
+	return budget_count_s(b->window_s, RATE_MARGIN_S, b->validity_s);
+}
+
 static const char TAKE_SQL[] = "SELECT slots, retry_s, active FROM %s.budget_take"
 			       "($1, $2, $3::uuid, $4::integer, $5::double precision, "
-			       "$6::integer, $7::integer)";
+			       "$6::integer, $7::integer, $8::integer)";
 
 static void set_fallback(struct budget *b, bool on, const char *why)
 {
@@ -185,7 +229,13 @@ static void on_taken(void *arg, PGresult *res, const struct pg_error *err)
 	slots = atoi(PQgetvalue(res, 0, 0));
 	retry_s = atof(PQgetvalue(res, 0, 1));
 	PQclear(res);
+	if (b->fallback && b->local_cap > 0)
+		/* Others may still be in fallback, at their local share: keep
+		 * to ours as well until every fallback send is reported. */
+		b->transition_until = ev_time() + count_s_of(b);
+	b->last_ok_at = ev_time();
 	set_fallback(b, false, NULL);
+	owed_drop(&b->owed, sent_at); /* the database counts them now */
 	metrics_inc_fleet_grant((int)b->kind, slots);
 	if (slots > 0) {
 		/* Validity from the moment the statement left: before the
@@ -207,10 +257,11 @@ static void on_taken(void *arg, PGresult *res, const struct pg_error *err)
 
 static void ask(struct budget *b, int waiting)
 {
-	char sql[sizeof(TAKE_SQL) + 64], cap[16], count[32], want[16], max[16];
-	const char *params[7] = {
-		b->endpoint_id, kind_names[b->kind], b->owner, cap, count, want, max
+	char sql[sizeof(TAKE_SQL) + 64], cap[16], count[32], want[16], max[16], spent[16];
+	const char *params[8] = {
+		b->endpoint_id, kind_names[b->kind], b->owner, cap, count, want, max, spent
 	};
+	double count_s = budget_count_s(b->window_s, RATE_MARGIN_S, b->validity_s);
 	struct req *r;
 
 	if (b->req || ev_is_active(&b->retry))
@@ -221,8 +272,7 @@ static void ask(struct budget *b, int waiting)
 	}
 	snprintf(sql, sizeof(sql), TAKE_SQL, b->schema);
 	snprintf(cap, sizeof(cap), "%d", b->cap);
-	snprintf(count, sizeof(count), "%.6f",
-		 budget_count_s(b->window_s, RATE_MARGIN_S, b->validity_s));
+	snprintf(count, sizeof(count), "%.6f", count_s);
 	snprintf(want, sizeof(want), "%d", budget_want(waiting, b->grant_max));
 	snprintf(max, sizeof(max), "%d", b->grant_max);
 	r = calloc(1, sizeof(*r));
@@ -232,7 +282,8 @@ static void ask(struct budget *b, int waiting)
 	}
 	r->b = b;
 	r->sent_at = ev_time();
-	if (pg_query(b->pg, sql, 7, params, on_taken, r) != 0) {
+	snprintf(spent, sizeof(spent), "%d", owed_count(&b->owed, r->sent_at - count_s));
+	if (pg_query(b->pg, sql, 8, params, on_taken, r) != 0) {
 		free(r);
 		failed(b, "the database queue is full");
 		return;
@@ -266,6 +317,31 @@ static void on_stmt_timeout(struct ev_loop *loop, ev_timer *w, int revents)
 
 /* ---- the API ---- */
 
+/* The local share in fallback: only once every grant made before the
+ * database stopped answering has left the counted span (the others'
+ * grants were not bound by the share), then cap / expected_replicas. */
+static bool local_allows(const struct budget *b, double now, double *wait_s)
+{
+	double quiet_until = b->last_ok_at + count_s_of(b);
+
+	if (!b->fallback || b->local_cap <= 0) {
+		*wait_s = BUDGET_RETRY_S;
+		return false;
+	}
+	if (now < quiet_until) {
+		*wait_s = quiet_until - now;
+		return false;
+	}
+	return ratelimit_slot(&b->local, now, wait_s);
+}
+
+/* Leaving a fallback: a grant's slot goes only when the local share allows
+ * it too. */
+static bool transition_allows(const struct budget *b, double now, double *wait_s)
+{
+	return now >= b->transition_until || ratelimit_slot(&b->local, now, wait_s);
+}
+
 bool budget_has_slot(const struct budget *b, double now)
 {
 	double wait_s;
@@ -273,8 +349,15 @@ bool budget_has_slot(const struct budget *b, double now)
 	if (b == NULL)
 		return true;
 	if (b->grant.slots > 0 && now < b->grant.expires_at)
-		return true;
-	return b->fallback && b->local_cap > 0 && ratelimit_slot(&b->local, now, &wait_s);
+		return transition_allows(b, now, &wait_s);
+	return local_allows(b, now, &wait_s);
+}
+
+/* The retry timer at most wait_s away: it brings the caller back. */
+static void wake_within(struct budget *b, double wait_s)
+{
+	if (!ev_is_active(&b->retry) || ev_timer_remaining(b->loop, &b->retry) > wait_s)
+		arm(b, &b->retry, wait_s);
 }
 
 void budget_ask(struct budget *b, double now, int waiting)
@@ -283,12 +366,15 @@ void budget_ask(struct budget *b, double now, int waiting)
 
 	if (b == NULL)
 		return;
+	if (b->grant.slots > 0 && now < b->grant.expires_at) {
+		if (!transition_allows(b, now, &wait_s))
+			wake_within(b, wait_s);
+		return;
+	}
 	ask(b, waiting);
-	/* The next local slot: the retry timer brings the caller back (and
-	 * asks the database again then). */
-	if (b->fallback && b->local_cap > 0 && !ratelimit_slot(&b->local, now, &wait_s) &&
-	    (!ev_is_active(&b->retry) || ev_timer_remaining(b->loop, &b->retry) > wait_s))
-		arm(b, &b->retry, wait_s);
+	/* The next local slot (and the database asked again then). */
+	if (b->fallback && b->local_cap > 0 && !local_allows(b, now, &wait_s))
+		wake_within(b, wait_s);
 }
 
 bool budget_take(struct budget *b, double now, int waiting)
@@ -299,14 +385,24 @@ bool budget_take(struct budget *b, double now, int waiting)
 
 	if (b == NULL)
 		return true;
+	if (b->grant.slots > 0 && now < b->grant.expires_at &&
+	    !transition_allows(b, now, &wait_s)) {
+		wake_within(b, wait_s);
+		return false;
+	}
 	ok = budget_grant_take(&b->grant, now, &unused);
 	if (unused > 0)
 		metrics_add_fleet_unused((int)b->kind, (unsigned long long)unused);
-	if (ok)
-		return true;
-	ask(b, waiting);
-	if (b->fallback && b->local_cap > 0 && ratelimit_slot(&b->local, now, &wait_s)) {
+	if (ok) {
+		/* Also in the fallback's window: a fallback starting now
+		 * counts what this replica has just sent. */
 		ratelimit_record(&b->local, now);
+		return true;
+	}
+	ask(b, waiting);
+	if (local_allows(b, now, &wait_s)) {
+		ratelimit_record(&b->local, now);
+		ratelimit_record(&b->owed, now);
 		return true;
 	}
 	budget_ask(b, now, waiting);
@@ -340,11 +436,16 @@ struct budget *budget_new(struct ev_loop *loop, struct pg *pg, const struct conf
 	snprintf(b->schema, sizeof(b->schema), "%s", cfg->ledger_schema);
 	take_values(b, cfg);
 	b->local_cap = budget_fallback_cap(b->cap, b->expected_replicas);
+	/* owed: the fallback sends of one counted span, at most twice the
+	 * local cap of one window. */
 	if (ratelimit_init(&b->local, b->local_cap > 0 ? b->local_cap : 1,
-			   b->window_s + RATE_MARGIN_S) != 0) {
+			   b->window_s + RATE_MARGIN_S) != 0 ||
+	    ratelimit_init(&b->owed, b->local_cap > 0 ? 2 * b->local_cap : 1, 0.0) != 0) {
+		ratelimit_free(&b->local);
 		free(b);
 		return NULL;
 	}
+	b->last_ok_at = ev_time(); /* a replica starting without a grant waits one span too */
 	ev_init(&b->retry, on_retry);
 	b->retry.data = b;
 	ev_init(&b->stmt_timeout, on_stmt_timeout);
@@ -375,8 +476,15 @@ void budget_reload(struct budget *b, const struct config *cfg)
 	local_cap = budget_fallback_cap(b->cap, b->expected_replicas);
 	if (local_cap != b->local_cap &&
 	    ratelimit_resized(&b->local, local_cap > 0 ? local_cap : 1, &rl) == 0) {
+		struct ratelimit owed;
+		if (ratelimit_resized(&b->owed, local_cap > 0 ? 2 * local_cap : 1, &owed) != 0) {
+			ratelimit_free(&rl);
+			return; /* the old share stays */
+		}
 		ratelimit_free(&b->local);
+		ratelimit_free(&b->owed);
 		b->local = rl;
+		b->owed = owed;
 		b->local_cap = local_cap;
 	}
 }
@@ -438,5 +546,6 @@ void budget_free(struct budget *b)
 	if (b->req)
 		b->req->b = NULL;
 	ratelimit_free(&b->local);
+	ratelimit_free(&b->owed);
 	free(b);
 }

@@ -50,7 +50,9 @@ static const char V2[] = "CREATE TABLE @S@.lease ("
  * validity), pruned by each grant; and the one function a grant calls.
  * The function takes clock_timestamp() after the lock: the database's
  * clock, in the order the grants were made. Its arithmetic is
- * budget_grant_size's. */
+ * budget_grant_size's. p_spent: requests the caller sent without a grant
+ * (its fallback while the database could not be asked), counted from now
+ * as a grant of its own, later than they were sent: never less. */
 static const char V3[] =
 	"CREATE TABLE @S@.budget (endpoint_id text NOT NULL, kind text NOT NULL,"
 	" PRIMARY KEY (endpoint_id, kind));"
@@ -59,7 +61,7 @@ static const char V3[] =
 	"CREATE INDEX budget_grant_at ON @S@.budget_grant (endpoint_id, kind, granted_at);"
 	"CREATE FUNCTION @S@.budget_take(p_endpoint text, p_kind text, p_owner uuid,"
 	" p_cap integer, p_count_s double precision, p_want integer, p_max integer,"
-	" OUT slots integer, OUT retry_s double precision, OUT active integer)"
+	" p_spent integer DEFAULT 0, OUT slots integer, OUT retry_s double precision, OUT active integer)"
 	" LANGUAGE plpgsql AS $budget$ DECLARE t timestamptz; used integer; oldest timestamptz;"
 	" free integer; BEGIN"
 	" INSERT INTO @S@.budget VALUES (p_endpoint, p_kind) ON CONFLICT DO NOTHING;"
@@ -68,6 +70,8 @@ static const char V3[] =
 	" t := clock_timestamp();"
 	" DELETE FROM @S@.budget_grant g WHERE g.endpoint_id = p_endpoint AND g.kind = p_kind"
 	" AND g.granted_at <= t - make_interval(secs => p_count_s);"
+	" IF p_spent > 0 THEN INSERT INTO @S@.budget_grant VALUES (p_endpoint, p_kind, p_owner, t,"
+	" p_spent); END IF;"
 	" SELECT coalesce(sum(g.slots), 0)::integer,"
 	" count(DISTINCT g.owner) FILTER (WHERE g.owner <> p_owner)::integer + 1,"
 	" min(g.granted_at) INTO used, active, oldest FROM @S@.budget_grant g"
