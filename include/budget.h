@@ -21,9 +21,12 @@
  * g), on its own monotonic clock, and drops what is left after it.
  *
  * When no grant can be had (database down, schema missing, statement
- * failed) the budget falls back to cap / fleet.expected_replicas on a local
- * sliding window, or sends nothing when expected_replicas is 0, and asks
- * the database again every BUDGET_RETRY_S.
+ * failed) the budget sends nothing when fleet.expected_replicas is 0;
+ * otherwise, one counted span after the last answer, cap / expected_replicas
+ * on a local sliding window that also holds the granted sends. It asks the
+ * database again every BUDGET_RETRY_S, reports the sends made without a
+ * grant with the first statement that is answered, and keeps to the local
+ * share for one more span after that.
  *
  * Owns its grant, its fallback limiter and its one outstanding statement.
  * Knows nothing of batches, HTTP or RunPod's formats: the caller asks for
