@@ -266,3 +266,61 @@ def test_database_unavailable_with_no_expected_replicas_sends_nothing_and_loses_
     emulator.wait_for(lambda: len(ids()) >= 150, timeout_s=30)
     assert sorted(ids()) == list(range(1, 151))
     assert count_429(emulator) == 0
+
+
+def test_three_replicas_through_pgbouncer_transaction_mode(queue_db, emulator, fleet, pg_cluster):
+    """One autocommit statement per grant, no session state: the budget works through a
+    transaction pooler (Supabase's port 6543) as directly."""
+    from pgbouncer import PgBouncer
+
+    with PgBouncer(pg_cluster, pool_mode="transaction") as bouncer:
+        assert any(r["key"] == "pool_mode" and r["value"] == "transaction"
+                   for r in bouncer.show("CONFIG"))
+        enqueue(queue_db, 1000)
+        fleet(3, PGMQD_DATABASE_CONNINFO=bouncer.conninfo_for(queue_db.dbname))
+        emulator.wait_for(lambda: len(accepted_times(emulator)) >= 1, timeout_s=30)
+        t0 = accepted_times(emulator)[0]
+        emulator.wait_for(lambda: time.monotonic() > t0 + WINDOW_S + 2 * COUNT_S + 0.5,
+                          timeout_s=40)
+        times = accepted_times(emulator)
+        share = share_of_cap(times, t0 + WINDOW_S, 2)
+        owners = queue_db.sql(
+            "SELECT count(DISTINCT owner) FROM pgmq_dispatcher.budget_grant")[0][0]
+        xacts = sum(int(r["total_xact_count"]) for r in bouncer.show("STATS")
+                    if r["database"] == queue_db.dbname)
+    print(f"through PgBouncer: {share:.3f} of the cap over 2 periods, 429s "
+          f"{count_429(emulator)}, {xacts} transactions through the pooler")
+    assert count_429(emulator) == 0
+    assert max_in_window(times, WINDOW_S) <= CAP
+    assert share >= 0.9, share
+    assert owners == 3
+    assert xacts > 100
+
+
+def test_tracker_status_cap_is_shared_too(queue_db, emulator, fleet):
+    """With [tracker], /status and /health take their slots from a second budget row
+    (kind 'status', cap tracker.max_status_per_10s over the same window)."""
+    status_cap = 40
+    enqueue(queue_db, 300)
+    ds = fleet(3, PGMQD_TRACKER_ENABLED="on", PGMQD_TRACKER_INTERVAL_MS=100,
+               PGMQD_TRACKER_MAX_STATUS_PER_10S=status_cap)
+    for d in ds:
+        d.wait_log(r"event=fleet_budget .*kind=status", timeout_s=10)
+
+    def status_times():
+        return sorted(r.received_at for r in emulator.requests()
+                      if r.route in ("status", "health"))
+
+    emulator.wait_for(lambda: len(status_times()) >= 1, timeout_s=30)
+    t0 = status_times()[0]
+    emulator.wait_for(lambda: time.monotonic() > t0 + 3 * COUNT_S, timeout_s=40)
+    times = status_times()
+    n = sum(1 for t in times if t0 + WINDOW_S <= t < t0 + WINDOW_S + 2 * COUNT_S)
+    share = (n / (2 * COUNT_S)) / (status_cap / WINDOW_S)
+    owners = queue_db.sql("SELECT count(DISTINCT owner) FROM pgmq_dispatcher.budget_grant "
+                          "WHERE kind = 'status'")[0][0]
+    print(f"/status + /health: at most {max_in_window(times, WINDOW_S)} in any window of "
+          f"{status_cap} allowed, {share:.3f} of that cap over 2 periods, {owners} replicas")
+    assert max_in_window(times, WINDOW_S) <= status_cap
+    assert share >= 0.8, share  # the demand (about 75 per s) keeps it saturated
+    assert owners == 3
