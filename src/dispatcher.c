@@ -574,6 +574,11 @@ void dispatcher_free(struct dispatcher *d)
 		http_cancel_all(d->http);
 	tracker_free(d->tracker); /* after the aborts above, before http_free drops requests */
 	ledger_free(d->ledger);   /* its statements' callbacks find it gone */
+	/* pg_free below fails the statements still queued (the database
+	 * gone at exit): their callbacks end batches, which note them in the
+	 * ledger and look at the tracker; they must find neither. */
+	d->tracker = NULL;
+	d->ledger = NULL;
 	http_free(d->http);
 	wakeup_free(d);
 	pg_free(d->pg);

@@ -17,7 +17,7 @@ import urllib.request
 
 import pytest
 
-from daemon import Daemon, base_env
+from daemon import Daemon, assert_no_sanitizer_report, base_env
 
 CAP = 125
 WINDOW_S = 5.0
@@ -51,10 +51,12 @@ def fleet(queue_db, emulator):
         return ds
 
     yield start
+    # A clean stop, so that a sanitizer build reports leaks (make SANITIZE=1).
     for d in started:
         if d.proc.poll() is None:
-            d.proc.kill()
-            d.proc.wait()
+            d.stop()
+    for d in started:
+        assert_no_sanitizer_report(d.output)
 
 
 def fleet_metric(d, name):
@@ -277,7 +279,7 @@ def test_three_replicas_through_pgbouncer_transaction_mode(queue_db, emulator, f
         assert any(r["key"] == "pool_mode" and r["value"] == "transaction"
                    for r in bouncer.show("CONFIG"))
         enqueue(queue_db, 1000)
-        fleet(3, PGMQD_DATABASE_CONNINFO=bouncer.conninfo_for(queue_db.dbname))
+        ds = fleet(3, PGMQD_DATABASE_CONNINFO=bouncer.conninfo_for(queue_db.dbname))
         emulator.wait_for(lambda: len(accepted_times(emulator)) >= 1, timeout_s=30)
         t0 = accepted_times(emulator)[0]
         emulator.wait_for(lambda: time.monotonic() > t0 + WINDOW_S + 2 * COUNT_S + 0.5,
@@ -288,6 +290,8 @@ def test_three_replicas_through_pgbouncer_transaction_mode(queue_db, emulator, f
             "SELECT count(DISTINCT owner) FROM pgmq_dispatcher.budget_grant")[0][0]
         xacts = sum(int(r["total_xact_count"]) for r in bouncer.show("STATS")
                     if r["database"] == queue_db.dbname)
+        for d in ds:
+            d.stop()  # while their pooler is still there
     print(f"through PgBouncer: {share:.3f} of the cap over 2 periods, 429s "
           f"{count_429(emulator)}, {xacts} transactions through the pooler")
     assert count_429(emulator) == 0
