@@ -436,10 +436,11 @@ struct budget *budget_new(struct ev_loop *loop, struct pg *pg, const struct conf
 	snprintf(b->schema, sizeof(b->schema), "%s", cfg->ledger_schema);
 	take_values(b, cfg);
 	b->local_cap = budget_fallback_cap(b->cap, b->expected_replicas);
-	/* owed: the fallback sends of one counted span, at most twice the
-	 * local cap of one window. */
-	if (ratelimit_init(&b->local, b->local_cap > 0 ? b->local_cap : 1,
-			   b->window_s + RATE_MARGIN_S) != 0 ||
+	/* The local share's window is the counted span, not the window alone:
+	 * validity_ms of slack for a send that reaches RunPod late (a loaded
+	 * machine), as a grant has. owed: the fallback sends of one counted
+	 * span, at most twice the local cap. */
+	if (ratelimit_init(&b->local, b->local_cap > 0 ? b->local_cap : 1, count_s_of(b)) != 0 ||
 	    ratelimit_init(&b->owed, b->local_cap > 0 ? 2 * b->local_cap : 1, 0.0) != 0) {
 		ratelimit_free(&b->local);
 		free(b);
@@ -487,6 +488,7 @@ void budget_reload(struct budget *b, const struct config *cfg)
 		b->owed = owed;
 		b->local_cap = local_cap;
 	}
+	b->local.window_s = count_s_of(b); /* validity_ms may have changed */
 }
 
 static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
