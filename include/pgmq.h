@@ -96,6 +96,15 @@ int pgmq_metrics(struct pg *pg, const char *queue, pgmq_metrics_fn fn, void *arg
  * unquoted, into buf. Returns 0, or -1 when it does not fit. Pure. */
 int pgmq_table_name(const char *queue, char *buf, size_t len);
 
+/* Writes s as an SQL string literal ('...', quotes doubled) into buf, for
+ * the statements the logs suggest (pgmq.create, pgmq.archive). Returns 0,
+ * or -1 when it does not fit in len bytes (buf is then ""). Pure. */
+int pgmq_quote_literal(const char *s, char *buf, size_t len);
+
+/* Writes "SELECT pgmq.create('<queue>');" into buf: the way out that a
+ * missing queue's log lines give. Returns 0, or -1 when cut. Pure. */
+int pgmq_create_call(const char *queue, char *buf, size_t len);
+
 /* Blocking, read-only look at the next qty visible messages of a queue
  * (for --dry-run): selects from pgmq.q_<lower(queue)> without locking or
  * changing anything; read_ct is shown as the read would make it (+1).

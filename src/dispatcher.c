@@ -96,6 +96,12 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 			log_int(l, "retry_in_ms", (long long)dispatcher_back_off(d, PAUSE_DB, -1));
 		else if (!err->connection_lost)
 			log_str(l, "outcome", "--once: no retry, exit status 69");
+		if (strcmp(err->sqlstate, "42P01") == 0) { /* undefined_table: no such queue */
+			char call[320];
+
+			pgmq_create_call(d->cfg->queue_name, call, sizeof(call));
+			log_str(l, "fix", call);
+		}
 		log_end(l);
 		if (strcmp(err->sqlstate, PGMQ_SQLSTATE_OUT_OF_RANGE) == 0)
 			overflow_find(d);

@@ -41,7 +41,6 @@ static void on_overflow_found(void *arg, const long long *ids, int n, const stru
 {
 	struct dispatcher *d = arg;
 	char fix[256], quoted[160];
-	size_t used = 0;
 	struct log_line *l;
 
 	d->db_pending--;
@@ -57,13 +56,8 @@ static void on_overflow_found(void *arg, const long long *ids, int n, const stru
 		dispatcher_maybe_finish(d);
 		return;
 	}
-	for (const char *p = d->cfg->queue_name; *p && used < sizeof(quoted) - 3; p++) {
-		if (*p == '\'')
-			quoted[used++] = '\'';
-		quoted[used++] = *p;
-	}
-	quoted[used] = '\0';
-	snprintf(fix, sizeof(fix), "SELECT pgmq.archive('%s', %lld)%s", quoted, ids[0],
+	pgmq_quote_literal(d->cfg->queue_name, quoted, sizeof(quoted));
+	snprintf(fix, sizeof(fix), "SELECT pgmq.archive(%s, %lld)%s", quoted, ids[0],
 		 n > 1 ? " for each msg_id" : "");
 	l = log_begin(LOG_ERROR, "read_ct_overflow");
 	log_str(l, "queue", d->cfg->queue_name);

@@ -305,6 +305,38 @@ int pgmq_table_name(const char *queue, char *buf, size_t len)
 	return 0;
 }
 
+int pgmq_quote_literal(const char *s, char *buf, size_t len)
+{
+	size_t used = 0;
+
+	if (len < 3)
+		return -1;
+	buf[used++] = '\'';
+	for (; *s; s++) {
+		if (used + (*s == '\'' ? 2 : 1) + 2 > len) {
+			buf[0] = '\0';
+			return -1;
+		}
+		if (*s == '\'')
+			buf[used++] = '\'';
+		buf[used++] = *s;
+	}
+	buf[used++] = '\'';
+	buf[used] = '\0';
+	return 0;
+}
+
+int pgmq_create_call(const char *queue, char *buf, size_t len)
+{
+	char lit[256];
+	int n;
+
+	if (pgmq_quote_literal(queue, lit, sizeof(lit)) != 0)
+		snprintf(lit, sizeof(lit), "'<queue>'");
+	n = snprintf(buf, len, "SELECT pgmq.create(%s);", lit);
+	return n < 0 || (size_t)n >= len ? -1 : 0;
+}
+
 PGresult *pgmq_peek(PGconn *conn, const char *queue, int qty, char *err, size_t errlen)
 {
 	char table[64], sql[512], n[16];
