@@ -370,13 +370,13 @@ static void on_ledger_fatal(void *arg)
 /* A job whose replica died: follow it as if it had just been accepted,
  * its heartbeat due at once when its vt is short. */
 static void on_ledger_claimed(void *arg, const char *dispatch_id, const char *job_id,
-			      const long long *ids, int n, double vt_left_s)
+			      const long long *ids, int n, double vt_left_s, double age_s)
 {
 	struct dispatcher *d = arg;
-	double left = vt_left_s < 0 ? 0 : vt_left_s;
+	double left = vt_left_s < 0 ? 0 : vt_left_s, now = ev_now(d->loop);
 
-	tracker_add_dispatch(d->tracker, job_id, dispatch_id, ids, n,
-			     ev_now(d->loop) + left - d->cfg->vt_seconds);
+	tracker_add_claimed(d->tracker, job_id, dispatch_id, ids, n,
+			    now + left - d->cfg->vt_seconds, now - (age_s > 0 ? age_s : 0));
 }
 
 void dispatcher_tracker_state(void *arg, const char *dispatch_id, const char *state,

@@ -33,7 +33,8 @@ struct ledger {
 	struct pg *pg;
 	struct ledger_hooks hooks;
 	char owner[LEDGER_ID_LEN + 1];
-	bool ready, migrating, stopped, flushing, ticking, claiming;
+	bool ready, migrating, stopped, ticking, claiming;
+	int flushing;  /* notes statements in flight (in order on the one connection) */
 	bool degraded; /* the role may not migrate: reads go on without the ledger */
 	ev_timer tick;
 	struct note notes[LEDGER_MAX_NOTES];

@@ -97,7 +97,8 @@ static void on_claim(void *arg, PGresult *res, const struct pg_error *err)
 		log_end(ll);
 		if (n > 0 && l->hooks.claimed && !l->stopped)
 			l->hooks.claimed(l->hooks.arg, PQgetvalue(res, i, 0), PQgetvalue(res, i, 1),
-					 ids, n, strtod(PQgetvalue(res, i, 3), NULL));
+					 ids, n, strtod(PQgetvalue(res, i, 3), NULL),
+					 strtod(PQgetvalue(res, i, 4), NULL));
 		free(ids);
 	}
 	PQclear(res);

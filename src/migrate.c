@@ -44,6 +44,14 @@ static const char V2[] = "CREATE TABLE @S@.lease ("
 			 " job_id text);"
 			 "CREATE INDEX lease_until ON @S@.lease (lease_until);";
 
+/* Version 3: the PostgreSQL session (backend pid, and since when it holds
+ * the lease) of the replica holding a lease, so that a replica starting
+ * up sees at once that the one which left rows `sending` is dead (its
+ * session is gone) instead of waiting for the lease to run out. NULL for
+ * leases written by an older build: those wait for lease_until. */
+static const char V3[] = "ALTER TABLE @S@.lease ADD COLUMN pid integer,"
+			 " ADD COLUMN since timestamptz;";
+
 static const char HEAD[] =
 	"DO $pgmqd_migrate$ DECLARE v integer := 0; BEGIN "
 	"PERFORM pg_advisory_xact_lock(hashtext('pgmq_dispatcher.migrate.@S@')); "
@@ -76,9 +84,9 @@ static char *append(char *out, size_t *len, const char *s, const char *schema, c
 
 char *migrate_sql(const char *schema, int target)
 {
-	static const char *const steps[] = { V1, V2 };
+	static const char *const steps[] = { V1, V2, V3 };
 	char t[16], step[32];
-	size_t cap = sizeof(HEAD) + sizeof(V1) + sizeof(V2) + 512, len = 0;
+	size_t cap = sizeof(HEAD) + sizeof(V1) + sizeof(V2) + sizeof(V3) + 512, len = 0;
 	char *out;
 
 	if (target < 1 || target > MIGRATE_VERSION)

@@ -195,6 +195,8 @@ int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int v
 	return 0;
 }
 
+static char *id_array(const long long *ids, int n);
+
 static void on_count(void *arg, PGresult *res, const struct pg_error *err)
 {
 	struct call *c = arg;
@@ -207,6 +209,26 @@ static void on_count(void *arg, PGresult *res, const struct pg_error *err)
 		c->fn.count(c->arg, count, NULL);
 	}
 	free(c);
+}
+
+int pgmq_count_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
+		     pgmq_count_fn fn, void *arg)
+{
+	struct call *c = new_call(arg);
+
+	if (c == NULL)
+		return -1;
+	c->fn.count = fn;
+	if (pg_query(pg, sql, nparams, params, on_count, c) != 0) {
+		free(c);
+		return -1;
+	}
+	return 0;
+}
+
+char *pgmq_id_array(const long long *ids, int n)
+{
+	return id_array(ids, n);
 }
 
 /* "{1,2,3}": the text form of a bigint[] parameter. */

@@ -103,20 +103,28 @@ static void read_statement(void **state)
 static void migration_statement(void **state)
 {
 	char *v1 = migrate_sql("my_schema", 1), *v2 = migrate_sql("my_schema", MIGRATE_VERSION);
+	char *prev = migrate_sql("my_schema", 2);
 	char line[512];
 
 	(void)state;
+	assert_int_equal(MIGRATE_VERSION, 3);
 	assert_non_null(v1);
 	assert_non_null(v2);
+	assert_non_null(prev);
 	assert_null(strstr(v1, "@S@"));
-	assert_null(strstr(v1, "lease_until")); /* version 2 only */
+	assert_null(strstr(v1, "lease_until")); /* version 2 on */
 	assert_non_null(strstr(v2, "lease_until"));
 	assert_non_null(strstr(v2, "CREATE TABLE my_schema.dispatch"));
-	assert_non_null(strstr(v2, "IF v > 2 THEN RAISE EXCEPTION"));
+	assert_non_null(strstr(v2, "IF v > 3 THEN RAISE EXCEPTION"));
+	/* Version 3: the session holding a lease; the previous version lacks it. */
+	assert_null(strstr(prev, "ADD COLUMN pid"));
+	assert_non_null(strstr(prev, "IF v > 2 THEN RAISE EXCEPTION"));
+	assert_non_null(strstr(v2, "IF v < 3 THEN ALTER TABLE my_schema.lease ADD COLUMN pid"));
 	assert_null(migrate_sql("x", 0));
 	assert_null(migrate_sql("x", MIGRATE_VERSION + 1));
 	free(v1);
 	free(v2);
+	free(prev);
 	migrate_explain("s", "42501", "permission denied for database d\n", line, sizeof(line));
 	assert_non_null(strstr(line, "pgmq-dispatcher migrate"));
 	assert_null(strchr(line, '\n'));
