@@ -475,12 +475,15 @@ def test_three_replicas_random_kills(queue_db, emulator, start_daemon):
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
     reps = [start_daemon(**env) for _ in range(3)]
+    every, killed = list(reps), set()
     for _ in range(6):
         wait_until(lambda: len(accepted_runs(emulator)) > 0, 10)
         victim = rnd.randrange(3)
         reps[victim].proc.kill()
         reps[victim].proc.wait()
+        killed.add(every.index(reps[victim]))
         reps[victim] = start_daemon(**env)
+        every.append(reps[victim])
         reps[victim].wait_log(r"event=ledger_ready", timeout_s=15)
     # Every message reaches a job.
     def all_accepted():
@@ -495,10 +498,33 @@ def test_three_replicas_random_kills(queue_db, emulator, start_daemon):
     assert len(per_msg) == 3000
     for m, acc, unk in per_msg:
         assert acc == 1 or (acc > 1 and unk >= acc - 1), (m, acc, unk, rows(queue_db, f"msg_ids @> ARRAY[{m}::bigint]"))
+    # The ledger tells the truth against what RunPod got: every message reached a job, each
+    # `accepted` was a /run that RunPod accepted, and any further /run of it is an `unknown`.
+    posted = {}
+    for r in accepted_runs(emulator):
+        for j in json.loads(r.body)["input"]["jobs"]:
+            posted[j["msg_id"]] = posted.get(j["msg_id"], 0) + 1
+    assert len(posted) == 3000
+    for m, acc, unk in per_msg:
+        assert acc <= posted[m] <= acc + unk, (m, acc, unk, posted[m])
     # Leases are held only for unfinished dispatches (one each: the primary key).
     assert queue_db.sql(f"SELECT count(*) FROM {SCHEMA}.lease l JOIN {SCHEMA}.dispatch d "
                         f"USING (dispatch_id) WHERE d.state IN ('unknown', "
                         f"'released', 'archived', 'rejected')")[0][0] == 0
+    # One replica at a time follows a job: a job is taken over only from a replica that was
+    # killed (its sender, or the replica that took it over before).
+    holder, claims = {}, []
+    for i, d in enumerate(every):
+        for line in d.lines:
+            f = logfmt(line) if "event=batch_accepted" in line or "event=job_claimed" in line \
+                else None
+            if f and f["event"] == "batch_accepted":
+                holder[f["runpod_job_id"]] = i
+            elif f:
+                claims.append((f["time"], i, f["job_id"]))
+    for _, i, job in sorted(claims):
+        assert holder[job] in killed, (job, holder[job], i, killed)
+        holder[job] = i
     for d in reps:
         d.stop()
     stop.set()
