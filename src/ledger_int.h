@@ -55,7 +55,8 @@ void ledger_log_error(const char *event, const struct pg_error *err);
 
 /* ledger_tick.c: sets up the tick timer (once, in ledger_new). */
 void ledger_tick_init(struct ledger *l);
-/* (Re)starts the tick after after_s, then every lease_s / 3. */
+/* (Re)starts the tick after after_s, then every lease_s / 3; after_s 0:
+ * the tick's statements are queued at once (ahead of a read queued next). */
 void ledger_schedule_tick(struct ledger *l, double after_s);
 
 #endif

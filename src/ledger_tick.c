@@ -138,6 +138,11 @@ void ledger_schedule_tick(struct ledger *l, double after_s)
 	double period = l->cfg->ledger_lease_s / 3.0;
 
 	ev_timer_stop(l->loop, &l->tick);
+	if (after_s <= 0.0) {
+		/* Now: its statements go ahead of the first read on the connection. */
+		on_tick_timer(l->loop, &l->tick, 0);
+		after_s = period;
+	}
 	ev_timer_set(&l->tick, after_s, period);
 	ev_timer_start(l->loop, &l->tick);
 }
