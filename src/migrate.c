@@ -200,11 +200,13 @@ int migrate_main(const struct config *cfg, int argc, char **argv)
 		migrate_explain(cfg->ledger_schema, state ? state : "",
 				res ? PQresultErrorMessage(res) : "out of memory", line,
 				sizeof(line));
+		/* state points into res: decided before PQclear. */
+		int rc = state && strcmp(state, MIGRATE_SQLSTATE_NEWER) == 0 ? EX_CONFIG
+									     : EX_UNAVAILABLE;
 		fprintf(stderr, "pgmq-dispatcher migrate: %s\n", line);
 		PQclear(res);
 		PQfinish(conn);
-		return state && strcmp(state, MIGRATE_SQLSTATE_NEWER) == 0 ? EX_CONFIG
-									   : EX_UNAVAILABLE;
+		return rc;
 	}
 	PQclear(res);
 	after = migrate_current(conn, cfg->ledger_schema, err, sizeof(err));
