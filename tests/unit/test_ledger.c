@@ -100,6 +100,28 @@ static void read_statement(void **state)
 	assert_int_equal(ledger_read_sql("s", "pgmq.read", sql, 64), -1);
 }
 
+/* The archive and its record are one statement; recovery looks at the
+ * holder's session, not only at the lease's end. */
+static void archive_and_recovery_statements(void **state)
+{
+	char sql[4096];
+
+	(void)state;
+	snprintf(sql, sizeof(sql), LEDGER_ARCHIVE_SQL, "s", "pgmq.\"q_jobs\"");
+	assert_non_null(strstr(sql, "LATERAL pgmq.archive($1::text, m.id)"));
+	assert_non_null(strstr(sql, "INSERT INTO s.dispatch"));
+	assert_non_null(strstr(sql, "ON CONFLICT (dispatch_id) DO UPDATE SET state = 'archived'"));
+	assert_non_null(strstr(sql, "FROM pgmq.\"q_jobs\" WHERE msg_id = ANY"));
+	assert_non_null(strstr(sql, "HAVING count(*) > 0")); /* nothing archived: no record */
+	snprintf(sql, sizeof(sql), LEDGER_TICK_SQL, "s", "pgmq.\"q_jobs\"");
+	assert_non_null(strstr(sql, "lease_until < now() OR (pid IS NOT NULL AND NOT EXISTS"));
+	assert_non_null(strstr(sql, "pg_stat_activity"));
+	assert_non_null(strstr(sql, "pid = pg_backend_pid() WHERE owner = $1::uuid"));
+	snprintf(sql, sizeof(sql), LEDGER_CLAIM_SQL, "s");
+	assert_non_null(strstr(sql, "FOR UPDATE SKIP LOCKED"));
+	assert_non_null(strstr(sql, "h->>'state' = 'accepted'")); /* the job's age */
+}
+
 static void migration_statement(void **state)
 {
 	char *v1 = migrate_sql("my_schema", 1), *v2 = migrate_sql("my_schema", MIGRATE_VERSION);
@@ -193,9 +215,13 @@ static void dispatch_id_in_body(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(array_elems),         cmocka_unit_test(parse_ids),
-		cmocka_unit_test(dispatch_ids),        cmocka_unit_test(read_statement),
-		cmocka_unit_test(migration_statement), cmocka_unit_test(spans_and_ages),
+		cmocka_unit_test(array_elems),
+		cmocka_unit_test(parse_ids),
+		cmocka_unit_test(dispatch_ids),
+		cmocka_unit_test(read_statement),
+		cmocka_unit_test(migration_statement),
+		cmocka_unit_test(archive_and_recovery_statements),
+		cmocka_unit_test(spans_and_ages),
 		cmocka_unit_test(dispatch_id_in_body),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
