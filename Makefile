@@ -38,12 +38,13 @@ endif
 
 MODULES   := main config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
              runpod dispatcher reload batch post circuit wakeup overflow dryrun backoff ratelimit \
-             sdnotify metrics admin listenaddr tracker tracker_reply tracker_health jobtable
+             sdnotify metrics admin listenaddr tracker tracker_reply tracker_health jobtable \
+             ledger ledger_tick ledger_sql ledger_cli migrate
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
 UNIT_TESTS := test_runpod test_config test_config_check test_log test_pgmq test_metrics test_admin \
-              test_sdnotify test_tracker test_jobtable test_decisions test_reload
+              test_sdnotify test_tracker test_jobtable test_decisions test_reload test_ledger
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install uninstall deb test-system clean \

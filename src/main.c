@@ -3,6 +3,7 @@
 #include "config.h"
 #include "dispatcher.h"
 #include "admin.h"
+#include "ledger_cli.h"
 #include "listenaddr.h"
 #include "log.h"
 #include "metrics.h"
@@ -45,7 +46,7 @@ static int listen_port(const char *listen)
 static void usage(FILE *fp)
 {
 	fprintf(fp,
-		"Usage: pgmq-dispatcher [options]\n"
+		"Usage: pgmq-dispatcher [options] [command]\n"
 		"Reads batches from a PGMQ queue and submits them to a RunPod Serverless endpoint.\n\n"
 		"  -c, --config FILE     configuration file (default " CONFIG_DEFAULT_PATH ")\n"
 		"  -v, --verbose         more output: -v debug, -vv trace (SQL and HTTP metadata)\n"
@@ -59,6 +60,12 @@ static void usage(FILE *fp)
 		"  -T, --dump-config     print the effective configuration, secrets masked\n"
 		"  -V, --version         print the version\n"
 		"  -h, --help            this help\n\n"
+		"Commands on the dispatch ledger (after the options; add --json for JSON):\n"
+		"  migrate               create or upgrade the ledger schema; exit 0 when up to date\n"
+		"  status MSG_ID...      every dispatch of those messages, and where each is now\n"
+		"  jobs [--state S] [--since 15m|TIME] [--limit N]   dispatches, newest first\n"
+		"  redrive [--dry-run] MSG_ID... | --archived-from TIME [--archived-to TIME]\n"
+		"                        archived messages back into the queue\n\n"
 		"Every key can also be set as PGMQD_<SECTION>_<KEY>; see pgmq-dispatcher(8).\n");
 }
 
@@ -119,6 +126,9 @@ static void on_done(void *arg, enum dispatcher_result result)
 		break;
 	case DISPATCH_DONE_UNKNOWN:
 		app->exit_code = EX_TEMPFAIL;
+		break;
+	case DISPATCH_DONE_FATAL:
+		app->exit_code = EX_CONFIG;
 		break;
 	}
 	ev_break(app->loop, EVBREAK_ALL);
@@ -291,14 +301,18 @@ int main(int argc, char **argv)
 	int verbose = 0, quiet = 0, opt;
 	char level_override[32], format_override[32];
 	const char *overrides[3] = { NULL, NULL, NULL };
-	int noverrides = 0;
+	int noverrides = 0, command_argc = 0;
+	const char *command = NULL;
+	char **command_argv = NULL;
 	char masked[1024];
 
 	if (open_closed_std_fds() != 0)
 		return EX_OSERR;
 	memset(&app, 0, sizeof(app));
 	format_override[0] = '\0';
-	while ((opt = getopt_long(argc, argv, "c:vqtTVh", longopts, NULL)) != -1) {
+	/* "+": options stop at the command (status, jobs, ...), whose own
+	 * options its module parses. */
+	while ((opt = getopt_long(argc, argv, "+c:vqtTVh", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'c':
 			path = optarg;
@@ -339,7 +353,11 @@ int main(int argc, char **argv)
 			return EX_USAGE;
 		}
 	}
-	if (optind < argc) {
+	if (optind < argc && ledger_cli_known(argv[optind])) {
+		command = argv[optind];
+		command_argc = argc - optind;
+		command_argv = argv + optind;
+	} else if (optind < argc) {
 		fprintf(stderr, "pgmq-dispatcher: unexpected argument '%s'\n", argv[optind]);
 		usage(stderr);
 		return EX_USAGE;
@@ -390,6 +408,12 @@ int main(int argc, char **argv)
 		config_free(app.cfg);
 		free(app.cfg);
 		return 0;
+	}
+	if (command) {
+		int rc = ledger_cli_main(app.cfg, command, command_argc, command_argv);
+		config_free(app.cfg);
+		free(app.cfg);
+		return rc;
 	}
 	if (health_check || dry_run) {
 		int rc;

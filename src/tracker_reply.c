@@ -1,7 +1,8 @@
 /* tracker_reply — what the tracker does with the answers it gets: /status
  * replies (status changes, terminal states, expiry, failures and 429
  * pauses) and the results of its set_vt statements (heartbeats, early
- * releases). Sending, scheduling and the job table are in tracker.c and
+ * releases), each passed on to the observer (the ledger) as the job's
+ * new state. Sending, scheduling and the job table are in tracker.c and
  * jobtable.c; see include/tracker.h for the behaviour. */
 #include "tracker_int.h"
 #include "backoff.h"
@@ -97,6 +98,7 @@ static void status_ok(struct tracker *t, struct tjob *j, const struct runpod_sta
 	if (strcmp(rep->status, j->status) != 0) {
 		log_transition(j, rep);
 		snprintf(j->status, sizeof(j->status), "%s", rep->status);
+		tracker_observe(t, j, j->status, rep->error[0] ? rep->error : NULL);
 	}
 	if (!terminal) {
 		tracker_set_slot(t, j, slot_of(j->status));
@@ -125,6 +127,7 @@ static void status_expired(struct tracker *t, struct tjob *j)
 	tracker_log_ids(l, j->ids, j->n);
 	log_str(l, "msg", "/status answered 404: tracking ends, the messages keep their vt");
 	log_end(l);
+	tracker_observe(t, j, "lost", "/status answered 404: the job expired or never existed");
 	metrics_inc_tracker_terminal(METRICS_TERMINAL_EXPIRED);
 	tracker_job_remove(t, j);
 }
@@ -240,6 +243,8 @@ static void on_release_done(struct op *op, const long long *ids, int n, const st
 		log_end(l);
 		return;
 	}
+	if (op->t && op->t->observe && op->dispatch_id[0])
+		op->t->observe(op->t->observe_arg, op->dispatch_id, "released", NULL);
 	l = log_begin(LOG_INFO, "early_release");
 	log_str(l, "runpod_job_id", op->job_id);
 	tracker_log_ids(l, ids, n);
@@ -330,4 +335,21 @@ void tracker_on_db(void *arg, const long long *ids, int n, const struct pg_error
 	}
 	tracker_op_free(op);
 	tracker_arm(t);
+}
+
+/* ---- the ledger's observer ---- */
+
+void tracker_observe(const struct tracker *t, const struct tjob *j, const char *state,
+		     const char *error)
+{
+	if (t->observe && j && j->dispatch_id[0])
+		t->observe(t->observe_arg, j->dispatch_id, state, error);
+}
+
+void tracker_set_observer(struct tracker *t, tracker_observer_fn fn, void *arg)
+{
+	if (t == NULL)
+		return;
+	t->observe = fn;
+	t->observe_arg = arg;
 }

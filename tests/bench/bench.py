@@ -515,13 +515,13 @@ def drain_reference(ctx, n, batch, statement=READ_ALONE):
             "cpu_us_per_msg": {"PostgreSQL": (pg1 - pg0) / n * 1e6, "pgbench": client / n * 1e6}}
 
 
-def drain_daemon(ctx, n, batch):
+def drain_daemon(ctx, n, batch, **settings):
     db, conn = ctx.new_db()
     load_queue(conn, n)
     worker = Worker(ctx, db)
     worker.start()
     d = Daemon(ctx, f"drain-{db}", ctx.conninfo(db), ctx.nginx.base_url, queue_batch_size=batch,
-               runpod_max_requests_per_10s=SINK_RATE_CAP)
+               runpod_max_requests_per_10s=SINK_RATE_CAP, **settings)
     try:
         pg0, nginx0 = ctx.pg_cpu(), ctx.nginx_cpu()
         d.start()
@@ -567,6 +567,26 @@ def scenario_drain(ctx, results):
             "daemon_runs": runs, "reference_runs": refs,
             "own_sql": statistics.median(r["msgs_per_s"] for r in own), "own_sql_runs": own,
         }
+
+
+def scenario_ledger(ctx, results):
+    """The dispatch ledger's cost (issue 12): the same batch-10 drain with ledger.enabled on
+    and off, interleaved, and PostgreSQL's CPU per message for each."""
+    n, reps = SIZES["drain_n"], SIZES["drain_reps"][0]
+    on, off = [], []
+    for rep in range(reps):
+        off.append(drain_daemon(ctx, n, 10, ledger_enabled="off"))
+        log(f"6. run {rep + 1}/{reps}: ledger off {off[-1]['msgs_per_s']:,.0f} msg/s")
+        on.append(drain_daemon(ctx, n, 10, ledger_enabled="on"))
+        log(f"6. run {rep + 1}/{reps}: ledger on {on[-1]['msgs_per_s']:,.0f} msg/s")
+    med = statistics.median
+    results["ledger"] = {
+        "n": n, "runs": reps,
+        "on": med(r["msgs_per_s"] for r in on), "off": med(r["msgs_per_s"] for r in off),
+        "pg_us_on": med(r["cpu_us_per_msg"]["PostgreSQL"] for r in on),
+        "pg_us_off": med(r["cpu_us_per_msg"]["PostgreSQL"] for r in off),
+        "on_runs": on, "off_runs": off,
+    }
 
 
 class Listener(threading.Thread):
@@ -882,7 +902,8 @@ SCENARIOS = [("1", "drain vs pgmq.read", scenario_drain),
              ("2", "latency", scenario_latency),
              ("3", "RunPod-like sink", scenario_runpod),
              ("4", "idle", scenario_idle),
-             ("5", "memory under load", scenario_memory)]
+             ("5", "memory under load", scenario_memory),
+             ("6", "dispatch ledger on vs off", scenario_ledger)]
 
 
 # ------------------------------------------------------------------------------ report
@@ -969,6 +990,15 @@ def build_rows(res):
                      f_rate(r["daemon"]),
                      f"`pgmq.read` alone (pgbench, 1 client): {f_rate(r['reference'])}",
                      f"{ratio:.2f}", target, met))
+    r = res.get("ledger")
+    if r:
+        ratio = r["on"] / r["off"]
+        rows.append(("6a", f"drain {r['n']:,} queued, batch 10, ledger on (median of {r['runs']})",
+                     f_rate(r["on"]), f"same drain, `ledger.enabled = off`: {f_rate(r['off'])}",
+                     f"{ratio:.2f}", "≥ 0.85", ratio >= 0.85))
+        rows.append(("6b", "PostgreSQL CPU per message in that drain, ledger on",
+                     f"{r['pg_us_on']:.1f} µs", f"ledger off: {r['pg_us_off']:.1f} µs",
+                     f"×{r['pg_us_on'] / r['pg_us_off']:.2f}", "—", None))
     r = res.get("latency_notify")
     if r:
         ref = r["ref"]
