@@ -38,8 +38,8 @@ endif
 
 MODULES   := main config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
              runpod dispatcher reload batch post circuit wakeup overflow dryrun backoff ratelimit \
-             sdnotify metrics admin listenaddr tracker tracker_reply tracker_health jobtable \
-             ledger ledger_tick ledger_sql ledger_cli migrate
+             sdnotify metrics admin admin_probe listenaddr tracker tracker_reply tracker_health jobtable \
+             ledger ledger_tick ledger_sql ledger_view ledger_cli migrate dispatches
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 

@@ -6,6 +6,7 @@ Every wait is on a condition with a deadline."""
 
 import json
 import re
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -112,4 +113,132 @@ def test_failed_cancelled_timed_out_or_lost_job_comes_back_after_retry_delay(
     # No lease is left behind by the ended job.
     assert queue_db.sql(f"SELECT count(*) FROM {SCHEMA}.lease WHERE dispatch_id = %s::uuid",
                         (first_row[0],))[0][0] == 0
+    d.stop()
+
+
+# ---- GET /dispatches ----
+
+def cli_json(env, *args):
+    rc, out = run_once(env, *args, "--json")
+    assert rc == 0, out
+    return json.loads("\n".join(out))
+
+
+def test_dispatches_serves_status_and_jobs_as_json(queue_db, emulator, start_daemon):
+    ids = queue_db.send_many([{"n": i} for i in range(5)])
+    env = base_env(queue_db, emulator, PGMQD_LEDGER_ENABLED="on")
+    d = start_daemon(PGMQD_LEDGER_ENABLED="on", PGMQD_QUEUE_BATCH_SIZE="2")
+    d.wait_log(r"event=ledger_ready")
+    wait_until(lambda: len(rows(queue_db, "state = 'accepted'")) == 3, 15, what="3 accepted")
+    # msg_id repeated and comma-separated: the same rows as `status --json`.
+    code, ctype, body = get(d, f"/dispatches?msg_id={ids[0]},{ids[3]}&msg_id={ids[4]}")
+    assert code == 200 and ctype == "application/json", body
+    got = json.loads(body)
+    assert got == cli_json(env, "status", str(ids[0]), str(ids[3]), str(ids[4]))
+    assert [r["msg_id"] for r in got] == [ids[0], ids[3], ids[4]]
+    assert all(r["state"] == "accepted" and r["now_in"] == "queue" for r in got)
+    assert {r["job_id"] for r in got} <= {j["id"] for j in emulator.jobs()}
+    # The jobs listing, filtered and bounded, as `jobs --json`.
+    code, ctype, body = get(d, "/dispatches?state=accepted&since=10m&limit=2")
+    assert code == 200, body
+    got = json.loads(body)
+    assert got == cli_json(env, "jobs", "--state", "accepted", "--since", "10m", "--limit", "2")
+    assert len(got) == 2 and all(r["state"] == "accepted" for r in got)
+    code, _, body = get(d, "/dispatches")
+    assert code == 200 and len(json.loads(body)) == 3
+    code, _, body = get(d, "/dispatches?state=FAILED")
+    assert code == 200 and json.loads(body) == []
+    since = queue_db.sql("SELECT to_char(now() - interval '1 hour', 'YYYY-MM-DD HH24:MI:SSOF')")[0][0]
+    code, _, body = get(d, "/dispatches?since=" + urllib.request.quote(since))
+    assert code == 200 and len(json.loads(body)) == 3, body
+    # Bad parameters: 400, one line naming the parameter.
+    for query, name in [("msg_id=abc", "msg_id"), ("msg_id=", "msg_id"), ("msg_id=1,,2", "msg_id"),
+                        ("msg_id=0", "msg_id"), ("limit=0", "limit"), ("limit=1001", "limit"),
+                        ("limit=x", "limit"), ("state=a%3Bb", "state"), ("since=yesterdayish", "since"),
+                        ("colour=red", "colour"), (f"msg_id={ids[0]}&state=accepted", "msg_id"),
+                        ("state=accepted&state=FAILED", "state"),
+                        ("msg_id=" + ",".join(str(i) for i in range(1, 102)), "msg_id")]:
+        code, ctype, body = get(d, "/dispatches?" + query)
+        assert code == 400, (query, code, body)
+        assert body.endswith("\n") and body.count("\n") == 1, (query, body)
+        assert body.startswith(name + ":") or f"'{name}'" in body, (query, body)
+    # The largest limit is served.
+    code, _, body = get(d, "/dispatches?limit=1000")
+    assert code == 200 and len(json.loads(body)) == 3
+    d.stop()
+
+
+def test_dispatches_never_blocks_the_loop_and_times_out(queue_db, emulator, start_daemon, pg_cluster):
+    """A query that cannot finish (the table locked by another session) leaves /healthz and
+    /metrics answering at once, and /dispatches is answered 503 after its timeout."""
+    queue_db.send_many([{"n": 1}])
+    d = start_daemon(PGMQD_LEDGER_ENABLED="on")
+    d.wait_log(r"event=ledger_ready")
+    wait_until(lambda: rows(queue_db, "state = 'accepted'"), 15, what="accepted")
+    locker = pg_cluster.connect(queue_db.dbname, autocommit=False)
+    try:
+        with locker.cursor() as cur:
+            cur.execute(f"LOCK TABLE {SCHEMA}.dispatch IN ACCESS EXCLUSIVE MODE")
+            result = {}
+            worker = threading.Thread(target=lambda: result.update(r=get(d, "/dispatches")))
+            t0 = time.monotonic()
+            worker.start()
+            wait_until(lambda: queue_db.sql(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass",
+                (f"{SCHEMA}.dispatch",))[0][0] >= 1, 10, what="the /dispatches query waiting")
+            for _ in range(5):
+                t1 = time.monotonic()
+                assert get(d, "/healthz")[0] == 200 and get(d, "/metrics")[0] == 200
+                assert time.monotonic() - t1 < 2.0
+            assert worker.is_alive()
+            worker.join(timeout=30)
+            code, _, body = result["r"]
+            assert code == 503 and "within 10 s" in body, body
+            assert 9 < time.monotonic() - t0 < 20
+        locker.rollback()
+    finally:
+        locker.close()
+    # Once the lock is gone the same connection answers again.
+    code, _, body = get(d, "/dispatches")
+    assert code == 200 and len(json.loads(body)) == 1, body
+    d.stop()
+
+
+def test_dispatches_with_the_ledger_off_is_404(queue_db, emulator, start_daemon):
+    d = start_daemon(PGMQD_LEDGER_ENABLED="off")
+    d.wait_log(r"event=started")
+    code, _, body = get(d, "/dispatches?msg_id=1")
+    assert code == 404 and "ledger.enabled = off" in body, body
+    d.stop()
+
+
+def test_poison_archived_message_in_dispatches_then_redriven(queue_db, emulator, start_daemon):
+    """Archived by the poison guard (queue.max_read_ct): /dispatches and status say so; after
+    `redrive` it is dispatched again and /dispatches tells the whole story."""
+    (mid,) = queue_db.send_many([{"poison": True}])
+    queue_db.sql("SELECT * FROM pgmq.read('jobs', 0, 1)")     # read once already
+    env = base_env(queue_db, emulator, PGMQD_QUEUE_MAX_READ_CT="1", PGMQD_LEDGER_ENABLED="on")
+    d = start_daemon(PGMQD_QUEUE_MAX_READ_CT="1", PGMQD_LEDGER_ENABLED="on")
+    d.wait_log(r"event=ledger_ready")
+    wait_until(lambda: rows(queue_db) and rows(queue_db)[0][1] == "archived", 15, what="archived")
+    code, _, body = get(d, f"/dispatches?msg_id={mid}")
+    assert code == 200, body
+    (row,) = json.loads(body)
+    assert row["msg_id"] == mid and row["now_in"] == "archive" and row["state"] == "archived"
+    assert row["read_ct"] == 2 and row["job_id"] is None
+    assert json.loads(body) == cli_json(env, "status", str(mid))
+    assert not accepted_runs(emulator)
+    rc, out = run_once(env, "redrive", str(mid))
+    assert rc == 0 and "1 message(s) redriven" in "\n".join(out), out
+    # The running daemon reads it again (read_ct 0 → 1 passes the guard) and sends it.
+    emulator.wait_for(lambda: len(accepted_runs(emulator)) == 1, timeout_s=15)
+    assert [j["msg_id"] for j in accepted_runs(emulator)[0].json["input"]["jobs"]] == [mid]
+    wait_until(lambda: [r[1] for r in rows(queue_db)] == ["archived", "redriven", "accepted"], 10,
+               what="archived, redriven, accepted")
+    code, _, body = get(d, f"/dispatches?msg_id={mid}")
+    got = json.loads(body)
+    assert [r["state"] for r in got] == ["archived", "redriven", "accepted"]
+    assert got[-1]["job_id"] == emulator.jobs()[0]["id"] and got[-1]["now_in"] == "queue"
+    code, _, body = get(d, "/dispatches?state=redriven")
+    assert [r["first_msg_id"] for r in json.loads(body)] == [mid]
     d.stop()
