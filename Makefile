@@ -44,7 +44,7 @@ OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
 UNIT_TESTS := test_runpod test_config test_config_check test_log test_pgmq test_metrics test_admin \
-              test_sdnotify test_tracker test_jobtable test_decisions test_reload test_ledger
+              test_sdnotify test_tracker test_jobtable test_decisions test_reload test_ledger test_ledger_view
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install uninstall deb test-system clean \

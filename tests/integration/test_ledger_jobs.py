@@ -242,3 +242,37 @@ def test_poison_archived_message_in_dispatches_then_redriven(queue_db, emulator,
     code, _, body = get(d, "/dispatches?state=redriven")
     assert [r["first_msg_id"] for r in json.loads(body)] == [mid]
     d.stop()
+
+
+def test_stop_while_a_dispatches_request_waits(queue_db, emulator, start_daemon, pg_cluster):
+    """SIGTERM with a /dispatches request suspended: the client gets an answer or a closed
+    connection, the daemon exits 0 (no crash, no sanitizer report at teardown)."""
+    d = start_daemon(PGMQD_LEDGER_ENABLED="on")
+    d.wait_log(r"event=ledger_ready")
+    locker = pg_cluster.connect(queue_db.dbname, autocommit=False)
+    try:
+        with locker.cursor() as cur:
+            # The archive: only the status query reads it, the daemon's connection does not.
+            cur.execute("LOCK TABLE pgmq.a_jobs IN ACCESS EXCLUSIVE MODE")
+            result = {}
+
+            def ask():
+                try:
+                    result["r"] = get(d, "/dispatches?msg_id=1")
+                except Exception as e:   # the connection closed at shutdown
+                    result["r"] = e
+
+            worker = threading.Thread(target=ask)
+            worker.start()
+            wait_until(lambda: queue_db.sql(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass",
+                ("pgmq.a_jobs",))[0][0] >= 1, 10, what="the /dispatches query waiting")
+            assert d.stop() == 0
+            worker.join(timeout=15)
+            assert not worker.is_alive()
+            # Answered 503 by the shutdown, or the connection closed under it.
+            r = result["r"]
+            assert isinstance(r, Exception) or (r[0] == 503 and r[2].endswith("\n")), r
+            locker.rollback()
+    finally:
+        locker.close()
