@@ -146,6 +146,10 @@ def test_dispatches_serves_status_and_jobs_as_json(queue_db, emulator, start_dae
     assert len(got) == 2 and all(r["state"] == "accepted" for r in got)
     code, _, body = get(d, "/dispatches")
     assert code == 200 and len(json.loads(body)) == 3
+    head = urllib.request.Request(admin_url(d, "/dispatches?limit=1"), method="HEAD")
+    with urllib.request.urlopen(head, timeout=15) as r:
+        assert r.status == 200 and r.headers.get("Content-Type") == "application/json"
+        assert r.read() == b""
     code, _, body = get(d, "/dispatches?state=FAILED")
     assert code == 200 and json.loads(body) == []
     since = queue_db.sql("SELECT to_char(now() - interval '1 hour', 'YYYY-MM-DD HH24:MI:SSOF')")[0][0]
