@@ -137,7 +137,8 @@ soak: $(BUILD)/$(PROG)
 
 # An integration run of 1,000 messages with the daemon under valgrind memcheck.
 valgrind: $(BUILD)/$(PROG)
-	DISPATCHER_BIN=$(abspath $(BUILD)/$(PROG)) $(PYTHON) -m pytest -q -s -m valgrind tests/integration/test_valgrind.py
+	DISPATCHER_BIN=$(abspath $(BUILD)/$(PROG)) $(PYTHON) -m pytest -q -s -m valgrind tests/integration/test_valgrind.py \
+	  tests/integration/test_ledger_jobs.py
 
 # Benchmark harness (issue 5): an -O2 build of its own, then tests/bench/bench.py, which starts
 # PostgreSQL, nginx and the RunPod emulator, writes docs/performance.md and prints it.

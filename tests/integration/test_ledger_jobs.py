@@ -6,6 +6,7 @@ Every wait is on a condition with a deadline."""
 
 import json
 import re
+import shutil
 import threading
 import time
 import urllib.error
@@ -13,8 +14,9 @@ import urllib.request
 
 import pytest
 
-from daemon import base_env, run_once
+from daemon import Daemon, base_env, run_once
 from pgcluster import wait_until
+from test_valgrind import VALGRIND
 
 SCHEMA = "pgmq_dispatcher"
 RETRY_DELAY_S = 3
@@ -280,3 +282,45 @@ def test_stop_while_a_dispatches_request_waits(queue_db, emulator, start_daemon,
             locker.rollback()
     finally:
         locker.close()
+
+
+@pytest.mark.valgrind
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_dispatches_under_valgrind(queue_db, emulator, pg_cluster):
+    """memcheck over /dispatches: answered, refused (400), and suspended at shutdown."""
+    ids = queue_db.send_many([{"n": i} for i in range(3)])
+    d = Daemon(base_env(queue_db, emulator, PGMQD_LEDGER_ENABLED="on"), args=["-v"])
+    d.binary, d.args = VALGRIND[0], VALGRIND[1:] + [d.binary, "-v"]
+    d.start()
+    locker = pg_cluster.connect(queue_db.dbname, autocommit=False)
+    try:
+        d.wait_log(r"event=ledger_ready", timeout_s=60)
+        wait_until(lambda: rows(queue_db, "state = 'accepted'"), 60, what="accepted")
+        assert get(d, f"/dispatches?msg_id={ids[0]},{ids[2]}")[0] == 200
+        assert get(d, "/dispatches?state=accepted&since=1h&limit=5")[0] == 200
+        assert get(d, "/dispatches?limit=0")[0] == 400
+        with locker.cursor() as cur:
+            cur.execute("LOCK TABLE pgmq.a_jobs IN ACCESS EXCLUSIVE MODE")
+            worker = threading.Thread(target=lambda: get_or_closed(d, f"/dispatches?msg_id={ids[1]}"))
+            worker.start()
+            wait_until(lambda: queue_db.sql(
+                "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = %s::regclass",
+                ("pgmq.a_jobs",))[0][0] >= 1, 30, what="the /dispatches query waiting")
+            rc = d.stop(timeout_s=60)
+            worker.join(timeout=30)
+            locker.rollback()
+    finally:
+        locker.close()
+        if d.proc.poll() is None:
+            d.proc.kill()
+    summary = [l for l in d.lines if re.search(r"ERROR SUMMARY|definitely lost|indirectly lost", l)]
+    print("\n" + "\n".join(summary))
+    assert rc == 0, "\n".join(d.lines[-60:])
+    assert any("ERROR SUMMARY: 0 errors" in l for l in summary), summary
+
+
+def get_or_closed(d, path):
+    try:
+        return get(d, path)
+    except Exception as e:  # the connection closed at shutdown
+        return e
