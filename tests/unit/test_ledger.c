@@ -13,6 +13,7 @@
 #include "ledger.h"
 #include "ledger_cli.h"
 #include "ledger_sql.h"
+#include "ledger_view.h"
 #include "migrate.h"
 #include "runpod.h"
 
@@ -171,9 +172,9 @@ static void spans_and_ages(void **state)
 
 	(void)state;
 	for (size_t i = 0; i < N(spans); i++)
-		assert_int_equal(ledger_cli_span_s(spans[i].in), spans[i].s);
+		assert_int_equal(ledger_view_span_s(spans[i].in), spans[i].s);
 	for (size_t i = 0; i < N(ages); i++) {
-		ledger_cli_ago(ages[i].s, buf, sizeof(buf));
+		ledger_view_ago(ages[i].s, buf, sizeof(buf));
 		assert_string_equal(buf, ages[i].out);
 	}
 }
