@@ -38,13 +38,14 @@ endif
 
 MODULES   := main budget config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
              runpod dispatcher reload batch post circuit wakeup overflow dryrun backoff ratelimit \
-             sdnotify metrics admin listenaddr tracker tracker_reply tracker_health jobtable \
-             ledger ledger_tick ledger_sql ledger_cli migrate
+             sdnotify metrics admin admin_probe listenaddr tracker tracker_reply tracker_health jobtable \
+             ledger ledger_tick ledger_sql ledger_view ledger_cli migrate dispatches
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
-UNIT_TESTS := test_budget test_runpod test_config test_config_check test_log test_pgmq test_metrics test_admin \
-              test_sdnotify test_tracker test_jobtable test_decisions test_reload test_ledger
+UNIT_TESTS := test_budget test_runpod test_config test_config_check test_log test_pgmq test_metrics \
+              test_admin test_sdnotify test_tracker test_jobtable test_decisions test_reload test_ledger \
+              test_ledger_view
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install uninstall deb test-system clean \
@@ -137,7 +138,8 @@ soak: $(BUILD)/$(PROG)
 
 # An integration run of 1,000 messages with the daemon under valgrind memcheck.
 valgrind: $(BUILD)/$(PROG)
-	DISPATCHER_BIN=$(abspath $(BUILD)/$(PROG)) $(PYTHON) -m pytest -q -s -m valgrind tests/integration/test_valgrind.py
+	DISPATCHER_BIN=$(abspath $(BUILD)/$(PROG)) $(PYTHON) -m pytest -q -s -m valgrind tests/integration/test_valgrind.py \
+	  tests/integration/test_ledger_jobs.py
 
 # Benchmark harness (issue 5): an -O2 build of its own, then tests/bench/bench.py, which starts
 # PostgreSQL, nginx and the RunPod emulator, writes docs/performance.md and prints it.

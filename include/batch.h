@@ -88,6 +88,14 @@ void batch_log_archived(const struct dispatcher *d, const struct pgmq_message *m
 void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pgmq_message *msgs,
 		   int n, enum metrics_archive_reason reason, const char *dispatch_id);
 
+/* pgmq.archive of ids[0..n): with its ledger record in the same statement
+ * while the ledger records (ledger_archive: under dispatch_id's row, or a
+ * new row when it is ""; *recorded set), else plain pgmq_archive. reason
+ * as in message_archived. Returns 0, or -1 when not queued. */
+int batch_archive_ids(struct dispatcher *d, const char *dispatch_id, const long long *ids, int n,
+		      long http_status, const char *error, size_t error_len, const char *reason,
+		      pgmq_count_fn fn, void *arg, bool *recorded);
+
 /* Logs msg ids in lines of 100 under event, so that no id is cut. */
 void batch_log_ids(enum log_level level, const char *event, const struct dispatcher *d,
 		   const long long *ids, int n, const char *why);

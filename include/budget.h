@@ -4,7 +4,7 @@
  * cap alone.
  *
  * A grant is one statement, `SELECT * FROM <schema>.budget_take(...)`
- * (migration 3 in migrate.c), on the daemon's own non-blocking connection:
+ * (migration 4 in migrate.c), on the daemon's own non-blocking connection:
  * it locks the endpoint's budget row, prunes grants that left the counted
  * span, and grants up to `want` slots if the grants of the last
  * count_s = window + margin + validity seconds leave room under the cap.
@@ -61,7 +61,7 @@ double budget_count_s(double window_s, double margin_s, double validity_s);
 /* Slots to ask for: what waits now, at most grant_max (>= 1). Pure. */
 int budget_want(int waiting, int grant_max);
 
-/* The database's arithmetic (migration 3, budget_take), also here so that
+/* The database's arithmetic (migration 4, budget_take), also here so that
  * it is unit tested: of `free_slots` left under the cap in the counted
  * span, a replica asking for want (capped at grant_max) gets at most its
  * share among `active` replicas holding grants (itself included), rounded

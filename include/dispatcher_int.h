@@ -145,6 +145,7 @@ struct batch {
 	const char *job_id;
 	const char *error;
 	size_t error_len;
+	bool recorded; /* its archive statement writes its ledger state too */
 };
 
 /* dispatcher.c */

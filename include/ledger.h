@@ -42,9 +42,10 @@ struct ledger_hooks {
 	void (*fatal)(void *arg);   /* the schema cannot be used (logged): stop */
 	void (*settled)(void *arg); /* a write finished: ledger_busy may have changed */
 	/* An accepted job whose lease this replica took: follow it. vt_left_s
-	 * is what the ledger last knew of its vt (may be <= 0). */
+	 * is what the ledger last knew of its vt (may be <= 0); age_s how long
+	 * ago /run accepted it (its row's `accepted`, else its read). */
 	void (*claimed)(void *arg, const char *dispatch_id, const char *job_id,
-			const long long *ids, int n, double vt_left_s);
+			const long long *ids, int n, double vt_left_s, double age_s);
 	void *arg;
 };
 
@@ -94,6 +95,17 @@ struct ledger_part {
  * transitions, so it commits first. Failure is logged. */
 void ledger_split(struct ledger *l, const char *read_id, const struct ledger_part *parts,
 		  int nparts, const long long *ids, const int *part_of, int n);
+
+/* pgmq.archive of msg ids[0..n) and, in the same statement, its record: dispatch_id's row ends `archived` (its noted
+ * transitions are written first), or a new row holds them when
+ * dispatch_id is NULL or "" or has no row. http_status 0 and error NULL
+ * when unknown; reason (e.g. "max_read_ct") joins the row's history. fn
+ * gets the count archived as from pgmq_archive(). Only while
+ * ledger_recording(). Returns 0, or -1 when not queued (fn is then not
+ * called). */
+int ledger_archive(struct ledger *l, const char *dispatch_id, const long long *ids, int n,
+		   long http_status, const char *error, size_t error_len, const char *reason,
+		   pgmq_count_fn fn, void *arg) __attribute__((warn_unused_result));
 
 /* Notes a transition of dispatch_id to state at the time now (epoch
  * seconds). http_status 0, job_id and error NULL when unknown; error is

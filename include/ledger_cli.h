@@ -20,10 +20,4 @@ bool ledger_cli_known(const char *name);
  * Returns the process exit code; errors are one line on stderr. */
 int ledger_cli_main(const struct config *cfg, const char *command, int argc, char **argv);
 
-/* "90s", "15m", "2h", "3d" → seconds; -1 when s is not such a span. Pure. */
-long ledger_cli_span_s(const char *s);
-
-/* now - then as "12s", "5m", "3h", "2d" (at most 16 bytes). Pure. */
-void ledger_cli_ago(double seconds, char *buf, size_t len);
-
 #endif

@@ -13,6 +13,8 @@ extern const char LEDGER_READ_SQL[];
 extern const char LEDGER_NOTES_SQL[];
 /* One read's row re-cut into parts (schema ×3). */
 extern const char LEDGER_SPLIT_SQL[];
+/* pgmq.archive with its record (schema, queue table). */
+extern const char LEDGER_ARCHIVE_SQL[];
 /* Renew leases, recover rows of dead replicas, prune (schema ×4). */
 extern const char LEDGER_TICK_SQL[];
 /* Take expired leases of accepted jobs (schema ×2). */

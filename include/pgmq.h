@@ -84,6 +84,16 @@ int pgmq_set_vt(struct pg *pg, const char *queue, const long long *msg_ids, int 
 int pgmq_archive(struct pg *pg, const char *queue, const long long *msg_ids, int n,
 		 pgmq_count_fn fn, void *arg) __attribute__((warn_unused_result));
 
+/* Runs a statement of the caller's whose one row, one column is a count
+ * (e.g. pgmq.archive wrapped in a CTE that records it); fn as for
+ * pgmq_set_vt(). Returns 0 or -1 when the query could not be queued. */
+int pgmq_count_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
+		     pgmq_count_fn fn, void *arg) __attribute__((warn_unused_result));
+
+/* "{1,2,3}", the text form of a bigint[] parameter, malloc'd; NULL when
+ * out of memory. Pure. */
+char *pgmq_id_array(const long long *ids, int n);
+
 /* Queue length and age of the oldest message from pgmq.metrics (pgmq-api.md
  * §2.3; the age is NULL for an empty queue, reported as 0). fn gets
  * length and oldest_age_s, or err. Returns 0 or -1 when not queued. */
@@ -95,6 +105,15 @@ int pgmq_metrics(struct pg *pg, const char *queue, pgmq_metrics_fn fn, void *arg
 /* The queue's table in schema pgmq, q_ + lower(queue) (pgmq-api.md §3.4),
  * unquoted, into buf. Returns 0, or -1 when it does not fit. Pure. */
 int pgmq_table_name(const char *queue, char *buf, size_t len);
+
+/* Writes s as an SQL string literal ('...', quotes doubled) into buf, for
+ * the statements the logs suggest (pgmq.create, pgmq.archive). Returns 0,
+ * or -1 when it does not fit in len bytes (buf is then ""). Pure. */
+int pgmq_quote_literal(const char *s, char *buf, size_t len);
+
+/* Writes "SELECT pgmq.create('<queue>');" into buf: the way out that a
+ * missing queue's log lines give. Returns 0, or -1 when cut. Pure. */
+int pgmq_create_call(const char *queue, char *buf, size_t len);
 
 /* Blocking, read-only look at the next qty visible messages of a queue
  * (for --dry-run): selects from pgmq.q_<lower(queue)> without locking or

@@ -88,6 +88,12 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 void tracker_add_dispatch(struct tracker *t, const char *job_id, const char *dispatch_id,
 			  const long long *msg_ids, int n, ev_tstamp read_at);
 
+/* Like tracker_add_dispatch, for a job taken over from a replica that
+ * died: accepted_at (Unix time, when /run accepted it, from the ledger)
+ * is its start for max_heartbeat_s and its age, not the takeover. */
+void tracker_add_claimed(struct tracker *t, const char *job_id, const char *dispatch_id,
+			 const long long *msg_ids, int n, ev_tstamp read_at, ev_tstamp accepted_at);
+
 /* What the tracker learns of a dispatch: RunPod's status on each change,
  * "lost" for a 404, "released" after an early release; error is RunPod's
  * error text or NULL. Strings valid during the call. */

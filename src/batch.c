@@ -97,9 +97,12 @@ void batch_end(struct batch *b, enum batch_fate fate, const char *why)
 		error = why;
 		error_len = strlen(why);
 	}
-	/* An accepted job stays leased to this replica while a tracker follows it. */
-	ledger_note(b->d->ledger, b->dispatch_id, fate_states[fate], b->http_status, b->job_id,
-		    error, error_len, fate == BATCH_ACCEPTED && b->d->tracker != NULL);
+	/* An accepted job stays leased to this replica while a tracker follows it.
+	 * An archive recorded with its statement is in the ledger already. */
+	if (!b->recorded)
+		ledger_note(b->d->ledger, b->dispatch_id, fate_states[fate], b->http_status,
+			    b->job_id, error, error_len,
+			    fate == BATCH_ACCEPTED && b->d->tracker != NULL);
 	switch (fate) {
 	case BATCH_UNKNOWN:
 		batch_log_ids(LOG_WARN, "outcome_unknown_ids", b->d, b->ids, b->n, why);
@@ -180,6 +183,8 @@ static void on_archived(void *arg, long count, const struct pg_error *err)
 	struct dispatcher *d = b->d;
 
 	d->db_pending--;
+	if (err || count <= 0)
+		b->recorded = false; /* rolled back, or nothing to record: noted */
 	if (err) {
 		log_statement_failed(d, "archive_failed", err);
 		batch_end(b, BATCH_ARCHIVE_FAILED, "visible again after vt_seconds, archived then");
@@ -205,7 +210,10 @@ void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pg
 		b->archive_reason = reason;
 		set_id(b, dispatch_id);
 	}
-	if (b == NULL || pgmq_archive(d->pg, d->cfg->queue_name, b->ids, n, on_archived, b) != 0) {
+	if (b == NULL ||
+	    batch_archive_ids(d, b->dispatch_id, b->ids, n, b->http_status, b->error, b->error_len,
+			      reason == METRICS_ARCHIVE_TOO_LARGE ? "too_large" : "max_read_ct",
+			      on_archived, b, &b->recorded) != 0) {
 		log_msg(LOG_ERROR, "archive_failed",
 			"cannot queue pgmq.archive for %d message%s; "
 			"they come back after vt_seconds",
@@ -215,6 +223,20 @@ void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pg
 		return;
 	}
 	d->db_pending++;
+}
+
+int batch_archive_ids(struct dispatcher *d, const char *dispatch_id, const long long *ids, int n,
+		      long http_status, const char *error, size_t error_len, const char *reason,
+		      pgmq_count_fn fn, void *arg, bool *recorded)
+{
+	*recorded = false;
+	if (!ledger_recording(d->ledger))
+		return pgmq_archive(d->pg, d->cfg->queue_name, ids, n, fn, arg);
+	if (ledger_archive(d->ledger, dispatch_id, ids, n, http_status, error, error_len, reason,
+			   fn, arg) != 0)
+		return -1;
+	*recorded = true;
+	return 0;
 }
 
 /* The groups a read becomes, in the order their batches are made: one per

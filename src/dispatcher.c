@@ -96,6 +96,12 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 			log_int(l, "retry_in_ms", (long long)dispatcher_back_off(d, PAUSE_DB, -1));
 		else if (!err->connection_lost)
 			log_str(l, "outcome", "--once: no retry, exit status 69");
+		if (strcmp(err->sqlstate, "42P01") == 0) { /* undefined_table: no such queue */
+			char call[320];
+
+			pgmq_create_call(d->cfg->queue_name, call, sizeof(call));
+			log_str(l, "fix", call);
+		}
 		log_end(l);
 		if (strcmp(err->sqlstate, PGMQ_SQLSTATE_OUT_OF_RANGE) == 0)
 			overflow_find(d);
@@ -365,13 +371,13 @@ static void on_ledger_fatal(void *arg)
 /* A job whose replica died: follow it as if it had just been accepted,
  * its heartbeat due at once when its vt is short. */
 static void on_ledger_claimed(void *arg, const char *dispatch_id, const char *job_id,
-			      const long long *ids, int n, double vt_left_s)
+			      const long long *ids, int n, double vt_left_s, double age_s)
 {
 	struct dispatcher *d = arg;
-	double left = vt_left_s < 0 ? 0 : vt_left_s;
+	double left = vt_left_s < 0 ? 0 : vt_left_s, now = ev_now(d->loop);
 
-	tracker_add_dispatch(d->tracker, job_id, dispatch_id, ids, n,
-			     ev_now(d->loop) + left - d->cfg->vt_seconds);
+	tracker_add_claimed(d->tracker, job_id, dispatch_id, ids, n,
+			    now + left - d->cfg->vt_seconds, now - (age_s > 0 ? age_s : 0));
 }
 
 void dispatcher_tracker_state(void *arg, const char *dispatch_id, const char *state,

@@ -171,7 +171,7 @@ int ledger_read(struct ledger *l, const char *dispatch_id, int vt_seconds, int q
 
 /* ---- notes ---- */
 
-static void flush(struct ledger *l);
+static void flush(struct ledger *l, bool force);
 
 static void on_notes(void *arg, PGresult *res, const struct pg_error *err)
 {
@@ -183,7 +183,7 @@ static void on_notes(void *arg, PGresult *res, const struct pg_error *err)
 		PQclear(res);
 	if (l == NULL)
 		return;
-	l->flushing = false;
+	l->flushing--;
 	if (err) {
 		struct log_line *ll = log_begin(LOG_ERROR, "ledger_write_failed");
 		log_int(ll, "transitions", n);
@@ -192,13 +192,14 @@ static void on_notes(void *arg, PGresult *res, const struct pg_error *err)
 		log_str(ll, "outcome", "those rows keep their previous state");
 		log_end(ll);
 	}
-	flush(l);
+	flush(l, false);
 	if (!ledger_busy(l) && l->hooks.settled)
 		l->hooks.settled(l->hooks.arg);
 }
 
-/* Writes every waiting note in one statement (when none is running). */
-static void flush(struct ledger *l)
+/* Writes every waiting note in one statement (when none is running, or
+ * at once when forced: statements run in order on the one connection). */
+static void flush(struct ledger *l, bool force)
 {
 	enum { A_ID, A_STATE, A_HTTP, A_JOB, A_ERR, A_AT, A_HELD, NA };
 	char *a[NA] = { 0 };
@@ -208,7 +209,7 @@ static void flush(struct ledger *l)
 	char sql[2048];
 	int n = l->nnotes, rc = 0;
 
-	if (l->flushing || n == 0 || !l->ready)
+	if ((l->flushing > 0 && !force) || n == 0 || !l->ready)
 		return;
 	for (int k = 0; k < NA && rc == 0; k++) {
 		cap[k] = (size_t)n * (k == A_ERR   ? 2 * LEDGER_ERROR_BYTES + 8
@@ -258,7 +259,7 @@ static void flush(struct ledger *l)
 		log_end(ll);
 	} else {
 		s->n = n;
-		l->flushing = true;
+		l->flushing++;
 	}
 	for (int i = 0; i < n; i++)
 		free(l->notes[i].err);
@@ -276,8 +277,7 @@ void ledger_note(struct ledger *l, const char *dispatch_id, const char *state, l
 		return;
 	if (l->nnotes == LEDGER_MAX_NOTES) {
 		/* The statement in flight takes too long: queue another now. */
-		l->flushing = false;
-		flush(l);
+		flush(l, true);
 	}
 	o = &l->notes[l->nnotes++];
 	memset(o, 0, sizeof(*o));
@@ -296,7 +296,7 @@ void ledger_note(struct ledger *l, const char *dispatch_id, const char *state, l
 	}
 	o->at = ev_time();
 	o->held = held;
-	flush(l);
+	flush(l, false);
 }
 
 /* ---- split ---- */
@@ -363,6 +363,47 @@ out:
 	free(mpt);
 }
 
+/* ---- archive ---- */
+
+int ledger_archive(struct ledger *l, const char *dispatch_id, const long long *ids, int n,
+		   long http_status, const char *error, size_t error_len, const char *reason,
+		   pgmq_count_fn fn, void *arg)
+{
+	char sql[4096], id[LEDGER_ID_LEN + 1], http[16], err[LEDGER_ERROR_BYTES + 1], table[80],
+		qtable[96];
+	const char *params[7] = {
+		NULL, NULL, id, NULL, http_status ? http : NULL, error ? err : NULL, reason
+	};
+	char *arr;
+	size_t k = 0;
+	int rc;
+
+	if (!ledger_recording(l) || pgmq_table_name(l->cfg->queue_name, table, sizeof(table)) != 0)
+		return -1;
+	snprintf(qtable, sizeof(qtable), "pgmq.\"%s\"", table);
+	if (dispatch_id && dispatch_id[0])
+		snprintf(id, sizeof(id), "%s", dispatch_id);
+	else
+		ledger_new_id(id);
+	snprintf(http, sizeof(http), "%ld", http_status);
+	for (; error && k < error_len && k < LEDGER_ERROR_BYTES && error[k]; k++) {
+		unsigned char c = (unsigned char)error[k];
+		err[k] = c >= 0x20 && c < 0x7f ? (char)c : '?';
+	}
+	err[k] = '\0';
+	params[0] = l->cfg->queue_name;
+	params[3] = l->cfg->endpoint_id;
+	if (snprintf(sql, sizeof(sql), LEDGER_ARCHIVE_SQL, l->cfg->ledger_schema, qtable) >=
+		    (int)sizeof(sql) ||
+	    (arr = pgmq_id_array(ids, n)) == NULL)
+		return -1;
+	params[1] = arr;
+	flush(l, true); /* the row's earlier transitions commit first */
+	rc = pgmq_count_query(l->pg, sql, 7, params, fn, arg);
+	free(arr);
+	return rc;
+}
+
 /* ---- life ---- */
 
 struct ledger *ledger_new(struct ev_loop *loop, const struct config *cfg, struct pg *pg,
@@ -394,7 +435,7 @@ bool ledger_recording(const struct ledger *l)
 
 bool ledger_busy(const struct ledger *l)
 {
-	return l && (l->nnotes > 0 || l->flushing || l->migrating);
+	return l && (l->nnotes > 0 || l->flushing > 0 || l->migrating);
 }
 
 unsigned long long ledger_recovered_unknown(const struct ledger *l)

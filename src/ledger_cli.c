@@ -1,6 +1,7 @@
 /* ledger_cli — see include/ledger_cli.h. */
 #include "ledger_cli.h"
 #include "ledger.h"
+#include "ledger_view.h"
 #include "migrate.h"
 #include "pgmq.h"
 
@@ -13,50 +14,14 @@
 #include <string.h>
 #include <sysexits.h>
 
-#define MAX_IDS 1000 /* msg ids one command takes */
+#define MAX_IDS 1000           /* msg ids one command takes */
+#define MAX_STATUS_ROWS 100000 /* dispatches `status` prints */
+#define MAX_JOBS_ROWS 100000   /* dispatches `jobs --limit` may ask for */
 
 bool ledger_cli_known(const char *name)
 {
 	return strcmp(name, "migrate") == 0 || strcmp(name, "status") == 0 ||
 	       strcmp(name, "jobs") == 0 || strcmp(name, "redrive") == 0;
-}
-
-long ledger_cli_span_s(const char *s)
-{
-	char *end;
-	long v;
-
-	if (!isdigit((unsigned char)s[0]))
-		return -1;
-	v = strtol(s, &end, 10);
-	if (end[0] == '\0' || end[1] != '\0' || v < 0 || v > 100L * 365 * 86400)
-		return -1;
-	switch (end[0]) {
-	case 's':
-		return v;
-	case 'm':
-		return v * 60;
-	case 'h':
-		return v * 3600;
-	case 'd':
-		return v * 86400;
-	default:
-		return -1;
-	}
-}
-
-void ledger_cli_ago(double seconds, char *buf, size_t len)
-{
-	long s = seconds < 0 ? 0 : (long)seconds;
-
-	if (s < 120)
-		snprintf(buf, len, "%lds", s);
-	else if (s < 7200)
-		snprintf(buf, len, "%ldm", s / 60);
-	else if (s < 2 * 86400)
-		snprintf(buf, len, "%ldh", s / 3600);
-	else
-		snprintf(buf, len, "%ldd", s / 86400);
 }
 
 static PGconn *connect_db(const struct config *cfg, const char *cmd)
@@ -85,27 +50,15 @@ static int fail(const char *cmd, PGresult *res)
 }
 
 /* "{1,2}" from argv, all validated; -1 with one line on stderr. */
-static int ids_param(const char *cmd, int argc, char **argv, char *buf, size_t len, int *n)
+static int ids_param(const char *cmd, int argc, char **argv, char *buf, size_t len)
 {
-	size_t used = 1;
+	char why[96];
 
-	memcpy(buf, "{", 2);
-	*n = 0;
-	for (int i = 0; i < argc; i++) {
-		char *end;
-		long long v = strtoll(argv[i], &end, 10);
-		if (*argv[i] == '\0' || *end != '\0' || v < 1) {
-			fprintf(stderr, "pgmq-dispatcher %s: '%s' is not a msg_id\n", cmd, argv[i]);
-			return -1;
-		}
-		if (*n == MAX_IDS || used + 24 >= len) {
-			fprintf(stderr, "pgmq-dispatcher %s: at most %d msg ids\n", cmd, MAX_IDS);
-			return -1;
-		}
-		used += (size_t)snprintf(buf + used, len - used, "%s%lld", *n ? "," : "", v);
-		(*n)++;
+	if (ledger_view_ids((const char *const *)argv, argc, MAX_IDS, buf, len, why, sizeof(why)) !=
+	    0) {
+		fprintf(stderr, "pgmq-dispatcher %s: %s\n", cmd, why);
+		return -1;
 	}
-	snprintf(buf + used, len - used, "}");
 	return 0;
 }
 
@@ -121,38 +74,12 @@ static void print_result(PGresult *res, bool json, const char *const *ago, doubl
 	if (cols > 32)
 		cols = 32;
 	if (json) {
-		cJSON *arr = cJSON_CreateArray();
-		char *text;
-		for (int i = 0; i < rows; i++) {
-			cJSON *o = cJSON_CreateObject();
-			for (int c = 0; c < cols; c++) {
-				const char *name = PQfname(res, c), *v = PQgetvalue(res, i, c);
-				Oid type = PQftype(res, c);
-				cJSON *item = NULL;
-				if (PQgetisnull(res, i, c)) {
-					item = cJSON_CreateNull();
-				} else if (type == 1016 ||
-					   type == 1007) { /* int8[], int4[]: {1,2} → [1,2] */
-					char *t = strdup(v);
-					if (t && strlen(t) >= 2) {
-						t[0] = '[';
-						t[strlen(t) - 1] = ']';
-						item = cJSON_Parse(t);
-					}
-					free(t);
-				} else if (type == 114 || type == 3802 || type == 20 ||
-					   type == 23 || type == 701) { /* json, jsonb, numbers */
-					item = cJSON_Parse(v);
-				}
-				if (item == NULL)
-					item = cJSON_CreateString(v);
-				cJSON_AddItemToObject(o, name, item);
-			}
-			cJSON_AddItemToArray(arr, o);
-		}
-		text = cJSON_Print(arr);
+		cJSON *arr = ledger_view_json(res);
+		char *text = arr ? cJSON_Print(arr) : NULL;
 		if (text)
 			printf("%s\n", text);
+		else
+			fprintf(stderr, "pgmq-dispatcher: out of memory\n");
 		free(text);
 		cJSON_Delete(arr);
 		return;
@@ -181,7 +108,7 @@ static void print_result(PGresult *res, bool json, const char *const *ago, doubl
 			for (const char *const *a = ago; *a; a++)
 				if (strcmp(*a, PQfname(res, c)) == 0 && !PQgetisnull(res, i, c)) {
 					char age[16];
-					ledger_cli_ago(now - strtod(v, NULL), age, sizeof(age));
+					ledger_view_ago(now - strtod(v, NULL), age, sizeof(age));
 					snprintf(tmp, sizeof(tmp), "%s ago", age);
 					v = tmp;
 				}
@@ -200,72 +127,26 @@ static double db_now(PGconn *conn)
 	return now;
 }
 
-/* The queue and archive tables, quoted, into q and a. */
-static int tables(PGconn *conn, const char *queue, char *q, char *a, size_t len)
-{
-	char t[80];
-	char *e;
-
-	if (pgmq_table_name(queue, t, sizeof(t)) != 0)
-		return -1;
-	e = PQescapeIdentifier(conn, t, strlen(t));
-	snprintf(q, len, "pgmq.%s", e ? e : "");
-	PQfreemem(e);
-	t[0] = 'a';
-	e = PQescapeIdentifier(conn, t, strlen(t));
-	snprintf(a, len, "pgmq.%s", e ? e : "");
-	PQfreemem(e);
-	return 0;
-}
-
-static const char *const AGO_COLS[] = { "read", "updated", "archived", NULL };
-
 static int cmd_status(const struct config *cfg, PGconn *conn, bool json, int argc, char **argv)
 {
-	char ids[MAX_IDS * 22 + 4], q[160], a[160], sql[3072];
-	const char *params[1] = { ids };
+	char ids[MAX_IDS * LEDGER_VIEW_ID_BYTES + 4], rows[16], sql[LEDGER_VIEW_SQL_BYTES];
+	const char *params[2] = { ids, rows };
 	PGresult *res;
-	int n;
 
 	if (argc < 1) {
 		fprintf(stderr, "pgmq-dispatcher status: give one or more msg ids\n");
 		return EX_USAGE;
 	}
-	if (ids_param("status", argc, argv, ids, sizeof(ids), &n) != 0)
+	if (ids_param("status", argc, argv, ids, sizeof(ids)) != 0)
 		return EX_USAGE;
-	if (tables(conn, cfg->queue_name, q, a, sizeof(q)) != 0)
+	if (ledger_view_status_sql(cfg->ledger_schema, cfg->queue_name, !json, sql, sizeof(sql)) !=
+	    0)
 		return EX_USAGE;
-	snprintf(sql, sizeof(sql),
-		 "SELECT m.id AS msg_id, CASE WHEN EXISTS (SELECT 1 FROM %s WHERE msg_id = m.id) "
-		 "THEN 'queue' WHEN EXISTS (SELECT 1 FROM %s WHERE msg_id = m.id) THEN 'archive' "
-		 "ELSE 'gone' END AS now_in, d.dispatch_id::text AS dispatch_id, "
-		 "extract(epoch FROM d.read_at)::float8 AS read, "
-		 "d.read_cts[array_position(d.msg_ids, m.id)] AS read_ct, d.state, d.job_id, "
-		 "d.http_status AS http, extract(epoch FROM d.updated_at)::float8 AS updated, "
-		 "(SELECT string_agg(h->>'state', '>') FROM jsonb_array_elements(d.history) h) "
-		 "AS states, d.history, d.error "
-		 "FROM unnest($1::bigint[]) WITH ORDINALITY AS m(id, ord) "
-		 "LEFT JOIN %s.dispatch d ON d.msg_ids @> ARRAY[m.id] "
-		 "ORDER BY m.ord, d.read_at NULLS FIRST",
-		 q, a, cfg->ledger_schema);
-	res = PQexecParams(conn, sql, 1, NULL, params, NULL, NULL, 0);
+	snprintf(rows, sizeof(rows), "%d", MAX_STATUS_ROWS);
+	res = PQexecParams(conn, sql, 2, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(res) != PGRES_TUPLES_OK)
 		return fail("status", res);
-	if (!json) {
-		/* The table leaves out the long columns; --json has them. */
-		PGresult *brief;
-		char sql2[3400];
-		snprintf(sql2, sizeof(sql2),
-			 "SELECT msg_id, now_in, dispatch_id, read, read_ct, state, job_id, http, "
-			 "updated, states FROM (%s) s",
-			 sql);
-		brief = PQexecParams(conn, sql2, 1, NULL, params, NULL, NULL, 0);
-		PQclear(res);
-		if (PQresultStatus(brief) != PGRES_TUPLES_OK)
-			return fail("status", brief);
-		res = brief;
-	}
-	print_result(res, json, AGO_COLS, db_now(conn));
+	print_result(res, json, LEDGER_VIEW_AGO_COLS, db_now(conn));
 	PQclear(res);
 	return 0;
 }
@@ -279,11 +160,12 @@ static int cmd_jobs(const struct config *cfg, PGconn *conn, bool json, int argc,
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *state = NULL, *since = NULL;
-	char span[32], limit[16] = "100", sql[1536];
+	char span[32], limit[16], sql[LEDGER_VIEW_SQL_BYTES];
 	const char *params[5] = { cfg->queue_name, NULL, NULL, NULL, limit };
-	PGresult *res;
 	int opt;
+	PGresult *res;
 
+	snprintf(limit, sizeof(limit), "%d", LEDGER_VIEW_JOBS_DEFAULT);
 	optind = 1;
 	while ((opt = getopt_long(argc, argv, "", opts, NULL)) != -1) {
 		switch (opt) {
@@ -294,12 +176,12 @@ static int cmd_jobs(const struct config *cfg, PGconn *conn, bool json, int argc,
 			since = optarg;
 			break;
 		case 'l':
-			if (atoi(optarg) < 1 || atoi(optarg) > 100000) {
-				fprintf(stderr,
-					"pgmq-dispatcher jobs: --limit takes 1 to 100000\n");
+			if (ledger_view_limit(optarg, MAX_JOBS_ROWS) < 0) {
+				fprintf(stderr, "pgmq-dispatcher jobs: --limit takes 1 to %d\n",
+					MAX_JOBS_ROWS);
 				return EX_USAGE;
 			}
-			snprintf(limit, sizeof(limit), "%d", atoi(optarg));
+			snprintf(limit, sizeof(limit), "%s", optarg);
 			break;
 		default:
 			fprintf(stderr,
@@ -309,26 +191,14 @@ static int cmd_jobs(const struct config *cfg, PGconn *conn, bool json, int argc,
 		}
 	}
 	params[1] = state;
-	if (since && ledger_cli_span_s(since) >= 0) {
-		snprintf(span, sizeof(span), "%ld seconds", ledger_cli_span_s(since));
-		params[3] = span;
-	} else {
-		params[2] = since;
-	}
-	snprintf(
-		sql, sizeof(sql),
-		"SELECT dispatch_id::text AS dispatch_id, extract(epoch FROM read_at)::float8 AS read, "
-		"state, job_id, cardinality(msg_ids) AS messages, msg_ids[1] AS first_msg_id, "
-		"http_status AS http, extract(epoch FROM updated_at)::float8 AS updated, error "
-		"FROM %s.dispatch WHERE queue = $1 AND ($2::text IS NULL OR state = $2) "
-		"AND ($3::timestamptz IS NULL OR read_at >= $3::timestamptz) "
-		"AND ($4::interval IS NULL OR read_at >= now() - $4::interval) "
-		"ORDER BY read_at DESC LIMIT $5::integer",
-		cfg->ledger_schema);
+	ledger_view_since(since, span, sizeof(span), &params[2]);
+	params[3] = span[0] ? span : NULL;
+	if (ledger_view_jobs_sql(cfg->ledger_schema, sql, sizeof(sql)) != 0)
+		return EX_SOFTWARE;
 	res = PQexecParams(conn, sql, 5, NULL, params, NULL, NULL, 0);
 	if (PQresultStatus(res) != PGRES_TUPLES_OK)
 		return fail("jobs", res);
-	print_result(res, json, AGO_COLS, db_now(conn));
+	print_result(res, json, LEDGER_VIEW_AGO_COLS, db_now(conn));
 	PQclear(res);
 	return 0;
 }
@@ -372,10 +242,10 @@ static int cmd_redrive(const struct config *cfg, PGconn *conn, bool json, int ar
 		{ NULL, 0, NULL, 0 },
 	};
 	const char *from = NULL, *to = NULL;
-	char ids[MAX_IDS * 22 + 4], q[160], a[160], sql[1024];
+	char ids[MAX_IDS * LEDGER_VIEW_ID_BYTES + 4], q[220], a[220], sql[1024];
 	const char *params[3] = { ids, NULL, NULL };
 	bool dry = false;
-	int opt, n = 0, moved = 0, rc = 0;
+	int opt, moved = 0, rc = 0;
 	PGresult *res;
 
 	optind = 1;
@@ -392,7 +262,7 @@ static int cmd_redrive(const struct config *cfg, PGconn *conn, bool json, int ar
 	if ((optind < argc) == (from != NULL || to != NULL))
 		goto usage;
 	if (optind < argc) {
-		if (ids_param("redrive", argc - optind, argv + optind, ids, sizeof(ids), &n) != 0)
+		if (ids_param("redrive", argc - optind, argv + optind, ids, sizeof(ids)) != 0)
 			return EX_USAGE;
 		params[0] = ids;
 	} else {
@@ -400,7 +270,7 @@ static int cmd_redrive(const struct config *cfg, PGconn *conn, bool json, int ar
 	}
 	params[1] = from;
 	params[2] = to;
-	if (tables(conn, cfg->queue_name, q, a, sizeof(q)) != 0)
+	if (ledger_view_tables(cfg->queue_name, q, a, sizeof(q)) != 0)
 		return EX_USAGE;
 	snprintf(
 		sql, sizeof(sql),
@@ -418,7 +288,7 @@ static int cmd_redrive(const struct config *cfg, PGconn *conn, bool json, int ar
 		if (!json)
 			printf("would redrive %d archived message(s) of queue %s:\n",
 			       PQntuples(res), cfg->queue_name);
-		print_result(res, json, AGO_COLS, db_now(conn));
+		print_result(res, json, LEDGER_VIEW_AGO_COLS, db_now(conn));
 		PQclear(res);
 		return 0;
 	}

@@ -33,7 +33,8 @@ struct ledger {
 	struct pg *pg;
 	struct ledger_hooks hooks;
 	char owner[LEDGER_ID_LEN + 1];
-	bool ready, migrating, stopped, flushing, ticking, claiming;
+	bool ready, migrating, stopped, ticking, claiming;
+	int flushing;  /* notes statements in flight (in order on the one connection) */
 	bool degraded; /* the role may not migrate: reads go on without the ledger */
 	ev_timer tick;
 	struct note notes[LEDGER_MAX_NOTES];
@@ -54,7 +55,8 @@ void ledger_log_error(const char *event, const struct pg_error *err);
 
 /* ledger_tick.c: sets up the tick timer (once, in ledger_new). */
 void ledger_tick_init(struct ledger *l);
-/* (Re)starts the tick after after_s, then every lease_s / 3. */
+/* (Re)starts the tick after after_s, then every lease_s / 3; after_s 0:
+ * the tick's statements are queued at once (ahead of a read queued next). */
 void ledger_schedule_tick(struct ledger *l, double after_s);
 
 #endif

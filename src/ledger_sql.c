@@ -33,9 +33,9 @@ const char LEDGER_READ_SQL[] =
 	"now() + make_interval(secs => $2::integer), "
 	"'sending', jsonb_build_array(jsonb_build_object('state', 'sending', 'at', now())) "
 	"FROM r HAVING count(*) > 0 RETURNING dispatch_id), "
-	"lz AS (INSERT INTO %1$s.lease (dispatch_id, queue, endpoint_id, owner, lease_until) "
-	"SELECT dispatch_id, $1::text, $5::text, $6::uuid, now() + make_interval(secs => "
-	"$7::integer) FROM ins) "
+	"lz AS (INSERT INTO %1$s.lease (dispatch_id, queue, endpoint_id, owner, lease_until, pid, "
+	"since) SELECT dispatch_id, $1::text, $5::text, $6::uuid, now() + make_interval(secs => "
+	"$7::integer), pg_backend_pid(), now() FROM ins) "
 	"SELECT * FROM r ORDER BY msg_id";
 
 /* All transitions noted while the previous statement ran, in one: grouped
@@ -80,22 +80,55 @@ const char LEDGER_SPLIT_SQL[] =
 	"jsonb_build_array(jsonb_build_object('state', 'sending', 'at', src.read_at), "
 	"jsonb_build_object('state', ($3::text[])[g.part], 'at', now(), 'split_from', $1::text)) "
 	"FROM g, src WHERE g.part > 1 RETURNING dispatch_id), "
-	"il AS (INSERT INTO %1$s.lease (dispatch_id, queue, endpoint_id, owner, lease_until) "
-	"SELECT ins.dispatch_id, ls.queue, ls.endpoint_id, ls.owner, ls.lease_until FROM ins, ls) "
+	"il AS (INSERT INTO %1$s.lease (dispatch_id, queue, endpoint_id, owner, lease_until, pid, "
+	"since) SELECT ins.dispatch_id, ls.queue, ls.endpoint_id, ls.owner, ls.lease_until, ls.pid, "
+	"ls.since FROM ins, ls) "
 	"SELECT (SELECT count(*) FROM up) + (SELECT count(*) FROM ins)";
 
-/* Renews this replica's leases, turns rows that dead replicas left
- * unfinished before any job (sending, archiving, releasing) into
- * `unknown`, ends the leases of COMPLETED jobs after the grace period
+/* pgmq.archive and, in the same statement, the ledger's record of it: the
+ * dispatch row (%1$s schema) ends `archived` with the reason in its
+ * history, or, for messages archived before any row held them (a read
+ * that failed on them), a new row with their msg ids and read_ct (from the
+ * queue table %2$s, as the statement found them). Nothing is recorded
+ * when nothing was archived. $1 queue, $2 msg ids, $3 dispatch id,
+ * $4 endpoint, $5 HTTP status, $6 error, $7 reason. One row: the count. */
+const char LEDGER_ARCHIVE_SQL[] =
+	"WITH q AS MATERIALIZED (SELECT msg_id, read_ct FROM %2$s WHERE msg_id = ANY "
+	"($2::bigint[])), "
+	"a AS MATERIALIZED (SELECT m.id FROM unnest($2::bigint[]) AS m(id), "
+	"LATERAL pgmq.archive($1::text, m.id) AS ok WHERE ok), "
+	"ins AS (INSERT INTO %1$s.dispatch AS d (dispatch_id, queue, endpoint_id, msg_ids, "
+	"read_cts, read_at, vt_until, state, http_status, error, history) "
+	"SELECT $3::uuid, $1::text, $4::text, array_agg(a.id ORDER BY a.id), "
+	"array_agg(q.read_ct ORDER BY a.id), now(), now(), 'archived', $5::integer, $6::text, "
+	"jsonb_build_array(jsonb_build_object('state', 'archived', 'at', now(), 'reason', "
+	"$7::text)) FROM a LEFT JOIN q ON q.msg_id = a.id HAVING count(*) > 0 "
+	"ON CONFLICT (dispatch_id) DO UPDATE SET state = 'archived', updated_at = now(), "
+	"http_status = coalesce(EXCLUDED.http_status, d.http_status), "
+	"error = coalesce(EXCLUDED.error, d.error), history = d.history || EXCLUDED.history "
+	"RETURNING 1), "
+	"gone AS (DELETE FROM %1$s.lease WHERE dispatch_id = $3::uuid AND EXISTS "
+	"(SELECT 1 FROM a)) "
+	"SELECT count(*) FROM a";
+
+/* Renews this replica's leases (with its session: after a reconnect the
+ * new backend pid), turns rows that dead replicas left unfinished before
+ * any job (sending, archiving, releasing) into `unknown` — dead: their
+ * lease ran out, or at once when the session that holds it is gone (no
+ * backend with that pid that started before the lease was taken; an
+ * unknown start, another role's session, counts as alive) — ends the leases of COMPLETED jobs after the grace period
  * naming the messages still in the queue (%2$s), prunes finished rows
  * older than the retention. $1 owner, $2 lease_s, $3 queue,
  * $4 retention_days, $5 completed_grace_s. Rows: kind, dispatch id, msg
  * ids (or the pruned count), job id. */
 const char LEDGER_TICK_SQL[] =
 	"WITH renew AS (UPDATE %1$s.lease SET lease_until = now() + make_interval(secs => "
-	"$2::integer) WHERE owner = $1::uuid RETURNING 1), "
-	"dead AS (DELETE FROM %1$s.lease WHERE job_id IS NULL AND lease_until < now() "
-	"AND queue = $3::text AND owner <> $1::uuid RETURNING dispatch_id), "
+	"$2::integer), since = CASE WHEN pid IS DISTINCT FROM pg_backend_pid() THEN now() "
+	"ELSE since END, pid = pg_backend_pid() WHERE owner = $1::uuid RETURNING 1), "
+	"dead AS (DELETE FROM %1$s.lease WHERE job_id IS NULL AND queue = $3::text "
+	"AND owner <> $1::uuid AND (lease_until < now() OR (pid IS NOT NULL AND NOT EXISTS "
+	"(SELECT 1 FROM pg_stat_activity a WHERE a.pid = lease.pid AND (a.backend_start IS NULL "
+	"OR a.backend_start <= lease.since)))) RETURNING dispatch_id), "
 	"lost AS (UPDATE %1$s.dispatch d SET state = 'unknown', updated_at = now(), "
 	"error = 'the replica that read it died before it recorded the outcome', "
 	"history = history || jsonb_build_array(jsonb_build_object('state', 'unknown', 'at', "
@@ -116,7 +149,8 @@ const char LEDGER_TICK_SQL[] =
 				    "UNION ALL SELECT 'pruned', NULL, (SELECT count(*) FROM prune)::text, NULL";
 
 /* Takes expired leases of accepted jobs. $1 owner, $2 lease_s, $3 queue,
- * $4 endpoint. */
+ * $4 endpoint. Rows: dispatch id, job id, msg ids, seconds of vt left,
+ * seconds since /run accepted the job (the history's `accepted`). */
 const char LEDGER_CLAIM_SQL[] =
 	"UPDATE %1$s.lease l SET owner = $1::uuid, lease_until = now() + make_interval(secs => "
 	"$2::integer) FROM %1$s.dispatch d WHERE d.dispatch_id = l.dispatch_id "
@@ -127,7 +161,10 @@ const char LEDGER_CLAIM_SQL[] =
 	"ORDER BY lease_until LIMIT " PGMQD_STR(
 		LEDGER_CLAIM_BATCH) " FOR UPDATE SKIP LOCKED) "
 				    "RETURNING l.dispatch_id::text, l.job_id, d.msg_ids::text, "
-				    "extract(epoch FROM d.vt_until - now())::float8";
+				    "extract(epoch FROM d.vt_until - now())::float8, "
+				    "extract(epoch FROM now() - coalesce((SELECT min((h->>'at')::timestamptz) "
+				    "FROM jsonb_array_elements(d.history) h WHERE h->>'state' = 'accepted'), "
+				    "d.read_at))::float8";
 
 void ledger_new_id(char *out)
 {

@@ -97,7 +97,8 @@ static void on_claim(void *arg, PGresult *res, const struct pg_error *err)
 		log_end(ll);
 		if (n > 0 && l->hooks.claimed && !l->stopped)
 			l->hooks.claimed(l->hooks.arg, PQgetvalue(res, i, 0), PQgetvalue(res, i, 1),
-					 ids, n, strtod(PQgetvalue(res, i, 3), NULL));
+					 ids, n, strtod(PQgetvalue(res, i, 3), NULL),
+					 strtod(PQgetvalue(res, i, 4), NULL));
 		free(ids);
 	}
 	PQclear(res);
@@ -137,6 +138,11 @@ void ledger_schedule_tick(struct ledger *l, double after_s)
 	double period = l->cfg->ledger_lease_s / 3.0;
 
 	ev_timer_stop(l->loop, &l->tick);
+	if (after_s <= 0.0) {
+		/* Now: its statements go ahead of the first read on the connection. */
+		on_tick_timer(l->loop, &l->tick, 0);
+		after_s = period;
+	}
 	ev_timer_set(&l->tick, after_s, period);
 	ev_timer_start(l->loop, &l->tick);
 }

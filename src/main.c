@@ -3,6 +3,7 @@
 #include "config.h"
 #include "dispatcher.h"
 #include "admin.h"
+#include "dispatches.h"
 #include "ledger_cli.h"
 #include "listenaddr.h"
 #include "log.h"
@@ -31,6 +32,7 @@ struct app {
 	int exit_code;
 	int signals; /* TERM/INT received */
 	struct admin *admin;
+	struct dispatches *ds; /* GET /dispatches, on a connection of its own */
 	ev_signal sig_int, sig_term, sig_hup;
 };
 
@@ -192,6 +194,19 @@ static char *admin_metrics(void *arg, size_t *len)
 {
 	(void)arg;
 	return metrics_render(len);
+}
+
+static void on_dispatches_done(void *ctx, unsigned status, const char *type, char *body, size_t len)
+{
+	admin_answer(ctx, status, type, body, len);
+}
+
+static void admin_dispatches(void *arg, struct admin_call *call, const char *const *keys,
+			     const char *const *vals, int n)
+{
+	struct app *app = arg;
+
+	dispatches_serve(app->ds, app->cfg, keys, vals, n, on_dispatches_done, call);
 }
 
 static void on_ignored_key(void *arg, const char *key)
@@ -464,6 +479,8 @@ int main(int argc, char **argv)
 		struct admin_hooks hooks = { .ready = admin_ready,
 					     .metrics = admin_metrics,
 					     .arg = &app };
+		if ((app.ds = dispatches_new(app.loop)) != NULL)
+			hooks.dispatches = admin_dispatches;
 		char err[256];
 		app.admin = admin_start(app.loop, app.cfg->admin_listen, &hooks, err, sizeof(err));
 		if (app.admin == NULL) {
@@ -471,6 +488,7 @@ int main(int argc, char **argv)
 			log_str(l, "key", "admin.listen");
 			log_str(l, "error", err);
 			log_end(l);
+			dispatches_free(app.ds);
 			dispatcher_free(app.d);
 			log_detach_loop(1000);
 			config_free(app.cfg);
@@ -511,6 +529,7 @@ int main(int argc, char **argv)
 	ev_run(app.loop, 0);
 	sdnotify_watchdog_stop(app.loop);
 	admin_stop(app.admin);
+	dispatches_free(app.ds); /* requests still waiting: answered to nobody */
 
 	{
 		/* Free first: requests and statements still pending log their

@@ -44,7 +44,15 @@ static const char V2[] = "CREATE TABLE @S@.lease ("
 			 " job_id text);"
 			 "CREATE INDEX lease_until ON @S@.lease (lease_until);";
 
-/* Version 3: the fleet's shared rate caps (budget.h). One row per endpoint
+/* Version 3: the PostgreSQL session (backend pid, and since when it holds
+ * the lease) of the replica holding a lease, so that a replica starting
+ * up sees at once that the one which left rows `sending` is dead (its
+ * session is gone) instead of waiting for the lease to run out. NULL for
+ * leases written by an older build: those wait for lease_until. */
+static const char V3[] = "ALTER TABLE @S@.lease ADD COLUMN pid integer,"
+			 " ADD COLUMN since timestamptz;";
+
+/* Version 4: the fleet's shared rate caps (budget.h). One row per endpoint
  * and kind ("run", "status") that a grant locks, so that grants are made
  * one at a time; the grants of the counted span (window + margin +
  * validity), pruned by each grant; and the one function a grant calls.
@@ -53,7 +61,7 @@ static const char V2[] = "CREATE TABLE @S@.lease ("
  * budget_grant_size's. p_spent: requests the caller sent without a grant
  * (its fallback while the database could not be asked), counted from now
  * as a grant of its own, later than they were sent: never less. */
-static const char V3[] =
+static const char V4[] =
 	"CREATE TABLE @S@.budget (endpoint_id text NOT NULL, kind text NOT NULL,"
 	" PRIMARY KEY (endpoint_id, kind));"
 	"CREATE TABLE @S@.budget_grant (endpoint_id text NOT NULL, kind text NOT NULL,"
@@ -117,9 +125,10 @@ static char *append(char *out, size_t *len, const char *s, const char *schema, c
 
 char *migrate_sql(const char *schema, int target)
 {
-	static const char *const steps[] = { V1, V2, V3 };
+	static const char *const steps[] = { V1, V2, V3, V4 };
 	char t[16], step[32];
-	size_t cap = sizeof(HEAD) + sizeof(V1) + sizeof(V2) + sizeof(V3) + 512, len = 0;
+	size_t cap = sizeof(HEAD) + sizeof(V1) + sizeof(V2) + sizeof(V3) + sizeof(V4) + 512,
+	       len = 0;
 	char *out;
 
 	if (target < 1 || target > MIGRATE_VERSION)
@@ -233,11 +242,13 @@ int migrate_main(const struct config *cfg, int argc, char **argv)
 		migrate_explain(cfg->ledger_schema, state ? state : "",
 				res ? PQresultErrorMessage(res) : "out of memory", line,
 				sizeof(line));
+		/* state points into res: decided before PQclear. */
+		int rc = state && strcmp(state, MIGRATE_SQLSTATE_NEWER) == 0 ? EX_CONFIG
+									     : EX_UNAVAILABLE;
 		fprintf(stderr, "pgmq-dispatcher migrate: %s\n", line);
 		PQclear(res);
 		PQfinish(conn);
-		return state && strcmp(state, MIGRATE_SQLSTATE_NEWER) == 0 ? EX_CONFIG
-									   : EX_UNAVAILABLE;
+		return rc;
 	}
 	PQclear(res);
 	after = migrate_current(conn, cfg->ledger_schema, err, sizeof(err));

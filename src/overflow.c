@@ -1,14 +1,16 @@
 /* overflow — the rows whose read_ct reached the int4 limit (2^31-1), which
  * make every pgmq.read fail with SQLSTATE 22003: finds them after such a
  * failed read, names them and the way out in one log line, and archives
- * them when the poison guard (max_read_ct) is on. Knows nothing of
- * batches, HTTP or NOTIFY. */
+ * them when the poison guard (max_read_ct) is on (recorded in the ledger
+ * with the archive: batch_archive_ids). Knows nothing of HTTP or NOTIFY. */
+#include "batch.h"
 #include "dispatcher_int.h"
 #include "log.h"
 
 #include <stdio.h>
 
 #define OVERFLOW_IDS_MAX 100
+#define OVERFLOW_ERROR "read_ct at the integer limit 2147483647: every pgmq.read failed on it"
 
 static void on_overflow_archived(void *arg, long count, const struct pg_error *err)
 {
@@ -41,7 +43,6 @@ static void on_overflow_found(void *arg, const long long *ids, int n, const stru
 {
 	struct dispatcher *d = arg;
 	char fix[256], quoted[160];
-	size_t used = 0;
 	struct log_line *l;
 
 	d->db_pending--;
@@ -57,13 +58,8 @@ static void on_overflow_found(void *arg, const long long *ids, int n, const stru
 		dispatcher_maybe_finish(d);
 		return;
 	}
-	for (const char *p = d->cfg->queue_name; *p && used < sizeof(quoted) - 3; p++) {
-		if (*p == '\'')
-			quoted[used++] = '\'';
-		quoted[used++] = *p;
-	}
-	quoted[used] = '\0';
-	snprintf(fix, sizeof(fix), "SELECT pgmq.archive('%s', %lld)%s", quoted, ids[0],
+	pgmq_quote_literal(d->cfg->queue_name, quoted, sizeof(quoted));
+	snprintf(fix, sizeof(fix), "SELECT pgmq.archive(%s, %lld)%s", quoted, ids[0],
 		 n > 1 ? " for each msg_id" : "");
 	l = log_begin(LOG_ERROR, "read_ct_overflow");
 	log_str(l, "queue", d->cfg->queue_name);
@@ -79,7 +75,11 @@ static void on_overflow_found(void *arg, const long long *ids, int n, const stru
 	}
 	log_end(l);
 	if (d->cfg->max_read_ct > 0) {
-		if (pgmq_archive(d->pg, d->cfg->queue_name, ids, n, on_overflow_archived, d) == 0)
+		bool recorded;
+		/* With the ledger on, one new row records them `archived`: no
+		 * dispatch ever held them (every read failed on them). */
+		if (batch_archive_ids(d, "", ids, n, 0, OVERFLOW_ERROR, sizeof(OVERFLOW_ERROR) - 1,
+				      "max_read_ct", on_overflow_archived, d, &recorded) == 0)
 			d->db_pending++;
 		else
 			log_msg(LOG_ERROR, "read_ct_overflow_archive_failed",

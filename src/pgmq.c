@@ -195,6 +195,8 @@ int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int v
 	return 0;
 }
 
+static char *id_array(const long long *ids, int n);
+
 static void on_count(void *arg, PGresult *res, const struct pg_error *err)
 {
 	struct call *c = arg;
@@ -207,6 +209,26 @@ static void on_count(void *arg, PGresult *res, const struct pg_error *err)
 		c->fn.count(c->arg, count, NULL);
 	}
 	free(c);
+}
+
+int pgmq_count_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
+		     pgmq_count_fn fn, void *arg)
+{
+	struct call *c = new_call(arg);
+
+	if (c == NULL)
+		return -1;
+	c->fn.count = fn;
+	if (pg_query(pg, sql, nparams, params, on_count, c) != 0) {
+		free(c);
+		return -1;
+	}
+	return 0;
+}
+
+char *pgmq_id_array(const long long *ids, int n)
+{
+	return id_array(ids, n);
 }
 
 /* "{1,2,3}": the text form of a bigint[] parameter. */
@@ -303,6 +325,38 @@ int pgmq_table_name(const char *queue, char *buf, size_t len)
 	for (size_t i = 2; buf[i]; i++)
 		buf[i] = (char)tolower((unsigned char)buf[i]);
 	return 0;
+}
+
+int pgmq_quote_literal(const char *s, char *buf, size_t len)
+{
+	size_t used = 0;
+
+	if (len < 3)
+		return -1;
+	buf[used++] = '\'';
+	for (; *s; s++) {
+		if (used + (*s == '\'' ? 2 : 1) + 2 > len) {
+			buf[0] = '\0';
+			return -1;
+		}
+		if (*s == '\'')
+			buf[used++] = '\'';
+		buf[used++] = *s;
+	}
+	buf[used++] = '\'';
+	buf[used] = '\0';
+	return 0;
+}
+
+int pgmq_create_call(const char *queue, char *buf, size_t len)
+{
+	char lit[256];
+	int n;
+
+	if (pgmq_quote_literal(queue, lit, sizeof(lit)) != 0)
+		snprintf(lit, sizeof(lit), "'<queue>'");
+	n = snprintf(buf, len, "SELECT pgmq.create(%s);", lit);
+	return n < 0 || (size_t)n >= len ? -1 : 0;
 }
 
 PGresult *pgmq_peek(PGconn *conn, const char *queue, int qty, char *err, size_t errlen)

@@ -542,6 +542,21 @@ void tracker_add_dispatch(struct tracker *t, const char *job_id, const char *dis
 	tracker_arm(t);
 }
 
+void tracker_add_claimed(struct tracker *t, const char *job_id, const char *dispatch_id,
+			 const long long *msg_ids, int n, ev_tstamp read_at, ev_tstamp accepted_at)
+{
+	struct tjob *j;
+
+	tracker_add_dispatch(t, job_id, dispatch_id, msg_ids, n, read_at);
+	j = t ? tracker_job_find(t, job_id) : NULL;
+	if (j == NULL || accepted_at >= j->added_at)
+		return;
+	/* max_heartbeat_s and the job's age count from its real start. */
+	j->added_at = accepted_at;
+	if (j->slot == METRICS_TRACKED_IN_QUEUE)
+		jobtable_schedule(&t->jobs, JT_QUEUED, &j->node, j->added_at);
+}
+
 static void forget_all(struct tracker *t)
 {
 	struct tjob *j;

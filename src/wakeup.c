@@ -374,17 +374,9 @@ static void on_trigger_check(void *arg, PGresult *res, const struct pg_error *er
 		return;
 	if (!exists) {
 		if (!d->w.missing_logged) {
-			char call[320], *o = call;
+			char call[320];
 			d->w.missing_logged = true;
-			o += sprintf(o, "SELECT pgmq.create('");
-			/* A literal: quotes doubled (queue names are short; pgmq limits them). */
-			for (const char *c = d->cfg->queue_name; *c && o < call + sizeof(call) - 8;
-			     c++) {
-				if (*c == '\'')
-					*o++ = '\'';
-				*o++ = *c;
-			}
-			snprintf(o, (size_t)(call + sizeof(call) - o), "');");
+			pgmq_create_call(d->cfg->queue_name, call, sizeof(call));
 			struct log_line *l = log_begin(LOG_WARN, "queue_missing");
 			log_str(l, "queue", d->cfg->queue_name);
 			log_str(l, "table", d->w.table);

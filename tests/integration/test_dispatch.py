@@ -212,6 +212,18 @@ def test_once_read_failed_announces_no_retry(queue_db, emulator):
                for line in lines), lines
 
 
+def test_once_on_a_missing_queue_gives_the_create_call(queue_db, emulator):
+    """--once reads before the wake-up probe names a missing queue: its read_failed line
+    carries the pgmq.create call itself, and the exit status it announces is the real one."""
+    env = base_env(queue_db, emulator)
+    env["PGMQD_QUEUE_NAME"] = "no_such_queue"
+    rc, lines = run_once(env, "--once")
+    failed = [line for line in lines if "event=read_failed" in line]
+    assert len(failed) == 1, lines
+    assert logfmt(failed[0])["fix"] == "SELECT pgmq.create('no_such_queue');", failed
+    assert f"exit status {rc}" in failed[0], (rc, failed)
+
+
 def test_once_exit_codes(queue_db, emulator):
     env = base_env(queue_db, emulator)
     rc, lines = run_once(env, "--once")

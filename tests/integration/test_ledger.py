@@ -165,6 +165,34 @@ def test_poison_archive_status_and_redrive(queue_db, emulator, start_daemon):
     d2.stop()
 
 
+def test_every_archive_is_recorded_with_its_msg_ids(queue_db, emulator, start_daemon):
+    """pgmq.archive and its ledger record are one statement: the poison guard's, the too-large
+    one's, and the read_ct overflow's (whose messages no read ever returned: a row of its own),
+    so `status` never shows a message that went to the archive without a record."""
+    ids = queue_db.send_many([{"n": 0}, {"n": 1, "pad": "z" * 2000}, {"n": 2}, {"n": 3}])
+    over, big, poison = ids[3], ids[1], ids[2]
+    queue_db.sql("UPDATE pgmq.q_jobs SET read_ct = 2147483647 WHERE msg_id = %s", (over,))
+    queue_db.sql("UPDATE pgmq.q_jobs SET read_ct = 7 WHERE msg_id = %s", (poison,))
+    env = base_env(queue_db, emulator, PGMQD_QUEUE_MAX_READ_CT="5")
+    d = start_daemon(PGMQD_QUEUE_MAX_READ_CT="5", PGMQD_RUNPOD_MAX_BODY_BYTES="1000",
+                     PGMQD_QUEUE_POLL_INTERVAL_MS="200")
+    d.wait_log(r"event=read_ct_overflow_archived .*messages=1", timeout_s=20)
+    emulator.wait_for(lambda: len(accepted_runs(emulator)) == 1, timeout_s=15)
+    wait_until(lambda: sorted(i for r in rows(queue_db, "state = 'archived'") for i in r[3])
+               == sorted([over, big, poison]), 15, what="three archived msg ids")
+    archived = {r[3][0]: r for r in rows(queue_db, "state = 'archived'")}
+    reason = {m: r[6][-1].get("reason") for m, r in archived.items()}
+    assert reason == {over: "max_read_ct", big: "too_large", poison: "max_read_ct"}, archived
+    assert archived[over][4] == [2147483647]                    # read_ct as it was archived
+    assert states_of(archived[over][6]) == ["archived"]          # no read ever returned it
+    assert queue_db.sql("SELECT count(*) FROM pgmq.a_jobs")[0][0] == 3
+    d.stop()
+    for m in (over, big, poison):
+        rc, out = run_once(env, "status", "--json", str(m))
+        got = json.loads("\n".join(out))
+        assert rc == 0 and got[-1]["state"] == "archived" and got[-1]["now_in"] == "archive", out
+
+
 # ---- migrations ----
 
 def schema_version(db):
@@ -182,14 +210,17 @@ def test_migrate_fresh_then_up_to_date(queue_db, emulator):
 
 def test_previous_version_is_upgraded_at_start(queue_db, emulator, start_daemon):
     env = base_env(queue_db, emulator)
-    rc, out = run_once(env, "migrate", "--target-version", "1")
-    assert rc == 0 and schema_version(queue_db) == 1
-    assert queue_db.sql(f"SELECT to_regclass('{SCHEMA}.lease')")[0][0] is None
+    rc, out = run_once(env, "migrate", "--target-version", "2")     # the previous version
+    assert rc == 0 and schema_version(queue_db) == 2
+    lease_cols = f"SELECT count(*) FROM information_schema.columns WHERE table_schema = " \
+                 f"'{SCHEMA}' AND table_name = 'lease' AND column_name IN ('pid', 'since')"
+    assert queue_db.sql(lease_cols)[0][0] == 0
     queue_db.send_many([{"n": 1}])
     d = start_daemon()
     d.wait_log(r"event=ledger_ready")
     emulator.wait_for(lambda: len(accepted_runs(emulator)) == 1, timeout_s=15)
     assert schema_version(queue_db) == VERSION
+    assert queue_db.sql(lease_cols)[0][0] == 2
     wait_until(lambda: rows(queue_db) and rows(queue_db)[0][1] == "accepted", 10)
 
 
@@ -255,16 +286,21 @@ def recovered(d):
     return [logfmt(l) for l in d.lines if "event=ledger_recovered_unknown" in l]
 
 
+# The dead daemon's leases last LONG_LEASE: what a restart recovers at once it finds by the
+# dead process's PostgreSQL session being gone, not by its lease running out.
+LONG_LEASE = "600"
+
+
 def test_kill_after_the_post_went_out_before_the_reply(queue_db, emulator, start_daemon):
     ids = queue_db.send_many([{"n": i} for i in range(3)])
     emulator.hold_runs()
-    d = start_daemon(PGMQD_LEDGER_LEASE_S="2", PGMQD_QUEUE_VT_SECONDS="600")
+    d = start_daemon(PGMQD_LEDGER_LEASE_S=LONG_LEASE, PGMQD_QUEUE_VT_SECONDS="600")
     emulator.wait_for(lambda: emulator.in_flight_run == 1, timeout_s=15)
     assert [r[1] for r in rows(queue_db)] == ["sending"]
     d.proc.kill()
     d.proc.wait()
     emulator.release_runs()
-    d2 = start_daemon(PGMQD_LEDGER_LEASE_S="2", PGMQD_QUEUE_VT_SECONDS="600")
+    d2 = start_daemon(PGMQD_LEDGER_LEASE_S=LONG_LEASE, PGMQD_QUEUE_VT_SECONDS="600")
     d2.wait_log(r"event=ledger_recovered_unknown", timeout_s=15)
     (r,) = rows(queue_db)
     assert r[1] == "unknown" and r[3] == ids
@@ -279,13 +315,13 @@ def test_kill_after_the_post_went_out_before_the_reply(queue_db, emulator, start
 def test_kill_after_the_read_before_the_post(queue_db, emulator, start_daemon):
     # One /run per 10 s: the second read's batch waits for a rate slot.
     queue_db.send_many([{"n": i} for i in range(4)])
-    d = start_daemon(PGMQD_LEDGER_LEASE_S="2", PGMQD_QUEUE_BATCH_SIZE="2",
+    d = start_daemon(PGMQD_LEDGER_LEASE_S=LONG_LEASE, PGMQD_QUEUE_BATCH_SIZE="2",
                      PGMQD_RUNPOD_MAX_REQUESTS_PER_10S="1")
     emulator.wait_for(lambda: len(accepted_runs(emulator)) == 1, timeout_s=15)
     wait_until(lambda: sorted(r[1] for r in rows(queue_db)) == ["accepted", "sending"], 10)
     d.proc.kill()
     d.proc.wait()
-    d2 = start_daemon(PGMQD_LEDGER_LEASE_S="2")
+    d2 = start_daemon(PGMQD_LEDGER_LEASE_S=LONG_LEASE)
     d2.wait_log(r"event=ledger_recovered_unknown", timeout_s=15)
     got = rows(queue_db)
     assert sorted(r[1] for r in got) == ["accepted", "unknown"]
@@ -296,7 +332,7 @@ def test_kill_after_the_read_before_the_post(queue_db, emulator, start_daemon):
 
 
 def test_kill_after_the_reply_before_the_ledger_update(queue_db, emulator, start_daemon, pg_cluster):
-    d = start_daemon(PGMQD_LEDGER_LEASE_S="2")
+    d = start_daemon(PGMQD_LEDGER_LEASE_S=LONG_LEASE)
     d.wait_log(r"event=ledger_ready")
     # Hold the ledger's rows: the read inserts, the update after the reply waits.
     locker = pg_cluster.connect(queue_db.dbname, autocommit=False)
@@ -311,7 +347,7 @@ def test_kill_after_the_reply_before_the_ledger_update(queue_db, emulator, start
     d.proc.wait()
     locker.rollback()
     locker.close()
-    d2 = start_daemon(PGMQD_LEDGER_LEASE_S="2")
+    d2 = start_daemon(PGMQD_LEDGER_LEASE_S=LONG_LEASE)
     # The dead daemon's backend may still commit the update it was waiting
     # with; else the row is recovered as unknown. Either is the truth.
     wait_until(lambda: rows(queue_db)[0][1] in ("unknown", "accepted"), 15)
@@ -320,6 +356,27 @@ def test_kill_after_the_reply_before_the_ledger_update(queue_db, emulator, start
     assert r[1] == "unknown" or r[2] == job["id"], r
     assert r[1] == "accepted" or recovered(d2)
     d2.stop()
+
+
+def test_a_live_replicas_rows_are_not_recovered(queue_db, emulator, start_daemon):
+    """A replica starting up turns into `unknown` only rows whose process is dead: a live
+    replica's dispatch in flight stays `sending` and ends `accepted`."""
+    queue_db.send_many([{"n": 1}])
+    emulator.hold_runs()
+    a = start_daemon(PGMQD_LEDGER_LEASE_S=LONG_LEASE)
+    emulator.wait_for(lambda: emulator.in_flight_run == 1, timeout_s=15)
+    b = start_daemon(PGMQD_LEDGER_LEASE_S="3")       # ticks every second
+    b.wait_log(r"event=ledger_ready")
+    owners = lambda: queue_db.sql(f"SELECT count(DISTINCT owner) FROM {SCHEMA}.lease")[0][0]
+    # b's own tick ran (its lease renewal statement) at least twice meanwhile.
+    t_end = __import__("time").monotonic() + 3
+    wait_until(lambda: __import__("time").monotonic() > t_end, 5)
+    assert [r[1] for r in rows(queue_db)] == ["sending"] and owners() == 1
+    assert not recovered(b)
+    emulator.release_runs()
+    wait_until(lambda: [r[1] for r in rows(queue_db)] == ["accepted"], 15)
+    a.stop()
+    b.stop()
 
 
 # ---- a job outlives the replica that sent it ----
@@ -362,6 +419,41 @@ def test_heartbeat_survives_kill_9_of_the_sender(queue_db, slow_emulator, start_
     b.stop()
 
 
+def test_takeover_counts_max_heartbeat_from_the_jobs_start(queue_db, start_daemon):
+    """After a takeover, tracker.max_heartbeat_s counts from when /run accepted the job (the
+    ledger's `accepted`), not from the takeover."""
+    emu = RunPodEmulator(endpoint_id=ENDPOINT_ID, api_key=API_KEY, in_queue_s=60, run_s=60)
+    emu.start()
+    try:
+        env = dict(PGMQD_TRACKER_ENABLED="on", PGMQD_TRACKER_INTERVAL_MS="1000",
+                   PGMQD_LEDGER_LEASE_S="2", PGMQD_QUEUE_VT_SECONDS="6",
+                   PGMQD_TRACKER_MAX_HEARTBEAT_S="16", emu=emu)
+        queue_db.send_many([{"long": True}])
+        a = start_daemon(**env)
+        emu.wait_for(lambda: len(accepted_runs(emu)) == 1, timeout_s=15)
+        wait_until(lambda: rows(queue_db) and rows(queue_db)[0][1] == "accepted", 10)
+        age = lambda: queue_db.sql(
+            f"SELECT extract(epoch FROM now() - min((h->>'at')::timestamptz)) FROM "
+            f"{SCHEMA}.dispatch, jsonb_array_elements(history) h "
+            f"WHERE h->>'state' = 'accepted'")[0][0]
+        wait_until(lambda: age() >= 9, 20, what="the job 9 s old")
+        a.proc.kill()
+        a.proc.wait()
+        b = start_daemon(**env)
+        b.wait_log(r"event=job_claimed", timeout_s=20)
+        claimed_at = float(age())
+        (m,) = b.wait_log(r"event=heartbeat_ceiling .*", timeout_s=20)
+        ceiling_at = float(age())
+        fields = logfmt(m.string)
+        assert int(fields["tracked_s"]) >= 16, fields
+        # From the job's start: 16 s after /run accepted it (plus a heartbeat period), far
+        # before 16 s after the takeover.
+        assert ceiling_at < claimed_at + 12, (claimed_at, ceiling_at)
+        b.stop()
+    finally:
+        emu.stop()
+
+
 def test_three_replicas_random_kills(queue_db, emulator, start_daemon):
     """3,000 messages, three replicas killed and restarted at random: exactly one accepted
     dispatch per message unless another is recorded unknown; nothing lost."""
@@ -388,12 +480,15 @@ def test_three_replicas_random_kills(queue_db, emulator, start_daemon):
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
     reps = [start_daemon(**env) for _ in range(3)]
+    every, killed = list(reps), set()
     for _ in range(6):
         wait_until(lambda: len(accepted_runs(emulator)) > 0, 10)
         victim = rnd.randrange(3)
         reps[victim].proc.kill()
         reps[victim].proc.wait()
+        killed.add(every.index(reps[victim]))
         reps[victim] = start_daemon(**env)
+        every.append(reps[victim])
         reps[victim].wait_log(r"event=ledger_ready", timeout_s=15)
     # Every message reaches a job.
     def all_accepted():
@@ -408,10 +503,33 @@ def test_three_replicas_random_kills(queue_db, emulator, start_daemon):
     assert len(per_msg) == 3000
     for m, acc, unk in per_msg:
         assert acc == 1 or (acc > 1 and unk >= acc - 1), (m, acc, unk, rows(queue_db, f"msg_ids @> ARRAY[{m}::bigint]"))
+    # The ledger tells the truth against what RunPod got: every message reached a job, each
+    # `accepted` was a /run that RunPod accepted, and any further /run of it is an `unknown`.
+    posted = {}
+    for r in accepted_runs(emulator):
+        for j in json.loads(r.body)["input"]["jobs"]:
+            posted[j["msg_id"]] = posted.get(j["msg_id"], 0) + 1
+    assert len(posted) == 3000
+    for m, acc, unk in per_msg:
+        assert acc <= posted[m] <= acc + unk, (m, acc, unk, posted[m])
     # Leases are held only for unfinished dispatches (one each: the primary key).
     assert queue_db.sql(f"SELECT count(*) FROM {SCHEMA}.lease l JOIN {SCHEMA}.dispatch d "
                         f"USING (dispatch_id) WHERE d.state IN ('unknown', "
                         f"'released', 'archived', 'rejected')")[0][0] == 0
+    # One replica at a time follows a job: a job is taken over only from a replica that was
+    # killed (its sender, or the replica that took it over before).
+    holder, claims = {}, []
+    for i, d in enumerate(every):
+        for line in d.lines:
+            f = logfmt(line) if "event=batch_accepted" in line or "event=job_claimed" in line \
+                else None
+            if f and f["event"] == "batch_accepted":
+                holder[f["runpod_job_id"]] = i
+            elif f:
+                claims.append((f["time"], i, f["job_id"]))
+    for _, i, job in sorted(claims):
+        assert holder[job] in killed, (job, holder[job], i, killed)
+        holder[job] = i
     for d in reps:
         d.stop()
     stop.set()
@@ -426,11 +544,7 @@ def test_completed_job_whose_messages_stay_is_logged_and_counted(queue_db, emula
     d = start_daemon(PGMQD_TRACKER_ENABLED="on", PGMQD_TRACKER_INTERVAL_MS="200",
                      PGMQD_LEDGER_LEASE_S="3", PGMQD_LEDGER_COMPLETED_GRACE_S="2")
     d.wait_log(r"event=ledger_ready")
-    try:
-        wait_until(lambda: rows(queue_db) and rows(queue_db)[0][1] == "COMPLETED", 20)
-    except TimeoutError:
-        open("/tmp/l/out.txt", "w").write(d.output)
-        raise
+    wait_until(lambda: rows(queue_db) and rows(queue_db)[0][1] == "COMPLETED", 20)
     queue_db.sql("SELECT pgmq.delete('jobs', %s::bigint)", (ids[0],))   # one of two deleted
     (m,) = d.wait_log(r"event=job_completed_messages_left .*", timeout_s=15)
     fields = logfmt(m.string)

@@ -13,6 +13,7 @@
 #include "ledger.h"
 #include "ledger_cli.h"
 #include "ledger_sql.h"
+#include "ledger_view.h"
 #include "migrate.h"
 #include "runpod.h"
 
@@ -100,24 +101,63 @@ static void read_statement(void **state)
 	assert_int_equal(ledger_read_sql("s", "pgmq.read", sql, 64), -1);
 }
 
+/* The archive and its record are one statement; recovery looks at the
+ * holder's session, not only at the lease's end. */
+static void archive_and_recovery_statements(void **state)
+{
+	char sql[4096];
+
+	(void)state;
+	snprintf(sql, sizeof(sql), LEDGER_ARCHIVE_SQL, "s", "pgmq.\"q_jobs\"");
+	assert_non_null(strstr(sql, "LATERAL pgmq.archive($1::text, m.id)"));
+	assert_non_null(strstr(sql, "INSERT INTO s.dispatch"));
+	assert_non_null(strstr(sql, "ON CONFLICT (dispatch_id) DO UPDATE SET state = 'archived'"));
+	assert_non_null(strstr(sql, "FROM pgmq.\"q_jobs\" WHERE msg_id = ANY"));
+	assert_non_null(strstr(sql, "HAVING count(*) > 0")); /* nothing archived: no record */
+	snprintf(sql, sizeof(sql), LEDGER_TICK_SQL, "s", "pgmq.\"q_jobs\"");
+	assert_non_null(strstr(sql, "lease_until < now() OR (pid IS NOT NULL AND NOT EXISTS"));
+	assert_non_null(strstr(sql, "pg_stat_activity"));
+	assert_non_null(strstr(sql, "pid = pg_backend_pid() WHERE owner = $1::uuid"));
+	snprintf(sql, sizeof(sql), LEDGER_CLAIM_SQL, "s");
+	assert_non_null(strstr(sql, "FOR UPDATE SKIP LOCKED"));
+	assert_non_null(strstr(sql, "h->>'state' = 'accepted'")); /* the job's age */
+}
+
 static void migration_statement(void **state)
 {
 	char *v1 = migrate_sql("my_schema", 1), *v2 = migrate_sql("my_schema", MIGRATE_VERSION);
+	char *prev = migrate_sql("my_schema", 2);
 	char line[512];
 
 	(void)state;
+	assert_int_equal(MIGRATE_VERSION, 4);
 	assert_non_null(v1);
 	assert_non_null(v2);
+	assert_non_null(prev);
 	assert_null(strstr(v1, "@S@"));
-	assert_null(strstr(v1, "lease_until")); /* version 2 only */
+	assert_null(strstr(v1, "lease_until")); /* version 2 on */
 	assert_non_null(strstr(v2, "lease_until"));
 	assert_non_null(strstr(v2, "CREATE TABLE my_schema.dispatch"));
 	snprintf(line, sizeof(line), "IF v > %d THEN RAISE EXCEPTION", MIGRATE_VERSION);
 	assert_non_null(strstr(v2, line));
+	/* Version 3: the session holding a lease; the previous version lacks it. */
+	assert_null(strstr(prev, "ADD COLUMN pid"));
+	assert_non_null(strstr(prev, "IF v > 2 THEN RAISE EXCEPTION"));
+	assert_non_null(strstr(v2, "IF v < 3 THEN ALTER TABLE my_schema.lease ADD COLUMN pid"));
+	/* Version 4: the fleet budget (budget.h), after the lease's session. */
+	assert_non_null(strstr(v2, "IF v < 4 THEN CREATE TABLE my_schema.budget "));
+	assert_non_null(strstr(v2, "CREATE FUNCTION my_schema.budget_take("));
+	{
+		char *v3 = migrate_sql("my_schema", 3);
+		assert_non_null(v3);
+		assert_null(strstr(v3, "budget"));
+		free(v3);
+	}
 	assert_null(migrate_sql("x", 0));
 	assert_null(migrate_sql("x", MIGRATE_VERSION + 1));
 	free(v1);
 	free(v2);
+	free(prev);
 	migrate_explain("s", "42501", "permission denied for database d\n", line, sizeof(line));
 	assert_non_null(strstr(line, "pgmq-dispatcher migrate"));
 	assert_null(strchr(line, '\n'));
@@ -142,9 +182,9 @@ static void spans_and_ages(void **state)
 
 	(void)state;
 	for (size_t i = 0; i < N(spans); i++)
-		assert_int_equal(ledger_cli_span_s(spans[i].in), spans[i].s);
+		assert_int_equal(ledger_view_span_s(spans[i].in), spans[i].s);
 	for (size_t i = 0; i < N(ages); i++) {
-		ledger_cli_ago(ages[i].s, buf, sizeof(buf));
+		ledger_view_ago(ages[i].s, buf, sizeof(buf));
 		assert_string_equal(buf, ages[i].out);
 	}
 }
@@ -186,9 +226,13 @@ static void dispatch_id_in_body(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(array_elems),         cmocka_unit_test(parse_ids),
-		cmocka_unit_test(dispatch_ids),        cmocka_unit_test(read_statement),
-		cmocka_unit_test(migration_statement), cmocka_unit_test(spans_and_ages),
+		cmocka_unit_test(array_elems),
+		cmocka_unit_test(parse_ids),
+		cmocka_unit_test(dispatch_ids),
+		cmocka_unit_test(read_statement),
+		cmocka_unit_test(migration_statement),
+		cmocka_unit_test(archive_and_recovery_statements),
+		cmocka_unit_test(spans_and_ages),
 		cmocka_unit_test(dispatch_id_in_body),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);

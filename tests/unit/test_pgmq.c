@@ -32,6 +32,25 @@ static PGresult *make_result(const char *const *names, int ncols, const char *co
 	return res;
 }
 
+static void quote_literal(void **state)
+{
+	char buf[32], small[6];
+
+	(void)state;
+	assert_int_equal(pgmq_quote_literal("jobs", buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "'jobs'");
+	assert_int_equal(pgmq_quote_literal("it's", buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "'it''s'");
+	assert_int_equal(pgmq_quote_literal("", buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "''");
+	/* 'abc' needs 6 bytes with its NUL; a quote that would not fit is refused whole. */
+	assert_int_equal(pgmq_quote_literal("abc", small, sizeof(small)), 0);
+	assert_int_equal(pgmq_quote_literal("ab'", small, sizeof(small)), -1);
+	assert_string_equal(small, "");
+	assert_int_equal(pgmq_create_call("Q'x", buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "SELECT pgmq.create('Q''x');");
+}
+
 static void read_sql(void **state)
 {
 	char buf[512];
@@ -156,9 +175,10 @@ static void backoff(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(read_sql),       cmocka_unit_test(decode_by_name),
-		cmocka_unit_test(missing_column), cmocka_unit_test(malformed_values),
-		cmocka_unit_test(empty_result),   cmocka_unit_test(backoff),
+		cmocka_unit_test(quote_literal),    cmocka_unit_test(read_sql),
+		cmocka_unit_test(decode_by_name),   cmocka_unit_test(missing_column),
+		cmocka_unit_test(malformed_values), cmocka_unit_test(empty_result),
+		cmocka_unit_test(backoff),
 	};
 	return cmocka_run_group_tests_name("pgmq", tests, NULL, NULL);
 }
