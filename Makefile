@@ -1,5 +1,6 @@
 # pgmq-dispatcher — one plain Makefile.
-# Targets: all (default), deps, test, unit, integration, run, install, clean, fuzz, lint, bench.
+# Targets: all (default), deps, test, unit, integration, run, install, clean, fuzz, lint, format,
+# bench.
 
 PROG      := pgmq-dispatcher
 VERSION   := 0.1.0
@@ -31,34 +32,38 @@ BUILD      := build-san
 endif
 
 MODULES   := main config log pg pgmq http jsonscan runpod dispatcher reload batch post circuit \
-             wakeup dryrun backoff ratelimit sdnotify metrics admin tracker
+             wakeup dryrun backoff ratelimit sdnotify metrics admin tracker tracker_reply jobtable
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
 UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify \
-              test_tracker test_decisions test_reload
+              test_tracker test_jobtable test_decisions test_reload
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
-.PHONY: all deps test unit integration soak valgrind run install clean fuzz lint bench
+.PHONY: all deps test unit integration soak valgrind run install clean fuzz lint lint-tidy \
+        lint-cppcheck lint-format format bench
 
 all: $(BUILD)/$(PROG)
 
 $(BUILD)/$(PROG): $(OBJS)
 	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
 
-$(BUILD)/%.o: src/%.c $(wildcard include/*.h) | $(BUILD)
-	$(CC) $(ALL_CFLAGS) -c -o $@ $<
+# -MMD -MP: the compiler writes each object's header dependencies to a .d file beside it.
+$(BUILD)/%.o: src/%.c | $(BUILD)
+	$(CC) $(ALL_CFLAGS) -MMD -MP -c -o $@ $<
 
 $(BUILD) $(BUILD)/tests:
 	mkdir -p $@
 
 $(BUILD)/tests/%: tests/unit/%.c $(LIB_OBJS) | $(BUILD)/tests
-	$(CC) $(ALL_CFLAGS) -Wno-unused-parameter $(LDFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS) $$(pkg-config --libs cmocka)
+	$(CC) $(ALL_CFLAGS) -Wno-unused-parameter -MMD -MP $(LDFLAGS) -o $@ $< $(LIB_OBJS) $(LDLIBS) $$(pkg-config --libs cmocka)
+
+-include $(OBJS:.o=.d) $(UNIT_BINS:=.d)
 
 # Allocation-failure injection: malloc, calloc, realloc and strdup of our own
 # objects go through the test's wrappers.
 $(BUILD)/tests/test_reload: tests/unit/test_reload.c $(LIB_OBJS) | $(BUILD)/tests
-	$(CC) $(ALL_CFLAGS) -Wno-unused-parameter $(LDFLAGS) \
+	$(CC) $(ALL_CFLAGS) -Wno-unused-parameter -MMD -MP $(LDFLAGS) \
 	  -Wl,--wrap=malloc,--wrap=calloc,--wrap=realloc,--wrap=strdup \
 	  -o $@ $< $(LIB_OBJS) $(LDLIBS) $$(pkg-config --libs cmocka)
 
@@ -125,6 +130,45 @@ fuzz: $(FUZZ_TARGETS:%=build-fuzz/fuzz_%)
 	  fi; \
 	  grep -E "^Done|stat::number_of_executed_units" build-fuzz/fuzz_$$t.log; \
 	done
+
+# Static checks: clang-tidy (checks and why in .clang-tidy), cppcheck, and clang-format in
+# check mode (.clang-format). Any finding of any tool fails the target; each tool reports all
+# of its findings first. `make format` rewrites the files in place.
+LINT_SRCS   := $(wildcard src/*.c)
+FORMAT_SRCS := $(wildcard src/*.c src/*.h include/*.h tests/unit/*.c tests/fuzz/*.c)
+# The build's flags, with library headers as -isystem so that only our own code is reported.
+TIDY_FLAGS  := -std=c11 -D_GNU_SOURCE -Iinclude -DPGMQD_VERSION='"$(VERSION)"' \
+               $(patsubst -I%,-isystem%,$(shell pkg-config --cflags $(PKGS))) $(EV_CFLAGS)
+# Per-file check exclusions, for analyzer false positives in files another branch is
+# rewriting (issue 9), where a NOLINT at the line belongs once that work has landed:
+# http.c: http_cancel_all loops on h->requests, which finish() unlinks before it frees;
+# dispatcher.c: batch_new copies rows the partition in dispatch_rows filled (n > 0).
+TIDY_SKIP_http       := -clang-analyzer-unix.Malloc
+TIDY_SKIP_dispatcher := -clang-analyzer-core.uninitialized.Assign
+
+# The quick checks first.
+lint: lint-format lint-cppcheck lint-tidy
+
+lint-tidy:
+	@rc=0; $(foreach f,$(LINT_SRCS),clang-tidy --quiet \
+	  $(if $(TIDY_SKIP_$(basename $(notdir $(f)))),--checks='$(TIDY_SKIP_$(basename $(notdir $(f))))') \
+	  $(f) -- $(TIDY_FLAGS) 2>&1 | { grep -v ' warnings\? generated\.$$' || true; }; \
+	  [ $${PIPESTATUS[0]} -eq 0 ] || rc=1;) \
+	  if [ $$rc -ne 0 ]; then echo "lint: clang-tidy found problems"; exit 1; fi; echo "lint: clang-tidy clean"
+
+lint-cppcheck:
+	@cppcheck --quiet --error-exitcode=1 --enable=warning,performance,portability --std=c11 \
+	  --inline-suppr -D_GNU_SOURCE -DPGMQD_VERSION='"$(VERSION)"' -Iinclude --template=gcc \
+	  src tests/unit tests/fuzz || { echo "lint: cppcheck found problems"; exit 1; }
+	@echo "lint: cppcheck clean"
+
+lint-format:
+	@clang-format --dry-run --Werror $(FORMAT_SRCS) || \
+	  { echo "lint: clang-format: run 'make format'"; exit 1; }
+	@echo "lint: clang-format clean"
+
+format:
+	clang-format -i $(FORMAT_SRCS)
 
 clean:
 	rm -rf build build-san build-fuzz build-bench

@@ -56,11 +56,11 @@ int admin_port(const struct admin *a);
 void admin_stop(struct admin *a);
 
 /* Blocking liveness probe for `pgmq-dispatcher --health-check` (Docker
- * HEALTHCHECK; the slim image has no curl): connects to `listen_addr` (a
- * wildcard host such as 0.0.0.0 or [::] is probed on loopback), sends
- * "GET /healthz HTTP/1.0" and reads the status line, all within timeout_ms.
- * Returns 0 when the status is 200, 1 otherwise (reason logged at warn).
- * For use outside the loop only. */
+ * HEALTHCHECK; the slim image has no curl binary): a libcurl easy
+ * "GET /healthz" to `listen_addr` (a wildcard host such as 0.0.0.0 or [::]
+ * is probed on loopback; http only, no proxy), all within timeout_ms
+ * (<= 0: 5000). Returns 0 when the status is 200, 1 otherwise (reason
+ * logged at warn). For use outside the loop only. */
 int admin_health_check(const char *listen_addr, int timeout_ms);
 
 #endif

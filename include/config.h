@@ -48,7 +48,7 @@ struct config {
 	int backoff_max_ms;      /* cap of the exponential pause */
 	int retry_after_max_ms;  /* cap on a 429/503 Retry-After */
 	int probe_interval_ms;   /* cap of the /health probe period while the circuit is open */
-	int max_requests_per_10s;/* token bucket on /run (RunPod: 1000 per 10 s per endpoint) */
+	int max_requests_per_10s;/* sliding 10 s window on /run (RunPod: 1000 per 10 s per endpoint) */
 	char *webhook;           /* optional "webhook" beside "input"; "" = none */
 	int policy_execution_timeout_ms; /* policy.executionTimeout; 0 = not sent */
 	int policy_ttl_ms;       /* policy.ttl; 0 = not sent */
@@ -97,8 +97,10 @@ int config_load(const struct config_input *in, struct config *out,
 		config_error_fn on_error, void *arg);
 
 /* For a reload: copies into next the values of keys that cannot change
- * at runtime (queue.name) from cur, calling ignored() for each such key
- * whose value differed. */
+ * at runtime (database.listen_conninfo, database.connect_timeout_ms,
+ * queue.name, queue.notify, admin.listen: the F_STATIC rows of the key
+ * table in config.c) from cur, calling ignored()
+ * for each such key whose value differed. */
 void config_keep_static(const struct config *cur, struct config *next,
 			void (*ignored)(void *arg, const char *key), void *arg);
 

@@ -28,20 +28,17 @@ enum log_level { LOG_ERROR = 0, LOG_WARN, LOG_INFO, LOG_DEBUG, LOG_TRACE };
 enum log_format { LOG_FORMAT_LOGFMT = 0, LOG_FORMAT_JSON };
 
 /* Sets the threshold and format; detects journald on stderr. */
-void log_setup(enum log_level level, enum log_format format);
+void log_setup(enum log_level level, enum log_format fmt);
 
 /* True when lines of this level are written. */
 bool log_enabled(enum log_level level);
-
-/* Name of a level ("error" … "trace"). */
-const char *log_level_name(enum log_level level);
 
 /* Parses "error", "warn", "info", "debug", "trace"; returns -1 if unknown. */
 int log_level_parse(const char *name);
 
 /* Registers a secret to be masked in every later line. The string is
  * copied; secrets shorter than 4 bytes are ignored (they would mask noise).
- * At most 8 secrets; returns -1 when full. */
+ * At most 16 secrets (MAX_SECRETS in log.c); returns -1 when full. */
 int log_secret_add(const char *secret);
 
 /* Forgets every registered secret (used on reload, before re-adding). */

@@ -157,8 +157,9 @@ int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status
 bool runpod_status_is_terminal(const char *status);
 
 /* "{base_url}/{endpoint_id}/status/{job_id}" into buf, the job id
- * percent-encoded outside RFC 3986's unreserved characters (ids are
- * opaque). Returns 0, or -1 if it does not fit. */
+ * percent-encoded outside RFC 3986's unreserved characters by
+ * curl_easy_escape() (ids are opaque). Returns 0, or -1 if it does not fit
+ * or out of memory. */
 int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id,
 		      char *buf, size_t len);
 

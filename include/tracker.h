@@ -28,9 +28,14 @@
  *
  * Database work goes through the shared pg connection, at most
  * TRACKER_MAX_DB statements queued at once, so the dispatcher's reads keep
- * their room in pg's FIFO. Scheduling is one ev_timer over two binary heaps
- * (next /status, next database action), a hash map by job id and a list in
- * insertion order: O(log n) per job event. */
+ * their room in pg's FIFO. Scheduling is one ev_timer over the bounded job
+ * table of include/jobtable.h (a map by job id, a list in insertion order,
+ * two binary heaps: next /status, next database action): O(log n) per job
+ * event.
+ *
+ * Files: tracker.c (the API, scheduling, sending /status and set_vt),
+ * tracker_reply.c (what each answer does), jobtable.c (the table);
+ * src/tracker_int.h is what the first two share. */
 #ifndef PGMQD_TRACKER_H
 #define PGMQD_TRACKER_H
 
@@ -75,9 +80,6 @@ void tracker_set_wake(struct tracker *t, void (*wake)(void *arg, double after_s)
  * and statements in flight may still complete; their callbacks only do
  * bookkeeping. NULL-safe. */
 void tracker_stop(struct tracker *t);
-
-/* Jobs held (polled, or waiting for their early release). NULL-safe. */
-int tracker_count(const struct tracker *t);
 
 /* Frees everything. Callbacks of requests and statements still in flight
  * stay safe (they find the tracker gone and only free their own context),

@@ -3,12 +3,12 @@
 #include "log.h"
 
 #include <arpa/inet.h>
+#include <curl/curl.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <microhttpd.h>
 #include <netdb.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -386,36 +386,6 @@ void admin_stop(struct admin *a)
 
 /* ---- the blocking probe ---- */
 
-static long long monotonic_ms(void)
-{
-	struct timespec ts;
-
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-/* Waits for events on fd until the deadline. Returns 0, or -1 with errno
- * (ETIMEDOUT when the deadline passed). */
-static int wait_fd(int fd, short events, long long deadline)
-{
-	struct pollfd pfd = { .fd = fd, .events = events };
-
-	for (;;) {
-		long long left = deadline - monotonic_ms();
-		int n;
-
-		if (left <= 0) {
-			errno = ETIMEDOUT;
-			return -1;
-		}
-		n = poll(&pfd, 1, (int)left);
-		if (n > 0)
-			return 0;
-		if (n < 0 && errno != EINTR)
-			return -1;
-	}
-}
-
 static int health_fail(const char *addr, const char *what, const char *detail)
 {
 	log_msg(LOG_WARN, "health_check_failed", "%s: %s%s%s", addr, what, detail ? ": " : "",
@@ -423,82 +393,83 @@ static int health_fail(const char *addr, const char *what, const char *detail)
 	return 1;
 }
 
+/* The reply body ("ok\n") is not needed: only the status counts. */
+static size_t discard_body(char *ptr, size_t size, size_t nmemb, void *arg)
+{
+	(void)ptr;
+	(void)arg;
+	return size * nmemb;
+}
+
+/* "http://127.0.0.1:9187/healthz" or "http://[::1]:9187/healthz" for the
+ * resolved address, a wildcard bind replaced by loopback. 0, or -1. */
+static int health_url(struct sockaddr_storage *ss, char *url, size_t len)
+{
+	char host[INET6_ADDRSTRLEN];
+	int port, n;
+
+	if (ss->ss_family == AF_INET) {
+		struct sockaddr_in *in = (struct sockaddr_in *)ss;
+		if (in->sin_addr.s_addr == htonl(INADDR_ANY))
+			in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+		if (inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host)) == NULL)
+			return -1;
+		port = ntohs(in->sin_port);
+		n = snprintf(url, len, "http://%s:%d/healthz", host, port);
+	} else if (ss->ss_family == AF_INET6) {
+		struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
+		if (IN6_IS_ADDR_UNSPECIFIED(&in6->sin6_addr))
+			in6->sin6_addr = in6addr_loopback;
+		if (inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host)) == NULL)
+			return -1;
+		port = ntohs(in6->sin6_port);
+		n = snprintf(url, len, "http://[%s]:%d/healthz", host, port);
+	} else {
+		return -1;
+	}
+	return n < 0 || (size_t)n >= len ? -1 : 0;
+}
+
 int admin_health_check(const char *listen_addr, int timeout_ms)
 {
-	static const char request[] = "GET /healthz HTTP/1.0\r\nUser-Agent: pgmq-dispatcher\r\n\r\n";
 	struct sockaddr_storage ss;
 	socklen_t sslen = 0;
-	char err[256], buf[512];
-	size_t got = 0, sent = 0;
-	long long deadline;
-	int fd, soerr = 0, status = 0;
-	socklen_t soerrlen = sizeof(soerr);
+	char err[256], url[128], cerr[CURL_ERROR_SIZE] = "";
+	long status = 0;
+	CURLcode rc;
+	CURL *h;
 
 	if (timeout_ms <= 0)
 		timeout_ms = HEALTH_DEFAULT_TIMEOUT_MS;
-	deadline = monotonic_ms() + timeout_ms;
 	if (parse_listen(listen_addr, &ss, &sslen, err, sizeof(err)) != 0)
 		return health_fail(listen_addr ? listen_addr : "", err, NULL);
-	/* A wildcard bind is probed on loopback. */
-	if (ss.ss_family == AF_INET) {
-		struct sockaddr_in *in = (struct sockaddr_in *)&ss;
-		if (in->sin_addr.s_addr == htonl(INADDR_ANY))
-			in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-	} else if (ss.ss_family == AF_INET6) {
-		struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)&ss;
-		if (IN6_IS_ADDR_UNSPECIFIED(&in6->sin6_addr))
-			in6->sin6_addr = in6addr_loopback;
+	if (health_url(&ss, url, sizeof(url)) != 0)
+		return health_fail(listen_addr, "cannot form the /healthz URL", NULL);
+	h = curl_easy_init();
+	if (h == NULL)
+		return health_fail(listen_addr, "curl_easy_init failed", NULL);
+	/* Only our own listener is asked: http only, never through a proxy
+	 * (http_proxy in the environment must not send the probe elsewhere). */
+	if (curl_easy_setopt(h, CURLOPT_URL, url) != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http") != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_PROXY, "") != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L) != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)timeout_ms) != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_USERAGENT, "pgmq-dispatcher") != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, discard_body) != CURLE_OK ||
+	    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, cerr) != CURLE_OK) {
+		curl_easy_cleanup(h);
+		return health_fail(listen_addr, "curl_easy_setopt failed", NULL);
 	}
-
-	fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-	if (fd < 0)
-		return health_fail(listen_addr, "socket", strerror(errno));
-	if (connect(fd, (struct sockaddr *)&ss, sslen) != 0) {
-		if (errno != EINPROGRESS || wait_fd(fd, POLLOUT, deadline) != 0 ||
-		    getsockopt(fd, SOL_SOCKET, SO_ERROR, &soerr, &soerrlen) != 0 || soerr != 0) {
-			int e = soerr ? soerr : errno;
-			close(fd);
-			return health_fail(listen_addr, "connect", strerror(e));
-		}
-	}
-	while (sent < sizeof(request) - 1) {
-		ssize_t n = send(fd, request + sent, sizeof(request) - 1 - sent, MSG_NOSIGNAL);
-		if (n > 0) {
-			sent += (size_t)n;
-		} else if (n < 0 && errno != EAGAIN && errno != EINTR) {
-			int e = errno;
-			close(fd);
-			return health_fail(listen_addr, "send", strerror(e));
-		} else if (wait_fd(fd, POLLOUT, deadline) != 0) {
-			int e = errno;
-			close(fd);
-			return health_fail(listen_addr, "send", strerror(e));
-		}
-	}
-	/* Only the status line matters. */
-	while (got < sizeof(buf) - 1 && memchr(buf, '\n', got) == NULL) {
-		ssize_t n = recv(fd, buf + got, sizeof(buf) - 1 - got, 0);
-		if (n > 0) {
-			got += (size_t)n;
-		} else if (n == 0) {
-			break;
-		} else if (errno != EAGAIN && errno != EINTR) {
-			int e = errno;
-			close(fd);
-			return health_fail(listen_addr, "recv", strerror(e));
-		} else if (wait_fd(fd, POLLIN, deadline) != 0) {
-			int e = errno;
-			close(fd);
-			return health_fail(listen_addr, "recv", strerror(e));
-		}
-	}
-	close(fd);
-	buf[got] = '\0';
-	if (sscanf(buf, "HTTP/%*d.%*d %3d", &status) != 1)
-		return health_fail(listen_addr, "no HTTP status line in the reply", NULL);
+	rc = curl_easy_perform(h);
+	if (rc == CURLE_OK)
+		curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+	curl_easy_cleanup(h);
+	if (rc != CURLE_OK)
+		return health_fail(listen_addr, url, cerr[0] ? cerr : curl_easy_strerror(rc));
 	if (status != 200) {
-		char code[16];
-		snprintf(code, sizeof(code), "%d", status);
+		char code[24];
+		snprintf(code, sizeof(code), "%ld", status);
 		return health_fail(listen_addr, "/healthz answered", code);
 	}
 	return 0;

@@ -52,6 +52,8 @@ static const char *check_ca_file(const char *v);
 
 #define OFF(f) offsetof(struct config, f)
 
+/* One row per key reads best as a table: */
+/* clang-format off */
 static const struct key keys[] = {
 	{ "database", "conninfo", K_STR, OFF(conninfo), "", 0, 0, F_SECRET | F_FILE | F_CONNINFO,
 	  { "DATABASE_URL" }, "database_conninfo", NULL, check_conninfo },
@@ -131,6 +133,7 @@ static const struct key keys[] = {
 	{ "daemon", "shutdown_timeout_ms", K_INT, OFF(shutdown_timeout_ms), "8000", 0, 600000, 0, { 0 },
 	  NULL, NULL, NULL },
 };
+/* clang-format on */
 
 #define NKEYS (sizeof(keys) / sizeof(keys[0]))
 _Static_assert(NKEYS <= CONFIG_MAX_KEYS, "raise CONFIG_MAX_KEYS");

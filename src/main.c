@@ -21,8 +21,6 @@
 #include <time.h>
 #include <unistd.h>
 
-extern char **environ;
-
 struct app {
 	struct ev_loop *loop;
 	struct config *cfg;     /* the snapshot in use; replaced whole on reload */

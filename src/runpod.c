@@ -400,28 +400,13 @@ bool runpod_status_is_terminal(const char *status)
 int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id,
 		      char *buf, size_t len)
 {
-	static const char hex[] = "0123456789ABCDEF";
-	int n = snprintf(buf, len, "%s/%s/status/", base_url, endpoint_id);
-	size_t used;
+	/* libcurl >= 7.82 accepts a NULL handle here. */
+	char *id = curl_easy_escape(NULL, job_id, 0);
+	int n;
 
-	if (n < 0 || (size_t)n >= len)
+	if (id == NULL)
 		return -1;
-	used = (size_t)n;
-	for (const unsigned char *p = (const unsigned char *)job_id; *p; p++) {
-		bool plain = (*p >= 'A' && *p <= 'Z') || (*p >= 'a' && *p <= 'z') ||
-			     (*p >= '0' && *p <= '9') || *p == '-' || *p == '.' || *p == '_' ||
-			     *p == '~';
-
-		if (used + (plain ? 1 : 3) >= len)
-			return -1;
-		if (plain) {
-			buf[used++] = (char)*p;
-		} else {
-			buf[used++] = '%';
-			buf[used++] = hex[*p >> 4];
-			buf[used++] = hex[*p & 15];
-		}
-	}
-	buf[used] = '\0';
-	return 0;
+	n = snprintf(buf, len, "%s/%s/status/%s", base_url, endpoint_id, id);
+	curl_free(id);
+	return n < 0 || (size_t)n >= len ? -1 : 0;
 }

@@ -3,6 +3,7 @@
 # packages. Idempotent: does nothing when all are present.
 set -eu
 
+# clang-tidy, clang-format and cppcheck are the tools of make lint.
 # postgresql-15 also brings pgbench; nginx-light is the benchmark's HTTP sink (make bench), run
 # with a private config; time (GNU time) measures a process's peak RSS there. On a host with systemd, Debian starts its stock nginx site on port 80
 # when the package is installed; `systemctl disable --now nginx` if that is unwanted.
@@ -13,7 +14,7 @@ libmicrohttpd-dev libcmocka-dev
 postgresql-15 postgresql-client-15 pgbouncer openssl
 nginx-light time
 python3 python3-pytest python3-psycopg2
-valgrind clang systemd groff-base man-db mandoc"
+valgrind clang clang-tidy clang-format cppcheck systemd groff-base man-db mandoc"
 
 missing=""
 for p in $PACKAGES; do

@@ -180,7 +180,7 @@ static void jitter_is_ten_percent(void **state)
  * checks that no 10 s window (half-open) ever holds more than per_10s. */
 static void bucket_window(int per_10s, double step_s, double run_s)
 {
-	struct tracker_bucket b;
+	struct tracker_bucket b = { 0 };
 	int cap = (int)(run_s / step_s) + 2, n = 0, lo = 0;
 	double *taken = malloc((size_t)cap * sizeof(*taken));
 	int best = 0;
@@ -219,7 +219,7 @@ static void bucket_keeps_the_cap(void **state)
 
 static void bucket_waits_and_reloads(void **state)
 {
-	struct tracker_bucket b;
+	struct tracker_bucket b = { 0 };
 
 	tracker_bucket_setup(&b, 100, 0.0, false); /* burst 10, 9 per s */
 	for (int i = 0; i < 10; i++)
