@@ -31,7 +31,7 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config log pg pgmq http jsonscan runpod dispatcher reload batch post circuit \
+MODULES   := main config log pg pgmq http jsonscan runpod dispatcher reload batch post circuit control route ctl \
              wakeup dryrun backoff ratelimit sdnotify metrics admin tracker tracker_reply jobtable
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))

@@ -11,7 +11,12 @@
  *   GET/HEAD /readyz   200 "ok", or 503 with the ready hook's reason
  *   GET/HEAD /metrics  200 with the metrics hook's body, Content-Type
  *                      "text/plain; version=0.0.4; charset=utf-8"
+ *   GET  /routes       200 with the routes hook's JSON (runtime control)
+ *   POST /routes/NAME/pause|resume|drain
+ *                      200 with the route's new state, 404 for no such route
  *   other paths        404;  other methods 405 with "Allow: GET, HEAD"
+ * /routes needs "Authorization: Bearer <token>" when a token is set, and is
+ * refused (403) without one when the listener is not on loopback.
  * Query strings are ignored. Bodies are text/plain and end in "\n".
  * Knows nothing of the dispatcher or the metrics module: both come in
  * through hooks. */
@@ -34,6 +39,12 @@ struct admin_hooks {
 	 * *len; NULL when it cannot be built (answered 500). NULL hook: /metrics
 	 * is 404. */
 	char *(*metrics)(void *arg, size_t *len);
+	/* GET /routes: a malloc'd JSON body that admin frees (NULL: 500). */
+	char *(*routes)(void *arg);
+	/* POST /routes/NAME/ACTION: 0 done, -1 no such route, -2 no such action. */
+	int (*control)(void *arg, const char *route, const char *action);
+	/* Bearer token for /routes; NULL or "" for none. Copied. */
+	const char *token;
 	void *arg;
 };
 
@@ -62,5 +73,10 @@ void admin_stop(struct admin *a);
  * (<= 0: 5000). Returns 0 when the status is 200, 1 otherwise (reason
  * logged at warn). For use outside the loop only. */
 int admin_health_check(const char *listen_addr, int timeout_ms);
+
+/* The http:// URL of path on the listener listen_addr names, a wildcard
+ * host replaced by loopback (for clients on this host: --health-check and
+ * `ctl`). Returns 0, or -1 when the address is malformed or url too short. */
+int admin_local_url(const char *listen_addr, const char *path, char *url, size_t len);
 
 #endif

@@ -101,6 +101,12 @@ struct dispatcher {
 	struct dispatcher_stats stats;
 	struct wakeup w;
 
+	/* Runtime control (control.c) and the route's metrics slot. */
+	int mroute;
+	enum metrics_route_state ctl;
+	bool ctl_loaded;        /* the persisted state was looked up: reads may start */
+	bool ctl_loading;
+
 	/* /run rate cap (post.c) */
 	struct ratelimit rl;
 	struct batch *waiting, *waiting_tail; /* read, waiting for a rate slot */
@@ -144,6 +150,18 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 void dispatcher_maybe_finish(struct dispatcher *d);
 void dispatcher_state_changed(struct dispatcher *d);
 double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double hint_ms);
+
+/* control.c */
+
+/* The next read state after cmd (pause, resume, drain, or CONTROL_EMPTY:
+ * a read found the queue empty). Pure. */
+enum metrics_route_state control_next(enum metrics_route_state cur, enum dispatcher_control cmd);
+/* True when the route's state lets a read start. Pure. */
+bool control_may_read(enum metrics_route_state s);
+/* After every connect: looks the persisted state up once, then kicks. */
+void control_load(struct dispatcher *d);
+/* A read came back empty: a drain is over. */
+void control_on_empty(struct dispatcher *d);
 
 /* reload.c */
 

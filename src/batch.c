@@ -65,7 +65,7 @@ void batch_log_ids(enum log_level level, const char *event, const struct dispatc
 		for (int j = i; j < n && j < i + IDS_PER_LINE; j++)
 			used += (size_t)snprintf(list + used, sizeof(list) - used, "%s%lld",
 						 j > i ? "," : "", ids[j]);
-		l = log_begin(level, event);
+		l = log_begin_route(d->cfg->route_name, level, event);
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "outcome", why);
 		log_str(l, "msg_ids", list);
@@ -105,7 +105,7 @@ void batch_end(struct batch *b, enum batch_fate fate, const char *why)
 static void log_statement_failed(const struct dispatcher *d, const char *event,
 				 const struct pg_error *err)
 {
-	struct log_line *l = log_begin(LOG_ERROR, event);
+	struct log_line *l = log_begin_route(d->cfg->route_name, LOG_ERROR, event);
 
 	log_str(l, "queue", d->cfg->queue_name);
 	log_str(l, "sqlstate", err->sqlstate);
@@ -124,12 +124,13 @@ static void on_released(void *arg, long count, const struct pg_error *err)
 		batch_end(b, BATCH_RELEASE_FAILED, "visible again after vt_seconds");
 	} else {
 		if (!d->finished) {
-			struct log_line *l = log_begin(LOG_DEBUG, "released");
+			struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "released");
 			log_str(l, "queue", d->cfg->queue_name);
 			log_int(l, "messages", count);
 			log_end(l);
 			d->stats.messages_released += (unsigned long long)count;
 			metrics_add_messages_released((unsigned)count);
+			metrics_route_add(d->mroute, MR_MESSAGES_RELEASED, (unsigned)count);
 		}
 		batch_end(b, BATCH_RELEASED, NULL);
 	}
@@ -141,7 +142,7 @@ void batch_release(struct batch *b, int delay_s)
 	struct dispatcher *d = b->d;
 
 	if (pgmq_set_vt(d->pg, d->cfg->queue_name, b->ids, b->n, delay_s, on_released, b) != 0) {
-		log_msg(LOG_ERROR, "release_failed", "cannot queue set_vt");
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "release_failed", "cannot queue set_vt");
 		batch_end(b, BATCH_RELEASE_FAILED, "visible again after vt_seconds");
 		return;
 	}
@@ -161,6 +162,7 @@ static void on_archived(void *arg, long count, const struct pg_error *err)
 		if (!d->finished) {
 			d->stats.messages_archived += (unsigned long long)count;
 			metrics_add_messages_archived(b->archive_reason, (unsigned)count);
+			metrics_route_add(d->mroute, MR_MESSAGES_ARCHIVED, (unsigned)count);
 		}
 		batch_end(b, BATCH_ARCHIVED, NULL);
 	}
@@ -178,7 +180,7 @@ void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pg
 	if (b)
 		b->archive_reason = reason;
 	if (b == NULL || pgmq_archive(d->pg, d->cfg->queue_name, b->ids, n, on_archived, b) != 0) {
-		log_msg(LOG_ERROR, "archive_failed", "cannot queue pgmq.archive for %d messages; "
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "archive_failed", "cannot queue pgmq.archive for %d messages; "
 			"they come back after vt_seconds", n);
 		if (b)
 			batch_end(b, BATCH_DROPPED, NULL);

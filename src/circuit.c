@@ -41,7 +41,8 @@ void circuit_open(struct dispatcher *d, long http_status)
 	d->circuit_open = true;
 	d->probe_failures = 0;
 	metrics_set_circuit_open(true);
-	l = log_begin(LOG_ERROR, "circuit_open");
+	metrics_route_set_circuit_open(d->mroute, true);
+	l = log_begin_route(d->cfg->route_name, LOG_ERROR, "circuit_open");
 	log_str(l, "endpoint_id", d->cfg->endpoint_id);
 	log_int(l, "http_status", http_status);
 	log_str(l, "msg", "RunPod refuses the API key or the endpoint; no reads until a /health "
@@ -57,10 +58,11 @@ static void close_circuit(struct dispatcher *d, const char *why)
 
 	d->circuit_open = false;
 	metrics_set_circuit_open(false);
+	metrics_route_set_circuit_open(d->mroute, false);
 	ev_timer_stop(d->loop, &d->probe);
 	d->failures = 0;
 	ev_timer_stop(d->loop, &d->pause);
-	l = log_begin(LOG_INFO, "circuit_closed");
+	l = log_begin_route(d->cfg->route_name, LOG_INFO, "circuit_closed");
 	log_str(l, "endpoint_id", d->cfg->endpoint_id);
 	log_str(l, "reason", why);
 	log_end(l);
@@ -78,7 +80,7 @@ static void on_probe_done(void *arg, const struct http_response *r)
 		dispatcher_maybe_finish(d);
 		return;
 	}
-	l = log_begin(LOG_DEBUG, "health_probe");
+	l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "health_probe");
 	log_int(l, "http_status", r->status);
 	if (r->code != CURLE_OK)
 		log_str(l, "error", r->error);

@@ -49,6 +49,7 @@ static const char *check_base_url(const char *v);
 static const char *check_listen(const char *v);
 static const char *check_webhook(const char *v);
 static const char *check_ca_file(const char *v);
+static const char *check_token(const char *v);
 
 #define OFF(f) offsetof(struct config, f)
 
@@ -128,6 +129,9 @@ static const struct key keys[] = {
 	  0, { 0 }, NULL, NULL, NULL },
 	{ "admin", "listen", K_STR, OFF(admin_listen), "127.0.0.1:9187", 0, 0, F_STATIC, { 0 }, NULL,
 	  NULL, check_listen },
+	/* Bearer token for the runtime control endpoints (/routes). */
+	{ "admin", "token", K_STR, OFF(admin_token), "", 0, 0, F_SECRET | F_FILE | F_STATIC, { 0 },
+	  "admin_token", NULL, check_token },
 	{ "admin", "metrics_interval_ms", K_INT, OFF(metrics_interval_ms), "15000", 100, 3600000, 0,
 	  { 0 }, NULL, NULL, NULL },
 	{ "daemon", "shutdown_timeout_ms", K_INT, OFF(shutdown_timeout_ms), "8000", 0, 600000, 0, { 0 },
@@ -149,7 +153,22 @@ struct raw {
 	void *arg;
 	const char *path;
 	bool file_missing;               /* the default file does not exist */
+	/* [route.NAME] sections: their values, applied per route on top. */
+	char route_names[CONFIG_MAX_ROUTES][CONFIG_ROUTE_NAME_MAX + 1];
+	int nroutes;
+	struct route_kv *rkv;            /* MAX_ROUTE_KV entries, allocated at the first */
+	int nrkv;
+	const char *route;               /* while applying a route: its name */
+	bool from_route[NKEYS];          /* while applying a route: the value is the route's */
 };
+
+/* One key = value of a [route.NAME] section. */
+struct route_kv {
+	int route, key;
+	char *value;
+	char where[160];
+};
+#define MAX_ROUTE_KV (CONFIG_MAX_ROUTES * 48)
 
 static void fail(struct raw *r, const char *key, const char *where, const char *fmt, ...)
 	__attribute__((format(printf, 4, 5)));
@@ -170,6 +189,15 @@ static void fail(struct raw *r, const char *key, const char *where, const char *
 static void key_label(const struct key *k, char *buf, size_t len)
 {
 	snprintf(buf, len, "%s.%s", k->section, k->name);
+}
+
+/* The label of key i in an error: route.NAME.key when a route set it. */
+static void raw_label(const struct raw *r, size_t i, char *buf, size_t len)
+{
+	if (r->route && r->from_route[i])
+		snprintf(buf, len, "route.%s.%s", r->route, keys[i].name);
+	else
+		key_label(&keys[i], buf, len);
 }
 
 /* Shows a value in an error, or hides it for secrets. */
@@ -310,6 +338,91 @@ static bool is_placeholder(const char *v)
 	       strcasecmp(v, "change-me") == 0 || strcasecmp(v, "todo") == 0;
 }
 
+/* The key a [route.NAME] section may set: "queue" (queue.name), a key of
+ * [queue], [runpod] or [tracker] by its bare name, or section.key. */
+static int find_route_key(const char *name)
+{
+	static const char *const sections[] = { "queue", "runpod", "tracker" };
+	const char *dot = strchr(name, '.');
+
+	if (strcmp(name, "queue") == 0)
+		return find_key("queue", "name");
+	if (dot) {
+		char section[32];
+		snprintf(section, sizeof(section), "%.*s", (int)(dot - name), name);
+		for (size_t s = 0; s < 3; s++)
+			if (strcmp(section, sections[s]) == 0)
+				return find_key(section, dot + 1);
+		return -1;
+	}
+	for (size_t s = 0; s < 3; s++) {
+		int i = find_key(sections[s], name);
+		if (i >= 0)
+			return i;
+	}
+	return -1;
+}
+
+static bool route_name_ok(const char *n)
+{
+	size_t len = strlen(n);
+
+	if (len == 0 || len > CONFIG_ROUTE_NAME_MAX)
+		return false;
+	for (; *n; n++)
+		if (!(islower((unsigned char)*n) || isdigit((unsigned char)*n) || *n == '_' || *n == '-'))
+			return false;
+	return true;
+}
+
+static void on_route_value(struct raw *r, const char *route, const char *name, const char *value,
+			   const char *where)
+{
+	char label[160];
+	int ri = -1, ki = find_route_key(name);
+
+	snprintf(label, sizeof(label), "route.%s.%s", route, name);
+	if (!route_name_ok(route)) {
+		fail(r, label, where, "route name must be 1-%d of a-z, 0-9, _ and -",
+		     CONFIG_ROUTE_NAME_MAX);
+		return;
+	}
+	if (ki < 0) {
+		fail(r, label, where, "unknown key (a route sets queue and the keys of [queue], "
+		     "[runpod] and [tracker])");
+		return;
+	}
+	for (int n = 0; n < r->nroutes; n++)
+		if (strcmp(r->route_names[n], route) == 0)
+			ri = n;
+	if (ri < 0) {
+		if (r->nroutes == CONFIG_MAX_ROUTES) {
+			fail(r, label, where, "more than %d routes", CONFIG_MAX_ROUTES);
+			return;
+		}
+		ri = r->nroutes++;
+		snprintf(r->route_names[ri], sizeof(r->route_names[ri]), "%s", route);
+	}
+	for (int n = 0; n < r->nrkv; n++)
+		if (r->rkv[n].route == ri && r->rkv[n].key == ki) {
+			fail(r, label, where, "set twice in the file");
+			return;
+		}
+	if (r->rkv == NULL && (r->rkv = calloc(MAX_ROUTE_KV, sizeof(*r->rkv))) == NULL) {
+		fail(r, label, where, "out of memory");
+		return;
+	}
+	if (r->nrkv == MAX_ROUTE_KV || (r->rkv[r->nrkv].value = strdup(value)) == NULL) {
+		fail(r, label, where, "too many route keys or out of memory");
+		return;
+	}
+	unquote(r->rkv[r->nrkv].value);
+	r->rkv[r->nrkv].route = ri;
+	r->rkv[r->nrkv].key = ki;
+	snprintf(r->rkv[r->nrkv].where, sizeof(r->rkv[r->nrkv].where), "%s", where);
+	r->nrkv++;
+}
+
 static int on_ini_value(void *user, const char *section, const char *name, const char *value)
 {
 	struct file_ctx *fc = user;
@@ -319,6 +432,10 @@ static int on_ini_value(void *user, const char *section, const char *name, const
 	int i = find_key(section, name);
 
 	snprintf(where, sizeof(where), "file %s:%d", r->path, lineno);
+	if (strncmp(section, "route.", 6) == 0) {
+		on_route_value(r, section + 6, name, value, where);
+		return 1;
+	}
 	snprintf(label, sizeof(label), "%s.%s", section, name);
 	if (i < 0) {
 		char near[128];
@@ -766,6 +883,16 @@ static const char *check_webhook(const char *v)
 }
 
 /* "" (the system store) or a readable regular file; its contents are libcurl's to judge. */
+static const char *check_token(const char *v)
+{
+	if (strlen(v) > 255)
+		return "is longer than 255 bytes";
+	for (; *v; v++)
+		if ((unsigned char)*v <= ' ' || (unsigned char)*v >= 127)
+			return "contains whitespace, a control or a non-ASCII character";
+	return NULL;
+}
+
 static const char *check_ca_file(const char *v)
 {
 	struct stat st;
@@ -825,7 +952,7 @@ static void apply(struct raw *r, struct config *cfg)
 		const char *v = r->value[i];
 		char *field = (char *)cfg + k->off;
 
-		key_label(k, label, sizeof(label));
+		raw_label(r, i, label, sizeof(label));
 		cfg->source[i] = r->source[i];
 		if (r->failed[i])
 			continue;
@@ -933,6 +1060,80 @@ static void apply(struct raw *r, struct config *cfg)
 	}
 }
 
+/* Copies every key of src into dst (strings duplicated). 0 or -1. */
+static int copy_keys(struct config *dst, const struct config *src)
+{
+	memcpy(dst->source, src->source, sizeof(dst->source));
+	for (size_t i = 0; i < NKEYS; i++) {
+		const char *f = (const char *)src + keys[i].off;
+		char *t = (char *)dst + keys[i].off;
+		if (keys[i].type != K_STR) {
+			*(int *)(void *)t = *(const int *)(const void *)f;
+			continue;
+		}
+		if (*(char *const *)(const void *)f &&
+		    (*(char **)(void *)t = strdup(*(char *const *)(const void *)f)) == NULL)
+			return -1;
+	}
+	return 0;
+}
+
+/* One snapshot per [route.NAME]: the merged common values with the route's
+ * own on top; the top level becomes a copy of the first route. */
+static void load_routes(struct raw *r, struct config *out)
+{
+	struct config *routes = calloc((size_t)r->nroutes, sizeof(*routes));
+
+	if (routes == NULL) {
+		fail(r, "route", "file", "out of memory");
+		return;
+	}
+	for (int n = 0; n < r->nroutes; n++) {
+		struct raw *rr = malloc(sizeof(*rr));
+		if (rr == NULL) {
+			fail(r, "route", "file", "out of memory");
+			break;
+		}
+		*rr = *r; /* shares the value strings; apply() only reads them */
+		rr->route = r->route_names[n];
+		memset(rr->from_route, 0, sizeof(rr->from_route));
+		for (int k = 0; k < r->nrkv; k++) {
+			size_t i = (size_t)r->rkv[k].key;
+			if (r->rkv[k].route != n)
+				continue;
+			rr->value[i] = r->rkv[k].value;
+			rr->source[i] = SRC_FILE;
+			rr->failed[i] = false;
+			rr->from_route[i] = true;
+			snprintf(rr->where[i], sizeof(rr->where[i]), "%s", r->rkv[k].where);
+		}
+		apply(rr, &routes[n]);
+		r->errors = rr->errors;
+		free(rr);
+		snprintf(routes[n].route_name, sizeof(routes[n].route_name), "%s", r->route_names[n]);
+		routes[n].nroutes = 1;
+		for (int m = 0; m < n; m++) {
+			if (routes[m].queue_name && routes[n].queue_name &&
+			    strcmp(routes[m].queue_name, routes[n].queue_name) == 0) {
+				char label[96];
+				snprintf(label, sizeof(label), "route.%s.queue", routes[n].route_name);
+				fail(r, label, "file", "queue '%s' is already read by route %s",
+				     routes[n].queue_name, routes[m].route_name);
+			}
+		}
+	}
+	out->routes = routes;
+	out->nroutes = r->nroutes;
+	if (r->errors == 0 && copy_keys(out, &routes[0]) != 0)
+		fail(r, "route", "file", "out of memory");
+	snprintf(out->route_name, sizeof(out->route_name), "%s", routes[0].route_name);
+}
+
+const struct config *config_route(const struct config *cfg, int i)
+{
+	return cfg->routes ? &cfg->routes[i] : cfg;
+}
+
 int config_load(const struct config_input *in, struct config *out, config_error_fn on_error,
 		void *arg)
 {
@@ -948,10 +1149,19 @@ int config_load(const struct config_input *in, struct config *out, config_error_
 	load_credentials(&r, in->envp);
 	load_env(&r, in->envp);
 	load_cli(&r, in->cli_overrides);
-	apply(&r, out);
+	if (r.nroutes == 0) {
+		apply(&r, out);
+		snprintf(out->route_name, sizeof(out->route_name), "default");
+		out->nroutes = 1;
+	} else {
+		load_routes(&r, out);
+	}
 	out->file_read = in->path != NULL && !r.file_missing;
 	for (size_t i = 0; i < NKEYS; i++)
 		free(r.value[i]);
+	for (int n = 0; n < r.nrkv; n++)
+		free(r.rkv[n].value);
+	free(r.rkv);
 	errors = r.errors;
 	if (errors)
 		config_free(out);
@@ -996,6 +1206,12 @@ void config_free(struct config *cfg)
 {
 	if (cfg == NULL)
 		return;
+	if (cfg->routes) {
+		for (int n = 0; n < cfg->nroutes; n++)
+			config_free(&cfg->routes[n]);
+		free(cfg->routes);
+		cfg->routes = NULL;
+	}
 	for (size_t i = 0; i < NKEYS; i++) {
 		if (keys[i].type == K_STR) {
 			char **p = (char **)(void *)((char *)cfg + keys[i].off);
@@ -1060,7 +1276,14 @@ void config_describe(const struct config *cfg, const char *path, char *buf, size
 	}
 }
 
-void config_dump(const struct config *cfg, void *fp)
+static bool route_section(const char *section)
+{
+	return strcmp(section, "queue") == 0 || strcmp(section, "runpod") == 0 ||
+	       strcmp(section, "tracker") == 0;
+}
+
+/* route: NULL for the common keys, else the route whose keys to print. */
+static void dump_keys(const struct config *cfg, FILE *fp, const char *route)
 {
 	char label[96], val[1024];
 
@@ -1068,7 +1291,12 @@ void config_dump(const struct config *cfg, void *fp)
 		const struct key *k = &keys[i];
 		const char *field = (const char *)cfg + k->off;
 
-		key_label(k, label, sizeof(label));
+		if (route && !route_section(k->section))
+			continue;
+		if (route)
+			snprintf(label, sizeof(label), "route.%s.%s.%s", route, k->section, k->name);
+		else
+			key_label(k, label, sizeof(label));
 		switch (k->type) {
 		case K_INT:
 			snprintf(val, sizeof(val), "%d", *(const int *)(const void *)field);
@@ -1092,4 +1320,11 @@ void config_dump(const struct config *cfg, void *fp)
 		}
 		fprintf(fp, "%-36s = %-40s # %s\n", label, val, source_names[cfg->source[i]]);
 	}
+}
+
+void config_dump(const struct config *cfg, void *fp)
+{
+	dump_keys(cfg, fp, NULL);
+	for (int n = 0; cfg->routes && n < cfg->nroutes; n++)
+		dump_keys(&cfg->routes[n], fp, cfg->routes[n].route_name);
 }

@@ -62,7 +62,7 @@ double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double h
 static void log_archive(const struct dispatcher *d, const struct pgmq_message *m, const char *reason,
 			size_t bytes)
 {
-	struct log_line *l = log_begin(LOG_ERROR, "message_archived");
+	struct log_line *l = log_begin_route(d->cfg->route_name, LOG_ERROR, "message_archived");
 
 	log_str(l, "queue", d->cfg->queue_name);
 	log_str(l, "msg_id", m->msg_id);
@@ -95,7 +95,7 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 	if (keep == NULL || drop == NULL || poison == NULL || bad == NULL || ends == NULL) {
 		free(poison);
 		free(bad);
-		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt",
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt",
 			rows->n);
 		free(keep);
 		free(drop);
@@ -111,7 +111,7 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 		case ROW_INVALID_LOST:
 			/* The read hid it; bring it back (after a pause: the read
 			 * function is broken and would hide it again). */
-			l = log_begin(LOG_ERROR, "row_invalid");
+			l = log_begin_route(d->cfg->route_name, LOG_ERROR, "row_invalid");
 			log_str(l, "queue", d->cfg->queue_name);
 			log_str(l, "msg_id", m->msg_id);
 			log_str(l, "problem", m->invalid);
@@ -147,7 +147,7 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 		if (b)
 			post_batch(d, b);
 		else
-			log_msg(LOG_ERROR, "out_of_memory", "dropping %d messages; visible again "
+			log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory", "dropping %d messages; visible again "
 				"after vt", ends[r] - start);
 	}
 	free(keep);
@@ -175,7 +175,7 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	d->stats.reads++;
 	if (err) {
 		bool unknown = err->connection_lost && err->sent;
-		struct log_line *l = log_begin(LOG_ERROR, unknown ? "read_fate_unknown" : "read_failed");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_ERROR, unknown ? "read_fate_unknown" : "read_failed");
 		d->stats.reads_failed++;
 		metrics_inc_reads(METRICS_READ_ERROR);
 		log_str(l, "queue", d->cfg->queue_name);
@@ -193,13 +193,14 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	}
 	d->read_done = true;
 	if (rows->n == 0) {
-		struct log_line *l = log_begin(LOG_DEBUG, "queue_empty");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "queue_empty");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_end(l);
 		d->stats.reads_empty++;
 		metrics_inc_reads(METRICS_READ_EMPTY);
 		pgmq_batch_free(rows);
 		free(rows);
+		control_on_empty(d);
 		if (d->again)
 			dispatcher_kick(d);
 		else
@@ -209,7 +210,7 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	}
 	rr = calloc(1, sizeof(*rr));
 	if (rr == NULL) {
-		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt", rows->n);
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt", rows->n);
 		pgmq_batch_free(rows);
 		free(rows);
 		/* The read is over all the same: --once must end, not hang. */
@@ -224,8 +225,9 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	d->stats.messages_read += (unsigned long long)rr->rows.n;
 	metrics_inc_reads(METRICS_READ_ROWS);
 	metrics_add_messages_read((unsigned)rr->rows.n);
+	metrics_route_add(d->mroute, MR_MESSAGES_READ, (unsigned)rr->rows.n);
 	{
-		struct log_line *l = log_begin(LOG_DEBUG, "batch_read");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "batch_read");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_int(l, "jobs", rr->rows.n);
 		log_str(l, "first_msg_id", rr->rows.msgs[0].msg_id);
@@ -255,7 +257,7 @@ void dispatcher_kick(struct dispatcher *d)
 		return;
 	}
 	if (d->stopping || d->finished || d->circuit_open || !pg_ready(d->pg) ||
-	    ev_is_active(&d->pause))
+	    ev_is_active(&d->pause) || !d->ctl_loaded || !control_may_read(d->ctl))
 		return;
 	if (d->in_flight >= d->cfg->max_in_flight) {
 		d->read_wanted = true;
@@ -267,7 +269,7 @@ void dispatcher_kick(struct dispatcher *d)
 	d->again = false;
 	if (pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name, d->cfg->vt_seconds,
 		      d->cfg->batch_size, dispatcher_on_read, d) != 0) {
-		log_msg(LOG_ERROR, "read_failed", "cannot queue the read statement");
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "read_failed", "cannot queue the read statement");
 		dispatcher_back_off(d, PAUSE_DB, -1);
 		return;
 	}
@@ -332,7 +334,7 @@ static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
 	(void)loop;
 	(void)revents;
 	if (d->in_flight > 0) {
-		struct log_line *l = log_begin(LOG_WARN, "shutdown_deadline");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN, "shutdown_deadline");
 		log_int(l, "in_flight", d->in_flight);
 		log_str(l, "outcome", "aborted requests are counted as outcome unknown");
 		log_end(l);
@@ -342,7 +344,7 @@ static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
 	if (!d->finished && (d->db_pending > 0 || d->reading)) {
 		/* Their callbacks still run when the connection closes, and
 		 * name every msg id that stays invisible. */
-		log_msg(LOG_WARN, "shutdown_deadline", "%d database statements unfinished",
+		log_msg_route(d->cfg->route_name, LOG_WARN, "shutdown_deadline", "%d database statements unfinished",
 			d->db_pending + (d->reading ? 1 : 0));
 		d->deadline_passed = true;
 	}
@@ -366,7 +368,7 @@ static void on_connected(void *arg)
 	if (d->w.listen_pg == NULL)
 		wakeup_start_listen(d, d->pg); /* re-LISTEN first: the read below is queued after it */
 	dispatcher_state_changed(d);
-	dispatcher_kick(d);
+	control_load(d); /* then kicks */
 	if (!d->once && !d->stopping) {
 		/* Queue gauges right away rather than one interval later. */
 		ev_timer_stop(d->loop, &d->stats_timer);
@@ -392,13 +394,14 @@ static void on_metrics(void *arg, long long length, double oldest_age_s, const s
 	if (d->finished)
 		return;
 	if (err) {
-		struct log_line *l = log_begin(LOG_DEBUG, "queue_metrics_failed");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "queue_metrics_failed");
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		log_end(l);
 	} else {
 		d->queue_length = length;
 		metrics_set_queue_stats(length, oldest_age_s);
+		metrics_route_set_queue_length(d->mroute, length);
 	}
 	dispatcher_state_changed(d);
 	dispatcher_maybe_finish(d);
@@ -461,6 +464,8 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 	d->done_arg = arg;
 	d->once_result = DISPATCH_DONE_EMPTY;
 	d->queue_length = -1;
+	d->mroute = metrics_route(cfg->route_name[0] ? cfg->route_name : "default");
+	metrics_route_set_state(d->mroute, MRS_RUNNING);
 	for (size_t i = 0; i < sizeof(timers) / sizeof(timers[0]); i++) {
 		ev_timer *t = (ev_timer *)((char *)d + timers[i].off);
 		ev_init(t, timers[i].cb);
@@ -513,7 +518,7 @@ void dispatcher_stop(struct dispatcher *d)
 	post_release_waiting(d); /* read but never sent: visible again at once */
 	dispatcher_state_changed(d);
 	{
-		struct log_line *l = log_begin(LOG_INFO, "stopping");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_INFO, "stopping");
 		log_int(l, "in_flight", d->in_flight);
 		log_int(l, "timeout_ms", d->cfg->shutdown_timeout_ms);
 		log_end(l);

@@ -2,6 +2,8 @@
 #include "main.h"
 #include "config.h"
 #include "dispatcher.h"
+#include "route.h"
+#include "ctl.h"
 #include "admin.h"
 #include "log.h"
 #include "metrics.h"
@@ -23,9 +25,9 @@
 
 struct app {
 	struct ev_loop *loop;
-	struct config *cfg;     /* the snapshot in use; replaced whole on reload */
+	struct config *cfg;     /* the snapshot in use (owned by routes once they exist) */
 	struct config_input in; /* kept for reloads */
-	struct dispatcher *d;
+	struct routes *routes;
 	int exit_code;
 	int signals;            /* TERM/INT received */
 	struct admin *admin;
@@ -48,7 +50,9 @@ static void usage(FILE *fp)
 		"  -t, --check-config    validate the configuration (no network), exit 0 or 78\n"
 		"  -T, --dump-config     print the effective configuration, secrets masked\n"
 		"  -V, --version         print the version\n"
-		"  -h, --help            this help\n\n"
+		"  -h, --help            this help\n"
+		"  ctl routes | ctl pause|resume|drain ROUTE\n"
+		"                        runtime control of the running daemon (admin endpoint)\n\n"
 		"Every key can also be set as PGMQD_<SECTION>_<KEY>; see pgmq-dispatcher(8).\n");
 }
 
@@ -77,6 +81,10 @@ static void register_secrets(const struct config *cfg)
 		log_secret_clear();
 		log_secret_add(cfg->api_key);
 	}
+	for (int i = 0; i < cfg->nroutes; i++)
+		log_secret_add(config_route(cfg, i)->api_key);
+	if (cfg->admin_token[0])
+		log_secret_add(cfg->admin_token);
 	if (pgpassword)
 		log_secret_add(pgpassword);
 	for (int i = 0; i < 2; i++) {
@@ -134,7 +142,7 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
 	if (++app->signals > 1) {
 		log_msg(LOG_WARN, "exit_now", "second %s: exiting without waiting",
 			signal_name(w->signum));
-		dispatcher_abort(app->d); /* may finish the drain and call on_done */
+		routes_abort(app->routes); /* may finish the drain and call on_done */
 		app->exit_code = 1;
 		ev_break(loop, EVBREAK_ALL);
 		return;
@@ -147,7 +155,7 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
 	}
 	sdnotify_stopping();
 	sdnotify_status("stopping: in-flight requests finish, then exit");
-	dispatcher_stop(app->d);
+	routes_stop(app->routes);
 }
 
 /* systemd STATUS= on every state change and after each metrics refresh. */
@@ -156,7 +164,7 @@ static void on_state(void *arg)
 	struct app *app = arg;
 	char status[512];
 
-	dispatcher_status(app->d, status, sizeof(status));
+	routes_status(app->routes, status, sizeof(status));
 	sdnotify_status("%s", status);
 }
 
@@ -164,7 +172,30 @@ static bool admin_ready(void *arg, char *why, size_t len)
 {
 	struct app *app = arg;
 
-	return dispatcher_ready(app->d, why, len);
+	return routes_ready(app->routes, why, len);
+}
+
+static char *admin_routes(void *arg)
+{
+	struct app *app = arg;
+
+	return routes_describe(app->routes);
+}
+
+static int admin_control(void *arg, const char *route, const char *action)
+{
+	struct app *app = arg;
+	enum dispatcher_control cmd;
+
+	if (strcmp(action, "pause") == 0)
+		cmd = CONTROL_PAUSE;
+	else if (strcmp(action, "resume") == 0)
+		cmd = CONTROL_RESUME;
+	else if (strcmp(action, "drain") == 0)
+		cmd = CONTROL_DRAIN;
+	else
+		return -2;
+	return routes_control(app->routes, route, cmd);
 }
 
 static char *admin_metrics(void *arg, size_t *len)
@@ -212,16 +243,17 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 		return;
 	}
 	config_keep_static(app->cfg, next, on_ignored_key, NULL);
-	if (dispatcher_reload(app->d, next) != 0) {
+	for (int i = 0; next->routes && i < next->nroutes; i++)
+		config_keep_static(app->cfg, &next->routes[i], NULL, NULL);
+	if (routes_reload(app->routes, next) != 0) {
 		log_msg(LOG_ERROR, "reload_failed", "the configuration in use is unchanged");
 		config_free(next);
 		free(next);
 		sdnotify_ready();
 		return;
 	}
-	/* The dispatcher now points at next; retire the old snapshot. */
-	config_free(app->cfg);
-	free(app->cfg);
+	/* The routes took next over, and retire the old snapshot once nothing
+	 * points into it. */
 	app->cfg = next;
 	log_setup((enum log_level)app->cfg->log_level, (enum log_format)app->cfg->log_format);
 	register_secrets(app->cfg);
@@ -279,6 +311,8 @@ int main(int argc, char **argv)
 	const char *overrides[3] = { NULL, NULL, NULL };
 	int noverrides = 0;
 	char masked[1024];
+	char **ctl_args = NULL;
+	int nctl_args = 0;
 
 	if (open_closed_std_fds() != 0)
 		return EX_OSERR;
@@ -325,6 +359,11 @@ int main(int argc, char **argv)
 			return EX_USAGE;
 		}
 	}
+	if (optind < argc && strcmp(argv[optind], "ctl") == 0) {
+		ctl_args = argv + optind + 1;
+		nctl_args = argc - optind - 1;
+		optind = argc;
+	}
 	if (optind < argc) {
 		fprintf(stderr, "pgmq-dispatcher: unexpected argument '%s'\n", argv[optind]);
 		usage(stderr);
@@ -360,6 +399,14 @@ int main(int argc, char **argv)
 	}
 	log_setup((enum log_level)app.cfg->log_level, (enum log_format)app.cfg->log_format);
 	register_secrets(app.cfg);
+	if (ctl_args) {
+		int rc = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK
+				 ? ctl_run(app.cfg, nctl_args, ctl_args) : EX_SOFTWARE;
+		curl_global_cleanup();
+		config_free(app.cfg);
+		free(app.cfg);
+		return rc;
+	}
 	if (dump)
 		config_dump(app.cfg, stdout);
 	if (check && !dump) {
@@ -408,16 +455,18 @@ int main(int argc, char **argv)
 	metrics_init();
 	/* From here on a stalled stderr never blocks the loop. */
 	log_attach_loop(app.loop);
-	app.d = dispatcher_new(app.loop, app.cfg, once, on_done, &app);
-	if (app.d == NULL) {
+	app.routes = routes_new(app.loop, app.cfg, once, on_done, &app);
+	if (app.routes == NULL) {
 		log_detach_loop(1000);
 		config_free(app.cfg);
 		free(app.cfg);
 		return EX_SOFTWARE;
 	}
-	dispatcher_set_state_hook(app.d, on_state, &app);
+	routes_set_state_hook(app.routes, on_state, &app);
 	if (!once && strcmp(app.cfg->admin_listen, "off") != 0) {
-		struct admin_hooks hooks = { .ready = admin_ready, .metrics = admin_metrics, .arg = &app };
+		struct admin_hooks hooks = { .ready = admin_ready, .metrics = admin_metrics,
+					     .routes = admin_routes, .control = admin_control,
+					     .token = app.cfg->admin_token, .arg = &app };
 		char err[256];
 		app.admin = admin_start(app.loop, app.cfg->admin_listen, &hooks, err, sizeof(err));
 		if (app.admin == NULL) {
@@ -425,10 +474,8 @@ int main(int argc, char **argv)
 			log_str(l, "key", "admin.listen");
 			log_str(l, "error", err);
 			log_end(l);
-			dispatcher_free(app.d);
+			routes_free(app.routes); /* and app.cfg */
 			log_detach_loop(1000);
-			config_free(app.cfg);
-			free(app.cfg);
 			return EX_OSERR;
 		}
 	}
@@ -443,6 +490,7 @@ int main(int argc, char **argv)
 	{
 		struct log_line *l = log_begin(LOG_INFO, "started");
 		log_str(l, "version", PGMQD_VERSION);
+		log_int(l, "routes", app.cfg->nroutes);
 		log_str(l, "queue", app.cfg->queue_name);
 		log_str(l, "endpoint_id", app.cfg->endpoint_id);
 		log_str(l, "base_url", app.cfg->base_url);
@@ -455,7 +503,7 @@ int main(int argc, char **argv)
 			log_int(l, "admin_port", admin_port(app.admin));
 		log_end(l);
 	}
-	dispatcher_start(app.d);
+	routes_start(app.routes);
 	/* Ready: config valid, signals and admin up, first connect started.
 	 * A database that is down shows in STATUS= and /readyz. */
 	sdnotify_ready();
@@ -468,10 +516,10 @@ int main(int argc, char **argv)
 	{
 		/* Free first: requests and statements still pending log their
 		 * msg ids as they fail, and the last line sums everything up. */
-		struct dispatcher_stats s = *dispatcher_stats(app.d);
+		struct dispatcher_stats s = routes_stats(app.routes);
 		struct log_line *l;
 
-		dispatcher_free(app.d);
+		routes_free(app.routes); /* and the snapshots */
 		l = log_begin(LOG_INFO, "exiting");
 		log_int(l, "exit_code", app.exit_code);
 		log_int(l, "messages_read", (long long)s.messages_read);
@@ -490,8 +538,6 @@ int main(int argc, char **argv)
 	log_detach_loop(2000);
 	ev_loop_destroy(app.loop);
 	curl_global_cleanup();
-	config_free(app.cfg);
-	free(app.cfg);
 	log_secret_clear();
 	return app.exit_code;
 }

@@ -45,6 +45,8 @@ typedef atomic_uint_least64_t counter_t;
 static void tracker_metrics_init(void);
 struct buf;
 static void render_tracker(struct buf *b);
+static void render_routes(struct buf *b);
+static bool route_gauges(long *in_flight, int *circuit_open, long long *queue_length);
 
 static struct {
 	counter_t messages_read, messages_dispatched, messages_released;
@@ -358,15 +360,16 @@ char *metrics_render(size_t *len)
 	family(&b, "reads_total", "counter", "Queue reads by result.");
 	labelled(&b, "reads_total", "result", read_names, m.reads, N_READ_RESULTS);
 
+	long in_flight = atomic_load_explicit(&m.in_flight, memory_order_relaxed);
+	int circuit_open = atomic_load_explicit(&m.circuit_open, memory_order_relaxed);
+	long long queue_length = atomic_load_explicit(&m.queue_length, memory_order_relaxed);
+	route_gauges(&in_flight, &circuit_open, &queue_length);
 	family(&b, "in_flight_requests", "gauge", "RunPod /run requests in flight.");
-	bprintf(&b, PREFIX "in_flight_requests %ld\n",
-		atomic_load_explicit(&m.in_flight, memory_order_relaxed));
+	bprintf(&b, PREFIX "in_flight_requests %ld\n", in_flight);
 	family(&b, "circuit_open", "gauge", "1 while the circuit breaker is open, else 0.");
-	bprintf(&b, PREFIX "circuit_open %d\n",
-		atomic_load_explicit(&m.circuit_open, memory_order_relaxed));
+	bprintf(&b, PREFIX "circuit_open %d\n", circuit_open);
 	family(&b, "queue_length", "gauge", "Messages in the queue, from pgmq.metrics.");
-	bprintf(&b, PREFIX "queue_length %lld\n",
-		atomic_load_explicit(&m.queue_length, memory_order_relaxed));
+	bprintf(&b, PREFIX "queue_length %lld\n", queue_length);
 	gauge_double(&b, "queue_oldest_message_age_seconds",
 		     "Age of the oldest message in the queue, from pgmq.metrics.",
 		     load_double(&m.queue_oldest_age_bits));
@@ -377,6 +380,7 @@ char *metrics_render(size_t *len)
 	gauge_double(&b, "start_time_seconds", "Unix time the process started.",
 		     load_double(&m.start_time_bits));
 	render_tracker(&b);
+	render_routes(&b);
 	family(&b, "log_lines_dropped_total", "counter",
 	       "Log lines dropped because stderr was not being read.");
 	bprintf(&b, PREFIX "log_lines_dropped_total %llu\n", log_lines_dropped());
@@ -460,4 +464,125 @@ static void render_tracker(struct buf *b)
 		&mt.early_releases);
 	counter(b, "tracker_evicted_total", "Jobs no longer tracked because max_tracked_jobs was reached.",
 		&mt.evicted);
+}
+
+/* ---- per route ---- */
+
+static const char *const route_counter_names[MR_COUNTERS][2] = {
+	{ "route_messages_read_total", "Messages read from the route's queue." },
+	{ "route_messages_dispatched_total", "Messages of the route in /run requests RunPod accepted." },
+	{ "route_messages_released_total", "Messages of the route made visible again with set_vt." },
+	{ "route_messages_archived_total", "Messages of the route archived by the dispatcher." },
+	{ "route_requests_accepted_total", "/run requests of the route that RunPod accepted." },
+	{ "route_requests_rejected_total", "/run requests of the route that RunPod rejected." },
+	{ "route_requests_unknown_total", "/run requests of the route whose outcome is unknown." },
+};
+static const char *const route_state_names[MRS_STATES] = { "running", "paused", "draining",
+							   "drained" };
+
+/* Written and read on the loop's thread only (routes register there). */
+static struct {
+	int n;
+	char name[METRICS_MAX_ROUTES][40];
+	counter_t counters[METRICS_MAX_ROUTES][MR_COUNTERS];
+	atomic_long in_flight[METRICS_MAX_ROUTES];
+	atomic_int circuit_open[METRICS_MAX_ROUTES];
+	atomic_llong queue_length[METRICS_MAX_ROUTES];
+	atomic_int state[METRICS_MAX_ROUTES];
+} mr;
+
+int metrics_route(const char *name)
+{
+	for (int i = 0; i < mr.n; i++)
+		if (strcmp(mr.name[i], name) == 0)
+			return i;
+	if (mr.n == METRICS_MAX_ROUTES || strlen(name) >= sizeof(mr.name[0]))
+		return -1;
+	snprintf(mr.name[mr.n], sizeof(mr.name[0]), "%s", name);
+	for (int c = 0; c < MR_COUNTERS; c++)
+		atomic_init(&mr.counters[mr.n][c], 0);
+	atomic_init(&mr.in_flight[mr.n], 0);
+	atomic_init(&mr.circuit_open[mr.n], 0);
+	atomic_init(&mr.queue_length[mr.n], 0);
+	atomic_init(&mr.state[mr.n], MRS_RUNNING);
+	return mr.n++;
+}
+
+void metrics_route_add(int r, enum metrics_route_counter c, unsigned n)
+{
+	if (r >= 0 && r < mr.n && (unsigned)c < MR_COUNTERS)
+		add(&mr.counters[r][c], n);
+}
+
+void metrics_route_set_in_flight(int r, long n)
+{
+	if (r >= 0 && r < mr.n)
+		atomic_store_explicit(&mr.in_flight[r], n, memory_order_relaxed);
+}
+
+void metrics_route_set_circuit_open(int r, bool open)
+{
+	if (r >= 0 && r < mr.n)
+		atomic_store_explicit(&mr.circuit_open[r], open ? 1 : 0, memory_order_relaxed);
+}
+
+void metrics_route_set_queue_length(int r, long long length)
+{
+	if (r >= 0 && r < mr.n)
+		atomic_store_explicit(&mr.queue_length[r], length, memory_order_relaxed);
+}
+
+void metrics_route_set_state(int r, enum metrics_route_state s)
+{
+	if (r >= 0 && r < mr.n && (unsigned)s < MRS_STATES)
+		atomic_store_explicit(&mr.state[r], (int)s, memory_order_relaxed);
+}
+
+/* With routes registered, the process-wide gauges are their sums (the
+ * circuit: open when any is). Returns whether any route is registered. */
+static bool route_gauges(long *in_flight, int *circuit_open, long long *queue_length)
+{
+	if (mr.n == 0)
+		return false;
+	*in_flight = 0;
+	*circuit_open = 0;
+	*queue_length = 0;
+	for (int i = 0; i < mr.n; i++) {
+		*in_flight += atomic_load_explicit(&mr.in_flight[i], memory_order_relaxed);
+		*circuit_open |= atomic_load_explicit(&mr.circuit_open[i], memory_order_relaxed);
+		*queue_length += atomic_load_explicit(&mr.queue_length[i], memory_order_relaxed);
+	}
+	return true;
+}
+
+static void render_routes(struct buf *b)
+{
+	if (mr.n == 0)
+		return;
+	for (int c = 0; c < MR_COUNTERS; c++) {
+		family(b, route_counter_names[c][0], "counter", route_counter_names[c][1]);
+		for (int i = 0; i < mr.n; i++)
+			bprintf(b, PREFIX "%s{route=\"%s\"} %llu\n", route_counter_names[c][0],
+				mr.name[i], (unsigned long long)get(&mr.counters[i][c]));
+	}
+	family(b, "route_in_flight_requests", "gauge", "/run requests of the route in flight.");
+	for (int i = 0; i < mr.n; i++)
+		bprintf(b, PREFIX "route_in_flight_requests{route=\"%s\"} %ld\n", mr.name[i],
+			atomic_load_explicit(&mr.in_flight[i], memory_order_relaxed));
+	family(b, "route_circuit_open", "gauge", "1 while the route's circuit is open, else 0.");
+	for (int i = 0; i < mr.n; i++)
+		bprintf(b, PREFIX "route_circuit_open{route=\"%s\"} %d\n", mr.name[i],
+			atomic_load_explicit(&mr.circuit_open[i], memory_order_relaxed));
+	family(b, "route_queue_length", "gauge", "Messages in the route's queue (pgmq.metrics).");
+	for (int i = 0; i < mr.n; i++)
+		bprintf(b, PREFIX "route_queue_length{route=\"%s\"} %lld\n", mr.name[i],
+			atomic_load_explicit(&mr.queue_length[i], memory_order_relaxed));
+	family(b, "route_state", "gauge",
+	       "1 for the route's read state: running, paused, draining or drained.");
+	for (int i = 0; i < mr.n; i++) {
+		int st = atomic_load_explicit(&mr.state[i], memory_order_relaxed);
+		for (int s = 0; s < MRS_STATES; s++)
+			bprintf(b, PREFIX "route_state{route=\"%s\",state=\"%s\"} %d\n", mr.name[i],
+				route_state_names[s], st == s ? 1 : 0);
+	}
 }

@@ -21,7 +21,7 @@ static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod
 	static const char *const events[] = { "batch_accepted", "batch_rejected",
 					      "batch_outcome_unknown" };
 	enum log_level level = outcome == RUNPOD_ACCEPTED ? LOG_INFO : LOG_WARN;
-	struct log_line *l = log_begin(level, events[outcome]);
+	struct log_line *l = log_begin_route(d->cfg->route_name, level, events[outcome]);
 	long long duration = (long long)((ev_now(d->loop) - b->started) * 1000.0 + 0.5);
 
 	log_str(l, "queue", d->cfg->queue_name);
@@ -53,13 +53,13 @@ static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod
 	log_end(l);
 }
 
-static void log_response(const struct http_response *r)
+static void log_response(const struct dispatcher *d, const struct http_response *r)
 {
 	struct log_line *l;
 
 	if (!log_enabled(LOG_TRACE))
 		return;
-	l = log_begin(LOG_TRACE, "http_response");
+	l = log_begin_route(d->cfg->route_name, LOG_TRACE, "http_response");
 	log_int(l, "http_status", r->status);
 	log_int(l, "body_bytes", (long long)r->body_len);
 	log_int(l, "connect_ms", r->connect_ms);
@@ -94,6 +94,7 @@ static void on_posted(void *arg, const struct http_response *r)
 
 	d->in_flight--;
 	metrics_set_in_flight(d->in_flight);
+	metrics_route_set_in_flight(d->mroute, d->in_flight);
 	memset(&reply, 0, sizeof(reply));
 	if (r->status >= 200 && r->status < 300 && !r->body_truncated)
 		a.reply_parsed = runpod_parse_run_reply(r->body, r->body_len, &reply) == 0;
@@ -104,14 +105,16 @@ static void on_posted(void *arg, const struct http_response *r)
 		pause_ms = dispatcher_back_off(d, PAUSE_RUNPOD, retry_after_ms(d, r));
 	log_outcome(d, b, outcome, r, &reply, pause_ms);
 	metrics_inc_requests((enum metrics_outcome)outcome, r->status);
+	metrics_route_add(d->mroute, (enum metrics_route_counter)(MR_REQUESTS_ACCEPTED + outcome), 1);
 	metrics_observe_request_seconds(r->total_ms / 1000.0);
-	log_response(r);
+	log_response(d, r);
 
 	switch (outcome) {
 	case RUNPOD_ACCEPTED:
 		d->stats.requests_accepted++;
 		d->stats.messages_accepted += (unsigned long long)b->n;
 		metrics_add_messages_dispatched((unsigned)b->n);
+		metrics_route_add(d->mroute, MR_MESSAGES_DISPATCHED, (unsigned)b->n);
 		if (d->pause_reason == PAUSE_RUNPOD && !ev_is_active(&d->pause))
 			d->failures = 0;
 		d->once_result = DISPATCH_DONE_DISPATCHED;
@@ -167,10 +170,11 @@ static void send_now(struct dispatcher *d, struct batch *b)
 	o.body = runpod_envelope_body(&d->conf.envelope, b->msgs, b->n, &o.body_len);
 	if (o.body == NULL || http_start(d->http, &o, on_posted, b) != 0) {
 		/* Nothing was sent: the messages come back at once. */
-		log_msg(LOG_ERROR, "post_failed", "cannot start the /run request; releasing %d messages",
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "post_failed", "cannot start the /run request; releasing %d messages",
 			b->n);
 		d->in_flight--;
 		metrics_set_in_flight(d->in_flight);
+		metrics_route_set_in_flight(d->mroute, d->in_flight);
 		dispatcher_back_off(d, PAUSE_RUNPOD, -1);
 		batch_release(b, 0);
 		return;
@@ -181,7 +185,7 @@ static void send_now(struct dispatcher *d, struct batch *b)
 	ratelimit_record(&d->rl, ev_time());
 	b->started = ev_now(d->loop);
 	if (log_enabled(LOG_TRACE)) {
-		struct log_line *l = log_begin(LOG_TRACE, "http_request");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_TRACE, "http_request");
 		log_str(l, "method", "POST");
 		log_str(l, "url", d->conf.run_url);
 		log_int(l, "body_bytes", (long long)o.body_len);
@@ -225,6 +229,7 @@ void post_batch(struct dispatcher *d, struct batch *b)
 {
 	d->in_flight++;
 	metrics_set_in_flight(d->in_flight);
+	metrics_route_set_in_flight(d->mroute, d->in_flight);
 	b->next = NULL;
 	if (d->waiting_tail)
 		d->waiting_tail->next = b;
@@ -234,7 +239,7 @@ void post_batch(struct dispatcher *d, struct batch *b)
 	d->nwaiting++;
 	send_waiting(d);
 	if (d->waiting) {
-		struct log_line *l = log_begin(LOG_DEBUG, "rate_limited");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "rate_limited");
 		log_int(l, "waiting", d->nwaiting);
 		log_int(l, "max_requests_per_10s", d->rl.cap);
 		log_end(l);
@@ -249,6 +254,7 @@ void post_release_waiting(struct dispatcher *d)
 	}
 	ev_timer_stop(d->loop, &d->rate_timer);
 	metrics_set_in_flight(d->in_flight);
+	metrics_route_set_in_flight(d->mroute, d->in_flight);
 }
 
 void post_drop_waiting(struct dispatcher *d)

@@ -24,7 +24,7 @@ static void set_poll_period(struct dispatcher *d, double ms)
 	d->w.idle_poll_ms = ms;
 	d->poll.repeat = ms / 1000.0;
 	{
-		struct log_line *l = log_begin(LOG_DEBUG, "poll_period");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "poll_period");
 		log_int(l, "poll_period_ms", (long long)ms);
 		log_end(l);
 	}
@@ -68,7 +68,8 @@ void wakeup_on_debounce(struct ev_loop *loop, ev_timer *w, int revents)
 
 void wakeup_on_wake_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
-	struct log_line *l = log_begin(LOG_DEBUG, "wake_read");
+	struct dispatcher *d = w->data;
+	struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "wake_read");
 
 	(void)loop;
 	(void)revents;
@@ -102,7 +103,7 @@ void wakeup_on_notify(void *arg, const char *channel, const char *payload)
 		return;
 	if (strcmp(payload, d->w.selftest) == 0) {
 		if (d->w.notify_state == NOTIFY_TESTING) {
-			struct log_line *l = log_begin(LOG_DEBUG, "notify_ready");
+			struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "notify_ready");
 			log_str(l, "channel", d->w.channel);
 			log_end(l);
 			ev_timer_stop(d->loop, &d->selftest_timer);
@@ -129,7 +130,7 @@ void wakeup_on_selftest_timeout(struct ev_loop *loop, ev_timer *w, int revents)
 		return;
 	set_notify_state(d, NOTIFY_BROKEN);
 	if (!d->w.notify_broken_logged) {
-		struct log_line *l = log_begin(LOG_WARN, "notify_unavailable");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN, "notify_unavailable");
 		log_str(l, "channel", d->w.channel);
 		log_str(l, "msg", "LISTEN receives no notifications on this connection (a transaction "
 				  "pooler?); polling every poll_interval_ms. Set database.listen_conninfo "
@@ -148,7 +149,7 @@ static void on_listen_done(void *arg, PGresult *res, const struct pg_error *err)
 	if (d->finished || err == NULL)
 		return;
 	{
-		struct log_line *l = log_begin(LOG_WARN, "listen_failed");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN, "listen_failed");
 		log_str(l, "channel", d->w.channel);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
@@ -171,7 +172,7 @@ static void on_trigger_count(void *arg, PGresult *res, const struct pg_error *er
 		return;
 	if (!d->w.has_trigger && (had || !d->w.no_trigger_logged)) {
 		d->w.no_trigger_logged = true;
-		struct log_line *l = log_begin(LOG_INFO, "notify_no_trigger");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_INFO, "notify_no_trigger");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "msg", "no insert trigger on the queue table: polling every poll_interval_ms; "
 				  "SELECT pgmq.enable_notify_insert(queue) (pgmq >= 1.7) or the trigger in "
