@@ -120,6 +120,11 @@ void config_keep_static(const struct config *cur, struct config *next,
  * itself for a one-route configuration. Owned by cfg. */
 const struct config *config_route(const struct config *cfg, int i);
 
+/* config_keep_static for one route of a reload: the restart-only keys
+ * outside [queue], [runpod] and [tracker] (a route's queue is its own: a
+ * route whose queue changed is replaced, not kept). */
+void config_keep_static_common(const struct config *cur, struct config *next);
+
 /* Frees the strings of a snapshot loaded by config_load(). NULL-safe. */
 void config_free(struct config *cfg);
 

@@ -50,6 +50,7 @@ static const char *check_listen(const char *v);
 static const char *check_webhook(const char *v);
 static const char *check_ca_file(const char *v);
 static const char *check_token(const char *v);
+static bool route_section(const char *section);
 
 #define OFF(f) offsetof(struct config, f)
 
@@ -1168,7 +1169,7 @@ int config_load(const struct config_input *in, struct config *out, config_error_
 	return errors;
 }
 
-void config_keep_static(const struct config *cur, struct config *next,
+static void keep_static(const struct config *cur, struct config *next, bool route,
 			void (*ignored)(void *arg, const char *key), void *arg)
 {
 	char label[96];
@@ -1177,7 +1178,7 @@ void config_keep_static(const struct config *cur, struct config *next,
 		const struct key *k = &keys[i];
 		bool differs;
 
-		if (!(k->flags & F_STATIC))
+		if (!(k->flags & F_STATIC) || (route && route_section(k->section)))
 			continue;
 		key_label(k, label, sizeof(label));
 		if (k->type == K_STR) {
@@ -1200,6 +1201,17 @@ void config_keep_static(const struct config *cur, struct config *next,
 		if (differs && ignored)
 			ignored(arg, label);
 	}
+}
+
+void config_keep_static(const struct config *cur, struct config *next,
+			void (*ignored)(void *arg, const char *key), void *arg)
+{
+	keep_static(cur, next, false, ignored, arg);
+}
+
+void config_keep_static_common(const struct config *cur, struct config *next)
+{
+	keep_static(cur, next, true, NULL, NULL);
 }
 
 void config_free(struct config *cfg)

@@ -90,11 +90,14 @@ static void store(struct dispatcher *d)
 {
 	const char *params[3] = { d->cfg->route_name, d->cfg->queue_name, state_names[d->ctl] };
 
-	if (pg_query(d->pg, "CREATE SCHEMA IF NOT EXISTS pgmq_dispatcher", 0, NULL, on_ddl, d) != 0 ||
-	    pg_query(d->pg,
+	/* One statement, no NOTICE once the table exists. */
+	if (pg_query(d->pg,
+		     "DO $$ BEGIN IF to_regclass('pgmq_dispatcher.route_control') IS NULL THEN "
+		     "CREATE SCHEMA IF NOT EXISTS pgmq_dispatcher; "
 		     "CREATE TABLE IF NOT EXISTS pgmq_dispatcher.route_control ("
 		     "route text NOT NULL, queue_name text NOT NULL, state text NOT NULL, "
-		     "changed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (route, queue_name))",
+		     "changed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (route, queue_name)); "
+		     "END IF; END $$",
 		     0, NULL, on_ddl, d) != 0 ||
 	    pg_query(d->pg,
 		     "INSERT INTO pgmq_dispatcher.route_control (route, queue_name, state) "

@@ -561,8 +561,9 @@ void dispatcher_status(const struct dispatcher *d, char *buf, size_t len)
 	char why[96];
 	bool ready = dispatcher_ready(d, why, sizeof(why));
 
-	snprintf(buf, len, "%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
-		 "unknown %llu; queue length %lld", ready ? "dispatching" : why, d->in_flight,
+	snprintf(buf, len, "%s%s%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
+		 "unknown %llu; queue length %lld", d->ctl == MRS_RUNNING ? "" : dispatcher_control_state_name((int)d->ctl),
+		 d->ctl == MRS_RUNNING ? "" : ", ", ready ? "dispatching" : why, d->in_flight,
 		 d->stats.messages_accepted, d->stats.requests_accepted, d->stats.requests_rejected,
 		 d->stats.requests_unknown, d->queue_length);
 }

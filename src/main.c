@@ -242,9 +242,12 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 		log_end(l);
 		return;
 	}
-	config_keep_static(app->cfg, next, on_ignored_key, NULL);
+	if (next->routes || app->cfg->routes)
+		config_keep_static_common(app->cfg, next); /* the top level is only routes[0]'s copy */
+	else
+		config_keep_static(app->cfg, next, on_ignored_key, NULL);
 	for (int i = 0; next->routes && i < next->nroutes; i++)
-		config_keep_static(app->cfg, &next->routes[i], NULL, NULL);
+		config_keep_static_common(app->cfg, &next->routes[i]);
 	if (routes_reload(app->routes, next) != 0) {
 		log_msg(LOG_ERROR, "reload_failed", "the configuration in use is unchanged");
 		config_free(next);

@@ -253,8 +253,12 @@ def test_pause_resume_drain_over_http_and_cli_across_reload_and_restart(two_queu
         # Resume over HTTP: a's messages go out.
         status, body = http(port, "/routes/a/resume", method="POST")
         assert status == 200, body
-        wait_until(lambda: {j["msg_id"] for b in emus[0].run_bodies()
-                            for j in b["input"]["jobs"]} == ids_a, what="a delivered after resume")
+        try:
+            wait_until(lambda: {j["msg_id"] for b in emus[0].run_bodies()
+                                for j in b["input"]["jobs"]} == ids_a, what="a delivered after resume")
+        except AssertionError:
+            print("\n".join(l for l in d.lines if "queue_empty" not in l and "admin_request" not in l))
+            raise
         # Drain b: reads until the queue is empty, then none.
         qb.send_many([{"b": i} for i in range(4)])
         rc, out, err = ctl(cfg, "drain", "b")
