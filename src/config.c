@@ -1286,6 +1286,8 @@ void config_describe(const struct config *cfg, const char *path, char *buf, size
 		used += (size_t)snprintf(buf + used, len - used, "; %s: %d key%s", source_names[s],
 					 count[s], count[s] == 1 ? "" : "s");
 	}
+	if (cfg->routes && used < len)
+		snprintf(buf + used, len - used, "; %d routes", cfg->nroutes);
 }
 
 static bool route_section(const char *section)
