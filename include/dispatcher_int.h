@@ -61,6 +61,7 @@ struct dispatcher {
 	struct dispatcher_conf conf;
 	struct pg *pg;
 	struct http *http;
+	bool http_shared;       /* the routes' one multi handle: not ours to free */
 	struct tracker *tracker; /* NULL unless [tracker] enabled */
 	bool once;
 	dispatcher_done_fn done;
@@ -152,6 +153,10 @@ void dispatcher_state_changed(struct dispatcher *d);
 double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double hint_ms);
 
 /* control.c */
+
+/* Aborts the requests of this dispatcher and its tracker (only theirs: the
+ * multi handle may be shared); each ends as outcome unknown. */
+void dispatcher_cancel_requests(struct dispatcher *d);
 
 /* The next read state after cmd (pause, resume, drain, or CONTROL_EMPTY:
  * a read found the queue empty). Pure. */

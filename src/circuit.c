@@ -107,6 +107,7 @@ void circuit_probe_now(struct dispatcher *d)
 		.connect_timeout_ms = d->cfg->connect_timeout_ms,
 		.timeout_ms = d->cfg->request_timeout_ms,
 		.ca_file = d->cfg->ca_file,
+		.owner = d,
 	};
 
 	if (d->probing || !d->circuit_open)

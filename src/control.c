@@ -193,3 +193,10 @@ void dispatcher_info(const struct dispatcher *d, int *in_flight, long long *queu
 	*in_flight = d->in_flight;
 	*queue_length = d->queue_length;
 }
+
+void dispatcher_cancel_requests(struct dispatcher *d)
+{
+	http_cancel_owner(d->http, d);
+	if (d->tracker)
+		http_cancel_owner(d->http, d->tracker);
+}

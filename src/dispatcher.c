@@ -340,7 +340,7 @@ static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
 		log_end(l);
 	}
 	/* Aborted requests end as outcome unknown (their callbacks run now). */
-	http_cancel_all(d->http);
+	dispatcher_cancel_requests(d);
 	if (!d->finished && (d->db_pending > 0 || d->reading)) {
 		/* Their callbacks still run when the connection closes, and
 		 * name every msg id that stays invisible. */
@@ -435,6 +435,13 @@ static void on_connect_failed(void *arg)
 struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg, bool once,
 				  dispatcher_done_fn done, void *arg)
 {
+	return dispatcher_new_shared(loop, cfg, NULL, once, done, arg);
+}
+
+struct dispatcher *dispatcher_new_shared(struct ev_loop *loop, const struct config *cfg,
+					 struct http *http, bool once, dispatcher_done_fn done,
+					 void *arg)
+{
 	static const struct {
 		size_t off;
 		void (*cb)(struct ev_loop *, ev_timer *, int);
@@ -481,7 +488,8 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 	d->w.idle_poll_ms = cfg->poll_interval_ms;
 	cb.arg = d;
 	d->pg = pg_new(loop, cfg->conninfo, cfg->db_connect_timeout_ms, &cb);
-	d->http = http_new(loop);
+	d->http_shared = http != NULL;
+	d->http = http ? http : http_new(loop);
 	if (d->pg == NULL || d->http == NULL ||
 	    ratelimit_init(&d->rl, cfg->max_requests_per_10s, RATE_WINDOW_S + RATE_MARGIN_S) != 0 ||
 	    wakeup_init(d, cfg) != 0) {
@@ -535,7 +543,7 @@ const struct dispatcher_stats *dispatcher_stats(const struct dispatcher *d)
 
 void dispatcher_abort(struct dispatcher *d)
 {
-	http_cancel_all(d->http);
+	dispatcher_cancel_requests(d);
 }
 
 void dispatcher_set_state_hook(struct dispatcher *d, void (*fn)(void *arg), void *arg)
@@ -579,9 +587,10 @@ void dispatcher_free(struct dispatcher *d)
 	 * unknown (logged with their msg ids), pending queries fail; finished
 	 * keeps them from starting new work. */
 	if (d->http)
-		http_cancel_all(d->http);
+		dispatcher_cancel_requests(d);
 	tracker_free(d->tracker); /* after the aborts above, before http_free drops requests */
-	http_free(d->http);
+	if (!d->http_shared)
+		http_free(d->http);
 	pg_free(d->w.listen_pg);
 	pg_free(d->pg);
 	dispatcher_conf_free(&d->conf);

@@ -165,6 +165,7 @@ static void send_now(struct dispatcher *d, struct batch *b)
 		.connect_timeout_ms = d->cfg->connect_timeout_ms,
 		.timeout_ms = d->cfg->request_timeout_ms,
 		.ca_file = d->cfg->ca_file,
+		.owner = d,
 	};
 
 	o.body = runpod_envelope_body(&d->conf.envelope, b->msgs, b->n, &o.body_len);

@@ -31,6 +31,7 @@ struct routes {
 	struct config *old[ROUTES_MAX_RETIRED]; /* snapshots retired routes point into */
 	int nold;
 	ev_timer reap;                /* frees finished retired routes outside their callbacks */
+	struct http *http;            /* the one libcurl multi handle of every route */
 };
 
 /* Worst first: what --once reports for several routes. */
@@ -106,7 +107,7 @@ static struct route *route_new(struct routes *r, const struct config *route_cfg,
 		return NULL;
 	rt->owner = r;
 	rt->snapshot = snapshot;
-	rt->d = dispatcher_new(r->loop, route_cfg, r->once, on_route_done, rt);
+	rt->d = dispatcher_new_shared(r->loop, route_cfg, r->http, r->once, on_route_done, rt);
 	if (rt->d == NULL) {
 		free(rt);
 		return NULL;
@@ -171,6 +172,10 @@ struct routes *routes_new(struct ev_loop *loop, struct config *cfg, bool once,
 
 	if (r == NULL)
 		return NULL;
+	if ((r->http = http_new(loop)) == NULL) {
+		free(r);
+		return NULL;
+	}
 	r->loop = loop;
 	r->once = once;
 	r->done = done;
@@ -182,6 +187,7 @@ struct routes *routes_new(struct ev_loop *loop, struct config *cfg, bool once,
 		if (r->live[i] == NULL) {
 			for (int k = 0; k < i; k++)
 				route_free(r->live[k]);
+			http_free(r->http);
 			free(r);
 			return NULL;
 		}
@@ -430,6 +436,7 @@ void routes_free(struct routes *r)
 		config_free(r->old[i]);
 		free(r->old[i]);
 	}
+	http_free(r->http); /* after every dispatcher: they cancel their own requests */
 	config_free(r->cfg);
 	free(r->cfg);
 	free(r);

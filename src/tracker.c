@@ -255,6 +255,7 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 		.connect_timeout_ms = t->cfg->connect_timeout_ms,
 		.timeout_ms = t->cfg->request_timeout_ms,
 		.ca_file = t->cfg->ca_file,
+		.owner = t,
 	};
 	struct op *op;
 
