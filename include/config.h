@@ -34,6 +34,7 @@ struct config {
 	int poll_interval_ms;
 	char *read_function;     /* schema-qualified SQL function name, validated identifier */
 	int max_in_flight;       /* /run requests outstanding at once */
+	int read_batches;        /* bodies one read may claim for (fuller reads); 1 = one batch */
 	int max_read_ct;         /* poison guard: archive messages read more often; 0 = off */
 	int notify;              /* bool: LISTEN on pgmq.q_<queue>.INSERT */
 	int notify_debounce_ms;  /* a burst of NOTIFYs becomes one read after this */

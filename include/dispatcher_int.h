@@ -192,6 +192,9 @@ struct runpod_extras dispatcher_extras_of(const struct config *cfg);
 
 /* post.c: queues a batch behind the rate cap (it counts as in flight). */
 void post_batch(struct dispatcher *d, struct batch *b);
+/* Messages the next read may claim (batch_read_qty with this route's
+ * free slots and the /run rate budget of the next second). */
+int post_read_qty(const struct dispatcher *d);
 /* Hands batches that never went out back to the queue (shutdown). */
 void post_release_waiting(struct dispatcher *d);
 /* Drops batches that never went out, logging their ids (exit). */

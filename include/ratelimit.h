@@ -22,6 +22,10 @@ int ratelimit_init(struct ratelimit *rl, int cap, double window_s);
  * *wait_s is how long until a slot frees. Pure. */
 bool ratelimit_slot(const struct ratelimit *rl, double now, double *wait_s);
 
+/* How many requests may start between now and now + horizon_s: the free
+ * slots plus those freeing within the horizon. Pure. */
+int ratelimit_available(const struct ratelimit *rl, double now, double horizon_s);
+
 /* Records a request sent at now. */
 void ratelimit_record(struct ratelimit *rl, double now);
 

@@ -188,3 +188,35 @@ void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pg
 	}
 	d->db_pending++;
 }
+
+int batch_pack(const struct pgmq_message *msgs, int n, size_t envelope, size_t limit, int max_jobs,
+	       int *ends)
+{
+	int runs = 0;
+
+	if (max_jobs < 1)
+		max_jobs = 1;
+	for (int start = 0; start < n; start += max_jobs) {
+		int len = n - start < max_jobs ? n - start : max_jobs;
+		int k = runpod_pack(msgs + start, len, envelope, limit, ends + runs);
+		for (int i = 0; i < k; i++)
+			ends[runs + i] += start;
+		runs += k;
+	}
+	return runs;
+}
+
+int batch_read_qty(int batch_size, int read_batches, int free_slots, int rate_next_s)
+{
+	int bodies = read_batches;
+	long qty;
+
+	if (free_slots < bodies)
+		bodies = free_slots;
+	if (rate_next_s < bodies)
+		bodies = rate_next_s;
+	if (bodies < 1)
+		bodies = 1;
+	qty = (long)batch_size * bodies;
+	return qty > 1000 ? (batch_size > 1000 ? batch_size : 1000) : (int)qty;
+}

@@ -141,7 +141,7 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 	}
 	batch_archive(d, rr, drop, ndrop, METRICS_ARCHIVE_TOO_LARGE);
 	batch_archive(d, rr, poison, npoison, METRICS_ARCHIVE_MAX_READ_CT);
-	runs = runpod_pack(keep, nkeep, envelope, limit, ends);
+	runs = batch_pack(keep, nkeep, envelope, limit, d->cfg->batch_size, ends);
 	for (int r = 0, start = 0; r < runs; start = ends[r++]) {
 		struct batch *b = batch_new(d, rr, keep + start, ends[r] - start);
 		if (b)
@@ -268,7 +268,7 @@ void dispatcher_kick(struct dispatcher *d)
 	d->read_wanted = false;
 	d->again = false;
 	if (pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name, d->cfg->vt_seconds,
-		      d->cfg->batch_size, dispatcher_on_read, d) != 0) {
+		      post_read_qty(d), dispatcher_on_read, d) != 0) {
 		log_msg_route(d->cfg->route_name, LOG_ERROR, "read_failed", "cannot queue the read statement");
 		dispatcher_back_off(d, PAUSE_DB, -1);
 		return;

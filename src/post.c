@@ -264,3 +264,12 @@ void post_drop_waiting(struct dispatcher *d)
 		batch_end(pop_waiting(d), BATCH_UNSENT,
 			  "never sent (exit): visible again after vt_seconds");
 }
+
+int post_read_qty(const struct dispatcher *d)
+{
+	if (d->cfg->read_batches <= 1)
+		return d->cfg->batch_size;
+	return batch_read_qty(d->cfg->batch_size, d->cfg->read_batches,
+			      d->cfg->max_in_flight - d->in_flight,
+			      ratelimit_available(&d->rl, ev_time(), 1.0) - d->nwaiting);
+}

@@ -339,3 +339,36 @@ def test_reload_adds_and_removes_routes_leaving_others_in_flight(two_queues, emu
         emus[0].release_runs()
         emus[1].release_runs()
         stop(d)
+
+
+def test_fuller_reads_claim_the_free_slots_in_one_read(queue_db, emulator, start_daemon):
+    """queue.read_batches: one pgmq.read claims batch_size x the free in-flight slots, sent as
+    bodies of at most batch_size; never more than the rate cap lets out within a second."""
+    ids = queue_db.send_many([{"i": i} for i in range(100)])
+    emulator.hold_runs()
+    d = start_daemon("-v", PGMQD_QUEUE_MAX_IN_FLIGHT=4, PGMQD_QUEUE_READ_BATCHES=8)
+    try:
+        emulator.wait_for(lambda: emulator.in_flight_run == 4, timeout_s=10)
+        first = logfmt(d.wait_log(r"event=batch_read .*")[0].string)
+        assert first["jobs"] == "40", first   # 4 free slots x batch_size 10, in one statement
+        assert d.count_log(r"event=batch_read") == 1
+    finally:
+        emulator.release_runs()
+    emulator.wait_for(lambda: sorted(j["msg_id"] for b in emulator.run_bodies()
+                                     for j in b["input"]["jobs"]) == ids, timeout_s=20)
+    assert max(len(b["input"]["jobs"]) for b in emulator.run_bodies()) == 10
+    assert emulator.max_concurrent_run == 4
+    d.stop()
+
+
+def test_fuller_reads_stay_within_the_rate_budget(queue_db, emulator, start_daemon):
+    queue_db.send_many([{"i": i} for i in range(100)])
+    d = start_daemon("-v", PGMQD_QUEUE_MAX_IN_FLIGHT=8, PGMQD_QUEUE_READ_BATCHES=8,
+                     PGMQD_RUNPOD_MAX_REQUESTS_PER_10S=2)
+    try:
+        d.wait_log(r"event=rate_limited", timeout_s=15)
+        reads = [int(logfmt(m.string)["jobs"]) for m in d.wait_log(r"event=batch_read .*")]
+        # 2 /run per 10 s: the first read claims what 2 requests carry, not 8 bodies' worth.
+        assert reads[0] == 20, reads
+    finally:
+        d.stop()

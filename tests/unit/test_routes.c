@@ -11,7 +11,9 @@
 #include <unistd.h>
 
 #include "config.h"
+#include "batch.h"
 #include "dispatcher_int.h"
+#include "ratelimit.h"
 
 struct errors {
 	int n;
@@ -153,6 +155,59 @@ static void control_transitions(void **state)
 	}
 }
 
+static void read_qty_fills_free_slots(void **state)
+{
+	static const struct {
+		int batch, batches, free_slots, rate, want;
+	} t[] = {
+		{ 10, 1, 8, 1000, 10 },   /* read_batches 1: one batch, as before */
+		{ 10, 8, 8, 1000, 80 },   /* a backlog fills every free slot */
+		{ 10, 8, 3, 1000, 30 },   /* only the free slots */
+		{ 10, 8, 8, 2, 20 },      /* only what the rate cap sends within 1 s */
+		{ 10, 8, 0, 1000, 10 },   /* never less than one batch */
+		{ 10, 8, 8, -5, 10 },
+		{ 100, 50, 50, 1000, 1000 }, /* capped at 1000 */
+	};
+
+	for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++)
+		assert_int_equal(batch_read_qty(t[i].batch, t[i].batches, t[i].free_slots, t[i].rate),
+				 t[i].want);
+}
+
+static void pack_respects_batch_size(void **state)
+{
+	struct pgmq_message m[25];
+	int ends[25], runs;
+
+	memset(m, 0, sizeof(m));
+	for (int i = 0; i < 25; i++) {
+		m[i].msg_id = "1";
+		m[i].read_ct = "1";
+		m[i].enqueued_at = "\"2024-01-01T00:00:00Z\"";
+		m[i].message = "{}";
+		m[i].message_len = 2;
+	}
+	runs = batch_pack(m, 25, 100, 10000000, 10, ends);
+	assert_int_equal(runs, 3);
+	assert_int_equal(ends[0], 10);
+	assert_int_equal(ends[1], 20);
+	assert_int_equal(ends[2], 25);
+}
+
+static void rate_available_in_the_next_second(void **state)
+{
+	struct ratelimit rl;
+
+	assert_int_equal(ratelimit_init(&rl, 5, 10.0), 0);
+	assert_int_equal(ratelimit_available(&rl, 100.0, 1.0), 5);
+	ratelimit_record(&rl, 90.5); /* frees at 100.5: within the next second */
+	ratelimit_record(&rl, 95.0); /* frees at 105 */
+	ratelimit_record(&rl, 99.0);
+	assert_int_equal(ratelimit_available(&rl, 100.0, 1.0), 3);
+	assert_int_equal(ratelimit_available(&rl, 100.0, 0.0), 2);
+	ratelimit_free(&rl);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -160,6 +215,9 @@ int main(void)
 		cmocka_unit_test(one_queue_is_route_default),
 		cmocka_unit_test(route_errors_name_the_route),
 		cmocka_unit_test(control_transitions),
+		cmocka_unit_test(read_qty_fills_free_slots),
+		cmocka_unit_test(pack_respects_batch_size),
+		cmocka_unit_test(rate_available_in_the_next_second),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
