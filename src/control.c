@@ -71,7 +71,8 @@ static void on_stored(void *arg, PGresult *res, const struct pg_error *err)
 
 	PQclear(res);
 	if (err && !d->finished) {
-		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN, "control_not_stored");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN,
+						     "control_not_stored");
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		log_str(l, "outcome", "the state applies until the daemon restarts");
@@ -91,14 +92,15 @@ static void store(struct dispatcher *d)
 	const char *params[3] = { d->cfg->route_name, d->cfg->queue_name, state_names[d->ctl] };
 
 	/* One statement, no NOTICE once the table exists. */
-	if (pg_query(d->pg,
-		     "DO $$ BEGIN IF to_regclass('pgmq_dispatcher.route_control') IS NULL THEN "
-		     "CREATE SCHEMA IF NOT EXISTS pgmq_dispatcher; "
-		     "CREATE TABLE IF NOT EXISTS pgmq_dispatcher.route_control ("
-		     "route text NOT NULL, queue_name text NOT NULL, state text NOT NULL, "
-		     "changed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (route, queue_name)); "
-		     "END IF; END $$",
-		     0, NULL, on_ddl, d) != 0 ||
+	if (pg_query(
+		    d->pg,
+		    "DO $$ BEGIN IF to_regclass('pgmq_dispatcher.route_control') IS NULL THEN "
+		    "CREATE SCHEMA IF NOT EXISTS pgmq_dispatcher; "
+		    "CREATE TABLE IF NOT EXISTS pgmq_dispatcher.route_control ("
+		    "route text NOT NULL, queue_name text NOT NULL, state text NOT NULL, "
+		    "changed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (route, queue_name)); "
+		    "END IF; END $$",
+		    0, NULL, on_ddl, d) != 0 ||
 	    pg_query(d->pg,
 		     "INSERT INTO pgmq_dispatcher.route_control (route, queue_name, state) "
 		     "VALUES ($1, $2, $3) ON CONFLICT (route, queue_name) DO UPDATE "
@@ -148,7 +150,8 @@ static void on_loaded(void *arg, PGresult *res, const struct pg_error *err)
 		for (int i = 0; i < MRS_STATES; i++)
 			if (strcmp(s, state_names[i]) == 0 && i != (int)d->ctl) {
 				set_state(d, (enum metrics_route_state)i);
-				log_state(d, "route_control_restored", "kept in pgmq_dispatcher.route_control");
+				log_state(d, "route_control_restored",
+					  "kept in pgmq_dispatcher.route_control");
 			}
 	}
 	/* An error (no table yet: 42P01) means nothing was ever stored. */

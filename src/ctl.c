@@ -40,8 +40,8 @@ static size_t on_body(char *ptr, size_t size, size_t nmemb, void *arg)
 
 /* One request to the admin endpoint. Returns the HTTP status (0: none)
  * and the body in *out (malloc'd, may be NULL). */
-static long request(const struct config *cfg, const char *path, bool post, char **out,
-		    char *err, size_t errlen)
+static long request(const struct config *cfg, const char *path, bool post, char **out, char *err,
+		    size_t errlen)
 {
 	char url[400], auth[300], cerr[CURL_ERROR_SIZE] = "";
 	struct curl_slist *hdrs = NULL;
@@ -52,7 +52,8 @@ static long request(const struct config *cfg, const char *path, bool post, char 
 
 	*out = NULL;
 	if (admin_local_url(cfg->admin_listen, path, url, sizeof(url)) != 0) {
-		snprintf(err, errlen, "admin.listen '%s' is not a usable address", cfg->admin_listen);
+		snprintf(err, errlen, "admin.listen '%s' is not a usable address",
+			 cfg->admin_listen);
 		return 0;
 	}
 	if ((h = curl_easy_init()) == NULL) {
@@ -126,14 +127,15 @@ int ctl_run(const struct config *cfg, int argc, char *const *argv)
 	bool routes = argc == 1 && strcmp(argv[0], "routes") == 0;
 	long status;
 
-	if (!routes && !(argc == 2 && (strcmp(argv[0], "pause") == 0 ||
-				       strcmp(argv[0], "resume") == 0 ||
-				       strcmp(argv[0], "drain") == 0))) {
+	if (!routes &&
+	    !(argc == 2 && (strcmp(argv[0], "pause") == 0 || strcmp(argv[0], "resume") == 0 ||
+			    strcmp(argv[0], "drain") == 0))) {
 		ctl_usage(stderr);
 		return EX_USAGE;
 	}
 	if (strcmp(cfg->admin_listen, "off") == 0) {
-		fprintf(stderr, "pgmq-dispatcher ctl: admin.listen is off: no endpoint to talk to\n");
+		fprintf(stderr,
+			"pgmq-dispatcher ctl: admin.listen is off: no endpoint to talk to\n");
 		return EX_CONFIG;
 	}
 	if (routes) {

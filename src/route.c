@@ -12,13 +12,13 @@ struct route {
 	struct dispatcher *d;
 	const struct config *snapshot; /* the top-level snapshot d's route lives in */
 	bool done;
-	bool retired;                  /* removed by a reload: finishing */
+	bool retired; /* removed by a reload: finishing */
 	enum dispatcher_result result;
 };
 
 struct routes {
 	struct ev_loop *loop;
-	struct config *cfg;           /* in use */
+	struct config *cfg; /* in use */
 	bool once, stopping, reported;
 	dispatcher_done_fn done;
 	void *done_arg;
@@ -30,8 +30,8 @@ struct routes {
 	int nretired;
 	struct config *old[ROUTES_MAX_RETIRED]; /* snapshots retired routes point into */
 	int nold;
-	ev_timer reap;                /* frees finished retired routes outside their callbacks */
-	struct http *http;            /* the one libcurl multi handle of every route */
+	ev_timer reap;     /* frees finished retired routes outside their callbacks */
+	struct http *http; /* the one libcurl multi handle of every route */
 };
 
 /* Worst first: what --once reports for several routes. */
@@ -143,7 +143,8 @@ static void on_reap(struct ev_loop *loop, ev_timer *w, int revents)
 	(void)revents;
 	for (int i = 0; i < r->nretired; i++) {
 		if (r->retired[i]->done) {
-			struct log_line *l = log_begin_route(dispatcher_route_name(r->retired[i]->d),
+			struct log_line *l = log_begin_route(dispatcher_route_name(
+								     r->retired[i]->d),
 							     LOG_INFO, "route_removed");
 			log_str(l, "msg", "the removed route has finished");
 			log_end(l);
@@ -245,7 +246,8 @@ static int match(const struct config *next, const struct route *rt)
 
 	for (int i = 0; i < next->nroutes; i++) {
 		const struct config *n = config_route(next, i);
-		if (strcmp(n->route_name, c->route_name) == 0 && strcmp(n->queue_name, c->queue_name) == 0)
+		if (strcmp(n->route_name, c->route_name) == 0 &&
+		    strcmp(n->queue_name, c->queue_name) == 0)
 			return i;
 	}
 	return -1;
@@ -256,20 +258,23 @@ int routes_reload(struct routes *r, struct config *next)
 	struct dispatcher_reload_plan *plan[CONFIG_MAX_ROUTES] = { 0 };
 	struct route *fresh[CONFIG_MAX_ROUTES] = { 0 };
 	struct route *keep[CONFIG_MAX_ROUTES] = { 0 };
-	int to[CONFIG_MAX_ROUTES], removed = 0, n = 0;
+	int to[CONFIG_MAX_ROUTES] = { 0 }, removed = 0, n = 0;
 
 	for (int i = 0; i < r->n; i++) {
 		to[i] = match(next, r->live[i]);
 		removed += to[i] < 0;
 	}
-	if (removed && (r->nretired + removed > ROUTES_MAX_RETIRED || r->nold == ROUTES_MAX_RETIRED)) {
-		log_msg(LOG_ERROR, "reload_failed", "routes removed by earlier reloads are still finishing");
+	if (removed &&
+	    (r->nretired + removed > ROUTES_MAX_RETIRED || r->nold == ROUTES_MAX_RETIRED)) {
+		log_msg(LOG_ERROR, "reload_failed",
+			"routes removed by earlier reloads are still finishing");
 		return -1;
 	}
 	/* Build everything first. */
 	for (int i = 0; i < r->n; i++)
-		if (to[i] >= 0 && (plan[i] = dispatcher_reload_prepare(r->live[i]->d,
-								       config_route(next, to[i]))) == NULL)
+		if (to[i] >= 0 &&
+		    (plan[i] = dispatcher_reload_prepare(r->live[i]->d,
+							 config_route(next, to[i]))) == NULL)
 			goto fail;
 	for (int k = 0; k < next->nroutes; k++) {
 		bool known = false;
@@ -292,7 +297,8 @@ int routes_reload(struct routes *r, struct config *next)
 		} else {
 			struct log_line *l = log_begin_route(dispatcher_route_name(r->live[i]->d),
 							     LOG_INFO, "route_removing");
-			log_str(l, "msg", "removed by the reload: in-flight requests finish, read "
+			log_str(l, "msg",
+				"removed by the reload: in-flight requests finish, read "
 				"messages are released");
 			log_end(l);
 			r->live[i]->retired = true;
@@ -302,8 +308,8 @@ int routes_reload(struct routes *r, struct config *next)
 	}
 	for (int k = 0; k < next->nroutes; k++) {
 		if (fresh[k]) {
-			struct log_line *l = log_begin_route(config_route(next, k)->route_name, LOG_INFO,
-							     "route_added");
+			struct log_line *l = log_begin_route(config_route(next, k)->route_name,
+							     LOG_INFO, "route_added");
 			log_str(l, "queue", config_route(next, k)->queue_name);
 			log_end(l);
 			keep[k] = fresh[k];
@@ -335,7 +341,8 @@ bool routes_ready(const struct routes *r, char *why, size_t len)
 		if (r->n == 1)
 			snprintf(why, len, "%s", reason);
 		else
-			snprintf(why, len, "route %s: %s", dispatcher_route_name(r->live[i]->d), reason);
+			snprintf(why, len, "route %s: %s", dispatcher_route_name(r->live[i]->d),
+				 reason);
 		return false;
 	}
 	return true;
@@ -409,7 +416,8 @@ char *routes_describe(const struct routes *r)
 		    !cJSON_AddStringToObject(o, "queue", c->queue_name) ||
 		    !cJSON_AddStringToObject(o, "endpoint_id", c->endpoint_id) ||
 		    !cJSON_AddStringToObject(o, "state",
-					     dispatcher_control_state_name(dispatcher_control_state(d))) ||
+					     dispatcher_control_state_name(
+						     dispatcher_control_state(d))) ||
 		    !cJSON_AddBoolToObject(o, "ready", ready) ||
 		    !cJSON_AddStringToObject(o, "reason", ready ? "" : why) ||
 		    !cJSON_AddNumberToObject(o, "in_flight", in_flight) ||

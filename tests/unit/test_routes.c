@@ -67,8 +67,8 @@ static void routes_inherit_and_override(void **state)
 	assert_string_equal(a->route_name, "asr");
 	assert_string_equal(a->queue_name, "audio");
 	assert_string_equal(a->endpoint_id, "ep-asr");
-	assert_int_equal(a->batch_size, 5);           /* the route's own */
-	assert_int_equal(a->vt_seconds, 300);         /* from [queue] */
+	assert_int_equal(a->batch_size, 5);   /* the route's own */
+	assert_int_equal(a->vt_seconds, 300); /* from [queue] */
 	assert_int_equal(a->max_requests_per_10s, 500);
 	assert_int_equal(a->request_timeout_ms, 7000); /* from the environment */
 	assert_true(a->policy_low_priority);
@@ -85,8 +85,8 @@ static void routes_inherit_and_override(void **state)
 
 static void one_queue_is_route_default(void **state)
 {
-	char *env[] = { "PGMQD_QUEUE_NAME=jobs", "RUNPOD_ENDPOINT_ID=ep1", "RUNPOD_API_KEY=key-123456",
-			NULL };
+	char *env[] = { "PGMQD_QUEUE_NAME=jobs", "RUNPOD_ENDPOINT_ID=ep1",
+			"RUNPOD_API_KEY=key-123456", NULL };
 	struct config c;
 	struct errors e;
 	struct config_input in = { .path = "/nonexistent/x.conf", .envp = env };
@@ -116,7 +116,8 @@ static void route_errors_name_the_route(void **state)
 		  "route.Bad.queue|" },
 		{ "[runpod]\napi_key = key-123456\n[route.a]\nqueue = q\n", "runpod.endpoint_id|" },
 		{ "[runpod]\napi_key = key-123456\n[route.a]\nqueue = q\nendpoint_id = e\n"
-		  "conninfo = x\n", "route.a.conninfo|" },
+		  "conninfo = x\n",
+		  "route.a.conninfo|" },
 	};
 
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -160,17 +161,17 @@ static void read_qty_fills_free_slots(void **state)
 	static const struct {
 		int batch, batches, free_slots, rate, want;
 	} t[] = {
-		{ 10, 1, 8, 1000, 10 },   /* read_batches 1: one batch, as before */
-		{ 10, 8, 8, 1000, 80 },   /* a backlog fills every free slot */
-		{ 10, 8, 3, 1000, 30 },   /* only the free slots */
-		{ 10, 8, 8, 2, 20 },      /* only what the rate cap sends within 1 s */
-		{ 10, 8, 0, 1000, 10 },   /* never less than one batch */
-		{ 10, 8, 8, -5, 10 },
-		{ 100, 50, 50, 1000, 1000 }, /* capped at 1000 */
+		{ 10, 1, 8, 1000, 10 }, /* read_batches 1: one batch, as before */
+		{ 10, 8, 8, 1000, 80 }, /* a backlog fills every free slot */
+		{ 10, 8, 3, 1000, 30 }, /* only the free slots */
+		{ 10, 8, 8, 2, 20 },    /* only what the rate cap sends within 1 s */
+		{ 10, 8, 0, 1000, 10 }, /* never less than one batch */
+		{ 10, 8, 8, -5, 10 },   { 100, 50, 50, 1000, 1000 }, /* capped at 1000 */
 	};
 
 	for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++)
-		assert_int_equal(batch_read_qty(t[i].batch, t[i].batches, t[i].free_slots, t[i].rate),
+		assert_int_equal(batch_read_qty(t[i].batch, t[i].batches, t[i].free_slots,
+						t[i].rate),
 				 t[i].want);
 }
 
