@@ -186,11 +186,13 @@ static void send_now(struct dispatcher *d, struct batch *b)
 	ratelimit_record(&d->rl, ev_time());
 	b->started = ev_now(d->loop);
 	if (log_enabled(LOG_TRACE)) {
-		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_TRACE, "http_request");
+		/* route last: "event=http_request method=..." stays as it was. */
+		struct log_line *l = log_begin(LOG_TRACE, "http_request");
 		log_str(l, "method", "POST");
 		log_str(l, "url", d->conf.run_url);
 		log_int(l, "body_bytes", (long long)o.body_len);
 		log_int(l, "jobs", b->n);
+		log_str(l, "route", d->cfg->route_name);
 		log_end(l);
 	}
 }

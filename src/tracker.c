@@ -279,9 +279,11 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 	j->polling = true;
 	t->status_in_flight++;
 	if (log_enabled(LOG_TRACE)) {
-		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_TRACE, "http_request");
+		/* route last: "event=http_request method=..." stays as it was. */
+		struct log_line *l = log_begin(LOG_TRACE, "http_request");
 		log_str(l, "method", "GET");
 		log_str(l, "url", url);
+		log_str(l, "route", t->cfg->route_name);
 		log_end(l);
 	}
 }
