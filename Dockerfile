@@ -23,14 +23,22 @@ WORKDIR /src
 COPY Makefile ./
 COPY include/ include/
 COPY src/ src/
-RUN make -j"$(nproc)" && ./build/pgmq-dispatcher --version
+RUN make -j"$(nproc)" && strip build/pgmq-dispatcher && ./build/pgmq-dispatcher --version
 
 FROM debian:bookworm-slim
-RUN apt-get update \
+# Only the shared libraries, tini and CA certificates: no documentation, man
+# pages or translations (dpkg path-exclude), no apt lists or package caches
+# left in the layer (apt's pkgcache.bin/srcpkgcache.bin alone are ~60 MB).
+RUN printf '%s\n' 'path-exclude=/usr/share/doc/*' 'path-include=/usr/share/doc/*/copyright' \
+      'path-exclude=/usr/share/man/*' 'path-exclude=/usr/share/locale/*' \
+      'path-exclude=/usr/share/lintian/*' > /etc/dpkg/dpkg.cfg.d/pgmq-dispatcher-slim \
+ && apt-get update \
  && apt-get install -y --no-install-recommends \
       libev4 libpq5 libcurl4 libcjson1 libinih1 libsystemd0 libmicrohttpd12 \
       ca-certificates tini \
- && rm -rf /var/lib/apt/lists/* \
+ && apt-get clean \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/*.bin /var/log/apt /var/log/dpkg.log \
+      /var/cache/debconf/*-old /var/lib/dpkg/*-old \
  && groupadd --system --gid 10001 pgmqd \
  && useradd --system --uid 10001 --gid 10001 --home-dir /nonexistent --no-create-home \
       --shell /usr/sbin/nologin pgmqd

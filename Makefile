@@ -1,12 +1,17 @@
 # pgmq-dispatcher — one plain Makefile.
-# Targets: all (default), deps, test, unit, integration, run, install, clean, fuzz, lint, format,
-# bench.
+# Targets: all (default), deps, test, unit, integration, run, install, uninstall, deb,
+# test-system, clean, fuzz, lint, format, bench.
 
 PROG      := pgmq-dispatcher
 VERSION   := 0.1.0
 PREFIX    ?= /usr/local
 DESTDIR   ?=
 SYSCONFDIR ?= /etc
+BINDIR    ?= $(PREFIX)/bin
+MANDIR    ?= $(PREFIX)/share/man
+# systemd looks in /usr/local/lib/systemd/system and /lib/systemd/system (the
+# Debian package passes UNITDIR=/lib/systemd/system).
+UNITDIR   ?= $(PREFIX)/lib/systemd/system
 BUILD     ?= build
 PYTHON    ?= /usr/bin/python3
 SHELL     := /bin/bash
@@ -20,7 +25,7 @@ EV_LIBS   := $(shell pkg-config --libs libev 2>/dev/null || echo -lev)
 WARN      := -Wall -Wextra -Werror -Wshadow -Wstrict-prototypes -Wmissing-prototypes \
              -Wformat=2 -Wno-format-nonliteral -Wvla -Wpointer-arith
 CFLAGS    ?= -O2 -g
-ALL_CFLAGS = -std=c11 -D_GNU_SOURCE $(WARN) $(CFLAGS) -Iinclude \
+ALL_CFLAGS = -std=c11 -D_GNU_SOURCE $(WARN) $(CPPFLAGS) $(CFLAGS) -Iinclude \
              -DPGMQD_VERSION='"$(VERSION)"' \
              $(shell pkg-config --cflags $(PKGS)) $(EV_CFLAGS)
 LDLIBS    := $(shell pkg-config --libs $(PKGS)) $(EV_LIBS) -lm
@@ -31,17 +36,18 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config log pg pgmq http jsonscan runpod dispatcher reload batch post circuit control route ctl \
-             wakeup dryrun backoff ratelimit sdnotify metrics admin tracker tracker_reply jobtable
+MODULES   := main config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
+             runpod dispatcher reload batch post circuit control route ctl wakeup dryrun backoff ratelimit sdnotify \
+             metrics admin tracker tracker_reply jobtable
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
-UNIT_TESTS := test_runpod test_config test_log test_pgmq test_metrics test_admin test_sdnotify \
-              test_tracker test_jobtable test_decisions test_reload test_routes
+UNIT_TESTS := test_runpod test_config test_config_check test_log test_pgmq test_metrics test_admin \
+              test_sdnotify test_tracker test_jobtable test_decisions test_reload test_routes
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
-.PHONY: all deps test unit integration soak valgrind run install clean fuzz lint lint-tidy \
-        lint-cppcheck lint-format format bench
+.PHONY: all deps test unit integration soak valgrind run install uninstall deb test-system clean \
+        fuzz lint lint-tidy lint-cppcheck lint-format format bench
 
 all: $(BUILD)/$(PROG)
 
@@ -84,13 +90,46 @@ test: deps
 run: deps $(BUILD)/$(PROG)
 	DISPATCHER_BIN=$(abspath $(BUILD)/$(PROG)) $(PYTHON) tests/demo.py
 
+# The unit names the binary by its installed path: the checked-in file says
+# /usr/local/bin, rewritten here to $(BINDIR). The configuration file is never
+# overwritten (an edited one stays as it is).
 install: $(BUILD)/$(PROG)
-	install -D -m 0755 $(BUILD)/$(PROG) $(DESTDIR)$(PREFIX)/bin/$(PROG)
-	install -D -m 0644 docs/$(PROG).8 $(DESTDIR)$(PREFIX)/share/man/man8/$(PROG).8
-	install -D -m 0644 systemd/$(PROG).service $(DESTDIR)$(PREFIX)/lib/systemd/system/$(PROG).service
+	install -D -m 0755 $(BUILD)/$(PROG) $(DESTDIR)$(BINDIR)/$(PROG)
+	install -D -m 0644 docs/$(PROG).8 $(DESTDIR)$(MANDIR)/man8/$(PROG).8
+	install -d -m 0755 $(DESTDIR)$(UNITDIR)
+	sed 's#/usr/local/bin/#$(BINDIR)/#g' systemd/$(PROG).service > $(DESTDIR)$(UNITDIR)/$(PROG).service
+	chmod 0644 $(DESTDIR)$(UNITDIR)/$(PROG).service
 	install -d -m 0755 $(DESTDIR)$(SYSCONFDIR)/$(PROG)
 	test -e $(DESTDIR)$(SYSCONFDIR)/$(PROG)/$(PROG).conf || \
 	  install -m 0644 config/$(PROG).conf $(DESTDIR)$(SYSCONFDIR)/$(PROG)/$(PROG).conf
+
+# Removes what install wrote except the configuration directory (it may hold
+# an edited file and the API key credential): remove that by hand.
+uninstall:
+	rm -f $(DESTDIR)$(BINDIR)/$(PROG) $(DESTDIR)$(MANDIR)/man8/$(PROG).8 \
+	  $(DESTDIR)$(UNITDIR)/$(PROG).service
+
+# The Debian package, built from a copy of the tree in build-deb/ (so that
+# debhelper's clean does not touch build/): build-deb/$(PROG)_$(VERSION)_amd64.deb.
+# Needs debhelper and the -dev packages (make deps); LINTIAN=1 also lints it.
+DEB_ARCH := $(shell dpkg --print-architecture 2>/dev/null || echo amd64)
+DEB      := build-deb/$(PROG)_$(VERSION)_$(DEB_ARCH).deb
+deb:
+	@v=$$(dpkg-parsechangelog -l debian/changelog -S Version); \
+	  [ "$$v" = "$(VERSION)" ] || { echo "debian/changelog says $$v, Makefile VERSION $(VERSION)"; exit 1; }
+	rm -rf build-deb && mkdir -p build-deb/src
+	tar -c Makefile include src docs config systemd debian | tar -C build-deb/src -x
+	cd build-deb/src && dpkg-buildpackage -b -us -uc -j$$(nproc) > ../build.log 2>&1 || \
+	  { tail -n 40 ../build.log; exit 1; }
+	@ls -l $(DEB)
+	@if [ "$(LINTIAN)" = 1 ]; then lintian --fail-on error $(DEB); fi
+
+# The package under a booted Debian 12 (systemd-nspawn) and the image under a
+# real Docker engine: tests/system/README.md. Root only; installs its tools.
+test-system:
+	@sh tests/system/deps.sh
+	$(MAKE) deb
+	$(PYTHON) -m pytest -q -p no:cacheprovider tests/system $(PYTEST_ARGS)
 
 soak: $(BUILD)/$(PROG)
 	DISPATCHER_BIN=$(abspath $(BUILD)/$(PROG)) $(PYTHON) -m pytest -q -s -m soak tests/integration/test_soak.py
@@ -113,9 +152,11 @@ FUZZ_TARGETS := config run_reply status_reply
 FUZZ_CFLAGS  := -std=c11 -D_GNU_SOURCE -g -O1 -Iinclude -DPGMQD_VERSION='"$(VERSION)"' \
                 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=all \
                 $(shell pkg-config --cflags $(PKGS))
-build-fuzz/fuzz_config: tests/fuzz/fuzz_config.c src/config.c src/log.c $(wildcard include/*.h)
+CONFIG_SRCS  := src/config.c src/config_keys.c src/config_source.c src/config_check.c \
+                src/log.c src/log_sink.c
+build-fuzz/fuzz_config: tests/fuzz/fuzz_config.c $(CONFIG_SRCS) $(wildcard include/*.h)
 	mkdir -p build-fuzz
-	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c src/config.c src/log.c $(shell pkg-config --libs libpq inih) $(EV_LIBS)
+	clang $(FUZZ_CFLAGS) -o $@ tests/fuzz/fuzz_config.c $(CONFIG_SRCS) $(shell pkg-config --libs libpq inih) $(EV_LIBS)
 build-fuzz/fuzz_%: tests/fuzz/fuzz_%.c src/runpod.c src/jsonscan.c $(wildcard include/*.h)
 	mkdir -p build-fuzz
 	clang $(FUZZ_CFLAGS) -o $@ $< src/runpod.c src/jsonscan.c $(shell pkg-config --libs libcjson libcurl)
@@ -171,4 +212,4 @@ format:
 	clang-format -i $(FORMAT_SRCS)
 
 clean:
-	rm -rf build build-san build-fuzz build-bench
+	rm -rf build build-san build-fuzz build-bench build-deb

@@ -5,7 +5,7 @@
  * DATABASE_URL, and X_FILE twins for secrets), $CREDENTIALS_DIRECTORY
  * (systemd LoadCredential=), the INI file, built-in defaults.
  *
- * One table in config.c describes every key (type, default, range, secret);
+ * One table in config_keys.c describes every key (type, default, range, secret);
  * it drives loading, validation and the redacted dump. */
 #ifndef PGMQD_CONFIG_H
 #define PGMQD_CONFIG_H
@@ -112,7 +112,7 @@ int config_load(const struct config_input *in, struct config *out,
 /* For a reload: copies into next the values of keys that cannot change
  * at runtime (database.listen_conninfo, database.connect_timeout_ms,
  * queue.name, queue.notify, admin.listen: the F_STATIC rows of the key
- * table in config.c) from cur, calling ignored()
+ * table in config_keys.c) from cur, calling ignored()
  * for each such key whose value differed. */
 void config_keep_static(const struct config *cur, struct config *next,
 			void (*ignored)(void *arg, const char *key), void *arg);

@@ -236,7 +236,9 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 	if (errors) {
 		free(next);
 		sdnotify_ready(); /* still running on the old configuration */
-		struct log_line *l = log_begin(LOG_ERROR, "reload_failed");
+		/* Each problem was one config_invalid error line already: this
+		 * summary is a warning, so an invalid file makes one error per problem. */
+		struct log_line *l = log_begin(LOG_WARN, "reload_failed");
 		log_int(l, "errors", errors);
 		log_str(l, "msg", "the configuration in use is unchanged");
 		log_end(l);

@@ -71,7 +71,7 @@ fi
 unit_has() { grep -qx "$1" "$UNIT"; }
 # shellcheck disable=SC2016 # $MAINPID is systemd's, not the shell's
 for line in Type=notify WatchdogSec=30s 'Documentation=man:pgmq-dispatcher(8)' \
-	'ExecReload=/bin/kill -HUP $MAINPID' Restart=on-failure 'RestartPreventExitStatus=64 78' \
+	"ExecReload=/bin/sh -c 'kill -HUP \$MAINPID'" Restart=on-failure 'RestartPreventExitStatus=64 78' \
 	"ExecStartPre=$INSTALLED_BIN --check-config"; do
 	if unit_has "$line"; then pass "$line"; else fail "missing: $line"; fi
 done
@@ -94,7 +94,7 @@ else
 fi
 # TimeoutStopSec must leave room for the daemon's drain deadline.
 stop_s=$(sed -n 's/^TimeoutStopSec=\([0-9]*\)s\{0,1\}$/\1/p' "$UNIT")
-drain_ms=$(grep -o '"shutdown_timeout_ms", K_INT, OFF([a-z_]*), "[0-9]*"' src/config.c | grep -o '"[0-9]*"$' | tr -d '"')
+drain_ms=$(grep -o '"shutdown_timeout_ms", K_INT, OFF([a-z_]*), "[0-9]*"' src/config_keys.c | grep -o '"[0-9]*"$' | tr -d '"')
 # Type=notify and WatchdogSec= need the daemon to send READY=1 and WATCHDOG=1.
 if grep -q 'sdnotify_ready' src/main.c && grep -q 'sdnotify_watchdog_start' src/main.c; then
 	pass "src/main.c sends READY=1 and starts the watchdog"
@@ -106,6 +106,28 @@ if [ -n "$stop_s" ] && [ -n "$drain_ms" ] && [ $((stop_s * 1000)) -gt "$drain_ms
 	pass "TimeoutStopSec=${stop_s}s > daemon.shutdown_timeout_ms default ${drain_ms} ms"
 else
 	fail "TimeoutStopSec='${stop_s}' s is not above daemon.shutdown_timeout_ms '${drain_ms}' ms"
+fi
+
+# --- make install / uninstall ----------------------------------------------
+echo "== make install PREFIX=/usr, make uninstall (DESTDIR)"
+inst=$tmp/inst
+if make -s install DESTDIR="$inst" PREFIX=/usr UNITDIR=/lib/systemd/system >/dev/null 2>&1; then
+	iunit=$inst/lib/systemd/system/pgmq-dispatcher.service
+	n=$(grep -cE '^Exec(Start|StartPre)=/usr/bin/pgmq-dispatcher( |$)' "$iunit" 2>/dev/null)
+	if [ "${n:-0}" -eq 2 ] && ! grep -q '^Exec.*/usr/local/' "$iunit"; then
+		pass "installed unit names /usr/bin/pgmq-dispatcher ($n Exec lines)"
+	else
+		fail "installed unit does not name \$(BINDIR): $(grep '^Exec' "$iunit" 2>/dev/null | tr '\n' ' ')"
+	fi
+	make -s uninstall DESTDIR="$inst" PREFIX=/usr UNITDIR=/lib/systemd/system >/dev/null 2>&1
+	left=$(find "$inst" -type f ! -path "*/etc/*" | wc -l)
+	if [ "$left" -eq 0 ] && [ -f "$inst/etc/pgmq-dispatcher/pgmq-dispatcher.conf" ]; then
+		pass "make uninstall removed binary, man page and unit; kept /etc"
+	else
+		fail "make uninstall left $left file(s) outside /etc or removed the configuration"
+	fi
+else
+	fail "make install DESTDIR=... PREFIX=/usr failed"
 fi
 
 # --- man page -------------------------------------------------------------
@@ -136,7 +158,7 @@ else
 	fail "man -l: $lines lines, widest $width columns, $(grep -c '' "$tmp/man.err") error line(s)"
 	show <"$tmp/man.err"
 fi
-# Every long option of src/main.c and every key of src/config.c's table.
+# Every long option of src/main.c and every key of src/config_keys.c's table.
 # The man source spells --log-format as \-\-log\-format.
 opts=$(sed -n 's/^[[:space:]]*{ "\([a-z-]*\)", [a-z_]*_argument,.*/\1/p' src/main.c)
 missing="" count=0
@@ -149,7 +171,7 @@ if [ -z "$missing" ]; then
 else
 	fail "man page lacks options:$missing"
 fi
-keys=$(sed -n 's/^[[:space:]]*{ "\([a-z]*\)", "\([a-z0-9_]*\)", K_.*/\1.\2/p' src/config.c)
+keys=$(sed -n 's/^[[:space:]]*{ "\([a-z]*\)", "\([a-z0-9_]*\)", K_.*/\1.\2/p' src/config_keys.c)
 missing="" count=0
 for k in $keys; do
 	count=$((count + 1))
@@ -160,7 +182,7 @@ for k in $keys; do
 		grep -q "$env" "$MAN" || missing="$missing $k"
 done
 if [ -z "$missing" ]; then
-	pass "man page describes all $count keys of src/config.c (entry + PGMQD_ name)"
+	pass "man page describes all $count keys of src/config_keys.c (entry + PGMQD_ name)"
 else
 	fail "man page lacks keys:$missing"
 fi
