@@ -228,7 +228,11 @@ static void on_listen_connected(void *arg)
 	struct dispatcher *d = arg;
 
 	wakeup_start_listen(d, d->w.listen_pg);
-	dispatcher_kick(d); /* catch up on what was inserted while we were not listening */
+	/* Catch up on what was inserted while we were not listening, unless
+	 * the main connection's own catch-up read is still to start (it waits
+	 * for the route's control state and is sent after this LISTEN). */
+	if (d->ctl_loaded)
+		dispatcher_kick(d);
 }
 
 void wakeup_listen_lost(struct dispatcher *d)
