@@ -1,7 +1,8 @@
 /* backoff — how long to wait after failures: one capped exponential backoff
  * with full jitter for the database (reconnects, failed reads), /run pauses,
- * /health probes; and the Retry-After policy (which statuses honour it, the
- * cap). Owns no state and no timers: pure functions and one random source.
+ * /health probes; the random source (also the tracker's ±10 % poll jitter);
+ * and the Retry-After policy (which statuses honour it, the cap), for /run
+ * and the tracker's /status. Owns no state and no timers: pure functions and one random source.
  * Knows nothing of libev, PostgreSQL or how a Retry-After is parsed. */
 #ifndef PGMQD_BACKOFF_H
 #define PGMQD_BACKOFF_H

@@ -12,23 +12,38 @@
 
 /* How a batch ended. */
 enum batch_fate {
-	BATCH_ACCEPTED,        /* a job owns the messages (logged by the poster) */
-	BATCH_UNKNOWN,         /* a job may exist; messages keep their vt */
-	BATCH_RELEASED,        /* set_vt done (logged with the count) */
-	BATCH_RELEASE_FAILED,  /* set_vt failed: visible again after vt */
-	BATCH_ARCHIVED,        /* archived (each message logged when chosen) */
-	BATCH_ARCHIVE_FAILED,  /* archive failed: visible again after vt */
-	BATCH_UNSENT,          /* never sent (exit): visible again after vt */
-	BATCH_DROPPED,         /* out of memory or being freed: visible after vt */
+	BATCH_ACCEPTED,       /* a job owns the messages (logged by the poster) */
+	BATCH_UNKNOWN,        /* a job may exist; messages keep their vt */
+	BATCH_RELEASED,       /* set_vt done (logged with the count) */
+	BATCH_RELEASE_FAILED, /* set_vt failed: visible again after vt */
+	BATCH_ARCHIVED,       /* archived (each message logged when chosen) */
+	BATCH_ARCHIVE_FAILED, /* archive failed: visible again after vt */
+	BATCH_UNSENT,         /* never sent (exit): visible again after vt */
+	BATCH_DROPPED,        /* out of memory or being freed: visible after vt */
+	BATCH_SPLIT,          /* handed on whole to two smaller batches or an archive */
 };
+
+/* What a /run rejection means for the batch that got it. */
+enum reject_action {
+	REJECT_RELEASE,   /* may pass later (429, 5xx, 400 ...): released after the pause */
+	REJECT_SPLIT,     /* this body will never pass (413): send the two halves */
+	REJECT_TOO_LARGE, /* one message whose body still gets 413: archived */
+};
+
+/* The action for a batch of n messages rejected with http_status. Only a
+ * 413 is taken as final for the same body: it depends on the body alone.
+ * A 400 may be our envelope or configuration (webhook, policy), which
+ * every message would share, so it is released with the growing pause and
+ * left to max_read_ct rather than archiving good messages. Pure. */
+enum reject_action batch_reject_action(long http_status, int n);
 
 /* What becomes of one row of a read. */
 enum row_fate {
-	ROW_SEND,            /* goes out in a /run request */
-	ROW_TOO_LARGE,       /* cannot fit a request on its own: archived */
-	ROW_MAX_READ_CT,     /* read more than max_read_ct times: archived */
-	ROW_INVALID,         /* malformed row with a usable msg_id: released after a pause */
-	ROW_INVALID_LOST,    /* malformed row, no msg_id: visible again after vt */
+	ROW_SEND,         /* goes out in a /run request */
+	ROW_TOO_LARGE,    /* cannot fit a request on its own: archived */
+	ROW_MAX_READ_CT,  /* read more than max_read_ct times: archived */
+	ROW_INVALID,      /* malformed row with a usable msg_id: released after a pause */
+	ROW_INVALID_LOST, /* malformed row, no msg_id: visible again after vt */
 };
 
 /* The fate of row m given the /run envelope size, max_body_bytes and
@@ -50,6 +65,21 @@ void batch_end(struct batch *b, enum batch_fate fate, const char *why);
 /* Makes the batch's messages visible again after delay_s (one set_vt);
  * the batch ends when the statement does. */
 void batch_release(struct batch *b, int delay_s);
+
+/* Hands b on to two batches of its halves, each queued behind the rate
+ * cap (the lower msg ids first); b ends as BATCH_SPLIT. If memory runs
+ * out, b is released instead. */
+void batch_split(struct batch *b);
+
+/* Archives the one message of b, which RunPod refused with 413 on its own
+ * (logged with msg_id and body_bytes); b ends as BATCH_SPLIT. */
+void batch_archive_too_large(struct batch *b, size_t body_bytes);
+
+/* Logs the one message_archived line of m: reason (max_read_ct,
+ * too_large), body_bytes when bytes > 0 (with max_body_bytes unless a
+ * problem is given), the problem when not NULL. */
+void batch_log_archived(const struct dispatcher *d, const struct pgmq_message *m,
+			const char *reason, size_t bytes, const char *problem);
 
 /* Archives n messages from rr that must never be dispatched. */
 void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pgmq_message *msgs,

@@ -2,8 +2,9 @@
  * or the endpoint (401/403/404 on /run) the circuit is open: no reads, and
  * a /health probe on a backed-off timer until one succeeds or the
  * configuration is reloaded. The state machine is pure here; the acting
- * (timers, logs, the probe request) is in circuit.c. Knows nothing of
- * batches, reads or NOTIFY. */
+ * (timers, logs, the probe request) is in circuit.c. circuit.c also holds
+ * the other RunPod-side stop of reads, tracker.max_queued_jobs (jobs that
+ * never start). Knows nothing of batches, reads or NOTIFY. */
 #ifndef PGMQD_CIRCUIT_H
 #define PGMQD_CIRCUIT_H
 

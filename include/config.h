@@ -24,48 +24,50 @@ enum config_source { SRC_DEFAULT = 0, SRC_FILE, SRC_CREDENTIAL, SRC_ENV, SRC_CLI
 
 struct config {
 	/* [database] */
-	char *conninfo;          /* libpq keyword/value string or URI; "" = libpq defaults (PG*) */
-	char *listen_conninfo;   /* separate session connection for LISTEN; "" = use conninfo */
+	char *conninfo;        /* libpq keyword/value string or URI; "" = libpq defaults (PG*) */
+	char *listen_conninfo; /* separate session connection for LISTEN; "" = use conninfo */
 	int db_connect_timeout_ms;
 	/* [queue] */
 	char *queue_name;
-	int vt_seconds;          /* visibility timeout given to pgmq.read */
-	int batch_size;          /* qty given to pgmq.read = jobs per /run request */
+	int vt_seconds; /* visibility timeout given to pgmq.read */
+	int batch_size; /* qty given to pgmq.read = jobs per /run request */
 	int poll_interval_ms;
-	char *read_function;     /* schema-qualified SQL function name, validated identifier */
-	int max_in_flight;       /* /run requests outstanding at once */
-	int read_batches;        /* bodies one read may claim for (fuller reads); 1 = one batch */
-	int max_read_ct;         /* poison guard: archive messages read more often; 0 = off */
-	int notify;              /* bool: LISTEN on pgmq.q_<queue>.INSERT */
-	int notify_debounce_ms;  /* a burst of NOTIFYs becomes one read after this */
-	int idle_poll_max_ms;    /* with NOTIFY working, idle polls back off up to this */
+	char *read_function;    /* schema-qualified SQL function name, validated identifier */
+	int max_in_flight;      /* /run requests outstanding at once */
+	int read_batches;       /* bodies one read may claim for (fuller reads); 1 = one batch */
+	int max_read_ct;        /* poison guard: archive messages read more often; 0 = off */
+	int notify;             /* bool: LISTEN on pgmq.q_<queue>.INSERT */
+	int notify_debounce_ms; /* a burst of NOTIFYs becomes one read after this */
+	int idle_poll_max_ms;   /* with NOTIFY working, idle polls back off up to this */
 	/* [runpod] */
 	char *endpoint_id;
-	char *api_key;           /* secret */
-	char *base_url;          /* no trailing slash */
-	char *ca_file;           /* PEM CA bundle for https; "" = the system store */
+	char *api_key;  /* secret */
+	char *base_url; /* no trailing slash */
+	char *ca_file;  /* PEM CA bundle for https; "" = the system store */
 	int connect_timeout_ms;
 	int request_timeout_ms;
-	int max_body_bytes;      /* split batches above it; archive single messages above it */
-	int backoff_base_ms;     /* first pause after a failure (full jitter) */
-	int backoff_max_ms;      /* cap of the exponential pause */
-	int retry_after_max_ms;  /* cap on a 429/503 Retry-After */
-	int probe_interval_ms;   /* cap of the /health probe period while the circuit is open */
-	int max_requests_per_10s;/* sliding 10 s window on /run (RunPod: 1000 per 10 s per endpoint) */
-	char *webhook;           /* optional "webhook" beside "input"; "" = none */
+	int max_body_bytes;     /* split batches above it; archive single messages above it */
+	int backoff_base_ms;    /* first pause after a failure (full jitter) */
+	int backoff_max_ms;     /* cap of the exponential pause */
+	int retry_after_max_ms; /* cap on a 429/503 Retry-After */
+	int probe_interval_ms;  /* cap of the /health probe period while the circuit is open */
+	int max_requests_per_10s; /* sliding 10 s window on /run (RunPod: 1000 per 10 s per endpoint) */
+	char *webhook;            /* optional "webhook" beside "input"; "" = none */
 	int policy_execution_timeout_ms; /* policy.executionTimeout; 0 = not sent */
-	int policy_ttl_ms;       /* policy.ttl; 0 = not sent */
-	int policy_low_priority; /* bool: policy.lowPriority = true when set */
+	int policy_ttl_ms;               /* policy.ttl; 0 = not sent */
+	int policy_low_priority;         /* bool: policy.lowPriority = true when set */
 	/* [tracker] */
 	int tracker_enabled;     /* bool: follow accepted jobs through /status */
 	int tracker_interval_ms; /* /status period per job (jittered) */
 	int tracker_max_tracked_jobs;
-	int tracker_retry_delay_s;   /* FAILED/CANCELLED/TIMED_OUT: visible again after this */
-	int tracker_max_concurrent;  /* /status requests in flight at once */
+	int tracker_retry_delay_s;      /* FAILED/CANCELLED/TIMED_OUT: visible again after this */
+	int tracker_max_concurrent;     /* /status requests in flight at once */
 	int tracker_max_status_per_10s; /* RunPod: 2000 per 10 s */
+	int tracker_max_queued_jobs; /* reads pause while this many jobs wait IN_QUEUE; 0 = off */
+	int tracker_max_heartbeat_s; /* no heartbeat for a job tracked longer; 0 = off */
 	/* [log] */
-	int log_level;           /* enum log_level */
-	int log_format;          /* enum log_format */
+	int log_level;  /* enum log_level */
+	int log_format; /* enum log_format */
 	/* [admin] */
 	char *admin_listen;      /* "host:port" or "[v6]:port"; "off" disables */
 	char *admin_token;       /* secret: bearer token for /routes; "" = none */
@@ -84,7 +86,7 @@ struct config {
 
 	/* Where each key's value came from, indexed like the key table. */
 	unsigned char source[CONFIG_MAX_KEYS];
-	bool file_read;          /* the configuration file existed and was read */
+	bool file_read; /* the configuration file existed and was read */
 };
 
 /* What to load. envp is a NULL-terminated "NAME=value" array (environ in
@@ -106,8 +108,8 @@ typedef void (*config_error_fn)(void *arg, const char *key, const char *source,
 /* Loads, validates and fills *out (zeroed first). Returns the number of
  * errors reported through on_error (0 = valid). On error *out is freed.
  * Strings in *out are owned by it; release with config_free(). */
-int config_load(const struct config_input *in, struct config *out,
-		config_error_fn on_error, void *arg);
+int config_load(const struct config_input *in, struct config *out, config_error_fn on_error,
+		void *arg);
 
 /* For a reload: copies into next the values of keys that cannot change
  * at runtime (database.listen_conninfo, database.connect_timeout_ms,

@@ -35,6 +35,10 @@ bool config_is_placeholder(const char *v);
 
 /* Case-insensitive edit distance of two strings, 99 when either is longer
  * than 64 bytes. */
+/* True when v holds an example's unfilled part ("<password>", "your-ref")
+ * somewhere inside it, as in a pasted DATABASE_URL. */
+bool config_has_placeholder_part(const char *v);
+
 int config_distance(const char *a, const char *b);
 
 #endif

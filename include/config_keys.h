@@ -16,22 +16,22 @@
 
 enum ktype { K_STR, K_INT, K_ENUM, K_BOOL };
 
-#define F_SECRET   1u /* never printed */
-#define F_FILE     2u /* X_FILE environment twin and credential file allowed */
-#define F_CONNINFO 4u /* dumped through PQconninfoParse masking */
-#define F_STATIC   8u /* cannot change on reload (SIGHUP); needs a restart */
+#define F_SECRET 1u    /* never printed */
+#define F_FILE 2u      /* X_FILE environment twin and credential file allowed */
+#define F_CONNINFO 4u  /* dumped through PQconninfoParse masking */
+#define F_STATIC 8u    /* cannot change on reload (SIGHUP); needs a restart */
 #define F_ZERO_OFF 16u /* K_INT: 0 means "off / not sent", else min..max */
 
 struct key {
 	const char *section, *name;
 	enum ktype type;
 	size_t off;
-	const char *def;                 /* NULL: required */
-	long min, max;                   /* K_INT range */
+	const char *def; /* NULL: required */
+	long min, max;   /* K_INT range */
 	unsigned flags;
-	const char *compat_env[3];       /* other environment names, lower precedence */
-	const char *credential;          /* file name under $CREDENTIALS_DIRECTORY */
-	const char *const *choices;      /* K_ENUM */
+	const char *compat_env[3];               /* other environment names, lower precedence */
+	const char *credential;                  /* file name under $CREDENTIALS_DIRECTORY */
+	const char *const *choices;              /* K_ENUM */
 	const char *(*check)(const char *value); /* K_STR: NULL or the problem */
 };
 

@@ -24,13 +24,13 @@ struct raw {
 	config_error_fn on_error;
 	void *arg;
 	const char *path;
-	bool file_missing;               /* the default file does not exist */
+	bool file_missing; /* the default file does not exist */
 	/* [route.NAME] sections: their values, applied per route on top. */
 	char route_names[CONFIG_MAX_ROUTES][CONFIG_ROUTE_NAME_MAX + 1];
 	int nroutes;
-	struct route_kv *rkv;            /* MAX_ROUTE_KV entries, allocated at the first */
+	struct route_kv *rkv; /* MAX_ROUTE_KV entries, allocated at the first */
 	int nrkv;
-	const char *route;               /* while applying a route: its name */
+	const char *route;                /* while applying a route: its name */
 	bool from_route[CONFIG_MAX_KEYS]; /* while applying a route: the value is the route's */
 };
 

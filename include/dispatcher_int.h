@@ -1,8 +1,9 @@
 /* dispatcher_int — the dispatcher's state, shared by the files it is split
  * into: dispatcher.c (pipeline, drain, lifecycle), reload.c (the
  * all-or-nothing reload), batch.c (batch lifecycle and its one teardown),
- * post.c (/run: rate cap, outcomes), circuit.c (breaker and /health
- * probes), wakeup.c (NOTIFY and idle polls), dryrun.c. Private: nothing outside those files includes it (unit tests
+ * post.c (/run: rate cap, outcomes), circuit.c (breaker, /health
+ * probes, the max_queued_jobs pause), wakeup.c (NOTIFY and idle polls),
+ * overflow.c (rows at the read_ct limit), dryrun.c. Private: nothing outside those files includes it (unit tests
  * aside). Owns no code; knows no wire formats. */
 #ifndef PGMQD_DISPATCHER_INT_H
 #define PGMQD_DISPATCHER_INT_H
@@ -17,32 +18,34 @@
 #include <ev.h>
 #include <stdbool.h>
 
-#define RATE_WINDOW_S 10.0
-#define RATE_MARGIN_S 0.05 /* our send time vs RunPod's receive time */
-
 /* Why reads are paused. */
 enum pause_reason { PAUSE_NONE, PAUSE_DB, PAUSE_RUNPOD };
 
 /* LISTEN state of the connection that listens. */
 enum notify_state {
 	NOTIFY_OFF,     /* not listening (off, or connection down) */
-	NOTIFY_TESTING, /* LISTEN sent, waiting for our own self-test NOTIFY */
+	NOTIFY_TESTING, /* LISTEN sent, waiting for the self-test NOTIFY from another session */
 	NOTIFY_OK,      /* notifications arrive: idle polls may back off */
 	NOTIFY_BROKEN,  /* they do not (transaction pooler): poll only */
 };
 
 /* NOTIFY wake-up and idle back-off (wakeup.c). */
 struct wakeup {
-	struct pg *listen_pg;   /* separate LISTEN connection, or NULL */
-	char table[80];         /* q_<lower(queue)>: the queue table in schema pgmq */
-	char channel[96];       /* pgmq.q_<lower(queue)>.INSERT (pgmq 1.7 - 1.13.0) */
-	char channel2[96];      /* pgmq.q_<queue as created>.INSERT (1.13.1), if different */
-	bool has_trigger;       /* the queue table has an insert trigger to notify us */
+	struct pg *listen_pg; /* separate LISTEN connection, or NULL */
+	char table[80];       /* q_<lower(queue)>: the queue table in schema pgmq */
+	char channel[96];     /* pgmq.q_<lower(queue)>.INSERT (pgmq 1.7 - 1.13.0) */
+	char channel2[96];    /* pgmq.q_<queue as created>.INSERT (1.13.1), if different */
+	bool has_trigger;     /* the queue table has an enabled trigger on INSERT */
 	bool no_trigger_logged;
-	char selftest[64];      /* payload of our own test notification */
+	bool missing_logged; /* the queue table does not exist (logged once) */
+	bool trigger_check_pending;
+	double trigger_checked_at; /* ev_now of the last trigger check */
+	char selftest[64];         /* payload of this round's self-test notification */
+	unsigned selftest_seq;
+	struct notify_sender *sender; /* the other session sending it, or NULL */
 	enum notify_state notify_state;
 	bool notify_broken_logged;
-	double idle_poll_ms;    /* current poll period (backs off while idle) */
+	double idle_poll_ms; /* current poll period (backs off while idle) */
 };
 
 /* Derived from one configuration snapshot; built whole before it is used
@@ -57,26 +60,26 @@ struct dispatcher_conf {
 
 struct dispatcher {
 	struct ev_loop *loop;
-	const struct config *cfg;       /* == conf.cfg */
+	const struct config *cfg; /* == conf.cfg */
 	struct dispatcher_conf conf;
 	struct pg *pg;
 	struct http *http;
-	bool http_shared;       /* the routes' one multi handle: not ours to free */
+	bool http_shared;        /* the routes' one multi handle: not ours to free */
 	struct tracker *tracker; /* NULL unless [tracker] enabled */
 	bool once;
 	dispatcher_done_fn done;
 	void *done_arg;
 
 	/* Every timer, so that one loop stops them all (dispatcher.c). */
-	ev_timer poll;          /* periodic trigger */
-	ev_timer pause;         /* reads paused until it fires (backoff) */
-	ev_timer probe;         /* next /health probe while the circuit is open */
-	ev_timer deadline;      /* shutdown deadline */
-	ev_timer stats_timer;   /* queue metrics refresh and STATUS counts */
-	ev_timer debounce;      /* a burst of NOTIFYs becomes one read */
-	ev_timer wake_timer;    /* a read when released messages come back */
+	ev_timer poll;        /* periodic trigger */
+	ev_timer pause;       /* reads paused until it fires (backoff) */
+	ev_timer probe;       /* next /health probe while the circuit is open */
+	ev_timer deadline;    /* shutdown deadline */
+	ev_timer stats_timer; /* queue metrics refresh and STATUS counts */
+	ev_timer debounce;    /* a burst of NOTIFYs becomes one read */
+	ev_timer wake_timer;  /* a read when released messages come back */
 	ev_timer selftest_timer;
-	ev_timer rate_timer;    /* a rate slot frees */
+	ev_timer rate_timer; /* a rate slot frees */
 
 	void (*state_hook)(void *arg);
 	void *state_arg;
@@ -85,18 +88,21 @@ struct dispatcher {
 	long long queue_length; /* from the last pgmq.metrics, -1 unknown */
 	enum pause_reason pause_reason;
 	bool reading;
-	bool read_wanted;       /* a drain read waits for an in-flight slot */
-	bool again;             /* a trigger arrived during a read */
+	bool read_wanted;  /* a drain read waits for an in-flight slot */
+	bool queue_capped; /* reads pause: tracker.max_queued_jobs jobs wait IN_QUEUE */
+	bool again;        /* a trigger arrived during a read */
 	bool stopping;
 	bool finished;
-	bool read_done;         /* a read came back (what --once waits for) */
+	bool read_done; /* a read came back (what --once waits for) */
 	bool circuit_open;
-	bool deadline_passed;   /* shutdown: stop waiting for the database */
-	bool probing;           /* a /health request is in flight */
+	bool deadline_passed; /* shutdown: stop waiting for the database */
+	bool probing;         /* a /health request is in flight */
 	int probe_failures;
-	int in_flight;          /* /run requests outstanding (waiting ones included) */
-	int db_pending;         /* set_vt / archive statements outstanding */
-	int failures;           /* consecutive failures behind the current pause */
+	ev_tstamp circuit_opened_at;   /* ev_now when the circuit opened */
+	ev_tstamp circuit_reminded_at; /* last circuit_still_open line (or the opening) */
+	int in_flight;                 /* /run requests outstanding (waiting ones included) */
+	int db_pending;                /* set_vt / archive statements outstanding */
+	int failures;                  /* consecutive failures behind the current pause */
 	enum dispatcher_result once_result;
 
 	struct dispatcher_stats stats;
@@ -105,7 +111,7 @@ struct dispatcher {
 	/* Runtime control (control.c) and the route's metrics slot. */
 	int mroute;
 	enum metrics_route_state ctl;
-	bool ctl_loaded;        /* the persisted state was looked up: reads may start */
+	bool ctl_loaded; /* the persisted state was looked up: reads may start */
 	bool ctl_loading;
 
 	/* /run rate cap (post.c) */
@@ -124,14 +130,15 @@ struct read_result {
  * archive. msgs point into rr's PGresult. */
 struct batch {
 	struct dispatcher *d;
-	struct batch *next;     /* in the rate-cap waiting list */
+	struct batch *next; /* in the rate-cap waiting list */
 	enum metrics_archive_reason archive_reason;
 	struct read_result *rr;
 	struct pgmq_message *msgs;
 	long long *ids;
 	int n;
+	size_t body_bytes; /* of the last /run body sent for it */
 	ev_tstamp started;
-	ev_tstamp read_at;      /* when the read returned: the vt runs from here */
+	ev_tstamp read_at; /* when the read returned: the vt runs from here */
 };
 
 /* dispatcher.c */
@@ -175,6 +182,7 @@ struct reload_diff {
 	bool rate_cap;    /* max_requests_per_10s changed: a new ring */
 	bool conninfo;    /* the connection follows the new conninfo */
 	bool new_tracker; /* [tracker] turned on: a tracker to build */
+	bool runpod;      /* key, endpoint, base URL or CA changed: probe an open circuit now */
 };
 
 /* The diff from old to cfg for a dispatcher that has a tracker or not,
@@ -186,6 +194,11 @@ struct reload_diff dispatcher_reload_diff(const struct config *old, const struct
  * first and the caller's other state untouched. 0, or -1 (logged). */
 int dispatcher_conf_build(struct dispatcher_conf *out, const struct config *cfg);
 void dispatcher_conf_free(struct dispatcher_conf *c);
+
+/* Gives a timer a new repeat period_s keeping its phase: the next fire
+ * comes period_s after the last one (at once if that is past), not
+ * period_s from now. An inactive timer only takes the new repeat. */
+void dispatcher_timer_retime(struct ev_loop *loop, ev_timer *t, double period_s);
 
 /* The /run extras (webhook, policy) of a snapshot; points into cfg. */
 struct runpod_extras dispatcher_extras_of(const struct config *cfg);
@@ -201,17 +214,30 @@ void post_release_waiting(struct dispatcher *d);
 void post_drop_waiting(struct dispatcher *d);
 void post_on_rate_timer(struct ev_loop *loop, ev_timer *w, int revents);
 
+/* overflow.c: after a read failed with 22003, finds the rows at the
+ * read_ct limit, logs them with the way out, archives them when
+ * max_read_ct is on. Counts in db_pending while its statements run. */
+void overflow_find(struct dispatcher *d);
+
 /* circuit.c */
 void circuit_open(struct dispatcher *d, long http_status);
 void circuit_probe_now(struct dispatcher *d);
 void circuit_reload(struct dispatcher *d);
 void circuit_on_probe_timer(struct ev_loop *loop, ev_timer *w, int revents);
+/* tracker.max_queued_jobs: true while reads pause because that many jobs
+ * wait IN_QUEUE (in-flight /run counted); logs each change once, sets the
+ * gauge and STATUS=. */
+bool circuit_queue_capped(struct dispatcher *d);
 
 /* wakeup.c */
 int wakeup_init(struct dispatcher *d, const struct config *cfg);
 void wakeup_start_listen(struct dispatcher *d, struct pg *pg);
 void wakeup_listen_lost(struct dispatcher *d);
+/* Frees the LISTEN connection and a self-test still being sent. */
+void wakeup_free(struct dispatcher *d);
 void wakeup_reset_idle(struct dispatcher *d);
+/* After a reload: the poll period within the new bounds, phase kept. */
+void wakeup_reload(struct dispatcher *d);
 void wakeup_idle_read(struct dispatcher *d);
 void wakeup_after(void *arg, double after_s);
 void wakeup_on_notify(void *arg, const char *channel, const char *payload);

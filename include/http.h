@@ -21,34 +21,34 @@ struct http_request;
 
 /* The outcome of one request. Pointers are valid during the callback only. */
 struct http_response {
-	long status;            /* HTTP status, 0 when no response arrived */
-	CURLcode code;          /* CURLE_OK or the transport error */
-	const char *error;      /* curl's error text, "" when none */
-	bool connected;         /* a connection was established or reused */
-	bool request_sent;      /* request bytes were written (CURLINFO_REQUEST_SIZE) */
-	bool aborted;           /* cancelled by http_cancel_all() */
-	bool resend_refused;    /* curl wanted to re-send the body (a reused
+	long status;         /* HTTP status, 0 when no response arrived */
+	CURLcode code;       /* CURLE_OK or the transport error */
+	const char *error;   /* curl's error text, "" when none */
+	bool connected;      /* a connection was established or reused */
+	bool request_sent;   /* request bytes were written (CURLINFO_REQUEST_SIZE) */
+	bool aborted;        /* cancelled by http_cancel_all() */
+	bool resend_refused; /* curl wanted to re-send the body (a reused
 				   connection died); refused, so the request ends
 				   here with its outcome unknown */
-	const char *body;       /* reply body, not NUL-terminated */
+	const char *body;    /* reply body, not NUL-terminated */
 	size_t body_len;
-	bool body_truncated;    /* longer than HTTP_MAX_RESPONSE_BYTES */
-	const char *retry_after;/* Retry-After header value, or NULL */
+	bool body_truncated;     /* longer than HTTP_MAX_RESPONSE_BYTES */
+	const char *retry_after; /* Retry-After header value, or NULL */
 	long total_ms, connect_ms, first_byte_ms;
 };
 
 typedef void (*http_done_fn)(void *arg, const struct http_response *r);
 
 struct http_request_opts {
-	const char *method;          /* "GET" or "POST" */
+	const char *method; /* "GET" or "POST" */
 	const char *url;
-	const char *const *headers;  /* NULL-terminated "Name: value" lines, copied */
-	char *body;                  /* POST body, ownership passes to http (freed after) */
+	const char *const *headers; /* NULL-terminated "Name: value" lines, copied */
+	char *body;                 /* POST body, ownership passes to http (freed after) */
 	size_t body_len;
 	long connect_timeout_ms;
-	long timeout_ms;             /* whole transfer */
-	const char *ca_file;         /* PEM CA bundle (CURLOPT_CAINFO); NULL or "" = system store */
-	const void *owner;           /* who may cancel it (http_cancel_owner); NULL = none */
+	long timeout_ms;     /* whole transfer */
+	const char *ca_file; /* PEM CA bundle (CURLOPT_CAINFO); NULL or "" = system store */
+	const void *owner;   /* who may cancel it (http_cancel_owner); NULL = none */
 };
 
 /* Creates the multi handle and its watchers. Call curl_global_init() once

@@ -1,14 +1,16 @@
 /* jobtable — the bounded index behind the tracker: a hash map by job id, a
- * list in insertion order (oldest first, for eviction) and two binary
+ * list in insertion order (oldest first, for eviction) and three binary
  * min-heaps keyed by a time in seconds (JT_POLL: the next /status,
- * JT_DB: the next database action). O(1) find, O(log n) schedule/remove.
+ * JT_DB: the next database action, JT_QUEUED: when a job still IN_QUEUE
+ * was accepted, so the oldest waiting job is the first). O(1) find,
+ * O(log n) schedule/remove.
  *
  * Owns the map's buckets, the heaps' arrays and the links inside each
  * struct jt_node. The nodes themselves are the caller's: it embeds one in
  * each record, allocates and frees the record, and removes it from the
  * table first.
  * Bounded: at most `limit` nodes; jobtable_insert() refuses past it (the
- * caller evicts the oldest first). Room in both heaps is reserved on
+ * caller evicts the oldest first). Room in every heap is reserved on
  * insert, so scheduling never allocates and never fails.
  * Knows nothing of RunPod, HTTP, PostgreSQL, the event loop, logging,
  * metrics or what a job carries. Pure: no I/O. */
@@ -18,17 +20,17 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-enum jt_heap { JT_POLL, JT_DB, JT_NHEAPS };
+enum jt_heap { JT_POLL, JT_DB, JT_QUEUED, JT_NHEAPS };
 
 /* Embedded in the caller's record. The caller sets id (NUL-terminated,
  * valid and unchanged while the node is in a table); the rest is the
  * table's. */
 struct jt_node {
 	const char *id;
-	double key[JT_NHEAPS];                 /* heap keys, seconds */
-	int idx[JT_NHEAPS];                    /* heap positions, -1 when not in that heap */
-	struct jt_node *hnext;                 /* hash chain */
-	struct jt_node *older, *newer;         /* insertion order */
+	double key[JT_NHEAPS];         /* heap keys, seconds */
+	int idx[JT_NHEAPS];            /* heap positions, -1 when not in that heap */
+	struct jt_node *hnext;         /* hash chain */
+	struct jt_node *older, *newer; /* insertion order */
 };
 
 struct jt_heap_array {
@@ -38,7 +40,7 @@ struct jt_heap_array {
 
 struct jobtable {
 	struct jt_node **buckets;
-	size_t nbuckets;                       /* a power of two */
+	size_t nbuckets; /* a power of two */
 	struct jt_node *oldest, *newest;
 	int count, limit;
 	struct jt_heap_array heaps[JT_NHEAPS];
@@ -72,7 +74,7 @@ struct jt_node *jobtable_oldest(const struct jobtable *t);
  * unchanged. */
 int jobtable_insert(struct jobtable *t, struct jt_node *n);
 
-/* Takes n out of the map, the order list and both heaps. */
+/* Takes n out of the map, the order list and every heap. */
 void jobtable_remove(struct jobtable *t, struct jt_node *n);
 
 /* Puts n in heap h with key at (seconds), moving it when it is in already. */

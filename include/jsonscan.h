@@ -25,11 +25,11 @@ struct jsonscan_member {
 	const char *key;
 	char *buf;
 	size_t cap;
-	bool cut_ok;        /* a longer value is cut at a UTF-8 boundary instead of INVALID */
-	bool allow_layout;  /* \n, \r and \t are allowed (a traceback), other controls are not */
+	bool cut_ok;       /* a longer value is cut at a UTF-8 boundary instead of INVALID */
+	bool allow_layout; /* \n, \r and \t are allowed (a traceback), other controls are not */
 	enum jsonscan_state state;
-	bool cut;           /* the value was longer than cap - 1 bytes and was cut */
-	const char *why;    /* static text when INVALID: "invalid \\u escape", ... */
+	bool cut;        /* the value was longer than cap - 1 bytes and was cut */
+	const char *why; /* static text when INVALID: "invalid \\u escape", ... */
 };
 
 /* Reads body[0..len) as a JSON object and decodes the first occurrence of

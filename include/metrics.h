@@ -33,6 +33,17 @@
  *   tracker_early_releases_total              counter  failed jobs whose messages were made visible
  *                                                      after retry_delay_s
  *   tracker_evicted_total                     counter  jobs dropped past max_tracked_jobs
+ *   tracker_heartbeat_ceilings_total          counter  jobs whose heartbeats stopped at
+ *                                                      max_heartbeat_s
+ *   tracker_oldest_in_queue_seconds           gauge    age of the oldest tracked job still
+ *                                                      IN_QUEUE, 0 = none
+ *   tracker_queue_cap_reached                 gauge    1 while reads pause at max_queued_jobs
+ *   runpod_health_jobs{state}                 gauge    RunPod /health jobs: "completed"|"failed"|
+ *                                                      "in_progress"|"in_queue"|"retried"
+ *   runpod_health_workers{state}              gauge    RunPod /health workers: "idle"|
+ *                                                      "initializing"|"ready"|"running"|
+ *                                                      "throttled"|"unhealthy"
+ *   runpod_health_timestamp_seconds           gauge    Unix time of the last /health read, 0 = never
  *
  * Series with labels from a fixed small set (archived, reads) are always
  * rendered, zeros included, so rate() sees them from the first scrape;
@@ -105,12 +116,17 @@ char *metrics_render(size_t *len) __attribute__((warn_unused_result));
 /* ---- the tracker (/status polling) ---- */
 
 enum metrics_tracked_status {
-	METRICS_TRACKED_IN_QUEUE = 0, METRICS_TRACKED_IN_PROGRESS, METRICS_TRACKED_RUNNING,
+	METRICS_TRACKED_IN_QUEUE = 0,
+	METRICS_TRACKED_IN_PROGRESS,
+	METRICS_TRACKED_RUNNING,
 	METRICS_TRACKED_OTHER,
 };
 enum metrics_terminal {
-	METRICS_TERMINAL_COMPLETED = 0, METRICS_TERMINAL_FAILED, METRICS_TERMINAL_CANCELLED,
-	METRICS_TERMINAL_TIMED_OUT, METRICS_TERMINAL_EXPIRED,
+	METRICS_TERMINAL_COMPLETED = 0,
+	METRICS_TERMINAL_FAILED,
+	METRICS_TERMINAL_CANCELLED,
+	METRICS_TERMINAL_TIMED_OUT,
+	METRICS_TERMINAL_EXPIRED,
 };
 
 /* The number of tracked jobs whose last status falls in s. Out-of-range
@@ -128,6 +144,22 @@ void metrics_inc_tracker_early_releases(void);
 
 /* One job no longer tracked because max_tracked_jobs was reached. */
 void metrics_inc_tracker_evicted(void);
+
+/* One job whose heartbeats stopped at max_heartbeat_s. */
+void metrics_inc_tracker_heartbeat_ceilings(void);
+
+/* When (Unix time, seconds) the oldest tracked job still IN_QUEUE was
+ * accepted; 0 when none is. Rendered as its age at scrape time. */
+void metrics_set_oldest_in_queue_since(double since_unix);
+
+/* Whether reads pause because tracker.max_queued_jobs is reached. */
+void metrics_set_queue_cap_reached(bool reached);
+
+/* RunPod's /health counters (runpod-serverless-api.md §7), in the order of
+ * the enums below (those of struct runpod_health); also stamps the time. */
+enum { METRICS_HEALTH_NJOBS = 5, METRICS_HEALTH_NWORKERS = 6 };
+void metrics_set_runpod_health(const long long jobs[METRICS_HEALTH_NJOBS],
+			       const long long workers[METRICS_HEALTH_NWORKERS]);
 
 /* ---- per route ----
  * Each route registers its name once and gets a slot; its series carry a

@@ -16,15 +16,15 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#define PG_MAX_QUEUED 64        /* queries waiting or running */
+#define PG_MAX_QUEUED 64 /* queries waiting or running */
 
 struct pg;
 
 /* Why a query produced no result. */
 struct pg_error {
-	const char *sqlstate;   /* five characters, or "" when none */
-	const char *message;    /* one line, no trailing newline */
-	bool sent;              /* the server may have executed it (fate unknown
+	const char *sqlstate; /* five characters, or "" when none */
+	const char *message;  /* one line, no trailing newline */
+	bool sent;            /* the server may have executed it (fate unknown
 				   when the connection died afterwards) */
 	bool connection_lost;
 };
@@ -36,8 +36,8 @@ struct pg_error {
 typedef void (*pg_result_fn)(void *arg, PGresult *res, const struct pg_error *err);
 
 struct pg_callbacks {
-	void (*connected)(void *arg);    /* after every (re)connect */
-	void (*disconnected)(void *arg); /* once per loss */
+	void (*connected)(void *arg);      /* after every (re)connect */
+	void (*disconnected)(void *arg);   /* once per loss */
 	void (*connect_failed)(void *arg); /* after every failed attempt */
 	/* A NOTIFY arrived (LISTEN is the caller's query). Strings valid during
 	 * the call only. Must not free the connection. */
@@ -76,5 +76,13 @@ void pg_free(struct pg *pg);
  * LISTEN channels such as pgmq.q_jobs.INSERT that contain dots and capitals
  * (pgmq-api.md §5). Returns 0, or -1 when it does not fit. Pure. */
 int pg_quote_ident(const char *name, char *buf, size_t len);
+
+/* Seconds between repeated warnings while the database stays unreachable. */
+#define PG_OUTAGE_WARN_EVERY_S 60.0
+
+/* Whether a failed connect is logged at warn: the first of an outage
+ * (first), an error text that differs from the last one warned about, or
+ * PG_OUTAGE_WARN_EVERY_S since that warning; otherwise debug. Pure. */
+bool pg_warn_due(bool first, const char *last_error, const char *error, double since_warn_s);
 
 #endif

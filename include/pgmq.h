@@ -16,16 +16,16 @@
 
 /* One message of a read. Every pointer points into the batch's PGresult. */
 struct pgmq_message {
-	const char *msg_id;       /* bigint as exact decimal text */
-	long long msg_id_num;     /* the same, parsed (for ordering and logs) */
-	const char *read_ct;      /* integer as decimal text */
-	const char *enqueued_at;  /* to_json(enqueued_at): a JSON string literal, quotes included */
-	const char *message;      /* jsonb as PostgreSQL's JSON text; "null" for SQL NULL */
+	const char *msg_id;      /* bigint as exact decimal text */
+	long long msg_id_num;    /* the same, parsed (for ordering and logs) */
+	const char *read_ct;     /* integer as decimal text */
+	const char *enqueued_at; /* to_json(enqueued_at): a JSON string literal, quotes included */
+	const char *message;     /* jsonb as PostgreSQL's JSON text; "null" for SQL NULL */
 	size_t message_len;
-	const char *document_id;  /* JSON text of message->'document_id', or NULL */
-	const char *invalid;      /* NULL, or why this row cannot be sent (a wrapper
+	const char *document_id; /* JSON text of message->'document_id', or NULL */
+	const char *invalid;     /* NULL, or why this row cannot be sent (a wrapper
 				     returned a NULL or malformed field) */
-	bool id_ok;               /* msg_id_num is valid (the row can be released) */
+	bool id_ok;              /* msg_id_num is valid (the row can be released) */
 };
 
 /* The rows of one read, ordered by msg_id. Owns the PGresult. */
@@ -57,8 +57,8 @@ typedef void (*pgmq_read_fn)(void *arg, struct pgmq_batch *batch, const struct p
 /* Reads up to qty messages, invisible for vt_seconds, with read_function
  * (pgmq.read or a wrapper with parameters queue_name, vt, qty). Returns 0 or
  * -1 when the query could not be queued (fn is then not called). */
-int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int vt_seconds,
-	      int qty, pgmq_read_fn fn, void *arg) __attribute__((warn_unused_result));
+int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int vt_seconds, int qty,
+	      pgmq_read_fn fn, void *arg) __attribute__((warn_unused_result));
 
 /* Sets the vt of the given messages to now + delay_s in one statement
  * (pgmq.set_vt per id, which exists since pgmq 1.2; the array form needs
@@ -85,6 +85,15 @@ int pgmq_metrics(struct pg *pg, const char *queue, pgmq_metrics_fn fn, void *arg
  * unquoted, into buf. Returns 0, or -1 when it does not fit. Pure. */
 int pgmq_table_name(const char *queue, char *buf, size_t len);
 
+/* Writes s as an SQL string literal ('...', quotes doubled) into buf, for
+ * the statements the logs suggest (pgmq.create, pgmq.archive). Returns 0,
+ * or -1 when it does not fit in len bytes (buf is then ""). Pure. */
+int pgmq_quote_literal(const char *s, char *buf, size_t len);
+
+/* Writes "SELECT pgmq.create('<queue>');" into buf: the way out that a
+ * missing queue's log lines give. Returns 0, or -1 when cut. Pure. */
+int pgmq_create_call(const char *queue, char *buf, size_t len);
+
 /* Blocking, read-only look at the next qty visible messages of a queue
  * (for --dry-run): selects from pgmq.q_<lower(queue)> without locking or
  * changing anything; read_ct is shown as the read would make it (+1).
@@ -101,5 +110,17 @@ PGresult *pgmq_peek(PGconn *conn, const char *queue, int qty, char *err, size_t 
 typedef void (*pgmq_ids_fn)(void *arg, const long long *ids, int n, const struct pg_error *err);
 int pgmq_set_vt_ids(struct pg *pg, const char *queue, const long long *msg_ids, int n, int delay_s,
 		    pgmq_ids_fn fn, void *arg) __attribute__((warn_unused_result));
+
+/* read_ct is an integer (int4) column: pgmq.read fails with SQLSTATE 22003
+ * (numeric_value_out_of_range) once a row it picks is at this value. */
+#define PGMQ_READ_CT_MAX 2147483647
+#define PGMQ_SQLSTATE_OUT_OF_RANGE "22003"
+
+/* The msg ids (at most limit, highest read_ct first) of the rows of queue
+ * whose read_ct is within margin of PGMQ_READ_CT_MAX: the rows that make a
+ * read fail with 22003. Selects from pgmq.q_<lower(queue)>, locks nothing.
+ * fn as for pgmq_set_vt_ids(). Returns 0, or -1 when not queued. */
+int pgmq_find_read_ct_overflow(struct pg *pg, const char *queue, int margin, int limit,
+			       pgmq_ids_fn fn, void *arg) __attribute__((warn_unused_result));
 
 #endif

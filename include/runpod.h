@@ -11,7 +11,7 @@
 #include <stddef.h>
 #include <time.h>
 
-#define RUNPOD_JOB_ID_MAX 128   /* §1: opaque; ≥ 128 bytes is safe */
+#define RUNPOD_JOB_ID_MAX 128 /* §1: opaque; ≥ 128 bytes is safe */
 #define RUNPOD_STATUS_MAX 32
 
 /* Optional members beside "input" (runpod-serverless-api.md §3, §3.1):
@@ -40,8 +40,8 @@ char *runpod_run_body(const char *queue, int vt_seconds, const struct runpod_ext
  * "jobs":[ and tail starts with ]. Owned; free with runpod_envelope_free(). */
 struct runpod_envelope {
 	char *text;
-	size_t head_len;   /* bytes before the jobs */
-	size_t len;        /* whole text with no jobs */
+	size_t head_len; /* bytes before the jobs */
+	size_t len;      /* whole text with no jobs */
 };
 
 /* Builds the envelope; returns 0 or -1 when out of memory. */
@@ -103,18 +103,18 @@ struct runpod_run_reply {
 int runpod_parse_run_reply(const char *body, size_t len, struct runpod_run_reply *out);
 
 enum runpod_outcome {
-	RUNPOD_ACCEPTED,  /* a job exists: the worker owns the messages */
-	RUNPOD_REJECTED,  /* no job was created: release the messages */
-	RUNPOD_UNKNOWN,   /* a job may exist: keep the messages' vt */
+	RUNPOD_ACCEPTED, /* a job exists: the worker owns the messages */
+	RUNPOD_REJECTED, /* no job was created: release the messages */
+	RUNPOD_UNKNOWN,  /* a job may exist: keep the messages' vt */
 };
 
 /* What happened to one /run request, as seen by the HTTP layer. */
 struct runpod_attempt {
-	long http_status;       /* 0 when no response arrived */
-	bool transport_error;   /* curl reported an error */
-	bool connected;         /* a connection to the server was established */
-	bool request_sent;      /* any request bytes were written (CURLINFO_REQUEST_SIZE > 0) */
-	bool reply_parsed;      /* runpod_parse_run_reply() succeeded */
+	long http_status;     /* 0 when no response arrived */
+	bool transport_error; /* curl reported an error */
+	bool connected;       /* a connection to the server was established */
+	bool request_sent;    /* any request bytes were written (CURLINFO_REQUEST_SIZE > 0) */
+	bool reply_parsed;    /* runpod_parse_run_reply() succeeded */
 };
 
 /* Classifies an attempt (DESIGN.md "Delivery semantics", §6.1):
@@ -130,11 +130,11 @@ const char *runpod_outcome_name(enum runpod_outcome o);
 
 /* ---- /status (the tracker) ---- */
 
-#define RUNPOD_ERROR_MAX 256    /* bytes of a job's error text kept for the log */
+#define RUNPOD_ERROR_MAX 256 /* bytes of a job's error text kept for the log */
 
 /* The parts of a job object (§4) the tracker uses. */
 struct runpod_status_reply {
-	char id[RUNPOD_JOB_ID_MAX + 1];   /* "" when absent */
+	char id[RUNPOD_JOB_ID_MAX + 1]; /* "" when absent */
 	char status[RUNPOD_STATUS_MAX + 1];
 	long long delay_ms;               /* delayTime, -1 when absent or not a number >= 0 */
 	long long execution_ms;           /* executionTime, likewise */
@@ -160,7 +160,43 @@ bool runpod_status_is_terminal(const char *status);
  * percent-encoded outside RFC 3986's unreserved characters by
  * curl_easy_escape() (ids are opaque). Returns 0, or -1 if it does not fit
  * or out of memory. */
-int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id,
-		      char *buf, size_t len);
+int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id, char *buf,
+		      size_t len);
+
+/* ---- /health (the tracker) ---- */
+
+enum runpod_health_job {
+	RUNPOD_HJ_COMPLETED,
+	RUNPOD_HJ_FAILED,
+	RUNPOD_HJ_IN_PROGRESS,
+	RUNPOD_HJ_IN_QUEUE,
+	RUNPOD_HJ_RETRIED,
+	RUNPOD_HJ_N
+};
+enum runpod_health_worker {
+	RUNPOD_HW_IDLE,
+	RUNPOD_HW_INITIALIZING,
+	RUNPOD_HW_READY,
+	RUNPOD_HW_RUNNING,
+	RUNPOD_HW_THROTTLED,
+	RUNPOD_HW_UNHEALTHY,
+	RUNPOD_HW_N
+};
+
+/* The counters of a GET /v2/{endpoint_id}/health reply
+ * (runpod-serverless-api.md §7): jobs {completed, failed, inProgress,
+ * inQueue, retried}, workers {idle, initializing, ready, running,
+ * throttled, unhealthy}. */
+struct runpod_health {
+	long long jobs[RUNPOD_HJ_N];
+	long long workers[RUNPOD_HW_N];
+};
+
+/* Parses a /health reply body (len bytes, not NUL-terminated) leniently, as
+ * §7 advises: a missing counter, or one that is not a number >= 0, is 0;
+ * unknown keys are ignored ("unhealthy" is read by third-party clients,
+ * not documented). Returns 0, or -1 when the body is not a JSON object
+ * with a "jobs" or a "workers" object (out is then all zero). Pure. */
+int runpod_parse_health_reply(const char *body, size_t len, struct runpod_health *out);
 
 #endif

@@ -4,8 +4,10 @@
  * For each job the dispatcher hands over, it asks
  * GET {base_url}/{endpoint_id}/status/{job_id} every interval_ms (±10 %
  * jitter) through the dispatcher's curl multi handle, with at most
- * max_concurrent requests in flight and a token bucket that keeps to
- * max_status_per_10s in any 10 s window (RunPod allows 2000).
+ * max_concurrent requests in flight and the sliding-window limiter of
+ * include/ratelimit.h keeping to max_status_per_10s in any 10 s window
+ * (RunPod allows 2000). A 429 pauses /status for its Retry-After (capped by
+ * the backoff policy, include/backoff.h) or one interval.
  *
  * - Every status change is logged once (event=job_status). COMPLETED,
  *   FAILED, CANCELLED and TIMED_OUT end tracking; any other string,
@@ -22,6 +24,18 @@
  *   sooner anyway); the RunPod error text is logged, cut at 256 bytes.
  * - At most max_tracked_jobs jobs; past it the oldest is dropped with a
  *   warning (event=tracker_evicted) and a counter.
+ * - Stuck queues: while any job is tracked, GET {base_url}/{endpoint_id}/health
+ *   once per interval_ms (from the same /status limiter, at most a tenth of it;
+ *   runpod-serverless-api.md §7); its
+ *   job and worker counts go to /metrics with the age of the oldest job
+ *   still IN_QUEUE. Unhealthy workers while jobs wait IN_QUEUE give one
+ *   warning (event=runpod_workers_unhealthy), and one line when no worker
+ *   is unhealthy any more (event=runpod_workers_recovered).
+ * - max_heartbeat_s (0 = off): a job tracked that long gets no more
+ *   heartbeats (event=heartbeat_ceiling, once); its messages come back when
+ *   their vt runs out. It is still followed.
+ * - max_queued_jobs (0 = off): the dispatcher asks tracker_queued_jobs()
+ *   before each read and pauses reads at the cap.
  *
  * State lives in memory only: after a restart the messages of jobs that
  * were tracked behave as they do without the tracker.
@@ -30,11 +44,12 @@
  * TRACKER_MAX_DB statements queued at once, so the dispatcher's reads keep
  * their room in pg's FIFO. Scheduling is one ev_timer over the bounded job
  * table of include/jobtable.h (a map by job id, a list in insertion order,
- * two binary heaps: next /status, next database action): O(log n) per job
- * event.
+ * three binary heaps: next /status, next database action, oldest
+ * IN_QUEUE): O(log n) per job event.
  *
  * Files: tracker.c (the API, scheduling, sending /status and set_vt),
- * tracker_reply.c (what each answer does), jobtable.c (the table);
+ * tracker_reply.c (what each answer does), tracker_health.c (/health and
+ * the IN_QUEUE watch), jobtable.c (the table);
  * src/tracker_int.h is what the first two share. */
 #ifndef PGMQD_TRACKER_H
 #define PGMQD_TRACKER_H
@@ -42,12 +57,14 @@
 #include "config.h"
 #include "http.h"
 #include "pg.h"
+#include "ratelimit.h"
 
 #include <ev.h>
 #include <stdbool.h>
 
-#define TRACKER_MAX_DB 4        /* tracker statements on the pg connection at once */
+#define TRACKER_MAX_DB 4         /* tracker statements on the pg connection at once */
 #define TRACKER_IDS_PER_LINE 100 /* msg ids named in one log line; the rest are counted */
+#define TRACKER_HEALTH_SHARE 0.1 /* /health takes at most this share of max_status_per_10s */
 
 struct tracker;
 
@@ -65,16 +82,38 @@ struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, stru
 void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids, int n,
 		 ev_tstamp read_at);
 
-/* Follows a new validated snapshot: URLs, key, interval, limits. enabled =
+/* What a reload needs that can fail, built before anything changes. */
+struct tracker_next {
+	struct ratelimit status_rl; /* the /status limiter resized (empty: cap unchanged) */
+	char *auth_header;          /* malloc'd */
+};
+
+/* Builds into next what tracker_reload(t, cfg, next) needs. Returns 0, or
+ * -1 when out of memory (next empty, t unchanged). t NULL: 0, next empty. */
+int tracker_reload_prepare(const struct tracker *t, const struct config *cfg,
+			   struct tracker_next *next);
+
+/* Frees what next still holds. NULL-safe. */
+void tracker_next_free(struct tracker_next *next);
+
+/* Follows a new validated snapshot: URLs, key, interval, limits; takes
+ * next's contents (from tracker_reload_prepare with the same cfg) and
+ * cannot fail. The /status limiter keeps its recent send times. enabled =
  * off forgets every job (their messages keep their vt) and ignores later
  * adds until it is on again; a lower max_tracked_jobs evicts the oldest.
  * NULL-safe. */
-void tracker_reload(struct tracker *t, const struct config *cfg);
+void tracker_reload(struct tracker *t, const struct config *cfg, struct tracker_next *next);
 
 /* Registers wake(arg, after_s): called when an early release makes messages
  * visible again after_s seconds from now, so that the owner reads then
  * (no NOTIFY announces them). NULL-safe. */
 void tracker_set_wake(struct tracker *t, void (*wake)(void *arg, double after_s), void *arg);
+
+/* Jobs accepted and not started: tracked jobs whose last status is
+ * IN_QUEUE (0 when t is NULL or disabled). For tracker.max_queued_jobs;
+ * when the count drops while that cap is on, the wake hook is called with
+ * 0 s so that paused reads resume. */
+int tracker_queued_jobs(const struct tracker *t);
 
 /* Shutdown: no new /status requests or statements from now on. Requests
  * and statements in flight may still complete; their callbacks only do
@@ -94,23 +133,26 @@ void tracker_free(struct tracker *t);
  * for rnd in [0, 1). */
 double tracker_jittered_s(int interval_ms, double rnd);
 
-/* A token bucket that admits at most per_10s events in any 10 s window:
- * it holds up to burst = max(1, per_10s / 10) tokens and refills at
- * (per_10s - burst) / 10 per second (burst / 10 when that is 0), so burst +
- * 10 s of refill never exceeds per_10s. Times in seconds. */
-struct tracker_bucket {
-	double tokens, burst, rate, at;
-};
+/* Seconds between /health polls: interval_ms, but never more often than
+ * TRACKER_HEALTH_SHARE of the max_status_per_10s budget allows, so /status
+ * keeps the rest. ±10 % jitter is added by the caller. */
+double tracker_health_interval_s(int interval_ms, int max_status_per_10s);
 
-/* (Re)configures; tokens start full, or keep their level (capped) when the
- * bucket was set up before (reload). */
-void tracker_bucket_setup(struct tracker_bucket *b, int per_10s, double now, bool keep);
+/* Whether a job accepted at accepted_at may still get a heartbeat at now
+ * under tracker.max_heartbeat_s (0: no ceiling). Seconds. */
+bool tracker_heartbeat_allowed(double accepted_at, double now, int max_heartbeat_s);
 
-/* Takes one token if there is one. */
-bool tracker_bucket_take(struct tracker_bucket *b, double now);
+/* Whether reads pause under tracker.max_queued_jobs (0: never): queued
+ * jobs accepted and not started (last status IN_QUEUE) plus in_flight /run
+ * requests (each may add one) reach the cap. */
+bool tracker_queue_full(long queued, int in_flight, int max_queued_jobs);
 
-/* Seconds until a token is available (0 when one is). */
-double tracker_bucket_wait_s(const struct tracker_bucket *b, double now);
+/* What to say after a /health answer: warn once when workers are unhealthy
+ * (unhealthy > 0) while in_queue tracked jobs wait IN_QUEUE; say it
+ * recovered once no worker is unhealthy. warned: the warning was given
+ * and recovery not yet said. */
+enum tracker_health_note { TRACKER_HEALTH_QUIET, TRACKER_HEALTH_WARN, TRACKER_HEALTH_RECOVERED };
+enum tracker_health_note tracker_health_note(bool warned, long long unhealthy, long in_queue);
 
 /* When a heartbeat is due for messages whose vt of vt_seconds runs out at
  * vt_until: as soon as less than a third of it remains. */

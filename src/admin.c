@@ -1,5 +1,6 @@
 /* admin — see include/admin.h. */
 #include "admin.h"
+#include "listenaddr.h"
 #include "log.h"
 
 #include <arpa/inet.h>
@@ -21,8 +22,8 @@
 #define TEXT_TYPE "text/plain; charset=utf-8"
 #define METRICS_TYPE "text/plain; version=0.0.4; charset=utf-8"
 #define LISTEN_BACKLOG 64
-#define CONNECTION_LIMIT 64u      /* scrapers and probes only */
-#define CONNECTION_TIMEOUT_S 10u  /* idle keep-alive connections are closed */
+#define CONNECTION_LIMIT 64u     /* scrapers and probes only */
+#define CONNECTION_TIMEOUT_S 10u /* idle keep-alive connections are closed */
 #define WHY_MAX 256
 #define HEALTH_DEFAULT_TIMEOUT_MS 5000
 
@@ -53,54 +54,25 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...)
 	va_end(ap);
 }
 
-/* Parses "host:port" or "[v6]:port" into a socket address. Returns 0, or -1
- * with a reason in err. */
-static int parse_listen(const char *addr, struct sockaddr_storage *ss, socklen_t *sslen,
-			char *err, size_t errlen)
+/* Resolves an admin.listen value (syntax: include/listenaddr.h) into a
+ * socket address. Returns 0, or -1 with a reason in err. */
+static int parse_listen(const char *addr, struct sockaddr_storage *ss, socklen_t *sslen, char *err,
+			size_t errlen)
 {
-	char host[256];
-	const char *port, *colon;
-	size_t hostlen;
-	char *end;
-	long p;
+	char host[LISTENADDR_HOST_MAX + 1], port[8];
+	const char *why;
+	int p = 0, rc;
 	struct addrinfo hints, *res = NULL;
-	int rc;
 
 	if (addr == NULL || *addr == '\0') {
 		set_err(err, errlen, "empty listen address");
 		return -1;
 	}
-	if (addr[0] == '[') {
-		const char *rb = strchr(addr, ']');
-		if (rb == NULL || rb[1] != ':') {
-			set_err(err, errlen, "bad listen address \"%s\": expected [addr]:port", addr);
-			return -1;
-		}
-		hostlen = (size_t)(rb - addr - 1);
-		memcpy(host, addr + 1, hostlen < sizeof(host) ? hostlen : 0);
-		port = rb + 2;
-	} else {
-		colon = strrchr(addr, ':');
-		if (colon == NULL || strchr(addr, ':') != colon) {
-			set_err(err, errlen,
-				"bad listen address \"%s\": expected host:port or [v6addr]:port", addr);
-			return -1;
-		}
-		hostlen = (size_t)(colon - addr);
-		memcpy(host, addr, hostlen < sizeof(host) ? hostlen : 0);
-		port = colon + 1;
-	}
-	if (hostlen == 0 || hostlen >= sizeof(host)) {
-		set_err(err, errlen, "bad listen address \"%s\": missing or overlong host", addr);
+	if ((why = listenaddr_split(addr, host, sizeof(host), &p)) != NULL) {
+		set_err(err, errlen, "bad listen address \"%s\": %s", addr, why);
 		return -1;
 	}
-	host[hostlen] = '\0';
-	errno = 0;
-	p = strtol(port, &end, 10);
-	if (*port < '0' || *port > '9' || *end != '\0' || errno != 0 || p < 0 || p > 65535) {
-		set_err(err, errlen, "bad listen address \"%s\": port must be 0..65535", addr);
-		return -1;
-	}
+	snprintf(port, sizeof(port), "%d", p);
 	memset(&hints, 0, sizeof(hints));
 	hints.ai_family = AF_UNSPEC;
 	hints.ai_socktype = SOCK_STREAM;
@@ -142,7 +114,8 @@ static enum MHD_Result reply(struct MHD_Connection *conn, unsigned status, const
 	enum MHD_Result ok;
 
 	r = MHD_create_response_from_buffer(len, body,
-					    must_free ? MHD_RESPMEM_MUST_FREE : MHD_RESPMEM_MUST_COPY);
+					    must_free ? MHD_RESPMEM_MUST_FREE
+						      : MHD_RESPMEM_MUST_COPY);
 	if (r == NULL) {
 		if (must_free)
 			free(body);
@@ -196,7 +169,8 @@ static enum MHD_Result serve_metrics(struct admin *a, struct MHD_Connection *con
 /* Constant-time comparison of the Authorization header with the token. */
 static bool authorized(const struct admin *a, struct MHD_Connection *conn)
 {
-	const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND, MHD_HTTP_HEADER_AUTHORIZATION);
+	const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+						    MHD_HTTP_HEADER_AUTHORIZATION);
 	size_t n = strlen(a->token), hn;
 	unsigned diff = 0;
 
@@ -221,16 +195,19 @@ static enum MHD_Result serve_routes(struct admin *a, struct MHD_Connection *conn
 	if (a->hooks.routes == NULL || a->hooks.control == NULL)
 		return reply_text(conn, MHD_HTTP_NOT_FOUND, "not found\n");
 	if (a->token[0] == '\0' && !a->loopback)
-		return reply_text(conn, MHD_HTTP_FORBIDDEN, "runtime control needs admin.token when "
+		return reply_text(conn, MHD_HTTP_FORBIDDEN,
+				  "runtime control needs admin.token when "
 				  "admin.listen is not a loopback address\n");
 	if (a->token[0] && !authorized(a, conn))
 		return reply_text(conn, MHD_HTTP_UNAUTHORIZED, "bearer token required\n");
 	if (*rest == '\0' || strcmp(rest, "/") == 0) {
 		char *json;
 		if (post)
-			return reply_text(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method not allowed\n");
+			return reply_text(conn, MHD_HTTP_METHOD_NOT_ALLOWED,
+					  "method not allowed\n");
 		if ((json = a->hooks.routes(a->hooks.arg)) == NULL)
-			return reply_text(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "routes unavailable\n");
+			return reply_text(conn, MHD_HTTP_INTERNAL_SERVER_ERROR,
+					  "routes unavailable\n");
 		return reply(conn, MHD_HTTP_OK, "application/json", json, strlen(json), true);
 	}
 	slash = strchr(rest + 1, '/');
@@ -244,7 +221,8 @@ static enum MHD_Result serve_routes(struct admin *a, struct MHD_Connection *conn
 	if (rc == -1)
 		return reply_text(conn, MHD_HTTP_NOT_FOUND, "no such route\n");
 	if (rc != 0)
-		return reply_text(conn, MHD_HTTP_NOT_FOUND, "no such action (pause, resume, drain)\n");
+		return reply_text(conn, MHD_HTTP_NOT_FOUND,
+				  "no such action (pause, resume, drain)\n");
 	snprintf(body, sizeof(body), "%s %s\n", route, action);
 	return reply_text(conn, MHD_HTTP_OK, body);
 }
@@ -368,7 +346,8 @@ struct admin *admin_start(struct ev_loop *loop, const char *listen_addr,
 	if (hooks) {
 		a->hooks = *hooks;
 		if (hooks->token && strlen(hooks->token) >= sizeof(a->token)) {
-			set_err(err, errlen, "admin.token is longer than %zu bytes", sizeof(a->token) - 1);
+			set_err(err, errlen, "admin.token is longer than %zu bytes",
+				sizeof(a->token) - 1);
 			free(a);
 			return NULL;
 		}
@@ -405,10 +384,9 @@ struct admin *admin_start(struct ev_loop *loop, const char *listen_addr,
 
 	a->mhd = MHD_start_daemon(MHD_USE_EPOLL | MHD_USE_ERROR_LOG, 0, NULL, NULL, on_request, a,
 				  MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, a,
-				  MHD_OPTION_LISTEN_SOCKET, fd,
-				  MHD_OPTION_CONNECTION_LIMIT, CONNECTION_LIMIT,
-				  MHD_OPTION_CONNECTION_TIMEOUT, CONNECTION_TIMEOUT_S,
-				  MHD_OPTION_END);
+				  MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_CONNECTION_LIMIT,
+				  CONNECTION_LIMIT, MHD_OPTION_CONNECTION_TIMEOUT,
+				  CONNECTION_TIMEOUT_S, MHD_OPTION_END);
 	if (a->mhd == NULL) {
 		set_err(err, errlen, "libmicrohttpd on %s: %s", listen_addr,
 			a->mhd_error[0] ? a->mhd_error : "MHD_start_daemon failed");

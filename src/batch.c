@@ -18,6 +18,13 @@ enum row_fate batch_row_fate(const struct pgmq_message *m, size_t envelope_bytes
 	return ROW_SEND;
 }
 
+enum reject_action batch_reject_action(long http_status, int n)
+{
+	if (http_status != 413)
+		return REJECT_RELEASE;
+	return n > 1 ? REJECT_SPLIT : REJECT_TOO_LARGE;
+}
+
 void read_result_unref(struct read_result *rr)
 {
 	if (rr && --rr->refs == 0) {
@@ -56,19 +63,13 @@ struct batch *batch_new(struct dispatcher *d, struct read_result *rr,
 void batch_log_ids(enum log_level level, const char *event, const struct dispatcher *d,
 		   const long long *ids, int n, const char *why)
 {
-	char list[IDS_PER_LINE * 21];
-
 	for (int i = 0; i < n; i += IDS_PER_LINE) {
-		size_t used = 0;
-		struct log_line *l;
+		struct log_line *l = log_begin_route(d->cfg->route_name, level, event);
 
-		for (int j = i; j < n && j < i + IDS_PER_LINE; j++)
-			used += (size_t)snprintf(list + used, sizeof(list) - used, "%s%lld",
-						 j > i ? "," : "", ids[j]);
-		l = log_begin_route(d->cfg->route_name, level, event);
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "outcome", why);
-		log_str(l, "msg_ids", list);
+		log_int_list(l, "msg_ids", ids + i,
+			     (size_t)(n - i < IDS_PER_LINE ? n - i : IDS_PER_LINE));
 		log_end(l);
 	}
 }
@@ -92,6 +93,7 @@ void batch_end(struct batch *b, enum batch_fate fate, const char *why)
 	case BATCH_RELEASED:
 	case BATCH_ARCHIVED:
 	case BATCH_DROPPED:
+	case BATCH_SPLIT:
 		break;
 	}
 	read_result_unref(b->rr);
@@ -124,7 +126,8 @@ static void on_released(void *arg, long count, const struct pg_error *err)
 		batch_end(b, BATCH_RELEASE_FAILED, "visible again after vt_seconds");
 	} else {
 		if (!d->finished) {
-			struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "released");
+			struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG,
+							     "released");
 			log_str(l, "queue", d->cfg->queue_name);
 			log_int(l, "messages", count);
 			log_end(l);
@@ -142,7 +145,8 @@ void batch_release(struct batch *b, int delay_s)
 	struct dispatcher *d = b->d;
 
 	if (pgmq_set_vt(d->pg, d->cfg->queue_name, b->ids, b->n, delay_s, on_released, b) != 0) {
-		log_msg_route(d->cfg->route_name, LOG_ERROR, "release_failed", "cannot queue set_vt");
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "release_failed",
+			      "cannot queue set_vt");
 		batch_end(b, BATCH_RELEASE_FAILED, "visible again after vt_seconds");
 		return;
 	}
@@ -180,8 +184,10 @@ void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pg
 	if (b)
 		b->archive_reason = reason;
 	if (b == NULL || pgmq_archive(d->pg, d->cfg->queue_name, b->ids, n, on_archived, b) != 0) {
-		log_msg_route(d->cfg->route_name, LOG_ERROR, "archive_failed", "cannot queue pgmq.archive for %d messages; "
-			"they come back after vt_seconds", n);
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "archive_failed",
+			      "cannot queue pgmq.archive for %d message%s; "
+			      "they come back after vt_seconds",
+			      n, n == 1 ? "" : "s");
 		if (b)
 			batch_end(b, BATCH_DROPPED, NULL);
 		return;
@@ -219,4 +225,66 @@ int batch_read_qty(int batch_size, int read_batches, int free_slots, int rate_ne
 		bodies = 1;
 	qty = (long)batch_size * bodies;
 	return qty > 1000 ? (batch_size > 1000 ? batch_size : 1000) : (int)qty;
+}
+
+void batch_split(struct batch *b)
+{
+	struct dispatcher *d = b->d;
+	int half = b->n / 2;
+	struct batch *lo = batch_new(d, b->rr, b->msgs, half);
+	struct batch *hi = batch_new(d, b->rr, b->msgs + half, b->n - half);
+	struct log_line *l;
+
+	if (lo == NULL || hi == NULL) {
+		if (lo)
+			batch_end(lo, BATCH_SPLIT, NULL);
+		if (hi)
+			batch_end(hi, BATCH_SPLIT, NULL);
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
+			      "cannot split a batch of %d; releasing it", b->n);
+		batch_release(b, 0);
+		return;
+	}
+	l = log_begin_route(d->cfg->route_name, LOG_WARN, "batch_split");
+	log_str(l, "queue", d->cfg->queue_name);
+	log_int(l, "jobs", b->n);
+	log_int(l, "first_msg_id", b->ids[0]);
+	log_int(l, "last_msg_id", b->ids[b->n - 1]);
+	log_str(l, "outcome", "413: sending the two halves");
+	log_end(l);
+	lo->read_at = hi->read_at = b->read_at;
+	batch_end(b, BATCH_SPLIT, NULL);
+	post_batch(d, lo);
+	post_batch(d, hi);
+}
+
+void batch_log_archived(const struct dispatcher *d, const struct pgmq_message *m,
+			const char *reason, size_t bytes, const char *problem)
+{
+	struct log_line *l = log_begin_route(d->cfg->route_name, LOG_ERROR, "message_archived");
+
+	log_str(l, "queue", d->cfg->queue_name);
+	log_num(l, "msg_id", m->msg_id);
+	log_str(l, "reason", reason);
+	log_num(l, "read_ct", m->read_ct);
+	if (bytes) {
+		log_int(l, "body_bytes", (long long)bytes);
+		if (problem == NULL)
+			log_int(l, "max_body_bytes", d->cfg->max_body_bytes);
+	} else {
+		log_int(l, "max_read_ct", d->cfg->max_read_ct);
+	}
+	if (problem)
+		log_str(l, "problem", problem);
+	log_end(l);
+}
+
+void batch_archive_too_large(struct batch *b, size_t body_bytes)
+{
+	struct dispatcher *d = b->d;
+
+	batch_log_archived(d, &b->msgs[0], "too_large", body_bytes,
+			   "RunPod answered 413 to this message on its own");
+	batch_archive(d, b->rr, b->msgs, 1, METRICS_ARCHIVE_TOO_LARGE);
+	batch_end(b, BATCH_SPLIT, NULL);
 }

@@ -4,6 +4,8 @@
 #include "backoff.h"
 #include "dispatcher_int.h"
 #include "log.h"
+#include "metrics.h"
+#include "tracker.h"
 
 enum circuit_action circuit_next(bool open, enum circuit_event ev, long http_status)
 {
@@ -23,8 +25,8 @@ enum circuit_action circuit_next(bool open, enum circuit_event ev, long http_sta
 /* Probes back off from backoff_base_ms up to probe_interval_ms. */
 static void start_probe_timer(struct dispatcher *d)
 {
-	double ms = backoff_ms(++d->probe_failures, d->cfg->backoff_base_ms, d->cfg->probe_interval_ms,
-			       BACKOFF_MIN_MS, 1.0);
+	double ms = backoff_ms(++d->probe_failures, d->cfg->backoff_base_ms,
+			       d->cfg->probe_interval_ms, BACKOFF_MIN_MS, 1.0);
 
 	ms *= 0.5 + 0.5 * backoff_jitter();
 	ev_timer_stop(d->loop, &d->probe);
@@ -40,13 +42,23 @@ void circuit_open(struct dispatcher *d, long http_status)
 		return;
 	d->circuit_open = true;
 	d->probe_failures = 0;
+	d->circuit_opened_at = d->circuit_reminded_at = ev_now(d->loop);
 	metrics_set_circuit_open(true);
 	metrics_route_set_circuit_open(d->mroute, true);
 	l = log_begin_route(d->cfg->route_name, LOG_ERROR, "circuit_open");
 	log_str(l, "endpoint_id", d->cfg->endpoint_id);
 	log_int(l, "http_status", http_status);
-	log_str(l, "msg", "RunPod refuses the API key or the endpoint; no reads until a /health "
-			  "probe succeeds or the configuration is reloaded");
+	/* The /run URL carries no secret (the key goes in a header); a 404
+	 * usually means a wrong endpoint id or base_url, which it shows. */
+	log_str(l, "url", d->conf.run_url);
+	if (d->once)
+		log_str(l, "msg",
+			"RunPod refuses the API key or the endpoint; --once reads no "
+			"more and exits non-zero, the messages are visible again");
+	else
+		log_str(l, "msg",
+			"RunPod refuses the API key or the endpoint; no reads until a "
+			"/health probe succeeds or the configuration is reloaded");
 	log_end(l);
 	start_probe_timer(d);
 	dispatcher_state_changed(d);
@@ -70,6 +82,30 @@ static void close_circuit(struct dispatcher *d, const char *why)
 	dispatcher_kick(d);
 }
 
+/* While the circuit stays open, one warning at most each
+ * CIRCUIT_REMIND_S: how long it has been open and how many probes failed,
+ * so a daemon at the default level is not silent about reading nothing. */
+#define CIRCUIT_REMIND_S 60.0
+static void remind_still_open(struct dispatcher *d, const struct http_response *r)
+{
+	ev_tstamp now = ev_now(d->loop);
+	struct log_line *l;
+
+	if (now - d->circuit_reminded_at < CIRCUIT_REMIND_S)
+		return;
+	d->circuit_reminded_at = now;
+	l = log_begin_route(d->cfg->route_name, LOG_WARN, "circuit_still_open");
+	log_str(l, "endpoint_id", d->cfg->endpoint_id);
+	log_int(l, "open_s", (long)(now - d->circuit_opened_at));
+	log_int(l, "probes", d->probe_failures);
+	log_int(l, "last_http_status", r->code == CURLE_OK ? r->status : 0);
+	log_str(l, "url", d->conf.health_url);
+	log_str(l, "msg",
+		"no reads while RunPod refuses the API key or the endpoint; fix it "
+		"and reload (SIGHUP) to probe at once");
+	log_end(l);
+}
+
 static void on_probe_done(void *arg, const struct http_response *r)
 {
 	struct dispatcher *d = arg;
@@ -85,11 +121,13 @@ static void on_probe_done(void *arg, const struct http_response *r)
 	if (r->code != CURLE_OK)
 		log_str(l, "error", r->error);
 	log_end(l);
-	switch (circuit_next(d->circuit_open, CIRCUIT_PROBE_REPLY, r->code == CURLE_OK ? r->status : 0)) {
+	switch (circuit_next(d->circuit_open, CIRCUIT_PROBE_REPLY,
+			     r->code == CURLE_OK ? r->status : 0)) {
 	case CIRCUIT_CLOSE:
 		close_circuit(d, "health probe succeeded");
 		break;
 	case CIRCUIT_PROBE_LATER:
+		remind_still_open(d, r);
 		start_probe_timer(d);
 		break;
 	default:
@@ -134,4 +172,31 @@ void circuit_reload(struct dispatcher *d)
 	d->probe_failures = 0;
 	ev_timer_stop(d->loop, &d->probe);
 	circuit_probe_now(d);
+}
+
+/* Like the open circuit, a queue that does not move stops reads: the
+ * tracker counts the jobs waiting IN_QUEUE and its wake hook asks for a
+ * read when fewer wait. */
+bool circuit_queue_capped(struct dispatcher *d)
+{
+	long queued = tracker_queued_jobs(d->tracker);
+	bool full = tracker_queue_full(queued, d->in_flight, d->cfg->tracker_max_queued_jobs);
+	struct log_line *l;
+
+	if (full == d->queue_capped)
+		return full;
+	l = log_begin_route(d->cfg->route_name, full ? LOG_WARN : LOG_INFO,
+			    full ? "reads_paused" : "reads_resumed");
+	log_int(l, "queued_jobs", queued);
+	log_int(l, "in_flight", d->in_flight);
+	log_int(l, "max_queued_jobs", d->cfg->tracker_max_queued_jobs);
+	if (full)
+		log_str(l, "msg",
+			"RunPod is not starting the jobs sent: no new /run until fewer "
+			"wait IN_QUEUE; the messages wait in the queue");
+	log_end(l);
+	d->queue_capped = full;
+	metrics_set_queue_cap_reached(full);
+	dispatcher_state_changed(d);
+	return full;
 }

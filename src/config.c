@@ -40,14 +40,19 @@ static void apply(struct raw *r, struct config *cfg)
 				char name[128], cred[160] = "", nofile[320] = "";
 				config_env_name(k, name, sizeof(name));
 				if (k->credential)
-					snprintf(cred, sizeof(cred), ", or as the systemd credential %s "
-						 "(LoadCredential=)", k->credential);
+					snprintf(cred, sizeof(cred),
+						 ", or as the systemd credential %s "
+						 "(LoadCredential=)",
+						 k->credential);
 				if (r->file_missing)
-					snprintf(nofile, sizeof(nofile), "; the configuration file %s "
-						 "does not exist", r->path);
-				config_fail(r, label, "default", "is required (set it in the file or as %s%s%s%s)%s",
-				     name, k->compat_env[0] ? " or " : "",
-				     k->compat_env[0] ? k->compat_env[0] : "", cred, nofile);
+					snprintf(nofile, sizeof(nofile),
+						 "; the configuration file %s "
+						 "does not exist",
+						 r->path);
+				config_fail(r, label, "default",
+					    "is required (set it in the file or as %s%s%s%s)%s",
+					    name, k->compat_env[0] ? " or " : "",
+					    k->compat_env[0] ? k->compat_env[0] : "", cred, nofile);
 				continue;
 			}
 			v = k->def;
@@ -56,7 +61,8 @@ static void apply(struct raw *r, struct config *cfg)
 		case K_INT: {
 			long n;
 			if (!config_parse_int(v, &n)) {
-				config_fail(r, label, r->where[i], "not an integer: '%s'", shown(k, v));
+				config_fail(r, label, r->where[i], "not an integer: '%s'",
+					    shown(k, v));
 				break;
 			}
 			if ((k->flags & F_ZERO_OFF) && n == 0) {
@@ -65,12 +71,15 @@ static void apply(struct raw *r, struct config *cfg)
 			}
 			if (n < k->min || n > k->max) {
 				if (k->flags & F_ZERO_OFF) {
-					config_fail(r, label, r->where[i], "must be 0 (off) or between %ld and %ld, "
-					     "got %ld", k->min, k->max, n);
+					config_fail(r, label, r->where[i],
+						    "must be 0 (off) or between %ld and %ld, "
+						    "got %ld",
+						    k->min, k->max, n);
 					break;
 				}
-				config_fail(r, label, r->where[i], "must be between %ld and %ld, got %ld",
-				     k->min, k->max, n);
+				config_fail(r, label, r->where[i],
+					    "must be between %ld and %ld, got %ld", k->min, k->max,
+					    n);
 				break;
 			}
 			*(int *)(void *)field = (int)n;
@@ -85,8 +94,10 @@ static void apply(struct raw *r, struct config *cfg)
 				if (strcasecmp(v, bool_false[c]) == 0)
 					b = 0;
 			if (b < 0) {
-				config_fail(r, label, r->where[i], "must be on or off (true/false, yes/no, 1/0), "
-				     "got '%s'", v);
+				config_fail(r, label, r->where[i],
+					    "must be on or off (true/false, yes/no, 1/0), "
+					    "got '%s'",
+					    v);
 				break;
 			}
 			*(int *)(void *)field = b;
@@ -100,10 +111,13 @@ static void apply(struct raw *r, struct config *cfg)
 			if (found < 0) {
 				char list[128] = "";
 				for (int c = 0; k->choices[c]; c++) {
-					strncat(list, c ? ", " : "", sizeof(list) - strlen(list) - 1);
-					strncat(list, k->choices[c], sizeof(list) - strlen(list) - 1);
+					strncat(list, c ? ", " : "",
+						sizeof(list) - strlen(list) - 1);
+					strncat(list, k->choices[c],
+						sizeof(list) - strlen(list) - 1);
 				}
-				config_fail(r, label, r->where[i], "must be one of %s, got '%s'", list, v);
+				config_fail(r, label, r->where[i], "must be one of %s, got '%s'",
+					    list, v);
 				break;
 			}
 			*(int *)(void *)field = found;
@@ -189,14 +203,17 @@ static void load_routes(struct raw *r, struct config *out)
 		apply(rr, &routes[n]);
 		r->errors = rr->errors;
 		free(rr);
-		snprintf(routes[n].route_name, sizeof(routes[n].route_name), "%s", r->route_names[n]);
+		snprintf(routes[n].route_name, sizeof(routes[n].route_name), "%s",
+			 r->route_names[n]);
 		routes[n].nroutes = 1;
 		for (int m = 0; m < n; m++) {
 			if (routes[m].queue_name && routes[n].queue_name &&
 			    strcmp(routes[m].queue_name, routes[n].queue_name) == 0) {
 				char label[96];
-				snprintf(label, sizeof(label), "route.%s.queue", routes[n].route_name);
-				config_fail(r, label, "file", "queue '%s' is already read by route %s",
+				snprintf(label, sizeof(label), "route.%s.queue",
+					 routes[n].route_name);
+				config_fail(r, label, "file",
+					    "queue '%s' is already read by route %s",
 					    routes[n].queue_name, routes[m].route_name);
 			}
 		}

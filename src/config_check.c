@@ -1,5 +1,6 @@
 /* config_check — see include/config_check.h. */
 #include "config_check.h"
+#include "listenaddr.h"
 
 #include <ctype.h>
 #include <errno.h>
@@ -49,6 +50,24 @@ bool config_is_placeholder(const char *v)
 	       strcasecmp(v, "change-me") == 0 || strcasecmp(v, "todo") == 0;
 }
 
+/* True when a longer value (a conninfo) holds an unfilled part of an
+ * example: "<...>" or a word starting "your-"/"your_". */
+bool config_has_placeholder_part(const char *v)
+{
+	for (const char *lt = strchr(v, '<'); lt; lt = strchr(lt + 1, '<')) {
+		const char *q = lt + 1;
+		while (isalnum((unsigned char)*q) || *q == '-' || *q == '_' || *q == ' ')
+			q++;
+		if (*q == '>' && q > lt + 1)
+			return true;
+	}
+	for (const char *p = v; *p; p++)
+		if ((p == v || !isalnum((unsigned char)p[-1])) &&
+		    (strncasecmp(p, "your-", 5) == 0 || strncasecmp(p, "your_", 5) == 0))
+			return true;
+	return false;
+}
+
 /* Strict decimal integer: optional '-', digits, nothing else. */
 bool config_parse_int(const char *s, long *out)
 {
@@ -80,6 +99,9 @@ const char *check_conninfo(const char *v)
 
 	if (*v == '\0')
 		return NULL; /* libpq defaults and PG* variables */
+	if (config_has_placeholder_part(v))
+		return "is the example's placeholder: a part like <password>, <ref>, <region> or "
+		       "your-... was not filled in";
 	const char *problem = NULL;
 
 	opts = PQconninfoParse(v, &err);
@@ -93,7 +115,8 @@ const char *check_conninfo(const char *v)
 	 * password would become the host and be printed as such. */
 	for (PQconninfoOption *o = opts; o->keyword; o++)
 		if (strcmp(o->keyword, "host") == 0 && o->val && strchr(o->val, '@'))
-			problem = "has an '@' in the host part: percent-encode '@' in the password as %40";
+			problem =
+				"has an '@' in the host part: percent-encode '@' in the password as %40";
 	PQconninfoFree(opts);
 	return problem;
 }
@@ -259,26 +282,8 @@ const char *check_ca_file(const char *v)
 /* "off", "host:port" or "[v6addr]:port" with a port of 0-65535. */
 const char *check_listen(const char *v)
 {
-	const char *colon;
-	long port;
-	char *end;
+	char host[LISTENADDR_HOST_MAX + 1];
+	int port;
 
-	if (strcmp(v, "off") == 0)
-		return NULL;
-	if (v[0] == '[') {
-		const char *close = strchr(v, ']');
-		if (close == NULL || close == v + 1 || close[1] != ':')
-			return "must be host:port, [v6addr]:port or off";
-		colon = close + 1;
-	} else {
-		colon = strrchr(v, ':');
-		if (colon == NULL || colon == v || memchr(v, ':', (size_t)(colon - v)) != NULL)
-			return "must be host:port, [v6addr]:port or off";
-	}
-	port = strtol(colon + 1, &end, 10);
-	if (colon[1] == '\0' || *end != '\0' || port < 0 || port > 65535)
-		return "has no valid port (0-65535)";
-	if (has_control(v) || strchr(v, ' '))
-		return "contains whitespace or a control character";
-	return NULL;
+	return strcmp(v, "off") == 0 ? NULL : listenaddr_split(v, host, sizeof(host), &port);
 }

@@ -11,6 +11,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 
 static const char *const level_choices[] = { "error", "warn", "info", "debug", "trace", NULL };
 static const char *const format_choices[] = { "logfmt", "json", NULL };
@@ -90,6 +91,10 @@ const struct key config_keys[] = {
 	/* §2: /status allows 2000 requests per 10 s. */
 	{ "tracker", "max_status_per_10s", K_INT, OFF(tracker_max_status_per_10s), "2000", 1, 1000000,
 	  0, { 0 }, NULL, NULL, NULL },
+	{ "tracker", "max_queued_jobs", K_INT, OFF(tracker_max_queued_jobs), "0", 1, 1000000,
+	  F_ZERO_OFF, { 0 }, NULL, NULL, NULL },
+	{ "tracker", "max_heartbeat_s", K_INT, OFF(tracker_max_heartbeat_s), "0", 1, 31536000,
+	  F_ZERO_OFF, { 0 }, NULL, NULL, NULL },
 	{ "admin", "listen", K_STR, OFF(admin_listen), "127.0.0.1:9187", 0, 0, F_STATIC, { 0 }, NULL,
 	  NULL, check_listen },
 	/* Bearer token for the runtime control endpoints (/routes). */
@@ -114,7 +119,8 @@ void config_key_label(const struct key *k, char *buf, size_t len)
 int config_find_key(const char *section, const char *name)
 {
 	for (size_t i = 0; i < NKEYS; i++)
-		if (strcmp(config_keys[i].section, section) == 0 && strcmp(config_keys[i].name, name) == 0)
+		if (strcmp(config_keys[i].section, section) == 0 &&
+		    strcmp(config_keys[i].name, name) == 0)
 			return (int)i;
 	return -1;
 }
@@ -128,27 +134,77 @@ void config_env_name(const struct key *k, char *buf, size_t len)
 		buf[i] = (char)toupper((unsigned char)buf[i]);
 }
 
+/* The name part of a label: after "section." (file, command line) or after
+ * "PGMQD_SECTION_" (environment; section names hold no '_'), without a unit
+ * suffix, copied into out. */
+static void name_stem(const char *label, bool env, char *out, size_t len)
+{
+	static const char *const units[] = { "_ms", "_s", "_seconds", "_bytes", "_10s", NULL };
+	const char *p = label;
+	size_t n;
+
+	if (env) {
+		if (strncasecmp(p, "PGMQD_", 6) == 0)
+			p += 6;
+		const char *u = strchr(p, '_');
+		if (u)
+			p = u + 1;
+	} else {
+		const char *dot = strchr(p, '.');
+		if (dot)
+			p = dot + 1;
+	}
+	snprintf(out, len, "%s", p);
+	n = strlen(out);
+	for (int i = 0; units[i]; i++) {
+		size_t un = strlen(units[i]);
+		if (n > un && strcasecmp(out + n - un, units[i]) == 0) {
+			out[n - un] = '\0';
+			break;
+		}
+	}
+}
+
+/* A typo, not another word: at most 3 edits and at most a third of the
+ * shorter of the two names. */
+static bool close_enough(int d, const char *a, const char *b)
+{
+	size_t la = strlen(a), lb = strlen(b);
+	size_t shorter = la < lb ? la : lb;
+
+	return d <= 3 && (size_t)d * 3 <= shorter;
+}
+
 /* The known name nearest to an unknown one ("section.key", or an
- * environment variable when env), or NULL when none is close. */
+ * environment variable when env), or NULL when none is close. Compares the
+ * whole label and, apart, the key's name without its section and unit
+ * suffix ("pol_interval" → queue.poll_interval_ms). */
 const char *config_nearest_key(const char *unknown, bool env, char *buf, size_t len)
 {
 	int best = 99;
-	char name[128];
+	char name[128], stem_u[128], stem_k[128];
 
+	name_stem(unknown, env, stem_u, sizeof(stem_u));
 	for (size_t i = 0; i < NKEYS; i++) {
-		int d;
+		int d, ds;
 		if (env)
 			config_env_name(&config_keys[i], name, sizeof(name));
 		else
-			snprintf(name, sizeof(name), "%s.%s", config_keys[i].section, config_keys[i].name);
+			snprintf(name, sizeof(name), "%s.%s", config_keys[i].section,
+				 config_keys[i].name);
 		d = config_distance(unknown, name);
+		if (!close_enough(d, unknown, name))
+			d = 99;
+		name_stem(name, env, stem_k, sizeof(stem_k));
+		ds = config_distance(stem_u, stem_k);
+		if (close_enough(ds, stem_u, stem_k) && ds < d)
+			d = ds;
 		if (d < best) {
 			best = d;
 			snprintf(buf, len, "%s", name);
 		}
 	}
-	/* A typo, not another word: at most a third of the name differs. */
-	return best <= 3 && (size_t)best * 3 <= strlen(unknown) ? buf : NULL;
+	return best < 99 ? buf : NULL;
 }
 
 static bool route_section(const char *section)
@@ -202,16 +258,9 @@ void config_keep_static_common(const struct config *cur, struct config *next)
 	keep_static(cur, next, true, NULL, NULL);
 }
 
-void config_free(struct config *cfg)
+/* The strings of one snapshot; its routes are not followed. */
+static void free_strings(struct config *cfg)
 {
-	if (cfg == NULL)
-		return;
-	if (cfg->routes) {
-		for (int n = 0; n < cfg->nroutes; n++)
-			config_free(&cfg->routes[n]);
-		free(cfg->routes);
-		cfg->routes = NULL;
-	}
 	for (size_t i = 0; i < NKEYS; i++) {
 		if (config_keys[i].type == K_STR) {
 			char **p = (char **)(void *)((char *)cfg + config_keys[i].off);
@@ -219,6 +268,20 @@ void config_free(struct config *cfg)
 			*p = NULL;
 		}
 	}
+}
+
+void config_free(struct config *cfg)
+{
+	if (cfg == NULL)
+		return;
+	if (cfg->routes) {
+		/* A route's snapshot has no routes of its own (config.h). */
+		for (int n = 0; n < cfg->nroutes; n++)
+			free_strings(&cfg->routes[n]);
+		free(cfg->routes);
+		cfg->routes = NULL;
+	}
+	free_strings(cfg);
 }
 
 char *config_mask_conninfo(const char *conninfo, char *buf, size_t len)
@@ -254,7 +317,7 @@ char *config_mask_conninfo(const char *conninfo, char *buf, size_t len)
 }
 
 static const char *const source_names[] = { "default", "file", "credential", "environment",
-					     "command line" };
+					    "command line" };
 
 void config_describe(const struct config *cfg, const char *path, char *buf, size_t len)
 {
@@ -290,7 +353,8 @@ static void dump_keys(const struct config *cfg, FILE *fp, const char *route)
 		if (route && !route_section(k->section))
 			continue;
 		if (route)
-			snprintf(label, sizeof(label), "route.%s.%s.%s", route, k->section, k->name);
+			snprintf(label, sizeof(label), "route.%s.%s.%s", route, k->section,
+				 k->name);
 		else
 			config_key_label(k, label, sizeof(label));
 		switch (k->type) {
@@ -298,10 +362,12 @@ static void dump_keys(const struct config *cfg, FILE *fp, const char *route)
 			snprintf(val, sizeof(val), "%d", *(const int *)(const void *)field);
 			break;
 		case K_ENUM:
-			snprintf(val, sizeof(val), "%s", k->choices[*(const int *)(const void *)field]);
+			snprintf(val, sizeof(val), "%s",
+				 k->choices[*(const int *)(const void *)field]);
 			break;
 		case K_BOOL:
-			snprintf(val, sizeof(val), "%s", *(const int *)(const void *)field ? "on" : "off");
+			snprintf(val, sizeof(val), "%s",
+				 *(const int *)(const void *)field ? "on" : "off");
 			break;
 		case K_STR: {
 			const char *s = *(char *const *)(const void *)field;

@@ -11,6 +11,9 @@
 #include <string.h>
 #include <unistd.h>
 
+/* Where the list of keys is, for an unknown key with no near match. */
+#define KEY_LIST_HINT "; the keys are listed by pgmq-dispatcher -T and in man 8 pgmq-dispatcher"
+
 void config_fail(struct raw *r, const char *key, const char *where, const char *fmt, ...)
 {
 	char problem[512];
@@ -51,8 +54,8 @@ static void unquote(char *v)
 struct file_ctx {
 	struct raw *r;
 	FILE *fp;
-	int lineno;             /* line most recently read */
-	int long_line;          /* first line longer than inih takes, or 0 */
+	int lineno;    /* line most recently read */
+	int long_line; /* first line longer than inih takes, or 0 */
 	bool seen[CONFIG_MAX_KEYS];
 };
 
@@ -125,7 +128,8 @@ static bool route_name_ok(const char *n)
 	if (len == 0 || len > CONFIG_ROUTE_NAME_MAX)
 		return false;
 	for (; *n; n++)
-		if (!(islower((unsigned char)*n) || isdigit((unsigned char)*n) || *n == '_' || *n == '-'))
+		if (!(islower((unsigned char)*n) || isdigit((unsigned char)*n) || *n == '_' ||
+		      *n == '-'))
 			return false;
 	return true;
 }
@@ -143,7 +147,8 @@ static void on_route_value(struct raw *r, const char *route, const char *name, c
 		return;
 	}
 	if (ki < 0) {
-		config_fail(r, label, where, "unknown key (a route sets queue and the keys of [queue], "
+		config_fail(r, label, where,
+			    "unknown key (a route sets queue and the keys of [queue], "
 			    "[runpod] and [tracker])");
 		return;
 	}
@@ -197,7 +202,7 @@ static int on_ini_value(void *user, const char *section, const char *name, const
 		if (config_nearest_key(label, false, near, sizeof(near)))
 			config_fail(r, label, where, "unknown key; did you mean %s?", near);
 		else
-			config_fail(r, label, where, "unknown key");
+			config_fail(r, label, where, "unknown key" KEY_LIST_HINT);
 		return 1;
 	}
 	if (fc->seen[i]) {
@@ -207,8 +212,9 @@ static int on_ini_value(void *user, const char *section, const char *name, const
 	fc->seen[i] = true;
 	if (value[0] == '"' && (strlen(value) < 2 || value[strlen(value) - 1] != '"')) {
 		/* inih ends a value at " ;" even inside quotes. */
-		config_fail(r, label, where, "unterminated double quote (a ' ;' inside a value starts a "
-		     "comment; set such values through the environment)");
+		config_fail(r, label, where,
+			    "unterminated double quote (a ' ;' inside a value starts a "
+			    "comment; set such values through the environment)");
 		r->failed[i] = true;
 		return 1;
 	}
@@ -229,7 +235,7 @@ void config_load_file(struct raw *r, const char *path, bool explicit_path)
 	if (fp == NULL) {
 		if (explicit_path || errno != ENOENT)
 			config_fail(r, "config", path, "cannot open the configuration file: %s",
-			     strerror(errno));
+				    strerror(errno));
 		else
 			r->file_missing = true;
 		return;
@@ -239,14 +245,16 @@ void config_load_file(struct raw *r, const char *path, bool explicit_path)
 	if (ferror(fp)) {
 		int e = errno;
 		fclose(fp);
-		config_fail(r, "config", path, "cannot read the configuration file: %s", strerror(e));
+		config_fail(r, "config", path, "cannot read the configuration file: %s",
+			    strerror(e));
 		return;
 	}
 	fclose(fp);
 	if (fc.long_line) {
 		snprintf(where, sizeof(where), "file %s:%d", path, fc.long_line);
-		config_fail(r, "config", where, "line of 199 bytes or more; set long values "
-		     "(conninfo, api_key) through the environment or a *_FILE instead");
+		config_fail(r, "config", where,
+			    "line of 199 bytes or more; set long values "
+			    "(conninfo, api_key) through the environment or a *_FILE instead");
 	}
 	/* inih returns the first bad line; our handler never fails, so a
 	 * positive result is a syntax error. */
@@ -387,9 +395,10 @@ void config_load_env(struct raw *r, char *const *envp)
 			snprintf(label, sizeof(label), "%.*s", (int)(eq - *e), *e);
 			if (config_nearest_key(label, true, near, sizeof(near)))
 				config_fail(r, label, "environment",
-				     "unknown environment variable; did you mean %s?", near);
+					    "unknown environment variable; did you mean %s?", near);
 			else
-				config_fail(r, label, "environment", "unknown environment variable");
+				config_fail(r, label, "environment",
+					    "unknown environment variable" KEY_LIST_HINT);
 		}
 	}
 }
@@ -431,7 +440,8 @@ void config_load_cli(struct raw *r, const char *const *cli)
 		char section[64], name[64];
 		int i;
 
-		if (eq == NULL || dot == NULL || dot > eq || (size_t)(dot - *cli) >= sizeof(section) ||
+		if (eq == NULL || dot == NULL || dot > eq ||
+		    (size_t)(dot - *cli) >= sizeof(section) ||
 		    (size_t)(eq - dot - 1) >= sizeof(name)) {
 			config_fail(r, *cli, "command line", "expected section.key=value");
 			continue;
@@ -443,9 +453,10 @@ void config_load_cli(struct raw *r, const char *const *cli)
 			char label[130], near[128];
 			snprintf(label, sizeof(label), "%s.%s", section, name);
 			if (config_nearest_key(label, false, near, sizeof(near)))
-				config_fail(r, *cli, "command line", "unknown key; did you mean %s?", near);
+				config_fail(r, *cli, "command line",
+					    "unknown key; did you mean %s?", near);
 			else
-				config_fail(r, *cli, "command line", "unknown key");
+				config_fail(r, *cli, "command line", "unknown key" KEY_LIST_HINT);
 			continue;
 		}
 		config_set_raw(r, (size_t)i, eq + 1, SRC_CLI, "command line");

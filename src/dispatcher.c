@@ -17,9 +17,9 @@
 /* The one list of the dispatcher's timers: stopping them all (finish,
  * free) or all but the shutdown deadline (stop) walks it. */
 static const size_t timer_offsets[] = {
-	OFFSET_OF_TIMER(poll),        OFFSET_OF_TIMER(pause),      OFFSET_OF_TIMER(probe),
-	OFFSET_OF_TIMER(deadline),    OFFSET_OF_TIMER(stats_timer), OFFSET_OF_TIMER(debounce),
-	OFFSET_OF_TIMER(wake_timer),  OFFSET_OF_TIMER(selftest_timer), OFFSET_OF_TIMER(rate_timer),
+	OFFSET_OF_TIMER(poll),       OFFSET_OF_TIMER(pause),          OFFSET_OF_TIMER(probe),
+	OFFSET_OF_TIMER(deadline),   OFFSET_OF_TIMER(stats_timer),    OFFSET_OF_TIMER(debounce),
+	OFFSET_OF_TIMER(wake_timer), OFFSET_OF_TIMER(selftest_timer), OFFSET_OF_TIMER(rate_timer),
 };
 
 static void stop_timers(struct dispatcher *d, const ev_timer *keep)
@@ -59,24 +59,6 @@ double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double h
 	return ms;
 }
 
-static void log_archive(const struct dispatcher *d, const struct pgmq_message *m, const char *reason,
-			size_t bytes)
-{
-	struct log_line *l = log_begin_route(d->cfg->route_name, LOG_ERROR, "message_archived");
-
-	log_str(l, "queue", d->cfg->queue_name);
-	log_str(l, "msg_id", m->msg_id);
-	log_str(l, "reason", reason);
-	log_str(l, "read_ct", m->read_ct);
-	if (bytes) {
-		log_int(l, "body_bytes", (long long)bytes);
-		log_int(l, "max_body_bytes", d->cfg->max_body_bytes);
-	} else {
-		log_int(l, "max_read_ct", d->cfg->max_read_ct);
-	}
-	log_end(l);
-}
-
 /* Splits the rows of a read into /run requests no larger than
  * max_body_bytes (in msg_id order) and archives the messages that must
  * never be dispatched: read more than max_read_ct times, or too large to
@@ -95,8 +77,8 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 	if (keep == NULL || drop == NULL || poison == NULL || bad == NULL || ends == NULL) {
 		free(poison);
 		free(bad);
-		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt",
-			rows->n);
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
+			      "dropping a read of %d; visible again after vt", rows->n);
 		free(keep);
 		free(drop);
 		free(ends);
@@ -113,19 +95,21 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 			 * function is broken and would hide it again). */
 			l = log_begin_route(d->cfg->route_name, LOG_ERROR, "row_invalid");
 			log_str(l, "queue", d->cfg->queue_name);
-			log_str(l, "msg_id", m->msg_id);
+			log_num(l, "msg_id", m->msg_id);
 			log_str(l, "problem", m->invalid);
-			log_str(l, "outcome", m->id_ok ? "released" : "cannot release: visible again after vt_seconds");
+			log_str(l, "outcome",
+				m->id_ok ? "released"
+					 : "cannot release: visible again after vt_seconds");
 			log_end(l);
 			if (m->id_ok)
 				bad[nbad++] = *m;
 			break;
 		case ROW_MAX_READ_CT:
-			log_archive(d, m, "max_read_ct", 0);
+			batch_log_archived(d, m, "max_read_ct", 0, NULL);
 			poison[npoison++] = *m;
 			break;
 		case ROW_TOO_LARGE:
-			log_archive(d, m, "too_large", envelope + runpod_job_bytes(m));
+			batch_log_archived(d, m, "too_large", envelope + runpod_job_bytes(m), NULL);
 			drop[ndrop++] = *m;
 			break;
 		case ROW_SEND:
@@ -147,8 +131,9 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 		if (b)
 			post_batch(d, b);
 		else
-			log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory", "dropping %d messages; visible again "
-				"after vt", ends[r] - start);
+			log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
+				      "dropping %d message%s; visible again after vt",
+				      ends[r] - start, ends[r] - start == 1 ? "" : "s");
 	}
 	free(keep);
 	free(drop);
@@ -175,17 +160,30 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	d->stats.reads++;
 	if (err) {
 		bool unknown = err->connection_lost && err->sent;
-		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_ERROR, unknown ? "read_fate_unknown" : "read_failed");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_ERROR,
+						     unknown ? "read_fate_unknown" : "read_failed");
 		d->stats.reads_failed++;
 		metrics_inc_reads(METRICS_READ_ERROR);
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		if (unknown)
-			log_str(l, "outcome", "messages it read, if any, are visible again after vt_seconds");
-		if (!err->connection_lost)
+			log_str(l, "outcome",
+				"messages it read, if any, are visible again after vt_seconds");
+		/* --once does not read again: announce no retry. */
+		if (!err->connection_lost && !d->once)
 			log_int(l, "retry_in_ms", (long long)dispatcher_back_off(d, PAUSE_DB, -1));
+		else if (!err->connection_lost)
+			log_str(l, "outcome", "--once: no retry, exit status 69");
+		if (strcmp(err->sqlstate, "42P01") == 0) { /* undefined_table: no such queue */
+			char call[320];
+
+			pgmq_create_call(d->cfg->queue_name, call, sizeof(call));
+			log_str(l, "fix", call);
+		}
 		log_end(l);
+		if (strcmp(err->sqlstate, PGMQ_SQLSTATE_OUT_OF_RANGE) == 0)
+			overflow_find(d);
 		d->once_result = DISPATCH_DONE_FAILED;
 		d->read_done = true;
 		dispatcher_maybe_finish(d);
@@ -210,7 +208,8 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	}
 	rr = calloc(1, sizeof(*rr));
 	if (rr == NULL) {
-		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt", rows->n);
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
+			      "dropping a read of %d; visible again after vt", rows->n);
 		pgmq_batch_free(rows);
 		free(rows);
 		/* The read is over all the same: --once must end, not hang. */
@@ -230,8 +229,8 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "batch_read");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_int(l, "jobs", rr->rows.n);
-		log_str(l, "first_msg_id", rr->rows.msgs[0].msg_id);
-		log_str(l, "last_msg_id", rr->rows.msgs[rr->rows.n - 1].msg_id);
+		log_num(l, "first_msg_id", rr->rows.msgs[0].msg_id);
+		log_num(l, "last_msg_id", rr->rows.msgs[rr->rows.n - 1].msg_id);
 		log_end(l);
 	}
 	if (d->stopping) {
@@ -259,7 +258,7 @@ void dispatcher_kick(struct dispatcher *d)
 	if (d->stopping || d->finished || d->circuit_open || !pg_ready(d->pg) ||
 	    ev_is_active(&d->pause) || !d->ctl_loaded || !control_may_read(d->ctl))
 		return;
-	if (d->in_flight >= d->cfg->max_in_flight) {
+	if (d->in_flight >= d->cfg->max_in_flight || circuit_queue_capped(d)) {
 		d->read_wanted = true;
 		return;
 	}
@@ -269,7 +268,8 @@ void dispatcher_kick(struct dispatcher *d)
 	d->again = false;
 	if (pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name, d->cfg->vt_seconds,
 		      post_read_qty(d), dispatcher_on_read, d) != 0) {
-		log_msg_route(d->cfg->route_name, LOG_ERROR, "read_failed", "cannot queue the read statement");
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "read_failed",
+			      "cannot queue the read statement");
 		dispatcher_back_off(d, PAUSE_DB, -1);
 		return;
 	}
@@ -334,7 +334,8 @@ static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
 	(void)loop;
 	(void)revents;
 	if (d->in_flight > 0) {
-		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN, "shutdown_deadline");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN,
+						     "shutdown_deadline");
 		log_int(l, "in_flight", d->in_flight);
 		log_str(l, "outcome", "aborted requests are counted as outcome unknown");
 		log_end(l);
@@ -344,8 +345,9 @@ static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
 	if (!d->finished && (d->db_pending > 0 || d->reading)) {
 		/* Their callbacks still run when the connection closes, and
 		 * name every msg id that stays invisible. */
-		log_msg_route(d->cfg->route_name, LOG_WARN, "shutdown_deadline", "%d database statements unfinished",
-			d->db_pending + (d->reading ? 1 : 0));
+		log_msg_route(d->cfg->route_name, LOG_WARN, "shutdown_deadline",
+			      "%d database statements unfinished",
+			      d->db_pending + (d->reading ? 1 : 0));
 		d->deadline_passed = true;
 	}
 	dispatcher_maybe_finish(d);
@@ -366,7 +368,8 @@ static void on_connected(void *arg)
 		metrics_inc_pg_reconnects();
 	d->connected_once = true;
 	if (d->w.listen_pg == NULL)
-		wakeup_start_listen(d, d->pg); /* re-LISTEN first: the read below is queued after it */
+		wakeup_start_listen(d,
+				    d->pg); /* re-LISTEN first: the read below is queued after it */
 	dispatcher_state_changed(d);
 	control_load(d); /* then kicks */
 	if (!d->once && !d->stopping) {
@@ -394,7 +397,8 @@ static void on_metrics(void *arg, long long length, double oldest_age_s, const s
 	if (d->finished)
 		return;
 	if (err) {
-		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "queue_metrics_failed");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG,
+						     "queue_metrics_failed");
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		log_end(l);
@@ -457,8 +461,10 @@ struct dispatcher *dispatcher_new_shared(struct ev_loop *loop, const struct conf
 		{ OFFSET_OF_TIMER(rate_timer), post_on_rate_timer },
 	};
 	struct dispatcher *d = calloc(1, sizeof(*d));
-	struct pg_callbacks cb = { .connected = on_connected, .disconnected = on_disconnected,
-				   .connect_failed = on_connect_failed, .notify = wakeup_on_notify };
+	struct pg_callbacks cb = { .connected = on_connected,
+				   .disconnected = on_disconnected,
+				   .connect_failed = on_connect_failed,
+				   .notify = wakeup_on_notify };
 
 	if (d == NULL)
 		return NULL;
@@ -555,9 +561,9 @@ void dispatcher_set_state_hook(struct dispatcher *d, void (*fn)(void *arg), void
 bool dispatcher_ready(const struct dispatcher *d, char *why, size_t len)
 {
 	const char *reason = d->stopping || d->finished ? "draining: shutting down"
-			     : !pg_ready(d->pg)             ? "database disconnected"
-			     : d->circuit_open              ? "circuit open: RunPod refuses the key or endpoint"
-							    : NULL;
+			     : !pg_ready(d->pg)         ? "database disconnected"
+			     : d->circuit_open ? "circuit open: RunPod refuses the key or endpoint"
+					       : NULL;
 
 	if (reason && why && len)
 		snprintf(why, len, "%s", reason);
@@ -569,11 +575,16 @@ void dispatcher_status(const struct dispatcher *d, char *buf, size_t len)
 	char why[96];
 	bool ready = dispatcher_ready(d, why, sizeof(why));
 
-	snprintf(buf, len, "%s%s%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
-		 "unknown %llu; queue length %lld", d->ctl == MRS_RUNNING ? "" : dispatcher_control_state_name((int)d->ctl),
-		 d->ctl == MRS_RUNNING ? "" : ", ", ready ? "dispatching" : why, d->in_flight,
-		 d->stats.messages_accepted, d->stats.requests_accepted, d->stats.requests_rejected,
-		 d->stats.requests_unknown, d->queue_length);
+	if (ready && d->queue_capped)
+		snprintf(why, sizeof(why), "reads paused at max_queued_jobs %d (IN_QUEUE %d)",
+			 d->cfg->tracker_max_queued_jobs, tracker_queued_jobs(d->tracker));
+	snprintf(buf, len,
+		 "%s%s%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
+		 "unknown %llu; queue length %lld",
+		 d->ctl == MRS_RUNNING ? "" : dispatcher_control_state_name((int)d->ctl),
+		 d->ctl == MRS_RUNNING ? "" : ", ", ready && !d->queue_capped ? "dispatching" : why,
+		 d->in_flight, d->stats.messages_accepted, d->stats.requests_accepted,
+		 d->stats.requests_rejected, d->stats.requests_unknown, d->queue_length);
 }
 
 void dispatcher_free(struct dispatcher *d)
@@ -591,7 +602,7 @@ void dispatcher_free(struct dispatcher *d)
 	tracker_free(d->tracker); /* after the aborts above, before http_free drops requests */
 	if (!d->http_shared)
 		http_free(d->http);
-	pg_free(d->w.listen_pg);
+	wakeup_free(d);
 	pg_free(d->pg);
 	dispatcher_conf_free(&d->conf);
 	ratelimit_free(&d->rl);

@@ -24,8 +24,8 @@ int dispatcher_dry_run(const struct config *cfg, FILE *out)
 		kw[1] = NULL;
 	conn = PQconnectdbParams(kw, val, 1);
 	if (PQstatus(conn) != CONNECTION_OK) {
-		log_msg(LOG_ERROR, "dry_run_failed", "%.*s", (int)strcspn(PQerrorMessage(conn), "\n"),
-			PQerrorMessage(conn));
+		log_msg(LOG_ERROR, "dry_run_failed", "%.*s",
+			(int)strcspn(PQerrorMessage(conn), "\n"), PQerrorMessage(conn));
 		PQfinish(conn);
 		return -1;
 	}
@@ -42,14 +42,16 @@ int dispatcher_dry_run(const struct config *cfg, FILE *out)
 	}
 	runs = runpod_pack(rows.msgs, rows.n, envelope, (size_t)cfg->max_body_bytes, ends);
 	for (int r = 0, start = 0; r < runs; start = ends[r++]) {
-		char *body = runpod_run_body(cfg->queue_name, cfg->vt_seconds, &extras, rows.msgs + start,
-					     ends[r] - start, NULL);
+		char *body = runpod_run_body(cfg->queue_name, cfg->vt_seconds, &extras,
+					     rows.msgs + start, ends[r] - start, NULL);
 		if (body)
 			fprintf(out, "%s\n", body);
 		free(body);
 	}
-	log_msg(LOG_INFO, "dry_run", "%d visible messages would go out in %d /run requests; "
-		"nothing was changed", rows.n, runs);
+	log_msg(LOG_INFO, "dry_run",
+		"%d visible message%s would go out in %d /run request%s; "
+		"nothing was changed",
+		rows.n, rows.n == 1 ? "" : "s", runs, runs == 1 ? "" : "s");
 	free(ends);
 	pgmq_batch_free(&rows);
 	return 0;

@@ -20,8 +20,8 @@ struct http_request {
 	struct curl_slist *headers;
 	char *body;
 	size_t body_len;
-	size_t body_pos;        /* bytes curl has read from the body */
-	bool resend_refused;    /* curl wanted to send the body again */
+	size_t body_pos;     /* bytes curl has read from the body */
+	bool resend_refused; /* curl wanted to send the body again */
 	http_done_fn fn;
 	void *arg;
 	const void *owner;
@@ -42,14 +42,14 @@ struct http_socket {
 static void check_multi_info(struct http *h);
 
 /* Checked curl calls that name the option that failed. */
-#define SETOPT(easy, opt, val)                                                            \
-	do {                                                                                \
-		CURLcode rc_ = curl_easy_setopt((easy), (opt), (val));                       \
-		if (rc_ != CURLE_OK) {                                                      \
+#define SETOPT(easy, opt, val)                                                                    \
+	do {                                                                                      \
+		CURLcode rc_ = curl_easy_setopt((easy), (opt), (val));                            \
+		if (rc_ != CURLE_OK) {                                                            \
 			log_msg(LOG_ERROR, "http_setup_failed", "curl_easy_setopt(%s): %s", #opt, \
-				curl_easy_strerror(rc_));                                   \
-			goto fail;                                                          \
-		}                                                                           \
+				curl_easy_strerror(rc_));                                         \
+			goto fail;                                                                \
+		}                                                                                 \
 	} while (0)
 
 static void on_socket_event(struct ev_loop *loop, ev_io *w, int revents)
@@ -186,8 +186,8 @@ static size_t header_cb(char *data, size_t size, size_t nmemb, void *userp)
 		size_t start = 12, end = n;
 		while (start < end && (data[start] == ' ' || data[start] == '\t'))
 			start++;
-		while (end > start && (data[end - 1] == '\r' || data[end - 1] == '\n' ||
-				       data[end - 1] == ' '))
+		while (end > start &&
+		       (data[end - 1] == '\r' || data[end - 1] == '\n' || data[end - 1] == ' '))
 			end--;
 		if (end - start < sizeof(r->retry_after)) {
 			memcpy(r->retry_after, data + start, end - start);
@@ -351,10 +351,11 @@ static void finish(struct http *h, struct http_request *r, CURLcode code, bool a
 	curl_easy_getinfo(r->easy, CURLINFO_PRIMARY_IP, &ip);
 	resp.code = code;
 	resp.error = r->error[0] ? r->error : (code != CURLE_OK ? curl_easy_strerror(code) : "");
-	resp.request_sent = request_size > 0 || uploaded > 0 || r->body_pos > 0 || r->resend_refused;
+	resp.request_sent = request_size > 0 || uploaded > 0 || r->body_pos > 0 ||
+			    r->resend_refused;
 	resp.resend_refused = r->resend_refused;
-	resp.connected = resp.request_sent || (ip != NULL && ip[0] != '\0' &&
-					       code != CURLE_COULDNT_CONNECT);
+	resp.connected = resp.request_sent ||
+			 (ip != NULL && ip[0] != '\0' && code != CURLE_COULDNT_CONNECT);
 	resp.aborted = aborted;
 	resp.body = r->reply ? r->reply : "";
 	resp.body_len = r->reply_len;
@@ -389,6 +390,10 @@ static void check_multi_info(struct http *h)
 void http_cancel_all(struct http *h)
 {
 	while (h->requests)
+		/* finish() unlinks the request before it frees it, and the head's
+		 * prev is always NULL, so h->requests moves on; the analyzer assumes
+		 * a head with a prev. Loops, as callbacks may cancel others.
+		 * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
 		finish(h, h->requests, CURLE_ABORTED_BY_CALLBACK, true);
 }
 
@@ -396,11 +401,15 @@ void http_cancel_owner(struct http *h, const void *owner)
 {
 	for (;;) {
 		struct http_request *r = h->requests;
+		/* finish() unlinks r before it frees it and callbacks may cancel
+		 * others, so each walk starts again from the head; the analyzer
+		 * assumes a head with a prev (as in http_cancel_all).
+		 * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
 		while (r && r->owner != owner)
 			r = r->next;
 		if (r == NULL)
 			return;
-		finish(h, r, CURLE_ABORTED_BY_CALLBACK, true); /* may change the list */
+		finish(h, r, CURLE_ABORTED_BY_CALLBACK, true);
 	}
 }
 
@@ -408,12 +417,13 @@ void http_free(struct http *h)
 {
 	if (h == NULL)
 		return;
-	while (h->requests) {
-		struct http_request *r = h->requests;
+	/* No callbacks run here, so the list is walked once, not unlinked. */
+	for (struct http_request *r = h->requests, *next; r != NULL; r = next) {
+		next = r->next;
 		curl_multi_remove_handle(h->multi, r->easy);
-		unlink_request(h, r);
 		free_request(r);
 	}
+	h->requests = NULL;
 	ev_timer_stop(h->loop, &h->timer);
 	curl_multi_cleanup(h->multi);
 	free(h);

@@ -72,9 +72,10 @@ static long hex4(struct scan *s)
 		return -1;
 	for (int i = 0; i < 4; i++) {
 		unsigned char c = s->p[i];
-		int d = c >= '0' && c <= '9' ? c - '0'
+		int d = c >= '0' && c <= '9'   ? c - '0'
 			: c >= 'a' && c <= 'f' ? c - 'a' + 10
-			: c >= 'A' && c <= 'F' ? c - 'A' + 10 : -1;
+			: c >= 'A' && c <= 'F' ? c - 'A' + 10
+					       : -1;
 		if (d < 0)
 			return -1;
 		v = v * 16 + d;
@@ -91,16 +92,26 @@ static long escape(struct scan *s)
 	if (s->p >= s->end)
 		return -1;
 	switch (*s->p++) {
-	case '"': return '"';
-	case '\\': return '\\';
-	case '/': return '/';
-	case 'b': return '\b';
-	case 'f': return '\f';
-	case 'n': return '\n';
-	case 'r': return '\r';
-	case 't': return '\t';
-	case 'u': break;
-	default: return -1;
+	case '"':
+		return '"';
+	case '\\':
+		return '\\';
+	case '/':
+		return '/';
+	case 'b':
+		return '\b';
+	case 'f':
+		return '\f';
+	case 'n':
+		return '\n';
+	case 'r':
+		return '\r';
+	case 't':
+		return '\t';
+	case 'u':
+		break;
+	default:
+		return -1;
 	}
 	hi = hex4(s);
 	if (hi < 0 || (hi >= 0xDC00 && hi <= 0xDFFF))
@@ -193,6 +204,7 @@ static int string_token(struct scan *s, struct sink *k)
 static int value(struct scan *s, int depth);
 
 /* An object or array after its opening bracket. */
+/* Recursion bounded by MAX_DEPTH (checked in value()). NOLINTNEXTLINE(misc-no-recursion) */
 static int container(struct scan *s, int depth, unsigned char close, bool keys)
 {
 	skip_ws(s);
@@ -224,6 +236,7 @@ static int container(struct scan *s, int depth, unsigned char close, bool keys)
 	}
 }
 
+/* Recursion bounded by MAX_DEPTH. NOLINTNEXTLINE(misc-no-recursion) */
 static int value(struct scan *s, int depth)
 {
 	const unsigned char *start;
@@ -241,8 +254,10 @@ static int value(struct scan *s, int depth)
 	}
 	/* Numbers and literals: their syntax is cJSON's business. */
 	start = s->p;
-	while (s->p < s->end && (strchr("+-.eE", *s->p) || (*s->p >= '0' && *s->p <= '9') ||
-				 (*s->p >= 'a' && *s->p <= 'z')) && *s->p != '\0')
+	while (s->p < s->end &&
+	       (strchr("+-.eE", *s->p) || (*s->p >= '0' && *s->p <= '9') ||
+		(*s->p >= 'a' && *s->p <= 'z')) &&
+	       *s->p != '\0')
 		s->p++;
 	return s->p > start ? 0 : fail(s, "expected a value");
 }
@@ -258,7 +273,7 @@ static struct jsonscan_member *wanted(struct jsonscan_member *members, size_t n,
 int jsonscan_members(const char *body, size_t len, struct jsonscan_member *members, size_t n,
 		     const char **why)
 {
-	struct scan s = { (const unsigned char *)body, (const unsigned char *)body + len, NULL };
+	struct scan s = { (const unsigned char *)body, NULL, NULL };
 	bool seen[16] = { false };
 	int rc = -1;
 
@@ -272,6 +287,7 @@ int jsonscan_members(const char *body, size_t len, struct jsonscan_member *membe
 		fail(&s, "no body");
 		goto out;
 	}
+	s.end = s.p + len;
 	skip_ws(&s);
 	if (s.p >= s.end || *s.p++ != '{') {
 		fail(&s, "not a JSON object");
@@ -283,8 +299,11 @@ int jsonscan_members(const char *body, size_t len, struct jsonscan_member *membe
 	} else {
 		for (;;) {
 			char keybuf[64];
-			struct jsonscan_member key = { .key = "", .buf = keybuf, .cap = sizeof(keybuf),
-						       .cut_ok = true, .allow_layout = true };
+			struct jsonscan_member key = { .key = "",
+						       .buf = keybuf,
+						       .cap = sizeof(keybuf),
+						       .cut_ok = true,
+						       .allow_layout = true };
 			struct sink kk = { &key, 0, false };
 			struct jsonscan_member *m;
 
@@ -297,7 +316,8 @@ int jsonscan_members(const char *body, size_t len, struct jsonscan_member *membe
 				goto out;
 			}
 			skip_ws(&s);
-			m = key.cut || memchr(keybuf, '\0', kk.len) ? NULL : wanted(members, n, keybuf);
+			m = key.cut || memchr(keybuf, '\0', kk.len) ? NULL
+								    : wanted(members, n, keybuf);
 			if (m != NULL && seen[m - members]) {
 				m->state = JSONSCAN_INVALID;
 				m->why = "appears twice";

@@ -283,7 +283,8 @@ void log_excerpt(struct log_line *l, const char *key, const char *value, size_t 
 		return;
 	put_key(l, key);
 	if (value == NULL) {
-		put(l, format == LOG_FORMAT_JSON ? "null" : "\"\"", format == LOG_FORMAT_JSON ? 4 : 2);
+		put(l, format == LOG_FORMAT_JSON ? "null" : "\"\"",
+		    format == LOG_FORMAT_JSON ? 4 : 2);
 		return;
 	}
 	bool cut = n > max;
@@ -392,7 +393,8 @@ void log_end(struct log_line *l)
 	redact(l);
 	/* put() always leaves TAIL_RESERVE bytes for this tail. */
 	if (l->truncated) {
-		const char *t = format == LOG_FORMAT_JSON ? ",\"truncated\":true" : " truncated=true";
+		const char *t = format == LOG_FORMAT_JSON ? ",\"truncated\":true"
+							  : " truncated=true";
 		memcpy(l->buf + l->len, t, strlen(t));
 		l->len += strlen(t);
 	}
@@ -411,8 +413,9 @@ void log_note_dropped(unsigned long long n)
 
 	start_line(&note, LOG_WARN, "log_lines_dropped");
 	log_int(&note, "lines", (long long)n);
-	log_str(&note, "msg", n == 1 ? "stderr was not read: 1 log line was dropped"
-				     : "stderr was not read: log lines were dropped");
+	log_str(&note, "msg",
+		n == 1 ? "stderr was not read: 1 log line was dropped"
+		       : "stderr was not read: log lines were dropped");
 	log_end(&note);
 }
 
@@ -433,4 +436,3 @@ void log_msg(enum log_level level, const char *event, const char *fmt, ...)
 	log_end(l);
 	errno = saved;
 }
-

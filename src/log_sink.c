@@ -20,12 +20,12 @@
 #define PENDING_MAX (64 * 1024)
 
 static struct {
-	struct ev_loop *loop; /* NULL: direct, blocking writes (startup, -t, exit) */
-	ev_io watcher;        /* EV_WRITE while bytes wait */
-	int fd;               /* a non-blocking description of stderr, or stderr */
-	bool own_fd;          /* fd was opened here (closed on detach) */
-	bool sock;            /* stderr is a socket (journald): send(MSG_DONTWAIT) */
-	size_t head, len;     /* waiting bytes: pending[head .. head + len) */
+	struct ev_loop *loop;          /* NULL: direct, blocking writes (startup, -t, exit) */
+	ev_io watcher;                 /* EV_WRITE while bytes wait */
+	int fd;                        /* a non-blocking description of stderr, or stderr */
+	bool own_fd;                   /* fd was opened here (closed on detach) */
+	bool sock;                     /* stderr is a socket (journald): send(MSG_DONTWAIT) */
+	size_t head, len;              /* waiting bytes: pending[head .. head + len) */
 	unsigned long long unreported; /* dropped since the last "log_lines_dropped" */
 	char pending[PENDING_MAX];
 } out = { .fd = STDERR_FILENO };
@@ -215,4 +215,3 @@ unsigned long long log_lines_dropped(void)
 {
 	return atomic_load_explicit(&dropped_total, memory_order_relaxed);
 }
-

@@ -5,6 +5,7 @@
 #include "route.h"
 #include "ctl.h"
 #include "admin.h"
+#include "listenaddr.h"
 #include "log.h"
 #include "metrics.h"
 #include "sdnotify.h"
@@ -29,10 +30,19 @@ struct app {
 	struct config_input in; /* kept for reloads */
 	struct routes *routes;
 	int exit_code;
-	int signals;            /* TERM/INT received */
+	int signals; /* TERM/INT received */
 	struct admin *admin;
 	ev_signal sig_int, sig_term, sig_hup;
 };
+
+/* The port of a valid admin.listen value, -1 for "off". */
+static int listen_port(const char *listen)
+{
+	char host[LISTENADDR_HOST_MAX + 1];
+	int port = -1;
+
+	return listenaddr_split(listen, host, sizeof(host), &port) == NULL ? port : -1;
+}
 
 static void usage(FILE *fp)
 {
@@ -107,7 +117,8 @@ static void on_done(void *arg, enum dispatcher_result result)
 		break;
 	case DISPATCH_DONE_EMPTY:
 		/* A cron tick that finds nothing to do has succeeded. */
-		log_msg(LOG_INFO, "once_queue_empty", "the queue had no visible messages: nothing "
+		log_msg(LOG_INFO, "once_queue_empty",
+			"the queue had no visible messages: nothing "
 			"to dispatch");
 		app->exit_code = EXIT_ONCE_EMPTY;
 		break;
@@ -228,7 +239,8 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 	log_msg(LOG_INFO, "reloading", "SIGHUP: reloading the configuration");
 	sdnotify_reloading();
 	if (next == NULL) {
-		log_msg(LOG_ERROR, "reload_failed", "out of memory; the configuration in use is unchanged");
+		log_msg(LOG_ERROR, "reload_failed",
+			"out of memory; the configuration in use is unchanged");
 		sdnotify_ready();
 		return;
 	}
@@ -245,7 +257,8 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 		return;
 	}
 	if (next->routes || app->cfg->routes)
-		config_keep_static_common(app->cfg, next); /* the top level is only routes[0]'s copy */
+		config_keep_static_common(app->cfg,
+					  next); /* the top level is only routes[0]'s copy */
 	else
 		config_keep_static(app->cfg, next, on_ignored_key, NULL);
 	for (int i = 0; next->routes && i < next->nroutes; i++)
@@ -376,8 +389,9 @@ int main(int argc, char **argv)
 	}
 	if ((int)once + (int)check + (int)dump + (int)dry_run + (int)health_check > 1 &&
 	    !(check && dump)) {
-		fprintf(stderr, "pgmq-dispatcher: --once, --dry-run, --health-check, -t and -T exclude "
-				"each other\n");
+		fprintf(stderr,
+			"pgmq-dispatcher: --once, --dry-run, --health-check, -t and -T exclude "
+			"each other\n");
 		return EX_USAGE;
 	}
 	if (verbose && quiet) {
@@ -386,14 +400,18 @@ int main(int argc, char **argv)
 	}
 	if (verbose || quiet) {
 		snprintf(level_override, sizeof(level_override), "log.level=%s",
-			 quiet ? "warn" : verbose == 1 ? "debug" : "trace");
+			 quiet          ? "warn"
+			 : verbose == 1 ? "debug"
+					: "trace");
 		overrides[noverrides++] = level_override;
 	}
 	if (format_override[0])
 		overrides[noverrides++] = format_override;
 
 	log_setup(LOG_INFO, LOG_FORMAT_LOGFMT);
-	app.in = (struct config_input){ .path = path, .path_explicit = path_explicit, .envp = environ,
+	app.in = (struct config_input){ .path = path,
+					.path_explicit = path_explicit,
+					.envp = environ,
 					.cli_overrides = overrides };
 	app.cfg = calloc(1, sizeof(*app.cfg));
 	if (app.cfg == NULL)
@@ -406,7 +424,8 @@ int main(int argc, char **argv)
 	register_secrets(app.cfg);
 	if (ctl_args) {
 		int rc = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK
-				 ? ctl_run(app.cfg, nctl_args, ctl_args) : EX_SOFTWARE;
+				 ? ctl_run(app.cfg, nctl_args, ctl_args)
+				 : EX_SOFTWARE;
 		curl_global_cleanup();
 		config_free(app.cfg);
 		free(app.cfg);
@@ -427,15 +446,16 @@ int main(int argc, char **argv)
 	if (health_check || dry_run) {
 		int rc;
 		if (health_check)
-			rc = strcmp(app.cfg->admin_listen, "off") == 0
-				     ? 1 : admin_health_check(app.cfg->admin_listen, 2000) == 0 ? 0 : 1;
+			rc = strcmp(app.cfg->admin_listen, "off") == 0              ? 1
+			     : admin_health_check(app.cfg->admin_listen, 2000) == 0 ? 0
+										    : 1;
 		else
 			rc = dispatcher_dry_run(app.cfg, stdout) == 0 ? 0 : EX_UNAVAILABLE;
 		if (health_check && rc != 0 && strcmp(app.cfg->admin_listen, "off") == 0)
 			log_msg(LOG_WARN, "health_check", "admin.listen is off: nothing to ask");
-		else if (health_check && rc != 0 && strlen(app.cfg->admin_listen) > 2 &&
-			 strcmp(app.cfg->admin_listen + strlen(app.cfg->admin_listen) - 2, ":0") == 0)
-			log_msg(LOG_WARN, "health_check", "admin.listen uses port 0 (any free port): "
+		else if (health_check && rc != 0 && listen_port(app.cfg->admin_listen) == 0)
+			log_msg(LOG_WARN, "health_check",
+				"admin.listen uses port 0 (any free port): "
 				"set a fixed port to use --health-check");
 		config_free(app.cfg);
 		free(app.cfg);
@@ -469,9 +489,12 @@ int main(int argc, char **argv)
 	}
 	routes_set_state_hook(app.routes, on_state, &app);
 	if (!once && strcmp(app.cfg->admin_listen, "off") != 0) {
-		struct admin_hooks hooks = { .ready = admin_ready, .metrics = admin_metrics,
-					     .routes = admin_routes, .control = admin_control,
-					     .token = app.cfg->admin_token, .arg = &app };
+		struct admin_hooks hooks = { .ready = admin_ready,
+					     .metrics = admin_metrics,
+					     .routes = admin_routes,
+					     .control = admin_control,
+					     .token = app.cfg->admin_token,
+					     .arg = &app };
 		char err[256];
 		app.admin = admin_start(app.loop, app.cfg->admin_listen, &hooks, err, sizeof(err));
 		if (app.admin == NULL) {
@@ -499,7 +522,8 @@ int main(int argc, char **argv)
 		log_str(l, "queue", app.cfg->queue_name);
 		log_str(l, "endpoint_id", app.cfg->endpoint_id);
 		log_str(l, "base_url", app.cfg->base_url);
-		log_str(l, "conninfo", config_mask_conninfo(app.cfg->conninfo, masked, sizeof(masked)));
+		log_str(l, "conninfo",
+			config_mask_conninfo(app.cfg->conninfo, masked, sizeof(masked)));
 		log_int(l, "batch_size", app.cfg->batch_size);
 		log_int(l, "vt_seconds", app.cfg->vt_seconds);
 		log_int(l, "poll_interval_ms", app.cfg->poll_interval_ms);

@@ -60,7 +60,7 @@ static struct {
 	atomic_uint_least64_t queue_oldest_age_bits; /* doubles, stored as their bits */
 	atomic_uint_least64_t queue_refresh_time_bits;
 	atomic_uint_least64_t start_time_bits;
-	counter_t duration_buckets[N_BOUNDS + 1];    /* not cumulative; last is > 30 s */
+	counter_t duration_buckets[N_BOUNDS + 1]; /* not cumulative; last is > 30 s */
 	counter_t duration_sum_ns;
 } m;
 
@@ -274,8 +274,8 @@ static void counter(struct buf *b, const char *name, const char *help, counter_t
 	bprintf(b, PREFIX "%s %llu\n", name, (unsigned long long)get(c));
 }
 
-static void labelled(struct buf *b, const char *name, const char *label,
-		     const char *const *values, counter_t *c, size_t n)
+static void labelled(struct buf *b, const char *name, const char *label, const char *const *values,
+		     counter_t *c, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
 		bprintf(b, PREFIX "%s{%s=\"%s\"} %llu\n", name, label, values[i],
@@ -356,7 +356,8 @@ char *metrics_render(size_t *len)
 	labelled(&b, "messages_archived_total", "reason", archive_names, m.messages_archived,
 		 N_ARCHIVE_REASONS);
 	render_requests(&b);
-	counter(&b, "pg_reconnects_total", "Successful database reconnects after the first connection.", &m.pg_reconnects);
+	counter(&b, "pg_reconnects_total",
+		"Successful database reconnects after the first connection.", &m.pg_reconnects);
 	family(&b, "reads_total", "counter", "Queue reads by result.");
 	labelled(&b, "reads_total", "result", read_names, m.reads, N_READ_RESULTS);
 
@@ -407,8 +408,20 @@ static const char *const terminal_names[N_TERMINAL] = { "COMPLETED", "FAILED", "
 static struct {
 	atomic_long tracked[N_TRACKED];
 	counter_t terminal[N_TERMINAL];
-	counter_t heartbeats, early_releases, evicted;
+	counter_t heartbeats, early_releases, evicted, heartbeat_ceilings;
+	atomic_uint_least64_t oldest_in_queue_since_bits; /* Unix time, 0 = none */
+	atomic_int queue_cap_reached;
+	atomic_llong health_jobs[METRICS_HEALTH_NJOBS];
+	atomic_llong health_workers[METRICS_HEALTH_NWORKERS];
+	atomic_uint_least64_t health_time_bits;
 } mt;
+
+static const char *const health_job_names[METRICS_HEALTH_NJOBS] = { "completed", "failed",
+								    "in_progress", "in_queue",
+								    "retried" };
+static const char *const health_worker_names[METRICS_HEALTH_NWORKERS] = {
+	"idle", "initializing", "ready", "running", "throttled", "unhealthy"
+};
 
 static void tracker_metrics_init(void)
 {
@@ -419,6 +432,39 @@ static void tracker_metrics_init(void)
 	atomic_init(&mt.heartbeats, 0);
 	atomic_init(&mt.early_releases, 0);
 	atomic_init(&mt.evicted, 0);
+	atomic_init(&mt.heartbeat_ceilings, 0);
+	atomic_init(&mt.queue_cap_reached, 0);
+	for (size_t i = 0; i < METRICS_HEALTH_NJOBS; i++)
+		atomic_init(&mt.health_jobs[i], 0);
+	for (size_t i = 0; i < METRICS_HEALTH_NWORKERS; i++)
+		atomic_init(&mt.health_workers[i], 0);
+	store_double(&mt.oldest_in_queue_since_bits, 0.0);
+	store_double(&mt.health_time_bits, 0.0);
+}
+
+void metrics_inc_tracker_heartbeat_ceilings(void)
+{
+	add(&mt.heartbeat_ceilings, 1);
+}
+
+void metrics_set_oldest_in_queue_since(double since_unix)
+{
+	store_double(&mt.oldest_in_queue_since_bits, since_unix > 0 ? since_unix : 0.0);
+}
+
+void metrics_set_queue_cap_reached(bool reached)
+{
+	atomic_store_explicit(&mt.queue_cap_reached, reached ? 1 : 0, memory_order_relaxed);
+}
+
+void metrics_set_runpod_health(const long long jobs[METRICS_HEALTH_NJOBS],
+			       const long long workers[METRICS_HEALTH_NWORKERS])
+{
+	for (size_t i = 0; i < METRICS_HEALTH_NJOBS; i++)
+		atomic_store_explicit(&mt.health_jobs[i], jobs[i], memory_order_relaxed);
+	for (size_t i = 0; i < METRICS_HEALTH_NWORKERS; i++)
+		atomic_store_explicit(&mt.health_workers[i], workers[i], memory_order_relaxed);
+	store_double(&mt.health_time_bits, realtime_now());
 }
 
 void metrics_set_tracked_jobs(enum metrics_tracked_status s, long n)
@@ -450,7 +496,8 @@ void metrics_inc_tracker_evicted(void)
 
 static void render_tracker(struct buf *b)
 {
-	family(b, "tracked_jobs", "gauge", "Jobs the tracker follows through /status, by last status.");
+	family(b, "tracked_jobs", "gauge",
+	       "Jobs the tracker follows through /status, by last status.");
 	for (size_t i = 0; i < N_TRACKED; i++)
 		bprintf(b, PREFIX "tracked_jobs{status=\"%s\"} %ld\n", tracked_names[i],
 			atomic_load_explicit(&mt.tracked[i], memory_order_relaxed));
@@ -462,16 +509,50 @@ static void render_tracker(struct buf *b)
 	counter(b, "tracker_early_releases_total",
 		"Failed, cancelled or timed-out jobs whose messages were made visible early.",
 		&mt.early_releases);
-	counter(b, "tracker_evicted_total", "Jobs no longer tracked because max_tracked_jobs was reached.",
-		&mt.evicted);
+	counter(b, "tracker_evicted_total",
+		"Jobs no longer tracked because max_tracked_jobs was reached.", &mt.evicted);
+	counter(b, "tracker_heartbeat_ceilings_total",
+		"Jobs whose heartbeats stopped at max_heartbeat_s.", &mt.heartbeat_ceilings);
+	{
+		double since = load_double(&mt.oldest_in_queue_since_bits), age = 0.0;
+
+		if (since > 0) {
+			age = realtime_now() - since;
+			if (age < 0)
+				age = 0.0;
+		}
+		family(b, "tracker_oldest_in_queue_seconds", "gauge",
+		       "Age of the oldest tracked job still IN_QUEUE (since /run accepted it), 0 = none.");
+		bprintf(b, PREFIX "tracker_oldest_in_queue_seconds %.3f\n", age);
+	}
+	family(b, "tracker_queue_cap_reached", "gauge",
+	       "1 while reads pause because max_queued_jobs jobs wait IN_QUEUE, else 0.");
+	bprintf(b, PREFIX "tracker_queue_cap_reached %d\n",
+		atomic_load_explicit(&mt.queue_cap_reached, memory_order_relaxed));
+	family(b, "runpod_health_jobs", "gauge", "Job counts from RunPod's /health, by state.");
+	for (size_t i = 0; i < METRICS_HEALTH_NJOBS; i++)
+		bprintf(b, PREFIX "runpod_health_jobs{state=\"%s\"} %lld\n", health_job_names[i],
+			atomic_load_explicit(&mt.health_jobs[i], memory_order_relaxed));
+	family(b, "runpod_health_workers", "gauge",
+	       "Worker counts from RunPod's /health, by state.");
+	for (size_t i = 0; i < METRICS_HEALTH_NWORKERS; i++)
+		bprintf(b, PREFIX "runpod_health_workers{state=\"%s\"} %lld\n",
+			health_worker_names[i],
+			atomic_load_explicit(&mt.health_workers[i], memory_order_relaxed));
+	family(b, "runpod_health_timestamp_seconds", "gauge",
+	       "Unix time of the last /health answer read, 0 = never.");
+	bprintf(b, PREFIX "runpod_health_timestamp_seconds %.3f\n",
+		load_double(&mt.health_time_bits));
 }
 
 /* ---- per route ---- */
 
 static const char *const route_counter_names[MR_COUNTERS][2] = {
 	{ "route_messages_read_total", "Messages read from the route's queue." },
-	{ "route_messages_dispatched_total", "Messages of the route in /run requests RunPod accepted." },
-	{ "route_messages_released_total", "Messages of the route made visible again with set_vt." },
+	{ "route_messages_dispatched_total",
+	  "Messages of the route in /run requests RunPod accepted." },
+	{ "route_messages_released_total",
+	  "Messages of the route made visible again with set_vt." },
 	{ "route_messages_archived_total", "Messages of the route archived by the dispatcher." },
 	{ "route_requests_accepted_total", "/run requests of the route that RunPod accepted." },
 	{ "route_requests_rejected_total", "/run requests of the route that RunPod rejected." },

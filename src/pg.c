@@ -29,18 +29,20 @@ struct pg {
 
 	PGconn *conn;
 	enum pg_state state;
-	int attempt;             /* failed connects since the last success */
-	bool loss_logged;        /* one log line per outage */
-	bool sent;               /* head query was sent */
-	bool reconnect_wanted;   /* conninfo changed: reconnect when idle */
-	PGresult *result;        /* first result of the running query */
+	int attempt;            /* failed connects since the last success */
+	bool loss_logged;       /* the outage has had its first warning */
+	char warned_error[512]; /* error text of the last warning of this outage */
+	ev_tstamp warned_at;    /* when that warning was written */
+	bool sent;              /* head query was sent */
+	bool reconnect_wanted;  /* conninfo changed: reconnect when idle */
+	PGresult *result;       /* first result of the running query */
 
 	struct pg_query *head, *tail;
 	int nqueued;
 
 	ev_io io;
-	ev_timer timer;          /* reconnect backoff or connect deadline */
-	ev_timer send_soon;      /* sends outside the caller's stack */
+	ev_timer timer;     /* reconnect backoff or connect deadline */
+	ev_timer send_soon; /* sends outside the caller's stack */
 };
 
 static void on_io(struct ev_loop *loop, ev_io *w, int revents);
@@ -96,7 +98,8 @@ static void watch(struct pg *pg, int events)
 
 	if (fd < 0)
 		return;
-	if (ev_is_active(&pg->io) && (pg->io.fd != fd || (pg->io.events & (EV_READ | EV_WRITE)) != events))
+	if (ev_is_active(&pg->io) &&
+	    (pg->io.fd != fd || (pg->io.events & (EV_READ | EV_WRITE)) != events))
 		ev_io_stop(pg->loop, &pg->io);
 	if (!ev_is_active(&pg->io)) {
 		ev_io_set(&pg->io, fd, events);
@@ -126,6 +129,11 @@ static struct pg_query *pop_head(struct pg *pg)
 	return q;
 }
 
+bool pg_warn_due(bool first, const char *last_error, const char *error, double since_warn_s)
+{
+	return first || strcmp(last_error, error) != 0 || since_warn_s >= PG_OUTAGE_WARN_EVERY_S;
+}
+
 /* Tears the connection down and schedules the next attempt. The running
  * query (if sent) fails with connection_lost; unsent ones keep waiting. */
 static void lose(struct pg *pg, const char *why)
@@ -144,16 +152,25 @@ static void lose(struct pg *pg, const char *why)
 		PQclear(pg->result);
 		pg->result = NULL;
 	}
-	if (!pg->loss_logged) {
-		struct log_line *l = log_begin(LOG_WARN, was_ready ? "db_connection_lost" : "db_connect_failed");
+	if (was_ready) {
+		struct log_line *l = log_begin(LOG_WARN, "db_connection_lost");
 		log_str(l, "error", line);
 		log_end(l);
 		pg->loss_logged = true;
+		snprintf(pg->warned_error, sizeof(pg->warned_error), "%s", line);
+		pg->warned_at = ev_now(pg->loop);
 	} else {
-		struct log_line *l = log_begin(LOG_DEBUG, "db_connect_failed");
+		bool warn = pg_warn_due(!pg->loss_logged, pg->warned_error, line,
+					ev_now(pg->loop) - pg->warned_at);
+		struct log_line *l = log_begin(warn ? LOG_WARN : LOG_DEBUG, "db_connect_failed");
 		log_str(l, "error", line);
-		log_int(l, "attempt", pg->attempt);
+		log_int(l, "attempt", pg->attempt + 1);
 		log_end(l);
+		if (warn) {
+			pg->loss_logged = true;
+			snprintf(pg->warned_error, sizeof(pg->warned_error), "%s", line);
+			pg->warned_at = ev_now(pg->loop);
+		}
 	}
 	pg->state = PG_WAITING;
 	pg->reconnect_wanted = false;
@@ -209,8 +226,13 @@ static void connect_now(struct pg *pg)
 {
 	/* Our defaults come first: a later keyword, or the expanded
 	 * conninfo/URI in dbname, overrides them (libpq expand_dbname). */
-	const char *kw[] = { "fallback_application_name", "keepalives", "keepalives_idle",
-			     "keepalives_interval", "keepalives_count", "dbname", NULL };
+	const char *kw[] = { "fallback_application_name",
+			     "keepalives",
+			     "keepalives_idle",
+			     "keepalives_interval",
+			     "keepalives_count",
+			     "dbname",
+			     NULL };
 	const char *val[] = { "pgmq-dispatcher", "1", "30", "10", "3", pg->conninfo, NULL };
 
 	if (pg->state == PG_CONNECTING || pg->state == PG_READY)

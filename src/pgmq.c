@@ -7,16 +7,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define READ_SQL                                                                              \
-	"SELECT msg_id, read_ct, to_json(enqueued_at) AS enqueued_at, message, "                \
-	"message->'document_id' AS document_id "                                                  \
+#define READ_SQL                                                                 \
+	"SELECT msg_id, read_ct, to_json(enqueued_at) AS enqueued_at, message, " \
+	"message->'document_id' AS document_id "                                 \
 	"FROM %s($1::text, $2::integer, $3::integer) ORDER BY msg_id"
 
 /* set_vt and archive exist per id in every pgmq ≥ 1.2; the bigint[] forms
  * only from 1.8 (pgmq-api.md §1.3), and Supabase ships 1.4/1.5. */
-static const char SET_VT_SQL[] =
-	"SELECT count(*) FROM unnest($2::bigint[]) AS m(id), "
-	"LATERAL pgmq.set_vt($1::text, m.id, $3::integer) AS r";
+static const char SET_VT_SQL[] = "SELECT count(*) FROM unnest($2::bigint[]) AS m(id), "
+				 "LATERAL pgmq.set_vt($1::text, m.id, $3::integer) AS r";
 static const char ARCHIVE_SQL[] =
 	"SELECT count(*) FILTER (WHERE a) FROM unnest($2::bigint[]) AS m(id), "
 	"LATERAL pgmq.archive($1::text, m.id) AS a";
@@ -36,9 +35,10 @@ int pgmq_batch_from_result(PGresult *res, struct pgmq_batch *out, char *err, siz
 	memset(out, 0, sizeof(*out));
 	c_id = PQfnumber(res, "msg_id");
 	if (c_id < 0) {
-		snprintf(err, errlen, "the read function returned no column named msg_id (%d %s read, "
-			 "%s unknown; visible again after vt_seconds)", PQntuples(res),
-			 PQntuples(res) == 1 ? "row" : "rows",
+		snprintf(err, errlen,
+			 "the read function returned no column named msg_id (%d %s read, "
+			 "%s unknown; visible again after vt_seconds)",
+			 PQntuples(res), PQntuples(res) == 1 ? "row" : "rows",
 			 PQntuples(res) == 1 ? "its id" : "their ids");
 		PQclear(res);
 		return -1;
@@ -73,7 +73,8 @@ int pgmq_batch_from_result(PGresult *res, struct pgmq_batch *out, char *err, siz
 		m->msg_id = PQgetisnull(res, i, c_id) ? "" : PQgetvalue(res, i, c_id);
 		errno = 0;
 		m->msg_id_num = strtoll(m->msg_id, &end, 10);
-		m->id_ok = !PQgetisnull(res, i, c_id) && errno == 0 && *end == '\0' && end != m->msg_id;
+		m->id_ok = !PQgetisnull(res, i, c_id) && errno == 0 && *end == '\0' &&
+			   end != m->msg_id;
 		if (!m->id_ok) {
 			m->invalid = "msg_id is NULL or not a bigint";
 			continue;
@@ -87,7 +88,8 @@ int pgmq_batch_from_result(PGresult *res, struct pgmq_batch *out, char *err, siz
 			continue;
 		}
 		m->read_ct = PQgetvalue(res, i, c_ct);
-		if (m->read_ct[0] == '\0' || strspn(m->read_ct, "0123456789") != strlen(m->read_ct)) {
+		if (m->read_ct[0] == '\0' ||
+		    strspn(m->read_ct, "0123456789") != strlen(m->read_ct)) {
 			m->invalid = "read_ct is not a non-negative integer";
 			continue;
 		}
@@ -158,8 +160,8 @@ static void on_read(void *arg, PGresult *res, const struct pg_error *err)
 	free(c);
 }
 
-int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int vt_seconds,
-	      int qty, pgmq_read_fn fn, void *arg)
+int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int vt_seconds, int qty,
+	      pgmq_read_fn fn, void *arg)
 {
 	char sql[512], vt[16], n[16];
 	const char *params[3] = { queue, vt, n };
@@ -290,6 +292,38 @@ int pgmq_table_name(const char *queue, char *buf, size_t len)
 	return 0;
 }
 
+int pgmq_quote_literal(const char *s, char *buf, size_t len)
+{
+	size_t used = 0;
+
+	if (len < 3)
+		return -1;
+	buf[used++] = '\'';
+	for (; *s; s++) {
+		if (used + (*s == '\'' ? 2 : 1) + 2 > len) {
+			buf[0] = '\0';
+			return -1;
+		}
+		if (*s == '\'')
+			buf[used++] = '\'';
+		buf[used++] = *s;
+	}
+	buf[used++] = '\'';
+	buf[used] = '\0';
+	return 0;
+}
+
+int pgmq_create_call(const char *queue, char *buf, size_t len)
+{
+	char lit[256];
+	int n;
+
+	if (pgmq_quote_literal(queue, lit, sizeof(lit)) != 0)
+		snprintf(lit, sizeof(lit), "'<queue>'");
+	n = snprintf(buf, len, "SELECT pgmq.create(%s);", lit);
+	return n < 0 || (size_t)n >= len ? -1 : 0;
+}
+
 PGresult *pgmq_peek(PGconn *conn, const char *queue, int qty, char *err, size_t errlen)
 {
 	char table[64], sql[512], n[16];
@@ -306,10 +340,12 @@ PGresult *pgmq_peek(PGconn *conn, const char *queue, int qty, char *err, size_t 
 		snprintf(err, errlen, "%s", PQerrorMessage(conn));
 		return NULL;
 	}
-	snprintf(sql, sizeof(sql),
-		 "SELECT msg_id, read_ct + 1 AS read_ct, to_json(enqueued_at) AS enqueued_at, message, "
-		 "message->'document_id' AS document_id FROM pgmq.%s "
-		 "WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $1::integer", ident);
+	snprintf(
+		sql, sizeof(sql),
+		"SELECT msg_id, read_ct + 1 AS read_ct, to_json(enqueued_at) AS enqueued_at, message, "
+		"message->'document_id' AS document_id FROM pgmq.%s "
+		"WHERE vt <= clock_timestamp() ORDER BY msg_id LIMIT $1::integer",
+		ident);
 	PQfreemem(ident);
 	snprintf(n, sizeof(n), "%d", qty);
 	res = PQexecParams(conn, sql, 1, NULL, params, NULL, NULL, 0);
@@ -325,9 +361,8 @@ PGresult *pgmq_peek(PGconn *conn, const char *queue, int qty, char *err, size_t 
 
 /* ---- set_vt returning the ids it touched (the tracker's heartbeat) ---- */
 
-static const char SET_VT_IDS_SQL[] =
-	"SELECT r.msg_id FROM unnest($2::bigint[]) AS m(id), "
-	"LATERAL pgmq.set_vt($1::text, m.id, $3::integer) AS r";
+static const char SET_VT_IDS_SQL[] = "SELECT r.msg_id FROM unnest($2::bigint[]) AS m(id), "
+				     "LATERAL pgmq.set_vt($1::text, m.id, $3::integer) AS r";
 
 struct ids_call {
 	pgmq_ids_fn fn;
@@ -380,4 +415,35 @@ int pgmq_set_vt_ids(struct pg *pg, const char *queue, const long long *msg_ids, 
 		free(c);
 	free(arr);
 	return rc;
+}
+
+/* ---- rows whose read_ct is about to overflow int4 ---- */
+
+int pgmq_find_read_ct_overflow(struct pg *pg, const char *queue, int margin, int limit,
+			       pgmq_ids_fn fn, void *arg)
+{
+	char table[64], quoted[160], sql[512], lo[16], n[16];
+	const char *params[2] = { lo, n };
+	struct ids_call *c;
+
+	if (pgmq_table_name(queue, table, sizeof(table)) != 0)
+		return -1;
+	if (pg_quote_ident(table, quoted, sizeof(quoted)) != 0)
+		return -1;
+	snprintf(sql, sizeof(sql),
+		 "SELECT msg_id FROM pgmq.%s WHERE read_ct >= $1::integer "
+		 "ORDER BY read_ct DESC, msg_id LIMIT $2::integer",
+		 quoted);
+	snprintf(lo, sizeof(lo), "%d", PGMQ_READ_CT_MAX - (margin < 0 ? 0 : margin));
+	snprintf(n, sizeof(n), "%d", limit);
+	c = calloc(1, sizeof(*c));
+	if (c == NULL)
+		return -1;
+	c->fn = fn;
+	c->arg = arg;
+	if (pg_query(pg, sql, 2, params, on_ids, c) != 0) {
+		free(c);
+		return -1;
+	}
+	return 0;
 }

@@ -16,7 +16,7 @@
 
 static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod_outcome outcome,
 			const struct http_response *r, const struct runpod_run_reply *reply,
-			double retry_in_ms)
+			enum reject_action action, double retry_in_ms)
 {
 	static const char *const events[] = { "batch_accepted", "batch_rejected",
 					      "batch_outcome_unknown" };
@@ -31,6 +31,8 @@ static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod
 	} else {
 		log_str(l, "outcome", runpod_outcome_name(outcome));
 	}
+	if (outcome == RUNPOD_UNKNOWN && reply->why[0])
+		log_str(l, "reply_problem", reply->why);
 	log_int(l, "jobs", b->n);
 	log_int(l, "first_msg_id", b->ids[0]);
 	log_int(l, "last_msg_id", b->ids[b->n - 1]);
@@ -41,11 +43,16 @@ static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod
 		log_str(l, "error", r->error);
 		log_str(l, "request_sent", r->request_sent ? "yes" : "no");
 		if (r->resend_refused)
-			log_str(l, "resend", "refused: the connection died after the request was sent");
+			log_str(l, "resend",
+				"refused: the connection died after the request was sent");
 	}
 	if (outcome != RUNPOD_ACCEPTED && r->body_len > 0)
 		log_excerpt(l, "body", r->body, r->body_len, BODY_EXCERPT_BYTES);
-	if (outcome == RUNPOD_REJECTED) {
+	if (outcome == RUNPOD_REJECTED && action == REJECT_SPLIT) {
+		log_str(l, "then", "split in two");
+	} else if (outcome == RUNPOD_REJECTED && action == REJECT_TOO_LARGE) {
+		log_str(l, "then", "archived as too large");
+	} else if (outcome == RUNPOD_REJECTED) {
 		log_int(l, "released_for_ms", (long long)retry_in_ms);
 		if (r->retry_after)
 			log_str(l, "retry_after", r->retry_after);
@@ -73,7 +80,8 @@ static double retry_after_ms(const struct dispatcher *d, const struct http_respo
 {
 	long long ms = -1;
 
-	if (r->retry_after == NULL || runpod_parse_retry_after(r->retry_after, time(NULL), &ms) != 0)
+	if (r->retry_after == NULL ||
+	    runpod_parse_retry_after(r->retry_after, time(NULL), &ms) != 0)
 		ms = -1;
 	return backoff_retry_after_ms((int)r->status, ms, d->cfg->retry_after_max_ms);
 }
@@ -90,6 +98,7 @@ static void on_posted(void *arg, const struct http_response *r)
 		.request_sent = r->request_sent,
 	};
 	enum runpod_outcome outcome;
+	enum reject_action action = batch_reject_action(r->status, b->n);
 	double pause_ms = 0;
 
 	d->in_flight--;
@@ -100,12 +109,14 @@ static void on_posted(void *arg, const struct http_response *r)
 		a.reply_parsed = runpod_parse_run_reply(r->body, r->body_len, &reply) == 0;
 	outcome = r->aborted ? RUNPOD_UNKNOWN : runpod_classify(&a);
 	/* 401/403/404 open the circuit instead: released at once, no pause. */
+	/* A 413 is split, not paused: the body, not the endpoint, is at fault. */
 	if (outcome == RUNPOD_REJECTED && !d->stopping && !d->finished &&
-	    !runpod_is_config_error(r->status))
+	    !runpod_is_config_error(r->status) && action == REJECT_RELEASE)
 		pause_ms = dispatcher_back_off(d, PAUSE_RUNPOD, retry_after_ms(d, r));
-	log_outcome(d, b, outcome, r, &reply, pause_ms);
+	log_outcome(d, b, outcome, r, &reply, action, pause_ms);
 	metrics_inc_requests((enum metrics_outcome)outcome, r->status);
-	metrics_route_add(d->mroute, (enum metrics_route_counter)(MR_REQUESTS_ACCEPTED + outcome), 1);
+	metrics_route_add(d->mroute, (enum metrics_route_counter)(MR_REQUESTS_ACCEPTED + outcome),
+			  1);
 	metrics_observe_request_seconds(r->total_ms / 1000.0);
 	log_response(d, r);
 
@@ -137,6 +148,10 @@ static void on_posted(void *arg, const struct http_response *r)
 			d->once_result = DISPATCH_DONE_FAILED;
 		if (d->finished) {
 			batch_end(b, BATCH_DROPPED, NULL);
+		} else if (action == REJECT_TOO_LARGE) {
+			batch_archive_too_large(b, b->body_bytes);
+		} else if (action == REJECT_SPLIT && !d->stopping) {
+			batch_split(b);
 		} else {
 			/* For 401/403/404 the open circuit stops our reads; the
 			 * messages go back at once (another replica may be
@@ -171,8 +186,9 @@ static void send_now(struct dispatcher *d, struct batch *b)
 	o.body = runpod_envelope_body(&d->conf.envelope, b->msgs, b->n, &o.body_len);
 	if (o.body == NULL || http_start(d->http, &o, on_posted, b) != 0) {
 		/* Nothing was sent: the messages come back at once. */
-		log_msg_route(d->cfg->route_name, LOG_ERROR, "post_failed", "cannot start the /run request; releasing %d messages",
-			b->n);
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "post_failed",
+			      "cannot start the /run request; releasing %d message%s", b->n,
+			      b->n == 1 ? "" : "s");
 		d->in_flight--;
 		metrics_set_in_flight(d->in_flight);
 		metrics_route_set_in_flight(d->mroute, d->in_flight);
@@ -184,6 +200,7 @@ static void send_now(struct dispatcher *d, struct batch *b)
 	 * start of this iteration, and a busy one would make the window start
 	 * early and let a request out too soon. */
 	ratelimit_record(&d->rl, ev_time());
+	b->body_bytes = o.body_len;
 	b->started = ev_now(d->loop);
 	if (log_enabled(LOG_TRACE)) {
 		/* route last: "event=http_request method=..." stays as it was. */

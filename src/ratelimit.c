@@ -17,14 +17,28 @@ int ratelimit_init(struct ratelimit *rl, int cap, double window_s)
 
 bool ratelimit_slot(const struct ratelimit *rl, double now, double *wait_s)
 {
-	double oldest;
+	return ratelimit_slot_keep(rl, now, 0, wait_s);
+}
 
-	if (rl->count < rl->cap)
+bool ratelimit_slot_keep(const struct ratelimit *rl, double now, int keep, double *wait_s)
+{
+	double wait;
+	int aged;
+
+	if (keep > rl->cap - 1)
+		keep = rl->cap - 1;
+	if (keep < 0)
+		keep = 0;
+	if (rl->count + keep < rl->cap)
 		return true;
-	oldest = rl->sent_at[rl->head];
-	if (now - oldest >= rl->window_s)
+	/* The oldest `aged` sends (aged <= keep < count) must have left the
+	 * window. One expression decides both, so that a refusal never comes
+	 * with a wait that rounds to 0 (a timer armed for it would spin). */
+	aged = rl->count + keep - rl->cap;
+	wait = rl->sent_at[(rl->head + aged) % rl->cap] + rl->window_s - now;
+	if (wait <= 0.0)
 		return true;
-	*wait_s = oldest + rl->window_s - now;
+	*wait_s = wait;
 	return false;
 }
 

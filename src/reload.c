@@ -27,16 +27,19 @@ int dispatcher_conf_build(struct dispatcher_conf *out, const struct config *cfg)
 	struct runpod_extras extras = dispatcher_extras_of(cfg);
 
 	memset(out, 0, sizeof(*out));
-	if (runpod_url(cfg->base_url, cfg->endpoint_id, "run", out->run_url, sizeof(out->run_url)) != 0 ||
+	if (runpod_url(cfg->base_url, cfg->endpoint_id, "run", out->run_url,
+		       sizeof(out->run_url)) != 0 ||
 	    runpod_url(cfg->base_url, cfg->endpoint_id, "health", out->health_url,
 		       sizeof(out->health_url)) != 0) {
-		log_msg_route(cfg->route_name, LOG_ERROR, "config_invalid", "runpod.base_url and runpod.endpoint_id are too long");
+		log_msg_route(cfg->route_name, LOG_ERROR, "config_invalid",
+			      "runpod.base_url and runpod.endpoint_id are too long");
 		return -1;
 	}
 	out->auth_header = runpod_auth_header(cfg->api_key);
 	if (out->auth_header == NULL ||
 	    runpod_envelope_init(&out->envelope, cfg->queue_name, cfg->vt_seconds, &extras) != 0) {
-		log_msg_route(cfg->route_name, LOG_ERROR, "out_of_memory", "cannot build the /run envelope");
+		log_msg_route(cfg->route_name, LOG_ERROR, "out_of_memory",
+			      "cannot build the /run envelope");
 		free(out->auth_header);
 		out->auth_header = NULL;
 		return -1;
@@ -52,6 +55,11 @@ void dispatcher_conf_free(struct dispatcher_conf *c)
 	runpod_envelope_free(&c->envelope);
 }
 
+static bool differs(const char *a, const char *b)
+{
+	return strcmp(a ? a : "", b ? b : "") != 0;
+}
+
 struct reload_diff dispatcher_reload_diff(const struct config *old, const struct config *cfg,
 					  bool have_tracker, bool once, bool stopping)
 {
@@ -59,7 +67,31 @@ struct reload_diff dispatcher_reload_diff(const struct config *old, const struct
 		.rate_cap = old->max_requests_per_10s != cfg->max_requests_per_10s,
 		.conninfo = strcmp(old->conninfo, cfg->conninfo) != 0,
 		.new_tracker = !have_tracker && cfg->tracker_enabled && !once && !stopping,
+		.runpod = differs(old->api_key, cfg->api_key) ||
+			  differs(old->endpoint_id, cfg->endpoint_id) ||
+			  differs(old->base_url, cfg->base_url) ||
+			  differs(old->ca_file, cfg->ca_file),
 	};
+}
+
+void dispatcher_timer_retime(struct ev_loop *loop, ev_timer *t, double period_s)
+{
+	double since_s, next_s;
+
+	if (!ev_is_active(t)) {
+		t->repeat = period_s;
+		return;
+	}
+	if (t->repeat == period_s)
+		return;
+	/* A repeating timer is due repeat after its last fire. */
+	since_s = t->repeat - ev_timer_remaining(loop, t);
+	if (since_s < 0)
+		since_s = 0;
+	next_s = period_s - since_s;
+	ev_timer_stop(loop, t);
+	ev_timer_set(t, next_s > 0 ? next_s : 0.0, period_s);
+	ev_timer_start(loop, t);
 }
 
 struct dispatcher_reload_plan {
@@ -67,6 +99,7 @@ struct dispatcher_reload_plan {
 	struct dispatcher_conf conf;
 	struct ratelimit rl;
 	struct tracker *tracker;
+	struct tracker_next tracker_next;
 	const struct config *cfg;
 };
 
@@ -76,10 +109,11 @@ struct dispatcher_reload_plan {
 struct dispatcher_reload_plan *dispatcher_reload_prepare(struct dispatcher *d,
 							 const struct config *cfg)
 {
+	const char *route = d->cfg->route_name;
 	struct dispatcher_reload_plan *p = calloc(1, sizeof(*p));
 
 	if (p == NULL) {
-		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory", "cannot plan the reload");
+		log_msg_route(route, LOG_ERROR, "out_of_memory", "cannot plan the reload");
 		return NULL;
 	}
 	p->cfg = cfg;
@@ -89,16 +123,22 @@ struct dispatcher_reload_plan *dispatcher_reload_prepare(struct dispatcher *d,
 		return NULL;
 	}
 	if (p->diff.rate_cap && ratelimit_resized(&d->rl, cfg->max_requests_per_10s, &p->rl) != 0) {
-		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory", "cannot resize the /run rate cap");
+		log_msg_route(route, LOG_ERROR, "out_of_memory", "cannot resize the /run rate cap");
 		goto fail;
 	}
-	if (p->diff.new_tracker && (p->tracker = tracker_new(d->loop, cfg, d->http, d->pg)) == NULL) {
-		log_msg_route(d->cfg->route_name, LOG_ERROR, "reload_failed", "cannot start the tracker");
+	if (p->diff.new_tracker &&
+	    (p->tracker = tracker_new(d->loop, cfg, d->http, d->pg)) == NULL) {
+		log_msg_route(route, LOG_ERROR, "reload_failed", "cannot start the tracker");
+		goto fail;
+	}
+	if (tracker_reload_prepare(d->tracker, cfg, &p->tracker_next) != 0) {
+		log_msg_route(route, LOG_ERROR, "out_of_memory",
+			      "cannot resize the /status rate cap");
 		goto fail;
 	}
 	/* The last step that can fail, and it changes nothing when it does. */
 	if (pg_set_conninfo(d->pg, cfg->conninfo) != 0) {
-		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory", "cannot take the new conninfo");
+		log_msg_route(route, LOG_ERROR, "out_of_memory", "cannot take the new conninfo");
 		goto fail;
 	}
 	return p;
@@ -111,6 +151,7 @@ void dispatcher_reload_abort(struct dispatcher_reload_plan *p)
 {
 	if (p == NULL)
 		return;
+	tracker_next_free(&p->tracker_next);
 	tracker_free(p->tracker);
 	ratelimit_free(&p->rl);
 	dispatcher_conf_free(&p->conf);
@@ -134,19 +175,17 @@ void dispatcher_reload_commit(struct dispatcher *d, struct dispatcher_reload_pla
 		d->tracker = p->tracker;
 		tracker_set_wake(d->tracker, wakeup_after, d);
 	} else {
-		tracker_reload(d->tracker, cfg);
+		tracker_reload(d->tracker, cfg, &p->tracker_next);
 	}
+	tracker_next_free(&p->tracker_next); /* what the tracker did not take */
+	/* Running timers keep their phase: a SIGHUP now and then must not
+	 * push the next poll or stats refresh away; only a changed period
+	 * moves them, counted from their last fire. */
+	wakeup_reload(d);
+	dispatcher_timer_retime(d->loop, &d->stats_timer, cfg->metrics_interval_ms / 1000.0);
+	if (p->diff.runpod)
+		circuit_reload(d);
 	free(p);
-	ev_timer_stop(d->loop, &d->poll);
-	ev_timer_set(&d->poll, cfg->poll_interval_ms / 1000.0, cfg->poll_interval_ms / 1000.0);
-	d->stats_timer.repeat = cfg->metrics_interval_ms / 1000.0;
-	d->w.idle_poll_ms = -1;
-	wakeup_reset_idle(d);
-	if (!d->once && !d->stopping && !d->finished) {
-		ev_timer_start(d->loop, &d->poll);
-		ev_timer_again(d->loop, &d->stats_timer);
-	}
-	circuit_reload(d);
 }
 
 int dispatcher_reload(struct dispatcher *d, const struct config *cfg)

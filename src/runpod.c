@@ -19,7 +19,8 @@ static bool add_extras(cJSON *root, const struct runpod_extras *x)
 
 	if (x == NULL)
 		return true;
-	if (x->webhook && x->webhook[0] && cJSON_AddStringToObject(root, "webhook", x->webhook) == NULL)
+	if (x->webhook && x->webhook[0] &&
+	    cJSON_AddStringToObject(root, "webhook", x->webhook) == NULL)
 		return false;
 	if (x->execution_timeout_ms == 0 && x->ttl_ms == 0 && !x->low_priority)
 		return true;
@@ -27,7 +28,8 @@ static bool add_extras(cJSON *root, const struct runpod_extras *x)
 	if (policy == NULL)
 		return false;
 	if (x->execution_timeout_ms &&
-	    cJSON_AddNumberToObject(policy, "executionTimeout", (double)x->execution_timeout_ms) == NULL)
+	    cJSON_AddNumberToObject(policy, "executionTimeout", (double)x->execution_timeout_ms) ==
+		    NULL)
 		return false;
 	if (x->ttl_ms && cJSON_AddNumberToObject(policy, "ttl", (double)x->ttl_ms) == NULL)
 		return false;
@@ -114,7 +116,8 @@ char *runpod_envelope_body(const struct runpod_envelope *e, const struct pgmq_me
 		p = PUT_LIT(p, ",\"enqueued_at\":");
 		p = put(p, m->enqueued_at, strlen(m->enqueued_at));
 		p = PUT_LIT(p, ",\"document_id\":");
-		p = m->document_id ? put(p, m->document_id, strlen(m->document_id)) : PUT_LIT(p, "null");
+		p = m->document_id ? put(p, m->document_id, strlen(m->document_id))
+				   : PUT_LIT(p, "null");
 		p = PUT_LIT(p, ",\"message\":");
 		p = put(p, m->message, m->message_len);
 		*p++ = '}';
@@ -140,7 +143,8 @@ char *runpod_run_body(const char *queue, int vt_seconds, const struct runpod_ext
 }
 
 /* Literal parts of one job object, in the order runpod_run_body() adds them. */
-static const char JOB_SHAPE[] = "{\"msg_id\":,\"read_ct\":,\"enqueued_at\":,\"document_id\":,\"message\":}";
+static const char JOB_SHAPE[] =
+	"{\"msg_id\":,\"read_ct\":,\"enqueued_at\":,\"document_id\":,\"message\":}";
 
 size_t runpod_job_bytes(const struct pgmq_message *m)
 {
@@ -219,8 +223,7 @@ char *runpod_auth_header(const char *api_key)
 	return h;
 }
 
-int runpod_url(const char *base_url, const char *endpoint_id, const char *op, char *buf,
-	       size_t len)
+int runpod_url(const char *base_url, const char *endpoint_id, const char *op, char *buf, size_t len)
 {
 	int n = snprintf(buf, len, "%s/%s/%s", base_url, endpoint_id, op);
 
@@ -241,13 +244,14 @@ int runpod_parse_run_reply(const char *body, size_t len, struct runpod_run_reply
 {
 	cJSON *root;
 	const char *bad = NULL;
-	struct jsonscan_member m[2] = {
-		{ .key = "id", .buf = out->id, .cap = sizeof(out->id) },
-		{ .key = "status", .buf = out->status, .cap = sizeof(out->status) },
-	};
+	struct jsonscan_member m[2];
 	int rc = -1;
 
 	memset(out, 0, sizeof(*out));
+	m[0] = (struct jsonscan_member){ .key = "id", .buf = out->id, .cap = sizeof(out->id) };
+	m[1] = (struct jsonscan_member){ .key = "status",
+					 .buf = out->status,
+					 .cap = sizeof(out->status) };
 	if (body == NULL) {
 		snprintf(out->why, sizeof(out->why), "no body");
 		return -1;
@@ -342,15 +346,22 @@ static long long millis(const cJSON *item)
 int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status_reply *out)
 {
 	cJSON *root, *error;
-	struct jsonscan_member m[3] = {
-		{ .key = "status", .buf = out->status, .cap = sizeof(out->status), .cut_ok = true },
-		{ .key = "id", .buf = out->id, .cap = sizeof(out->id) },
-		{ .key = "error", .buf = out->error, .cap = sizeof(out->error), .cut_ok = true,
-		  .allow_layout = true },
-	};
+	struct jsonscan_member m[3];
 	int rc = -1;
 
+	/* out first, then the members that point into it (cppcheck reads an
+	 * initializer naming out->x as a use of the caller's uninitialized out). */
 	memset(out, 0, sizeof(*out));
+	m[0] = (struct jsonscan_member){ .key = "status",
+					 .buf = out->status,
+					 .cap = sizeof(out->status),
+					 .cut_ok = true };
+	m[1] = (struct jsonscan_member){ .key = "id", .buf = out->id, .cap = sizeof(out->id) };
+	m[2] = (struct jsonscan_member){ .key = "error",
+					 .buf = out->error,
+					 .cap = sizeof(out->error),
+					 .cut_ok = true,
+					 .allow_layout = true };
 	out->delay_ms = out->execution_ms = -1;
 	if (body == NULL)
 		return -1;
@@ -372,7 +383,8 @@ int runpod_parse_status_reply(const char *body, size_t len, struct runpod_status
 		char *printed = cJSON_PrintUnformatted(error);
 
 		if (printed) {
-			size_t n = strlen(printed), keep = utf8_prefix(printed, n, sizeof(out->error));
+			size_t n = strlen(printed),
+			       keep = utf8_prefix(printed, n, sizeof(out->error));
 			memcpy(out->error, printed, keep);
 			out->error[keep] = '\0';
 			out->error_truncated = keep < n;
@@ -397,8 +409,8 @@ bool runpod_status_is_terminal(const char *status)
 	return false;
 }
 
-int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id,
-		      char *buf, size_t len)
+int runpod_status_url(const char *base_url, const char *endpoint_id, const char *job_id, char *buf,
+		      size_t len)
 {
 	/* libcurl >= 7.82 accepts a NULL handle here. */
 	char *id = curl_easy_escape(NULL, job_id, 0);
@@ -409,4 +421,44 @@ int runpod_status_url(const char *base_url, const char *endpoint_id, const char 
 	n = snprintf(buf, len, "%s/%s/status/%s", base_url, endpoint_id, id);
 	curl_free(id);
 	return n < 0 || (size_t)n >= len ? -1 : 0;
+}
+
+/* A /health counter: a whole number >= 0, else 0 (§7: parse leniently). */
+static long long counter_of(const cJSON *obj, const char *key)
+{
+	const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
+
+	if (!cJSON_IsNumber(v) || !(v->valuedouble >= 0) || v->valuedouble > 1e15)
+		return 0;
+	return (long long)v->valuedouble;
+}
+
+int runpod_parse_health_reply(const char *body, size_t len, struct runpod_health *out)
+{
+	static const char *const job_keys[RUNPOD_HJ_N] = { "completed", "failed", "inProgress",
+							   "inQueue", "retried" };
+	static const char *const worker_keys[RUNPOD_HW_N] = {
+		"idle", "initializing", "ready", "running", "throttled", "unhealthy"
+	};
+	cJSON *root;
+	const cJSON *jobs, *workers;
+	int rc = -1;
+
+	memset(out, 0, sizeof(*out));
+	if (body == NULL)
+		return -1;
+	root = cJSON_ParseWithLength(body, len);
+	jobs = cJSON_GetObjectItemCaseSensitive(root, "jobs");
+	workers = cJSON_GetObjectItemCaseSensitive(root, "workers");
+	if (cJSON_IsObject(root) && (cJSON_IsObject(jobs) || cJSON_IsObject(workers))) {
+		for (int i = 0; i < RUNPOD_HJ_N; i++)
+			out->jobs[i] = cJSON_IsObject(jobs) ? counter_of(jobs, job_keys[i]) : 0;
+		for (int i = 0; i < RUNPOD_HW_N; i++)
+			out->workers[i] = cJSON_IsObject(workers)
+						  ? counter_of(workers, worker_keys[i])
+						  : 0;
+		rc = 0;
+	}
+	cJSON_Delete(root);
+	return rc;
 }

@@ -14,7 +14,7 @@
 
 #define STATUS_MAX_BYTES 1024
 
-static bool failing;            /* the last send failed (already logged) */
+static bool failing; /* the last send failed (already logged) */
 static ev_timer watchdog;
 static struct ev_loop *watchdog_loop; /* set while the timer runs */
 
@@ -66,8 +66,7 @@ int sdnotify_reloading(void)
 	if (clock_gettime(CLOCK_MONOTONIC, &ts) != 0)
 		return checked(sd_notify(0, "RELOADING=1"), "RELOADING=1");
 	usec = (uint64_t)ts.tv_sec * UINT64_C(1000000) + (uint64_t)ts.tv_nsec / 1000;
-	return checked(sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%" PRIu64, usec),
-		       "RELOADING=1");
+	return checked(sd_notifyf(0, "RELOADING=1\nMONOTONIC_USEC=%" PRIu64, usec), "RELOADING=1");
 }
 
 static void ping(void)

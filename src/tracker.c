@@ -3,6 +3,7 @@
  * include/tracker.h. */
 #include "tracker.h"
 #include "tracker_int.h"
+#include "backoff.h"
 #include "log.h"
 #include "metrics.h"
 #include "pgmq.h"
@@ -22,61 +23,33 @@ double tracker_jittered_s(int interval_ms, double rnd)
 	return interval_ms / 1000.0 * (0.9 + 0.2 * rnd);
 }
 
-static void bucket_refill(struct tracker_bucket *b, double now)
-{
-	if (now > b->at) {
-		b->tokens += (now - b->at) * b->rate;
-		if (b->tokens > b->burst)
-			b->tokens = b->burst;
-		b->at = now;
-	}
-}
-
-void tracker_bucket_setup(struct tracker_bucket *b, int per_10s, double now, bool keep)
-{
-	int whole_tenth = per_10s / 10; /* whole events: the burst is never fractional */
-	double burst = whole_tenth > 1 ? (double)whole_tenth : 1.0;
-	double rate = (per_10s - burst) / 10.0;
-
-	if (rate <= 0)
-		rate = burst / 10.0;
-	if (keep) {
-		bucket_refill(b, now);
-		if (b->tokens > burst)
-			b->tokens = burst;
-	} else {
-		b->tokens = burst;
-	}
-	b->burst = burst;
-	b->rate = rate;
-	b->at = now;
-}
-
-bool tracker_bucket_take(struct tracker_bucket *b, double now)
-{
-	bucket_refill(b, now);
-	if (b->tokens < 1.0)
-		return false;
-	b->tokens -= 1.0;
-	return true;
-}
-
-double tracker_bucket_wait_s(const struct tracker_bucket *b, double now)
-{
-	struct tracker_bucket c = *b;
-
-	bucket_refill(&c, now);
-	return c.tokens >= 1.0 ? 0.0 : (1.0 - c.tokens) / c.rate;
-}
-
 double tracker_heartbeat_at(double vt_until, int vt_seconds)
 {
 	return vt_until - vt_seconds / 3.0;
 }
 
-static double rnd(void)
+bool tracker_heartbeat_allowed(double accepted_at, double now, int max_heartbeat_s)
 {
-	return (double)random() / ((double)RAND_MAX + 1.0);
+	return max_heartbeat_s <= 0 || now - accepted_at < max_heartbeat_s;
+}
+
+bool tracker_queue_full(long queued, int in_flight, int max_queued_jobs)
+{
+	return max_queued_jobs > 0 && queued + in_flight >= max_queued_jobs;
+}
+
+enum tracker_health_note tracker_health_note(bool warned, long long unhealthy, long in_queue)
+{
+	if (!warned && unhealthy > 0 && in_queue > 0)
+		return TRACKER_HEALTH_WARN;
+	if (warned && unhealthy == 0)
+		return TRACKER_HEALTH_RECOVERED;
+	return TRACKER_HEALTH_QUIET;
+}
+
+int tracker_queued_jobs(const struct tracker *t)
+{
+	return t && t->enabled ? (int)t->by_slot[METRICS_TRACKED_IN_QUEUE] : 0;
 }
 
 /* ---- the job table ---- */
@@ -95,8 +68,14 @@ struct tjob *tracker_job_find(const struct tracker *t, const char *id)
 
 void tracker_set_slot(struct tracker *t, struct tjob *j, int slot)
 {
+	long queued_before = t->by_slot[METRICS_TRACKED_IN_QUEUE];
+
 	if (j->slot == slot)
 		return;
+	if (slot == METRICS_TRACKED_IN_QUEUE)
+		jobtable_schedule(&t->jobs, JT_QUEUED, &j->node, j->added_at);
+	else
+		jobtable_unschedule(&t->jobs, JT_QUEUED, &j->node);
 	if (j->slot >= 0) {
 		t->by_slot[j->slot]--;
 		metrics_set_tracked_jobs((enum metrics_tracked_status)j->slot, t->by_slot[j->slot]);
@@ -106,25 +85,21 @@ void tracker_set_slot(struct tracker *t, struct tjob *j, int slot)
 		t->by_slot[slot]++;
 		metrics_set_tracked_jobs((enum metrics_tracked_status)slot, t->by_slot[slot]);
 	}
+	tracker_queued_changed(t, queued_before);
 }
 
 /* ---- logging ---- */
 
-/* "1,2,3" for the first TRACKER_IDS_PER_LINE ids; more are counted. */
+/* msg_ids=1,2,3 (a JSON array of numbers in JSON logs) for the first
+ * TRACKER_IDS_PER_LINE ids; past that, msg_count says how many in all. */
 void tracker_log_ids(struct log_line *l, const long long *ids, int n)
 {
-	char list[TRACKER_IDS_PER_LINE * 21 + 48];
-	size_t used = 0;
-
 	if (l == NULL)
 		return;
-	list[0] = '\0';
-	for (int i = 0; i < n && i < TRACKER_IDS_PER_LINE; i++)
-		used += (size_t)snprintf(list + used, sizeof(list) - used, "%s%lld", i ? "," : "",
-					 ids[i]);
+	log_int_list(l, "msg_ids", ids,
+		     (size_t)(n < TRACKER_IDS_PER_LINE ? n : TRACKER_IDS_PER_LINE));
 	if (n > TRACKER_IDS_PER_LINE)
-		snprintf(list + used, sizeof(list) - used, ",...(%d in all)", n);
-	log_str(l, "msg_ids", list);
+		log_int(l, "msg_count", n);
 }
 
 /* ---- jobs ---- */
@@ -141,7 +116,7 @@ static void evict(struct tracker *t, struct tjob *j, const char *why)
 {
 	struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN, "tracker_evicted");
 
-	log_str(l, "job_id", j->id);
+	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "status", j->status);
 	tracker_log_ids(l, j->ids, j->n);
 	log_int(l, "max_tracked_jobs", t->cfg->tracker_max_tracked_jobs);
@@ -156,7 +131,7 @@ void tracker_poll_later(struct tracker *t, struct tjob *j, ev_tstamp now)
 	if (j->state != J_LIVE)
 		return;
 	jobtable_schedule(&t->jobs, JT_POLL, &j->node,
-			  now + tracker_jittered_s(t->cfg->tracker_interval_ms, rnd()));
+			  now + tracker_jittered_s(t->cfg->tracker_interval_ms, backoff_jitter()));
 }
 
 void tracker_db_at(struct tracker *t, struct tjob *j, ev_tstamp when)
@@ -167,19 +142,19 @@ void tracker_db_at(struct tracker *t, struct tjob *j, ev_tstamp when)
 /* Heartbeats are scheduled while the job lives and has messages left. */
 void tracker_schedule_heartbeat(struct tracker *t, struct tjob *j)
 {
-	if (j->state == J_LIVE && j->n_live > 0 && !j->db_busy && !j->hb_parked)
+	if (j->state == J_LIVE && j->n_live > 0 && !j->db_busy && !j->hb_parked && !j->hb_ceiling)
 		tracker_db_at(t, j, tracker_heartbeat_at(j->vt_until, j->vt_len));
 }
 
 /* ---- ops ---- */
 
-static struct op *op_new(struct tracker *t, enum op_kind kind, const struct tjob *j)
+struct op *tracker_op_new(struct tracker *t, enum op_kind kind, const struct tjob *j)
 {
 	struct op *op = calloc(1, sizeof(*op));
 
 	if (op == NULL)
 		return NULL;
-	if (kind != OP_STATUS && j->n_live > 0) {
+	if (j != NULL && kind != OP_STATUS && j->n_live > 0) {
 		op->ids = malloc((size_t)j->n_live * sizeof(*op->ids));
 		if (op->ids == NULL) {
 			free(op);
@@ -190,7 +165,8 @@ static struct op *op_new(struct tracker *t, enum op_kind kind, const struct tjob
 	}
 	op->t = t;
 	op->kind = kind;
-	memcpy(op->job_id, j->id, sizeof(op->job_id));
+	if (j != NULL)
+		memcpy(op->job_id, j->id, sizeof(op->job_id));
 	op->sent_at = ev_now(t->loop);
 	op->next = t->ops;
 	if (t->ops)
@@ -232,8 +208,20 @@ void tracker_arm(struct tracker *t)
 	if (!t->enabled || t->stopped)
 		return;
 	if (p && t->status_in_flight < t->cfg->tracker_max_concurrent) {
-		ev_tstamp token_at = now + tracker_bucket_wait_s(&t->bucket, now);
-		at = fmax(p->key[JT_POLL], fmax(t->paused_until, token_at));
+		double wait_s = 0.0;
+		ev_tstamp slot_at = ratelimit_slot_keep(&t->status_rl, now, tracker_health_keep(t),
+							&wait_s)
+					    ? now
+					    : now + wait_s;
+
+		at = fmax(p->key[JT_POLL], fmax(t->paused_until, slot_at));
+	}
+	if (!isinf(tracker_health_at(t))) {
+		double wait_s = 0.0;
+		ev_tstamp slot_at = ratelimit_slot(&t->status_rl, now, &wait_s) ? now
+										: now + wait_s;
+
+		at = fmin(at, fmax(tracker_health_at(t), fmax(t->paused_until, slot_at)));
 	}
 	if (d && t->db_in_flight < TRACKER_MAX_DB && d->key[JT_DB] < at)
 		at = d->key[JT_DB];
@@ -242,7 +230,6 @@ void tracker_arm(struct tracker *t)
 	ev_timer_set(&t->timer, at > now ? at - now : 0.0, 0.0);
 	ev_timer_start(t->loop, &t->timer);
 }
-
 
 static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 {
@@ -259,20 +246,23 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 	};
 	struct op *op;
 
-	if (runpod_status_url(t->cfg->base_url, t->cfg->endpoint_id, j->id, url, sizeof(url)) != 0) {
-		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_ERROR, "tracker_dropped");
-		log_str(l, "job_id", j->id);
+	if (runpod_status_url(t->cfg->base_url, t->cfg->endpoint_id, j->id, url, sizeof(url)) !=
+	    0) {
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_ERROR,
+						     "tracker_dropped");
+		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->ids, j->n);
 		log_str(l, "msg", "the /status URL does not fit; the messages keep their vt");
 		log_end(l);
 		tracker_job_remove(t, j);
 		return;
 	}
-	op = op_new(t, OP_STATUS, j);
+	op = tracker_op_new(t, OP_STATUS, j);
 	if (op == NULL || http_start(t->http, &o, tracker_on_status, op) != 0) {
 		if (op)
 			tracker_op_free(op);
-		log_msg_route(t->cfg->route_name, LOG_DEBUG, "status_not_started", "cannot start a /status request; retrying");
+		log_msg_route(t->cfg->route_name, LOG_DEBUG, "status_not_started",
+			      "cannot start a /status request; retrying");
 		tracker_poll_later(t, j, now);
 		return;
 	}
@@ -292,12 +282,13 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
  * queued (pg's FIFO full, out of memory). */
 static int start_statement(struct tracker *t, struct tjob *j, enum op_kind kind, int delay_s)
 {
-	struct op *op = op_new(t, kind, j);
+	struct op *op = tracker_op_new(t, kind, j);
 
 	if (op == NULL)
 		return -1;
 	op->delay_s = delay_s;
-	if (pgmq_set_vt_ids(t->pg, t->cfg->queue_name, op->ids, op->n, delay_s, tracker_on_db, op) != 0) {
+	if (pgmq_set_vt_ids(t->pg, t->cfg->queue_name, op->ids, op->n, delay_s, tracker_on_db,
+			    op) != 0) {
 		tracker_op_free(op);
 		return -1;
 	}
@@ -319,13 +310,32 @@ static void db_work(struct tracker *t, struct tjob *j, ev_tstamp now)
 	}
 	if (j->n_live == 0)
 		return;
+	if (!tracker_heartbeat_allowed(j->added_at, now, t->cfg->tracker_max_heartbeat_s)) {
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN,
+						     "heartbeat_ceiling");
+		log_str(l, "runpod_job_id", j->id);
+		log_str(l, "status", j->status);
+		tracker_log_ids(l, j->live, j->n_live);
+		log_int(l, "tracked_s", (long long)(now - j->added_at));
+		log_int(l, "max_heartbeat_s", t->cfg->tracker_max_heartbeat_s);
+		log_int(l, "vt_left_s", (long long)fmax(0.0, j->vt_until - now));
+		log_str(l, "msg",
+			"no more vt extensions for this job: its messages become visible "
+			"when their vt runs out and are read again; the job is still followed");
+		log_end(l);
+		metrics_inc_tracker_heartbeat_ceilings();
+		j->hb_ceiling = true;
+		return;
+	}
 	if (now - j->seen_at > stale_s) {
-		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN, "heartbeat_paused");
-		log_str(l, "job_id", j->id);
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN,
+						     "heartbeat_paused");
+		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->live, j->n_live);
 		log_int(l, "silent_s", (long long)(now - j->seen_at));
-		log_str(l, "msg", "no /status answer for too long; the messages keep their vt and come "
-				  "back when it runs out, unless /status answers again before");
+		log_str(l, "msg",
+			"no /status answer for too long; the messages keep their vt and come "
+			"back when it runs out, unless /status answers again before");
 		log_end(l);
 		j->hb_parked = true;
 		return;
@@ -341,15 +351,23 @@ static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	struct tracker *t = w->data;
 	ev_tstamp now = ev_now(loop);
+	double wait_s;
 	struct tjob *j;
 
 	(void)revents;
 	if (!t->enabled || t->stopped)
 		return;
+	/* /health first: one request per interval, never starved by the polls. */
+	if (tracker_health_at(t) <= now + DUE_SLACK_S && t->paused_until <= now + DUE_SLACK_S &&
+	    ratelimit_slot(&t->status_rl, now, &wait_s)) {
+		ratelimit_record(&t->status_rl, now);
+		tracker_health_start(t, now);
+	}
 	while ((j = job_of(jobtable_first(&t->jobs, JT_POLL))) != NULL &&
 	       t->status_in_flight < t->cfg->tracker_max_concurrent &&
 	       j->node.key[JT_POLL] <= now + DUE_SLACK_S && t->paused_until <= now + DUE_SLACK_S &&
-	       tracker_bucket_take(&t->bucket, now)) {
+	       ratelimit_slot_keep(&t->status_rl, now, tracker_health_keep(t), &wait_s)) {
+		ratelimit_record(&t->status_rl, now);
 		jobtable_unschedule(&t->jobs, JT_POLL, &j->node);
 		start_status(t, j, now);
 	}
@@ -371,21 +389,63 @@ void tracker_set_wake(struct tracker *t, void (*wake)(void *arg, double after_s)
 
 /* ---- the API ---- */
 
-static void apply(struct tracker *t, const struct config *cfg, bool keep_tokens)
+/* Takes cfg; the limits that need memory come ready in next. */
+static void apply(struct tracker *t, const struct config *cfg, struct tracker_next *next)
 {
 	t->cfg = cfg;
 	jobtable_set_limit(&t->jobs, cfg->tracker_max_tracked_jobs);
-	snprintf(t->auth_header, sizeof(t->auth_header), "Authorization: Bearer %s", cfg->api_key);
-	tracker_bucket_setup(&t->bucket, cfg->tracker_max_status_per_10s, ev_now(t->loop),
-			     keep_tokens);
+	if (runpod_url(cfg->base_url, cfg->endpoint_id, "health", t->health_url,
+		       sizeof(t->health_url)) != 0)
+		t->health_url[0] = '\0';
+	free(t->auth_header);
+	t->auth_header = next->auth_header;
+	next->auth_header = NULL;
+	if (next->status_rl.sent_at != NULL) {
+		ratelimit_free(&t->status_rl);
+		t->status_rl = next->status_rl;
+		memset(&next->status_rl, 0, sizeof(next->status_rl));
+	}
+}
+
+int tracker_reload_prepare(const struct tracker *t, const struct config *cfg,
+			   struct tracker_next *next)
+{
+	memset(next, 0, sizeof(*next));
+	if (t == NULL)
+		return 0;
+	if ((next->auth_header = runpod_auth_header(cfg->api_key)) == NULL ||
+	    (cfg->tracker_max_status_per_10s != t->status_rl.cap &&
+	     ratelimit_resized(&t->status_rl, cfg->tracker_max_status_per_10s, &next->status_rl) !=
+		     0)) {
+		tracker_next_free(next);
+		return -1;
+	}
+	return 0;
+}
+
+void tracker_next_free(struct tracker_next *next)
+{
+	if (next == NULL)
+		return;
+	ratelimit_free(&next->status_rl);
+	free(next->auth_header);
+	next->auth_header = NULL;
 }
 
 struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, struct http *http,
 			    struct pg *pg)
 {
 	struct tracker *t = calloc(1, sizeof(*t));
+	struct tracker_next next = { 0 };
 
-	if (t == NULL || jobtable_init(&t->jobs, cfg->tracker_max_tracked_jobs) != 0) {
+	if (t == NULL || jobtable_init(&t->jobs, cfg->tracker_max_tracked_jobs) != 0 ||
+	    ratelimit_init(&t->status_rl, cfg->tracker_max_status_per_10s,
+			   RATE_WINDOW_S + RATE_MARGIN_S) != 0 ||
+	    (next.auth_header = runpod_auth_header(cfg->api_key)) == NULL) {
+		if (t) { /* calloc'd: freeing what was not set up is a no-op */
+			ratelimit_free(&t->status_rl);
+			jobtable_free(&t->jobs);
+		}
 		free(t);
 		log_msg_route(cfg->route_name, LOG_ERROR, "tracker_failed", "out of memory");
 		return NULL;
@@ -396,14 +456,17 @@ struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, stru
 	t->enabled = cfg->tracker_enabled != 0;
 	ev_init(&t->timer, on_timer);
 	t->timer.data = t;
-	apply(t, cfg, false);
+	apply(t, cfg, &next);
 	{
-		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_INFO, "tracker_started");
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_INFO,
+						     "tracker_started");
 		log_int(l, "interval_ms", cfg->tracker_interval_ms);
 		log_int(l, "max_tracked_jobs", cfg->tracker_max_tracked_jobs);
 		log_int(l, "max_concurrent", cfg->tracker_max_concurrent);
 		log_int(l, "max_status_per_10s", cfg->tracker_max_status_per_10s);
 		log_int(l, "retry_delay_s", cfg->tracker_retry_delay_s);
+		log_int(l, "max_queued_jobs", cfg->tracker_max_queued_jobs);
+		log_int(l, "max_heartbeat_s", cfg->tracker_max_heartbeat_s);
 		log_end(l);
 	}
 	return t;
@@ -415,16 +478,18 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 	struct tjob *j;
 	ev_tstamp now;
 
-	if (t == NULL || !t->enabled || t->stopped || job_id == NULL || job_id[0] == '\0' || n < 1 ||
-	    strlen(job_id) > RUNPOD_JOB_ID_MAX)
+	if (t == NULL || !t->enabled || t->stopped || job_id == NULL || job_id[0] == '\0' ||
+	    n < 1 || strlen(job_id) > RUNPOD_JOB_ID_MAX)
 		return;
 	if (tracker_job_find(t, job_id)) {
-		log_msg_route(t->cfg->route_name, LOG_DEBUG, "tracker_duplicate", "job %s is tracked already", job_id);
+		log_msg_route(t->cfg->route_name, LOG_DEBUG, "tracker_duplicate",
+			      "job %s is tracked already", job_id);
 		return;
 	}
 	while (jobtable_full(&t->jobs) && jobtable_oldest(&t->jobs))
-		evict(t, job_of(jobtable_oldest(&t->jobs)), "max_tracked_jobs reached: the oldest job is no longer tracked; its "
-				    "messages keep their vt");
+		evict(t, job_of(jobtable_oldest(&t->jobs)),
+		      "max_tracked_jobs reached: the oldest job is no longer tracked; its "
+		      "messages keep their vt");
 	j = calloc(1, sizeof(*j));
 	if (j != NULL) {
 		snprintf(j->id, sizeof(j->id), "%s", job_id);
@@ -435,7 +500,8 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 		if (j)
 			free(j->ids);
 		free(j);
-		log_msg_route(t->cfg->route_name, LOG_ERROR, "tracker_add_failed", "out of memory: job %s is not tracked", job_id);
+		log_msg_route(t->cfg->route_name, LOG_ERROR, "tracker_add_failed",
+			      "out of memory: job %s is not tracked", job_id);
 		return;
 	}
 	now = ev_now(t->loop);
@@ -450,12 +516,13 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 	j->vt_len = t->cfg->vt_seconds;
 	j->vt_until = read_at + j->vt_len;
 	j->seen_at = now;
+	j->added_at = now;
 	tracker_set_slot(t, j, METRICS_TRACKED_IN_QUEUE);
 	tracker_poll_later(t, j, now);
 	tracker_schedule_heartbeat(t, j);
 	{
 		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_DEBUG, "job_tracked");
-		log_str(l, "job_id", j->id);
+		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->ids, j->n);
 		log_int(l, "vt_left_ms", (long long)((j->vt_until - now) * 1000.0));
 		log_int(l, "tracked", jobtable_count(&t->jobs));
@@ -472,25 +539,35 @@ static void forget_all(struct tracker *t)
 		tracker_job_remove(t, j);
 }
 
-void tracker_reload(struct tracker *t, const struct config *cfg)
+void tracker_reload(struct tracker *t, const struct config *cfg, struct tracker_next *next)
 {
+	int old_cap;
+
 	if (t == NULL)
 		return;
-	apply(t, cfg, true);
+	old_cap = t->cfg->tracker_max_queued_jobs;
+	apply(t, cfg, next);
+	/* Reads paused at the old max_queued_jobs look again now. */
+	if (cfg->tracker_max_queued_jobs != old_cap && t->wake)
+		t->wake(t->wake_arg, 0.0);
 	if (!cfg->tracker_enabled && t->enabled) {
-		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_INFO, "tracker_disabled");
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_INFO,
+						     "tracker_disabled");
 		log_int(l, "jobs", jobtable_count(&t->jobs));
 		log_str(l, "msg", "no longer following jobs; their messages keep their vt");
 		log_end(l);
 		forget_all(t);
 		t->enabled = false;
 	} else if (cfg->tracker_enabled && !t->enabled) {
-		log_msg_route(t->cfg->route_name, LOG_INFO, "tracker_enabled", "following accepted jobs from now on");
+		log_msg_route(t->cfg->route_name, LOG_INFO, "tracker_enabled",
+			      "following accepted jobs from now on");
 		t->enabled = true;
 	}
-	while (jobtable_count(&t->jobs) > cfg->tracker_max_tracked_jobs && jobtable_oldest(&t->jobs))
-		evict(t, job_of(jobtable_oldest(&t->jobs)), "max_tracked_jobs lowered: the oldest job is no longer tracked; its "
-				    "messages keep their vt");
+	while (jobtable_count(&t->jobs) > cfg->tracker_max_tracked_jobs &&
+	       jobtable_oldest(&t->jobs))
+		evict(t, job_of(jobtable_oldest(&t->jobs)),
+		      "max_tracked_jobs lowered: the oldest job is no longer tracked; its "
+		      "messages keep their vt");
 	tracker_arm(t);
 }
 
@@ -501,7 +578,8 @@ void tracker_stop(struct tracker *t)
 	t->stopped = true;
 	ev_timer_stop(t->loop, &t->timer);
 	{
-		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_DEBUG, "tracker_stopped");
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_DEBUG,
+						     "tracker_stopped");
 		log_int(l, "jobs", jobtable_count(&t->jobs));
 		log_end(l);
 	}
@@ -518,7 +596,10 @@ void tracker_free(struct tracker *t)
 		op->t = NULL;
 		op->prev = op->next = NULL;
 	}
+	t->wake = NULL; /* forgetting jobs asks for no read now */
 	forget_all(t);
 	jobtable_free(&t->jobs);
+	ratelimit_free(&t->status_rl);
+	free(t->auth_header);
 	free(t);
 }

@@ -4,6 +4,7 @@
  * releases). Sending, scheduling and the job table are in tracker.c and
  * jobtable.c; see include/tracker.h for the behaviour. */
 #include "tracker_int.h"
+#include "backoff.h"
 #include "metrics.h"
 
 #include <stdio.h>
@@ -35,11 +36,12 @@ static enum metrics_terminal terminal_of(const char *status)
 
 /* ---- /status answers ---- */
 
-static void log_transition(const struct tracker *t, const struct tjob *j, const struct runpod_status_reply *rep)
+static void log_transition(const struct tracker *t, const struct tjob *j,
+			   const struct runpod_status_reply *rep)
 {
 	struct log_line *l = log_begin_route(t->cfg->route_name, LOG_INFO, "job_status");
 
-	log_str(l, "job_id", j->id);
+	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "old", j->status);
 	log_str(l, "new", rep->status);
 	if (rep->delay_ms >= 0)
@@ -60,7 +62,7 @@ static void job_failed(struct tracker *t, struct tjob *j, const struct runpod_st
 	bool release = j->n_live > 0 && vt_left > delay;
 	struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN, "job_failed");
 
-	log_str(l, "job_id", j->id);
+	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "status", rep->status);
 	if (rep->error[0])
 		log_str(l, "error", rep->error);
@@ -91,7 +93,8 @@ static void status_ok(struct tracker *t, struct tjob *j, const struct runpod_sta
 
 	if (t->failing) {
 		t->failing = false;
-		log_msg_route(t->cfg->route_name, LOG_INFO, "status_recovered", "/status answers again");
+		log_msg_route(t->cfg->route_name, LOG_INFO, "status_recovered",
+			      "/status answers again");
 	}
 	if (strcmp(rep->status, j->status) != 0) {
 		log_transition(t, j, rep);
@@ -119,7 +122,7 @@ static void status_expired(struct tracker *t, struct tjob *j)
 {
 	struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN, "job_expired");
 
-	log_str(l, "job_id", j->id);
+	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "status", j->status);
 	tracker_log_ids(l, j->ids, j->n);
 	log_str(l, "msg", "/status answered 404: tracking ends, the messages keep their vt");
@@ -131,10 +134,10 @@ static void status_expired(struct tracker *t, struct tjob *j)
 static void status_failed(struct tracker *t, struct tjob *j, const struct http_response *r,
 			  ev_tstamp now)
 {
-	struct log_line *l = log_begin_route(t->cfg->route_name, t->failing ? LOG_DEBUG : LOG_WARN, "status_failed");
-	long long pause_ms;
+	struct log_line *l = log_begin_route(t->cfg->route_name, t->failing ? LOG_DEBUG : LOG_WARN,
+					     "status_failed");
 
-	log_str(l, "job_id", j->id);
+	log_str(l, "runpod_job_id", j->id);
 	log_int(l, "http_status", r->status);
 	if (r->code != CURLE_OK)
 		log_str(l, "error", r->error);
@@ -142,16 +145,22 @@ static void status_failed(struct tracker *t, struct tjob *j, const struct http_r
 		log_strn(l, "body", r->body,
 			 r->body_len < BODY_EXCERPT_BYTES ? r->body_len : BODY_EXCERPT_BYTES);
 	if (!t->failing)
-		log_str(l, "msg", "retrying every interval; heartbeats go on from the last status "
-				  "(further failures at debug level until /status answers again)");
+		log_str(l, "msg",
+			"retrying every interval; heartbeats go on from the last status "
+			"(further failures at debug level until /status answers again)");
 	log_end(l);
 	t->failing = true;
-	if (r->status == 429) {
-		if (r->retry_after == NULL ||
-		    runpod_parse_retry_after(r->retry_after, time(NULL), &pause_ms) != 0)
+	if (r->status == 429) { /* a 503 is a failure like any other: retried next interval */
+		long long parsed_ms = -1;
+		double pause_ms;
+
+		if (r->retry_after != NULL &&
+		    runpod_parse_retry_after(r->retry_after, time(NULL), &parsed_ms) != 0)
+			parsed_ms = -1;
+		pause_ms = backoff_retry_after_ms((int)r->status, parsed_ms,
+						  t->cfg->retry_after_max_ms);
+		if (pause_ms < 0)
 			pause_ms = t->cfg->tracker_interval_ms;
-		if (pause_ms > t->cfg->retry_after_max_ms)
-			pause_ms = t->cfg->retry_after_max_ms;
 		if (now + pause_ms / 1000.0 > t->paused_until)
 			t->paused_until = now + pause_ms / 1000.0;
 	}
@@ -211,8 +220,9 @@ static void keep_found(const struct tracker *t, struct tjob *j, const long long 
 		if (n > 0 && bsearch(&j->live[i], sorted, (size_t)n, sizeof(*sorted), cmp_ll))
 			j->live[kept++] = j->live[i];
 	if (kept < j->n_live) {
-		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_DEBUG, "heartbeat_ended");
-		log_str(l, "job_id", j->id);
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_DEBUG,
+						     "heartbeat_ended");
+		log_str(l, "runpod_job_id", j->id);
 		log_int(l, "messages_gone", j->n_live - kept);
 		log_int(l, "messages_left", kept);
 		log_end(l);
@@ -227,7 +237,7 @@ static void on_release_done(struct op *op, const long long *ids, int n, const st
 
 	if (err) {
 		l = log_begin_route(route, LOG_ERROR, "early_release_failed");
-		log_str(l, "job_id", op->job_id);
+		log_str(l, "runpod_job_id", op->job_id);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		tracker_log_ids(l, op->ids, op->n);
@@ -236,7 +246,7 @@ static void on_release_done(struct op *op, const long long *ids, int n, const st
 		return;
 	}
 	l = log_begin_route(route, LOG_INFO, "early_release");
-	log_str(l, "job_id", op->job_id);
+	log_str(l, "runpod_job_id", op->job_id);
 	tracker_log_ids(l, ids, n);
 	log_int(l, "messages", n);
 	log_int(l, "retry_delay_s", op->delay_s);
@@ -256,7 +266,7 @@ static void on_heartbeat_done(struct tracker *t, struct op *op, struct tjob *j, 
 
 	if (err) {
 		l = log_begin_route(t->cfg->route_name, LOG_WARN, "heartbeat_failed");
-		log_str(l, "job_id", op->job_id);
+		log_str(l, "runpod_job_id", op->job_id);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		tracker_log_ids(l, op->ids, op->n);
@@ -267,7 +277,7 @@ static void on_heartbeat_done(struct tracker *t, struct op *op, struct tjob *j, 
 	}
 	if (n > 0) {
 		l = log_begin_route(t->cfg->route_name, LOG_INFO, "heartbeat");
-		log_str(l, "job_id", op->job_id);
+		log_str(l, "runpod_job_id", op->job_id);
 		tracker_log_ids(l, ids, n);
 		log_int(l, "vt_seconds", op->delay_s);
 		log_end(l);
@@ -326,4 +336,3 @@ void tracker_on_db(void *arg, const long long *ids, int n, const struct pg_error
 	tracker_op_free(op);
 	tracker_arm(t);
 }
-

@@ -59,9 +59,12 @@ def emulator_line(line):
         emit("[runpod]    ", line)
 
 
-def relay(stream):
+def relay(stream, signalled):
     for raw in iter(stream.readline, b""):
-        emit("[dispatcher]", raw.decode("utf-8", "replace").rstrip("\n"))
+        line = raw.decode("utf-8", "replace").rstrip("\n")
+        if " event=signal " in line:
+            signalled.set()  # the daemon has its own signal: never send a second one
+        emit("[dispatcher]", line)
 
 
 def free_port():
@@ -123,10 +126,12 @@ def main():
         say(rule)
         daemon = subprocess.Popen([BINARY], env=env, stdin=subprocess.DEVNULL,
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        reader = threading.Thread(target=relay, args=(daemon.stdout,), daemon=True)
+        signalled = threading.Event()
+        reader = threading.Thread(target=relay, args=(daemon.stdout, signalled), daemon=True)
         reader.start()
 
         n = 0
+        conn.autocommit = False  # each enqueue its own transaction, committed below
         while not stop.wait(TRICKLE_S):
             if daemon.poll() is not None:
                 reader.join(5)
@@ -137,19 +142,30 @@ def main():
                    "media_url": f"https://media.example.com/uploads/live/{n}/standup.m4a",
                    "media_type": "audio", "language": "en", "model": "large-v3",
                    "diarize": False, "title": f"Daily stand-up #{n}"}
-            with conn.cursor() as cur:
-                cur.execute("SELECT pgmq.send(%s, %s::jsonb)", (QUEUE, json.dumps(job)))
-                say(f"enqueued msg_id {cur.fetchone()[0]} ({job['title']})")
+            # Said before the commit: the insert notification goes out at
+            # commit, so the daemon's batch_accepted line always comes after.
+            with conn:
+                with conn.cursor() as cur:
+                    cur.execute("SELECT pgmq.send(%s, %s::jsonb)", (QUEUE, json.dumps(job)))
+                    say(f"enqueued msg_id {cur.fetchone()[0]} ({job['title']})")
         conn.close()
         say("stopping ...")
-        if daemon.poll() is None:
-            daemon.send_signal(signal.SIGINT)  # no-op if the terminal already sent it
+        # Ctrl-C in a terminal reaches the daemon too (same process group):
+        # a second signal would cut its drain short. Only when it has not
+        # logged its own signal (SIGTERM or a SIGINT to this script alone)
+        # does it get one SIGTERM from here.
+        if not signalled.wait(2) and daemon.poll() is None:
+            daemon.send_signal(signal.SIGTERM)
         rc = daemon.wait(timeout=30)
         reader.join(5)
         accepted = sum(1 for r in emulator.requests("run") if r.accepted)
-        say(f"the dispatcher exited with {rc}; {accepted} /run "
-            f"request{'' if accepted == 1 else 's'} accepted")
-        return rc
+        plural = "" if accepted == 1 else "s"
+        if rc == 0:
+            say(f"stopped: the dispatcher finished its drain and exited 0; "
+                f"{accepted} /run request{plural} accepted")
+        else:
+            say(f"the dispatcher exited with {rc}; {accepted} /run request{plural} accepted")
+        return 0 if rc == 0 else (rc if rc > 0 else 1)
     finally:
         if daemon is not None and daemon.poll() is None:
             daemon.kill()

@@ -8,13 +8,17 @@ set -eu
 # with a private config; time (GNU time) measures a process's peak RSS there. On a host with systemd, Debian starts its stock nginx site on port 80
 # when the package is installed; `systemctl disable --now nginx` if that is unwanted.
 
-PACKAGES="build-essential pkg-config
+DEFAULT_PACKAGES="build-essential pkg-config
 libev-dev libpq-dev libcurl4-openssl-dev libcjson-dev libinih-dev libsystemd-dev
 libmicrohttpd-dev libcmocka-dev
 postgresql-15 postgresql-client-15 pgbouncer openssl
 nginx-light time
 python3 python3-pytest python3-psycopg2
 valgrind clang clang-tidy clang-format cppcheck systemd groff-base man-db mandoc"
+
+# Packages named as arguments are installed instead of the list above
+# (tests/system/deps.sh passes its own).
+PACKAGES=${*:-$DEFAULT_PACKAGES}
 
 missing=""
 for p in $PACKAGES; do

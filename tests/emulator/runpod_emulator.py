@@ -326,16 +326,32 @@ class _Job:
         self.created = 0.0
         self.plan = JobPlan()
         self.cancelled_at: float | None = None
+        self.stalled_since: float | None = None  # no healthy worker takes it (crash loop)
+        self.stalled_s = 0.0  # time spent stalled before, added to the queue wait
 
     def schedule(self, created: float, plan: JobPlan) -> None:
         """(Re)start the timeline; ``plan`` has every field resolved."""
         self.created = created
         self.plan = plan
         self.cancelled_at = None
+        self.stalled_s = 0.0
+
+    def stall(self, now: float, new: bool = False) -> None:
+        """Workers crash at start: a job still queued (or new) stays IN_QUEUE until unstalled."""
+        if self.stalled_since is None and (new or self.status(now) == "IN_QUEUE"):
+            self.stalled_since = now
+
+    def unstall(self, now: float) -> None:
+        """Healthy workers again: the queue wait goes on where it stopped."""
+        if self.stalled_since is not None:
+            self.stalled_s += now - self.stalled_since
+            self.stalled_since = None
 
     @property
     def start_at(self) -> float:
-        return self.created + self.plan.in_queue_s
+        if self.stalled_since is not None:
+            return math.inf
+        return self.created + self.plan.in_queue_s + self.stalled_s
 
     @property
     def finished_at(self) -> float:
@@ -364,7 +380,7 @@ class _Job:
         status = self.status(now)
         view: dict[str, Any] = {"id": self.id, "status": status}
         if now >= self.start_at and (self.cancelled_at is None or self.cancelled_at >= self.start_at):
-            view["delayTime"] = _ms(self.plan.in_queue_s)
+            view["delayTime"] = _ms(self.start_at - self.created)
             view["executionTime"] = _ms(min(now, self.finished_at) - self.start_at)
             view["workerId"] = WORKER_ID
         if status == "COMPLETED" and not self.plan.omit_output:
@@ -449,6 +465,10 @@ class RunPodEmulator:
     max_body_bytes   /run body cap (413 above); /runsync uses max(this, 20 MB).
     latency_s        Added before answering every request (routed ones).
     status_delay_s   Extra delay before answering /status.
+    unhealthy_workers
+                     Workers in a crash loop (§7 ``workers.unhealthy``); while it is
+                     above 0 no job starts: queued jobs stay IN_QUEUE (running ones
+                     go on). Change it with ``set_unhealthy_workers()``.
     rate_cap, rate_window_s, rate_retry_after
                      Sliding window: at most rate_cap /run admitted per window,
                      others get 429. rate_retry_after: None (no header), a
@@ -488,6 +508,7 @@ class RunPodEmulator:
         log: Callable[[str], None] | None = None,
         tls_cert: str | None = None,
         tls_key: str | None = None,
+        unhealthy_workers: int = 0,
     ) -> None:
         self.host = host
         self.tls_context: ssl.SSLContext | None = None
@@ -516,6 +537,7 @@ class RunPodEmulator:
         self._gate = threading.Event()  # cleared by hold_runs(): /run waits before answering
         self._in_flight_run = 0
         self._held_run = 0  # /run requests parked by hold_runs(), past every cap
+        self._initial_unhealthy = unhealthy_workers
         self._reset_state()
 
     # ----------------------------------------------------------- lifecycle
@@ -607,9 +629,24 @@ class RunPodEmulator:
         self._standing_faults: list[tuple[float, Fault]] = []
         self._rng = random.Random(self._seed)
         self._rate_window: deque[float] = deque()
+        self.unhealthy_workers = self._initial_unhealthy
         # _in_flight_run is not reset: requests still in flight finish after a reset.
         self._max_concurrent_run = self._in_flight_run
         self._gate.set()
+
+    def set_unhealthy_workers(self, n: int) -> None:
+        """Puts n workers in a crash loop (n > 0: every job still queued, and every
+        new one, stays IN_QUEUE and /health reports them unhealthy) or heals them
+        (0: queued jobs resume their wait where it stopped)."""
+        with self._cond:
+            now = self.clock()
+            self.unhealthy_workers = max(0, int(n))
+            for job in self._jobs.values():
+                if self.unhealthy_workers:
+                    job.stall(now)
+                else:
+                    job.unstall(now)
+            self._changed()
 
     def add_fault(self, *faults: Fault) -> None:
         """Queue one-shot faults; each is used by the next request on its route (FIFO)."""
@@ -976,6 +1013,8 @@ class RunPodEmulator:
         plan = self._resolve_plan(job.input)  # outside the lock: job_plan is user code
         with self._cond:
             job.schedule(self.clock(), plan)
+            if self.unhealthy_workers:
+                job.stall(self.clock(), new=True)
             job.retries += 1
             self._retried[job.endpoint_id] = self._retried.get(job.endpoint_id, 0) + 1
             self._changed()
@@ -1004,9 +1043,11 @@ class RunPodEmulator:
                 if key is not None:
                     counts[key] += 1
             counts["retried"] = self._retried.get(rec.endpoint_id, 0)
+            unhealthy = self.unhealthy_workers
         running = counts["inProgress"]
-        workers = {"idle": 0 if running else 1, "initializing": 0, "ready": 0 if running else 1,
-                   "running": running, "throttled": 0}
+        idle = 0 if running or unhealthy else 1
+        workers = {"idle": idle, "initializing": 0, "ready": idle, "running": running,
+                   "throttled": 0, "unhealthy": unhealthy}
         return _json_reply(200, {"jobs": counts, "workers": workers})
 
     # ----------------------------------------------------------- internals: jobs
@@ -1043,6 +1084,8 @@ class RunPodEmulator:
         with self._cond:
             now = self.clock()
             job.schedule(now, plan)
+            if self.unhealthy_workers:
+                job.stall(now, new=True)
             self._jobs[job.id] = job
             if now - self._last_prune >= 1.0:  # keep soak runs from growing without bound
                 self._prune(now)
@@ -1436,6 +1479,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"({', '.join(MALFORMED_VARIANTS)}), close[:create], reset[:create]; "
                              "e.g. 0.05:status:503, 0.01:malformed:id_nul_escape")
     parser.add_argument("--seed", type=int, default=0, help="seed for --random-fault")
+    parser.add_argument("--unhealthy-workers", type=int, default=0, metavar="N",
+                        help="N workers in a crash loop: /health reports them unhealthy and no "
+                             "job leaves IN_QUEUE (default 0)")
     parser.add_argument("--quiet", action="store_true", help="no per-request lines")
     parser.add_argument("--tls-cert", metavar="PEM",
                         help="serve HTTPS with this certificate (chain) instead of HTTP")
@@ -1466,7 +1512,8 @@ def main(argv: list[str] | None = None) -> int:
         status_delay_s=args.status_delay_ms / 1000.0, rate_cap=args.rate_cap,
         rate_window_s=args.rate_window_s, rate_retry_after=args.rate_retry_after,
         concurrency_cap=args.concurrency_cap, seed=args.seed,
-        log=None if args.quiet else log_line, tls_cert=args.tls_cert, tls_key=args.tls_key)
+        log=None if args.quiet else log_line, tls_cert=args.tls_cert, tls_key=args.tls_key,
+        unhealthy_workers=args.unhealthy_workers)
     for probability, fault in faults:
         emulator.add_random_fault(fault, probability)
 

@@ -197,6 +197,33 @@ def test_bad_config_file_exits_78(queue_db, text, key, tmp_path):
     assert f"{path}:" in logfmt(lines[0])["source"]
 
 
+def test_once_read_failed_announces_no_retry(queue_db, emulator):
+    """A failed read in --once is the end of the run: no retry_in_ms for a retry that never
+    comes. The read fails for real: a row at read_ct 2^31-1 makes pgmq.read raise 22003."""
+    ids = queue_db.send_many(transcription_jobs(2))
+    queue_db.sql("UPDATE pgmq.q_jobs SET read_ct = 2147483647 WHERE msg_id = %s", (ids[0],))
+    rc, lines = run_once(base_env(queue_db, emulator), "--once")
+    assert rc != 0, lines
+    failed = [line for line in lines if "event=read_failed" in line]
+    assert len(failed) == 1, lines
+    assert "retry_in_ms" not in failed[0] and "no retry" in failed[0], failed
+    # The follow-up still names the row before the run ends.
+    assert any("event=read_ct_overflow " in line and f"msg_ids={ids[0]}" in line
+               for line in lines), lines
+
+
+def test_once_on_a_missing_queue_gives_the_create_call(queue_db, emulator):
+    """--once reads before the wake-up probe names a missing queue: its read_failed line
+    carries the pgmq.create call itself, and the exit status it announces is the real one."""
+    env = base_env(queue_db, emulator)
+    env["PGMQD_QUEUE_NAME"] = "no_such_queue"
+    rc, lines = run_once(env, "--once")
+    failed = [line for line in lines if "event=read_failed" in line]
+    assert len(failed) == 1, lines
+    assert logfmt(failed[0])["fix"] == "SELECT pgmq.create('no_such_queue');", failed
+    assert f"exit status {rc}" in failed[0], (rc, failed)
+
+
 def test_once_exit_codes(queue_db, emulator):
     env = base_env(queue_db, emulator)
     rc, lines = run_once(env, "--once")

@@ -472,6 +472,31 @@ def test_health_counts_follow_the_jobs(make_emulator):
         "completed": 2, "failed": 1, "inProgress": 1, "inQueue": 1, "retried": 1}
 
 
+def test_unhealthy_workers_hold_the_queue(make_emulator):
+    """A crash loop: /health says unhealthy, queued jobs stay IN_QUEUE (running ones go
+    on); healed, the queue wait resumes where it stopped."""
+    clock = rpe.ManualClock()
+    emu = make_emulator(clock=clock)
+    emu.job_plan = lambda job_input: {"in_queue_s": job_input["q"], "run_s": 10.0}
+    running = post_run(emu, {"input": {"q": 0.0}}).json["id"]
+    queued = post_run(emu, {"input": {"q": 2.0}}).json["id"]
+    clock.advance(1.0)
+    emu.set_unhealthy_workers(3)
+    late = post_run(emu, {"input": {"q": 0.0}}).json["id"]
+    clock.advance(100.0)
+    workers = request(emu, "GET", f"{EP}/health").json["workers"]
+    assert workers["unhealthy"] == 3 and workers["idle"] == 0
+    assert [emu.job(j)["status"] for j in (queued, late)] == ["IN_QUEUE", "IN_QUEUE"]
+    assert emu.job(running)["status"] == "COMPLETED"
+    emu.set_unhealthy_workers(0)
+    assert request(emu, "GET", f"{EP}/health").json["workers"]["unhealthy"] == 0
+    assert emu.job(late)["status"] == "IN_PROGRESS"          # its wait was 0
+    assert emu.job(queued)["status"] == "IN_QUEUE"           # 1 s of its 2 s left
+    clock.advance(1.0)
+    view = get_status(emu, queued).json
+    assert view["status"] == "IN_PROGRESS" and view["delayTime"] == 102000
+
+
 # ----------------------------------------------------------------- faults
 
 

@@ -50,6 +50,7 @@ def test_unusable_job_id_is_outcome_unknown(queue_db, emulator, start_daemon, va
     line = d.wait_log(r"event=batch_outcome_unknown .*outcome=unknown")[0].string
     fields = logfmt(line)
     assert fields["http_status"] == "200"
+    assert fields.get("reply_problem"), fields   # says why the 2xx was not used
     assert len(line) < 2000 and "\x1b" not in line and "\x00" not in line
     listed = logfmt(d.wait_log(r"event=outcome_unknown_ids")[0].string)["msg_ids"]
     assert [int(i) for i in listed.split(",")] == ids

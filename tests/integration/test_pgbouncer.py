@@ -47,7 +47,6 @@ def test_dispatch_through_pgbouncer_transaction_mode(queue_db, emulator, start_d
     assert d.stop() == 0
 
 
-@pytest.mark.xfail(strict=True, reason="issue 10 defect 1: self-test on own session")
 def test_listen_through_transaction_pooler_is_reported_unusable_and_the_daemon_polls(
         queue_db, emulator, start_daemon, bouncer):
     conftest.enable_insert_notify(queue_db.cluster, queue_db.dbname, queue_db.queue)
@@ -73,8 +72,12 @@ def test_listen_conninfo_direct_restores_wakeups(queue_db, emulator, start_daemo
     d.wait_log(r"event=notify_ready")
     d.wait_log(r"event=queue_empty")          # the catch-up read at connect
     ids = queue_db.send_many([{"document_id": "wake"}])
+    # Polling alone would take a minute (SLOW_POLL): accepted within 10 s is the NOTIFY's doing.
     emulator.wait_for(lambda: accepted_ids(emulator) == ids, timeout_s=10)
-    assert d.count_log(r"event=queue_empty") == 1   # no poll in between: the NOTIFY did it
+    # Each connection that comes up (main through the pooler, LISTEN direct) asks for a
+    # catch-up read; the second may land before or after the insert (or merge with the
+    # first), so at most two empty reads: never a poll's.
+    assert d.count_log(r"event=queue_empty") <= 2
     assert d.count_log(r"event=notify_unavailable") == 0
     assert d.stop() == 0
 

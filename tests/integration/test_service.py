@@ -276,6 +276,14 @@ def test_dry_run_changes_nothing(queue_db, emulator):
     assert all(j["read_ct"] == 1 for b in bodies for j in b["input"]["jobs"])
     assert queue_db.sql("SELECT msg_id, read_ct, vt FROM pgmq.q_jobs ORDER BY msg_id") == before
     assert emulator.requests() == []
+    assert any("10 visible messages would go out in 1 /run request;" in l for l in d.lines), d.lines
+
+
+def test_dry_run_summary_singular(queue_db, emulator):
+    queue_db.send_many([{"document_id": "d1"}])
+    d = Daemon(base_env(queue_db, emulator), args=["--dry-run"]).start()
+    assert d.wait_exit() == 0
+    assert any("1 visible message would go out in 1 /run request;" in l for l in d.lines), d.lines
 
 
 # ------------------------------------------------------------------ secrets and logs
@@ -305,13 +313,20 @@ def test_no_secret_in_any_output_at_trace_level(emulator):
 
 
 def test_json_log_format(queue_db, emulator, start_daemon):
-    queue_db.send_many([{"x": 1}])
-    d = start_daemon("--log-format", "json", "-v")
+    ids = queue_db.send_many([{"x": 1}, {"x": 2}])
+    queue_db.sql("UPDATE pgmq.q_jobs SET read_ct = 5 WHERE msg_id = %s", (ids[1],))
+    d = start_daemon("--log-format", "json", "-v", PGMQD_QUEUE_MAX_READ_CT=5)
     d.wait_log(r'"event":"batch_accepted"')
+    d.wait_log(r'"event":"message_archived"')
     assert d.stop() == 0
-    for line in d.lines:
-        obj = json.loads(line)
+    objs = [json.loads(line) for line in d.lines]
+    for obj in objs:
         assert obj["time"].endswith("Z") and obj["level"] and obj["event"]
+    # Numbers as numbers: msg ids and read_ct are JSON integers, not strings.
+    read = next(o for o in objs if o["event"] == "batch_read")
+    assert read["first_msg_id"] == ids[0] and read["last_msg_id"] == ids[1], read
+    archived = next(o for o in objs if o["event"] == "message_archived")
+    assert archived["msg_id"] == ids[1] and archived["read_ct"] == 6, archived
 
 
 def test_journald_priority_prefixes(queue_db, emulator):

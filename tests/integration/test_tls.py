@@ -302,3 +302,7 @@ def test_postgres_wrong_ca_or_name_fails_with_one_clear_line_and_retries(ssl_que
     # One clear line at the default level (warn); the retries only at debug level.
     warnings = [line for line in failures if logfmt(line).get("level") in ("warn", "warning")]
     assert len(warnings) == 1, failures
+    # Each names its attempt; the warning is the first (the next one is due when the error
+    # changes or a minute has passed: tests/unit/test_decisions.c db_outage_warn_table).
+    assert [int(logfmt(line)["attempt"]) for line in failures] == [1, 2, 3], failures
+    assert failures[0] == warnings[0]

@@ -226,3 +226,45 @@ def test_no_insert_trigger_means_no_idle_back_off(queue_db, emulator, start_daem
     assert d.count_log(r"poll_period_ms=200\b") == 0     # stays at poll_interval_ms
     assert d.count_log(r"event=notify_no_trigger") == 1
     assert d.stop() == 0
+
+
+def test_an_update_only_trigger_is_no_insert_trigger(queue_db, emulator, start_daemon):
+    # Issue 10 defect 2: only a trigger that fires on INSERT notifies of inserts.
+    queue_db.sql("CREATE FUNCTION public.pgmqd_on_update() RETURNS trigger LANGUAGE plpgsql "
+                 "AS $$BEGIN RETURN NULL; END$$")
+    queue_db.sql("CREATE TRIGGER on_update AFTER UPDATE ON pgmq.q_jobs "
+                 "FOR EACH STATEMENT EXECUTE FUNCTION public.pgmqd_on_update()")
+    d = start_daemon("-v", PGMQD_QUEUE_POLL_INTERVAL_MS=100, PGMQD_QUEUE_IDLE_POLL_MAX_MS=800)
+    d.wait_log(r"event=notify_ready")
+    d.wait_log(r"event=notify_no_trigger")
+    d.wait_log(r"event=queue_empty", count=6)
+    assert d.count_log(r"poll_period_ms=200\b") == 0     # no back-off: nothing will notify
+    assert d.stop() == 0
+
+
+def test_a_trigger_created_or_dropped_while_running_is_noticed(queue_db, emulator, start_daemon):
+    d = start_daemon("-v", PGMQD_QUEUE_POLL_INTERVAL_MS=100, PGMQD_QUEUE_IDLE_POLL_MAX_MS=800)
+    d.wait_log(r"event=notify_ready")
+    d.wait_log(r"event=notify_no_trigger")
+    enable_notify(queue_db)                   # created while running: idle polls back off
+    d.wait_log(r"event=notify_trigger_found", timeout_s=30)
+    d.wait_log(r"poll_period_ms=800\b", timeout_s=10)
+    triggers = [r[0] for r in queue_db.sql(
+        "SELECT tgname FROM pg_trigger WHERE tgrelid = 'pgmq.q_jobs'::regclass AND NOT tgisinternal")]
+    for name in triggers:                     # dropped while running: back to poll_interval_ms
+        queue_db.sql(f'DROP TRIGGER "{name}" ON pgmq.q_jobs')
+    d.wait_log(r"event=notify_no_trigger", count=2, timeout_s=10)
+    d.wait_log(r"poll_period_ms=100\b", timeout_s=10)
+    ids = queue_db.send_many([{"x": 5}])
+    emulator.wait_for(lambda: accepted_ids(emulator) == ids, timeout_s=5)
+    assert d.stop() == 0
+
+
+def test_a_missing_queue_says_so_with_the_create_call(queue_db, emulator, start_daemon):
+    d = start_daemon("-v", PGMQD_QUEUE_NAME="no_such_queue")
+    line = d.wait_log(r"event=queue_missing")[0].string
+    assert logfmt(line)["fix"] == "SELECT pgmq.create('no_such_queue');", line
+    assert logfmt(line)["level"] == "warn"
+    d.wait_log(r"event=notify_ready")
+    assert d.count_log(r"event=notify_no_trigger") == 0
+    assert d.stop() == 0

@@ -22,6 +22,7 @@
 #include <unistd.h>
 
 #include "admin.h"
+#include "listenaddr.h"
 #include "log.h"
 #include "metrics.h"
 
@@ -197,7 +198,8 @@ static void roundtrip(int family, int port, const char *request, struct reply *r
 	ssize_t n;
 	int fd = connect_to(family, port);
 
-	assert_int_equal(send(fd, request, strlen(request), MSG_NOSIGNAL), (ssize_t)strlen(request));
+	assert_int_equal(send(fd, request, strlen(request), MSG_NOSIGNAL),
+			 (ssize_t)strlen(request));
 	while ((n = recv(fd, raw + got, sizeof(raw) - 1 - got, 0)) > 0)
 		got += (size_t)n;
 	assert_true(n == 0); /* EOF, not a timeout */
@@ -244,8 +246,8 @@ static void endpoints(void **state)
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		get(s.port, cases[i].method, cases[i].path, &r);
 		if (r.status != cases[i].status)
-			fail_msg("%s %s: status %d, want %d", cases[i].method, cases[i].path, r.status,
-				 cases[i].status);
+			fail_msg("%s %s: status %d, want %d", cases[i].method, cases[i].path,
+				 r.status, cases[i].status);
 		assert_string_equal(r.body, cases[i].body);
 		assert_string_equal(r.content_type, "text/plain; charset=utf-8");
 		if (r.status == 405)
@@ -410,7 +412,8 @@ static void ipv6_loopback(void **state)
 /* A port that nothing listens on (bound, then released). */
 static int free_port(void)
 {
-	struct sockaddr_in in = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	struct sockaddr_in in = { .sin_family = AF_INET,
+				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	socklen_t len = sizeof(in);
 	int fd = socket(AF_INET, SOCK_STREAM, 0);
 
@@ -451,7 +454,8 @@ static void health_check(void **state)
 /* A server that accepts and never answers: the probe gives up in time. */
 static void health_check_times_out(void **state)
 {
-	struct sockaddr_in in = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	struct sockaddr_in in = { .sin_family = AF_INET,
+				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	socklen_t len = sizeof(in);
 	struct timespec t0, t1;
 	char addr[64];
@@ -497,7 +501,8 @@ static void bad_addresses(void **state)
 		if (a != NULL)
 			fail_msg("\"%s\" was accepted", cases[i].addr);
 		if (strstr(err, cases[i].reason) == NULL)
-			fail_msg("\"%s\": err \"%s\" lacks \"%s\"", cases[i].addr, err, cases[i].reason);
+			fail_msg("\"%s\": err \"%s\" lacks \"%s\"", cases[i].addr, err,
+				 cases[i].reason);
 		assert_null(strchr(err, '\n'));
 	}
 	assert_null(admin_start(loop, NULL, &hooks, NULL, 0)); /* err is optional */
@@ -507,9 +512,65 @@ static void bad_addresses(void **state)
 	assert_int_equal(admin_port(NULL), -1);
 }
 
+/* The one parser of admin.listen (include/listenaddr.h), used by config's
+ * check, admin_start and main's --health-check hint. */
+static void listen_split(void **state)
+{
+	static const struct {
+		const char *v, *host;
+		int port;
+		const char *why; /* NULL: accepted; else a substring of the problem */
+	} cases[] = {
+		{ "127.0.0.1:9187", "127.0.0.1", 9187, NULL },
+		{ "localhost:0", "localhost", 0, NULL },
+		{ "[::1]:65535", "::1", 65535, NULL },
+		{ "0.0.0.0:00080", "0.0.0.0", 80, NULL },
+		{ "", NULL, 0, "empty" },
+		{ "127.0.0.1", NULL, 0, "expected host:port" },
+		{ "::1:9187", NULL, 0, "expected host:port or [v6addr]:port" },
+		{ "[::1]9187", NULL, 0, "expected [addr]:port" },
+		{ "[::1", NULL, 0, "expected [addr]:port" },
+		{ ":9187", NULL, 0, "missing or overlong host" },
+		{ "[]:9187", NULL, 0, "missing or overlong host" },
+		{ "127.0.0.1:", NULL, 0, "port must be 0..65535" },
+		{ "127.0.0.1:65536", NULL, 0, "port must be 0..65535" },
+		{ "127.0.0.1:99999999999999999999", NULL, 0, "port must be 0..65535" },
+		{ "127.0.0.1:-1", NULL, 0, "port must be 0..65535" },
+		{ "127.0.0.1:+1", NULL, 0, "port must be 0..65535" },
+		{ "127.0.0.1:80x", NULL, 0, "port must be 0..65535" },
+		{ "127.0.0.1: 80", NULL, 0, "whitespace or a control character" },
+		{ "127.0.0.1:80\n", NULL, 0, "whitespace or a control character" },
+	};
+	char host[LISTENADDR_HOST_MAX + 1], longer[LISTENADDR_HOST_MAX + 8];
+	int port;
+
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		const char *why = listenaddr_split(cases[i].v, host, sizeof(host), &port);
+
+		if (cases[i].why == NULL) {
+			if (why != NULL)
+				fail_msg("\"%s\": %s", cases[i].v, why);
+			assert_string_equal(host, cases[i].host);
+			assert_int_equal(port, cases[i].port);
+		} else if (why == NULL || strstr(why, cases[i].why) == NULL) {
+			fail_msg("\"%s\": \"%s\" lacks \"%s\"", cases[i].v,
+				 why ? why : "(accepted)", cases[i].why);
+		}
+	}
+	/* The host's length limit, exactly. */
+	memset(longer, 'a', LISTENADDR_HOST_MAX);
+	strcpy(longer + LISTENADDR_HOST_MAX, ":1");
+	assert_null(listenaddr_split(longer, host, sizeof(host), &port));
+	memset(longer, 'a', LISTENADDR_HOST_MAX + 1);
+	strcpy(longer + LISTENADDR_HOST_MAX + 1, ":1");
+	assert_non_null(listenaddr_split(longer, host, sizeof(host), &port));
+	assert_non_null(listenaddr_split(NULL, host, sizeof(host), &port));
+}
+
 static void bind_failure(void **state)
 {
-	struct sockaddr_in in = { .sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
+	struct sockaddr_in in = { .sin_family = AF_INET,
+				  .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
 	socklen_t len = sizeof(in);
 	struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
 	char addr[64], err[256];
@@ -541,6 +602,7 @@ int main(void)
 		cmocka_unit_test(health_check),
 		cmocka_unit_test(health_check_times_out),
 		cmocka_unit_test(bad_addresses),
+		cmocka_unit_test(listen_split),
 		cmocka_unit_test(bind_failure),
 	};
 

@@ -29,7 +29,8 @@ static void collect(void *arg, const char *key, const char *source, const char *
 
 static int load_env(char *const *envp, const char *const *cli, struct config *cfg, struct errors *e)
 {
-	struct config_input in = { .path = "/nonexistent/pgmq-dispatcher.conf", .envp = envp,
+	struct config_input in = { .path = "/nonexistent/pgmq-dispatcher.conf",
+				   .envp = envp,
 				   .cli_overrides = cli };
 	memset(e, 0, sizeof(*e));
 	return config_load(&in, cfg, collect, e);
@@ -80,21 +81,25 @@ static void bad_values(void **state)
 		{ "PGMQD_QUEUE_BATCH_SIZE=abc", "queue.batch_size", "not an integer: 'abc'" },
 		{ "PGMQD_QUEUE_BATCH_SIZE=10x", "queue.batch_size", "not an integer" },
 		{ "PGMQD_QUEUE_BATCH_SIZE= 10", "queue.batch_size", "not an integer" },
-		{ "PGMQD_QUEUE_BATCH_SIZE=99999999999999999999", "queue.batch_size", "not an integer" },
+		{ "PGMQD_QUEUE_BATCH_SIZE=99999999999999999999", "queue.batch_size",
+		  "not an integer" },
 		{ "PGMQD_QUEUE_BATCH_SIZE=", "queue.batch_size", "not an integer" },
 		{ "PGMQD_QUEUE_POLL_INTERVAL_MS=1", "queue.poll_interval_ms", "between" },
-		{ "PGMQD_QUEUE_READ_FUNCTION=pgmq.read; drop table x", "queue.read_function", "[schema.]function" },
+		{ "PGMQD_QUEUE_READ_FUNCTION=pgmq.read; drop table x", "queue.read_function",
+		  "[schema.]function" },
 		{ "PGMQD_QUEUE_READ_FUNCTION=.read", "queue.read_function", "[schema.]function" },
 		{ "PGMQD_QUEUE_READ_FUNCTION=a.b.c", "queue.read_function", "[schema.]function" },
 		{ "PGMQD_QUEUE_NAME=", "queue.name", "must not be empty" },
 		{ "PGMQD_QUEUE_NAME=a;b", "queue.name", "pgmq rejects" },
 		{ "PGMQD_QUEUE_NAME=a--b", "queue.name", "pgmq rejects" },
-		{ "PGMQD_QUEUE_NAME=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "queue.name", "47" },
+		{ "PGMQD_QUEUE_NAME=aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa", "queue.name",
+		  "47" },
 		{ "PGMQD_RUNPOD_ENDPOINT_ID=a/b", "runpod.endpoint_id", "letters, digits" },
 		{ "PGMQD_RUNPOD_BASE_URL=ftp://x", "runpod.base_url", "https://" },
 		{ "PGMQD_RUNPOD_BASE_URL=https://", "runpod.base_url", "no host" },
 		{ "PGMQD_RUNPOD_BASE_URL=http://api.runpod.ai/v2", "runpod.base_url", "loopback" },
-		{ "PGMQD_RUNPOD_BASE_URL=http://127.0.0.1@evil.example/v2", "runpod.base_url", "loopback" },
+		{ "PGMQD_RUNPOD_BASE_URL=http://127.0.0.1@evil.example/v2", "runpod.base_url",
+		  "loopback" },
 		{ "PGMQD_RUNPOD_BASE_URL=http://127.0.0.256/v2", "runpod.base_url", "loopback" },
 		{ "PGMQD_RUNPOD_BASE_URL=http://[::1]x/v2", "runpod.base_url", "loopback" },
 		{ "PGMQD_RUNPOD_CA_FILE=/nonexistent/ca.pem", "runpod.ca_file", "no such file" },
@@ -104,7 +109,8 @@ static void bad_values(void **state)
 		{ "PGMQD_LOG_LEVEL=loud", "log.level", "one of error, warn, info, debug, trace" },
 		{ "PGMQD_LOG_FORMAT=xml", "log.format", "one of logfmt, json" },
 		{ "PGMQD_DATABASE_CONNINFO=host=x port", "database.conninfo", "not a valid libpq" },
-		{ "PGMQD_QUEUE_BATCHSIZE=10", "PGMQD_QUEUE_BATCHSIZE", "unknown environment variable" },
+		{ "PGMQD_QUEUE_BATCHSIZE=10", "PGMQD_QUEUE_BATCHSIZE",
+		  "unknown environment variable" },
 	};
 
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -115,7 +121,8 @@ static void bad_values(void **state)
 
 		if (n != 1 || strncmp(e.lines[0], cases[i].key, strlen(cases[i].key)) != 0 ||
 		    strstr(e.lines[0], cases[i].problem_part) == NULL)
-			fail_msg("%s: %d errors, first: %s", cases[i].env, n, e.n ? e.lines[0] : "-");
+			fail_msg("%s: %d errors, first: %s", cases[i].env, n,
+				 e.n ? e.lines[0] : "-");
 	}
 }
 
@@ -136,24 +143,31 @@ static void precedence(void **state)
 				"[runpod]\nendpoint_id = epfile\napi_key = \"quoted-key\"\n");
 	char *env[] = { "PGMQD_QUEUE_BATCH_SIZE=7", "PGMQD_QUEUE_VT_SECONDS=70", NULL };
 	const char *cli[] = { "queue.vt_seconds=80", NULL };
-	struct config_input in = { .path = path, .path_explicit = true, .envp = env, .cli_overrides = cli };
+	struct config_input in = { .path = path,
+				   .path_explicit = true,
+				   .envp = env,
+				   .cli_overrides = cli };
 	struct config c;
 	struct errors e = { 0 };
 
 	assert_int_equal(config_load(&in, &c, collect, &e), 0);
-	assert_string_equal(c.queue_name, "fromfile");       /* file over default */
-	assert_int_equal(c.batch_size, 7);                   /* env over file */
-	assert_int_equal(c.vt_seconds, 80);                  /* cli over env */
-	assert_string_equal(c.api_key, "quoted-key");        /* quotes stripped */
-	assert_int_equal(c.poll_interval_ms, 1000);          /* default */
+	assert_string_equal(c.queue_name, "fromfile"); /* file over default */
+	assert_int_equal(c.batch_size, 7);             /* env over file */
+	assert_int_equal(c.vt_seconds, 80);            /* cli over env */
+	assert_string_equal(c.api_key, "quoted-key");  /* quotes stripped */
+	assert_int_equal(c.poll_interval_ms, 1000);    /* default */
 	config_free(&c);
 	unlink(path);
 }
 
 static void pgmqd_name_beats_compat_name(void **state)
 {
-	char *env[] = { "PGMQD_QUEUE_NAME=q", "RUNPOD_ENDPOINT_ID=compat", "PGMQD_RUNPOD_ENDPOINT_ID=mine",
-			"RUNPOD_API_KEY=key-123456", "DATABASE_URL=postgresql://u@h/db", NULL };
+	char *env[] = { "PGMQD_QUEUE_NAME=q",
+			"RUNPOD_ENDPOINT_ID=compat",
+			"PGMQD_RUNPOD_ENDPOINT_ID=mine",
+			"RUNPOD_API_KEY=key-123456",
+			"DATABASE_URL=postgresql://u@h/db",
+			NULL };
 	struct config c;
 	struct errors e;
 
@@ -208,7 +222,9 @@ static void missing_files(void **state)
 	char *env[] = { BASE_ENV, NULL };
 	struct config c;
 	struct errors e = { 0 };
-	struct config_input in = { .path = "/nonexistent/x.conf", .path_explicit = true, .envp = env };
+	struct config_input in = { .path = "/nonexistent/x.conf",
+				   .path_explicit = true,
+				   .envp = env };
 
 	assert_int_equal(config_load(&in, &c, collect, &e), 1);
 	assert_non_null(strstr(e.lines[0], "cannot open the configuration file"));
@@ -233,7 +249,8 @@ static void secret_files(void **state)
 		config_free(&c);
 	}
 	{
-		char *env[] = { "PGMQD_QUEUE_NAME=q", "RUNPOD_ENDPOINT_ID=e", var, "RUNPOD_API_KEY=x-123456", NULL };
+		char *env[] = { "PGMQD_QUEUE_NAME=q", "RUNPOD_ENDPOINT_ID=e", var,
+				"RUNPOD_API_KEY=x-123456", NULL };
 		assert_int_equal(load_env(env, NULL, &c, &e), 1);
 		assert_non_null(strstr(e.lines[0], "both RUNPOD_API_KEY and RUNPOD_API_KEY_FILE"));
 	}
@@ -277,7 +294,8 @@ static void bad_secret_files_and_sources(void **state)
 	}
 	unlink(nul_path);
 	{
-		char *env[] = { BASE_ENV, "DATABASE_URL=postgresql://u:My@Secret@127.0.0.1/db", NULL };
+		char *env[] = { BASE_ENV, "DATABASE_URL=postgresql://u:My@Secret@127.0.0.1/db",
+				NULL };
 		assert_int_equal(load_env(env, NULL, &c, &e), 1);
 		assert_non_null(strstr(e.lines[0], "percent-encode '@'"));
 		assert_null(strstr(e.lines[0], "Secret"));
@@ -292,7 +310,8 @@ static void bad_secret_files_and_sources(void **state)
 	{
 		char *env[] = { BASE_ENV, NULL };
 		struct config_input in = { .path = write_file("[queue]\nname = \"jo ;bs\"\n"),
-					   .path_explicit = true, .envp = env };
+					   .path_explicit = true,
+					   .envp = env };
 		memset(&e, 0, sizeof(e));
 		assert_int_equal(config_load(&in, &c, collect, &e), 1);
 		assert_non_null(strstr(e.lines[0], "unterminated double quote"));
@@ -318,7 +337,8 @@ static void mask_conninfo(void **state)
 {
 	char buf[256];
 
-	config_mask_conninfo("postgresql://app:s3cr3t@db.example.com:6543/postgres", buf, sizeof(buf));
+	config_mask_conninfo("postgresql://app:s3cr3t@db.example.com:6543/postgres", buf,
+			     sizeof(buf));
 	assert_null(strstr(buf, "s3cr3t"));
 	assert_non_null(strstr(buf, "password=***"));
 	assert_non_null(strstr(buf, "host=db.example.com"));
@@ -344,9 +364,12 @@ static void base_url_trailing_slash(void **state)
 static void http_to_loopback_only(void **state)
 {
 	static const char *const ok[] = {
-		"PGMQD_RUNPOD_BASE_URL=http://127.0.0.1/v2", "PGMQD_RUNPOD_BASE_URL=http://127.1.2.3:80/v2",
-		"PGMQD_RUNPOD_BASE_URL=http://LOCALHOST:8000", "PGMQD_RUNPOD_BASE_URL=http://[::1]:8000/v2",
-		"PGMQD_RUNPOD_BASE_URL=https://runpod.example/v2", "PGMQD_RUNPOD_CA_FILE=/etc/passwd",
+		"PGMQD_RUNPOD_BASE_URL=http://127.0.0.1/v2",
+		"PGMQD_RUNPOD_BASE_URL=http://127.1.2.3:80/v2",
+		"PGMQD_RUNPOD_BASE_URL=http://LOCALHOST:8000",
+		"PGMQD_RUNPOD_BASE_URL=http://[::1]:8000/v2",
+		"PGMQD_RUNPOD_BASE_URL=https://runpod.example/v2",
+		"PGMQD_RUNPOD_CA_FILE=/etc/passwd",
 	};
 
 	for (size_t i = 0; i < sizeof(ok) / sizeof(ok[0]); i++) {
@@ -377,7 +400,9 @@ static void unknown_keys_suggest_the_nearest(void **state)
 				"endpoint_id = e\napi_key = k-123456\n");
 	char *env[] = { "PGMQD_QUEUE_VT_SECOND=5", NULL };
 	const char *cli[] = { "queue.poll_intervall_ms=5", NULL };
-	struct config_input in = { .path = path, .path_explicit = true, .envp = env,
+	struct config_input in = { .path = path,
+				   .path_explicit = true,
+				   .envp = env,
 				   .cli_overrides = cli };
 	struct config c;
 	struct errors e = { 0 };
@@ -385,8 +410,8 @@ static void unknown_keys_suggest_the_nearest(void **state)
 	assert_int_equal(config_load(&in, &c, collect, &e), 4);
 	assert_non_null(strstr(e.lines[0], "queue.batch_sise|file "));
 	assert_non_null(strstr(e.lines[0], "|unknown key; did you mean queue.batch_size?"));
-	assert_non_null(strstr(e.lines[1], "|unknown key") );
-	assert_null(strstr(e.lines[1], "did you mean"));        /* nothing near: no guess */
+	assert_non_null(strstr(e.lines[1], "|unknown key"));
+	assert_null(strstr(e.lines[1], "did you mean")); /* nothing near: no guess */
 	assert_non_null(strstr(e.lines[2], "unknown environment variable; did you mean "
 					   "PGMQD_QUEUE_VT_SECONDS?"));
 	assert_non_null(strstr(e.lines[3], "did you mean queue.poll_interval_ms?"));
@@ -396,7 +421,8 @@ static void unknown_keys_suggest_the_nearest(void **state)
 static void example_placeholders_are_refused(void **state)
 {
 	char *env[] = { "PGMQD_QUEUE_NAME=jobs", "RUNPOD_API_KEY=key-123456", NULL };
-	struct config_input in = { .path = "config/pgmq-dispatcher.conf", .path_explicit = true,
+	struct config_input in = { .path = "config/pgmq-dispatcher.conf",
+				   .path_explicit = true,
 				   .envp = env };
 	char *env2[] = { BASE_ENV, "PGMQD_RUNPOD_WEBHOOK=<your-webhook>", NULL };
 	struct config c;
@@ -436,8 +462,10 @@ static void describe_names_file_and_sources(void **state)
 	in.cli_overrides = cli;
 	assert_int_equal(config_load(&in, &c, collect, &e), 0);
 	config_describe(&c, path, buf, sizeof(buf));
-	snprintf(want, sizeof(want), "file %s (2 keys); command line: 1 key; environment: 1 key; "
-		 "default: ", path);
+	snprintf(want, sizeof(want),
+		 "file %s (2 keys); command line: 1 key; environment: 1 key; "
+		 "default: ",
+		 path);
 	assert_memory_equal(buf, want, strlen(want));
 	config_free(&c);
 	unlink(path);

@@ -143,6 +143,42 @@ static void nearest_key_names(void **state)
 	assert_string_equal(config_nearest_key("log.lvl", false, buf, sizeof(buf)), "log.level");
 	/* Two edits in a four-letter name is another word, not a typo. */
 	assert_null(config_nearest_key("a.bc", false, buf, sizeof(buf)));
+	/* The name without section and unit suffix counts on its own. */
+	assert_string_equal(config_nearest_key("queue.pol_interval", false, buf, sizeof(buf)),
+			    "queue.poll_interval_ms");
+	assert_string_equal(config_nearest_key("PGMQD_QUEUE_POL_INTERVAL", true, buf, sizeof(buf)),
+			    "PGMQD_QUEUE_POLL_INTERVAL_MS");
+	assert_string_equal(config_nearest_key("runpod.poll_interval_ms", false, buf, sizeof(buf)),
+			    "queue.poll_interval_ms");
+	assert_string_equal(config_nearest_key("queue.vt", false, buf, sizeof(buf)),
+			    "queue.vt_seconds");
+	assert_null(config_nearest_key("queue.colour", false, buf, sizeof(buf)));
+	assert_null(config_nearest_key("PGMQD_QUEUE_WIDGETS", true, buf, sizeof(buf)));
+}
+
+static void conninfo_placeholders(void **state)
+{
+	static const char *const yes[] = {
+		"postgresql://postgres.<ref>:<password>@aws-0-<region>.pooler.supabase.com:5432/postgres",
+		"postgresql://postgres:s3cret@db.your-ref.supabase.co:5432/postgres",
+		"host=localhost password=<password>",
+		"host=your_host dbname=app",
+	};
+	static const char *const no[] = {
+		"postgresql://app:s3cret@db.example.com:5432/app?sslmode=require",
+		"host=localhost password=a<b dbname=app",
+		"host=yourhost dbname=app",
+		"",
+	};
+
+	for (size_t i = 0; i < sizeof(yes) / sizeof(yes[0]); i++) {
+		const char *p = check_conninfo(yes[i]);
+		if (p == NULL || strstr(p, "placeholder") == NULL)
+			fail_msg("%s should be flagged as a placeholder", yes[i]);
+	}
+	for (size_t i = 0; i < sizeof(no) / sizeof(no[0]); i++)
+		if (config_has_placeholder_part(no[i]) || check_conninfo(no[i]) != NULL)
+			fail_msg("%s should be accepted", no[i]);
 }
 
 static void key_table_names(void **state)
@@ -163,10 +199,11 @@ static void key_table_names(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(loopback_hosts),    cmocka_unit_test(base_url_rule),
-		cmocka_unit_test(listen_addresses),  cmocka_unit_test(integers_are_strict),
-		cmocka_unit_test(placeholders),      cmocka_unit_test(edit_distance),
-		cmocka_unit_test(nearest_key_names), cmocka_unit_test(key_table_names),
+		cmocka_unit_test(loopback_hosts),        cmocka_unit_test(base_url_rule),
+		cmocka_unit_test(listen_addresses),      cmocka_unit_test(integers_are_strict),
+		cmocka_unit_test(placeholders),          cmocka_unit_test(edit_distance),
+		cmocka_unit_test(nearest_key_names),     cmocka_unit_test(key_table_names),
+		cmocka_unit_test(conninfo_placeholders),
 	};
 
 	return cmocka_run_group_tests(tests, NULL, NULL);

@@ -142,10 +142,12 @@ static void heaps_match_brute_force(void **state)
 		} else {
 			jobtable_remove(&t, &r->node);
 			r->in_table = false;
-			r->in_heap[JT_POLL] = r->in_heap[JT_DB] = false;
+			for (int k = 0; k < JT_NHEAPS; k++)
+				r->in_heap[k] = false;
 		}
-		assert_ptr_equal(jobtable_first(&t, JT_POLL), brute_first(JT_POLL));
-		assert_ptr_equal(jobtable_first(&t, JT_DB), brute_first(JT_DB));
+		for (int k = 0; k < JT_NHEAPS; k++)
+			assert_ptr_equal(jobtable_first(&t, (enum jt_heap)k),
+					 brute_first((enum jt_heap)k));
 	}
 	/* Draining a heap yields its keys in order. */
 	{

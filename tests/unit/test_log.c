@@ -52,8 +52,10 @@ static void logfmt_escaping(void **state)
 	log_setup(LOG_INFO, LOG_FORMAT_LOGFMT);
 	out = capture(emit_fields);
 	assert_true(strncmp(out, "time=", 5) == 0);
-	assert_non_null(strstr(out, " level=info event=batch_accepted queue=jobs "
-				    "msg=\"two words \\\"quoted\\\" back\\\\slash\\nnewline\" empty=\"\" jobs=10\n"));
+	assert_non_null(strstr(
+		out,
+		" level=info event=batch_accepted queue=jobs "
+		"msg=\"two words \\\"quoted\\\" back\\\\slash\\nnewline\" empty=\"\" jobs=10\n"));
 	assert_int_equal(strchr(out, '\n') - out + 1, (long)strlen(out)); /* one line */
 }
 
@@ -64,7 +66,8 @@ static void json_format(void **state)
 	log_setup(LOG_INFO, LOG_FORMAT_JSON);
 	out = capture(emit_fields);
 	assert_true(strncmp(out, "{\"time\":\"", 9) == 0);
-	assert_non_null(strstr(out, "\"level\":\"info\",\"event\":\"batch_accepted\",\"queue\":\"jobs\","));
+	assert_non_null(
+		strstr(out, "\"level\":\"info\",\"event\":\"batch_accepted\",\"queue\":\"jobs\","));
 	assert_non_null(strstr(out, "\"jobs\":10}\n"));
 	log_setup(LOG_INFO, LOG_FORMAT_LOGFMT);
 }
@@ -114,7 +117,7 @@ static void emit_tricky_secret(void)
 	log_str(l, "echo", "bad key rp_AB\"CD\\1234xyz here");
 	memset(body, 'x', 240);
 	memcpy(body + 240, "Bearer rp_AB\"CD\\1234xyz", 24);
-	log_excerpt(l, "body", body, 264, 256);   /* the cut falls inside the key */
+	log_excerpt(l, "body", body, 264, 256); /* the cut falls inside the key */
 	log_str(l, "raw", "caf\xc3\xa9 \xe9 end");
 	log_end(l);
 }
@@ -165,7 +168,9 @@ static void truncation_keeps_lines_whole(void **state)
 static void emit_control(void)
 {
 	struct log_line *l = log_begin(LOG_INFO, "ctl");
-	log_str(l, "v", "a\x01" "b\x7f");
+	log_str(l, "v",
+		"a\x01"
+		"b\x7f");
 	log_end(l);
 }
 
@@ -199,7 +204,8 @@ static void numbers_stay_numbers(void **state)
 				    "\"msg_ids\":[7,9007199254740993]}\n"));
 	log_setup(LOG_INFO, LOG_FORMAT_LOGFMT);
 	out = capture(emit_numbers);
-	assert_non_null(strstr(out, " msg_id=9007199254740993 odd=12a msg_ids=7,9007199254740993\n"));
+	assert_non_null(
+		strstr(out, " msg_id=9007199254740993 odd=12a msg_ids=7,9007199254740993\n"));
 }
 
 /* Issue 10, defect 7: with a loop attached, a full stderr pipe never blocks

@@ -118,8 +118,8 @@ static void help_and_type_lines(void **state)
 		const char *next = strstr(t, "# HELP ");
 		for (const char *p = strstr(text, families[i].name); p;
 		     p = strstr(p + 1, families[i].name)) {
-			if (p != text && p[-1] == '\n' && strncmp(p, families[i].name,
-								    strlen(families[i].name)) == 0) {
+			if (p != text && p[-1] == '\n' &&
+			    strncmp(p, families[i].name, strlen(families[i].name)) == 0) {
 				assert_true(p > t);
 				if (next)
 					assert_true(p < next);
@@ -135,13 +135,37 @@ static void help_and_type_lines(void **state)
 static void every_line_is_well_formed(void **state)
 {
 	static const char *const allowed[] = {
-		"reason=\"too_large\"", "reason=\"max_read_ct\"", "result=\"rows\"",
-		"result=\"empty\"",     "result=\"error\"",       "outcome=\"accepted\"",
-		"outcome=\"rejected\"", "outcome=\"unknown\"",    "le=\"",
+		"reason=\"too_large\"",
+		"reason=\"max_read_ct\"",
+		"result=\"rows\"",
+		"result=\"empty\"",
+		"result=\"error\"",
+		"outcome=\"accepted\"",
+		"outcome=\"rejected\"",
+		"outcome=\"unknown\"",
+		"le=\"",
 		/* the tracker's */
-		"status=\"IN_QUEUE\"", "status=\"IN_PROGRESS\"", "status=\"RUNNING\"",
-		"status=\"OTHER\"", "status=\"COMPLETED\"", "status=\"FAILED\"",
-		"status=\"CANCELLED\"", "status=\"TIMED_OUT\"", "status=\"EXPIRED\"",
+		"status=\"IN_QUEUE\"",
+		"status=\"IN_PROGRESS\"",
+		"status=\"RUNNING\"",
+		"status=\"OTHER\"",
+		"status=\"COMPLETED\"",
+		"status=\"FAILED\"",
+		"status=\"CANCELLED\"",
+		"status=\"TIMED_OUT\"",
+		"status=\"EXPIRED\"",
+		/* RunPod's /health */
+		"state=\"completed\"",
+		"state=\"failed\"",
+		"state=\"in_progress\"",
+		"state=\"in_queue\"",
+		"state=\"retried\"",
+		"state=\"idle\"",
+		"state=\"initializing\"",
+		"state=\"ready\"",
+		"state=\"running\"",
+		"state=\"throttled\"",
+		"state=\"unhealthy\"",
 	};
 	char *text, *save = NULL;
 
@@ -154,7 +178,8 @@ static void every_line_is_well_formed(void **state)
 	for (char *line = strtok_r(text, "\n", &save); line; line = strtok_r(NULL, "\n", &save)) {
 		char *value, *end;
 
-		if (strncmp(line, "# HELP pgmqd_", 13) == 0 || strncmp(line, "# TYPE pgmqd_", 13) == 0)
+		if (strncmp(line, "# HELP pgmqd_", 13) == 0 ||
+		    strncmp(line, "# TYPE pgmqd_", 13) == 0)
 			continue;
 		assert_true(strncmp(line, "pgmqd_", 6) == 0);
 		value = strrchr(line, ' ');
@@ -209,7 +234,7 @@ static void counters(void **state)
 	metrics_inc_reads(METRICS_READ_ROWS);
 	metrics_inc_reads(METRICS_READ_EMPTY);
 	metrics_inc_reads(METRICS_READ_ERROR);
-	metrics_inc_reads((enum metrics_read_result)-1); /* ignored */
+	metrics_inc_reads((enum metrics_read_result) - 1); /* ignored */
 	metrics_inc_pg_reconnects();
 	metrics_inc_pg_reconnects();
 
@@ -279,7 +304,8 @@ static void requests_by_outcome_and_code(void **state)
 			fail_msg("%s: got %g, want %g", series, sample(text, series), want);
 	}
 	/* Pairs never counted are not rendered; nothing unbounded is. */
-	assert_null(find_sample(text, "pgmqd_runpod_requests_total{outcome=\"accepted\",code=\"500\"}"));
+	assert_null(find_sample(text,
+				"pgmqd_runpod_requests_total{outcome=\"accepted\",code=\"500\"}"));
 	assert_null(strstr(text, "code=\"418\""));
 	assert_null(strstr(text, "code=\"99999\""));
 	assert_null(strstr(text, "code=\"-1\""));
@@ -294,9 +320,9 @@ static void histogram_buckets(void **state)
 		const char *le;
 		double bound;
 	} buckets[] = {
-		{ "0.005", .005 }, { "0.01", .01 }, { "0.025", .025 }, { "0.05", .05 },
-		{ "0.1", .1 },     { "0.25", .25 }, { "0.5", .5 },     { "1", 1 },
-		{ "2.5", 2.5 },    { "5", 5 },      { "10", 10 },      { "30", 30 },
+		{ "0.005", .005 },    { "0.01", .01 }, { "0.025", .025 }, { "0.05", .05 },
+		{ "0.1", .1 },        { "0.25", .25 }, { "0.5", .5 },     { "1", 1 },
+		{ "2.5", 2.5 },       { "5", 5 },      { "10", 10 },      { "30", 30 },
 		{ "+Inf", INFINITY },
 	};
 	const size_t nobs = sizeof(obs) / sizeof(obs[0]);
@@ -316,8 +342,8 @@ static void histogram_buckets(void **state)
 		for (size_t i = 0; i < nobs; i++)
 			if (obs[i] <= buckets[b].bound)
 				want++;
-		snprintf(series, sizeof(series), "pgmqd_runpod_request_duration_seconds_bucket{le=\"%s\"}",
-			 buckets[b].le);
+		snprintf(series, sizeof(series),
+			 "pgmqd_runpod_request_duration_seconds_bucket{le=\"%s\"}", buckets[b].le);
 		got = sample(text, series);
 		if (got != want)
 			fail_msg("%s: got %g, want %g", series, got, want);
@@ -439,6 +465,47 @@ static void tracker_series(void **state)
 	free(text);
 }
 
+/* The stuck-queue series: the oldest IN_QUEUE age grows with the clock,
+ * /health counts are set whole, the cap flag is 0/1. */
+static void stuck_queue_series(void **state)
+{
+	const long long jobs[METRICS_HEALTH_NJOBS] = { 7, 1, 2, 5, 0 };
+	const long long workers[METRICS_HEALTH_NWORKERS] = { 1, 0, 1, 2, 0, 3 };
+	char *text;
+	double age;
+
+	metrics_init();
+	text = render();
+	assert_true(sample(text, "pgmqd_tracker_oldest_in_queue_seconds") == 0);
+	assert_true(sample(text, "pgmqd_tracker_queue_cap_reached") == 0);
+	assert_true(sample(text, "pgmqd_runpod_health_workers{state=\"unhealthy\"}") == 0);
+	assert_true(sample(text, "pgmqd_runpod_health_timestamp_seconds") == 0);
+	free(text);
+
+	metrics_set_oldest_in_queue_since(now_unix() - 42.0);
+	metrics_set_queue_cap_reached(true);
+	metrics_set_runpod_health(jobs, workers);
+	metrics_inc_tracker_heartbeat_ceilings();
+	text = render();
+	age = sample(text, "pgmqd_tracker_oldest_in_queue_seconds");
+	assert_true(age >= 42.0 && age < 52.0);
+	assert_true(sample(text, "pgmqd_tracker_queue_cap_reached") == 1);
+	assert_true(sample(text, "pgmqd_runpod_health_jobs{state=\"in_queue\"}") == 5);
+	assert_true(sample(text, "pgmqd_runpod_health_jobs{state=\"completed\"}") == 7);
+	assert_true(sample(text, "pgmqd_runpod_health_workers{state=\"unhealthy\"}") == 3);
+	assert_true(sample(text, "pgmqd_runpod_health_workers{state=\"running\"}") == 2);
+	assert_true(sample(text, "pgmqd_runpod_health_timestamp_seconds") > now_unix() - 60);
+	assert_true(sample(text, "pgmqd_tracker_heartbeat_ceilings_total") == 1);
+	free(text);
+
+	metrics_set_oldest_in_queue_since(0); /* none waits */
+	metrics_set_queue_cap_reached(false);
+	text = render();
+	assert_true(sample(text, "pgmqd_tracker_oldest_in_queue_seconds") == 0);
+	assert_true(sample(text, "pgmqd_tracker_queue_cap_reached") == 0);
+	free(text);
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -449,6 +516,7 @@ int main(void)
 		cmocka_unit_test(histogram_buckets),
 		cmocka_unit_test(gauges),
 		cmocka_unit_test(tracker_series),
+		cmocka_unit_test(stuck_queue_series),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -12,7 +12,8 @@
 #include "backoff.h"
 #include "pgmq.h"
 
-static PGresult *make_result(const char *const *names, int ncols, const char *const *rows, int nrows)
+static PGresult *make_result(const char *const *names, int ncols, const char *const *rows,
+			     int nrows)
 {
 	PGresult *res = PQmakeEmptyPGresult(NULL, PGRES_TUPLES_OK);
 	PGresAttDesc attrs[8];
@@ -29,6 +30,25 @@ static PGresult *make_result(const char *const *names, int ncols, const char *co
 			assert_true(PQsetvalue(res, r, c, (char *)v, v ? (int)strlen(v) : -1));
 		}
 	return res;
+}
+
+static void quote_literal(void **state)
+{
+	char buf[32], small[6];
+
+	(void)state;
+	assert_int_equal(pgmq_quote_literal("jobs", buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "'jobs'");
+	assert_int_equal(pgmq_quote_literal("it's", buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "'it''s'");
+	assert_int_equal(pgmq_quote_literal("", buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "''");
+	/* 'abc' needs 6 bytes with its NUL; a quote that would not fit is refused whole. */
+	assert_int_equal(pgmq_quote_literal("abc", small, sizeof(small)), 0);
+	assert_int_equal(pgmq_quote_literal("ab'", small, sizeof(small)), -1);
+	assert_string_equal(small, "");
+	assert_int_equal(pgmq_create_call("Q'x", buf, sizeof(buf)), 0);
+	assert_string_equal(buf, "SELECT pgmq.create('Q''x');");
 }
 
 static void read_sql(void **state)
@@ -48,13 +68,23 @@ static void decode_by_name(void **state)
 {
 	const char *names[] = { "message", "document_id", "enqueued_at", "read_ct", "msg_id" };
 	const char *rows[] = {
-		"{\"document_id\": \"d\"}", "\"d\"", "\"2026-01-01T00:00:00+00:00\"", "3", "9007199254740993",
-		NULL, NULL, "\"2026-01-01T00:00:01+00:00\"", "1", "12",
+		"{\"document_id\": \"d\"}",
+		"\"d\"",
+		"\"2026-01-01T00:00:00+00:00\"",
+		"3",
+		"9007199254740993",
+		NULL,
+		NULL,
+		"\"2026-01-01T00:00:01+00:00\"",
+		"1",
+		"12",
 	};
 	struct pgmq_batch b;
 	char err[256];
 
-	assert_int_equal(pgmq_batch_from_result(make_result(names, 5, rows, 2), &b, err, sizeof(err)), 0);
+	assert_int_equal(pgmq_batch_from_result(make_result(names, 5, rows, 2), &b, err,
+						sizeof(err)),
+			 0);
 	assert_int_equal(b.n, 2);
 	assert_string_equal(b.msgs[0].msg_id, "9007199254740993");
 	assert_true(b.msgs[0].msg_id_num == 9007199254740993LL);
@@ -74,13 +104,18 @@ static void missing_column(void **state)
 	char err[256];
 
 	/* document_id missing: the row is kept (its id is known) but marked. */
-	assert_int_equal(pgmq_batch_from_result(make_result(names, 4, rows, 1), &b, err, sizeof(err)), 0);
+	assert_int_equal(pgmq_batch_from_result(make_result(names, 4, rows, 1), &b, err,
+						sizeof(err)),
+			 0);
 	assert_int_equal(b.n, 1);
 	assert_true(b.msgs[0].id_ok && b.msgs[0].msg_id_num == 7);
-	assert_string_equal(b.msgs[0].invalid, "the read function returned no column named document_id");
+	assert_string_equal(b.msgs[0].invalid,
+			    "the read function returned no column named document_id");
 	pgmq_batch_free(&b);
 	/* no msg_id column: nothing can be named. */
-	assert_int_equal(pgmq_batch_from_result(make_result(no_id, 4, rows, 1), &b, err, sizeof(err)), -1);
+	assert_int_equal(pgmq_batch_from_result(make_result(no_id, 4, rows, 1), &b, err,
+						sizeof(err)),
+			 -1);
 	assert_non_null(strstr(err, "no column named msg_id (1 row read, its id unknown"));
 }
 
@@ -89,16 +124,16 @@ static void malformed_values(void **state)
 {
 	const char *names[] = { "msg_id", "read_ct", "enqueued_at", "message", "document_id" };
 	const char *rows[] = {
-		"12abc", "1", "\"t\"", "{}", NULL,
-		"2", "-1", "\"t\"", "{}", NULL,
-		NULL, "1", "\"t\"", "{}", NULL,
-		"4", "1", NULL, "{}", NULL,
-		"5", "1", "\"t\"", "{}", NULL,
+		"12abc", "1",  "\"t\"", "{}",    NULL,    "2",  "-1", "\"t\"", "{}",
+		NULL,    NULL, "1",     "\"t\"", "{}",    NULL, "4",  "1",     NULL,
+		"{}",    NULL, "5",     "1",     "\"t\"", "{}", NULL,
 	};
 	struct pgmq_batch b;
 	char err[256];
 
-	assert_int_equal(pgmq_batch_from_result(make_result(names, 5, rows, 5), &b, err, sizeof(err)), 0);
+	assert_int_equal(pgmq_batch_from_result(make_result(names, 5, rows, 5), &b, err,
+						sizeof(err)),
+			 0);
 	assert_int_equal(b.n, 5);
 	assert_false(b.msgs[0].id_ok);
 	assert_non_null(strstr(b.msgs[0].invalid, "not a bigint"));
@@ -118,7 +153,9 @@ static void empty_result(void **state)
 	struct pgmq_batch b;
 	char err[256];
 
-	assert_int_equal(pgmq_batch_from_result(make_result(names, 5, NULL, 0), &b, err, sizeof(err)), 0);
+	assert_int_equal(pgmq_batch_from_result(make_result(names, 5, NULL, 0), &b, err,
+						sizeof(err)),
+			 0);
 	assert_int_equal(b.n, 0);
 	pgmq_batch_free(&b);
 }
@@ -138,11 +175,9 @@ static void backoff(void **state)
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
-		cmocka_unit_test(read_sql),
-		cmocka_unit_test(decode_by_name),
-		cmocka_unit_test(missing_column),
-		cmocka_unit_test(malformed_values),
-		cmocka_unit_test(empty_result),
+		cmocka_unit_test(quote_literal),    cmocka_unit_test(read_sql),
+		cmocka_unit_test(decode_by_name),   cmocka_unit_test(missing_column),
+		cmocka_unit_test(malformed_values), cmocka_unit_test(empty_result),
 		cmocka_unit_test(backoff),
 	};
 	return cmocka_run_group_tests_name("pgmq", tests, NULL, NULL);

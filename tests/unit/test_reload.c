@@ -96,12 +96,19 @@ static void assert_in_effect(const struct dispatcher *d, const struct config *cf
 
 static void every_failing_step_keeps_the_old_configuration(void **state)
 {
-	char *env_a[] = { "PGMQD_QUEUE_NAME=jobs", "RUNPOD_ENDPOINT_ID=old-endpoint",
-			  "RUNPOD_API_KEY=old-key-123456", "PGMQD_DATABASE_CONNINFO=dbname=old",
-			  "PGMQD_RUNPOD_MAX_REQUESTS_PER_10S=5", NULL };
-	char *env_b[] = { "PGMQD_QUEUE_NAME=jobs", "RUNPOD_ENDPOINT_ID=new-endpoint",
-			  "RUNPOD_API_KEY=new-key-abcdefghijklmnop", "PGMQD_DATABASE_CONNINFO=dbname=new",
-			  "PGMQD_RUNPOD_MAX_REQUESTS_PER_10S=2", "PGMQD_TRACKER_ENABLED=on", NULL };
+	char *env_a[] = { "PGMQD_QUEUE_NAME=jobs",
+			  "RUNPOD_ENDPOINT_ID=old-endpoint",
+			  "RUNPOD_API_KEY=old-key-123456",
+			  "PGMQD_DATABASE_CONNINFO=dbname=old",
+			  "PGMQD_RUNPOD_MAX_REQUESTS_PER_10S=5",
+			  NULL };
+	char *env_b[] = { "PGMQD_QUEUE_NAME=jobs",
+			  "RUNPOD_ENDPOINT_ID=new-endpoint",
+			  "RUNPOD_API_KEY=new-key-abcdefghijklmnop",
+			  "PGMQD_DATABASE_CONNINFO=dbname=new",
+			  "PGMQD_RUNPOD_MAX_REQUESTS_PER_10S=2",
+			  "PGMQD_TRACKER_ENABLED=on",
+			  NULL };
 	struct config a, b;
 	struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
 	struct dispatcher *d;
@@ -154,8 +161,8 @@ static void record_done(void *arg, enum dispatcher_result r)
  * --once hung). */
 static void once_ends_when_a_read_cannot_be_kept(void **state)
 {
-	char *env[] = { "PGMQD_QUEUE_NAME=jobs", "RUNPOD_ENDPOINT_ID=ep", "RUNPOD_API_KEY=key-123456",
-			NULL };
+	char *env[] = { "PGMQD_QUEUE_NAME=jobs", "RUNPOD_ENDPOINT_ID=ep",
+			"RUNPOD_API_KEY=key-123456", NULL };
 	struct config a;
 	struct ev_loop *loop = ev_loop_new(EVFLAG_AUTO);
 	struct pgmq_batch *rows = calloc(1, sizeof(*rows));
@@ -168,9 +175,13 @@ static void once_ends_when_a_read_cannot_be_kept(void **state)
 	assert_non_null(d);
 	rows->n = 1;
 	rows->msgs = calloc(1, sizeof(*rows->msgs));
-	rows->msgs[0] = (struct pgmq_message){ .msg_id = "1", .msg_id_num = 1, .read_ct = "1",
-					       .enqueued_at = "\"x\"", .message = "{}",
-					       .message_len = 2, .id_ok = true };
+	rows->msgs[0] = (struct pgmq_message){ .msg_id = "1",
+					       .msg_id_num = 1,
+					       .read_ct = "1",
+					       .enqueued_at = "\"x\"",
+					       .message = "{}",
+					       .message_len = 2,
+					       .id_ok = true };
 	d->reading = true;
 	allocs = 0;
 	fail_at = 1; /* the read_result */
@@ -190,11 +201,10 @@ static void reload_diff_table(void **state)
 	static const struct {
 		bool tracker_on, have, once, stopping, new_tracker;
 	} cases[] = {
-		{ false, false, false, false, false },
-		{ true, false, false, false, true },
-		{ true, true, false, false, false },  /* already running */
-		{ true, false, true, false, false },  /* --once never tracks */
-		{ true, false, false, true, false },  /* stopping: not now */
+		{ false, false, false, false, false }, { true, false, false, false, true },
+		{ true, true, false, false, false }, /* already running */
+		{ true, false, true, false, false }, /* --once never tracks */
+		{ true, false, false, true, false }, /* stopping: not now */
 	};
 
 	(void)state;
@@ -204,10 +214,19 @@ static void reload_diff_table(void **state)
 	b.conninfo = "dbname=b";
 	assert_true(dispatcher_reload_diff(&a, &b, false, false, false).rate_cap);
 	assert_true(dispatcher_reload_diff(&a, &b, false, false, false).conninfo);
+	/* Only a new key, endpoint, base URL or CA probes an open circuit at once. */
+	assert_false(dispatcher_reload_diff(&a, &b, false, false, false).runpod);
+	b.api_key = "rp_new";
+	assert_true(dispatcher_reload_diff(&a, &b, false, false, false).runpod);
+	b.api_key = NULL;
+	b.ca_file = "/etc/ca.pem";
+	assert_true(dispatcher_reload_diff(&a, &b, false, false, false).runpod);
+	b.ca_file = NULL;
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		b.tracker_enabled = cases[i].tracker_on;
 		assert_int_equal(dispatcher_reload_diff(&a, &b, cases[i].have, cases[i].once,
-							cases[i].stopping).new_tracker,
+							cases[i].stopping)
+					 .new_tracker,
 				 cases[i].new_tracker);
 	}
 }

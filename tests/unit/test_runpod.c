@@ -13,12 +13,17 @@
 static void body_golden_bytes(void **state)
 {
 	struct pgmq_message m[2] = {
-		{ .msg_id = "9007199254740993", .read_ct = "1",
+		{ .msg_id = "9007199254740993",
+		  .read_ct = "1",
 		  .enqueued_at = "\"2026-11-29T07:30:20.75052+00:00\"",
-		  .message = "{\"lang\": \"de\", \"document_id\": \"d-1\", \"title\": \"K\xc3\xb6ln \xf0\x9f\x8e\xac\"}",
+		  .message =
+			  "{\"lang\": \"de\", \"document_id\": \"d-1\", \"title\": \"K\xc3\xb6ln \xf0\x9f\x8e\xac\"}",
 		  .document_id = "\"d-1\"" },
-		{ .msg_id = "7", .read_ct = "12", .enqueued_at = "\"2026-11-29T07:30:21+00:00\"",
-		  .message = "[1, 2.50, \"x\"]", .document_id = NULL },
+		{ .msg_id = "7",
+		  .read_ct = "12",
+		  .enqueued_at = "\"2026-11-29T07:30:21+00:00\"",
+		  .message = "[1, 2.50, \"x\"]",
+		  .document_id = NULL },
 	};
 	size_t len = 0;
 	char *body;
@@ -43,7 +48,10 @@ static void body_golden_bytes(void **state)
 static void body_scalar_messages(void **state)
 {
 	struct pgmq_message m[3] = {
-		{ .msg_id = "1", .read_ct = "1", .enqueued_at = "\"t\"", .message = "\"just a string\"" },
+		{ .msg_id = "1",
+		  .read_ct = "1",
+		  .enqueued_at = "\"t\"",
+		  .message = "\"just a string\"" },
 		{ .msg_id = "2", .read_ct = "1", .enqueued_at = "\"t\"", .message = "null" },
 		{ .msg_id = "3", .read_ct = "1", .enqueued_at = "\"t\"", .message = "-1.5e+300" },
 	};
@@ -63,7 +71,10 @@ static void body_scalar_messages(void **state)
 
 static void body_queue_name_is_escaped(void **state)
 {
-	struct pgmq_message m = { .msg_id = "1", .read_ct = "1", .enqueued_at = "\"t\"", .message = "{}",
+	struct pgmq_message m = { .msg_id = "1",
+				  .read_ct = "1",
+				  .enqueued_at = "\"t\"",
+				  .message = "{}",
 				  .message_len = 2 };
 	char *body = runpod_run_body("we\"ird\\q", 30, NULL, &m, 1, NULL);
 
@@ -73,15 +84,22 @@ static void body_queue_name_is_escaped(void **state)
 
 static void body_extras(void **state)
 {
-	struct pgmq_message m = { .msg_id = "1", .read_ct = "1", .enqueued_at = "\"t\"", .message = "{}",
+	struct pgmq_message m = { .msg_id = "1",
+				  .read_ct = "1",
+				  .enqueued_at = "\"t\"",
+				  .message = "{}",
 				  .message_len = 2 };
-	struct runpod_extras x = { .webhook = "https://hooks.example.com/done", .execution_timeout_ms = 600000,
-				   .ttl_ms = 86400000, .low_priority = true };
+	struct runpod_extras x = { .webhook = "https://hooks.example.com/done",
+				   .execution_timeout_ms = 600000,
+				   .ttl_ms = 86400000,
+				   .low_priority = true };
 	struct runpod_extras none = { .webhook = "" };
 	char *body = runpod_run_body("q", 30, &x, &m, 1, NULL);
 
-	assert_non_null(strstr(body, "]},\"webhook\":\"https://hooks.example.com/done\","
-				     "\"policy\":{\"executionTimeout\":600000,\"ttl\":86400000,\"lowPriority\":true}}"));
+	assert_non_null(strstr(
+		body,
+		"]},\"webhook\":\"https://hooks.example.com/done\","
+		"\"policy\":{\"executionTimeout\":600000,\"ttl\":86400000,\"lowPriority\":true}}"));
 	free(body);
 	body = runpod_run_body("q", 30, &none, &m, 1, NULL);
 	assert_null(strstr(body, "webhook"));
@@ -93,7 +111,8 @@ static void url_building(void **state)
 {
 	char buf[64];
 
-	assert_int_equal(runpod_url("https://api.runpod.ai/v2", "abc123", "run", buf, sizeof(buf)), 0);
+	assert_int_equal(runpod_url("https://api.runpod.ai/v2", "abc123", "run", buf, sizeof(buf)),
+			 0);
 	assert_string_equal(buf, "https://api.runpod.ai/v2/abc123/run");
 	assert_int_equal(runpod_url("https://api.runpod.ai/v2", "abc123", "run", buf, 10), -1);
 }
@@ -106,8 +125,10 @@ static void reply_parsing(void **state)
 		int rc;
 		const char *id, *status;
 	} cases[] = {
-		{ "{\"id\":\"0b7f9c52-u1\",\"status\":\"IN_QUEUE\"}", 0, "0b7f9c52-u1", "IN_QUEUE" },
-		{ "{\"status\":\"IN_QUEUE\",\"id\":\"x\",\"delayTime\":3,\"extra\":{}}", 0, "x", "IN_QUEUE" },
+		{ "{\"id\":\"0b7f9c52-u1\",\"status\":\"IN_QUEUE\"}", 0, "0b7f9c52-u1",
+		  "IN_QUEUE" },
+		{ "{\"status\":\"IN_QUEUE\",\"id\":\"x\",\"delayTime\":3,\"extra\":{}}", 0, "x",
+		  "IN_QUEUE" },
 		{ "{\"id\":\"x\"}", 0, "x", "" },
 		{ "{\"id\":\"x\",\"status\":5}", 0, "x", "" },
 		{ "{\"id\":\"\"}", -1, "", "" },
@@ -163,9 +184,9 @@ static void reply_strings_judged_on_raw_bytes(void **state)
 		{ "{\"id\":\"ab\\tc\"}", "id: control character" },
 		{ "{\"id\":\"ab\x7f\"}", "id: control character" },
 		{ "{\"id\":\"ab\xc3\"}", "invalid UTF-8 in a string" },
-		{ "{\"id\":\"ab\xc0\xaf\"}", "invalid UTF-8 in a string" },       /* overlong '/' */
-		{ "{\"id\":\"ab\xed\xa0\x80\"}", "invalid UTF-8 in a string" },   /* surrogate */
-		{ "{\"id\":\"ab\\ud800\"}", "invalid escape in a string" },        /* lone surrogate */
+		{ "{\"id\":\"ab\xc0\xaf\"}", "invalid UTF-8 in a string" },     /* overlong '/' */
+		{ "{\"id\":\"ab\xed\xa0\x80\"}", "invalid UTF-8 in a string" }, /* surrogate */
+		{ "{\"id\":\"ab\\ud800\"}", "invalid escape in a string" },     /* lone surrogate */
 		{ "{\"id\":\"ab\\udc00\\ud800\"}", "invalid escape in a string" },
 		{ "{\"id\":\"a\",\"id\":\"b\"}", "id: appears twice" },
 		{ "{\"id\":\"ok\",\"x\":[\"\\uZZZZ\"]}", "invalid escape in a string" },
@@ -227,12 +248,12 @@ static void classification(void **state)
 	} cases[] = {
 		{ { 200, false, true, true, true }, RUNPOD_ACCEPTED },
 		{ { 201, false, true, true, true }, RUNPOD_ACCEPTED },
-		{ { 200, false, true, true, false }, RUNPOD_UNKNOWN },   /* 2xx, no id */
-		{ { 200, true, true, true, true }, RUNPOD_UNKNOWN },     /* reset mid-body */
+		{ { 200, false, true, true, false }, RUNPOD_UNKNOWN }, /* 2xx, no id */
+		{ { 200, true, true, true, true }, RUNPOD_UNKNOWN },   /* reset mid-body */
 		{ { 504, false, true, true, false }, RUNPOD_UNKNOWN },
-		{ { 0, true, true, true, false }, RUNPOD_UNKNOWN },      /* timeout after sending */
-		{ { 0, true, false, false, false }, RUNPOD_REJECTED },   /* connection refused */
-		{ { 0, true, true, false, false }, RUNPOD_REJECTED },    /* connected, nothing sent */
+		{ { 0, true, true, true, false }, RUNPOD_UNKNOWN },    /* timeout after sending */
+		{ { 0, true, false, false, false }, RUNPOD_REJECTED }, /* connection refused */
+		{ { 0, true, true, false, false }, RUNPOD_REJECTED },  /* connected, nothing sent */
 		{ { 400, false, true, true, false }, RUNPOD_REJECTED },
 		{ { 401, false, true, true, false }, RUNPOD_REJECTED },
 		{ { 403, false, true, true, false }, RUNPOD_REJECTED },
@@ -247,8 +268,9 @@ static void classification(void **state)
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		enum runpod_outcome got = runpod_classify(&cases[i].a);
 		if (got != cases[i].want)
-			fail_msg("case %zu (status %ld): got %s, want %s", i, cases[i].a.http_status,
-				 runpod_outcome_name(got), runpod_outcome_name(cases[i].want));
+			fail_msg("case %zu (status %ld): got %s, want %s", i,
+				 cases[i].a.http_status, runpod_outcome_name(got),
+				 runpod_outcome_name(cases[i].want));
 	}
 	assert_true(runpod_is_config_error(401));
 	assert_true(runpod_is_config_error(403));
@@ -260,16 +282,23 @@ static void classification(void **state)
 static void job_bytes_match_the_body(void **state)
 {
 	struct pgmq_message m[3] = {
-		{ .msg_id = "9007199254740993", .read_ct = "1", .enqueued_at = "\"2026-11-29T07:30:20+00:00\"",
-		  .message = "{\"a\": \"\u00e9\"}", .document_id = NULL },
-		{ .msg_id = "7", .read_ct = "12", .enqueued_at = "\"t\"", .message = "[1]",
+		{ .msg_id = "9007199254740993",
+		  .read_ct = "1",
+		  .enqueued_at = "\"2026-11-29T07:30:20+00:00\"",
+		  .message = "{\"a\": \"\u00e9\"}",
+		  .document_id = NULL },
+		{ .msg_id = "7",
+		  .read_ct = "12",
+		  .enqueued_at = "\"t\"",
+		  .message = "[1]",
 		  .document_id = "\"doc\"" },
 		{ .msg_id = "8", .read_ct = "1", .enqueued_at = "\"t\"", .message = "null" },
 	};
 	for (int i = 0; i < 3; i++)
 		m[i].message_len = strlen(m[i].message);
 	for (int n = 0; n <= 3; n++) {
-		struct runpod_extras x = { .webhook = "https://hooks.example.com/rp?a=1", .ttl_ms = 60000,
+		struct runpod_extras x = { .webhook = "https://hooks.example.com/rp?a=1",
+					   .ttl_ms = 60000,
 					   .low_priority = true };
 		size_t len = 0, want = runpod_envelope_bytes("q\"x", 1800, &x);
 		char *body = runpod_run_body("q\"x", 1800, &x, m, n, &len);
@@ -294,14 +323,14 @@ static void retry_after(void **state)
 		{ "Sun, 29 Nov 2026 08:00:30 GMT", 0, 30000 },
 		{ "Sunday, 29-Nov-26 08:01:00 GMT", 0, 60000 },
 		{ "Sun Nov 29 08:00:05 2026", 0, 5000 },
-		{ "Sun, 29 Nov 2026 07:59:00 GMT", 0, 0 },   /* in the past */
+		{ "Sun, 29 Nov 2026 07:59:00 GMT", 0, 0 }, /* in the past */
 		{ "", -1, 0 },
 		{ "-5", -1, 0 },
 		{ "1.5", -1, 0 },
 		{ " 5", -1, 0 },
 		{ "5s", -1, 0 },
 		{ "soon", -1, 0 },
-		{ "Sun, 29 Nov 2026 08:00:30 CET", 0, 0 },   /* curl_getdate: 07:00:30 GMT, past */
+		{ "Sun, 29 Nov 2026 08:00:30 CET", 0, 0 }, /* curl_getdate: 07:00:30 GMT, past */
 		{ "Sun, 32 Nov 2026 08:00:30 GMT", -1, 0 },
 		{ "Sun, 29 Foo 2026 08:00:30 GMT", -1, 0 },
 		{ "Sun, 29 Nov 2026 25:00:30 GMT", -1, 0 },

@@ -26,7 +26,7 @@ enum kind { PATH_SOCKET, ABSTRACT_SOCKET };
 
 struct receiver {
 	int fd;
-	char dir[64];   /* temp dir of a path socket, "" otherwise */
+	char dir[64]; /* temp dir of a path socket, "" otherwise */
 	char path[108];
 };
 
@@ -275,10 +275,10 @@ static void watchdog_disabled(void **state)
 		const char *usec, *pid; /* NULL: unset; "self": getpid() */
 		int want;
 	} cases[] = {
-		{ NULL, NULL, 0 },          /* no WatchdogSec= */
-		{ "400000", "1", 0 },       /* meant for another process */
+		{ NULL, NULL, 0 },    /* no WatchdogSec= */
+		{ "400000", "1", 0 }, /* meant for another process */
 		{ "400000", "self", 1 },
-		{ "400000", NULL, 1 },      /* WATCHDOG_PID is optional */
+		{ "400000", NULL, 1 }, /* WATCHDOG_PID is optional */
 		{ "not-a-number", "self", -1 },
 		{ "0", "self", -1 },
 	};
@@ -290,7 +290,7 @@ static void watchdog_disabled(void **state)
 	receiver_open(&r, ABSTRACT_SOCKET);
 	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
 		const char *pid = cases[i].pid && strcmp(cases[i].pid, "self") == 0 ? self
-										   : cases[i].pid;
+										    : cases[i].pid;
 		int rc;
 
 		if (cases[i].usec)

@@ -1,6 +1,6 @@
 /* Unit tests for the tracker's pure parts: the /status reply parser and
  * terminal set (runpod.c), the /status URL, and the tracker's scheduling
- * helpers (jitter, token bucket, heartbeat rule). */
+ * helpers (jitter, the /status limiter as configured, heartbeat rule). */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -26,7 +26,9 @@ static void status_reply_full_job_object(void **state)
 
 	assert_int_equal(parse("{\"id\":\"0b7f-u1\",\"status\":\"COMPLETED\",\"delayTime\":1830,"
 			       "\"executionTime\":4120,\"workerId\":\"k3v9\",\"output\":{\"n\":12},"
-			       "\"retries\":0,\"input\":{\"jobs\":[]}}", &r), 0);
+			       "\"retries\":0,\"input\":{\"jobs\":[]}}",
+			       &r),
+			 0);
 	assert_string_equal(r.id, "0b7f-u1");
 	assert_string_equal(r.status, "COMPLETED");
 	assert_int_equal(r.delay_ms, 1830);
@@ -50,7 +52,9 @@ static void status_reply_minimal_and_odd_members(void **state)
 	assert_int_equal(r.delay_ms, 13);
 	/* Times that are not non-negative numbers are absent. */
 	assert_int_equal(parse("{\"status\":\"IN_PROGRESS\",\"delayTime\":\"5\","
-			       "\"executionTime\":-3}", &r), 0);
+			       "\"executionTime\":-3}",
+			       &r),
+			 0);
 	assert_int_equal(r.delay_ms, -1);
 	assert_int_equal(r.execution_ms, -1);
 	/* error: null is no error. */
@@ -61,8 +65,16 @@ static void status_reply_minimal_and_odd_members(void **state)
 static void status_reply_rejects_garbage(void **state)
 {
 	static const char *const bad[] = {
-		"", "not json", "[]", "\"COMPLETED\"", "{}", "{\"status\":\"\"}", "{\"status\":5}",
-		"{\"status\":null}", "{\"status\":\"IN_\\u0001QUEUE\"}", "{\"id\":\"x\"}",
+		"",
+		"not json",
+		"[]",
+		"\"COMPLETED\"",
+		"{}",
+		"{\"status\":\"\"}",
+		"{\"status\":5}",
+		"{\"status\":null}",
+		"{\"status\":\"IN_\\u0001QUEUE\"}",
+		"{\"id\":\"x\"}",
 		"{\"status\":\"COMPLETED\"", /* cut */
 	};
 	struct runpod_status_reply r;
@@ -92,11 +104,14 @@ static void status_reply_error_text(void **state)
 
 	/* A runpod-python worker's error is a JSON string holding JSON (§4). */
 	assert_int_equal(parse("{\"status\":\"FAILED\",\"error\":\"{\\\"error_type\\\": "
-			       "\\\"ValueError\\\"}\"}", &r), 0);
+			       "\\\"ValueError\\\"}\"}",
+			       &r),
+			 0);
 	assert_string_equal(r.error, "{\"error_type\": \"ValueError\"}");
 	assert_false(r.error_truncated);
 	/* A handler's own object is kept as compact JSON. */
-	assert_int_equal(parse("{\"status\":\"FAILED\",\"error\":{\"code\": 7, \"why\": \"x\"}}", &r),
+	assert_int_equal(parse("{\"status\":\"FAILED\",\"error\":{\"code\": 7, \"why\": \"x\"}}",
+			       &r),
 			 0);
 	assert_string_equal(r.error, "{\"code\":7,\"why\":\"x\"}");
 	/* Long text is cut to RUNPOD_ERROR_MAX bytes. */
@@ -126,7 +141,8 @@ static void status_reply_long_status_is_cut(void **state)
 {
 	struct runpod_status_reply r;
 
-	assert_int_equal(parse("{\"status\":\"A_VERY_LONG_STATUS_NOBODY_HAS_SEEN_BEFORE_X\"}", &r), 0);
+	assert_int_equal(parse("{\"status\":\"A_VERY_LONG_STATUS_NOBODY_HAS_SEEN_BEFORE_X\"}", &r),
+			 0);
 	assert_int_equal(strlen(r.status), RUNPOD_STATUS_MAX);
 	assert_false(runpod_status_is_terminal(r.status));
 }
@@ -134,8 +150,9 @@ static void status_reply_long_status_is_cut(void **state)
 static void terminal_set(void **state)
 {
 	static const char *const terminal[] = { "COMPLETED", "FAILED", "CANCELLED", "TIMED_OUT" };
-	static const char *const live[] = { "IN_QUEUE", "IN_PROGRESS", "RUNNING", "completed",
-					    "COMPLETED ", "", "PAUSED", "CANCELED" };
+	static const char *const live[] = { "IN_QUEUE",  "IN_PROGRESS", "RUNNING",
+					    "completed", "COMPLETED ",  "",
+					    "PAUSED",    "CANCELED" };
 
 	for (size_t i = 0; i < sizeof(terminal) / sizeof(terminal[0]); i++)
 		assert_true(runpod_status_is_terminal(terminal[i]));
@@ -150,11 +167,13 @@ static void status_url(void **state)
 
 	assert_int_equal(runpod_status_url("https://api.runpod.ai/v2", "ep1",
 					   "0b7f9c52-3d1e-4a7b-9f60-5c2d8e41a9b3-u1", buf,
-					   sizeof(buf)), 0);
+					   sizeof(buf)),
+			 0);
 	assert_string_equal(buf, "https://api.runpod.ai/v2/ep1/status/"
 				 "0b7f9c52-3d1e-4a7b-9f60-5c2d8e41a9b3-u1");
 	/* Opaque ids: anything outside the unreserved set is percent-encoded. */
-	assert_int_equal(runpod_status_url("http://h/v2", "e", "a b/c?d#e%~._", buf, sizeof(buf)), 0);
+	assert_int_equal(runpod_status_url("http://h/v2", "e", "a b/c?d#e%~._", buf, sizeof(buf)),
+			 0);
 	assert_string_equal(buf, "http://h/v2/e/status/a%20b%2Fc%3Fd%23e%25~._");
 	assert_int_equal(runpod_status_url("http://h/v2", "e", "\xc3\xb6", buf, sizeof(buf)), 0);
 	assert_string_equal(buf, "http://h/v2/e/status/%C3%B6");
@@ -176,65 +195,70 @@ static void jitter_is_ten_percent(void **state)
 	assert_true(fabs(tracker_jittered_s(300, 0.0) - 0.27) < 1e-9);
 }
 
-/* Takes tokens as fast as they come, every step_s for run_s seconds, and
- * checks that no 10 s window (half-open) ever holds more than per_10s. */
-static void bucket_window(int per_10s, double step_s, double run_s)
+/* The /status limiter as the tracker uses it (include/ratelimit.h, cap
+ * per_10s, window RATE_WINDOW_S + RATE_MARGIN_S): takes a slot whenever there
+ * is one, every step_s for run_s seconds, and checks that no 10 s window
+ * (half-open) ever holds more than per_10s. */
+static void status_window(int per_10s, double step_s, double run_s)
 {
-	struct tracker_bucket b = { 0 };
+	struct ratelimit rl;
 	int cap = (int)(run_s / step_s) + 2, n = 0, lo = 0;
 	double *taken = malloc((size_t)cap * sizeof(*taken));
 	int best = 0;
 
 	assert_non_null(taken);
-	tracker_bucket_setup(&b, per_10s, 100.0, false);
+	assert_int_equal(ratelimit_init(&rl, per_10s, RATE_WINDOW_S + RATE_MARGIN_S), 0);
 	for (int i = 0; i * step_s <= run_s; i++) {
-		double now = 100.0 + i * step_s;
-		double wait = tracker_bucket_wait_s(&b, now);
-		bool got = tracker_bucket_take(&b, now);
+		double now = 100.0 + i * step_s, wait = 0.0;
+		bool got = ratelimit_slot(&rl, now, &wait);
 
-		assert_true(got == (wait == 0.0));
+		assert_true(got || wait > 0.0);
 		if (!got)
 			continue;
+		ratelimit_record(&rl, now);
 		taken[n++] = now;
 		while (taken[lo] <= now - 10.0)
 			lo++;
 		if (n - lo > best)
 			best = n - lo;
 		if (n - lo > per_10s)
-			fail_msg("per_10s=%d: %d events in the 10 s up to %.3f", per_10s, n - lo, now);
+			fail_msg("per_10s=%d: %d events in the 10 s up to %.3f", per_10s, n - lo,
+				 now);
 	}
 	/* And the cap is actually used: close to per_10s in a 10 s window. */
 	assert_true(best >= per_10s * 0.9 - 1);
+	ratelimit_free(&rl);
 	free(taken);
 }
 
-static void bucket_keeps_the_cap(void **state)
+static void status_limit_keeps_the_cap(void **state)
 {
-	bucket_window(2000, 0.001, 40.0);
-	bucket_window(1000, 0.0005, 25.0);
-	bucket_window(15, 0.01, 60.0);
-	bucket_window(7, 0.01, 60.0);
-	bucket_window(1, 0.01, 60.0);
+	status_window(2000, 0.001, 40.0);
+	status_window(1000, 0.0005, 25.0);
+	status_window(15, 0.01, 60.0);
+	status_window(7, 0.01, 60.0);
+	status_window(1, 0.01, 60.0);
 }
 
-static void bucket_waits_and_reloads(void **state)
+static void status_limit_waits_and_reloads(void **state)
 {
-	struct tracker_bucket b = { 0 };
+	struct ratelimit rl, lower;
+	double wait = 0.0;
 
-	tracker_bucket_setup(&b, 100, 0.0, false); /* burst 10, 9 per s */
-	for (int i = 0; i < 10; i++)
-		assert_true(tracker_bucket_take(&b, 0.0));
-	assert_false(tracker_bucket_take(&b, 0.0));
-	assert_true(fabs(tracker_bucket_wait_s(&b, 0.0) - 1.0 / 9.0) < 1e-9);
-	assert_true(tracker_bucket_take(&b, 1.0 / 9.0 + 1e-9));
-	/* A reload keeps the level (capped by the new burst) instead of refilling. */
-	tracker_bucket_setup(&b, 2000, 1.0, true);
-	assert_true(b.tokens < 10.0);
-	tracker_bucket_setup(&b, 20, 100.0, true); /* burst 2: a full bucket is cut to 2 */
-	assert_true(b.tokens <= 2.0);
-	assert_true(tracker_bucket_take(&b, 100.0));
-	assert_true(tracker_bucket_take(&b, 100.0));
-	assert_false(tracker_bucket_take(&b, 100.0));
+	assert_int_equal(ratelimit_init(&rl, 10, RATE_WINDOW_S + RATE_MARGIN_S), 0);
+	for (int i = 0; i < 10; i++) {
+		assert_true(ratelimit_slot(&rl, 0.0, &wait));
+		ratelimit_record(&rl, 0.0);
+	}
+	assert_false(ratelimit_slot(&rl, 0.0, &wait));
+	assert_true(fabs(wait - (RATE_WINDOW_S + RATE_MARGIN_S)) < 1e-9);
+	assert_true(ratelimit_slot(&rl, RATE_WINDOW_S + RATE_MARGIN_S, &wait));
+	/* A reload keeps the recent send times instead of starting empty. */
+	assert_int_equal(ratelimit_resized(&rl, 2, &lower), 0);
+	assert_false(ratelimit_slot(&lower, 1.0, &wait));
+	assert_true(ratelimit_slot(&lower, RATE_WINDOW_S + RATE_MARGIN_S, &wait));
+	ratelimit_free(&lower);
+	ratelimit_free(&rl);
 }
 
 static void heartbeat_when_a_third_is_left(void **state)
@@ -242,6 +266,76 @@ static void heartbeat_when_a_third_is_left(void **state)
 	assert_true(fabs(tracker_heartbeat_at(106.0, 6) - 104.0) < 1e-9);
 	assert_true(fabs(tracker_heartbeat_at(1800.0, 1800) - 1200.0) < 1e-9);
 	assert_true(fabs(tracker_heartbeat_at(10.0, 1) - (10.0 - 1.0 / 3.0)) < 1e-9);
+}
+
+/* §7: counters read leniently, unknown keys ignored, no jobs/workers
+ * object is not a /health reply. */
+static void health_reply(void **state)
+{
+	struct runpod_health h;
+	const char *full = "{\"jobs\":{\"completed\":7,\"failed\":1,\"inProgress\":2,"
+			   "\"inQueue\":5,\"retried\":0},\"workers\":{\"idle\":1,"
+			   "\"initializing\":4,\"ready\":1,\"running\":2,\"throttled\":3,"
+			   "\"unhealthy\":6,\"outdated\":9}}";
+	const char *odd = "{\"workers\":{\"unhealthy\":\"3\",\"idle\":-1,\"running\":2.0}}";
+
+	assert_int_equal(runpod_parse_health_reply(full, strlen(full), &h), 0);
+	assert_int_equal(h.jobs[RUNPOD_HJ_COMPLETED], 7);
+	assert_int_equal(h.jobs[RUNPOD_HJ_IN_PROGRESS], 2);
+	assert_int_equal(h.jobs[RUNPOD_HJ_IN_QUEUE], 5);
+	assert_int_equal(h.workers[RUNPOD_HW_INITIALIZING], 4);
+	assert_int_equal(h.workers[RUNPOD_HW_THROTTLED], 3);
+	assert_int_equal(h.workers[RUNPOD_HW_UNHEALTHY], 6);
+	/* Missing jobs, a string, a negative number: 0. */
+	assert_int_equal(runpod_parse_health_reply(odd, strlen(odd), &h), 0);
+	assert_int_equal(h.jobs[RUNPOD_HJ_IN_QUEUE], 0);
+	assert_int_equal(h.workers[RUNPOD_HW_UNHEALTHY], 0);
+	assert_int_equal(h.workers[RUNPOD_HW_IDLE], 0);
+	assert_int_equal(h.workers[RUNPOD_HW_RUNNING], 2);
+	assert_int_equal(runpod_parse_health_reply("{\"status\":\"ok\"}", 15, &h), -1);
+	assert_int_equal(runpod_parse_health_reply("[1]", 3, &h), -1);
+	assert_int_equal(runpod_parse_health_reply("{\"jobs\":", 8, &h), -1);
+	assert_int_equal(runpod_parse_health_reply(NULL, 0, &h), -1);
+	assert_int_equal(h.workers[RUNPOD_HW_RUNNING], 0); /* cleared on failure */
+}
+
+/* Warn once while unhealthy workers meet waiting jobs; recovered once no
+ * worker is unhealthy; nothing in between. */
+static void health_note_warns_once(void **state)
+{
+	assert_int_equal(tracker_health_note(false, 0, 10), TRACKER_HEALTH_QUIET);
+	assert_int_equal(tracker_health_note(false, 3, 0), TRACKER_HEALTH_QUIET);
+	assert_int_equal(tracker_health_note(false, 3, 1), TRACKER_HEALTH_WARN);
+	assert_int_equal(tracker_health_note(true, 3, 1), TRACKER_HEALTH_QUIET);
+	assert_int_equal(tracker_health_note(true, 3, 0), TRACKER_HEALTH_QUIET);
+	assert_int_equal(tracker_health_note(true, 0, 5), TRACKER_HEALTH_RECOVERED);
+	assert_int_equal(tracker_health_note(true, 0, 0), TRACKER_HEALTH_RECOVERED);
+}
+
+static void heartbeat_ceiling(void **state)
+{
+	assert_true(tracker_heartbeat_allowed(100.0, 1e9, 0)); /* off */
+	assert_true(tracker_heartbeat_allowed(100.0, 159.9, 60));
+	assert_false(tracker_heartbeat_allowed(100.0, 160.0, 60));
+	assert_false(tracker_heartbeat_allowed(100.0, 500.0, 60));
+}
+
+/* /health: every interval, but at most a tenth of the /status budget. */
+static void health_interval(void **state)
+{
+	assert_true(fabs(tracker_health_interval_s(10000, 2000) - 10.0) < 1e-9);
+	assert_true(fabs(tracker_health_interval_s(300, 2000) - 0.3) < 1e-9);
+	assert_true(fabs(tracker_health_interval_s(100, 20) - 5.0) < 1e-9); /* 1 of 20 per 10 s */
+	assert_true(fabs(tracker_health_interval_s(100, 30) - 10.0 / 3.0) < 1e-9);
+}
+
+static void queue_cap(void **state)
+{
+	assert_false(tracker_queue_full(1000000, 100, 0)); /* off */
+	assert_false(tracker_queue_full(4, 0, 5));
+	assert_true(tracker_queue_full(5, 0, 5));
+	assert_true(tracker_queue_full(3, 2, 5)); /* in-flight /run may each add a job */
+	assert_false(tracker_queue_full(3, 1, 5));
 }
 
 int main(void)
@@ -256,9 +350,14 @@ int main(void)
 		cmocka_unit_test(terminal_set),
 		cmocka_unit_test(status_url),
 		cmocka_unit_test(jitter_is_ten_percent),
-		cmocka_unit_test(bucket_keeps_the_cap),
-		cmocka_unit_test(bucket_waits_and_reloads),
+		cmocka_unit_test(status_limit_keeps_the_cap),
+		cmocka_unit_test(status_limit_waits_and_reloads),
 		cmocka_unit_test(heartbeat_when_a_third_is_left),
+		cmocka_unit_test(health_reply),
+		cmocka_unit_test(health_note_warns_once),
+		cmocka_unit_test(heartbeat_ceiling),
+		cmocka_unit_test(queue_cap),
+		cmocka_unit_test(health_interval),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
