@@ -56,6 +56,7 @@ struct config {
 	int policy_execution_timeout_ms; /* policy.executionTimeout; 0 = not sent */
 	int policy_ttl_ms;               /* policy.ttl; 0 = not sent */
 	int policy_low_priority;         /* bool: policy.lowPriority = true when set */
+	int priority; /* routes sharing an endpoint: lower number takes free slots first */
 	/* [tracker] */
 	int tracker_enabled;     /* bool: follow accepted jobs through /status */
 	int tracker_interval_ms; /* /status period per job (jittered) */

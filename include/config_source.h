@@ -37,6 +37,7 @@ struct raw {
 /* One key = value of a [route.NAME] section. */
 struct route_kv {
 	int route, key;
+	unsigned char source; /* SRC_FILE or SRC_ENV */
 	char *value;
 	char where[160];
 };

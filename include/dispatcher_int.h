@@ -9,6 +9,7 @@
 #define PGMQD_DISPATCHER_INT_H
 
 #include "dispatcher.h"
+#include "endpoint.h"
 #include "metrics.h"
 #include "pgmq.h"
 #include "ratelimit.h"
@@ -115,6 +116,8 @@ struct dispatcher {
 	bool ctl_loading;
 
 	/* /run rate cap (post.c) */
+	struct endpoint *ep; /* shared with other routes (endpoint.c), or NULL */
+	bool ep_wanted;      /* a read waits for the endpoint's ceiling or priority */
 	struct ratelimit rl;
 	struct batch *waiting, *waiting_tail; /* read, waiting for a rate slot */
 	int nwaiting;
@@ -213,6 +216,31 @@ void post_release_waiting(struct dispatcher *d);
 /* Drops batches that never went out, logging their ids (exit). */
 void post_drop_waiting(struct dispatcher *d);
 void post_on_rate_timer(struct ev_loop *loop, ev_timer *w, int revents);
+/* Sends waiting batches while the rate caps let them (the endpoint's when
+ * the route shares one). */
+void post_send_waiting(struct dispatcher *d);
+/* Pops the first waiting batch and sends it now; false when it could not
+ * start (released, nothing sent). The caller checked the caps. */
+bool post_send_next(struct dispatcher *d);
+/* True when this route's own cap lets its first waiting batch go now;
+ * otherwise arms its rate timer for when it will. */
+bool post_own_slot(struct dispatcher *d, double now);
+
+/* endpoint.c: the budget shared with the other routes of the endpoint
+ * (include/endpoint.h). d->ep is set. */
+/* Sends the members' waiting batches in priority order while the shared
+ * cap lets them. */
+void endpoint_pump(struct endpoint *ep);
+/* Whether d may start a read under the endpoint's in-flight ceiling and
+ * the priority of the other routes' waiting reads. */
+bool endpoint_may_read(const struct endpoint *ep, const struct dispatcher *d);
+/* A slot came free (a request ended, a read came back): the routes whose
+ * reads wait are kicked, lowest priority number first. */
+void endpoint_slot_freed(struct endpoint *ep);
+/* Free in-flight slots and /run sends available within horizon_s at the
+ * endpoint. */
+int endpoint_free_slots(const struct endpoint *ep);
+int endpoint_rate_available(const struct endpoint *ep, double now, double horizon_s);
 
 /* overflow.c: after a read failed with 22003, finds the rows at the
  * read_ct limit, logs them with the way out, archives them when

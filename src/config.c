@@ -195,7 +195,7 @@ static void load_routes(struct raw *r, struct config *out)
 			if (r->rkv[k].route != n)
 				continue;
 			rr->value[i] = r->rkv[k].value;
-			rr->source[i] = SRC_FILE;
+			rr->source[i] = r->rkv[k].source;
 			rr->failed[i] = false;
 			rr->from_route[i] = true;
 			snprintf(rr->where[i], sizeof(rr->where[i]), "%s", r->rkv[k].where);

@@ -76,6 +76,8 @@ const struct key config_keys[] = {
 	  { 0 }, NULL, NULL, NULL },
 	{ "runpod", "policy_low_priority", K_BOOL, OFF(policy_low_priority), "off", 0, 0, 0, { 0 },
 	  NULL, NULL, NULL },
+	/* Routes on one endpoint share its cap by strict priority (endpoint.c). */
+	{ "runpod", "priority", K_INT, OFF(priority), "0", 0, 1000, 0, { 0 }, NULL, NULL, NULL },
 	{ "log", "level", K_ENUM, OFF(log_level), "info", 0, 0, 0, { 0 }, NULL, level_choices, NULL },
 	{ "log", "format", K_ENUM, OFF(log_format), "logfmt", 0, 0, 0, { 0 }, NULL, format_choices,
 	  NULL },

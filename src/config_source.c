@@ -134,22 +134,17 @@ static bool route_name_ok(const char *n)
 	return true;
 }
 
-static void on_route_value(struct raw *r, const char *route, const char *name, const char *value,
-			   const char *where)
+/* Stores key ki of route (created at its first key). From the file a key
+ * may come once; the environment outranks the file, as for common keys. */
+static void route_put(struct raw *r, const char *route, const char *label, int ki,
+		      const char *value, const char *where, unsigned char source)
 {
-	char label[160];
-	int ri = -1, ki = find_route_key(name);
+	int ri = -1;
+	char *copy;
 
-	snprintf(label, sizeof(label), "route.%s.%s", route, name);
 	if (!route_name_ok(route)) {
 		config_fail(r, label, where, "route name must be 1-%d of a-z, 0-9, _ and -",
 			    CONFIG_ROUTE_NAME_MAX);
-		return;
-	}
-	if (ki < 0) {
-		config_fail(r, label, where,
-			    "unknown key (a route sets queue and the keys of [queue], "
-			    "[runpod] and [tracker])");
 		return;
 	}
 	for (int n = 0; n < r->nroutes; n++)
@@ -163,24 +158,125 @@ static void on_route_value(struct raw *r, const char *route, const char *name, c
 		ri = r->nroutes++;
 		snprintf(r->route_names[ri], sizeof(r->route_names[ri]), "%s", route);
 	}
+	if ((copy = strdup(value)) == NULL) {
+		config_fail(r, label, where, "out of memory");
+		return;
+	}
+	unquote(copy);
 	for (int n = 0; n < r->nrkv; n++)
 		if (r->rkv[n].route == ri && r->rkv[n].key == ki) {
-			config_fail(r, label, where, "set twice in the file");
+			if (source == SRC_FILE && r->rkv[n].source == SRC_FILE) {
+				config_fail(r, label, where, "set twice in the file");
+				free(copy);
+				return;
+			}
+			free(r->rkv[n].value);
+			r->rkv[n].value = copy;
+			r->rkv[n].source = source;
+			snprintf(r->rkv[n].where, sizeof(r->rkv[n].where), "%s", where);
 			return;
 		}
 	if (r->rkv == NULL && (r->rkv = calloc(MAX_ROUTE_KV, sizeof(*r->rkv))) == NULL) {
 		config_fail(r, label, where, "out of memory");
+		free(copy);
 		return;
 	}
-	if (r->nrkv == MAX_ROUTE_KV || (r->rkv[r->nrkv].value = strdup(value)) == NULL) {
-		config_fail(r, label, where, "too many route keys or out of memory");
+	if (r->nrkv == MAX_ROUTE_KV) {
+		config_fail(r, label, where, "too many route keys");
+		free(copy);
 		return;
 	}
-	unquote(r->rkv[r->nrkv].value);
+	r->rkv[r->nrkv].value = copy;
 	r->rkv[r->nrkv].route = ri;
 	r->rkv[r->nrkv].key = ki;
+	r->rkv[r->nrkv].source = source;
 	snprintf(r->rkv[r->nrkv].where, sizeof(r->rkv[r->nrkv].where), "%s", where);
 	r->nrkv++;
+}
+
+static void on_route_value(struct raw *r, const char *route, const char *name, const char *value,
+			   const char *where)
+{
+	char label[160];
+	int ki = find_route_key(name);
+
+	snprintf(label, sizeof(label), "route.%s.%s", route, name);
+	if (ki < 0) {
+		config_fail(r, label, where,
+			    "unknown key (a route sets queue and the keys of [queue], "
+			    "[runpod] and [tracker])");
+		return;
+	}
+	route_put(r, route, label, ki, value, where, SRC_FILE);
+}
+
+static char *config_read_secret_file(const char *path, char *err, size_t errlen);
+
+#define ROUTE_ENV "PGMQD_ROUTE_"
+#define ROUTE_ENV_FORM                                                                        \
+	"a route's variable is PGMQD_ROUTE_<NAME>__<SECTION>_<KEY> (route name in capitals, " \
+	"two underscores, then the key's PGMQD_ name without PGMQD_), e.g. "                  \
+	"PGMQD_ROUTE_ASR__QUEUE_BATCH_SIZE"
+
+/* PGMQD_ROUTE_<NAME>__<SECTION>_<KEY>[_FILE]=value: key SECTION.KEY of
+ * [route.name] (name in lower case; a route whose name has a '-' cannot be
+ * named here). <SECTION>_<KEY> is the key's own PGMQD_ name, of a key a
+ * route may set; QUEUE_NAME is the route's queue. */
+static void on_route_env(struct raw *r, const char *var, size_t var_len, const char *value)
+{
+	char name[192], route[CONFIG_ROUTE_NAME_MAX + 2], where[200], label[160], env[128];
+	const char *sep;
+	size_t rlen;
+	int ki = -1;
+	bool file = false;
+
+	snprintf(name, sizeof(name), "%.*s", (int)var_len, var);
+	snprintf(where, sizeof(where), "env %s", name);
+	sep = strstr(name + strlen(ROUTE_ENV), "__");
+	rlen = sep ? (size_t)(sep - (name + strlen(ROUTE_ENV))) : 0;
+	if (sep == NULL || rlen == 0 || rlen > CONFIG_ROUTE_NAME_MAX || sep[2] == '\0') {
+		config_fail(r, name, "environment", ROUTE_ENV_FORM);
+		return;
+	}
+	for (size_t i = 0; i < rlen; i++)
+		route[i] = (char)tolower((unsigned char)name[strlen(ROUTE_ENV) + i]);
+	route[rlen] = '\0';
+	for (size_t i = 0; i < NKEYS && ki < 0; i++) {
+		size_t n;
+		config_env_name(&config_keys[i], env, sizeof(env));
+		n = strlen(env + 6);
+		if (strcmp(sep + 2, env + 6) == 0) {
+			ki = (int)i;
+		} else if ((config_keys[i].flags & F_FILE) && strncmp(sep + 2, env + 6, n) == 0 &&
+			   strcmp(sep + 2 + n, "_FILE") == 0) {
+			ki = (int)i;
+			file = true;
+		}
+	}
+	snprintf(label, sizeof(label), "route.%s.%s", route, sep + 2);
+	if (ki < 0 || (strcmp(config_keys[ki].section, "queue") != 0 &&
+		       strcmp(config_keys[ki].section, "runpod") != 0 &&
+		       strcmp(config_keys[ki].section, "tracker") != 0)) {
+		config_fail(r, name, "environment",
+			    "unknown key %s for a route: it sets QUEUE_NAME and the keys of "
+			    "[queue], [runpod] and [tracker] by their PGMQD_ names",
+			    sep + 2);
+		return;
+	}
+	snprintf(label, sizeof(label), "route.%s.%s", route,
+		 ki == config_find_key("queue", "name") ? "queue" : config_keys[ki].name);
+	if (file) {
+		char err[256];
+		char *s = config_read_secret_file(value, err, sizeof(err));
+		if (s == NULL) {
+			config_fail(r, label, where, "%s", err);
+			return;
+		}
+		route_put(r, route, label, ki, s, where, SRC_ENV);
+		free(s);
+		return;
+	}
+	route_put(r, route, label, ki, value, where, SRC_ENV);
 }
 
 static int on_ini_value(void *user, const char *section, const char *name, const char *value)
@@ -380,6 +476,10 @@ void config_load_env(struct raw *r, char *const *envp)
 
 		if (strncmp(*e, "PGMQD_", 6) != 0 || eq == NULL)
 			continue;
+		if (strncmp(*e, ROUTE_ENV, strlen(ROUTE_ENV)) == 0) {
+			on_route_env(r, *e, (size_t)(eq - *e), eq + 1);
+			continue;
+		}
 		for (size_t i = 0; i < NKEYS && !known; i++) {
 			size_t n;
 			config_env_name(&config_keys[i], name, sizeof(name));

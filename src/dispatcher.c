@@ -142,13 +142,11 @@ static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
 	free(ends);
 }
 
-void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *err)
+static void on_read(struct dispatcher *d, struct pgmq_batch *rows, const struct pg_error *err)
 {
-	struct dispatcher *d = arg;
 	struct read_result *rr;
 	bool full;
 
-	d->reading = false;
 	if (d->finished) {
 		/* Being freed: the messages come back after their vt. */
 		if (rows) {
@@ -249,6 +247,16 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	dispatcher_maybe_finish(d);
 }
 
+void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *err)
+{
+	struct dispatcher *d = arg;
+
+	d->reading = false;
+	on_read(d, rows, err);
+	if (d->ep && !d->finished)
+		endpoint_slot_freed(d->ep); /* the read no longer holds a slot */
+}
+
 void dispatcher_kick(struct dispatcher *d)
 {
 	if (d->reading) {
@@ -264,6 +272,11 @@ void dispatcher_kick(struct dispatcher *d)
 	}
 	if (d->once && d->read_done)
 		return;
+	if (d->ep && !endpoint_may_read(d->ep, d)) {
+		d->ep_wanted = true; /* endpoint_slot_freed kicks again */
+		return;
+	}
+	d->ep_wanted = false;
 	d->read_wanted = false;
 	d->again = false;
 	if (pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name, d->cfg->vt_seconds,

@@ -164,12 +164,15 @@ static void on_posted(void *arg, const struct http_response *r)
 	}
 	if (d->stopping || d->once || d->finished)
 		dispatcher_maybe_finish(d);
-	else if (d->read_wanted)
+	else if (d->read_wanted && d->ep == NULL)
 		dispatcher_kick(d); /* the drain was waiting for this slot */
+	if (d->ep && !d->finished)
+		endpoint_slot_freed(d->ep); /* the best priority takes it */
 }
 
-/* Sends one batch now (a rate slot is free). in_flight already counts it. */
-static void send_now(struct dispatcher *d, struct batch *b)
+/* Sends one batch now (a rate slot is free). in_flight already counts it.
+ * False when nothing was sent (the batch is released). */
+static bool send_now(struct dispatcher *d, struct batch *b)
 {
 	const char *headers[] = { d->conf.auth_header, "Content-Type: application/json",
 				  "Accept: application/json", NULL };
@@ -194,7 +197,7 @@ static void send_now(struct dispatcher *d, struct batch *b)
 		metrics_route_set_in_flight(d->mroute, d->in_flight);
 		dispatcher_back_off(d, PAUSE_RUNPOD, -1);
 		batch_release(b, 0);
-		return;
+		return false;
 	}
 	/* The wall clock now, not the loop's cached ev_now: that is from the
 	 * start of this iteration, and a busy one would make the window start
@@ -212,6 +215,7 @@ static void send_now(struct dispatcher *d, struct batch *b)
 		log_str(l, "route", d->cfg->route_name);
 		log_end(l);
 	}
+	return true;
 }
 
 static struct batch *pop_waiting(struct dispatcher *d)
@@ -226,23 +230,39 @@ static struct batch *pop_waiting(struct dispatcher *d)
 	return b;
 }
 
-static void send_waiting(struct dispatcher *d)
+bool post_own_slot(struct dispatcher *d, double now)
 {
 	double wait_s = 0;
 
-	while (d->waiting && ratelimit_slot(&d->rl, ev_time(), &wait_s))
-		send_now(d, pop_waiting(d));
-	if (d->waiting && !ev_is_active(&d->rate_timer)) {
+	if (ratelimit_slot(&d->rl, now, &wait_s))
+		return true;
+	if (!ev_is_active(&d->rate_timer)) {
 		ev_timer_set(&d->rate_timer, wait_s, 0.0);
 		ev_timer_start(d->loop, &d->rate_timer);
 	}
+	return false;
+}
+
+bool post_send_next(struct dispatcher *d)
+{
+	return send_now(d, pop_waiting(d));
+}
+
+void post_send_waiting(struct dispatcher *d)
+{
+	if (d->ep) {
+		endpoint_pump(d->ep);
+		return;
+	}
+	while (d->waiting && post_own_slot(d, ev_time()))
+		send_now(d, pop_waiting(d));
 }
 
 void post_on_rate_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	(void)loop;
 	(void)revents;
-	send_waiting(w->data);
+	post_send_waiting(w->data);
 }
 
 void post_batch(struct dispatcher *d, struct batch *b)
@@ -257,7 +277,7 @@ void post_batch(struct dispatcher *d, struct batch *b)
 		d->waiting = b;
 	d->waiting_tail = b;
 	d->nwaiting++;
-	send_waiting(d);
+	post_send_waiting(d);
 	if (d->waiting) {
 		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "rate_limited");
 		log_int(l, "waiting", d->nwaiting);
@@ -286,9 +306,17 @@ void post_drop_waiting(struct dispatcher *d)
 
 int post_read_qty(const struct dispatcher *d)
 {
+	double now = ev_time();
+	int slots = d->cfg->max_in_flight - d->in_flight;
+	int rate = ratelimit_available(&d->rl, now, 1.0) - d->nwaiting;
+
 	if (d->cfg->read_batches <= 1)
 		return d->cfg->batch_size;
-	return batch_read_qty(d->cfg->batch_size, d->cfg->read_batches,
-			      d->cfg->max_in_flight - d->in_flight,
-			      ratelimit_available(&d->rl, ev_time(), 1.0) - d->nwaiting);
+	if (d->ep) { /* and what the endpoint has left */
+		int ep_slots = endpoint_free_slots(d->ep),
+		    ep_rate = endpoint_rate_available(d->ep, now, 1.0);
+		slots = ep_slots < slots ? ep_slots : slots;
+		rate = ep_rate < rate ? ep_rate : rate;
+	}
+	return batch_read_qty(d->cfg->batch_size, d->cfg->read_batches, slots, rate);
 }

@@ -1,5 +1,6 @@
 /* route — see include/route.h. */
 #include "route.h"
+#include "endpoint.h"
 #include "log.h"
 
 #include <cjson/cJSON.h>
@@ -32,7 +33,60 @@ struct routes {
 	int nold;
 	ev_timer reap;     /* frees finished retired routes outside their callbacks */
 	struct http *http; /* the one libcurl multi handle of every route */
+	struct endpoint *eps[CONFIG_MAX_ROUTES]; /* endpoints shared by two or more routes */
+	int neps;
 };
+
+/* Groups the live routes by endpoint: routes on one endpoint share its /run
+ * cap and in-flight ceiling by priority (endpoint.c); a route alone keeps
+ * its own. Endpoints kept across reloads keep their send times. */
+static void regroup(struct routes *r)
+{
+	char keys[CONFIG_MAX_ROUTES][ENDPOINT_KEY_MAX];
+	struct endpoint *next[CONFIG_MAX_ROUTES] = { 0 };
+	bool used[CONFIG_MAX_ROUTES] = { false };
+	int nnext = 0;
+
+	for (int i = 0; i < r->n; i++)
+		endpoint_key_of(dispatcher_config(r->live[i]->d), keys[i], sizeof(keys[i]));
+	for (int i = 0; i < r->n; i++) {
+		struct dispatcher *ds[CONFIG_MAX_ROUTES];
+		struct endpoint *ep = NULL;
+		int n = 0;
+		bool first = true;
+
+		for (int k = 0; k < r->n; k++) {
+			if (strcmp(keys[k], keys[i]) != 0)
+				continue;
+			first &= k >= i;
+			ds[n++] = r->live[k]->d;
+		}
+		if (!first || n < 2)
+			continue;
+		for (int e = 0; e < r->neps; e++)
+			if (!used[e] && strcmp(endpoint_key(r->eps[e]), keys[i]) == 0) {
+				ep = r->eps[e];
+				used[e] = true;
+			}
+		if (ep == NULL && (ep = endpoint_new(r->loop, keys[i])) == NULL) {
+			log_msg(LOG_WARN, "out_of_memory",
+				"cannot share the /run cap of %s; each route keeps its own",
+				keys[i]);
+			continue;
+		}
+		endpoint_set_members(ep, ds, n);
+		next[nnext++] = ep;
+	}
+	for (int e = 0; e < r->neps; e++)
+		if (!used[e]) {
+			endpoint_set_members(r->eps[e], NULL,
+					     0); /* its routes go back to their own caps */
+			endpoint_free(r->eps[e]);
+		}
+	for (int e = 0; e < nnext; e++)
+		r->eps[e] = next[e];
+	r->neps = nnext;
+}
 
 /* Worst first: what --once reports for several routes. */
 static int rank(enum dispatcher_result r)
@@ -200,6 +254,7 @@ struct routes *routes_new(struct ev_loop *loop, struct config *cfg, bool once,
 
 void routes_start(struct routes *r)
 {
+	regroup(r);
 	for (int i = 0; i < r->n; i++) {
 		const struct config *c = dispatcher_config(r->live[i]->d);
 		struct log_line *l = log_begin_route(c->route_name, LOG_INFO, "route_started");
@@ -319,6 +374,7 @@ int routes_reload(struct routes *r, struct config *next)
 	r->n = n;
 	r->old[r->nold++] = r->cfg;
 	r->cfg = next;
+	regroup(r); /* before the new routes start: they read under the shared cap */
 	for (int k = 0; k < next->nroutes; k++)
 		if (fresh[k])
 			dispatcher_start(fresh[k]->d);
@@ -436,6 +492,8 @@ void routes_free(struct routes *r)
 	if (r == NULL)
 		return;
 	ev_timer_stop(r->loop, &r->reap);
+	for (int e = 0; e < r->neps; e++)
+		endpoint_free(r->eps[e]);
 	for (int i = 0; i < r->n; i++)
 		route_free(r->live[i]);
 	for (int i = 0; i < r->nretired; i++)

@@ -375,3 +375,88 @@ def test_fuller_reads_stay_within_the_rate_budget(queue_db, emulator, start_daem
         assert reads[0] == 20, reads
     finally:
         d.stop()
+
+
+def _pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100.0 * (len(xs) - 1))))]
+
+
+def test_priority_keeps_live_latency_while_backfill_drains_behind_it(pg_cluster, make_pgmq_db,
+                                                                     tmp_path):
+    """Two routes on one endpoint share its /run cap (one ring, zero 429s from an emulator that
+    enforces the same cap); the live route (priority 0) keeps its latency while the backfill
+    route (priority 10, policy.lowPriority) drains 10,000 messages behind it."""
+    dbname = make_pgmq_db(prefix="prio")
+    live = QueueDb(pg_cluster, dbname, queue="live")
+    back = QueueDb(pg_cluster, dbname, queue="backfill")
+    cap = 300  # /run per 10 s, for the endpoint: ~17 s for the backfill's 500 requests
+    emu = RunPodEmulator(endpoint_id="ep-shared", api_key=API_KEY, in_queue_s=0.2, run_s=0.2,
+                         rate_cap=cap, rate_window_s=10.0)
+    emu.start()
+    port = free_port()
+    cfg = tmp_path / "prio.conf"
+    cfg.write_text("\n".join([
+        "[database]", f"conninfo = {live.conninfo}",
+        "[queue]", "poll_interval_ms = 50",
+        "[runpod]", f"api_key = {API_KEY}", f"base_url = {emu.base_url}",
+        "endpoint_id = ep-shared", f"max_requests_per_10s = {cap}",
+        "[admin]", f"listen = 127.0.0.1:{port}",
+        "[route.live]", "queue = live", "priority = 0", "batch_size = 1", "max_in_flight = 2",
+        "[route.backfill]", "queue = backfill", "priority = 10", "batch_size = 20",
+        "max_in_flight = 16", "policy_low_priority = on",
+    ]) + "\n")
+    d = start(cfg)
+    sent_at = {}
+
+    def trickle(n, gap_s):
+        for i in range(n):
+            t = time.monotonic()
+            sent_at[live.send(json.dumps({"live": i}))] = t
+            time.sleep(gap_s)
+
+    def latencies(ids):
+        got = {}
+        for r in emu.requests("run"):
+            if isinstance(r.json, dict) and r.json["input"]["queue"] == "live":
+                for j in r.json["input"]["jobs"]:
+                    got[j["msg_id"]] = r.received_at - sent_at[j["msg_id"]]
+        return [got[i] * 1000.0 for i in ids if i in got]
+
+    try:
+        d.wait_log(r"event=route_started.*route=backfill|route=backfill.*event=route_started")
+        trickle(20, 0.1)
+        base_ids = list(sent_at)
+        wait_until(lambda: len(latencies(base_ids)) == 20, what="baseline delivered")
+        base = latencies(base_ids)
+        back.sql("SELECT pgmq.send_batch('backfill', ARRAY(SELECT jsonb_build_object('b', g) "
+                 "FROM generate_series(1, 10000) g))")
+        wait_until(lambda: len(emu.requests("run")) > 20 + 20, what="backfill under way")
+        trickle(50, 0.2)
+        busy_ids = [i for i in sent_at if i not in base_ids]
+
+        def backfill_jobs():
+            return sum(len(r.json["input"]["jobs"]) for r in emu.requests("run")
+                       if isinstance(r.json, dict) and r.status == 200
+                       and r.json["input"]["queue"] == "backfill")
+        wait_until(lambda: len(latencies(busy_ids)) == 50, what="live delivered", timeout=60)
+        # The backfill was still draining when the last live message got through.
+        assert backfill_jobs() < 10000, "live messages waited for the backfill to finish"
+        wait_until(lambda: backfill_jobs() == 10000, what="backfill drained", timeout=120)
+        busy = latencies(busy_ids)
+        runs = emu.requests("run")
+        print(f"live latency alone: p50 {_pct(base, 50):.0f} ms, p99 {_pct(base, 99):.0f} ms; "
+              f"while 10,000 drain behind it: p50 {_pct(busy, 50):.0f} ms, "
+              f"p99 {_pct(busy, 99):.0f} ms; /run requests {len(runs)}, "
+              f"429s {sum(1 for r in runs if r.status == 429)}")
+        assert not [r for r in runs if r.status == 429], "the shared cap was exceeded"
+        assert _pct(busy, 50) <= _pct(base, 50) + 150, (base, busy)
+        assert _pct(busy, 99) <= max(600.0, 2 * _pct(base, 99)), (base, busy)
+        for r in runs:
+            q = r.json["input"]["queue"]
+            assert (r.json.get("policy") == {"lowPriority": True}) == (q == "backfill")
+    finally:
+        stop(d)
+        emu.stop()
+        live.close()
+        back.close()

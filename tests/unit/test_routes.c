@@ -8,11 +8,13 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <limits.h>
 #include <unistd.h>
 
 #include "config.h"
 #include "batch.h"
 #include "dispatcher_int.h"
+#include "endpoint.h"
 #include "ratelimit.h"
 
 struct errors {
@@ -209,6 +211,97 @@ static void rate_available_in_the_next_second(void **state)
 	ratelimit_free(&rl);
 }
 
+/* PGMQD_ROUTE_<NAME>__<SECTION>_<KEY>: a route's keys from the environment,
+ * over the file's; a whole route may come from there. */
+static void route_keys_from_the_environment(void **state)
+{
+	char *env[] = { "PGMQD_ROUTE_ASR__QUEUE_BATCH_SIZE=7", "PGMQD_ROUTE_OCR__QUEUE_NAME=scans",
+			"PGMQD_ROUTE_OCR__RUNPOD_ENDPOINT_ID=ep-ocr",
+			"PGMQD_ROUTE_OCR__RUNPOD_PRIORITY=5", NULL };
+	struct config c;
+	struct errors e;
+	const struct config *asr = NULL, *ocr = NULL;
+
+	(void)state;
+	assert_int_equal(load_text(two_routes, env, &c, &e), 0);
+	assert_int_equal(c.nroutes, 3);
+	for (int i = 0; i < c.nroutes; i++) {
+		if (strcmp(config_route(&c, i)->route_name, "asr") == 0)
+			asr = config_route(&c, i);
+		if (strcmp(config_route(&c, i)->route_name, "ocr") == 0)
+			ocr = config_route(&c, i);
+	}
+	assert_non_null(asr);
+	assert_non_null(ocr);
+	assert_int_equal(asr->batch_size, 7); /* the file said 5 */
+	assert_string_equal(ocr->queue_name, "scans");
+	assert_string_equal(ocr->endpoint_id, "ep-ocr");
+	assert_int_equal(ocr->priority, 5);
+	assert_int_equal(ocr->batch_size, 20); /* from [queue] */
+	config_free(&c);
+}
+
+static void route_env_bad_names_say_so(void **state)
+{
+	static const struct {
+		const char *var, *key, *problem;
+	} cases[] = {
+		{ "PGMQD_ROUTE_ASR_QUEUE_BATCH_SIZE=3", "PGMQD_ROUTE_ASR_QUEUE_BATCH_SIZE",
+		  "PGMQD_ROUTE_<NAME>__<SECTION>_<KEY>" },
+		{ "PGMQD_ROUTE_ASR__QUEUE_BATCHSIZE=3", "PGMQD_ROUTE_ASR__QUEUE_BATCHSIZE",
+		  "unknown key QUEUE_BATCHSIZE for a route" },
+		{ "PGMQD_ROUTE_ASR__ADMIN_LISTEN=x", "PGMQD_ROUTE_ASR__ADMIN_LISTEN",
+		  "unknown key ADMIN_LISTEN" },
+		{ "PGMQD_ROUTE_ASR__QUEUE_BATCH_SIZE=0", "route.asr.batch_size",
+		  "between 1 and 1000" },
+		{ "PGMQD_ROUTE_A.B__QUEUE_BATCH_SIZE=2", "route.a.b.batch_size",
+		  "route name must" },
+	};
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+		char *env[] = { (char *)cases[i].var, NULL };
+		struct config c;
+		struct errors e;
+		assert_int_not_equal(load_text(two_routes, env, &c, &e), 0);
+		assert_int_equal(e.n, 1);
+		assert_non_null(strstr(e.lines[0], cases[i].key));
+		assert_non_null(strstr(e.lines[0], cases[i].problem));
+	}
+}
+
+/* Strict priority: the lowest number that wants goes; equals take turns. */
+static void endpoint_pick_is_strict_priority(void **state)
+{
+	struct endpoint_want w[3] = { { 10, true }, { 0, true }, { 10, true } };
+
+	(void)state;
+	assert_int_equal(endpoint_pick(w, 3, 0), 1);
+	assert_int_equal(endpoint_pick(w, 3, 1), 1); /* it goes again: no turn for worse */
+	w[1].want = false;
+	assert_int_equal(endpoint_pick(w, 3, 0), 2); /* equals: the one after the last */
+	assert_int_equal(endpoint_pick(w, 3, 2), 0);
+	w[0].want = w[2].want = false;
+	assert_int_equal(endpoint_pick(w, 3, 0), -1);
+}
+
+static void endpoint_reads_by_priority_with_a_reserve(void **state)
+{
+	(void)state;
+	assert_int_equal(endpoint_reserve(300), 30);
+	assert_int_equal(endpoint_reserve(4), 1);
+	/* The ceiling: 16 in flight at 16 holds everyone. */
+	assert_false(endpoint_read_allowed(0, 16, 16, INT_MAX, 0));
+	assert_true(endpoint_read_allowed(0, 15, 16, INT_MAX, 0));
+	/* A worse route keeps the reserve free; the best does not. */
+	assert_false(endpoint_read_allowed(10, 15, 16, INT_MAX, 1));
+	assert_true(endpoint_read_allowed(10, 14, 16, INT_MAX, 1));
+	/* A better route waiting for the endpoint goes first. */
+	assert_false(endpoint_read_allowed(10, 3, 16, 0, 1));
+	assert_true(endpoint_read_allowed(0, 3, 16, 10, 0));
+	assert_true(endpoint_read_allowed(5, 3, 16, 5, 0));
+}
+
 int main(void)
 {
 	const struct CMUnitTest tests[] = {
@@ -219,6 +312,10 @@ int main(void)
 		cmocka_unit_test(read_qty_fills_free_slots),
 		cmocka_unit_test(pack_respects_batch_size),
 		cmocka_unit_test(rate_available_in_the_next_second),
+		cmocka_unit_test(route_keys_from_the_environment),
+		cmocka_unit_test(route_env_bad_names_say_so),
+		cmocka_unit_test(endpoint_pick_is_strict_priority),
+		cmocka_unit_test(endpoint_reads_by_priority_with_a_reserve),
 	};
 	return cmocka_run_group_tests(tests, NULL, NULL);
 }
