@@ -38,7 +38,7 @@ endif
 
 MODULES   := main config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
              runpod dispatcher reload batch post circuit control route ctl wakeup overflow dryrun backoff \
-             ratelimit endpoint sdnotify metrics admin listenaddr tracker tracker_reply tracker_health jobtable
+             ratelimit endpoint sdnotify metrics metrics_route admin listenaddr tracker tracker_reply tracker_health jobtable
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 

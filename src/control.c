@@ -6,7 +6,9 @@
  * pgmq_dispatcher.route_control, created with CREATE ... IF NOT EXISTS on
  * the first command, read once before the first read after start. Every
  * statement is a single unnamed one, so it works through a transaction
- * pooler. Knows nothing of HTTP, the admin endpoint or the CLI. */
+ * pooler. Also what the route reports of its state: /readyz's reason and
+ * the STATUS= line (dispatcher_ready, dispatcher_status). Knows nothing of
+ * HTTP, the admin endpoint or the CLI. */
 #include "dispatcher_int.h"
 #include "log.h"
 
@@ -202,4 +204,33 @@ void dispatcher_cancel_requests(struct dispatcher *d)
 	http_cancel_owner(d->http, d);
 	if (d->tracker)
 		http_cancel_owner(d->http, d->tracker);
+}
+
+bool dispatcher_ready(const struct dispatcher *d, char *why, size_t len)
+{
+	const char *reason = d->stopping || d->finished ? "draining: shutting down"
+			     : !pg_ready(d->pg)         ? "database disconnected"
+			     : d->circuit_open ? "circuit open: RunPod refuses the key or endpoint"
+					       : NULL;
+
+	if (reason && why && len)
+		snprintf(why, len, "%s", reason);
+	return reason == NULL;
+}
+
+void dispatcher_status(const struct dispatcher *d, char *buf, size_t len)
+{
+	char why[96];
+	bool ready = dispatcher_ready(d, why, sizeof(why));
+
+	if (ready && d->queue_capped)
+		snprintf(why, sizeof(why), "reads paused at max_queued_jobs %d (IN_QUEUE %d)",
+			 d->cfg->tracker_max_queued_jobs, tracker_queued_jobs(d->tracker));
+	snprintf(buf, len,
+		 "%s%s%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
+		 "unknown %llu; queue length %lld",
+		 d->ctl == MRS_RUNNING ? "" : dispatcher_control_state_name((int)d->ctl),
+		 d->ctl == MRS_RUNNING ? "" : ", ", ready && !d->queue_capped ? "dispatching" : why,
+		 d->in_flight, d->stats.messages_accepted, d->stats.requests_accepted,
+		 d->stats.requests_rejected, d->stats.requests_unknown, d->queue_length);
 }
