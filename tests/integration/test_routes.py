@@ -460,3 +460,35 @@ def test_priority_keeps_live_latency_while_backfill_drains_behind_it(pg_cluster,
         emu.stop()
         live.close()
         back.close()
+
+
+def test_removed_route_releases_what_it_read_but_never_sent(two_queues, emus, tmp_path):
+    """A route removed by a reload lets its in-flight request finish and hands the messages
+    it read but had not sent (waiting behind its rate cap) back to its queue at once."""
+    qa, qb, _ = two_queues
+    port = free_port()
+    cfg = tmp_path / "release.conf"
+    write_config(cfg, qa, emus, port,
+                 extra={"b": ["batch_size = 1", "max_requests_per_10s = 1", "vt_seconds = 600"]})
+    d = start(cfg)
+    try:
+        d.wait_log(r"event=route_started.*route=b|route=b.*event=route_started")
+        emus[1].hold_runs()
+        ids = qb.send_many([{"b": i} for i in range(3)])
+        wait_until(lambda: emus[1]._held_run >= 1, what="b's first request in flight")
+        d.wait_log(r"event=rate_limited route=b waiting=2")
+        write_config(cfg, qa, emus, port, routes=("a",))
+        d.signal(signal.SIGHUP)
+        d.wait_log(r"event=route_removing")
+        # The two waiting ones are visible again at once, not after vt_seconds (600).
+        wait_until(lambda: sum(1 for i in ids[1:] if not qb.rows()[i]["invisible"]) == 2,
+                   what="waiting messages released")
+        assert qb.rows()[ids[0]]["invisible"]  # in flight: kept until its outcome
+        emus[1].release_runs()
+        d.wait_log(r"event=route_removed")
+        assert [j["msg_id"] for b in emus[1].run_bodies() for j in b["input"]["jobs"]] == ids[:1]
+        m = metrics(port)
+        assert m['pgmqd_route_messages_released_total{route="b"}'] == 2
+    finally:
+        emus[1].release_runs()
+        stop(d)

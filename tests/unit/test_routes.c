@@ -270,6 +270,24 @@ static void route_env_bad_names_say_so(void **state)
 	}
 }
 
+/* Connections are one per route: the number of routes is capped. */
+static void at_most_sixteen_routes(void **state)
+{
+	char text[4096];
+	size_t used = (size_t)snprintf(text, sizeof(text), "[runpod]\napi_key = key-123456\n");
+	struct config c;
+	struct errors e;
+
+	(void)state;
+	for (int i = 0; i <= CONFIG_MAX_ROUTES; i++)
+		used += (size_t)snprintf(text + used, sizeof(text) - used,
+					 "[route.r%d]\nqueue = q%d\nendpoint_id = ep%d\n", i, i, i);
+	assert_int_not_equal(load_text(text, NULL, &c, &e), 0);
+	assert_true(e.n >= 1); /* one line per key of the 17th route */
+	assert_non_null(strstr(e.lines[0], "route.r16.queue"));
+	assert_non_null(strstr(e.lines[0], "more than 16 routes"));
+}
+
 /* Strict priority: the lowest number that wants goes; equals take turns. */
 static void endpoint_pick_is_strict_priority(void **state)
 {
@@ -313,6 +331,7 @@ int main(void)
 		cmocka_unit_test(pack_respects_batch_size),
 		cmocka_unit_test(rate_available_in_the_next_second),
 		cmocka_unit_test(route_keys_from_the_environment),
+		cmocka_unit_test(at_most_sixteen_routes),
 		cmocka_unit_test(route_env_bad_names_say_so),
 		cmocka_unit_test(endpoint_pick_is_strict_priority),
 		cmocka_unit_test(endpoint_reads_by_priority_with_a_reserve),
