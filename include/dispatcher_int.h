@@ -114,6 +114,7 @@ struct dispatcher {
 	enum metrics_route_state ctl;
 	bool ctl_loaded; /* the persisted state was looked up: reads may start */
 	bool ctl_loading;
+	bool drain_stale_read; /* the read out at a drain command may predate new rows */
 
 	/* /run rate cap (post.c) */
 	struct endpoint *ep; /* shared with other routes (endpoint.c), or NULL */

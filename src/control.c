@@ -118,6 +118,10 @@ void dispatcher_control(struct dispatcher *d, enum dispatcher_control cmd)
 	enum metrics_route_state next = control_next(d->ctl, cmd);
 
 	set_state(d, next);
+	/* A read already out may have begun before the rows the operator
+	 * wants drained: its empty answer does not end the drain. */
+	if (cmd == CONTROL_DRAIN)
+		d->drain_stale_read = d->reading;
 	log_state(d, "route_control", why[cmd]);
 	if (!d->once)
 		store(d);
@@ -129,6 +133,11 @@ void control_on_empty(struct dispatcher *d)
 {
 	if (d->ctl != MRS_DRAINING)
 		return;
+	if (d->drain_stale_read) {
+		d->drain_stale_read = false;
+		d->again = true; /* read once more, from after the command */
+		return;
+	}
 	dispatcher_control(d, CONTROL_EMPTY);
 }
 
