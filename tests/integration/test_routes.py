@@ -492,3 +492,40 @@ def test_removed_route_releases_what_it_read_but_never_sent(two_queues, emus, tm
     finally:
         emus[1].release_runs()
         stop(d)
+
+
+def test_reload_regroups_routes_sharing_an_endpoint(two_queues, emus, tmp_path):
+    """Routes on one endpoint share its cap; a reload that adds a route on that endpoint,
+    changes a priority and then removes a sharer regroups them without losing a message."""
+    qa, qb, qc = two_queues
+    port = free_port()
+    cfg = tmp_path / "regroup.conf"
+
+    def write(routes):
+        lines = ["[database]", f"conninfo = {qa.conninfo}", "[queue]", "poll_interval_ms = 100",
+                 "[runpod]", f"api_key = {API_KEY}", f"endpoint_id = {EP_A}",
+                 f"base_url = {emus[0].base_url}", "[admin]", f"listen = 127.0.0.1:{port}"]
+        for name, prio in routes:
+            lines += [f"[route.{name}]", f"queue = jobs_{name}", f"priority = {prio}"]
+        cfg.write_text("\n".join(lines) + "\n")
+
+    def delivered():
+        return {j["msg_id"] for b in emus[0].run_bodies() for j in b["input"]["jobs"]}
+
+    write([("a", 0), ("b", 5)])
+    d = start(cfg)
+    try:
+        d.wait_log(r"event=route_started.*route=b|route=b.*event=route_started")
+        ids = set(qa.send_many([{"a": i} for i in range(5)]) +
+                  qb.send_many([{"b": i} for i in range(5)]))
+        wait_until(lambda: delivered() == ids, what="a and b on one endpoint")
+        write([("a", 9), ("b", 0), ("c", 5)])  # c joins them, b takes the best priority
+        d.signal(signal.SIGHUP)
+        d.wait_log(r"event=route_added")
+        write([("b", 0), ("c", 5)])  # a leaves
+        d.signal(signal.SIGHUP)
+        d.wait_log(r"event=route_removed")
+        ids |= set(qb.send_many([{"b": "x"}]) + qc.send_many([{"c": i} for i in range(3)]))
+        wait_until(lambda: delivered() == ids, what="b and c after regrouping")
+    finally:
+        stop(d)
