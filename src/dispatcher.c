@@ -231,8 +231,9 @@ static void on_read(struct dispatcher *d, struct pgmq_batch *rows, const struct 
 		log_num(l, "last_msg_id", rr->rows.msgs[rr->rows.n - 1].msg_id);
 		log_end(l);
 	}
-	if (d->stopping) {
-		/* Read while stopping: hand the messages back at once. */
+	if (d->stopping || !control_may_read(d->ctl)) {
+		/* Read while stopping, or out when the route was paused: hand
+		 * the messages back at once rather than send them. */
 		struct batch *b = batch_new(d, rr, rr->rows.msgs, rr->rows.n);
 		if (b)
 			batch_release(b, 0);
