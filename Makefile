@@ -38,12 +38,15 @@ endif
 
 MODULES   := main config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
              runpod dispatcher reload batch post circuit control route ctl wakeup overflow dryrun backoff \
-             ratelimit endpoint sdnotify metrics metrics_route admin listenaddr tracker tracker_reply tracker_health jobtable
+             ratelimit endpoint sdnotify metrics metrics_route admin admin_probe listenaddr tracker \
+             tracker_reply tracker_health jobtable ledger ledger_tick ledger_sql ledger_view ledger_cli \
+             migrate dispatches
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
 UNIT_TESTS := test_runpod test_config test_config_check test_log test_pgmq test_metrics test_admin \
-              test_sdnotify test_tracker test_jobtable test_decisions test_reload test_routes
+              test_sdnotify test_tracker test_jobtable test_decisions test_reload test_routes test_ledger \
+              test_ledger_view
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install uninstall deb test-system clean \
@@ -136,7 +139,8 @@ soak: $(BUILD)/$(PROG)
 
 # An integration run of 1,000 messages with the daemon under valgrind memcheck.
 valgrind: $(BUILD)/$(PROG)
-	DISPATCHER_BIN=$(abspath $(BUILD)/$(PROG)) $(PYTHON) -m pytest -q -s -m valgrind tests/integration/test_valgrind.py
+	DISPATCHER_BIN=$(abspath $(BUILD)/$(PROG)) $(PYTHON) -m pytest -q -s -m valgrind tests/integration/test_valgrind.py \
+	  tests/integration/test_ledger_jobs.py
 
 # Benchmark harness (issue 5): an -O2 build of its own, then tests/bench/bench.py, which starts
 # PostgreSQL, nginx and the RunPod emulator, writes docs/performance.md and prints it.

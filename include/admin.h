@@ -1,4 +1,5 @@
-/* admin — the admin HTTP listener: /healthz, /readyz, /metrics.
+/* admin — the admin HTTP listener: /healthz, /readyz, /metrics,
+ * /dispatches.
  *
  * libmicrohttpd in MHD_USE_EPOLL mode with no thread of its own: its epoll
  * fd is watched by an ev_io in the caller's libev loop, an ev_prepare
@@ -14,12 +15,16 @@
  *   GET  /routes       200 with the routes hook's JSON (runtime control)
  *   POST /routes/NAME/pause|resume|drain
  *                      200 with the route's new state, 404 for no such route
+ *   GET/HEAD /dispatches  the dispatches hook's answer: the request is
+ *                      suspended (MHD_suspend_connection) until the hook
+ *                      calls admin_answer, so the loop never waits for it;
+ *                      at most ADMIN_MAX_ARGS query arguments (400 beyond)
  *   other paths        404;  other methods 405 with "Allow: GET, HEAD"
  * /routes needs "Authorization: Bearer <token>" when a token is set, and is
  * refused (403) without one when the listener is not on loopback.
- * Query strings are ignored. Bodies are text/plain and end in "\n".
- * Knows nothing of the dispatcher or the metrics module: both come in
- * through hooks. */
+ * Query strings are ignored elsewhere. Bodies are text/plain and end in
+ * "\n", except the hooks' JSON. Knows nothing of the dispatcher, the ledger
+ * or the metrics module: they come in through hooks. */
 #ifndef PGMQD_ADMIN_H
 #define PGMQD_ADMIN_H
 
@@ -27,7 +32,12 @@
 #include <stdbool.h>
 #include <stddef.h>
 
+#define ADMIN_MAX_ARGS 128 /* query arguments handed to a hook */
+
 struct admin;
+
+/* One request waiting for its answer (see admin_answer). */
+struct admin_call;
 
 /* Callbacks, run on the loop. Either may be NULL. The struct is copied. */
 struct admin_hooks {
@@ -45,6 +55,12 @@ struct admin_hooks {
 	int (*control)(void *arg, const char *route, const char *action);
 	/* Bearer token for /routes; NULL or "" for none. Copied. */
 	const char *token;
+	/* GET /dispatches with its query arguments keys[i]=vals[i] (i < n, in
+	 * order, repeated keys kept, vals[i] NULL for "?key"; valid during the
+	 * call). Must call admin_answer(call, ...) exactly once, during the
+	 * call or later from the loop. NULL hook: 404. */
+	void (*dispatches)(void *arg, struct admin_call *call, const char *const *keys,
+			   const char *const *vals, int n);
 	void *arg;
 };
 
@@ -58,12 +74,19 @@ struct admin *admin_start(struct ev_loop *loop, const char *listen_addr,
 			  const struct admin_hooks *hooks, char *err, size_t errlen)
 	__attribute__((warn_unused_result));
 
+/* Answers call: HTTP status, content type (a static string), a malloc'd
+ * body of len bytes that admin takes (NULL: 500). Frees call. Safe after
+ * admin_stop (the answer is then dropped). On the loop's thread. */
+void admin_answer(struct admin_call *call, unsigned status, const char *type, char *body,
+		  size_t len);
+
 /* The TCP port actually bound (useful after port 0), or -1. */
 int admin_port(const struct admin *a);
 
 /* Stops accepting (MHD_quiesce_daemon), closes every connection
- * (MHD_stop_daemon), stops the watchers, closes the listening socket and
- * frees. Call on the loop's thread, never from inside a hook. NULL-safe. */
+ * (MHD_stop_daemon; calls still waiting are detached: their later
+ * admin_answer only frees), stops the watchers, closes the listening
+ * socket and frees. Call on the loop's thread, never from inside a hook. NULL-safe. */
 void admin_stop(struct admin *a);
 
 /* Blocking liveness probe for `pgmq-dispatcher --health-check` (Docker

@@ -10,6 +10,8 @@
 #include "dispatcher_int.h"
 #include "log.h"
 
+#define BATCH_MAX_PARTS 64 /* ledger rows one read is split into; more stay in the read's row */
+
 /* How a batch ended. */
 enum batch_fate {
 	BATCH_ACCEPTED,       /* a job owns the messages (logged by the poster) */
@@ -81,9 +83,18 @@ void batch_archive_too_large(struct batch *b, size_t body_bytes);
 void batch_log_archived(const struct dispatcher *d, const struct pgmq_message *m,
 			const char *reason, size_t bytes, const char *problem);
 
-/* Archives n messages from rr that must never be dispatched. */
+/* Archives n messages from rr that must never be dispatched; their
+ * ledger row is dispatch_id ("" for the read's). */
 void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pgmq_message *msgs,
-		   int n, enum metrics_archive_reason reason);
+		   int n, enum metrics_archive_reason reason, const char *dispatch_id);
+
+/* pgmq.archive of ids[0..n): with its ledger record in the same statement
+ * while the ledger records (ledger_archive: under dispatch_id's row, or a
+ * new row when it is ""; *recorded set), else plain pgmq_archive. reason
+ * as in message_archived. Returns 0, or -1 when not queued. */
+int batch_archive_ids(struct dispatcher *d, const char *dispatch_id, const long long *ids, int n,
+		      long http_status, const char *error, size_t error_len, const char *reason,
+		      pgmq_count_fn fn, void *arg, bool *recorded);
 
 /* Logs msg ids in lines of 100 under event, so that no id is cut. */
 void batch_log_ids(enum log_level level, const char *event, const struct dispatcher *d,

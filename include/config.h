@@ -57,6 +57,7 @@ struct config {
 	int policy_ttl_ms;               /* policy.ttl; 0 = not sent */
 	int policy_low_priority;         /* bool: policy.lowPriority = true when set */
 	int priority; /* routes sharing an endpoint: lower number takes free slots first */
+	int dispatch_id_in_input; /* bool: input.dispatch_id carries the ledger's dispatch id */
 	/* [tracker] */
 	int tracker_enabled;     /* bool: follow accepted jobs through /status */
 	int tracker_interval_ms; /* /status period per job (jittered) */
@@ -66,6 +67,12 @@ struct config {
 	int tracker_max_status_per_10s; /* RunPod: 2000 per 10 s */
 	int tracker_max_queued_jobs; /* reads pause while this many jobs wait IN_QUEUE; 0 = off */
 	int tracker_max_heartbeat_s; /* no heartbeat for a job tracked longer; 0 = off */
+	/* [ledger] */
+	int ledger_enabled;           /* bool: the dispatch ledger in PostgreSQL */
+	char *ledger_schema;          /* its schema, a plain lower-case identifier */
+	int ledger_retention_days;    /* finished rows older than this are pruned */
+	int ledger_lease_s;           /* a replica's hold on its sending rows and tracked jobs */
+	int ledger_completed_grace_s; /* a COMPLETED job's messages should be gone by then */
 	/* [log] */
 	int log_level;  /* enum log_level */
 	int log_format; /* enum log_format */

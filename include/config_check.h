@@ -14,6 +14,8 @@
 const char *check_conninfo(const char *v);
 const char *check_queue_name(const char *v);
 const char *check_function(const char *v);
+/* A plain lower-case SQL identifier (ledger.schema): put into SQL unquoted. */
+const char *check_schema(const char *v);
 const char *check_endpoint_id(const char *v);
 const char *check_api_key(const char *v);
 const char *check_base_url(const char *v);

@@ -41,6 +41,7 @@ enum dispatcher_result {
 	DISPATCH_DONE_FAILED,     /* database error or request rejected */
 	DISPATCH_DONE_UNKNOWN,    /* outcome unknown */
 	DISPATCH_DONE_STOPPED,    /* shutdown finished */
+	DISPATCH_DONE_FATAL,      /* the ledger's schema cannot be used (logged) */
 };
 
 /* Called once when a --once cycle or a shutdown has finished. */

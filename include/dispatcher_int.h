@@ -10,6 +10,7 @@
 
 #include "dispatcher.h"
 #include "endpoint.h"
+#include "ledger.h"
 #include "metrics.h"
 #include "pgmq.h"
 #include "ratelimit.h"
@@ -65,8 +66,11 @@ struct dispatcher {
 	struct dispatcher_conf conf;
 	struct pg *pg;
 	struct http *http;
-	bool http_shared;        /* the routes' one multi handle: not ours to free */
-	struct tracker *tracker; /* NULL unless [tracker] enabled */
+	bool http_shared;                /* the routes' one multi handle: not ours to free */
+	struct tracker *tracker;         /* NULL unless [tracker] enabled */
+	struct ledger *ledger;           /* NULL unless ledger.enabled */
+	char read_id[LEDGER_ID_LEN + 1]; /* dispatch id of the read outstanding */
+	bool fatal;                      /* the ledger cannot be used: stop, exit nonzero */
 	bool once;
 	dispatcher_done_fn done;
 	void *done_arg;
@@ -128,6 +132,7 @@ struct dispatcher {
 struct read_result {
 	struct pgmq_batch rows;
 	int refs;
+	char dispatch_id[LEDGER_ID_LEN + 1]; /* its ledger row, "" when off */
 };
 
 /* Messages on their way to one outcome: a /run request, a release or an
@@ -142,7 +147,14 @@ struct batch {
 	int n;
 	size_t body_bytes; /* of the last /run body sent for it */
 	ev_tstamp started;
-	ev_tstamp read_at; /* when the read returned: the vt runs from here */
+	ev_tstamp read_at;                   /* when the read returned: the vt runs from here */
+	char dispatch_id[LEDGER_ID_LEN + 1]; /* its ledger row, "" when off */
+	/* What batch_end records in the ledger with the fate. */
+	long http_status;
+	const char *job_id;
+	const char *error;
+	size_t error_len;
+	bool recorded; /* its archive statement writes its ledger state too */
 };
 
 /* dispatcher.c */
@@ -156,10 +168,16 @@ struct finish_inputs {
 /* True when a --once cycle or a shutdown is over and done() must run. Pure. */
 bool dispatcher_should_finish(const struct finish_inputs *f);
 void dispatcher_kick(struct dispatcher *d);
+/* Splits the rows of a read into /run requests, archives and releases
+ * (batch.c). */
+void batch_dispatch_rows(struct dispatcher *d, struct read_result *rr);
 /* The read's callback (pgmq_read_fn); takes rows. Not static so that a
  * unit test can hand it a read. */
 void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *err);
 void dispatcher_maybe_finish(struct dispatcher *d);
+/* The tracker's observer: a job's state into the ledger. */
+void dispatcher_tracker_state(void *arg, const char *dispatch_id, const char *state,
+			      const char *error);
 void dispatcher_state_changed(struct dispatcher *d);
 double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double hint_ms);
 

@@ -17,6 +17,9 @@
  *                                                      "413"|"429"|"500"|"502"|"503"|"504"|
  *                                                      "other"|"0" (0 = no HTTP response)
  *   pg_reconnects_total                       counter
+ *   ledger_recovered_unknown_total            counter
+ *   ledger_jobs_claimed_total                 counter
+ *   ledger_completed_undeleted_total          counter
  *   reads_total{result}                       counter  result="rows"|"empty"|"error"
  *   in_flight_requests                        gauge
  *   circuit_open                              gauge    0 closed, 1 open
@@ -87,6 +90,11 @@ void metrics_inc_requests(enum metrics_outcome outcome, long http_code);
 
 /* One database reconnect attempt after a lost or failed connection. */
 void metrics_inc_pg_reconnects(void);
+/* Ledger rows a dead replica left sending, now unknown; jobs taken over. */
+void metrics_inc_ledger_recovered_unknown(void);
+void metrics_inc_ledger_jobs_claimed(void);
+/* A COMPLETED job whose messages were still queued after the grace period. */
+void metrics_inc_ledger_completed_undeleted(void);
 
 /* One finished pgmq read: rows, empty, or error. Out-of-range is ignored. */
 void metrics_inc_reads(enum metrics_read_result result);

@@ -35,6 +35,11 @@ struct pgmq_batch {
 	struct pgmq_message *msgs;
 };
 
+/* The columns a read selects from the read function's rows. */
+#define PGMQ_READ_COLUMNS                                                 \
+	"msg_id, read_ct, to_json(enqueued_at) AS enqueued_at, message, " \
+	"message->'document_id' AS document_id"
+
 /* Builds the read statement for a validated function name (see config's
  * read_function) into buf. Returns 0, or -1 if it does not fit. */
 int pgmq_read_sql(const char *read_function, char *buf, size_t len);
@@ -60,6 +65,12 @@ typedef void (*pgmq_read_fn)(void *arg, struct pgmq_batch *batch, const struct p
 int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int vt_seconds, int qty,
 	      pgmq_read_fn fn, void *arg) __attribute__((warn_unused_result));
 
+/* Runs a read statement of the caller's (selecting PGMQ_READ_COLUMNS,
+ * e.g. wrapped in a CTE that records it); rows reach fn as pgmq_read's.
+ * Returns 0 or -1 when the query could not be queued. */
+int pgmq_read_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
+		    pgmq_read_fn fn, void *arg) __attribute__((warn_unused_result));
+
 /* Sets the vt of the given messages to now + delay_s in one statement
  * (pgmq.set_vt per id, which exists since pgmq 1.2; the array form needs
  * 1.8). fn gets the number of messages updated (absent ids are skipped), or
@@ -72,6 +83,16 @@ int pgmq_set_vt(struct pg *pg, const char *queue, const long long *msg_ids, int 
  * statement). Same conventions as pgmq_set_vt(). */
 int pgmq_archive(struct pg *pg, const char *queue, const long long *msg_ids, int n,
 		 pgmq_count_fn fn, void *arg) __attribute__((warn_unused_result));
+
+/* Runs a statement of the caller's whose one row, one column is a count
+ * (e.g. pgmq.archive wrapped in a CTE that records it); fn as for
+ * pgmq_set_vt(). Returns 0 or -1 when the query could not be queued. */
+int pgmq_count_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
+		     pgmq_count_fn fn, void *arg) __attribute__((warn_unused_result));
+
+/* "{1,2,3}", the text form of a bigint[] parameter, malloc'd; NULL when
+ * out of memory. Pure. */
+char *pgmq_id_array(const long long *ids, int n);
 
 /* Queue length and age of the oldest message from pgmq.metrics (pgmq-api.md
  * §2.3; the age is NULL for an empty queue, reported as 0). fn gets

@@ -22,6 +22,7 @@ struct runpod_extras {
 	long long execution_timeout_ms;
 	long long ttl_ms;
 	bool low_priority;
+	bool dispatch_id; /* input.dispatch_id first (runpod.dispatch_id_in_input) */
 };
 
 /* Builds the /run body of DESIGN.md's contract:
@@ -40,9 +41,19 @@ char *runpod_run_body(const char *queue, int vt_seconds, const struct runpod_ext
  * "jobs":[ and tail starts with ]. Owned; free with runpod_envelope_free(). */
 struct runpod_envelope {
 	char *text;
-	size_t head_len; /* bytes before the jobs */
-	size_t len;      /* whole text with no jobs */
+	size_t head_len;       /* bytes before the jobs */
+	size_t len;            /* whole text with no jobs */
+	size_t dispatch_id_at; /* offset of input.dispatch_id's value, 0 = none */
 };
+
+/* input.dispatch_id as the envelope holds it until a body gets its own:
+ * as long as a dispatch id, so that sizes are exact before it is known. */
+#define RUNPOD_DISPATCH_ID_PLACEHOLDER "00000000-0000-0000-0000-000000000000"
+
+/* Writes dispatch_id (36 characters) over the placeholder of a body made
+ * by runpod_envelope_body(); nothing when the envelope has none. */
+void runpod_envelope_set_dispatch_id(const struct runpod_envelope *e, char *body,
+				     const char *dispatch_id);
 
 /* Builds the envelope; returns 0 or -1 when out of memory. */
 int runpod_envelope_init(struct runpod_envelope *e, const char *queue, int vt_seconds,

@@ -37,8 +37,9 @@
  * - max_queued_jobs (0 = off): the dispatcher asks tracker_queued_jobs()
  *   before each read and pauses reads at the cap.
  *
- * State lives in memory only: after a restart the messages of jobs that
- * were tracked behave as they do without the tracker.
+ * State lives in memory; with the ledger on, each job's changes go to an
+ * observer, and after a restart the ledger hands jobs whose replica died
+ * back to a tracker (tracker_add_dispatch).
  *
  * Database work goes through the shared pg connection, at most
  * TRACKER_MAX_DB statements queued at once, so the dispatcher's reads keep
@@ -81,6 +82,26 @@ struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, stru
  * and for a job id already tracked. NULL-safe. */
 void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids, int n,
 		 ev_tstamp read_at);
+
+/* Like tracker_add, for the ledger's row dispatch_id (copied; NULL or ""
+ * when there is none): its state changes reach the observer. */
+void tracker_add_dispatch(struct tracker *t, const char *job_id, const char *dispatch_id,
+			  const long long *msg_ids, int n, ev_tstamp read_at);
+
+/* Like tracker_add_dispatch, for a job taken over from a replica that
+ * died: accepted_at (Unix time, when /run accepted it, from the ledger)
+ * is its start for max_heartbeat_s and its age, not the takeover. */
+void tracker_add_claimed(struct tracker *t, const char *job_id, const char *dispatch_id,
+			 const long long *msg_ids, int n, ev_tstamp read_at, ev_tstamp accepted_at);
+
+/* What the tracker learns of a dispatch: RunPod's status on each change,
+ * "lost" for a 404, "released" after an early release; error is RunPod's
+ * error text or NULL. Strings valid during the call. */
+typedef void (*tracker_observer_fn)(void *arg, const char *dispatch_id, const char *state,
+				    const char *error);
+
+/* Registers the observer (the ledger). NULL-safe. */
+void tracker_set_observer(struct tracker *t, tracker_observer_fn fn, void *arg);
 
 /* What a reload needs that can fail, built before anything changes. */
 struct tracker_next {

@@ -1,10 +1,10 @@
 /* admin — see include/admin.h. */
 #include "admin.h"
+#include "admin_int.h"
 #include "listenaddr.h"
 #include "log.h"
 
 #include <arpa/inet.h>
-#include <curl/curl.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <microhttpd.h>
@@ -25,7 +25,6 @@
 #define CONNECTION_LIMIT 64u     /* scrapers and probes only */
 #define CONNECTION_TIMEOUT_S 10u /* idle keep-alive connections are closed */
 #define WHY_MAX 256
-#define HEALTH_DEFAULT_TIMEOUT_MS 5000
 
 struct admin {
 	struct ev_loop *loop;
@@ -35,10 +34,24 @@ struct admin {
 	ev_io io;           /* MHD's epoll fd */
 	ev_prepare prepare; /* re-arms timer from MHD_get_timeout() */
 	ev_timer timer;
-	char mhd_error[256]; /* last message from MHD's error log */
-	char token[256];     /* "" = none */
-	bool loopback;       /* the listener is on a loopback address */
+	char mhd_error[256];      /* last message from MHD's error log */
+	struct admin_call *calls; /* suspended, waiting for admin_answer */
+	char token[256];          /* "" = none */
+	bool loopback;            /* the listener is on a loopback address */
 };
+
+struct admin_call {
+	struct admin *a; /* NULL once detached: admin stopped or the client left */
+	struct MHD_Connection *conn;
+	struct admin_call *prev, *next;
+	bool in_hook, answered;
+	unsigned status;
+	const char *type;
+	char *body;
+	size_t len;
+};
+
+static int seen; /* *req_cls marker: headers were seen */
 
 static void set_err(char *err, size_t errlen, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
@@ -54,10 +67,8 @@ static void set_err(char *err, size_t errlen, const char *fmt, ...)
 	va_end(ap);
 }
 
-/* Resolves an admin.listen value (syntax: include/listenaddr.h) into a
- * socket address. Returns 0, or -1 with a reason in err. */
-static int parse_listen(const char *addr, struct sockaddr_storage *ss, socklen_t *sslen, char *err,
-			size_t errlen)
+int admin_parse_listen(const char *addr, struct sockaddr_storage *ss, socklen_t *sslen, char *err,
+		       size_t errlen)
 {
 	char host[LISTENADDR_HOST_MAX + 1], port[8];
 	const char *why;
@@ -227,6 +238,132 @@ static enum MHD_Result serve_routes(struct admin *a, struct MHD_Connection *conn
 	return reply_text(conn, MHD_HTTP_OK, body);
 }
 
+static void unlink_call(struct admin_call *c)
+{
+	if (c->a == NULL)
+		return;
+	if (c->prev)
+		c->prev->next = c->next;
+	else
+		c->a->calls = c->next;
+	if (c->next)
+		c->next->prev = c->prev;
+	c->prev = c->next = NULL;
+	c->a = NULL;
+	c->conn = NULL;
+}
+
+/* Detaches c from its admin; frees it when its answer came already. */
+static void drop_call(struct admin_call *c)
+{
+	unlink_call(c);
+	if (c->answered) {
+		free(c->body);
+		free(c);
+	}
+}
+
+/* Queues c's answer on conn and frees c. */
+static enum MHD_Result send_call(struct admin_call *c, struct MHD_Connection *conn)
+{
+	enum MHD_Result ok;
+
+	if (c->body == NULL)
+		ok = reply_text(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "no answer\n");
+	else
+		ok = reply(conn, c->status, c->type, c->body, c->len, true);
+	free(c);
+	return ok;
+}
+
+void admin_answer(struct admin_call *c, unsigned status, const char *type, char *body, size_t len)
+{
+	if (c->a == NULL && !c->in_hook) { /* detached: nobody to answer */
+		free(body);
+		free(c);
+		return;
+	}
+	c->answered = true;
+	c->status = status;
+	c->type = type;
+	c->body = body;
+	c->len = len;
+	/* Within the hook, serve_dispatches sends it; else MHD calls on_request
+	 * again for the resumed connection, from the MHD_run here (this runs
+	 * on the loop, outside MHD's callbacks). */
+	if (!c->in_hook) {
+		struct MHD_Daemon *mhd = c->a->mhd;
+		MHD_resume_connection(c->conn);
+		MHD_run(mhd);
+	}
+}
+
+struct args {
+	const char *keys[ADMIN_MAX_ARGS], *vals[ADMIN_MAX_ARGS];
+	int n;
+	bool too_many;
+};
+
+static enum MHD_Result on_arg(void *cls, enum MHD_ValueKind kind, const char *key,
+			      const char *value)
+{
+	struct args *g = cls;
+
+	(void)kind;
+	if (g->n == ADMIN_MAX_ARGS) {
+		g->too_many = true;
+		return MHD_NO;
+	}
+	g->keys[g->n] = key;
+	g->vals[g->n++] = value;
+	return MHD_YES;
+}
+
+static enum MHD_Result serve_dispatches(struct admin *a, struct MHD_Connection *conn,
+					void **req_cls)
+{
+	struct args g = { .n = 0 };
+	struct admin_call *c;
+
+	if (a->hooks.dispatches == NULL)
+		return reply_text(conn, MHD_HTTP_NOT_FOUND, "not found\n");
+	MHD_get_connection_values(conn, MHD_GET_ARGUMENT_KIND, on_arg, &g);
+	if (g.too_many) {
+		char line[96];
+		snprintf(line, sizeof(line), "more than %d query parameters\n", ADMIN_MAX_ARGS);
+		return reply_text(conn, MHD_HTTP_BAD_REQUEST, line);
+	}
+	if ((c = calloc(1, sizeof(*c))) == NULL)
+		return reply_text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "out of memory\n");
+	c->conn = conn;
+	c->in_hook = true;
+	a->hooks.dispatches(a->hooks.arg, c, g.keys, g.vals, g.n);
+	c->in_hook = false;
+	if (c->answered)
+		return send_call(c, conn);
+	c->a = a;
+	c->next = a->calls;
+	if (a->calls)
+		a->calls->prev = c;
+	a->calls = c;
+	*req_cls = c;
+	MHD_suspend_connection(conn);
+	return MHD_YES;
+}
+
+/* MHD_OPTION_NOTIFY_COMPLETED: a connection that ends with its call still
+ * waiting (admin_stop) detaches it; admin_answer frees it later. */
+static void on_completed(void *cls, struct MHD_Connection *conn, void **req_cls,
+			 enum MHD_RequestTerminationCode toe)
+{
+	(void)cls;
+	(void)conn;
+	(void)toe;
+	if (*req_cls != NULL && *req_cls != &seen)
+		drop_call(*req_cls);
+	*req_cls = NULL;
+}
+
 static void log_request(const char *method, const char *url)
 {
 	struct log_line *l = log_begin(LOG_DEBUG, "admin_request");
@@ -245,7 +382,6 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 				  const char *method, const char *version, const char *upload_data,
 				  size_t *upload_data_size, void **req_cls)
 {
-	static int seen; /* *req_cls marker: headers were seen */
 	struct admin *a = cls;
 	bool get_or_head = strcmp(method, MHD_HTTP_METHOD_GET) == 0 ||
 			   strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
@@ -257,6 +393,16 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 	if (get_or_head && *req_cls == NULL) {
 		*req_cls = &seen;
 		return MHD_YES;
+	}
+	if (*req_cls != NULL && *req_cls != &seen) { /* a call resumed */
+		struct admin_call *c = *req_cls;
+		*req_cls = &seen;
+		if (c->answered) {
+			unlink_call(c);
+			return send_call(c, conn);
+		}
+		unlink_call(c); /* resumed by admin_stop: admin_answer frees it */
+		return reply_text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "shutting down\n");
 	}
 	if (control_post && *req_cls == NULL) {
 		*req_cls = &seen;
@@ -279,6 +425,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		return serve_metrics(a, conn);
 	if (strcmp(url, "/routes") == 0 || strncmp(url, "/routes/", 8) == 0)
 		return serve_routes(a, conn, url, false);
+	if (strcmp(url, "/dispatches") == 0)
+		return serve_dispatches(a, conn, req_cls);
 	return reply_text(conn, MHD_HTTP_NOT_FOUND, "not found\n");
 }
 
@@ -335,7 +483,7 @@ struct admin *admin_start(struct ev_loop *loop, const char *listen_addr,
 	int fd, one = 1;
 
 	set_err(err, errlen, "%s", "");
-	if (parse_listen(listen_addr, &ss, &sslen, err, errlen) != 0)
+	if (admin_parse_listen(listen_addr, &ss, &sslen, err, errlen) != 0)
 		return NULL;
 	a = calloc(1, sizeof(*a));
 	if (a == NULL) {
@@ -382,8 +530,9 @@ struct admin *admin_start(struct ev_loop *loop, const char *listen_addr,
 			      ? IN6_IS_ADDR_LOOPBACK(&((struct sockaddr_in6 *)&ss)->sin6_addr)
 			      : (ntohl(((struct sockaddr_in *)&ss)->sin_addr.s_addr) >> 24) == 127;
 
-	a->mhd = MHD_start_daemon(MHD_USE_EPOLL | MHD_USE_ERROR_LOG, 0, NULL, NULL, on_request, a,
-				  MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log, a,
+	a->mhd = MHD_start_daemon(MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_ALLOW_SUSPEND_RESUME, 0,
+				  NULL, NULL, on_request, a, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log,
+				  a, MHD_OPTION_NOTIFY_COMPLETED, on_completed, NULL,
 				  MHD_OPTION_LISTEN_SOCKET, fd, MHD_OPTION_CONNECTION_LIMIT,
 				  CONNECTION_LIMIT, MHD_OPTION_CONNECTION_TIMEOUT,
 				  CONNECTION_TIMEOUT_S, MHD_OPTION_END);
@@ -431,6 +580,9 @@ void admin_stop(struct admin *a)
 	ev_io_stop(a->loop, &a->io);
 	ev_prepare_stop(a->loop, &a->prepare);
 	ev_timer_stop(a->loop, &a->timer);
+	/* MHD closes only connections that are not suspended. */
+	for (struct admin_call *c = a->calls; c; c = c->next)
+		MHD_resume_connection(c->conn);
 	if (a->mhd) {
 		/* Quiescing hands the listening socket back to us to close. */
 		lfd = MHD_quiesce_daemon(a->mhd);
@@ -438,106 +590,10 @@ void admin_stop(struct admin *a)
 		if (lfd != MHD_INVALID_SOCKET)
 			close(lfd);
 	}
+	/* Not closed by MHD after all: detach anyway. */
+	for (struct admin_call *c = a->calls, *next; c; c = next) {
+		next = c->next;
+		drop_call(c);
+	}
 	free(a);
-}
-
-/* ---- the blocking probe ---- */
-
-static int health_fail(const char *addr, const char *what, const char *detail)
-{
-	log_msg(LOG_WARN, "health_check_failed", "%s: %s%s%s", addr, what, detail ? ": " : "",
-		detail ? detail : "");
-	return 1;
-}
-
-/* The reply body ("ok\n") is not needed: only the status counts. */
-static size_t discard_body(char *ptr, size_t size, size_t nmemb, void *arg)
-{
-	(void)ptr;
-	(void)arg;
-	return size * nmemb;
-}
-
-/* "http://127.0.0.1:9187/healthz" or "http://[::1]:9187/healthz" for the
- * resolved address, a wildcard bind replaced by loopback. 0, or -1. */
-static int local_url(struct sockaddr_storage *ss, const char *path, char *url, size_t len)
-{
-	char host[INET6_ADDRSTRLEN];
-	int port, n;
-
-	if (ss->ss_family == AF_INET) {
-		struct sockaddr_in *in = (struct sockaddr_in *)ss;
-		if (in->sin_addr.s_addr == htonl(INADDR_ANY))
-			in->sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-		if (inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host)) == NULL)
-			return -1;
-		port = ntohs(in->sin_port);
-		n = snprintf(url, len, "http://%s:%d%s", host, port, path);
-	} else if (ss->ss_family == AF_INET6) {
-		struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
-		if (IN6_IS_ADDR_UNSPECIFIED(&in6->sin6_addr))
-			in6->sin6_addr = in6addr_loopback;
-		if (inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host)) == NULL)
-			return -1;
-		port = ntohs(in6->sin6_port);
-		n = snprintf(url, len, "http://[%s]:%d%s", host, port, path);
-	} else {
-		return -1;
-	}
-	return n < 0 || (size_t)n >= len ? -1 : 0;
-}
-
-int admin_local_url(const char *listen_addr, const char *path, char *url, size_t len)
-{
-	struct sockaddr_storage ss;
-	socklen_t sslen = 0;
-
-	if (parse_listen(listen_addr, &ss, &sslen, NULL, 0) != 0)
-		return -1;
-	return local_url(&ss, path, url, len);
-}
-
-int admin_health_check(const char *listen_addr, int timeout_ms)
-{
-	struct sockaddr_storage ss;
-	socklen_t sslen = 0;
-	char err[256], url[128], cerr[CURL_ERROR_SIZE] = "";
-	long status = 0;
-	CURLcode rc;
-	CURL *h;
-
-	if (timeout_ms <= 0)
-		timeout_ms = HEALTH_DEFAULT_TIMEOUT_MS;
-	if (parse_listen(listen_addr, &ss, &sslen, err, sizeof(err)) != 0)
-		return health_fail(listen_addr ? listen_addr : "", err, NULL);
-	if (local_url(&ss, "/healthz", url, sizeof(url)) != 0)
-		return health_fail(listen_addr, "cannot form the /healthz URL", NULL);
-	h = curl_easy_init();
-	if (h == NULL)
-		return health_fail(listen_addr, "curl_easy_init failed", NULL);
-	/* Only our own listener is asked: http only, never through a proxy
-	 * (http_proxy in the environment must not send the probe elsewhere). */
-	if (curl_easy_setopt(h, CURLOPT_URL, url) != CURLE_OK ||
-	    curl_easy_setopt(h, CURLOPT_PROTOCOLS_STR, "http") != CURLE_OK ||
-	    curl_easy_setopt(h, CURLOPT_PROXY, "") != CURLE_OK ||
-	    curl_easy_setopt(h, CURLOPT_NOSIGNAL, 1L) != CURLE_OK ||
-	    curl_easy_setopt(h, CURLOPT_TIMEOUT_MS, (long)timeout_ms) != CURLE_OK ||
-	    curl_easy_setopt(h, CURLOPT_USERAGENT, "pgmq-dispatcher") != CURLE_OK ||
-	    curl_easy_setopt(h, CURLOPT_WRITEFUNCTION, discard_body) != CURLE_OK ||
-	    curl_easy_setopt(h, CURLOPT_ERRORBUFFER, cerr) != CURLE_OK) {
-		curl_easy_cleanup(h);
-		return health_fail(listen_addr, "curl_easy_setopt failed", NULL);
-	}
-	rc = curl_easy_perform(h);
-	if (rc == CURLE_OK)
-		curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
-	curl_easy_cleanup(h);
-	if (rc != CURLE_OK)
-		return health_fail(listen_addr, url, cerr[0] ? cerr : curl_easy_strerror(rc));
-	if (status != 200) {
-		char code[24];
-		snprintf(code, sizeof(code), "%ld", status);
-		return health_fail(listen_addr, "/healthz answered", code);
-	}
-	return 0;
 }

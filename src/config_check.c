@@ -142,6 +142,16 @@ static bool ident_char(char c, bool first)
 
 /* The read function is pasted into SQL, so it must be a plain lower-case
  * identifier, optionally schema-qualified: pgmq.read, public.pgmq_read. */
+const char *check_schema(const char *v)
+{
+	if (*v == '\0' || strlen(v) > 63 || !(islower((unsigned char)*v) || *v == '_'))
+		return "must be a schema name: a-z or _ first, then a-z, 0-9 or _, at most 63";
+	for (const char *p = v; *p; p++)
+		if (!(islower((unsigned char)*p) || isdigit((unsigned char)*p) || *p == '_'))
+			return "must be a schema name: a-z or _ first, then a-z, 0-9 or _, at most 63";
+	return NULL;
+}
+
 const char *check_function(const char *v)
 {
 	bool first = true;

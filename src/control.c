@@ -2,17 +2,18 @@
  *
  * Part of the dispatcher (include/dispatcher_int.h). Owns the pure state
  * transition (control_next), the read gate (control_may_read) and the
- * route's persisted state: one row per (route, queue) in
- * pgmq_dispatcher.route_control, created with CREATE ... IF NOT EXISTS on
- * the first command, read once before the first read after start. Every
- * statement is a single unnamed one, so it works through a transaction
- * pooler. Also what the route reports of its state: /readyz's reason and
+ * route's persisted state when the ledger is on: one row per (route,
+ * queue) in the ledger schema's route_control (migration 4, src/migrate.c),
+ * read once before the first read after start; with the ledger off the
+ * state lasts until the daemon restarts. Every statement is a single
+ * unnamed one, so it works through a transaction pooler. Also what the route reports of its state: /readyz's reason and
  * the STATUS= line (dispatcher_ready, dispatcher_status). Knows nothing of
  * HTTP, the admin endpoint or the CLI. */
 #include "dispatcher_int.h"
 #include "log.h"
 
 #include <libpq-fe.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -82,32 +83,20 @@ static void on_stored(void *arg, PGresult *res, const struct pg_error *err)
 	}
 }
 
-static void on_ddl(void *arg, PGresult *res, const struct pg_error *err)
-{
-	(void)err; /* the upsert behind it reports what matters */
-	(void)arg;
-	PQclear(res);
-}
-
 static void store(struct dispatcher *d)
 {
 	const char *params[3] = { d->cfg->route_name, d->cfg->queue_name, state_names[d->ctl] };
+	char sql[256];
 
-	/* One statement, no NOTICE once the table exists. */
-	if (pg_query(
-		    d->pg,
-		    "DO $$ BEGIN IF to_regclass('pgmq_dispatcher.route_control') IS NULL THEN "
-		    "CREATE SCHEMA IF NOT EXISTS pgmq_dispatcher; "
-		    "CREATE TABLE IF NOT EXISTS pgmq_dispatcher.route_control ("
-		    "route text NOT NULL, queue_name text NOT NULL, state text NOT NULL, "
-		    "changed_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (route, queue_name)); "
-		    "END IF; END $$",
-		    0, NULL, on_ddl, d) != 0 ||
-	    pg_query(d->pg,
-		     "INSERT INTO pgmq_dispatcher.route_control (route, queue_name, state) "
-		     "VALUES ($1, $2, $3) ON CONFLICT (route, queue_name) DO UPDATE "
-		     "SET state = EXCLUDED.state, changed_at = now()",
-		     3, params, on_stored, d) != 0)
+	if (!d->cfg->ledger_enabled)
+		return; /* nowhere to keep it: until the daemon restarts */
+	/* ledger.schema is a checked identifier; the migration made the table. */
+	snprintf(sql, sizeof(sql),
+		 "INSERT INTO %s.route_control (route, queue_name, state) "
+		 "VALUES ($1, $2, $3) ON CONFLICT (route, queue_name) DO UPDATE "
+		 "SET state = EXCLUDED.state, changed_at = now()",
+		 d->cfg->ledger_schema);
+	if (pg_query(d->pg, sql, 3, params, on_stored, d) != 0)
 		log_msg_route(d->cfg->route_name, LOG_WARN, "control_not_stored",
 			      "cannot queue the statement; the state applies until restart");
 }
@@ -123,6 +112,9 @@ void dispatcher_control(struct dispatcher *d, enum dispatcher_control cmd)
 	if (cmd == CONTROL_DRAIN)
 		d->drain_stale_read = d->reading;
 	log_state(d, "route_control", why[cmd]);
+	if (!d->cfg->ledger_enabled && cmd != CONTROL_EMPTY)
+		log_msg_route(d->cfg->route_name, LOG_INFO, "control_not_stored",
+			      "ledger.enabled is off: the state lasts until the daemon restarts");
 	if (!d->once)
 		store(d);
 	if (control_may_read(next))
@@ -162,7 +154,7 @@ static void on_loaded(void *arg, PGresult *res, const struct pg_error *err)
 			if (strcmp(s, state_names[i]) == 0 && i != (int)d->ctl) {
 				set_state(d, (enum metrics_route_state)i);
 				log_state(d, "route_control_restored",
-					  "kept in pgmq_dispatcher.route_control");
+					  "kept in the ledger schema's route_control");
 			}
 	}
 	/* An error (no table yet: 42P01) means nothing was ever stored. */
@@ -173,18 +165,20 @@ static void on_loaded(void *arg, PGresult *res, const struct pg_error *err)
 void control_load(struct dispatcher *d)
 {
 	const char *params[2] = { d->cfg->route_name, d->cfg->queue_name };
+	char sql[160];
 
-	if (d->ctl_loaded || d->once) {
+	if (d->ctl_loaded || d->once || !d->cfg->ledger_enabled) {
 		d->ctl_loaded = true;
 		dispatcher_kick(d);
 		return;
 	}
 	if (d->ctl_loading)
 		return;
-	if (pg_query(d->pg,
-		     "SELECT state FROM pgmq_dispatcher.route_control "
-		     "WHERE route = $1 AND queue_name = $2",
-		     2, params, on_loaded, d) != 0) {
+	/* Queued after the ledger's migration on the same connection. */
+	snprintf(sql, sizeof(sql),
+		 "SELECT state FROM %s.route_control WHERE route = $1 AND queue_name = $2",
+		 d->cfg->ledger_schema);
+	if (pg_query(d->pg, sql, 2, params, on_loaded, d) != 0) {
 		d->ctl_loaded = true; /* cannot look: read rather than stall */
 		dispatcher_kick(d);
 		return;

@@ -59,89 +59,6 @@ double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double h
 	return ms;
 }
 
-/* Splits the rows of a read into /run requests no larger than
- * max_body_bytes (in msg_id order) and archives the messages that must
- * never be dispatched: read more than max_read_ct times, or too large to
- * fit a request on their own. */
-static void dispatch_rows(struct dispatcher *d, struct read_result *rr)
-{
-	struct pgmq_batch *rows = &rr->rows;
-	struct pgmq_message *keep = malloc((size_t)rows->n * sizeof(*keep));
-	struct pgmq_message *drop = malloc((size_t)rows->n * sizeof(*drop));
-	struct pgmq_message *poison = malloc((size_t)rows->n * sizeof(*poison));
-	struct pgmq_message *bad = malloc((size_t)rows->n * sizeof(*bad));
-	size_t limit = (size_t)d->cfg->max_body_bytes, envelope = d->conf.envelope.len;
-	int *ends = malloc((size_t)rows->n * sizeof(*ends));
-	int nkeep = 0, ndrop = 0, npoison = 0, nbad = 0, runs;
-
-	if (keep == NULL || drop == NULL || poison == NULL || bad == NULL || ends == NULL) {
-		free(poison);
-		free(bad);
-		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
-			      "dropping a read of %d; visible again after vt", rows->n);
-		free(keep);
-		free(drop);
-		free(ends);
-		return;
-	}
-	for (int i = 0; i < rows->n; i++) {
-		const struct pgmq_message *m = &rows->msgs[i];
-		struct log_line *l;
-
-		switch (batch_row_fate(m, envelope, limit, d->cfg->max_read_ct)) {
-		case ROW_INVALID:
-		case ROW_INVALID_LOST:
-			/* The read hid it; bring it back (after a pause: the read
-			 * function is broken and would hide it again). */
-			l = log_begin_route(d->cfg->route_name, LOG_ERROR, "row_invalid");
-			log_str(l, "queue", d->cfg->queue_name);
-			log_num(l, "msg_id", m->msg_id);
-			log_str(l, "problem", m->invalid);
-			log_str(l, "outcome",
-				m->id_ok ? "released"
-					 : "cannot release: visible again after vt_seconds");
-			log_end(l);
-			if (m->id_ok)
-				bad[nbad++] = *m;
-			break;
-		case ROW_MAX_READ_CT:
-			batch_log_archived(d, m, "max_read_ct", 0, NULL);
-			poison[npoison++] = *m;
-			break;
-		case ROW_TOO_LARGE:
-			batch_log_archived(d, m, "too_large", envelope + runpod_job_bytes(m), NULL);
-			drop[ndrop++] = *m;
-			break;
-		case ROW_SEND:
-			keep[nkeep++] = *m;
-			break;
-		}
-	}
-	if (nbad > 0) {
-		struct batch *b = batch_new(d, rr, bad, nbad);
-		double ms = dispatcher_back_off(d, PAUSE_DB, -1);
-		if (b)
-			batch_release(b, (int)ceil(ms / 1000.0));
-	}
-	batch_archive(d, rr, drop, ndrop, METRICS_ARCHIVE_TOO_LARGE);
-	batch_archive(d, rr, poison, npoison, METRICS_ARCHIVE_MAX_READ_CT);
-	runs = batch_pack(keep, nkeep, envelope, limit, d->cfg->batch_size, ends);
-	for (int r = 0, start = 0; r < runs; start = ends[r++]) {
-		struct batch *b = batch_new(d, rr, keep + start, ends[r] - start);
-		if (b)
-			post_batch(d, b);
-		else
-			log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
-				      "dropping %d message%s; visible again after vt",
-				      ends[r] - start, ends[r] - start == 1 ? "" : "s");
-	}
-	free(keep);
-	free(drop);
-	free(poison);
-	free(bad);
-	free(ends);
-}
-
 static void on_read(struct dispatcher *d, struct pgmq_batch *rows, const struct pg_error *err)
 {
 	struct read_result *rr;
@@ -158,6 +75,10 @@ static void on_read(struct dispatcher *d, struct pgmq_batch *rows, const struct 
 	d->stats.reads++;
 	if (err) {
 		bool unknown = err->connection_lost && err->sent;
+		/* Its row, if the statement committed, says so rather than sending. */
+		if (unknown)
+			ledger_note(d->ledger, d->read_id, "unknown", 0, NULL, err->message,
+				    strlen(err->message), false);
 		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_ERROR,
 						     unknown ? "read_fate_unknown" : "read_failed");
 		d->stats.reads_failed++;
@@ -217,6 +138,7 @@ static void on_read(struct dispatcher *d, struct pgmq_batch *rows, const struct 
 	}
 	rr->rows = *rows;
 	rr->refs = 1;
+	snprintf(rr->dispatch_id, sizeof(rr->dispatch_id), "%s", d->read_id);
 	free(rows);
 	full = rr->rows.n >= d->cfg->batch_size;
 	d->stats.messages_read += (unsigned long long)rr->rows.n;
@@ -238,7 +160,7 @@ static void on_read(struct dispatcher *d, struct pgmq_batch *rows, const struct 
 		if (b)
 			batch_release(b, 0);
 	} else {
-		dispatch_rows(d, rr);
+		batch_dispatch_rows(d, rr);
 	}
 	read_result_unref(rr);
 	wakeup_reset_idle(d);
@@ -265,7 +187,8 @@ void dispatcher_kick(struct dispatcher *d)
 		return;
 	}
 	if (d->stopping || d->finished || d->circuit_open || !pg_ready(d->pg) ||
-	    ev_is_active(&d->pause) || !d->ctl_loaded || !control_may_read(d->ctl))
+	    ev_is_active(&d->pause) || !ledger_ready(d->ledger) || !d->ctl_loaded ||
+	    !control_may_read(d->ctl))
 		return;
 	if (d->in_flight >= d->cfg->max_in_flight || circuit_queue_capped(d)) {
 		d->read_wanted = true;
@@ -280,8 +203,14 @@ void dispatcher_kick(struct dispatcher *d)
 	d->ep_wanted = false;
 	d->read_wanted = false;
 	d->again = false;
-	if (pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name, d->cfg->vt_seconds,
-		      post_read_qty(d), dispatcher_on_read, d) != 0) {
+	d->read_id[0] = '\0';
+	if (ledger_recording(d->ledger))
+		ledger_new_id(d->read_id); /* before the read: its row is made with it */
+	if (d->read_id[0]
+		    ? ledger_read(d->ledger, d->read_id, d->cfg->vt_seconds, post_read_qty(d),
+				  dispatcher_on_read, d) != 0
+		    : pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name,
+				d->cfg->vt_seconds, post_read_qty(d), dispatcher_on_read, d) != 0) {
 		log_msg_route(d->cfg->route_name, LOG_ERROR, "read_failed",
 			      "cannot queue the read statement");
 		dispatcher_back_off(d, PAUSE_DB, -1);
@@ -314,14 +243,16 @@ void dispatcher_maybe_finish(struct dispatcher *d)
 		.stopping = d->stopping,
 		.deadline_passed = d->deadline_passed,
 		.busy = d->reading || d->in_flight > 0 || d->db_pending > 0 || d->probing ||
-			d->metrics_pending,
+			d->metrics_pending || ledger_busy(d->ledger),
 	};
 
 	if (!dispatcher_should_finish(&f))
 		return;
 	d->finished = true;
 	stop_timers(d, NULL);
-	d->done(d->done_arg, d->stopping && !d->once ? DISPATCH_DONE_STOPPED : d->once_result);
+	d->done(d->done_arg, d->fatal                  ? DISPATCH_DONE_FATAL
+			     : d->stopping && !d->once ? DISPATCH_DONE_STOPPED
+						       : d->once_result);
 }
 
 static void on_poll(struct ev_loop *loop, ev_timer *w, int revents)
@@ -382,8 +313,9 @@ static void on_connected(void *arg)
 		metrics_inc_pg_reconnects();
 	d->connected_once = true;
 	if (d->w.listen_pg == NULL)
-		wakeup_start_listen(d,
-				    d->pg); /* re-LISTEN first: the read below is queued after it */
+		/* re-LISTEN first: the read below is queued after it */
+		wakeup_start_listen(d, d->pg);
+	ledger_connected(d->ledger); /* the migration, once; reads wait for it */
 	dispatcher_state_changed(d);
 	control_load(d); /* then kicks */
 	if (!d->once && !d->stopping) {
@@ -436,6 +368,49 @@ static void on_stats(struct ev_loop *loop, ev_timer *w, int revents)
 		return;
 	if (pgmq_metrics(d->pg, d->cfg->queue_name, on_metrics, d) == 0)
 		d->metrics_pending = true;
+}
+
+static void on_ledger_ready(void *arg)
+{
+	dispatcher_kick(arg);
+}
+
+static void on_ledger_settled(void *arg)
+{
+	dispatcher_maybe_finish(arg);
+}
+
+static void on_ledger_fatal(void *arg)
+{
+	struct dispatcher *d = arg;
+
+	d->fatal = true;
+	d->read_done = true;
+	dispatcher_stop(d);
+}
+
+/* A job whose replica died: follow it as if it had just been accepted,
+ * its heartbeat due at once when its vt is short. */
+static void on_ledger_claimed(void *arg, const char *dispatch_id, const char *job_id,
+			      const long long *ids, int n, double vt_left_s, double age_s)
+{
+	struct dispatcher *d = arg;
+	double left = vt_left_s < 0 ? 0 : vt_left_s, now = ev_now(d->loop);
+
+	tracker_add_claimed(d->tracker, job_id, dispatch_id, ids, n,
+			    now + left - d->cfg->vt_seconds, now - (age_s > 0 ? age_s : 0));
+}
+
+void dispatcher_tracker_state(void *arg, const char *dispatch_id, const char *state,
+			      const char *error)
+{
+	struct dispatcher *d = arg;
+	/* A COMPLETED job keeps its lease until the ledger has checked, after
+	 * the grace period, that the worker deleted its messages. */
+	bool held = (!runpod_status_is_terminal(state) || strcmp(state, "COMPLETED") == 0) &&
+		    strcmp(state, "lost") != 0 && strcmp(state, "released") != 0;
+
+	ledger_note(d->ledger, dispatch_id, state, 0, NULL, error, error ? strlen(error) : 0, held);
 }
 
 static void on_connect_failed(void *arg)
@@ -522,6 +497,18 @@ struct dispatcher *dispatcher_new_shared(struct ev_loop *loop, const struct conf
 		return NULL;
 	}
 	tracker_set_wake(d->tracker, wakeup_after, d);
+	if (cfg->ledger_enabled) {
+		struct ledger_hooks h = { .ready = on_ledger_ready,
+					  .fatal = on_ledger_fatal,
+					  .settled = on_ledger_settled,
+					  .claimed = once ? NULL : on_ledger_claimed,
+					  .arg = d };
+		if ((d->ledger = ledger_new(loop, cfg, d->pg, &h)) == NULL) {
+			dispatcher_free(d);
+			return NULL;
+		}
+		tracker_set_observer(d->tracker, dispatcher_tracker_state, d);
+	}
 	return d;
 }
 
@@ -542,6 +529,7 @@ void dispatcher_stop(struct dispatcher *d)
 		return;
 	d->stopping = true;
 	tracker_stop(d->tracker);
+	ledger_stop(d->ledger);
 	stop_timers(d, &d->deadline);
 	post_release_waiting(d); /* read but never sent: visible again at once */
 	dispatcher_state_changed(d);
@@ -585,6 +573,7 @@ void dispatcher_free(struct dispatcher *d)
 	if (d->http)
 		dispatcher_cancel_requests(d);
 	tracker_free(d->tracker); /* after the aborts above, before http_free drops requests */
+	ledger_free(d->ledger);   /* its statements' callbacks find it gone */
 	if (!d->http_shared)
 		http_free(d->http);
 	wakeup_free(d);

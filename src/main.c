@@ -5,6 +5,8 @@
 #include "route.h"
 #include "ctl.h"
 #include "admin.h"
+#include "dispatches.h"
+#include "ledger_cli.h"
 #include "listenaddr.h"
 #include "log.h"
 #include "metrics.h"
@@ -32,6 +34,7 @@ struct app {
 	int exit_code;
 	int signals; /* TERM/INT received */
 	struct admin *admin;
+	struct dispatches *ds; /* GET /dispatches, on a connection of its own */
 	ev_signal sig_int, sig_term, sig_hup;
 };
 
@@ -47,7 +50,7 @@ static int listen_port(const char *listen)
 static void usage(FILE *fp)
 {
 	fprintf(fp,
-		"Usage: pgmq-dispatcher [options]\n"
+		"Usage: pgmq-dispatcher [options] [command]\n"
 		"Reads batches from a PGMQ queue and submits them to a RunPod Serverless endpoint.\n\n"
 		"  -c, --config FILE     configuration file (default " CONFIG_DEFAULT_PATH ")\n"
 		"  -v, --verbose         more output: -v debug, -vv trace (SQL and HTTP metadata)\n"
@@ -60,9 +63,15 @@ static void usage(FILE *fp)
 		"  -t, --check-config    validate the configuration (no network), exit 0 or 78\n"
 		"  -T, --dump-config     print the effective configuration, secrets masked\n"
 		"  -V, --version         print the version\n"
-		"  -h, --help            this help\n"
-		"  ctl routes | ctl pause|resume|drain ROUTE\n"
-		"                        runtime control of the running daemon (admin endpoint)\n\n"
+		"  -h, --help            this help\n\n"
+		"Runtime control of the running daemon (admin endpoint):\n"
+		"  ctl routes | ctl pause|resume|drain ROUTE\n\n"
+		"Commands on the dispatch ledger (after the options; add --json for JSON):\n"
+		"  migrate               create or upgrade the ledger schema; exit 0 when up to date\n"
+		"  status MSG_ID...      every dispatch of those messages, and where each is now\n"
+		"  jobs [--state S] [--since 15m|TIME] [--limit N]   dispatches, newest first\n"
+		"  redrive [--dry-run] MSG_ID... | --archived-from TIME [--archived-to TIME]\n"
+		"                        archived messages back into the queue\n\n"
 		"Every key can also be set as PGMQD_<SECTION>_<KEY>; see pgmq-dispatcher(8).\n");
 }
 
@@ -127,6 +136,9 @@ static void on_done(void *arg, enum dispatcher_result result)
 		break;
 	case DISPATCH_DONE_UNKNOWN:
 		app->exit_code = EX_TEMPFAIL;
+		break;
+	case DISPATCH_DONE_FATAL:
+		app->exit_code = EX_CONFIG;
 		break;
 	}
 	ev_break(app->loop, EVBREAK_ALL);
@@ -213,6 +225,19 @@ static char *admin_metrics(void *arg, size_t *len)
 {
 	(void)arg;
 	return metrics_render(len);
+}
+
+static void on_dispatches_done(void *ctx, unsigned status, const char *type, char *body, size_t len)
+{
+	admin_answer(ctx, status, type, body, len);
+}
+
+static void admin_dispatches(void *arg, struct admin_call *call, const char *const *keys,
+			     const char *const *vals, int n)
+{
+	struct app *app = arg;
+
+	dispatches_serve(app->ds, app->cfg, keys, vals, n, on_dispatches_done, call);
 }
 
 static void on_ignored_key(void *arg, const char *key)
@@ -327,7 +352,9 @@ int main(int argc, char **argv)
 	int verbose = 0, quiet = 0, opt;
 	char level_override[32], format_override[32];
 	const char *overrides[3] = { NULL, NULL, NULL };
-	int noverrides = 0;
+	int noverrides = 0, command_argc = 0;
+	const char *command = NULL;
+	char **command_argv = NULL;
 	char masked[1024];
 	char **ctl_args = NULL;
 	int nctl_args = 0;
@@ -336,7 +363,9 @@ int main(int argc, char **argv)
 		return EX_OSERR;
 	memset(&app, 0, sizeof(app));
 	format_override[0] = '\0';
-	while ((opt = getopt_long(argc, argv, "c:vqtTVh", longopts, NULL)) != -1) {
+	/* "+": options stop at the command (status, jobs, ...), whose own
+	 * options its module parses. */
+	while ((opt = getopt_long(argc, argv, "+c:vqtTVh", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'c':
 			path = optarg;
@@ -382,7 +411,11 @@ int main(int argc, char **argv)
 		nctl_args = argc - optind - 1;
 		optind = argc;
 	}
-	if (optind < argc) {
+	if (optind < argc && ledger_cli_known(argv[optind])) {
+		command = argv[optind];
+		command_argc = argc - optind;
+		command_argv = argv + optind;
+	} else if (optind < argc) {
 		fprintf(stderr, "pgmq-dispatcher: unexpected argument '%s'\n", argv[optind]);
 		usage(stderr);
 		return EX_USAGE;
@@ -443,6 +476,12 @@ int main(int argc, char **argv)
 		free(app.cfg);
 		return 0;
 	}
+	if (command) {
+		int rc = ledger_cli_main(app.cfg, command, command_argc, command_argv);
+		config_free(app.cfg);
+		free(app.cfg);
+		return rc;
+	}
 	if (health_check || dry_run) {
 		int rc;
 		if (health_check)
@@ -495,6 +534,8 @@ int main(int argc, char **argv)
 					     .control = admin_control,
 					     .token = app.cfg->admin_token,
 					     .arg = &app };
+		if ((app.ds = dispatches_new(app.loop)) != NULL)
+			hooks.dispatches = admin_dispatches;
 		char err[256];
 		app.admin = admin_start(app.loop, app.cfg->admin_listen, &hooks, err, sizeof(err));
 		if (app.admin == NULL) {
@@ -502,6 +543,7 @@ int main(int argc, char **argv)
 			log_str(l, "key", "admin.listen");
 			log_str(l, "error", err);
 			log_end(l);
+			dispatches_free(app.ds);
 			routes_free(app.routes); /* and app.cfg */
 			log_detach_loop(1000);
 			return EX_OSERR;
@@ -541,6 +583,7 @@ int main(int argc, char **argv)
 	ev_run(app.loop, 0);
 	sdnotify_watchdog_stop(app.loop);
 	admin_stop(app.admin);
+	dispatches_free(app.ds); /* requests still waiting: answered to nobody */
 
 	{
 		/* Free first: requests and statements still pending log their

@@ -47,6 +47,9 @@ static struct {
 	counter_t messages_archived[N_ARCHIVE_REASONS];
 	counter_t requests[N_OUTCOMES][N_CODE_SLOTS];
 	counter_t pg_reconnects;
+	counter_t ledger_recovered_unknown;
+	counter_t ledger_jobs_claimed;
+	counter_t ledger_completed_undeleted;
 	counter_t reads[N_READ_RESULTS];
 	atomic_long in_flight;
 	atomic_int circuit_open;
@@ -109,6 +112,9 @@ void metrics_init(void)
 	atomic_init(&m.messages_dispatched, 0);
 	atomic_init(&m.messages_released, 0);
 	atomic_init(&m.pg_reconnects, 0);
+	atomic_init(&m.ledger_recovered_unknown, 0);
+	atomic_init(&m.ledger_jobs_claimed, 0);
+	atomic_init(&m.ledger_completed_undeleted, 0);
 	atomic_init(&m.in_flight, 0);
 	atomic_init(&m.circuit_open, 0);
 	atomic_init(&m.queue_length, 0);
@@ -154,6 +160,21 @@ void metrics_inc_requests(enum metrics_outcome outcome, long http_code)
 {
 	if ((unsigned)outcome < N_OUTCOMES)
 		metrics_add_counter(&m.requests[outcome][code_slot(http_code)], 1);
+}
+
+void metrics_inc_ledger_recovered_unknown(void)
+{
+	metrics_add_counter(&m.ledger_recovered_unknown, 1);
+}
+
+void metrics_inc_ledger_completed_undeleted(void)
+{
+	metrics_add_counter(&m.ledger_completed_undeleted, 1);
+}
+
+void metrics_inc_ledger_jobs_claimed(void)
+{
+	metrics_add_counter(&m.ledger_jobs_claimed, 1);
 }
 
 void metrics_inc_pg_reconnects(void)
@@ -345,6 +366,15 @@ char *metrics_render(size_t *len)
 	render_requests(&b);
 	counter(&b, "pg_reconnects_total",
 		"Successful database reconnects after the first connection.", &m.pg_reconnects);
+	counter(&b, "ledger_recovered_unknown_total",
+		"Ledger dispatches a dead replica left sending, recorded as unknown.",
+		&m.ledger_recovered_unknown);
+	counter(&b, "ledger_jobs_claimed_total",
+		"Accepted jobs taken over from a replica whose lease ran out.",
+		&m.ledger_jobs_claimed);
+	counter(&b, "ledger_completed_undeleted_total",
+		"COMPLETED jobs whose messages were still queued after ledger.completed_grace_s.",
+		&m.ledger_completed_undeleted);
 	metrics_family(&b, "reads_total", "counter", "Queue reads by result.");
 	labelled(&b, "reads_total", "result", read_names, m.reads, N_READ_RESULTS);
 

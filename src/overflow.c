@@ -1,14 +1,16 @@
 /* overflow — the rows whose read_ct reached the int4 limit (2^31-1), which
  * make every pgmq.read fail with SQLSTATE 22003: finds them after such a
  * failed read, names them and the way out in one log line, and archives
- * them when the poison guard (max_read_ct) is on. Knows nothing of
- * batches, HTTP or NOTIFY. */
+ * them when the poison guard (max_read_ct) is on (recorded in the ledger
+ * with the archive: batch_archive_ids). Knows nothing of HTTP or NOTIFY. */
+#include "batch.h"
 #include "dispatcher_int.h"
 #include "log.h"
 
 #include <stdio.h>
 
 #define OVERFLOW_IDS_MAX 100
+#define OVERFLOW_ERROR "read_ct at the integer limit 2147483647: every pgmq.read failed on it"
 
 static void on_overflow_archived(void *arg, long count, const struct pg_error *err)
 {
@@ -74,7 +76,11 @@ static void on_overflow_found(void *arg, const long long *ids, int n, const stru
 	}
 	log_end(l);
 	if (d->cfg->max_read_ct > 0) {
-		if (pgmq_archive(d->pg, d->cfg->queue_name, ids, n, on_overflow_archived, d) == 0)
+		bool recorded;
+		/* With the ledger on, one new row records them `archived`: no
+		 * dispatch ever held them (every read failed on them). */
+		if (batch_archive_ids(d, "", ids, n, 0, OVERFLOW_ERROR, sizeof(OVERFLOW_ERROR) - 1,
+				      "max_read_ct", on_overflow_archived, d, &recorded) == 0)
 			d->db_pending++;
 		else
 			log_msg_route(d->cfg->route_name, LOG_ERROR,

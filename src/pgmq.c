@@ -7,10 +7,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define READ_SQL                                                                 \
-	"SELECT msg_id, read_ct, to_json(enqueued_at) AS enqueued_at, message, " \
-	"message->'document_id' AS document_id "                                 \
-	"FROM %s($1::text, $2::integer, $3::integer) ORDER BY msg_id"
+#define READ_SQL \
+	"SELECT " PGMQ_READ_COLUMNS " FROM %s($1::text, $2::integer, $3::integer) ORDER BY msg_id"
 
 /* set_vt and archive exist per id in every pgmq ≥ 1.2; the bigint[] forms
  * only from 1.8 (pgmq-api.md §1.3), and Supabase ships 1.4/1.5. */
@@ -160,6 +158,21 @@ static void on_read(void *arg, PGresult *res, const struct pg_error *err)
 	free(c);
 }
 
+int pgmq_read_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
+		    pgmq_read_fn fn, void *arg)
+{
+	struct call *c = new_call(arg);
+
+	if (c == NULL)
+		return -1;
+	c->fn.read = fn;
+	if (pg_query(pg, sql, nparams, params, on_read, c) != 0) {
+		free(c);
+		return -1;
+	}
+	return 0;
+}
+
 int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int vt_seconds, int qty,
 	      pgmq_read_fn fn, void *arg)
 {
@@ -182,6 +195,8 @@ int pgmq_read(struct pg *pg, const char *read_function, const char *queue, int v
 	return 0;
 }
 
+static char *id_array(const long long *ids, int n);
+
 static void on_count(void *arg, PGresult *res, const struct pg_error *err)
 {
 	struct call *c = arg;
@@ -194,6 +209,26 @@ static void on_count(void *arg, PGresult *res, const struct pg_error *err)
 		c->fn.count(c->arg, count, NULL);
 	}
 	free(c);
+}
+
+int pgmq_count_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
+		     pgmq_count_fn fn, void *arg)
+{
+	struct call *c = new_call(arg);
+
+	if (c == NULL)
+		return -1;
+	c->fn.count = fn;
+	if (pg_query(pg, sql, nparams, params, on_count, c) != 0) {
+		free(c);
+		return -1;
+	}
+	return 0;
+}
+
+char *pgmq_id_array(const long long *ids, int n)
+{
+	return id_array(ids, n);
 }
 
 /* "{1,2,3}": the text form of a bigint[] parameter. */

@@ -114,6 +114,17 @@ static void on_posted(void *arg, const struct http_response *r)
 	    !runpod_is_config_error(r->status) && action == REJECT_RELEASE)
 		pause_ms = dispatcher_back_off(d, PAUSE_RUNPOD, retry_after_ms(d, r));
 	log_outcome(d, b, outcome, r, &reply, action, pause_ms);
+	/* What the ledger records with the batch's fate. */
+	b->http_status = r->status;
+	if (outcome == RUNPOD_ACCEPTED) {
+		b->job_id = reply.id;
+	} else if (r->code != CURLE_OK) {
+		b->error = r->error;
+		b->error_len = strlen(r->error);
+	} else if (r->body_len > 0) {
+		b->error = r->body;
+		b->error_len = r->body_len;
+	}
 	metrics_inc_requests((enum metrics_outcome)outcome, r->status);
 	metrics_route_add(d->mroute, (enum metrics_route_counter)(MR_REQUESTS_ACCEPTED + outcome),
 			  1);
@@ -131,7 +142,8 @@ static void on_posted(void *arg, const struct http_response *r)
 		d->once_result = DISPATCH_DONE_DISPATCHED;
 		/* started is reset when the POST leaves (after a rate-cap wait);
 		 * the vt has run since the read. */
-		tracker_add(d->tracker, reply.id, b->ids, b->n, b->read_at);
+		tracker_add_dispatch(d->tracker, reply.id, b->dispatch_id, b->ids, b->n,
+				     b->read_at);
 		batch_end(b, BATCH_ACCEPTED, NULL);
 		break;
 	case RUNPOD_UNKNOWN:
@@ -158,6 +170,10 @@ static void on_posted(void *arg, const struct http_response *r)
 			 * configured well). */
 			if (runpod_is_config_error(r->status))
 				circuit_open(d, r->status);
+			ledger_note(d->ledger, b->dispatch_id, "rejected", r->status, NULL,
+				    b->error, b->error_len, false);
+			b->error = NULL; /* the release is recorded as such */
+			b->http_status = 0;
 			batch_release(b, (int)ceil(pause_ms / 1000.0));
 		}
 		break;
@@ -174,8 +190,9 @@ static void on_posted(void *arg, const struct http_response *r)
  * False when nothing was sent (the batch is released). */
 static bool send_now(struct dispatcher *d, struct batch *b)
 {
+	char idempotency[64];
 	const char *headers[] = { d->conf.auth_header, "Content-Type: application/json",
-				  "Accept: application/json", NULL };
+				  "Accept: application/json", NULL, NULL };
 	struct http_request_opts o = {
 		.method = "POST",
 		.url = d->conf.run_url,
@@ -186,7 +203,14 @@ static bool send_now(struct dispatcher *d, struct batch *b)
 		.owner = d,
 	};
 
+	if (b->dispatch_id[0]) {
+		/* RunPod ignores it today; proxies and later APIs may not. */
+		snprintf(idempotency, sizeof(idempotency), "Idempotency-Key: %s", b->dispatch_id);
+		headers[3] = idempotency;
+	}
 	o.body = runpod_envelope_body(&d->conf.envelope, b->msgs, b->n, &o.body_len);
+	if (o.body && b->dispatch_id[0])
+		runpod_envelope_set_dispatch_id(&d->conf.envelope, o.body, b->dispatch_id);
 	if (o.body == NULL || http_start(d->http, &o, on_posted, b) != 0) {
 		/* Nothing was sent: the messages come back at once. */
 		log_msg_route(d->cfg->route_name, LOG_ERROR, "post_failed",

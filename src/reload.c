@@ -17,6 +17,7 @@ struct runpod_extras dispatcher_extras_of(const struct config *cfg)
 		.execution_timeout_ms = cfg->policy_execution_timeout_ms,
 		.ttl_ms = cfg->policy_ttl_ms,
 		.low_priority = cfg->policy_low_priority != 0,
+		.dispatch_id = cfg->dispatch_id_in_input && cfg->ledger_enabled,
 	};
 }
 
@@ -174,9 +175,12 @@ void dispatcher_reload_commit(struct dispatcher *d, struct dispatcher_reload_pla
 		/* Turned on by this reload: follow jobs accepted from now on. */
 		d->tracker = p->tracker;
 		tracker_set_wake(d->tracker, wakeup_after, d);
+		if (d->ledger)
+			tracker_set_observer(d->tracker, dispatcher_tracker_state, d);
 	} else {
 		tracker_reload(d->tracker, cfg, &p->tracker_next);
 	}
+	ledger_reload(d->ledger, cfg);
 	tracker_next_free(&p->tracker_next); /* what the tracker did not take */
 	/* Running timers keep their phase: a SIGHUP now and then must not
 	 * push the next poll or stats refresh away; only a changed period

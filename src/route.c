@@ -92,6 +92,8 @@ static void regroup(struct routes *r)
 static int rank(enum dispatcher_result r)
 {
 	switch (r) {
+	case DISPATCH_DONE_FATAL:
+		return 5;
 	case DISPATCH_DONE_FAILED:
 		return 4;
 	case DISPATCH_DONE_UNKNOWN:
@@ -135,6 +137,12 @@ static void on_route_done(void *arg, enum dispatcher_result result)
 
 	rt->done = true;
 	rt->result = result;
+	if (result == DISPATCH_DONE_FATAL && !rt->retired && !r->stopping) {
+		/* The ledger's schema cannot be used: the daemon stops, all
+		 * routes, and exits with this result (the worst). */
+		routes_stop(r);
+		return;
+	}
 	if (rt->retired) {
 		ev_timer_start(r->loop, &r->reap); /* not here: we are inside d's callback */
 		if (r->stopping)

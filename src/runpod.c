@@ -48,6 +48,9 @@ static char *print_envelope(const char *queue, int vt_seconds, const struct runp
 	if (root == NULL)
 		return NULL;
 	input = cJSON_AddObjectToObject(root, "input");
+	if (input != NULL && extras && extras->dispatch_id &&
+	    cJSON_AddStringToObject(input, "dispatch_id", RUNPOD_DISPATCH_ID_PLACEHOLDER) == NULL)
+		input = NULL;
 	if (input != NULL && cJSON_AddStringToObject(input, "queue", queue) != NULL &&
 	    cJSON_AddNumberToObject(input, "vt_seconds", vt_seconds) != NULL &&
 	    cJSON_AddArrayToObject(input, "jobs") != NULL && add_extras(root, extras))
@@ -75,7 +78,24 @@ int runpod_envelope_init(struct runpod_envelope *e, const char *queue, int vt_se
 	}
 	e->head_len = (size_t)(at - e->text) + sizeof(marker) - 2; /* up to and with "[" */
 	e->len = strlen(e->text);
+	if (extras && extras->dispatch_id) {
+		/* The first member of input, so before any user-supplied text. */
+		at = strstr(e->text, "\"dispatch_id\":\"" RUNPOD_DISPATCH_ID_PLACEHOLDER "\"");
+		if (at == NULL || (size_t)(at - e->text) > e->head_len) {
+			runpod_envelope_free(e);
+			return -1;
+		}
+		e->dispatch_id_at = (size_t)(at - e->text) + sizeof("\"dispatch_id\":\"") - 1;
+	}
 	return 0;
+}
+
+void runpod_envelope_set_dispatch_id(const struct runpod_envelope *e, char *body,
+				     const char *dispatch_id)
+{
+	if (e->dispatch_id_at && strlen(dispatch_id) == sizeof(RUNPOD_DISPATCH_ID_PLACEHOLDER) - 1)
+		memcpy(body + e->dispatch_id_at, dispatch_id,
+		       sizeof(RUNPOD_DISPATCH_ID_PLACEHOLDER) - 1);
 }
 
 void runpod_envelope_free(struct runpod_envelope *e)

@@ -33,25 +33,6 @@ bool tracker_heartbeat_allowed(double accepted_at, double now, int max_heartbeat
 	return max_heartbeat_s <= 0 || now - accepted_at < max_heartbeat_s;
 }
 
-bool tracker_queue_full(long queued, int in_flight, int max_queued_jobs)
-{
-	return max_queued_jobs > 0 && queued + in_flight >= max_queued_jobs;
-}
-
-enum tracker_health_note tracker_health_note(bool warned, long long unhealthy, long in_queue)
-{
-	if (!warned && unhealthy > 0 && in_queue > 0)
-		return TRACKER_HEALTH_WARN;
-	if (warned && unhealthy == 0)
-		return TRACKER_HEALTH_RECOVERED;
-	return TRACKER_HEALTH_QUIET;
-}
-
-int tracker_queued_jobs(const struct tracker *t)
-{
-	return t && t->enabled ? (int)t->by_slot[METRICS_TRACKED_IN_QUEUE] : 0;
-}
-
 /* ---- the job table ---- */
 
 static struct tjob *job_of(struct jt_node *n)
@@ -165,8 +146,10 @@ struct op *tracker_op_new(struct tracker *t, enum op_kind kind, const struct tjo
 	}
 	op->t = t;
 	op->kind = kind;
-	if (j != NULL)
+	if (j != NULL) {
 		memcpy(op->job_id, j->id, sizeof(op->job_id));
+		memcpy(op->dispatch_id, j->dispatch_id, sizeof(op->dispatch_id));
+	}
 	op->sent_at = ev_now(t->loop);
 	op->next = t->ops;
 	if (t->ops)
@@ -475,6 +458,12 @@ struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, stru
 void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids, int n,
 		 ev_tstamp read_at)
 {
+	tracker_add_dispatch(t, job_id, NULL, msg_ids, n, read_at);
+}
+
+void tracker_add_dispatch(struct tracker *t, const char *job_id, const char *dispatch_id,
+			  const long long *msg_ids, int n, ev_tstamp read_at)
+{
 	struct tjob *j;
 	ev_tstamp now;
 
@@ -506,6 +495,7 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 	}
 	now = ev_now(t->loop);
 	snprintf(j->status, sizeof(j->status), "IN_QUEUE"); /* what /run answers (§2.1) */
+	snprintf(j->dispatch_id, sizeof(j->dispatch_id), "%s", dispatch_id ? dispatch_id : "");
 	memcpy(j->ids, msg_ids, (size_t)n * sizeof(*j->ids));
 	j->n = n;
 	j->live = j->ids + n;
@@ -529,6 +519,21 @@ void tracker_add(struct tracker *t, const char *job_id, const long long *msg_ids
 		log_end(l);
 	}
 	tracker_arm(t);
+}
+
+void tracker_add_claimed(struct tracker *t, const char *job_id, const char *dispatch_id,
+			 const long long *msg_ids, int n, ev_tstamp read_at, ev_tstamp accepted_at)
+{
+	struct tjob *j;
+
+	tracker_add_dispatch(t, job_id, dispatch_id, msg_ids, n, read_at);
+	j = t ? tracker_job_find(t, job_id) : NULL;
+	if (j == NULL || accepted_at >= j->added_at)
+		return;
+	/* max_heartbeat_s and the job's age count from its real start. */
+	j->added_at = accepted_at;
+	if (j->slot == METRICS_TRACKED_IN_QUEUE)
+		jobtable_schedule(&t->jobs, JT_QUEUED, &j->node, j->added_at);
 }
 
 static void forget_all(struct tracker *t)

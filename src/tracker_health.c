@@ -2,8 +2,9 @@
  * /health while jobs are tracked (one per interval, from the /status
  * limiter), RunPod's job and worker counts and the age of the oldest tracked
  * job still IN_QUEUE in /metrics, one warning when workers are unhealthy
- * while jobs wait, and the wake-up that lets paused reads resume when
- * fewer jobs wait (max_queued_jobs). Reply shape: runpod-serverless-api.md
+ * while jobs wait, the pure read-pause test and the count of jobs waiting
+ * IN_QUEUE, and the wake-up that lets paused reads resume when fewer jobs
+ * wait (max_queued_jobs). Reply shape: runpod-serverless-api.md
  * §7. Scheduling and the job table are tracker.c's; see include/tracker.h. */
 #include "tracker_int.h"
 #include "metrics.h"
@@ -14,6 +15,25 @@
 
 _Static_assert((int)RUNPOD_HJ_N == (int)METRICS_HEALTH_NJOBS, "one gauge per /health job count");
 _Static_assert((int)RUNPOD_HW_N == (int)METRICS_HEALTH_NWORKERS, "one gauge per worker count");
+
+bool tracker_queue_full(long queued, int in_flight, int max_queued_jobs)
+{
+	return max_queued_jobs > 0 && queued + in_flight >= max_queued_jobs;
+}
+
+enum tracker_health_note tracker_health_note(bool warned, long long unhealthy, long in_queue)
+{
+	if (!warned && unhealthy > 0 && in_queue > 0)
+		return TRACKER_HEALTH_WARN;
+	if (warned && unhealthy == 0)
+		return TRACKER_HEALTH_RECOVERED;
+	return TRACKER_HEALTH_QUIET;
+}
+
+int tracker_queued_jobs(const struct tracker *t)
+{
+	return t && t->enabled ? (int)t->by_slot[METRICS_TRACKED_IN_QUEUE] : 0;
+}
 
 ev_tstamp tracker_health_at(const struct tracker *t)
 {

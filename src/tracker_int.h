@@ -25,6 +25,7 @@ enum jstate {
 struct tjob {
 	struct jt_node node; /* in the tracker's jobtable; node.id points at id */
 	char id[RUNPOD_JOB_ID_MAX + 1];
+	char dispatch_id[40];               /* the ledger's row, "" when none */
 	char status[RUNPOD_STATUS_MAX + 1]; /* last seen; IN_QUEUE from the /run reply */
 	long long *ids;                     /* the messages the job carries (for the log) */
 	int n;
@@ -51,6 +52,7 @@ struct op {
 	struct op *prev, *next;
 	enum op_kind kind;
 	char job_id[RUNPOD_JOB_ID_MAX + 1]; /* "" for OP_HEALTH */
+	char dispatch_id[40];
 	ev_tstamp sent_at;
 	int delay_s;
 	long long *ids; /* statements: the ids sent */
@@ -74,6 +76,8 @@ struct tracker {
 	struct op *ops;
 	void (*wake)(void *arg, double after_s); /* a read is due then */
 	void *wake_arg;
+	tracker_observer_fn observe; /* a job's dispatch changed state */
+	void *observe_arg;
 
 	/* GET /health (tracker_health.c), polled while jobs are tracked */
 	char health_url[2048]; /* "" when it does not fit: no polls */
@@ -82,6 +86,10 @@ struct tracker {
 	bool unhealthy_warned; /* runpod_workers_unhealthy said, not yet recovered */
 	ev_tstamp health_due;  /* next /health poll */
 };
+
+/* Tells the observer (the ledger) that j's dispatch is now in state. */
+void tracker_observe(const struct tracker *t, const struct tjob *j, const char *state,
+		     const char *error);
 
 /* The job named id, or NULL. */
 struct tjob *tracker_job_find(const struct tracker *t, const char *id);

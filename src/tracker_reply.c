@@ -1,7 +1,8 @@
 /* tracker_reply — what the tracker does with the answers it gets: /status
  * replies (status changes, terminal states, expiry, failures and 429
  * pauses) and the results of its set_vt statements (heartbeats, early
- * releases). Sending, scheduling and the job table are in tracker.c and
+ * releases), each passed on to the observer (the ledger) as the job's
+ * new state. Sending, scheduling and the job table are in tracker.c and
  * jobtable.c; see include/tracker.h for the behaviour. */
 #include "tracker_int.h"
 #include "backoff.h"
@@ -52,14 +53,45 @@ static void log_transition(const struct tracker *t, const struct tjob *j,
 	log_end(l);
 }
 
+/* Whether j's messages come back after retry_delay_s: some are left and
+ * their vt does not end sooner anyway. */
+static bool release_wanted(const struct tracker *t, const struct tjob *j, ev_tstamp now)
+{
+	return j->n_live > 0 && j->vt_until - now > t->cfg->tracker_retry_delay_s;
+}
+
+/* Adds what happens to j's messages to l. */
+static void log_release(struct log_line *l, const struct tracker *t, const struct tjob *j,
+			bool release)
+{
+	if (release)
+		log_int(l, "retry_delay_s", t->cfg->tracker_retry_delay_s);
+	else if (j->n_live > 0)
+		log_str(l, "release", "no: their vt ends sooner");
+	else
+		log_str(l, "release", "no: the worker deleted or archived them");
+}
+
+/* Ends j: its messages become visible after retry_delay_s (one set_vt
+ * for the job) when release, else they keep their vt. */
+static void end_job(struct tracker *t, struct tjob *j, bool release, ev_tstamp now)
+{
+	if (!release) {
+		tracker_job_remove(t, j);
+		return;
+	}
+	j->state = J_RELEASE;
+	jobtable_unschedule(&t->jobs, JT_POLL, &j->node);
+	if (!j->db_busy) /* else when the heartbeat in flight is done */
+		tracker_db_at(t, j, now);
+}
+
 /* FAILED, CANCELLED, TIMED_OUT: log the error and bring the messages back
  * after retry_delay_s instead of after their vt. */
 static void job_failed(struct tracker *t, struct tjob *j, const struct runpod_status_reply *rep,
 		       ev_tstamp now)
 {
-	int delay = t->cfg->tracker_retry_delay_s;
-	double vt_left = j->vt_until - now;
-	bool release = j->n_live > 0 && vt_left > delay;
+	bool release = release_wanted(t, j, now);
 	struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN, "job_failed");
 
 	log_str(l, "runpod_job_id", j->id);
@@ -69,21 +101,9 @@ static void job_failed(struct tracker *t, struct tjob *j, const struct runpod_st
 	if (rep->error_truncated)
 		log_str(l, "error_truncated", "yes");
 	tracker_log_ids(l, j->ids, j->n);
-	if (release)
-		log_int(l, "retry_delay_s", delay);
-	else if (j->n_live > 0)
-		log_str(l, "release", "no: their vt ends sooner");
-	else
-		log_str(l, "release", "no: the worker deleted or archived them");
+	log_release(l, t, j, release);
 	log_end(l);
-	if (!release) {
-		tracker_job_remove(t, j);
-		return;
-	}
-	j->state = J_RELEASE;
-	jobtable_unschedule(&t->jobs, JT_POLL, &j->node);
-	if (!j->db_busy) /* else when the heartbeat in flight is done */
-		tracker_db_at(t, j, now);
+	end_job(t, j, release, now);
 }
 
 static void status_ok(struct tracker *t, struct tjob *j, const struct runpod_status_reply *rep,
@@ -99,6 +119,7 @@ static void status_ok(struct tracker *t, struct tjob *j, const struct runpod_sta
 	if (strcmp(rep->status, j->status) != 0) {
 		log_transition(t, j, rep);
 		snprintf(j->status, sizeof(j->status), "%s", rep->status);
+		tracker_observe(t, j, j->status, rep->error[0] ? rep->error : NULL);
 	}
 	if (!terminal) {
 		tracker_set_slot(t, j, slot_of(j->status));
@@ -118,17 +139,24 @@ static void status_ok(struct tracker *t, struct tjob *j, const struct runpod_sta
 		job_failed(t, j, rep, now);
 }
 
-static void status_expired(struct tracker *t, struct tjob *j)
+/* A 404 before any terminal status: RunPod lost the job (its queue is
+ * not durable) or its TTL ran out. Nobody works on the messages: they
+ * come back after retry_delay_s, as after FAILED. */
+static void status_expired(struct tracker *t, struct tjob *j, ev_tstamp now)
 {
+	bool release = release_wanted(t, j, now);
 	struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN, "job_expired");
 
 	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "status", j->status);
 	tracker_log_ids(l, j->ids, j->n);
-	log_str(l, "msg", "/status answered 404: tracking ends, the messages keep their vt");
+	log_str(l, "msg", "/status answered 404: the job was lost or expired; tracking ends");
+	log_release(l, t, j, release);
 	log_end(l);
+	tracker_observe(t, j, "lost", "/status answered 404: the job expired or never existed");
+	tracker_set_slot(t, j, -1);
 	metrics_inc_tracker_terminal(METRICS_TERMINAL_EXPIRED);
-	tracker_job_remove(t, j);
+	end_job(t, j, release, now);
 }
 
 static void status_failed(struct tracker *t, struct tjob *j, const struct http_response *r,
@@ -194,7 +222,7 @@ void tracker_on_status(void *arg, const struct http_response *r)
 		   runpod_parse_status_reply(r->body, r->body_len, &rep) == 0) {
 		status_ok(t, j, &rep, now);
 	} else if (r->status == 404) {
-		status_expired(t, j);
+		status_expired(t, j, now);
 	} else {
 		status_failed(t, j, r, now);
 	}
@@ -245,6 +273,8 @@ static void on_release_done(struct op *op, const long long *ids, int n, const st
 		log_end(l);
 		return;
 	}
+	if (op->t && op->t->observe && op->dispatch_id[0])
+		op->t->observe(op->t->observe_arg, op->dispatch_id, "released", NULL);
 	l = log_begin_route(route, LOG_INFO, "early_release");
 	log_str(l, "runpod_job_id", op->job_id);
 	tracker_log_ids(l, ids, n);
@@ -335,4 +365,21 @@ void tracker_on_db(void *arg, const long long *ids, int n, const struct pg_error
 	}
 	tracker_op_free(op);
 	tracker_arm(t);
+}
+
+/* ---- the ledger's observer ---- */
+
+void tracker_observe(const struct tracker *t, const struct tjob *j, const char *state,
+		     const char *error)
+{
+	if (t->observe && j && j->dispatch_id[0])
+		t->observe(t->observe_arg, j->dispatch_id, state, error);
+}
+
+void tracker_set_observer(struct tracker *t, tracker_observer_fn fn, void *arg)
+{
+	if (t == NULL)
+		return;
+	t->observe = fn;
+	t->observe_arg = arg;
 }

@@ -634,6 +634,26 @@ def scenario_fuller_reads(ctx, results):
     results["fuller"] = {"n": n, "ref": ref["msgs_per_s"], "plain": plain, "fuller": fuller}
 
 
+def scenario_ledger(ctx, results):
+    """The dispatch ledger's cost (issue 12): the same batch-10 drain with ledger.enabled on
+    and off, interleaved, and PostgreSQL's CPU per message for each."""
+    n, reps = SIZES["drain_n"], SIZES["drain_reps"][0]
+    on, off = [], []
+    for rep in range(reps):
+        off.append(drain_daemon(ctx, n, 10, ledger_enabled="off"))
+        log(f"6. run {rep + 1}/{reps}: ledger off {off[-1]['msgs_per_s']:,.0f} msg/s")
+        on.append(drain_daemon(ctx, n, 10, ledger_enabled="on"))
+        log(f"6. run {rep + 1}/{reps}: ledger on {on[-1]['msgs_per_s']:,.0f} msg/s")
+    med = statistics.median
+    results["ledger"] = {
+        "n": n, "runs": reps,
+        "on": med(r["msgs_per_s"] for r in on), "off": med(r["msgs_per_s"] for r in off),
+        "pg_us_on": med(r["cpu_us_per_msg"]["PostgreSQL"] for r in on),
+        "pg_us_off": med(r["cpu_us_per_msg"]["PostgreSQL"] for r in off),
+        "on_runs": on, "off_runs": off,
+    }
+
+
 class Listener(threading.Thread):
     """A bare LISTEN client: the arrival time of every insert notification."""
 
@@ -948,6 +968,7 @@ SCENARIOS = [("1", "drain vs pgmq.read", scenario_drain),
              ("3", "RunPod-like sink", scenario_runpod),
              ("4", "idle", scenario_idle),
              ("5", "memory under load", scenario_memory),
+             ("6", "dispatch ledger on vs off", scenario_ledger),
              ("7", "two routes in one daemon", scenario_two_routes),
              ("8", "fuller reads", scenario_fuller_reads)]
 
@@ -1036,6 +1057,15 @@ def build_rows(res):
                      f_rate(r["daemon"]),
                      f"`pgmq.read` alone (pgbench, 1 client): {f_rate(r['reference'])}",
                      f"{ratio:.2f}", target, met))
+    r = res.get("ledger")
+    if r:
+        ratio = r["on"] / r["off"]
+        rows.append(("6a", f"drain {r['n']:,} queued, batch 10, ledger on (median of {r['runs']})",
+                     f_rate(r["on"]), f"same drain, `ledger.enabled = off`: {f_rate(r['off'])}",
+                     f"{ratio:.2f}", "≥ 0.85", ratio >= 0.85))
+        rows.append(("6b", "PostgreSQL CPU per message in that drain, ledger on",
+                     f"{r['pg_us_on']:.1f} µs", f"ledger off: {r['pg_us_off']:.1f} µs",
+                     f"×{r['pg_us_on'] / r['pg_us_off']:.2f}", "—", None))
     r = res.get("latency_notify")
     if r:
         ref = r["ref"]

@@ -634,6 +634,14 @@ class RunPodEmulator:
         self._max_concurrent_run = self._in_flight_run
         self._gate.set()
 
+    def forget(self, job_id: str) -> bool:
+        """Drops a job as RunPod's queue may lose one (or its TTL runs out): /status
+        answers 404 for it from now on. Returns whether the job existed."""
+        with self._cond:
+            found = self._jobs.pop(job_id, None) is not None
+            self._changed()
+            return found
+
     def set_unhealthy_workers(self, n: int) -> None:
         """Puts n workers in a crash loop (n > 0: every job still queued, and every
         new one, stays IN_QUEUE and /health reports them unhealthy) or heals them

@@ -529,3 +529,31 @@ def test_reload_regroups_routes_sharing_an_endpoint(two_queues, emus, tmp_path):
         wait_until(lambda: delivered() == ids, what="b and c after regrouping")
     finally:
         stop(d)
+
+
+def test_pause_without_the_ledger_lasts_until_restart(two_queues, emus, tmp_path):
+    """ledger.enabled = off: nowhere to keep the state, so a pause survives a reload (in
+    memory) but not a restart, and no route_control table is made."""
+    qa, _, _ = two_queues
+    port = free_port()
+    cfg = tmp_path / "noledger.conf"
+    write_config(cfg, qa, emus, port)
+    cfg.write_text(cfg.read_text() + "[ledger]\nenabled = off\n")
+    d = start(cfg)
+    try:
+        d.wait_log(r"event=route_started.*route=a|route=a.*event=route_started")
+        assert ctl(cfg, "pause", "a")[0] == 0
+        d.wait_log(r"event=control_not_stored")
+        d.signal(signal.SIGHUP)
+        d.wait_log(r"event=reloaded")
+        ids = set(qa.send_many([{"a": i} for i in range(2)]))
+        n = d.count_log(r"route=b.*event=queue_empty|event=queue_empty.*route=b")
+        d.wait_log(r"event=queue_empty.*route=b|route=b.*event=queue_empty", count=n + 10)
+        assert not emus[0].requests("run")  # still paused after the reload
+        stop(d)
+        d = start(cfg)
+        wait_until(lambda: {j["msg_id"] for b in emus[0].run_bodies()
+                            for j in b["input"]["jobs"]} == ids, what="a reads after restart")
+        assert qa.sql("SELECT to_regclass('pgmq_dispatcher.route_control')")[0][0] is None
+    finally:
+        stop(d)
