@@ -56,8 +56,9 @@ void routes_status(const struct routes *r, char *buf, size_t len);
 /* Counters summed over the routes. */
 struct dispatcher_stats routes_stats(const struct routes *r);
 
-/* Runtime control of route name. Returns 0, or -1 when no such route. */
-int routes_control(struct routes *r, const char *name, enum dispatcher_control cmd);
+/* Runtime control of route name: action is "pause", "resume" or "drain".
+ * Returns 0, -1 when no such route, -2 when no such action. */
+int routes_control(struct routes *r, const char *name, const char *action);
 
 /* A malloc'd JSON array, one object per route: name, queue, endpoint_id,
  * state, ready, reason, in_flight, queue_length. NULL when out of memory. */

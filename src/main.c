@@ -207,18 +207,7 @@ static char *admin_routes(void *arg)
 
 static int admin_control(void *arg, const char *route, const char *action)
 {
-	struct app *app = arg;
-	enum dispatcher_control cmd;
-
-	if (strcmp(action, "pause") == 0)
-		cmd = CONTROL_PAUSE;
-	else if (strcmp(action, "resume") == 0)
-		cmd = CONTROL_RESUME;
-	else if (strcmp(action, "drain") == 0)
-		cmd = CONTROL_DRAIN;
-	else
-		return -2;
-	return routes_control(app->routes, route, cmd);
+	return routes_control(((struct app *)arg)->routes, route, action);
 }
 
 static char *admin_metrics(void *arg, size_t *len)

@@ -449,11 +449,21 @@ struct dispatcher_stats routes_stats(const struct routes *r)
 	return sum;
 }
 
-int routes_control(struct routes *r, const char *name, enum dispatcher_control cmd)
+int routes_control(struct routes *r, const char *name, const char *action)
 {
+	static const char *const actions[] = { "pause", "resume", "drain" };
+	static const enum dispatcher_control cmds[] = { CONTROL_PAUSE, CONTROL_RESUME,
+							CONTROL_DRAIN };
+	int a = -1;
+
+	for (int i = 0; i < 3; i++)
+		if (strcmp(action, actions[i]) == 0)
+			a = i;
+	if (a < 0)
+		return -2;
 	for (int i = 0; i < r->n; i++) {
 		if (strcmp(dispatcher_route_name(r->live[i]->d), name) == 0) {
-			dispatcher_control(r->live[i]->d, cmd);
+			dispatcher_control(r->live[i]->d, cmds[a]);
 			return 0;
 		}
 	}
