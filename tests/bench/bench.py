@@ -1309,8 +1309,10 @@ def run_details(res, sid):
 
 # ------------------------------------------------------------------------------ main
 
-class Interrupted(Exception):
-    pass
+class Interrupted(BaseException):
+    """SIGTERM/SIGHUP, raised in the main thread like KeyboardInterrupt for Ctrl-C. A
+    BaseException for the same reason: the harness's `except Exception` cleanups (an
+    emulator that will not stop, a worker thread's error) must not swallow it."""
 
 
 def _on_signal(signum, frame):
