@@ -12,14 +12,19 @@
  *   GET/HEAD /readyz   200 "ok", or 503 with the ready hook's reason
  *   GET/HEAD /metrics  200 with the metrics hook's body, Content-Type
  *                      "text/plain; version=0.0.4; charset=utf-8"
+ *   GET  /routes       200 with the routes hook's JSON (runtime control)
+ *   POST /routes/NAME/pause|resume|drain
+ *                      200 with the route's new state, 404 for no such route
  *   GET/HEAD /dispatches  the dispatches hook's answer: the request is
  *                      suspended (MHD_suspend_connection) until the hook
  *                      calls admin_answer, so the loop never waits for it;
  *                      at most ADMIN_MAX_ARGS query arguments (400 beyond)
  *   other paths        404;  other methods 405 with "Allow: GET, HEAD"
+ * /routes needs "Authorization: Bearer <token>" when a token is set, and is
+ * refused (403) without one when the listener is not on loopback.
  * Query strings are ignored elsewhere. Bodies are text/plain and end in
- * "\n", except the hook's. Knows nothing of the dispatcher, the ledger or
- * the metrics module: they come in through hooks. */
+ * "\n", except the hooks' JSON. Knows nothing of the dispatcher, the ledger
+ * or the metrics module: they come in through hooks. */
 #ifndef PGMQD_ADMIN_H
 #define PGMQD_ADMIN_H
 
@@ -44,6 +49,12 @@ struct admin_hooks {
 	 * *len; NULL when it cannot be built (answered 500). NULL hook: /metrics
 	 * is 404. */
 	char *(*metrics)(void *arg, size_t *len);
+	/* GET /routes: a malloc'd JSON body that admin frees (NULL: 500). */
+	char *(*routes)(void *arg);
+	/* POST /routes/NAME/ACTION: 0 done, -1 no such route, -2 no such action. */
+	int (*control)(void *arg, const char *route, const char *action);
+	/* Bearer token for /routes; NULL or "" for none. Copied. */
+	const char *token;
 	/* GET /dispatches with its query arguments keys[i]=vals[i] (i < n, in
 	 * order, repeated keys kept, vals[i] NULL for "?key"; valid during the
 	 * call). Must call admin_answer(call, ...) exactly once, during the
@@ -85,5 +96,10 @@ void admin_stop(struct admin *a);
  * (<= 0: 5000). Returns 0 when the status is 200, 1 otherwise (reason
  * logged at warn). For use outside the loop only. */
 int admin_health_check(const char *listen_addr, int timeout_ms);
+
+/* The http:// URL of path on the listener listen_addr names, a wildcard
+ * host replaced by loopback (for clients on this host: --health-check and
+ * `ctl`). Returns 0, or -1 when the address is malformed or url too short. */
+int admin_local_url(const char *listen_addr, const char *path, char *url, size_t len);
 
 #endif

@@ -100,4 +100,16 @@ int batch_archive_ids(struct dispatcher *d, const char *dispatch_id, const long 
 void batch_log_ids(enum log_level level, const char *event, const struct dispatcher *d,
 		   const long long *ids, int n, const char *why);
 
+/* Splits msgs[0..n) into /run bodies of at most max_jobs messages, each
+ * body within limit bytes (runpod_pack per max_jobs chunk); ends as
+ * runpod_pack. Returns the number of bodies. Pure. */
+int batch_pack(const struct pgmq_message *msgs, int n, size_t envelope, size_t limit, int max_jobs,
+	       int *ends);
+
+/* How many messages one read may claim: batch_size x the bodies that can
+ * go out now (read_batches, free in-flight slots, /run requests the rate cap
+ * allows within the next second), at least one batch and at most 1000
+ * (queue.batch_size's maximum). Pure. */
+int batch_read_qty(int batch_size, int read_batches, int free_slots, int rate_next_s);
+
 #endif

@@ -19,6 +19,8 @@
 enum config_source { SRC_DEFAULT = 0, SRC_FILE, SRC_CREDENTIAL, SRC_ENV, SRC_CLI };
 
 #define CONFIG_MAX_KEYS 64
+#define CONFIG_MAX_ROUTES 16     /* [route.NAME] sections in one configuration */
+#define CONFIG_ROUTE_NAME_MAX 32 /* bytes of a route name, [a-z0-9_-] */
 
 struct config {
 	/* [database] */
@@ -32,6 +34,7 @@ struct config {
 	int poll_interval_ms;
 	char *read_function;    /* schema-qualified SQL function name, validated identifier */
 	int max_in_flight;      /* /run requests outstanding at once */
+	int read_batches;       /* bodies one read may claim for (fuller reads); 1 = one batch */
 	int max_read_ct;        /* poison guard: archive messages read more often; 0 = off */
 	int notify;             /* bool: LISTEN on pgmq.q_<queue>.INSERT */
 	int notify_debounce_ms; /* a burst of NOTIFYs becomes one read after this */
@@ -54,6 +57,7 @@ struct config {
 	int policy_execution_timeout_ms; /* policy.executionTimeout; 0 = not sent */
 	int policy_ttl_ms;               /* policy.ttl; 0 = not sent */
 	int policy_low_priority;         /* bool: policy.lowPriority = true when set */
+	int priority; /* routes sharing an endpoint: lower number takes free slots first */
 	int dispatch_id_in_input; /* bool: input.dispatch_id carries the ledger's dispatch id */
 	/* [tracker] */
 	int tracker_enabled;     /* bool: follow accepted jobs through /status */
@@ -80,9 +84,19 @@ struct config {
 	int log_format; /* enum log_format */
 	/* [admin] */
 	char *admin_listen;      /* "host:port" or "[v6]:port"; "off" disables */
+	char *admin_token;       /* secret: bearer token for /routes; "" = none */
 	int metrics_interval_ms; /* queue length refresh (pgmq.metrics) and STATUS counts */
 	/* [daemon] */
 	int shutdown_timeout_ms;
+
+	/* Routes. A configuration without [route.NAME] sections is one route
+	 * named "default" (routes == NULL, nroutes == 1, the snapshot is its own
+	 * route). With them, routes[] holds one whole snapshot per route (the
+	 * common sections with the route's keys on top, each with routes ==
+	 * NULL) and the top-level fields are a copy of routes[0]'s. */
+	char route_name[CONFIG_ROUTE_NAME_MAX + 1];
+	int nroutes;
+	struct config *routes;
 
 	/* Where each key's value came from, indexed like the key table. */
 	unsigned char source[CONFIG_MAX_KEYS];
@@ -118,6 +132,15 @@ int config_load(const struct config_input *in, struct config *out, config_error_
  * for each such key whose value differed. */
 void config_keep_static(const struct config *cur, struct config *next,
 			void (*ignored)(void *arg, const char *key), void *arg);
+
+/* Route i (0 <= i < cfg->nroutes) of a loaded snapshot: routes[i], or cfg
+ * itself for a one-route configuration. Owned by cfg. */
+const struct config *config_route(const struct config *cfg, int i);
+
+/* config_keep_static for one route of a reload: the restart-only keys
+ * outside [queue], [runpod] and [tracker] (a route's queue is its own: a
+ * route whose queue changed is replaced, not kept). */
+void config_keep_static_common(const struct config *cur, struct config *next);
 
 /* Frees the strings of a snapshot loaded by config_load(). NULL-safe. */
 void config_free(struct config *cfg);

@@ -22,6 +22,8 @@ const char *check_base_url(const char *v);
 const char *check_listen(const char *v);
 const char *check_webhook(const char *v);
 /* Touches the file system: stat(2) and fopen(3) of the path. */
+/* admin.token: printable ASCII without spaces, at most 255 bytes. */
+const char *check_token(const char *v);
 const char *check_ca_file(const char *v);
 
 /* True when the authority of an http:// URL names the loopback interface. */

@@ -25,7 +25,26 @@ struct raw {
 	void *arg;
 	const char *path;
 	bool file_missing; /* the default file does not exist */
+	/* [route.NAME] sections: their values, applied per route on top. */
+	char route_names[CONFIG_MAX_ROUTES][CONFIG_ROUTE_NAME_MAX + 1];
+	int nroutes;
+	struct route_kv *rkv; /* MAX_ROUTE_KV entries, allocated at the first */
+	int nrkv;
+	const char *route;                /* while applying a route: its name */
+	bool from_route[CONFIG_MAX_KEYS]; /* while applying a route: the value is the route's */
 };
+
+/* One key = value of a [route.NAME] section. */
+struct route_kv {
+	int route, key;
+	unsigned char source; /* SRC_FILE or SRC_ENV */
+	char *value;
+	char where[160];
+};
+#define MAX_ROUTE_KV (CONFIG_MAX_ROUTES * 48)
+
+/* The label of key i in an error: route.NAME.key when a route set it. */
+void config_raw_label(const struct raw *r, size_t i, char *buf, size_t len);
 
 /* Counts one error and passes "key, where, problem" to r->on_error. */
 void config_fail(struct raw *r, const char *key, const char *where, const char *fmt, ...)

@@ -53,6 +53,12 @@ typedef void (*dispatcher_done_fn)(void *arg, enum dispatcher_result result);
 struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg, bool once,
 				  dispatcher_done_fn done, void *arg);
 
+/* dispatcher_new on a libcurl multi handle shared with other routes (http
+ * must outlive the dispatcher; NULL: one of its own). */
+struct dispatcher *dispatcher_new_shared(struct ev_loop *loop, const struct config *cfg,
+					 struct http *http, bool once, dispatcher_done_fn done,
+					 void *arg);
+
 /* Starts connecting and the poll timer. */
 void dispatcher_start(struct dispatcher *d);
 
@@ -67,6 +73,16 @@ void dispatcher_stop(struct dispatcher *d);
  * dispatcher or the next reload; the caller keeps the old one alive until
  * this returns. Returns 0, or -1 (the old snapshot stays in use). */
 int dispatcher_reload(struct dispatcher *d, const struct config *cfg);
+
+/* dispatcher_reload in two halves, for switching several routes at once:
+ * prepare builds everything new (NULL on failure, logged; the old state
+ * fully in effect, except that the connection may follow a new conninfo),
+ * then either commit (cannot fail; frees the plan) or abort (frees it). */
+struct dispatcher_reload_plan;
+struct dispatcher_reload_plan *dispatcher_reload_prepare(struct dispatcher *d,
+							 const struct config *cfg);
+void dispatcher_reload_commit(struct dispatcher *d, struct dispatcher_reload_plan *p);
+void dispatcher_reload_abort(struct dispatcher_reload_plan *p);
 
 const struct dispatcher_stats *dispatcher_stats(const struct dispatcher *d);
 
@@ -85,6 +101,28 @@ bool dispatcher_ready(const struct dispatcher *d, char *why, size_t len);
 
 /* One line for systemd's STATUS=: state and counts. */
 void dispatcher_status(const struct dispatcher *d, char *buf, size_t len);
+
+/* Runtime control of the route's reads. pause: no new reads, in-flight
+ * requests finish; resume: reads again; drain: reads until one finds the
+ * queue empty, then none (state drained). CONTROL_EMPTY is internal. */
+enum dispatcher_control { CONTROL_PAUSE, CONTROL_RESUME, CONTROL_DRAIN, CONTROL_EMPTY };
+
+/* Applies cmd, persists the resulting state in the database table
+ * pgmq_dispatcher.route_control (created on first use; a failure to store
+ * is logged and the state still applies in memory) and kicks a read when
+ * reads may start. */
+void dispatcher_control(struct dispatcher *d, enum dispatcher_control cmd);
+
+/* The route's read state (enum metrics_route_state: running, paused,
+ * draining, drained) and its name. */
+int dispatcher_control_state(const struct dispatcher *d);
+const char *dispatcher_control_state_name(int state);
+
+/* The route's name, its snapshot in use, and its in-flight requests and
+ * last known queue length (-1 unknown). */
+const char *dispatcher_route_name(const struct dispatcher *d);
+const struct config *dispatcher_config(const struct dispatcher *d);
+void dispatcher_info(const struct dispatcher *d, int *in_flight, long long *queue_length);
 
 /* Frees everything (no callbacks into done). NULL-safe. */
 void dispatcher_free(struct dispatcher *d);

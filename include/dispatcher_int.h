@@ -10,6 +10,7 @@
 
 #include "budget.h"
 #include "dispatcher.h"
+#include "endpoint.h"
 #include "ledger.h"
 #include "metrics.h"
 #include "pgmq.h"
@@ -66,6 +67,7 @@ struct dispatcher {
 	struct dispatcher_conf conf;
 	struct pg *pg;
 	struct http *http;
+	bool http_shared;                /* the routes' one multi handle: not ours to free */
 	struct tracker *tracker;         /* NULL unless [tracker] enabled */
 	struct ledger *ledger;           /* NULL unless ledger.enabled */
 	char read_id[LEDGER_ID_LEN + 1]; /* dispatch id of the read outstanding */
@@ -112,7 +114,16 @@ struct dispatcher {
 	struct dispatcher_stats stats;
 	struct wakeup w;
 
+	/* Runtime control (control.c) and the route's metrics slot. */
+	int mroute;
+	enum metrics_route_state ctl;
+	bool ctl_loaded; /* the persisted state was looked up: reads may start */
+	bool ctl_loading;
+	bool drain_stale_read; /* the read out at a drain command may predate new rows */
+
 	/* /run rate cap (post.c) */
+	struct endpoint *ep; /* shared with other routes (endpoint.c), or NULL */
+	bool ep_wanted;      /* a read waits for the endpoint's ceiling or priority */
 	struct ratelimit rl;
 	struct budget *budget; /* the fleet's share of it, NULL unless fleet.enabled */
 	struct batch *waiting, *waiting_tail; /* read, waiting for a rate slot */
@@ -172,6 +183,22 @@ void dispatcher_tracker_state(void *arg, const char *dispatch_id, const char *st
 void dispatcher_state_changed(struct dispatcher *d);
 double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double hint_ms);
 
+/* control.c */
+
+/* Aborts the requests of this dispatcher and its tracker (only theirs: the
+ * multi handle may be shared); each ends as outcome unknown. */
+void dispatcher_cancel_requests(struct dispatcher *d);
+
+/* The next read state after cmd (pause, resume, drain, or CONTROL_EMPTY:
+ * a read found the queue empty). Pure. */
+enum metrics_route_state control_next(enum metrics_route_state cur, enum dispatcher_control cmd);
+/* True when the route's state lets a read start. Pure. */
+bool control_may_read(enum metrics_route_state s);
+/* After every connect: looks the persisted state up once, then kicks. */
+void control_load(struct dispatcher *d);
+/* A read came back empty: a drain is over. */
+void control_on_empty(struct dispatcher *d);
+
 /* reload.c */
 
 /* What a reload changes that needs more than a pointer swap. */
@@ -202,6 +229,9 @@ struct runpod_extras dispatcher_extras_of(const struct config *cfg);
 
 /* post.c: queues a batch behind the rate cap (it counts as in flight). */
 void post_batch(struct dispatcher *d, struct batch *b);
+/* Messages the next read may claim (batch_read_qty with this route's
+ * free slots and the /run rate budget of the next second). */
+int post_read_qty(const struct dispatcher *d);
 /* Hands batches that never went out back to the queue (shutdown). */
 void post_release_waiting(struct dispatcher *d);
 /* Drops batches that never went out, logging their ids (exit). */
@@ -209,6 +239,31 @@ void post_drop_waiting(struct dispatcher *d);
 void post_on_rate_timer(struct ev_loop *loop, ev_timer *w, int revents);
 /* The fleet budget's ready hook: slots may be free again. */
 void post_on_budget(void *arg);
+/* Sends waiting batches while the rate caps let them (the endpoint's when
+ * the route shares one). */
+void post_send_waiting(struct dispatcher *d);
+/* Pops the first waiting batch and sends it now; false when it could not
+ * start (released, nothing sent). The caller checked the caps. */
+bool post_send_next(struct dispatcher *d);
+/* True when this route's own cap lets its first waiting batch go now;
+ * otherwise arms its rate timer for when it will. */
+bool post_own_slot(struct dispatcher *d, double now);
+
+/* endpoint.c: the budget shared with the other routes of the endpoint
+ * (include/endpoint.h). d->ep is set. */
+/* Sends the members' waiting batches in priority order while the shared
+ * cap lets them. */
+void endpoint_pump(struct endpoint *ep);
+/* Whether d may start a read under the endpoint's in-flight ceiling and
+ * the priority of the other routes' waiting reads. */
+bool endpoint_may_read(const struct endpoint *ep, const struct dispatcher *d);
+/* A slot came free (a request ended, a read came back): the routes whose
+ * reads wait are kicked, lowest priority number first. */
+void endpoint_slot_freed(struct endpoint *ep);
+/* Free in-flight slots and /run sends available within horizon_s at the
+ * endpoint. */
+int endpoint_free_slots(const struct endpoint *ep);
+int endpoint_rate_available(const struct endpoint *ep, double now, double horizon_s);
 
 /* overflow.c: after a read failed with 22003, finds the rows at the
  * read_ct limit, logs them with the way out, archives them when

@@ -48,6 +48,7 @@ struct http_request_opts {
 	long connect_timeout_ms;
 	long timeout_ms;     /* whole transfer */
 	const char *ca_file; /* PEM CA bundle (CURLOPT_CAINFO); NULL or "" = system store */
+	const void *owner;   /* who may cancel it (http_cancel_owner); NULL = none */
 };
 
 /* Creates the multi handle and its watchers. Call curl_global_init() once
@@ -62,6 +63,10 @@ int http_start(struct http *h, const struct http_request_opts *o, http_done_fn f
 
 /* Aborts every running request; each callback runs once with aborted set. */
 void http_cancel_all(struct http *h);
+
+/* Aborts the running requests started with o->owner == owner (several
+ * users share one multi handle); each callback runs once with aborted set. */
+void http_cancel_owner(struct http *h, const void *owner);
 
 /* Frees everything; running requests are dropped without callbacks. NULL-safe. */
 void http_free(struct http *h);

@@ -22,6 +22,7 @@
 #define PGMQD_LOG_H
 
 #include <stdbool.h>
+#include <stdio.h>
 #include <stddef.h>
 
 enum log_level { LOG_ERROR = 0, LOG_WARN, LOG_INFO, LOG_DEBUG, LOG_TRACE };
@@ -85,5 +86,28 @@ unsigned long long log_lines_dropped(void);
 /* One-shot line with a free-text msg field. */
 void log_msg(enum log_level level, const char *event, const char *fmt, ...)
 	__attribute__((format(printf, 3, 4)));
+
+/* A line of one route: log_begin() with route=NAME first. */
+static inline struct log_line *log_begin_route(const char *route, enum log_level level,
+					       const char *event)
+{
+	struct log_line *l = log_begin(level, event);
+
+	log_str(l, "route", route);
+	return l;
+}
+
+/* log_msg() for a line of one route. */
+#define log_msg_route(route, level, event, ...)                          \
+	do {                                                             \
+		if (log_enabled(level)) {                                \
+			char msg_[2048];                                 \
+			struct log_line *l_;                             \
+			snprintf(msg_, sizeof(msg_), __VA_ARGS__);       \
+			l_ = log_begin_route((route), (level), (event)); \
+			log_str(l_, "msg", msg_);                        \
+			log_end(l_);                                     \
+		}                                                        \
+	} while (0)
 
 #endif

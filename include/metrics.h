@@ -180,4 +180,40 @@ enum { METRICS_HEALTH_NJOBS = 5, METRICS_HEALTH_NWORKERS = 6 };
 void metrics_set_runpod_health(const long long jobs[METRICS_HEALTH_NJOBS],
 			       const long long workers[METRICS_HEALTH_NWORKERS]);
 
+/* ---- per route ----
+ * Each route registers its name once and gets a slot; its series carry a
+ * route label (pgmqd_route_*). The unlabelled series above stay the
+ * process-wide totals; with routes registered the in-flight, circuit and
+ * queue-length gauges are the sums over the routes. */
+
+#define METRICS_MAX_ROUTES 16
+
+enum metrics_route_counter {
+	MR_MESSAGES_READ,
+	MR_MESSAGES_DISPATCHED,
+	MR_MESSAGES_RELEASED,
+	MR_MESSAGES_ARCHIVED,
+	MR_REQUESTS_ACCEPTED,
+	MR_REQUESTS_REJECTED,
+	MR_REQUESTS_UNKNOWN,
+	MR_COUNTERS
+};
+
+/* What a route does with reads now (runtime control). */
+enum metrics_route_state { MRS_RUNNING, MRS_PAUSED, MRS_DRAINING, MRS_DRAINED, MRS_STATES };
+
+/* The slot of route name (registered on first use; a name seen before
+ * keeps its slot and its counters across reloads), or -1 when
+ * METRICS_MAX_ROUTES names are registered already. name is copied. */
+int metrics_route(const char *name);
+
+/* Adds n to a counter of route slot r; r < 0 is ignored. */
+void metrics_route_add(int r, enum metrics_route_counter c, unsigned n);
+
+/* Sets route r's gauges; r < 0 is ignored. */
+void metrics_route_set_in_flight(int r, long n);
+void metrics_route_set_circuit_open(int r, bool open);
+void metrics_route_set_queue_length(int r, long long length);
+void metrics_route_set_state(int r, enum metrics_route_state s);
+
 #endif

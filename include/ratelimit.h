@@ -28,6 +28,10 @@ int ratelimit_init(struct ratelimit *rl, int cap, double window_s);
  * *wait_s is how long until a slot frees. Pure. */
 bool ratelimit_slot(const struct ratelimit *rl, double now, double *wait_s);
 
+/* How many requests may start between now and now + horizon_s: the free
+ * slots plus those freeing within the horizon. Pure. */
+int ratelimit_available(const struct ratelimit *rl, double now, double horizon_s);
+
 /* Like ratelimit_slot, but a request may go only if `keep` slots of the
  * window stay free after it (slots held back for another kind of request
  * sharing the limiter: the tracker keeps /health's share from /status).

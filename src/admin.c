@@ -36,6 +36,8 @@ struct admin {
 	ev_timer timer;
 	char mhd_error[256];      /* last message from MHD's error log */
 	struct admin_call *calls; /* suspended, waiting for admin_answer */
+	char token[256];          /* "" = none */
+	bool loopback;            /* the listener is on a loopback address */
 };
 
 struct admin_call {
@@ -173,6 +175,67 @@ static enum MHD_Result serve_metrics(struct admin *a, struct MHD_Connection *con
 	if (body == NULL)
 		return reply_text(conn, MHD_HTTP_INTERNAL_SERVER_ERROR, "metrics unavailable\n");
 	return reply(conn, MHD_HTTP_OK, METRICS_TYPE, body, len, true);
+}
+
+/* Constant-time comparison of the Authorization header with the token. */
+static bool authorized(const struct admin *a, struct MHD_Connection *conn)
+{
+	const char *h = MHD_lookup_connection_value(conn, MHD_HEADER_KIND,
+						    MHD_HTTP_HEADER_AUTHORIZATION);
+	size_t n = strlen(a->token), hn;
+	unsigned diff = 0;
+
+	if (h == NULL || strncmp(h, "Bearer ", 7) != 0)
+		return false;
+	h += 7;
+	hn = strlen(h);
+	for (size_t i = 0; i < n; i++)
+		diff |= (unsigned char)a->token[i] ^ (unsigned char)(i < hn ? h[i] : 0);
+	return diff == 0 && hn == n;
+}
+
+/* /routes and /routes/NAME/ACTION. */
+static enum MHD_Result serve_routes(struct admin *a, struct MHD_Connection *conn, const char *url,
+				    bool post)
+{
+	char route[64], action[16], body[160];
+	const char *rest = url + strlen("/routes");
+	const char *slash;
+	int rc;
+
+	if (a->hooks.routes == NULL || a->hooks.control == NULL)
+		return reply_text(conn, MHD_HTTP_NOT_FOUND, "not found\n");
+	if (a->token[0] == '\0' && !a->loopback)
+		return reply_text(conn, MHD_HTTP_FORBIDDEN,
+				  "runtime control needs admin.token when "
+				  "admin.listen is not a loopback address\n");
+	if (a->token[0] && !authorized(a, conn))
+		return reply_text(conn, MHD_HTTP_UNAUTHORIZED, "bearer token required\n");
+	if (*rest == '\0' || strcmp(rest, "/") == 0) {
+		char *json;
+		if (post)
+			return reply_text(conn, MHD_HTTP_METHOD_NOT_ALLOWED,
+					  "method not allowed\n");
+		if ((json = a->hooks.routes(a->hooks.arg)) == NULL)
+			return reply_text(conn, MHD_HTTP_INTERNAL_SERVER_ERROR,
+					  "routes unavailable\n");
+		return reply(conn, MHD_HTTP_OK, "application/json", json, strlen(json), true);
+	}
+	slash = strchr(rest + 1, '/');
+	if (!post || slash == NULL || (size_t)(slash - rest - 1) >= sizeof(route) ||
+	    strlen(slash + 1) >= sizeof(action))
+		return reply_text(conn, post ? MHD_HTTP_NOT_FOUND : MHD_HTTP_METHOD_NOT_ALLOWED,
+				  post ? "not found\n" : "method not allowed\n");
+	snprintf(route, sizeof(route), "%.*s", (int)(slash - rest - 1), rest + 1);
+	snprintf(action, sizeof(action), "%s", slash + 1);
+	rc = a->hooks.control(a->hooks.arg, route, action);
+	if (rc == -1)
+		return reply_text(conn, MHD_HTTP_NOT_FOUND, "no such route\n");
+	if (rc != 0)
+		return reply_text(conn, MHD_HTTP_NOT_FOUND,
+				  "no such action (pause, resume, drain)\n");
+	snprintf(body, sizeof(body), "%s %s\n", route, action);
+	return reply_text(conn, MHD_HTTP_OK, body);
 }
 
 static void unlink_call(struct admin_call *c)
@@ -322,6 +385,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 	struct admin *a = cls;
 	bool get_or_head = strcmp(method, MHD_HTTP_METHOD_GET) == 0 ||
 			   strcmp(method, MHD_HTTP_METHOD_HEAD) == 0;
+	bool control_post = strcmp(method, MHD_HTTP_METHOD_POST) == 0 &&
+			    strncmp(url, "/routes/", 8) == 0;
 
 	(void)version;
 	(void)upload_data;
@@ -339,11 +404,17 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		unlink_call(c); /* resumed by admin_stop: admin_answer frees it */
 		return reply_text(conn, MHD_HTTP_SERVICE_UNAVAILABLE, "shutting down\n");
 	}
-	if (get_or_head && *upload_data_size != 0) {
-		*upload_data_size = 0; /* a GET body is ignored */
+	if (control_post && *req_cls == NULL) {
+		*req_cls = &seen;
+		return MHD_YES;
+	}
+	if ((get_or_head || control_post) && *upload_data_size != 0) {
+		*upload_data_size = 0; /* a GET or control body is ignored */
 		return MHD_YES;
 	}
 	log_request(method, url);
+	if (control_post)
+		return serve_routes(a, conn, url, true);
 	if (!get_or_head)
 		return reply_text(conn, MHD_HTTP_METHOD_NOT_ALLOWED, "method not allowed\n");
 	if (strcmp(url, "/healthz") == 0)
@@ -352,6 +423,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
 		return serve_readyz(a, conn);
 	if (strcmp(url, "/metrics") == 0)
 		return serve_metrics(a, conn);
+	if (strcmp(url, "/routes") == 0 || strncmp(url, "/routes/", 8) == 0)
+		return serve_routes(a, conn, url, false);
 	if (strcmp(url, "/dispatches") == 0)
 		return serve_dispatches(a, conn, req_cls);
 	return reply_text(conn, MHD_HTTP_NOT_FOUND, "not found\n");
@@ -418,8 +491,17 @@ struct admin *admin_start(struct ev_loop *loop, const char *listen_addr,
 		return NULL;
 	}
 	a->loop = loop;
-	if (hooks)
+	if (hooks) {
 		a->hooks = *hooks;
+		if (hooks->token && strlen(hooks->token) >= sizeof(a->token)) {
+			set_err(err, errlen, "admin.token is longer than %zu bytes",
+				sizeof(a->token) - 1);
+			free(a);
+			return NULL;
+		}
+		snprintf(a->token, sizeof(a->token), "%s", hooks->token ? hooks->token : "");
+		a->hooks.token = NULL;
+	}
 
 	/* Our own listening socket, so a bind failure has a precise reason. */
 	fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
@@ -444,6 +526,9 @@ struct admin *admin_start(struct ev_loop *loop, const char *listen_addr,
 	}
 	a->port = ntohs(ss.ss_family == AF_INET6 ? ((struct sockaddr_in6 *)&ss)->sin6_port
 						 : ((struct sockaddr_in *)&ss)->sin_port);
+	a->loopback = ss.ss_family == AF_INET6
+			      ? IN6_IS_ADDR_LOOPBACK(&((struct sockaddr_in6 *)&ss)->sin6_addr)
+			      : (ntohl(((struct sockaddr_in *)&ss)->sin_addr.s_addr) >> 24) == 127;
 
 	a->mhd = MHD_start_daemon(MHD_USE_EPOLL | MHD_USE_ERROR_LOG | MHD_ALLOW_SUSPEND_RESUME, 0,
 				  NULL, NULL, on_request, a, MHD_OPTION_EXTERNAL_LOGGER, on_mhd_log,

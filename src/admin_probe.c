@@ -1,5 +1,6 @@
 /* admin_probe — `pgmq-dispatcher --health-check`: the blocking libcurl
- * probe of the local /healthz (see admin_health_check in include/admin.h).
+ * probe of the local /healthz (see admin_health_check in include/admin.h),
+ * and the local URL of an admin path that `ctl` asks (admin_local_url).
  * Runs outside the loop; knows nothing of the listener's state. */
 #include "admin.h"
 #include "admin_int.h"
@@ -29,9 +30,10 @@ static size_t discard_body(char *ptr, size_t size, size_t nmemb, void *arg)
 	return size * nmemb;
 }
 
-/* "http://127.0.0.1:9187/healthz" or "http://[::1]:9187/healthz" for the
- * resolved address, a wildcard bind replaced by loopback. 0, or -1. */
-static int health_url(struct sockaddr_storage *ss, char *url, size_t len)
+/* "http://127.0.0.1:9187/healthz" or "http://[::1]:9187/healthz" (path
+ * from /) for the resolved address, a wildcard bind replaced by loopback.
+ * 0, or -1. */
+static int local_url(struct sockaddr_storage *ss, const char *path, char *url, size_t len)
 {
 	char host[INET6_ADDRSTRLEN];
 	int port, n;
@@ -43,7 +45,7 @@ static int health_url(struct sockaddr_storage *ss, char *url, size_t len)
 		if (inet_ntop(AF_INET, &in->sin_addr, host, sizeof(host)) == NULL)
 			return -1;
 		port = ntohs(in->sin_port);
-		n = snprintf(url, len, "http://%s:%d/healthz", host, port);
+		n = snprintf(url, len, "http://%s:%d%s", host, port, path);
 	} else if (ss->ss_family == AF_INET6) {
 		struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
 		if (IN6_IS_ADDR_UNSPECIFIED(&in6->sin6_addr))
@@ -51,11 +53,21 @@ static int health_url(struct sockaddr_storage *ss, char *url, size_t len)
 		if (inet_ntop(AF_INET6, &in6->sin6_addr, host, sizeof(host)) == NULL)
 			return -1;
 		port = ntohs(in6->sin6_port);
-		n = snprintf(url, len, "http://[%s]:%d/healthz", host, port);
+		n = snprintf(url, len, "http://[%s]:%d%s", host, port, path);
 	} else {
 		return -1;
 	}
 	return n < 0 || (size_t)n >= len ? -1 : 0;
+}
+
+int admin_local_url(const char *listen_addr, const char *path, char *url, size_t len)
+{
+	struct sockaddr_storage ss;
+	socklen_t sslen = 0;
+
+	if (admin_parse_listen(listen_addr, &ss, &sslen, NULL, 0) != 0)
+		return -1;
+	return local_url(&ss, path, url, len);
 }
 
 int admin_health_check(const char *listen_addr, int timeout_ms)
@@ -71,7 +83,7 @@ int admin_health_check(const char *listen_addr, int timeout_ms)
 		timeout_ms = HEALTH_DEFAULT_TIMEOUT_MS;
 	if (admin_parse_listen(listen_addr, &ss, &sslen, err, sizeof(err)) != 0)
 		return health_fail(listen_addr ? listen_addr : "", err, NULL);
-	if (health_url(&ss, url, sizeof(url)) != 0)
+	if (local_url(&ss, "/healthz", url, sizeof(url)) != 0)
 		return health_fail(listen_addr, "cannot form the /healthz URL", NULL);
 	h = curl_easy_init();
 	if (h == NULL)

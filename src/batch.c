@@ -67,7 +67,7 @@ void batch_log_ids(enum log_level level, const char *event, const struct dispatc
 		   const long long *ids, int n, const char *why)
 {
 	for (int i = 0; i < n; i += IDS_PER_LINE) {
-		struct log_line *l = log_begin(level, event);
+		struct log_line *l = log_begin_route(d->cfg->route_name, level, event);
 
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "outcome", why);
@@ -134,7 +134,7 @@ void batch_end(struct batch *b, enum batch_fate fate, const char *why)
 static void log_statement_failed(const struct dispatcher *d, const char *event,
 				 const struct pg_error *err)
 {
-	struct log_line *l = log_begin(LOG_ERROR, event);
+	struct log_line *l = log_begin_route(d->cfg->route_name, LOG_ERROR, event);
 
 	log_str(l, "queue", d->cfg->queue_name);
 	log_str(l, "sqlstate", err->sqlstate);
@@ -153,12 +153,14 @@ static void on_released(void *arg, long count, const struct pg_error *err)
 		batch_end(b, BATCH_RELEASE_FAILED, "visible again after vt_seconds");
 	} else {
 		if (!d->finished) {
-			struct log_line *l = log_begin(LOG_DEBUG, "released");
+			struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG,
+							     "released");
 			log_str(l, "queue", d->cfg->queue_name);
 			log_int(l, "messages", count);
 			log_end(l);
 			d->stats.messages_released += (unsigned long long)count;
 			metrics_add_messages_released((unsigned)count);
+			metrics_route_add(d->mroute, MR_MESSAGES_RELEASED, (unsigned)count);
 		}
 		batch_end(b, BATCH_RELEASED, NULL);
 	}
@@ -170,7 +172,8 @@ void batch_release(struct batch *b, int delay_s)
 	struct dispatcher *d = b->d;
 
 	if (pgmq_set_vt(d->pg, d->cfg->queue_name, b->ids, b->n, delay_s, on_released, b) != 0) {
-		log_msg(LOG_ERROR, "release_failed", "cannot queue set_vt");
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "release_failed",
+			      "cannot queue set_vt");
 		batch_end(b, BATCH_RELEASE_FAILED, "visible again after vt_seconds");
 		return;
 	}
@@ -192,6 +195,7 @@ static void on_archived(void *arg, long count, const struct pg_error *err)
 		if (!d->finished) {
 			d->stats.messages_archived += (unsigned long long)count;
 			metrics_add_messages_archived(b->archive_reason, (unsigned)count);
+			metrics_route_add(d->mroute, MR_MESSAGES_ARCHIVED, (unsigned)count);
 		}
 		batch_end(b, BATCH_ARCHIVED, NULL);
 	}
@@ -214,15 +218,47 @@ void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pg
 	    batch_archive_ids(d, b->dispatch_id, b->ids, n, b->http_status, b->error, b->error_len,
 			      reason == METRICS_ARCHIVE_TOO_LARGE ? "too_large" : "max_read_ct",
 			      on_archived, b, &b->recorded) != 0) {
-		log_msg(LOG_ERROR, "archive_failed",
-			"cannot queue pgmq.archive for %d message%s; "
-			"they come back after vt_seconds",
-			n, n == 1 ? "" : "s");
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "archive_failed",
+			      "cannot queue pgmq.archive for %d message%s; "
+			      "they come back after vt_seconds",
+			      n, n == 1 ? "" : "s");
 		if (b)
 			batch_end(b, BATCH_DROPPED, NULL);
 		return;
 	}
 	d->db_pending++;
+}
+
+int batch_pack(const struct pgmq_message *msgs, int n, size_t envelope, size_t limit, int max_jobs,
+	       int *ends)
+{
+	int runs = 0;
+
+	if (max_jobs < 1)
+		max_jobs = 1;
+	for (int start = 0; start < n; start += max_jobs) {
+		int len = n - start < max_jobs ? n - start : max_jobs;
+		int k = runpod_pack(msgs + start, len, envelope, limit, ends + runs);
+		for (int i = 0; i < k; i++)
+			ends[runs + i] += start;
+		runs += k;
+	}
+	return runs;
+}
+
+int batch_read_qty(int batch_size, int read_batches, int free_slots, int rate_next_s)
+{
+	int bodies = read_batches;
+	long qty;
+
+	if (free_slots < bodies)
+		bodies = free_slots;
+	if (rate_next_s < bodies)
+		bodies = rate_next_s;
+	if (bodies < 1)
+		bodies = 1;
+	qty = (long)batch_size * bodies;
+	return qty > 1000 ? (batch_size > 1000 ? batch_size : 1000) : (int)qty;
 }
 
 int batch_archive_ids(struct dispatcher *d, const char *dispatch_id, const long long *ids, int n,
@@ -307,8 +343,8 @@ void batch_dispatch_rows(struct dispatcher *d, struct read_result *rr)
 	const char *drop_id, *poison_id, *bad_id;
 
 	if (!keep || !drop || !poison || !bad || !ends || !ix || !part_of || !row_ids || !ps) {
-		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt",
-			rows->n);
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
+			      "dropping a read of %d; visible again after vt", rows->n);
 		goto out;
 	}
 	/* ix: keep, drop, poison, bad row indexes, one quarter each. */
@@ -323,7 +359,7 @@ void batch_dispatch_rows(struct dispatcher *d, struct read_result *rr)
 		case ROW_INVALID_LOST:
 			/* The read hid it; bring it back (after a pause: the read
 			 * function is broken and would hide it again). */
-			l = log_begin(LOG_ERROR, "row_invalid");
+			l = log_begin_route(d->cfg->route_name, LOG_ERROR, "row_invalid");
 			log_str(l, "queue", d->cfg->queue_name);
 			log_num(l, "msg_id", m->msg_id);
 			log_str(l, "problem", m->invalid);
@@ -352,7 +388,7 @@ void batch_dispatch_rows(struct dispatcher *d, struct read_result *rr)
 			break;
 		}
 	}
-	runs = runpod_pack(keep, nkeep, envelope, limit, ends);
+	runs = batch_pack(keep, nkeep, envelope, limit, d->cfg->batch_size, ends);
 	for (int r = 0, start = 0; r < runs; start = ends[r++])
 		group(ps, rr, "sending", part_of, ix + start, ends[r] - start);
 	drop_id = group(ps, rr, "archiving", part_of, ix + sz, ndrop);
@@ -375,9 +411,9 @@ void batch_dispatch_rows(struct dispatcher *d, struct read_result *rr)
 			set_id(b, r < ps->n ? ps->ids[r] : "");
 			post_batch(d, b);
 		} else {
-			log_msg(LOG_ERROR, "out_of_memory",
-				"dropping %d message%s; visible again after vt", ends[r] - start,
-				ends[r] - start == 1 ? "" : "s");
+			log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
+				      "dropping %d message%s; visible again after vt",
+				      ends[r] - start, ends[r] - start == 1 ? "" : "s");
 		}
 	}
 out:
@@ -437,12 +473,12 @@ void batch_split(struct batch *b)
 			hi->dispatch_id[0] = '\0';
 			batch_end(hi, BATCH_SPLIT, NULL);
 		}
-		log_msg(LOG_ERROR, "out_of_memory", "cannot split a batch of %d; releasing it",
-			b->n);
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
+			      "cannot split a batch of %d; releasing it", b->n);
 		batch_release(b, 0);
 		return;
 	}
-	l = log_begin(LOG_WARN, "batch_split");
+	l = log_begin_route(d->cfg->route_name, LOG_WARN, "batch_split");
 	log_str(l, "queue", d->cfg->queue_name);
 	log_int(l, "jobs", b->n);
 	log_int(l, "first_msg_id", b->ids[0]);
@@ -458,7 +494,7 @@ void batch_split(struct batch *b)
 void batch_log_archived(const struct dispatcher *d, const struct pgmq_message *m,
 			const char *reason, size_t bytes, const char *problem)
 {
-	struct log_line *l = log_begin(LOG_ERROR, "message_archived");
+	struct log_line *l = log_begin_route(d->cfg->route_name, LOG_ERROR, "message_archived");
 
 	log_str(l, "queue", d->cfg->queue_name);
 	log_num(l, "msg_id", m->msg_id);

@@ -44,7 +44,8 @@ void circuit_open(struct dispatcher *d, long http_status)
 	d->probe_failures = 0;
 	d->circuit_opened_at = d->circuit_reminded_at = ev_now(d->loop);
 	metrics_set_circuit_open(true);
-	l = log_begin(LOG_ERROR, "circuit_open");
+	metrics_route_set_circuit_open(d->mroute, true);
+	l = log_begin_route(d->cfg->route_name, LOG_ERROR, "circuit_open");
 	log_str(l, "endpoint_id", d->cfg->endpoint_id);
 	log_int(l, "http_status", http_status);
 	/* The /run URL carries no secret (the key goes in a header); a 404
@@ -69,10 +70,11 @@ static void close_circuit(struct dispatcher *d, const char *why)
 
 	d->circuit_open = false;
 	metrics_set_circuit_open(false);
+	metrics_route_set_circuit_open(d->mroute, false);
 	ev_timer_stop(d->loop, &d->probe);
 	d->failures = 0;
 	ev_timer_stop(d->loop, &d->pause);
-	l = log_begin(LOG_INFO, "circuit_closed");
+	l = log_begin_route(d->cfg->route_name, LOG_INFO, "circuit_closed");
 	log_str(l, "endpoint_id", d->cfg->endpoint_id);
 	log_str(l, "reason", why);
 	log_end(l);
@@ -92,7 +94,7 @@ static void remind_still_open(struct dispatcher *d, const struct http_response *
 	if (now - d->circuit_reminded_at < CIRCUIT_REMIND_S)
 		return;
 	d->circuit_reminded_at = now;
-	l = log_begin(LOG_WARN, "circuit_still_open");
+	l = log_begin_route(d->cfg->route_name, LOG_WARN, "circuit_still_open");
 	log_str(l, "endpoint_id", d->cfg->endpoint_id);
 	log_int(l, "open_s", (long)(now - d->circuit_opened_at));
 	log_int(l, "probes", d->probe_failures);
@@ -114,7 +116,7 @@ static void on_probe_done(void *arg, const struct http_response *r)
 		dispatcher_maybe_finish(d);
 		return;
 	}
-	l = log_begin(LOG_DEBUG, "health_probe");
+	l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "health_probe");
 	log_int(l, "http_status", r->status);
 	if (r->code != CURLE_OK)
 		log_str(l, "error", r->error);
@@ -143,6 +145,7 @@ void circuit_probe_now(struct dispatcher *d)
 		.connect_timeout_ms = d->cfg->connect_timeout_ms,
 		.timeout_ms = d->cfg->request_timeout_ms,
 		.ca_file = d->cfg->ca_file,
+		.owner = d,
 	};
 
 	if (d->probing || !d->circuit_open)
@@ -182,7 +185,8 @@ bool circuit_queue_capped(struct dispatcher *d)
 
 	if (full == d->queue_capped)
 		return full;
-	l = log_begin(full ? LOG_WARN : LOG_INFO, full ? "reads_paused" : "reads_resumed");
+	l = log_begin_route(d->cfg->route_name, full ? LOG_WARN : LOG_INFO,
+			    full ? "reads_paused" : "reads_resumed");
 	log_int(l, "queued_jobs", queued);
 	log_int(l, "in_flight", d->in_flight);
 	log_int(l, "max_queued_jobs", d->cfg->tracker_max_queued_jobs);

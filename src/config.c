@@ -31,7 +31,7 @@ static void apply(struct raw *r, struct config *cfg)
 		const char *v = r->value[i];
 		char *field = (char *)cfg + k->off;
 
-		config_key_label(k, label, sizeof(label));
+		config_raw_label(r, i, label, sizeof(label));
 		cfg->source[i] = r->source[i];
 		if (r->failed[i])
 			continue;
@@ -153,6 +153,83 @@ static void apply(struct raw *r, struct config *cfg)
 	}
 }
 
+/* Copies every key of src into dst (strings duplicated). 0 or -1. */
+static int copy_keys(struct config *dst, const struct config *src)
+{
+	memcpy(dst->source, src->source, sizeof(dst->source));
+	for (size_t i = 0; i < NKEYS; i++) {
+		const char *f = (const char *)src + config_keys[i].off;
+		char *t = (char *)dst + config_keys[i].off;
+		if (config_keys[i].type != K_STR) {
+			*(int *)(void *)t = *(const int *)(const void *)f;
+			continue;
+		}
+		if (*(char *const *)(const void *)f &&
+		    (*(char **)(void *)t = strdup(*(char *const *)(const void *)f)) == NULL)
+			return -1;
+	}
+	return 0;
+}
+
+/* One snapshot per [route.NAME]: the merged common values with the route's
+ * own on top; the top level becomes a copy of the first route. */
+static void load_routes(struct raw *r, struct config *out)
+{
+	struct config *routes = calloc((size_t)r->nroutes, sizeof(*routes));
+
+	if (routes == NULL) {
+		config_fail(r, "route", "file", "out of memory");
+		return;
+	}
+	for (int n = 0; n < r->nroutes; n++) {
+		struct raw *rr = malloc(sizeof(*rr));
+		if (rr == NULL) {
+			config_fail(r, "route", "file", "out of memory");
+			break;
+		}
+		*rr = *r; /* shares the value strings; apply() only reads them */
+		rr->route = r->route_names[n];
+		memset(rr->from_route, 0, sizeof(rr->from_route));
+		for (int k = 0; k < r->nrkv; k++) {
+			size_t i = (size_t)r->rkv[k].key;
+			if (r->rkv[k].route != n)
+				continue;
+			rr->value[i] = r->rkv[k].value;
+			rr->source[i] = r->rkv[k].source;
+			rr->failed[i] = false;
+			rr->from_route[i] = true;
+			snprintf(rr->where[i], sizeof(rr->where[i]), "%s", r->rkv[k].where);
+		}
+		apply(rr, &routes[n]);
+		r->errors = rr->errors;
+		free(rr);
+		snprintf(routes[n].route_name, sizeof(routes[n].route_name), "%s",
+			 r->route_names[n]);
+		routes[n].nroutes = 1;
+		for (int m = 0; m < n; m++) {
+			if (routes[m].queue_name && routes[n].queue_name &&
+			    strcmp(routes[m].queue_name, routes[n].queue_name) == 0) {
+				char label[96];
+				snprintf(label, sizeof(label), "route.%s.queue",
+					 routes[n].route_name);
+				config_fail(r, label, "file",
+					    "queue '%s' is already read by route %s",
+					    routes[n].queue_name, routes[m].route_name);
+			}
+		}
+	}
+	out->routes = routes;
+	out->nroutes = r->nroutes;
+	if (r->errors == 0 && copy_keys(out, &routes[0]) != 0)
+		config_fail(r, "route", "file", "out of memory");
+	snprintf(out->route_name, sizeof(out->route_name), "%s", routes[0].route_name);
+}
+
+const struct config *config_route(const struct config *cfg, int i)
+{
+	return cfg->routes ? &cfg->routes[i] : cfg;
+}
+
 int config_load(const struct config_input *in, struct config *out, config_error_fn on_error,
 		void *arg)
 {
@@ -168,10 +245,19 @@ int config_load(const struct config_input *in, struct config *out, config_error_
 	config_load_credentials(&r, in->envp);
 	config_load_env(&r, in->envp);
 	config_load_cli(&r, in->cli_overrides);
-	apply(&r, out);
+	if (r.nroutes == 0) {
+		apply(&r, out);
+		snprintf(out->route_name, sizeof(out->route_name), "default");
+		out->nroutes = 1;
+	} else {
+		load_routes(&r, out);
+	}
 	out->file_read = in->path != NULL && !r.file_missing;
 	for (size_t i = 0; i < NKEYS; i++)
 		free(r.value[i]);
+	for (int n = 0; n < r.nrkv; n++)
+		free(r.rkv[n].value);
+	free(r.rkv);
 	errors = r.errors;
 	if (errors)
 		config_free(out);

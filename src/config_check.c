@@ -259,6 +259,16 @@ const char *check_webhook(const char *v)
 }
 
 /* "" (the system store) or a readable regular file; its contents are libcurl's to judge. */
+const char *check_token(const char *v)
+{
+	if (strlen(v) > 255)
+		return "is longer than 255 bytes";
+	for (; *v; v++)
+		if ((unsigned char)*v <= ' ' || (unsigned char)*v >= 127)
+			return "contains whitespace, a control or a non-ASCII character";
+	return NULL;
+}
+
 const char *check_ca_file(const char *v)
 {
 	struct stat st;

@@ -35,6 +35,7 @@ const struct key config_keys[] = {
 	{ "queue", "read_function", K_STR, OFF(read_function), "pgmq.read", 0, 0, 0, { 0 }, NULL, NULL,
 	  check_function },
 	{ "queue", "max_in_flight", K_INT, OFF(max_in_flight), "8", 1, 200, 0, { 0 }, NULL, NULL, NULL },
+	{ "queue", "read_batches", K_INT, OFF(read_batches), "1", 1, 200, 0, { 0 }, NULL, NULL, NULL },
 	{ "queue", "max_read_ct", K_INT, OFF(max_read_ct), "0", 0, 1000000, 0, { 0 }, NULL, NULL, NULL },
 	{ "queue", "notify", K_BOOL, OFF(notify), "on", 0, 0, F_STATIC, { 0 }, NULL, NULL, NULL },
 	{ "queue", "notify_debounce_ms", K_INT, OFF(notify_debounce_ms), "1", 0, 10000, 0, { 0 }, NULL,
@@ -79,6 +80,8 @@ const struct key config_keys[] = {
 	  { 0 }, NULL, NULL, NULL },
 	{ "runpod", "policy_low_priority", K_BOOL, OFF(policy_low_priority), "off", 0, 0, 0, { 0 },
 	  NULL, NULL, NULL },
+	/* Routes on one endpoint share its cap by strict priority (endpoint.c). */
+	{ "runpod", "priority", K_INT, OFF(priority), "0", 0, 1000, 0, { 0 }, NULL, NULL, NULL },
 	{ "runpod", "dispatch_id_in_input", K_BOOL, OFF(dispatch_id_in_input), "off", 0, 0, 0, { 0 },
 	  NULL, NULL, NULL },
 	{ "log", "level", K_ENUM, OFF(log_level), "info", 0, 0, 0, { 0 }, NULL, level_choices, NULL },
@@ -122,6 +125,9 @@ const struct key config_keys[] = {
 	  NULL, NULL, NULL },
 	{ "admin", "listen", K_STR, OFF(admin_listen), "127.0.0.1:9187", 0, 0, F_STATIC, { 0 }, NULL,
 	  NULL, check_listen },
+	/* Bearer token for the runtime control endpoints (/routes). */
+	{ "admin", "token", K_STR, OFF(admin_token), "", 0, 0, F_SECRET | F_FILE | F_STATIC, { 0 },
+	  "admin_token", NULL, check_token },
 	{ "admin", "metrics_interval_ms", K_INT, OFF(metrics_interval_ms), "15000", 100, 3600000, 0,
 	  { 0 }, NULL, NULL, NULL },
 	{ "daemon", "shutdown_timeout_ms", K_INT, OFF(shutdown_timeout_ms), "8000", 0, 600000, 0, { 0 },
@@ -229,7 +235,13 @@ const char *config_nearest_key(const char *unknown, bool env, char *buf, size_t 
 	return best < 99 ? buf : NULL;
 }
 
-void config_keep_static(const struct config *cur, struct config *next,
+static bool route_section(const char *section)
+{
+	return strcmp(section, "queue") == 0 || strcmp(section, "runpod") == 0 ||
+	       strcmp(section, "tracker") == 0;
+}
+
+static void keep_static(const struct config *cur, struct config *next, bool route,
 			void (*ignored)(void *arg, const char *key), void *arg)
 {
 	char label[96];
@@ -238,7 +250,7 @@ void config_keep_static(const struct config *cur, struct config *next,
 		const struct key *k = &config_keys[i];
 		bool differs;
 
-		if (!(k->flags & F_STATIC))
+		if (!(k->flags & F_STATIC) || (route && route_section(k->section)))
 			continue;
 		config_key_label(k, label, sizeof(label));
 		if (k->type == K_STR) {
@@ -263,10 +275,20 @@ void config_keep_static(const struct config *cur, struct config *next,
 	}
 }
 
-void config_free(struct config *cfg)
+void config_keep_static(const struct config *cur, struct config *next,
+			void (*ignored)(void *arg, const char *key), void *arg)
 {
-	if (cfg == NULL)
-		return;
+	keep_static(cur, next, false, ignored, arg);
+}
+
+void config_keep_static_common(const struct config *cur, struct config *next)
+{
+	keep_static(cur, next, true, NULL, NULL);
+}
+
+/* The strings of one snapshot; its routes are not followed. */
+static void free_strings(struct config *cfg)
+{
 	for (size_t i = 0; i < NKEYS; i++) {
 		if (config_keys[i].type == K_STR) {
 			char **p = (char **)(void *)((char *)cfg + config_keys[i].off);
@@ -274,6 +296,20 @@ void config_free(struct config *cfg)
 			*p = NULL;
 		}
 	}
+}
+
+void config_free(struct config *cfg)
+{
+	if (cfg == NULL)
+		return;
+	if (cfg->routes) {
+		/* A route's snapshot has no routes of its own (config.h). */
+		for (int n = 0; n < cfg->nroutes; n++)
+			free_strings(&cfg->routes[n]);
+		free(cfg->routes);
+		cfg->routes = NULL;
+	}
+	free_strings(cfg);
 }
 
 char *config_mask_conninfo(const char *conninfo, char *buf, size_t len)
@@ -329,9 +365,12 @@ void config_describe(const struct config *cfg, const char *path, char *buf, size
 		used += (size_t)snprintf(buf + used, len - used, "; %s: %d key%s", source_names[s],
 					 count[s], count[s] == 1 ? "" : "s");
 	}
+	if (cfg->routes && used < len)
+		snprintf(buf + used, len - used, "; %d routes", cfg->nroutes);
 }
 
-void config_dump(const struct config *cfg, void *fp)
+/* route: NULL for the common keys, else the route whose keys to print. */
+static void dump_keys(const struct config *cfg, FILE *fp, const char *route)
 {
 	char label[96], val[1024];
 
@@ -339,7 +378,13 @@ void config_dump(const struct config *cfg, void *fp)
 		const struct key *k = &config_keys[i];
 		const char *field = (const char *)cfg + k->off;
 
-		config_key_label(k, label, sizeof(label));
+		if (route && !route_section(k->section))
+			continue;
+		if (route)
+			snprintf(label, sizeof(label), "route.%s.%s.%s", route, k->section,
+				 k->name);
+		else
+			config_key_label(k, label, sizeof(label));
 		switch (k->type) {
 		case K_INT:
 			snprintf(val, sizeof(val), "%d", *(const int *)(const void *)field);
@@ -365,4 +410,11 @@ void config_dump(const struct config *cfg, void *fp)
 		}
 		fprintf(fp, "%-36s = %-40s # %s\n", label, val, source_names[cfg->source[i]]);
 	}
+}
+
+void config_dump(const struct config *cfg, void *fp)
+{
+	dump_keys(cfg, fp, NULL);
+	for (int n = 0; cfg->routes && n < cfg->nroutes; n++)
+		dump_keys(&cfg->routes[n], fp, cfg->routes[n].route_name);
 }

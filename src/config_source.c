@@ -88,6 +88,197 @@ static char *line_reader(char *str, int num, void *stream)
 	return s;
 }
 
+void config_raw_label(const struct raw *r, size_t i, char *buf, size_t len)
+{
+	if (r->route && r->from_route[i])
+		snprintf(buf, len, "route.%s.%s", r->route, config_keys[i].name);
+	else
+		config_key_label(&config_keys[i], buf, len);
+}
+
+/* The key a [route.NAME] section may set: "queue" (queue.name), a key of
+ * [queue], [runpod] or [tracker] by its bare name, or section.key. */
+static int find_route_key(const char *name)
+{
+	static const char *const sections[] = { "queue", "runpod", "tracker" };
+	const char *dot = strchr(name, '.');
+
+	if (strcmp(name, "queue") == 0)
+		return config_find_key("queue", "name");
+	if (dot) {
+		char section[32];
+		snprintf(section, sizeof(section), "%.*s", (int)(dot - name), name);
+		for (size_t s = 0; s < 3; s++)
+			if (strcmp(section, sections[s]) == 0)
+				return config_find_key(section, dot + 1);
+		return -1;
+	}
+	for (size_t s = 0; s < 3; s++) {
+		int i = config_find_key(sections[s], name);
+		if (i >= 0)
+			return i;
+	}
+	return -1;
+}
+
+static bool route_name_ok(const char *n)
+{
+	size_t len = strlen(n);
+
+	if (len == 0 || len > CONFIG_ROUTE_NAME_MAX)
+		return false;
+	for (; *n; n++)
+		if (!(islower((unsigned char)*n) || isdigit((unsigned char)*n) || *n == '_' ||
+		      *n == '-'))
+			return false;
+	return true;
+}
+
+/* Stores key ki of route (created at its first key). From the file a key
+ * may come once; the environment outranks the file, as for common keys. */
+static void route_put(struct raw *r, const char *route, const char *label, int ki,
+		      const char *value, const char *where, unsigned char source)
+{
+	int ri = -1;
+	char *copy;
+
+	if (!route_name_ok(route)) {
+		config_fail(r, label, where, "route name must be 1-%d of a-z, 0-9, _ and -",
+			    CONFIG_ROUTE_NAME_MAX);
+		return;
+	}
+	for (int n = 0; n < r->nroutes; n++)
+		if (strcmp(r->route_names[n], route) == 0)
+			ri = n;
+	if (ri < 0) {
+		if (r->nroutes == CONFIG_MAX_ROUTES) {
+			config_fail(r, label, where, "more than %d routes", CONFIG_MAX_ROUTES);
+			return;
+		}
+		ri = r->nroutes++;
+		snprintf(r->route_names[ri], sizeof(r->route_names[ri]), "%s", route);
+	}
+	if ((copy = strdup(value)) == NULL) {
+		config_fail(r, label, where, "out of memory");
+		return;
+	}
+	unquote(copy);
+	for (int n = 0; n < r->nrkv; n++)
+		if (r->rkv[n].route == ri && r->rkv[n].key == ki) {
+			if (source == SRC_FILE && r->rkv[n].source == SRC_FILE) {
+				config_fail(r, label, where, "set twice in the file");
+				free(copy);
+				return;
+			}
+			free(r->rkv[n].value);
+			r->rkv[n].value = copy;
+			r->rkv[n].source = source;
+			snprintf(r->rkv[n].where, sizeof(r->rkv[n].where), "%s", where);
+			return;
+		}
+	if (r->rkv == NULL && (r->rkv = calloc(MAX_ROUTE_KV, sizeof(*r->rkv))) == NULL) {
+		config_fail(r, label, where, "out of memory");
+		free(copy);
+		return;
+	}
+	if (r->nrkv == MAX_ROUTE_KV) {
+		config_fail(r, label, where, "too many route keys");
+		free(copy);
+		return;
+	}
+	r->rkv[r->nrkv].value = copy;
+	r->rkv[r->nrkv].route = ri;
+	r->rkv[r->nrkv].key = ki;
+	r->rkv[r->nrkv].source = source;
+	snprintf(r->rkv[r->nrkv].where, sizeof(r->rkv[r->nrkv].where), "%s", where);
+	r->nrkv++;
+}
+
+static void on_route_value(struct raw *r, const char *route, const char *name, const char *value,
+			   const char *where)
+{
+	char label[160];
+	int ki = find_route_key(name);
+
+	snprintf(label, sizeof(label), "route.%s.%s", route, name);
+	if (ki < 0) {
+		config_fail(r, label, where,
+			    "unknown key (a route sets queue and the keys of [queue], "
+			    "[runpod] and [tracker])");
+		return;
+	}
+	route_put(r, route, label, ki, value, where, SRC_FILE);
+}
+
+static char *config_read_secret_file(const char *path, char *err, size_t errlen);
+
+#define ROUTE_ENV "PGMQD_ROUTE_"
+#define ROUTE_ENV_FORM                                                                        \
+	"a route's variable is PGMQD_ROUTE_<NAME>__<SECTION>_<KEY> (route name in capitals, " \
+	"two underscores, then the key's PGMQD_ name without PGMQD_), e.g. "                  \
+	"PGMQD_ROUTE_ASR__QUEUE_BATCH_SIZE"
+
+/* PGMQD_ROUTE_<NAME>__<SECTION>_<KEY>[_FILE]=value: key SECTION.KEY of
+ * [route.name] (name in lower case; a route whose name has a '-' cannot be
+ * named here). <SECTION>_<KEY> is the key's own PGMQD_ name, of a key a
+ * route may set; QUEUE_NAME is the route's queue. */
+static void on_route_env(struct raw *r, const char *var, size_t var_len, const char *value)
+{
+	char name[192], route[CONFIG_ROUTE_NAME_MAX + 2], where[200], label[160], env[128];
+	const char *sep;
+	size_t rlen;
+	int ki = -1;
+	bool file = false;
+
+	snprintf(name, sizeof(name), "%.*s", (int)var_len, var);
+	snprintf(where, sizeof(where), "env %s", name);
+	sep = strstr(name + strlen(ROUTE_ENV), "__");
+	rlen = sep ? (size_t)(sep - (name + strlen(ROUTE_ENV))) : 0;
+	if (sep == NULL || rlen == 0 || rlen > CONFIG_ROUTE_NAME_MAX || sep[2] == '\0') {
+		config_fail(r, name, "environment", ROUTE_ENV_FORM);
+		return;
+	}
+	for (size_t i = 0; i < rlen; i++)
+		route[i] = (char)tolower((unsigned char)name[strlen(ROUTE_ENV) + i]);
+	route[rlen] = '\0';
+	for (size_t i = 0; i < NKEYS && ki < 0; i++) {
+		size_t n;
+		config_env_name(&config_keys[i], env, sizeof(env));
+		n = strlen(env + 6);
+		if (strcmp(sep + 2, env + 6) == 0) {
+			ki = (int)i;
+		} else if ((config_keys[i].flags & F_FILE) && strncmp(sep + 2, env + 6, n) == 0 &&
+			   strcmp(sep + 2 + n, "_FILE") == 0) {
+			ki = (int)i;
+			file = true;
+		}
+	}
+	snprintf(label, sizeof(label), "route.%s.%s", route, sep + 2);
+	if (ki < 0 || (strcmp(config_keys[ki].section, "queue") != 0 &&
+		       strcmp(config_keys[ki].section, "runpod") != 0 &&
+		       strcmp(config_keys[ki].section, "tracker") != 0)) {
+		config_fail(r, name, "environment",
+			    "unknown key %s for a route: it sets QUEUE_NAME and the keys of "
+			    "[queue], [runpod] and [tracker] by their PGMQD_ names",
+			    sep + 2);
+		return;
+	}
+	snprintf(label, sizeof(label), "route.%s.%s", route,
+		 ki == config_find_key("queue", "name") ? "queue" : config_keys[ki].name);
+	if (file) {
+		char err[256];
+		char *s = config_read_secret_file(value, err, sizeof(err));
+		if (s == NULL) {
+			config_fail(r, label, where, "%s", err);
+			return;
+		}
+		route_put(r, route, label, ki, s, where, SRC_ENV);
+		free(s);
+		return;
+	}
+	route_put(r, route, label, ki, value, where, SRC_ENV);
+}
+
 static int on_ini_value(void *user, const char *section, const char *name, const char *value)
 {
 	struct file_ctx *fc = user;
@@ -97,6 +288,10 @@ static int on_ini_value(void *user, const char *section, const char *name, const
 	int i = config_find_key(section, name);
 
 	snprintf(where, sizeof(where), "file %s:%d", r->path, lineno);
+	if (strncmp(section, "route.", 6) == 0) {
+		on_route_value(r, section + 6, name, value, where);
+		return 1;
+	}
 	snprintf(label, sizeof(label), "%s.%s", section, name);
 	if (i < 0) {
 		char near[128];
@@ -281,6 +476,10 @@ void config_load_env(struct raw *r, char *const *envp)
 
 		if (strncmp(*e, "PGMQD_", 6) != 0 || eq == NULL)
 			continue;
+		if (strncmp(*e, ROUTE_ENV, strlen(ROUTE_ENV)) == 0) {
+			on_route_env(r, *e, (size_t)(eq - *e), eq + 1);
+			continue;
+		}
 		for (size_t i = 0; i < NKEYS && !known; i++) {
 			size_t n;
 			config_env_name(&config_keys[i], name, sizeof(name));

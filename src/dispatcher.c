@@ -59,13 +59,11 @@ double dispatcher_back_off(struct dispatcher *d, enum pause_reason why, double h
 	return ms;
 }
 
-void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *err)
+static void on_read(struct dispatcher *d, struct pgmq_batch *rows, const struct pg_error *err)
 {
-	struct dispatcher *d = arg;
 	struct read_result *rr;
 	bool full;
 
-	d->reading = false;
 	if (d->finished) {
 		/* Being freed: the messages come back after their vt. */
 		if (rows) {
@@ -81,8 +79,8 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 		if (unknown)
 			ledger_note(d->ledger, d->read_id, "unknown", 0, NULL, err->message,
 				    strlen(err->message), false);
-		struct log_line *l = log_begin(LOG_ERROR,
-					       unknown ? "read_fate_unknown" : "read_failed");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_ERROR,
+						     unknown ? "read_fate_unknown" : "read_failed");
 		d->stats.reads_failed++;
 		metrics_inc_reads(METRICS_READ_ERROR);
 		log_str(l, "queue", d->cfg->queue_name);
@@ -112,13 +110,14 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	}
 	d->read_done = true;
 	if (rows->n == 0) {
-		struct log_line *l = log_begin(LOG_DEBUG, "queue_empty");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "queue_empty");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_end(l);
 		d->stats.reads_empty++;
 		metrics_inc_reads(METRICS_READ_EMPTY);
 		pgmq_batch_free(rows);
 		free(rows);
+		control_on_empty(d);
 		if (d->again)
 			dispatcher_kick(d);
 		else
@@ -128,8 +127,8 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	}
 	rr = calloc(1, sizeof(*rr));
 	if (rr == NULL) {
-		log_msg(LOG_ERROR, "out_of_memory", "dropping a read of %d; visible again after vt",
-			rows->n);
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
+			      "dropping a read of %d; visible again after vt", rows->n);
 		pgmq_batch_free(rows);
 		free(rows);
 		/* The read is over all the same: --once must end, not hang. */
@@ -145,16 +144,18 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	d->stats.messages_read += (unsigned long long)rr->rows.n;
 	metrics_inc_reads(METRICS_READ_ROWS);
 	metrics_add_messages_read((unsigned)rr->rows.n);
+	metrics_route_add(d->mroute, MR_MESSAGES_READ, (unsigned)rr->rows.n);
 	{
-		struct log_line *l = log_begin(LOG_DEBUG, "batch_read");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "batch_read");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_int(l, "jobs", rr->rows.n);
 		log_num(l, "first_msg_id", rr->rows.msgs[0].msg_id);
 		log_num(l, "last_msg_id", rr->rows.msgs[rr->rows.n - 1].msg_id);
 		log_end(l);
 	}
-	if (d->stopping) {
-		/* Read while stopping: hand the messages back at once. */
+	if (d->stopping || !control_may_read(d->ctl)) {
+		/* Read while stopping, or out when the route was paused: hand
+		 * the messages back at once rather than send them. */
 		struct batch *b = batch_new(d, rr, rr->rows.msgs, rr->rows.n);
 		if (b)
 			batch_release(b, 0);
@@ -169,6 +170,16 @@ void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_erro
 	dispatcher_maybe_finish(d);
 }
 
+void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *err)
+{
+	struct dispatcher *d = arg;
+
+	d->reading = false;
+	on_read(d, rows, err);
+	if (d->ep && !d->finished)
+		endpoint_slot_freed(d->ep); /* the read no longer holds a slot */
+}
+
 void dispatcher_kick(struct dispatcher *d)
 {
 	if (d->reading) {
@@ -176,7 +187,8 @@ void dispatcher_kick(struct dispatcher *d)
 		return;
 	}
 	if (d->stopping || d->finished || d->circuit_open || !pg_ready(d->pg) ||
-	    ev_is_active(&d->pause) || !ledger_ready(d->ledger))
+	    ev_is_active(&d->pause) || !ledger_ready(d->ledger) || !d->ctl_loaded ||
+	    !control_may_read(d->ctl))
 		return;
 	if (d->in_flight >= d->cfg->max_in_flight || circuit_queue_capped(d)) {
 		d->read_wanted = true;
@@ -184,17 +196,23 @@ void dispatcher_kick(struct dispatcher *d)
 	}
 	if (d->once && d->read_done)
 		return;
+	if (d->ep && !endpoint_may_read(d->ep, d)) {
+		d->ep_wanted = true; /* endpoint_slot_freed kicks again */
+		return;
+	}
+	d->ep_wanted = false;
 	d->read_wanted = false;
 	d->again = false;
 	d->read_id[0] = '\0';
 	if (ledger_recording(d->ledger))
 		ledger_new_id(d->read_id); /* before the read: its row is made with it */
-	if (d->read_id[0] ? ledger_read(d->ledger, d->read_id, d->cfg->vt_seconds,
-					d->cfg->batch_size, dispatcher_on_read, d) != 0
-			  : pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name,
-				      d->cfg->vt_seconds, d->cfg->batch_size, dispatcher_on_read,
-				      d) != 0) {
-		log_msg(LOG_ERROR, "read_failed", "cannot queue the read statement");
+	if (d->read_id[0]
+		    ? ledger_read(d->ledger, d->read_id, d->cfg->vt_seconds, post_read_qty(d),
+				  dispatcher_on_read, d) != 0
+		    : pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name,
+				d->cfg->vt_seconds, post_read_qty(d), dispatcher_on_read, d) != 0) {
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "read_failed",
+			      "cannot queue the read statement");
 		dispatcher_back_off(d, PAUSE_DB, -1);
 		return;
 	}
@@ -261,18 +279,20 @@ static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
 	(void)loop;
 	(void)revents;
 	if (d->in_flight > 0) {
-		struct log_line *l = log_begin(LOG_WARN, "shutdown_deadline");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN,
+						     "shutdown_deadline");
 		log_int(l, "in_flight", d->in_flight);
 		log_str(l, "outcome", "aborted requests are counted as outcome unknown");
 		log_end(l);
 	}
 	/* Aborted requests end as outcome unknown (their callbacks run now). */
-	http_cancel_all(d->http);
+	dispatcher_cancel_requests(d);
 	if (!d->finished && (d->db_pending > 0 || d->reading)) {
 		/* Their callbacks still run when the connection closes, and
 		 * name every msg id that stays invisible. */
-		log_msg(LOG_WARN, "shutdown_deadline", "%d database statements unfinished",
-			d->db_pending + (d->reading ? 1 : 0));
+		log_msg_route(d->cfg->route_name, LOG_WARN, "shutdown_deadline",
+			      "%d database statements unfinished",
+			      d->db_pending + (d->reading ? 1 : 0));
 		d->deadline_passed = true;
 	}
 	dispatcher_maybe_finish(d);
@@ -298,7 +318,7 @@ static void on_connected(void *arg)
 	ledger_connected(d->ledger); /* the migration, once; reads wait for it */
 	budget_connected(d->budget, d->ledger == NULL);
 	dispatcher_state_changed(d);
-	dispatcher_kick(d);
+	control_load(d); /* then kicks */
 	if (!d->once && !d->stopping) {
 		/* Queue gauges right away rather than one interval later. */
 		ev_timer_stop(d->loop, &d->stats_timer);
@@ -324,13 +344,15 @@ static void on_metrics(void *arg, long long length, double oldest_age_s, const s
 	if (d->finished)
 		return;
 	if (err) {
-		struct log_line *l = log_begin(LOG_DEBUG, "queue_metrics_failed");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG,
+						     "queue_metrics_failed");
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		log_end(l);
 	} else {
 		d->queue_length = length;
 		metrics_set_queue_stats(length, oldest_age_s);
+		metrics_route_set_queue_length(d->mroute, length);
 	}
 	dispatcher_state_changed(d);
 	dispatcher_maybe_finish(d);
@@ -407,6 +429,13 @@ static void on_connect_failed(void *arg)
 struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg, bool once,
 				  dispatcher_done_fn done, void *arg)
 {
+	return dispatcher_new_shared(loop, cfg, NULL, once, done, arg);
+}
+
+struct dispatcher *dispatcher_new_shared(struct ev_loop *loop, const struct config *cfg,
+					 struct http *http, bool once, dispatcher_done_fn done,
+					 void *arg)
+{
 	static const struct {
 		size_t off;
 		void (*cb)(struct ev_loop *, ev_timer *, int);
@@ -438,6 +467,8 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 	d->done_arg = arg;
 	d->once_result = DISPATCH_DONE_EMPTY;
 	d->queue_length = -1;
+	d->mroute = metrics_route(cfg->route_name[0] ? cfg->route_name : "default");
+	metrics_route_set_state(d->mroute, MRS_RUNNING);
 	for (size_t i = 0; i < sizeof(timers) / sizeof(timers[0]); i++) {
 		ev_timer *t = (ev_timer *)((char *)d + timers[i].off);
 		ev_init(t, timers[i].cb);
@@ -453,7 +484,8 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 	d->w.idle_poll_ms = cfg->poll_interval_ms;
 	cb.arg = d;
 	d->pg = pg_new(loop, cfg->conninfo, cfg->db_connect_timeout_ms, &cb);
-	d->http = http_new(loop);
+	d->http_shared = http != NULL;
+	d->http = http ? http : http_new(loop);
 	if (d->pg == NULL || d->http == NULL ||
 	    ratelimit_init(&d->rl, cfg->max_requests_per_10s,
 			   cfg->rate_window_ms / 1000.0 + RATE_MARGIN_S) != 0 ||
@@ -512,7 +544,7 @@ void dispatcher_stop(struct dispatcher *d)
 	post_release_waiting(d); /* read but never sent: visible again at once */
 	dispatcher_state_changed(d);
 	{
-		struct log_line *l = log_begin(LOG_INFO, "stopping");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_INFO, "stopping");
 		log_int(l, "in_flight", d->in_flight);
 		log_int(l, "timeout_ms", d->cfg->shutdown_timeout_ms);
 		log_end(l);
@@ -529,41 +561,13 @@ const struct dispatcher_stats *dispatcher_stats(const struct dispatcher *d)
 
 void dispatcher_abort(struct dispatcher *d)
 {
-	http_cancel_all(d->http);
+	dispatcher_cancel_requests(d);
 }
 
 void dispatcher_set_state_hook(struct dispatcher *d, void (*fn)(void *arg), void *arg)
 {
 	d->state_hook = fn;
 	d->state_arg = arg;
-}
-
-bool dispatcher_ready(const struct dispatcher *d, char *why, size_t len)
-{
-	const char *reason = d->stopping || d->finished ? "draining: shutting down"
-			     : !pg_ready(d->pg)         ? "database disconnected"
-			     : d->circuit_open ? "circuit open: RunPod refuses the key or endpoint"
-					       : NULL;
-
-	if (reason && why && len)
-		snprintf(why, len, "%s", reason);
-	return reason == NULL;
-}
-
-void dispatcher_status(const struct dispatcher *d, char *buf, size_t len)
-{
-	char why[96];
-	bool ready = dispatcher_ready(d, why, sizeof(why));
-
-	if (ready && d->queue_capped)
-		snprintf(why, sizeof(why), "reads paused at max_queued_jobs %d (IN_QUEUE %d)",
-			 d->cfg->tracker_max_queued_jobs, tracker_queued_jobs(d->tracker));
-	snprintf(buf, len,
-		 "%s; in flight %d; accepted %llu msgs in %llu requests, rejected %llu, "
-		 "unknown %llu; queue length %lld",
-		 ready && !d->queue_capped ? "dispatching" : why, d->in_flight,
-		 d->stats.messages_accepted, d->stats.requests_accepted, d->stats.requests_rejected,
-		 d->stats.requests_unknown, d->queue_length);
 }
 
 void dispatcher_free(struct dispatcher *d)
@@ -577,7 +581,7 @@ void dispatcher_free(struct dispatcher *d)
 	 * unknown (logged with their msg ids), pending queries fail; finished
 	 * keeps them from starting new work. */
 	if (d->http)
-		http_cancel_all(d->http);
+		dispatcher_cancel_requests(d);
 	tracker_free(d->tracker); /* after the aborts above, before http_free drops requests */
 	ledger_free(d->ledger);   /* its statements' callbacks find it gone */
 	/* pg_free below fails the statements still queued (the database
@@ -585,7 +589,8 @@ void dispatcher_free(struct dispatcher *d)
 	 * ledger and look at the tracker; they must find neither. */
 	d->tracker = NULL;
 	d->ledger = NULL;
-	http_free(d->http);
+	if (!d->http_shared)
+		http_free(d->http);
 	wakeup_free(d);
 	pg_free(d->pg);
 	dispatcher_conf_free(&d->conf);

@@ -24,6 +24,7 @@ struct http_request {
 	bool resend_refused; /* curl wanted to send the body again */
 	http_done_fn fn;
 	void *arg;
+	const void *owner;
 	char *reply;
 	size_t reply_len, reply_cap;
 	bool reply_truncated;
@@ -264,6 +265,7 @@ int http_start(struct http *h, const struct http_request_opts *o, http_done_fn f
 	r->body = o->body;
 	r->fn = fn;
 	r->arg = arg;
+	r->owner = o->owner;
 	r->easy = curl_easy_init();
 	if (r->easy == NULL)
 		goto fail;
@@ -393,6 +395,22 @@ void http_cancel_all(struct http *h)
 		 * a head with a prev. Loops, as callbacks may cancel others.
 		 * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
 		finish(h, h->requests, CURLE_ABORTED_BY_CALLBACK, true);
+}
+
+void http_cancel_owner(struct http *h, const void *owner)
+{
+	for (;;) {
+		struct http_request *r = h->requests;
+		/* finish() unlinks r before it frees it and callbacks may cancel
+		 * others, so each walk starts again from the head; the analyzer
+		 * assumes a head with a prev (as in http_cancel_all).
+		 * NOLINTNEXTLINE(clang-analyzer-unix.Malloc) */
+		while (r && r->owner != owner)
+			r = r->next;
+		if (r == NULL)
+			return;
+		finish(h, r, CURLE_ABORTED_BY_CALLBACK, true);
+	}
 }
 
 void http_free(struct http *h)

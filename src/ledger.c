@@ -88,7 +88,8 @@ static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
 		 * loudly, rather than a daemon that no longer starts after an
 		 * upgrade. Tried again after each reconnect. */
 		if (!l->degraded) {
-			struct log_line *ll = log_begin(LOG_ERROR, "ledger_unavailable");
+			struct log_line *ll = log_begin_route(l->cfg->route_name, LOG_ERROR,
+							      "ledger_unavailable");
 			migrate_explain(l->cfg->ledger_schema, err->sqlstate, err->message, line,
 					sizeof(line));
 			log_str(ll, "schema", l->cfg->ledger_schema);
@@ -103,7 +104,8 @@ static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
 		return;
 	}
 	if (err) {
-		struct log_line *ll = log_begin(LOG_ERROR, "ledger_unusable");
+		struct log_line *ll = log_begin_route(l->cfg->route_name, LOG_ERROR,
+						      "ledger_unusable");
 		migrate_explain(l->cfg->ledger_schema, err->sqlstate, err->message, line,
 				sizeof(line));
 		log_str(ll, "schema", l->cfg->ledger_schema);
@@ -117,7 +119,7 @@ static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
 	l->ready = true;
 	l->degraded = false;
 	{
-		struct log_line *ll = log_begin(LOG_INFO, "ledger_ready");
+		struct log_line *ll = log_begin_route(l->cfg->route_name, LOG_INFO, "ledger_ready");
 		log_str(ll, "schema", l->cfg->ledger_schema);
 		log_int(ll, "version", MIGRATE_VERSION);
 		log_str(ll, "owner", l->owner);
@@ -142,7 +144,8 @@ void ledger_connected(struct ledger *l)
 		return;
 	sql = migrate_sql(l->cfg->ledger_schema, MIGRATE_VERSION);
 	if (sql == NULL || ledger_query(l, S_MIGRATE, sql, 0, NULL, on_migrated, NULL) != 0) {
-		log_msg(LOG_ERROR, "ledger_unusable", "cannot queue the ledger migration");
+		log_msg_route(l->cfg->route_name, LOG_ERROR, "ledger_unusable",
+			      "cannot queue the ledger migration");
 		free(sql);
 		if (l->hooks.fatal)
 			l->hooks.fatal(l->hooks.arg);
@@ -185,7 +188,8 @@ static void on_notes(void *arg, PGresult *res, const struct pg_error *err)
 		return;
 	l->flushing--;
 	if (err) {
-		struct log_line *ll = log_begin(LOG_ERROR, "ledger_write_failed");
+		struct log_line *ll = log_begin_route(l->cfg->route_name, LOG_ERROR,
+						      "ledger_write_failed");
 		log_int(ll, "transitions", n);
 		log_str(ll, "sqlstate", err->sqlstate);
 		log_str(ll, "error", err->message);
@@ -252,7 +256,8 @@ static void flush(struct ledger *l, bool force)
 	if (rc == 0)
 		rc = ledger_query(l, S_NOTES, sql, NA, params, on_notes, &s);
 	if (rc != 0) {
-		struct log_line *ll = log_begin(LOG_ERROR, "ledger_write_failed");
+		struct log_line *ll = log_begin_route(l->cfg->route_name, LOG_ERROR,
+						      "ledger_write_failed");
 		log_int(ll, "transitions", n);
 		log_str(ll, "error", "cannot queue the statement");
 		log_str(ll, "first_dispatch_id", l->notes[0].id);
@@ -353,10 +358,10 @@ void ledger_split(struct ledger *l, const char *read_id, const struct ledger_par
 	}
 out:
 	if (rc != 0)
-		log_msg(LOG_ERROR, "ledger_split_failed",
-			"cannot queue the split of dispatch %s into "
-			"%d parts; its row keeps every msg id",
-			read_id, nparts);
+		log_msg_route(l->cfg->route_name, LOG_ERROR, "ledger_split_failed",
+			      "cannot queue the split of dispatch %s into "
+			      "%d parts; its row keeps every msg id",
+			      read_id, nparts);
 	free(pid);
 	free(pst);
 	free(mid);
@@ -467,7 +472,8 @@ void ledger_free(struct ledger *l)
 	for (int i = 0; i < l->nnotes; i++)
 		free(l->notes[i].err);
 	if (l->nnotes > 0) {
-		struct log_line *ll = log_begin(LOG_WARN, "ledger_unwritten");
+		struct log_line *ll = log_begin_route(l->cfg->route_name, LOG_WARN,
+						      "ledger_unwritten");
 		log_int(ll, "transitions", l->nnotes);
 		log_str(ll, "first_dispatch_id", l->notes[0].id);
 		log_end(ll);

@@ -36,7 +36,8 @@ static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
 		if (strcmp(kind, "pruned") == 0) {
 			long pruned = strtol(PQgetvalue(res, i, 2), NULL, 10);
 			if (pruned > 0) {
-				ll = log_begin(LOG_DEBUG, "ledger_pruned");
+				ll = log_begin_route(l->cfg->route_name, LOG_DEBUG,
+						     "ledger_pruned");
 				log_int(ll, "rows", pruned);
 				log_int(ll, "retention_days", l->cfg->ledger_retention_days);
 				log_end(ll);
@@ -44,7 +45,8 @@ static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
 		} else if (strcmp(kind, "unknown") == 0) {
 			l->recovered++;
 			metrics_inc_ledger_recovered_unknown();
-			ll = log_begin(LOG_WARN, "ledger_recovered_unknown");
+			ll = log_begin_route(l->cfg->route_name, LOG_WARN,
+					     "ledger_recovered_unknown");
 			log_str(ll, "dispatch_id", PQgetvalue(res, i, 1));
 			log_str(ll, "msg_ids", PQgetvalue(res, i, 2));
 			log_str(ll, "outcome",
@@ -53,7 +55,8 @@ static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
 			log_end(ll);
 		} else {
 			metrics_inc_ledger_completed_undeleted();
-			ll = log_begin(LOG_WARN, "job_completed_messages_left");
+			ll = log_begin_route(l->cfg->route_name, LOG_WARN,
+					     "job_completed_messages_left");
 			log_str(ll, "dispatch_id", PQgetvalue(res, i, 1));
 			log_str(ll, "job_id", PQgetvalue(res, i, 3));
 			log_str(ll, "msg_ids", PQgetvalue(res, i, 2));
@@ -86,7 +89,7 @@ static void on_claim(void *arg, PGresult *res, const struct pg_error *err)
 	for (int i = 0; i < rows; i++) {
 		long long *ids = NULL;
 		int n = ledger_parse_ids(PQgetvalue(res, i, 2), &ids);
-		struct log_line *ll = log_begin(LOG_INFO, "job_claimed");
+		struct log_line *ll = log_begin_route(l->cfg->route_name, LOG_INFO, "job_claimed");
 
 		metrics_inc_ledger_jobs_claimed();
 

@@ -2,6 +2,8 @@
 #include "main.h"
 #include "config.h"
 #include "dispatcher.h"
+#include "route.h"
+#include "ctl.h"
 #include "admin.h"
 #include "dispatches.h"
 #include "ledger_cli.h"
@@ -26,9 +28,9 @@
 
 struct app {
 	struct ev_loop *loop;
-	struct config *cfg;     /* the snapshot in use; replaced whole on reload */
+	struct config *cfg;     /* the snapshot in use (owned by routes once they exist) */
 	struct config_input in; /* kept for reloads */
-	struct dispatcher *d;
+	struct routes *routes;
 	int exit_code;
 	int signals; /* TERM/INT received */
 	struct admin *admin;
@@ -62,6 +64,8 @@ static void usage(FILE *fp)
 		"  -T, --dump-config     print the effective configuration, secrets masked\n"
 		"  -V, --version         print the version\n"
 		"  -h, --help            this help\n\n"
+		"Runtime control of the running daemon (admin endpoint):\n"
+		"  ctl routes | ctl pause|resume|drain ROUTE\n\n"
 		"Commands on the dispatch ledger (after the options; add --json for JSON):\n"
 		"  migrate               create or upgrade the ledger schema; exit 0 when up to date\n"
 		"  status MSG_ID...      every dispatch of those messages, and where each is now\n"
@@ -96,6 +100,10 @@ static void register_secrets(const struct config *cfg)
 		log_secret_clear();
 		log_secret_add(cfg->api_key);
 	}
+	for (int i = 0; i < cfg->nroutes; i++)
+		log_secret_add(config_route(cfg, i)->api_key);
+	if (cfg->admin_token[0])
+		log_secret_add(cfg->admin_token);
 	if (pgpassword)
 		log_secret_add(pgpassword);
 	for (int i = 0; i < 2; i++) {
@@ -157,7 +165,7 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
 	if (++app->signals > 1) {
 		log_msg(LOG_WARN, "exit_now", "second %s: exiting without waiting",
 			signal_name(w->signum));
-		dispatcher_abort(app->d); /* may finish the drain and call on_done */
+		routes_abort(app->routes); /* may finish the drain and call on_done */
 		app->exit_code = 1;
 		ev_break(loop, EVBREAK_ALL);
 		return;
@@ -170,7 +178,7 @@ static void on_stop_signal(struct ev_loop *loop, ev_signal *w, int revents)
 	}
 	sdnotify_stopping();
 	sdnotify_status("stopping: in-flight requests finish, then exit");
-	dispatcher_stop(app->d);
+	routes_stop(app->routes);
 }
 
 /* systemd STATUS= on every state change and after each metrics refresh. */
@@ -179,7 +187,7 @@ static void on_state(void *arg)
 	struct app *app = arg;
 	char status[512];
 
-	dispatcher_status(app->d, status, sizeof(status));
+	routes_status(app->routes, status, sizeof(status));
 	sdnotify_status("%s", status);
 }
 
@@ -187,7 +195,19 @@ static bool admin_ready(void *arg, char *why, size_t len)
 {
 	struct app *app = arg;
 
-	return dispatcher_ready(app->d, why, len);
+	return routes_ready(app->routes, why, len);
+}
+
+static char *admin_routes(void *arg)
+{
+	struct app *app = arg;
+
+	return routes_describe(app->routes);
+}
+
+static int admin_control(void *arg, const char *route, const char *action)
+{
+	return routes_control(((struct app *)arg)->routes, route, action);
 }
 
 static char *admin_metrics(void *arg, size_t *len)
@@ -250,17 +270,22 @@ static void on_hup(struct ev_loop *loop, ev_signal *w, int revents)
 		log_end(l);
 		return;
 	}
-	config_keep_static(app->cfg, next, on_ignored_key, NULL);
-	if (dispatcher_reload(app->d, next) != 0) {
+	if (next->routes || app->cfg->routes)
+		config_keep_static_common(app->cfg,
+					  next); /* the top level is only routes[0]'s copy */
+	else
+		config_keep_static(app->cfg, next, on_ignored_key, NULL);
+	for (int i = 0; next->routes && i < next->nroutes; i++)
+		config_keep_static_common(app->cfg, &next->routes[i]);
+	if (routes_reload(app->routes, next) != 0) {
 		log_msg(LOG_ERROR, "reload_failed", "the configuration in use is unchanged");
 		config_free(next);
 		free(next);
 		sdnotify_ready();
 		return;
 	}
-	/* The dispatcher now points at next; retire the old snapshot. */
-	config_free(app->cfg);
-	free(app->cfg);
+	/* The routes took next over, and retire the old snapshot once nothing
+	 * points into it. */
 	app->cfg = next;
 	log_setup((enum log_level)app->cfg->log_level, (enum log_format)app->cfg->log_format);
 	register_secrets(app->cfg);
@@ -320,6 +345,8 @@ int main(int argc, char **argv)
 	const char *command = NULL;
 	char **command_argv = NULL;
 	char masked[1024];
+	char **ctl_args = NULL;
+	int nctl_args = 0;
 
 	if (open_closed_std_fds() != 0)
 		return EX_OSERR;
@@ -368,6 +395,11 @@ int main(int argc, char **argv)
 			return EX_USAGE;
 		}
 	}
+	if (optind < argc && strcmp(argv[optind], "ctl") == 0) {
+		ctl_args = argv + optind + 1;
+		nctl_args = argc - optind - 1;
+		optind = argc;
+	}
 	if (optind < argc && ledger_cli_known(argv[optind])) {
 		command = argv[optind];
 		command_argc = argc - optind;
@@ -412,6 +444,15 @@ int main(int argc, char **argv)
 	}
 	log_setup((enum log_level)app.cfg->log_level, (enum log_format)app.cfg->log_format);
 	register_secrets(app.cfg);
+	if (ctl_args) {
+		int rc = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK
+				 ? ctl_run(app.cfg, nctl_args, ctl_args)
+				 : EX_SOFTWARE;
+		curl_global_cleanup();
+		config_free(app.cfg);
+		free(app.cfg);
+		return rc;
+	}
 	if (dump)
 		config_dump(app.cfg, stdout);
 	if (check && !dump) {
@@ -467,17 +508,20 @@ int main(int argc, char **argv)
 	metrics_init();
 	/* From here on a stalled stderr never blocks the loop. */
 	log_attach_loop(app.loop);
-	app.d = dispatcher_new(app.loop, app.cfg, once, on_done, &app);
-	if (app.d == NULL) {
+	app.routes = routes_new(app.loop, app.cfg, once, on_done, &app);
+	if (app.routes == NULL) {
 		log_detach_loop(1000);
 		config_free(app.cfg);
 		free(app.cfg);
 		return EX_SOFTWARE;
 	}
-	dispatcher_set_state_hook(app.d, on_state, &app);
+	routes_set_state_hook(app.routes, on_state, &app);
 	if (!once && strcmp(app.cfg->admin_listen, "off") != 0) {
 		struct admin_hooks hooks = { .ready = admin_ready,
 					     .metrics = admin_metrics,
+					     .routes = admin_routes,
+					     .control = admin_control,
+					     .token = app.cfg->admin_token,
 					     .arg = &app };
 		if ((app.ds = dispatches_new(app.loop)) != NULL)
 			hooks.dispatches = admin_dispatches;
@@ -489,10 +533,8 @@ int main(int argc, char **argv)
 			log_str(l, "error", err);
 			log_end(l);
 			dispatches_free(app.ds);
-			dispatcher_free(app.d);
+			routes_free(app.routes); /* and app.cfg */
 			log_detach_loop(1000);
-			config_free(app.cfg);
-			free(app.cfg);
 			return EX_OSERR;
 		}
 	}
@@ -507,6 +549,7 @@ int main(int argc, char **argv)
 	{
 		struct log_line *l = log_begin(LOG_INFO, "started");
 		log_str(l, "version", PGMQD_VERSION);
+		log_int(l, "routes", app.cfg->nroutes);
 		log_str(l, "queue", app.cfg->queue_name);
 		log_str(l, "endpoint_id", app.cfg->endpoint_id);
 		log_str(l, "base_url", app.cfg->base_url);
@@ -520,7 +563,7 @@ int main(int argc, char **argv)
 			log_int(l, "admin_port", admin_port(app.admin));
 		log_end(l);
 	}
-	dispatcher_start(app.d);
+	routes_start(app.routes);
 	/* Ready: config valid, signals and admin up, first connect started.
 	 * A database that is down shows in STATUS= and /readyz. */
 	sdnotify_ready();
@@ -534,10 +577,10 @@ int main(int argc, char **argv)
 	{
 		/* Free first: requests and statements still pending log their
 		 * msg ids as they fail, and the last line sums everything up. */
-		struct dispatcher_stats s = *dispatcher_stats(app.d);
+		struct dispatcher_stats s = routes_stats(app.routes);
 		struct log_line *l;
 
-		dispatcher_free(app.d);
+		routes_free(app.routes); /* and the snapshots */
 		l = log_begin(LOG_INFO, "exiting");
 		log_int(l, "exit_code", app.exit_code);
 		log_int(l, "messages_read", (long long)s.messages_read);
@@ -556,8 +599,6 @@ int main(int argc, char **argv)
 	log_detach_loop(2000);
 	ev_loop_destroy(app.loop);
 	curl_global_cleanup();
-	config_free(app.cfg);
-	free(app.cfg);
 	log_secret_clear();
 	return app.exit_code;
 }

@@ -1,6 +1,7 @@
 /* metrics — see include/metrics.h. */
 #include "metrics.h"
 #include "log.h"
+#include "metrics_int.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -10,8 +11,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
-
-#define PREFIX "pgmqd_"
 
 #define N_OUTCOMES 3
 #define N_ARCHIVE_REASONS 2
@@ -40,12 +39,8 @@ _Static_assert(sizeof(bucket_labels) / sizeof(bucket_labels[0]) == N_BOUNDS,
  * without a compare-and-swap loop on a double. Longer ones are clamped. */
 #define MAX_OBSERVATION_SECONDS 1e9
 
-typedef atomic_uint_least64_t counter_t;
-
 static void tracker_metrics_init(void);
-struct buf;
 static void render_tracker(struct buf *b);
-static void render_fleet(struct buf *b);
 
 static struct {
 	counter_t messages_read, messages_dispatched, messages_released;
@@ -66,12 +61,12 @@ static struct {
 	counter_t duration_sum_ns;
 } m;
 
-static void add(counter_t *c, uint64_t n)
+void metrics_add_counter(counter_t *c, uint64_t n)
 {
 	atomic_fetch_add_explicit(c, n, memory_order_relaxed);
 }
 
-static uint64_t get(counter_t *c)
+uint64_t metrics_get_counter(counter_t *c)
 {
 	return atomic_load_explicit(c, memory_order_relaxed);
 }
@@ -132,23 +127,23 @@ void metrics_init(void)
 
 void metrics_add_messages_read(unsigned n)
 {
-	add(&m.messages_read, n);
+	metrics_add_counter(&m.messages_read, n);
 }
 
 void metrics_add_messages_dispatched(unsigned n)
 {
-	add(&m.messages_dispatched, n);
+	metrics_add_counter(&m.messages_dispatched, n);
 }
 
 void metrics_add_messages_released(unsigned n)
 {
-	add(&m.messages_released, n);
+	metrics_add_counter(&m.messages_released, n);
 }
 
 void metrics_add_messages_archived(enum metrics_archive_reason reason, unsigned n)
 {
 	if ((unsigned)reason < N_ARCHIVE_REASONS)
-		add(&m.messages_archived[reason], n);
+		metrics_add_counter(&m.messages_archived[reason], n);
 }
 
 static size_t code_slot(long http_code)
@@ -164,33 +159,33 @@ static size_t code_slot(long http_code)
 void metrics_inc_requests(enum metrics_outcome outcome, long http_code)
 {
 	if ((unsigned)outcome < N_OUTCOMES)
-		add(&m.requests[outcome][code_slot(http_code)], 1);
+		metrics_add_counter(&m.requests[outcome][code_slot(http_code)], 1);
 }
 
 void metrics_inc_ledger_recovered_unknown(void)
 {
-	add(&m.ledger_recovered_unknown, 1);
+	metrics_add_counter(&m.ledger_recovered_unknown, 1);
 }
 
 void metrics_inc_ledger_completed_undeleted(void)
 {
-	add(&m.ledger_completed_undeleted, 1);
+	metrics_add_counter(&m.ledger_completed_undeleted, 1);
 }
 
 void metrics_inc_ledger_jobs_claimed(void)
 {
-	add(&m.ledger_jobs_claimed, 1);
+	metrics_add_counter(&m.ledger_jobs_claimed, 1);
 }
 
 void metrics_inc_pg_reconnects(void)
 {
-	add(&m.pg_reconnects, 1);
+	metrics_add_counter(&m.pg_reconnects, 1);
 }
 
 void metrics_inc_reads(enum metrics_read_result result)
 {
 	if ((unsigned)result < N_READ_RESULTS)
-		add(&m.reads[result], 1);
+		metrics_add_counter(&m.reads[result], 1);
 }
 
 void metrics_set_in_flight(long n)
@@ -222,21 +217,13 @@ void metrics_observe_request_seconds(double seconds)
 		seconds = MAX_OBSERVATION_SECONDS;
 	while (i < N_BOUNDS && seconds > bucket_bounds[i])
 		i++;
-	add(&m.duration_buckets[i], 1);
-	add(&m.duration_sum_ns, (uint64_t)llround(seconds * 1e9));
+	metrics_add_counter(&m.duration_buckets[i], 1);
+	metrics_add_counter(&m.duration_sum_ns, (uint64_t)llround(seconds * 1e9));
 }
 
 /* ---- rendering ---- */
 
-struct buf {
-	char *p;
-	size_t len, cap;
-	bool failed;
-};
-
-static void bprintf(struct buf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
-
-static void bprintf(struct buf *b, const char *fmt, ...)
+void bprintf(struct buf *b, const char *fmt, ...)
 {
 	va_list ap;
 	int n;
@@ -283,23 +270,23 @@ static void format_double(char *out, size_t outlen, double v)
 	}
 }
 
-static void family(struct buf *b, const char *name, const char *type, const char *help)
+void metrics_family(struct buf *b, const char *name, const char *type, const char *help)
 {
 	bprintf(b, "# HELP " PREFIX "%s %s\n# TYPE " PREFIX "%s %s\n", name, help, name, type);
 }
 
 static void counter(struct buf *b, const char *name, const char *help, counter_t *c)
 {
-	family(b, name, "counter", help);
-	bprintf(b, PREFIX "%s %llu\n", name, (unsigned long long)get(c));
+	metrics_family(b, name, "counter", help);
+	bprintf(b, PREFIX "%s %llu\n", name, (unsigned long long)metrics_get_counter(c));
 }
 
-static void labelled(struct buf *b, const char *name, const char *label, const char *const *values,
-		     counter_t *c, size_t n)
+void metrics_labelled(struct buf *b, const char *name, const char *label, const char *const *values,
+		      counter_t *c, size_t n)
 {
 	for (size_t i = 0; i < n; i++)
 		bprintf(b, PREFIX "%s{%s=\"%s\"} %llu\n", name, label, values[i],
-			(unsigned long long)get(&c[i]));
+			(unsigned long long)metrics_get_counter(&c[i]));
 }
 
 static void gauge_double(struct buf *b, const char *name, const char *help, double v)
@@ -307,7 +294,7 @@ static void gauge_double(struct buf *b, const char *name, const char *help, doub
 	char num[32];
 
 	format_double(num, sizeof(num), v);
-	family(b, name, "gauge", help);
+	metrics_family(b, name, "gauge", help);
 	bprintf(b, PREFIX "%s %s\n", name, num);
 }
 
@@ -315,11 +302,11 @@ static void render_requests(struct buf *b)
 {
 	static const char name[] = "runpod_requests_total";
 
-	family(b, name, "counter",
-	       "RunPod /run requests by outcome and HTTP status (code 0: no response).");
+	metrics_family(b, name, "counter",
+		       "RunPod /run requests by outcome and HTTP status (code 0: no response).");
 	for (size_t o = 0; o < N_OUTCOMES; o++) {
 		for (size_t c = 0; c < N_CODE_SLOTS; c++) {
-			uint64_t v = get(&m.requests[o][c]);
+			uint64_t v = metrics_get_counter(&m.requests[o][c]);
 			char code[16];
 
 			if (v == 0)
@@ -342,16 +329,17 @@ static void render_histogram(struct buf *b)
 	uint64_t cumulative = 0;
 	char num[32];
 
-	family(b, name, "histogram", "Duration of RunPod /run requests, whatever their outcome.");
+	metrics_family(b, name, "histogram",
+		       "Duration of RunPod /run requests, whatever their outcome.");
 	for (size_t i = 0; i < N_BOUNDS; i++) {
-		cumulative += get(&m.duration_buckets[i]);
+		cumulative += metrics_get_counter(&m.duration_buckets[i]);
 		bprintf(b, PREFIX "%s_bucket{le=\"%s\"} %llu\n", name, bucket_labels[i],
 			(unsigned long long)cumulative);
 	}
 	/* +Inf and _count come from the same snapshot, so they always agree. */
-	cumulative += get(&m.duration_buckets[N_BOUNDS]);
+	cumulative += metrics_get_counter(&m.duration_buckets[N_BOUNDS]);
 	bprintf(b, PREFIX "%s_bucket{le=\"+Inf\"} %llu\n", name, (unsigned long long)cumulative);
-	format_double(num, sizeof(num), (double)get(&m.duration_sum_ns) / 1e9);
+	format_double(num, sizeof(num), (double)metrics_get_counter(&m.duration_sum_ns) / 1e9);
 	bprintf(b, PREFIX "%s_sum %s\n", name, num);
 	bprintf(b, PREFIX "%s_count %llu\n", name, (unsigned long long)cumulative);
 }
@@ -371,10 +359,10 @@ char *metrics_render(size_t *len)
 	counter(&b, "messages_released_total",
 		"Messages made visible again with set_vt after a failure or at shutdown.",
 		&m.messages_released);
-	family(&b, "messages_archived_total", "counter",
-	       "Messages archived by the dispatcher, by reason.");
-	labelled(&b, "messages_archived_total", "reason", archive_names, m.messages_archived,
-		 N_ARCHIVE_REASONS);
+	metrics_family(&b, "messages_archived_total", "counter",
+		       "Messages archived by the dispatcher, by reason.");
+	metrics_labelled(&b, "messages_archived_total", "reason", archive_names,
+			 m.messages_archived, N_ARCHIVE_REASONS);
 	render_requests(&b);
 	counter(&b, "pg_reconnects_total",
 		"Successful database reconnects after the first connection.", &m.pg_reconnects);
@@ -387,18 +375,19 @@ char *metrics_render(size_t *len)
 	counter(&b, "ledger_completed_undeleted_total",
 		"COMPLETED jobs whose messages were still queued after ledger.completed_grace_s.",
 		&m.ledger_completed_undeleted);
-	family(&b, "reads_total", "counter", "Queue reads by result.");
-	labelled(&b, "reads_total", "result", read_names, m.reads, N_READ_RESULTS);
+	metrics_family(&b, "reads_total", "counter", "Queue reads by result.");
+	metrics_labelled(&b, "reads_total", "result", read_names, m.reads, N_READ_RESULTS);
 
-	family(&b, "in_flight_requests", "gauge", "RunPod /run requests in flight.");
-	bprintf(&b, PREFIX "in_flight_requests %ld\n",
-		atomic_load_explicit(&m.in_flight, memory_order_relaxed));
-	family(&b, "circuit_open", "gauge", "1 while the circuit breaker is open, else 0.");
-	bprintf(&b, PREFIX "circuit_open %d\n",
-		atomic_load_explicit(&m.circuit_open, memory_order_relaxed));
-	family(&b, "queue_length", "gauge", "Messages in the queue, from pgmq.metrics.");
-	bprintf(&b, PREFIX "queue_length %lld\n",
-		atomic_load_explicit(&m.queue_length, memory_order_relaxed));
+	long in_flight = atomic_load_explicit(&m.in_flight, memory_order_relaxed);
+	int circuit_open = atomic_load_explicit(&m.circuit_open, memory_order_relaxed);
+	long long queue_length = atomic_load_explicit(&m.queue_length, memory_order_relaxed);
+	metrics_route_gauges(&in_flight, &circuit_open, &queue_length);
+	metrics_family(&b, "in_flight_requests", "gauge", "RunPod /run requests in flight.");
+	bprintf(&b, PREFIX "in_flight_requests %ld\n", in_flight);
+	metrics_family(&b, "circuit_open", "gauge", "1 while the circuit breaker is open, else 0.");
+	bprintf(&b, PREFIX "circuit_open %d\n", circuit_open);
+	metrics_family(&b, "queue_length", "gauge", "Messages in the queue, from pgmq.metrics.");
+	bprintf(&b, PREFIX "queue_length %lld\n", queue_length);
 	gauge_double(&b, "queue_oldest_message_age_seconds",
 		     "Age of the oldest message in the queue, from pgmq.metrics.",
 		     load_double(&m.queue_oldest_age_bits));
@@ -409,9 +398,10 @@ char *metrics_render(size_t *len)
 	gauge_double(&b, "start_time_seconds", "Unix time the process started.",
 		     load_double(&m.start_time_bits));
 	render_tracker(&b);
-	render_fleet(&b);
-	family(&b, "log_lines_dropped_total", "counter",
-	       "Log lines dropped because stderr was not being read.");
+	metrics_render_fleet(&b);
+	metrics_render_routes(&b);
+	metrics_family(&b, "log_lines_dropped_total", "counter",
+		       "Log lines dropped because stderr was not being read.");
 	bprintf(&b, PREFIX "log_lines_dropped_total %llu\n", log_lines_dropped());
 
 	if (b.failed) {
@@ -472,7 +462,7 @@ static void tracker_metrics_init(void)
 
 void metrics_inc_tracker_heartbeat_ceilings(void)
 {
-	add(&mt.heartbeat_ceilings, 1);
+	metrics_add_counter(&mt.heartbeat_ceilings, 1);
 }
 
 void metrics_set_oldest_in_queue_since(double since_unix)
@@ -504,80 +494,36 @@ void metrics_set_tracked_jobs(enum metrics_tracked_status s, long n)
 void metrics_inc_tracker_terminal(enum metrics_terminal t)
 {
 	if ((unsigned)t < N_TERMINAL)
-		add(&mt.terminal[t], 1);
+		metrics_add_counter(&mt.terminal[t], 1);
 }
 
 void metrics_inc_tracker_heartbeats(void)
 {
-	add(&mt.heartbeats, 1);
+	metrics_add_counter(&mt.heartbeats, 1);
 }
 
 void metrics_inc_tracker_early_releases(void)
 {
-	add(&mt.early_releases, 1);
+	metrics_add_counter(&mt.early_releases, 1);
 }
 
 void metrics_inc_tracker_evicted(void)
 {
-	add(&mt.evicted, 1);
-}
-
-static const char *const fleet_kinds[2] = { "run", "status" };
-static struct {
-	counter_t grants[2], denied[2], granted[2], unused[2];
-	atomic_int fallback[2];
-} mf; /* zero-initialised (static storage); never reset */
-
-void metrics_inc_fleet_grant(int kind, int slots)
-{
-	if (kind < 0 || kind > 1)
-		return;
-	add(slots > 0 ? &mf.grants[kind] : &mf.denied[kind], 1);
-	if (slots > 0)
-		add(&mf.granted[kind], (unsigned long long)slots);
-}
-
-void metrics_add_fleet_unused(int kind, unsigned long long slots)
-{
-	if (kind >= 0 && kind <= 1)
-		add(&mf.unused[kind], slots);
-}
-
-void metrics_set_fleet_fallback(int kind, bool on)
-{
-	if (kind >= 0 && kind <= 1)
-		atomic_store_explicit(&mf.fallback[kind], on ? 1 : 0, memory_order_relaxed);
-}
-
-static void render_fleet(struct buf *b)
-{
-	family(b, "fleet_grants_total", "counter", "Grants of the fleet budget, by kind.");
-	labelled(b, "fleet_grants_total", "kind", fleet_kinds, mf.grants, 2);
-	family(b, "fleet_grants_denied_total", "counter",
-	       "Grant statements that found the fleet's cap used up.");
-	labelled(b, "fleet_grants_denied_total", "kind", fleet_kinds, mf.denied, 2);
-	family(b, "fleet_slots_granted_total", "counter", "Requests granted by the fleet budget.");
-	labelled(b, "fleet_slots_granted_total", "kind", fleet_kinds, mf.granted, 2);
-	family(b, "fleet_slots_unused_total", "counter",
-	       "Granted requests dropped unused when their grant expired.");
-	labelled(b, "fleet_slots_unused_total", "kind", fleet_kinds, mf.unused, 2);
-	family(b, "fleet_fallback", "gauge",
-	       "1 while no grant can be had and the local share of the cap applies.");
-	for (size_t i = 0; i < 2; i++)
-		bprintf(b, PREFIX "fleet_fallback{kind=\"%s\"} %d\n", fleet_kinds[i],
-			atomic_load_explicit(&mf.fallback[i], memory_order_relaxed));
+	metrics_add_counter(&mt.evicted, 1);
 }
 
 static void render_tracker(struct buf *b)
 {
-	family(b, "tracked_jobs", "gauge",
-	       "Jobs the tracker follows through /status, by last status.");
+	metrics_family(b, "tracked_jobs", "gauge",
+		       "Jobs the tracker follows through /status, by last status.");
 	for (size_t i = 0; i < N_TRACKED; i++)
 		bprintf(b, PREFIX "tracked_jobs{status=\"%s\"} %ld\n", tracked_names[i],
 			atomic_load_explicit(&mt.tracked[i], memory_order_relaxed));
-	family(b, "tracker_terminal_total", "counter",
-	       "Tracked jobs that ended, by terminal status (EXPIRED: /status answered 404).");
-	labelled(b, "tracker_terminal_total", "status", terminal_names, mt.terminal, N_TERMINAL);
+	metrics_family(
+		b, "tracker_terminal_total", "counter",
+		"Tracked jobs that ended, by terminal status (EXPIRED: /status answered 404).");
+	metrics_labelled(b, "tracker_terminal_total", "status", terminal_names, mt.terminal,
+			 N_TERMINAL);
 	counter(b, "tracker_heartbeats_total",
 		"Visibility extensions (set_vt) of the messages of running jobs.", &mt.heartbeats);
 	counter(b, "tracker_early_releases_total",
@@ -595,26 +541,28 @@ static void render_tracker(struct buf *b)
 			if (age < 0)
 				age = 0.0;
 		}
-		family(b, "tracker_oldest_in_queue_seconds", "gauge",
-		       "Age of the oldest tracked job still IN_QUEUE (since /run accepted it), 0 = none.");
+		metrics_family(
+			b, "tracker_oldest_in_queue_seconds", "gauge",
+			"Age of the oldest tracked job still IN_QUEUE (since /run accepted it), 0 = none.");
 		bprintf(b, PREFIX "tracker_oldest_in_queue_seconds %.3f\n", age);
 	}
-	family(b, "tracker_queue_cap_reached", "gauge",
-	       "1 while reads pause because max_queued_jobs jobs wait IN_QUEUE, else 0.");
+	metrics_family(b, "tracker_queue_cap_reached", "gauge",
+		       "1 while reads pause because max_queued_jobs jobs wait IN_QUEUE, else 0.");
 	bprintf(b, PREFIX "tracker_queue_cap_reached %d\n",
 		atomic_load_explicit(&mt.queue_cap_reached, memory_order_relaxed));
-	family(b, "runpod_health_jobs", "gauge", "Job counts from RunPod's /health, by state.");
+	metrics_family(b, "runpod_health_jobs", "gauge",
+		       "Job counts from RunPod's /health, by state.");
 	for (size_t i = 0; i < METRICS_HEALTH_NJOBS; i++)
 		bprintf(b, PREFIX "runpod_health_jobs{state=\"%s\"} %lld\n", health_job_names[i],
 			atomic_load_explicit(&mt.health_jobs[i], memory_order_relaxed));
-	family(b, "runpod_health_workers", "gauge",
-	       "Worker counts from RunPod's /health, by state.");
+	metrics_family(b, "runpod_health_workers", "gauge",
+		       "Worker counts from RunPod's /health, by state.");
 	for (size_t i = 0; i < METRICS_HEALTH_NWORKERS; i++)
 		bprintf(b, PREFIX "runpod_health_workers{state=\"%s\"} %lld\n",
 			health_worker_names[i],
 			atomic_load_explicit(&mt.health_workers[i], memory_order_relaxed));
-	family(b, "runpod_health_timestamp_seconds", "gauge",
-	       "Unix time of the last /health answer read, 0 = never.");
+	metrics_family(b, "runpod_health_timestamp_seconds", "gauge",
+		       "Unix time of the last /health answer read, 0 = never.");
 	bprintf(b, PREFIX "runpod_health_timestamp_seconds %.3f\n",
 		load_double(&mt.health_time_bits));
 }

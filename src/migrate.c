@@ -93,6 +93,16 @@ static const char V4[] =
 	" + p_count_s, 0); END IF;"
 	" END $budget$;";
 
+/* Version 5: the runtime control state of each route (pause, drain; see
+ * control.c), so that a pause outlasts a reload and a restart. IF NOT
+ * EXISTS: builds before this migration created the same table themselves. */
+static const char V5[] = "CREATE TABLE IF NOT EXISTS @S@.route_control ("
+			 " route text NOT NULL,"
+			 " queue_name text NOT NULL,"
+			 " state text NOT NULL,"
+			 " changed_at timestamptz NOT NULL DEFAULT now(),"
+			 " PRIMARY KEY (route, queue_name));";
+
 static const char HEAD[] =
 	"DO $pgmqd_migrate$ DECLARE v integer := 0; BEGIN "
 	"PERFORM pg_advisory_xact_lock(hashtext('pgmq_dispatcher.migrate.@S@')); "
@@ -125,9 +135,10 @@ static char *append(char *out, size_t *len, const char *s, const char *schema, c
 
 char *migrate_sql(const char *schema, int target)
 {
-	static const char *const steps[] = { V1, V2, V3, V4 };
+	static const char *const steps[] = { V1, V2, V3, V4, V5 };
 	char t[16], step[32];
-	size_t cap = sizeof(HEAD) + sizeof(V1) + sizeof(V2) + sizeof(V3) + sizeof(V4) + 512,
+	size_t cap = sizeof(HEAD) + sizeof(V1) + sizeof(V2) + sizeof(V3) + sizeof(V4) + sizeof(V5) +
+		     512,
 	       len = 0;
 	char *out;
 

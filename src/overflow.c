@@ -19,13 +19,14 @@ static void on_overflow_archived(void *arg, long count, const struct pg_error *e
 
 	d->db_pending--;
 	if (err) {
-		l = log_begin(LOG_ERROR, "read_ct_overflow_archive_failed");
+		l = log_begin_route(d->cfg->route_name, LOG_ERROR,
+				    "read_ct_overflow_archive_failed");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		log_end(l);
 	} else if (!d->finished) {
-		l = log_begin(LOG_WARN, "read_ct_overflow_archived");
+		l = log_begin_route(d->cfg->route_name, LOG_WARN, "read_ct_overflow_archived");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_int(l, "messages", count);
 		log_str(l, "reason", "max_read_ct");
@@ -51,7 +52,7 @@ static void on_overflow_found(void *arg, const long long *ids, int n, const stru
 		return;
 	}
 	if (err || n == 0) {
-		l = log_begin(LOG_ERROR, "read_ct_overflow");
+		l = log_begin_route(d->cfg->route_name, LOG_ERROR, "read_ct_overflow");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "problem", err ? err->message : "no row found near read_ct 2147483647");
 		log_end(l);
@@ -61,7 +62,7 @@ static void on_overflow_found(void *arg, const long long *ids, int n, const stru
 	pgmq_quote_literal(d->cfg->queue_name, quoted, sizeof(quoted));
 	snprintf(fix, sizeof(fix), "SELECT pgmq.archive(%s, %lld)%s", quoted, ids[0],
 		 n > 1 ? " for each msg_id" : "");
-	l = log_begin(LOG_ERROR, "read_ct_overflow");
+	l = log_begin_route(d->cfg->route_name, LOG_ERROR, "read_ct_overflow");
 	log_str(l, "queue", d->cfg->queue_name);
 	log_str(l, "problem",
 		"read_ct of these rows is at the integer limit 2147483647: "
@@ -82,8 +83,9 @@ static void on_overflow_found(void *arg, const long long *ids, int n, const stru
 				      "max_read_ct", on_overflow_archived, d, &recorded) == 0)
 			d->db_pending++;
 		else
-			log_msg(LOG_ERROR, "read_ct_overflow_archive_failed",
-				"cannot queue pgmq.archive");
+			log_msg_route(d->cfg->route_name, LOG_ERROR,
+				      "read_ct_overflow_archive_failed",
+				      "cannot queue pgmq.archive");
 	}
 	dispatcher_maybe_finish(d);
 }

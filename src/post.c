@@ -21,7 +21,7 @@ static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod
 	static const char *const events[] = { "batch_accepted", "batch_rejected",
 					      "batch_outcome_unknown" };
 	enum log_level level = outcome == RUNPOD_ACCEPTED ? LOG_INFO : LOG_WARN;
-	struct log_line *l = log_begin(level, events[outcome]);
+	struct log_line *l = log_begin_route(d->cfg->route_name, level, events[outcome]);
 	long long duration = (long long)((ev_now(d->loop) - b->started) * 1000.0 + 0.5);
 
 	log_str(l, "queue", d->cfg->queue_name);
@@ -60,13 +60,13 @@ static void log_outcome(struct dispatcher *d, const struct batch *b, enum runpod
 	log_end(l);
 }
 
-static void log_response(const struct http_response *r)
+static void log_response(const struct dispatcher *d, const struct http_response *r)
 {
 	struct log_line *l;
 
 	if (!log_enabled(LOG_TRACE))
 		return;
-	l = log_begin(LOG_TRACE, "http_response");
+	l = log_begin_route(d->cfg->route_name, LOG_TRACE, "http_response");
 	log_int(l, "http_status", r->status);
 	log_int(l, "body_bytes", (long long)r->body_len);
 	log_int(l, "connect_ms", r->connect_ms);
@@ -103,6 +103,7 @@ static void on_posted(void *arg, const struct http_response *r)
 
 	d->in_flight--;
 	metrics_set_in_flight(d->in_flight);
+	metrics_route_set_in_flight(d->mroute, d->in_flight);
 	memset(&reply, 0, sizeof(reply));
 	if (r->status >= 200 && r->status < 300 && !r->body_truncated)
 		a.reply_parsed = runpod_parse_run_reply(r->body, r->body_len, &reply) == 0;
@@ -125,14 +126,17 @@ static void on_posted(void *arg, const struct http_response *r)
 		b->error_len = r->body_len;
 	}
 	metrics_inc_requests((enum metrics_outcome)outcome, r->status);
+	metrics_route_add(d->mroute, (enum metrics_route_counter)(MR_REQUESTS_ACCEPTED + outcome),
+			  1);
 	metrics_observe_request_seconds(r->total_ms / 1000.0);
-	log_response(r);
+	log_response(d, r);
 
 	switch (outcome) {
 	case RUNPOD_ACCEPTED:
 		d->stats.requests_accepted++;
 		d->stats.messages_accepted += (unsigned long long)b->n;
 		metrics_add_messages_dispatched((unsigned)b->n);
+		metrics_route_add(d->mroute, MR_MESSAGES_DISPATCHED, (unsigned)b->n);
 		if (d->pause_reason == PAUSE_RUNPOD && !ev_is_active(&d->pause))
 			d->failures = 0;
 		d->once_result = DISPATCH_DONE_DISPATCHED;
@@ -176,12 +180,15 @@ static void on_posted(void *arg, const struct http_response *r)
 	}
 	if (d->stopping || d->once || d->finished)
 		dispatcher_maybe_finish(d);
-	else if (d->read_wanted)
+	else if (d->read_wanted && d->ep == NULL)
 		dispatcher_kick(d); /* the drain was waiting for this slot */
+	if (d->ep && !d->finished)
+		endpoint_slot_freed(d->ep); /* the best priority takes it */
 }
 
-/* Sends one batch now (a rate slot is free). in_flight already counts it. */
-static void send_now(struct dispatcher *d, struct batch *b)
+/* Sends one batch now (a rate slot is free). in_flight already counts it.
+ * False when nothing was sent (the batch is released). */
+static bool send_now(struct dispatcher *d, struct batch *b)
 {
 	char idempotency[64];
 	const char *headers[] = { d->conf.auth_header, "Content-Type: application/json",
@@ -193,6 +200,7 @@ static void send_now(struct dispatcher *d, struct batch *b)
 		.connect_timeout_ms = d->cfg->connect_timeout_ms,
 		.timeout_ms = d->cfg->request_timeout_ms,
 		.ca_file = d->cfg->ca_file,
+		.owner = d,
 	};
 
 	if (b->dispatch_id[0]) {
@@ -205,14 +213,15 @@ static void send_now(struct dispatcher *d, struct batch *b)
 		runpod_envelope_set_dispatch_id(&d->conf.envelope, o.body, b->dispatch_id);
 	if (o.body == NULL || http_start(d->http, &o, on_posted, b) != 0) {
 		/* Nothing was sent: the messages come back at once. */
-		log_msg(LOG_ERROR, "post_failed",
-			"cannot start the /run request; releasing %d message%s", b->n,
-			b->n == 1 ? "" : "s");
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "post_failed",
+			      "cannot start the /run request; releasing %d message%s", b->n,
+			      b->n == 1 ? "" : "s");
 		d->in_flight--;
 		metrics_set_in_flight(d->in_flight);
+		metrics_route_set_in_flight(d->mroute, d->in_flight);
 		dispatcher_back_off(d, PAUSE_RUNPOD, -1);
 		batch_release(b, 0);
-		return;
+		return false;
 	}
 	/* The wall clock now, not the loop's cached ev_now: that is from the
 	 * start of this iteration, and a busy one would make the window start
@@ -221,13 +230,16 @@ static void send_now(struct dispatcher *d, struct batch *b)
 	b->body_bytes = o.body_len;
 	b->started = ev_now(d->loop);
 	if (log_enabled(LOG_TRACE)) {
+		/* route last: "event=http_request method=..." stays as it was. */
 		struct log_line *l = log_begin(LOG_TRACE, "http_request");
 		log_str(l, "method", "POST");
 		log_str(l, "url", d->conf.run_url);
 		log_int(l, "body_bytes", (long long)o.body_len);
 		log_int(l, "jobs", b->n);
+		log_str(l, "route", d->cfg->route_name);
 		log_end(l);
 	}
+	return true;
 }
 
 static struct batch *pop_waiting(struct dispatcher *d)
@@ -242,33 +254,56 @@ static struct batch *pop_waiting(struct dispatcher *d)
 	return b;
 }
 
-static void send_waiting(struct dispatcher *d)
+bool post_own_slot(struct dispatcher *d, double now)
 {
 	double wait_s = 0;
 
-	while (d->waiting) {
-		if (!ratelimit_slot(&d->rl, ev_time(), &wait_s)) {
-			if (!ev_is_active(&d->rate_timer)) {
-				ev_timer_set(&d->rate_timer, wait_s, 0.0);
-				ev_timer_start(d->loop, &d->rate_timer);
-			}
-			return;
+	/* With the fleet budget a wait may outlast the database: a batch
+	 * whose vt ran out meanwhile may be another reader's now, so it is
+	 * never sent. */
+	while (d->budget && d->waiting &&
+	       ev_now(d->loop) - d->waiting->read_at >= d->cfg->vt_seconds - 1.0) {
+		d->in_flight--;
+		metrics_set_in_flight(d->in_flight);
+		metrics_route_set_in_flight(d->mroute, d->in_flight);
+		batch_end(pop_waiting(d), BATCH_UNSENT,
+			  "its vt ran out while it waited for the fleet budget");
+	}
+	if (d->waiting == NULL)
+		return false;
+	if (!ratelimit_slot(&d->rl, now, &wait_s)) {
+		if (!ev_is_active(&d->rate_timer)) {
+			ev_timer_set(&d->rate_timer, wait_s, 0.0);
+			ev_timer_start(d->loop, &d->rate_timer);
 		}
-		/* With the fleet budget a wait may outlast the database: a
-		 * batch whose vt ran out meanwhile may be another reader's
-		 * now, so it is never sent. */
-		if (d->budget &&
-		    ev_now(d->loop) - d->waiting->read_at >= d->cfg->vt_seconds - 1.0) {
-			d->in_flight--;
-			metrics_set_in_flight(d->in_flight);
-			batch_end(pop_waiting(d), BATCH_UNSENT,
-				  "its vt ran out while it waited for the fleet budget");
-			continue;
-		}
-		/* The fleet's share (off: always true); its ready hook comes
-		 * back here when a grant arrives. */
+		return false;
+	}
+	/* The fleet's share (off: always there); without a slot, one grant
+	 * is asked for and its ready hook (post_on_budget) comes back. */
+	if (!budget_has_slot(d->budget, now)) {
+		budget_ask(d->budget, now, d->nwaiting);
+		return false;
+	}
+	return true;
+}
+
+bool post_send_next(struct dispatcher *d)
+{
+	/* post_own_slot found a fleet slot; none left now: nothing sent. */
+	if (!budget_take(d->budget, ev_time(), d->nwaiting))
+		return false;
+	return send_now(d, pop_waiting(d));
+}
+
+void post_send_waiting(struct dispatcher *d)
+{
+	if (d->ep) {
+		endpoint_pump(d->ep);
+		return;
+	}
+	while (d->waiting && post_own_slot(d, ev_time())) {
 		if (!budget_take(d->budget, ev_time(), d->nwaiting))
-			return;
+			return; /* its ready hook comes back */
 		send_now(d, pop_waiting(d));
 	}
 }
@@ -278,20 +313,21 @@ void post_on_budget(void *arg)
 	struct dispatcher *d = arg;
 
 	if (!d->finished)
-		send_waiting(d);
+		post_send_waiting(d);
 }
 
 void post_on_rate_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	(void)loop;
 	(void)revents;
-	send_waiting(w->data);
+	post_send_waiting(w->data);
 }
 
 void post_batch(struct dispatcher *d, struct batch *b)
 {
 	d->in_flight++;
 	metrics_set_in_flight(d->in_flight);
+	metrics_route_set_in_flight(d->mroute, d->in_flight);
 	b->next = NULL;
 	if (d->waiting_tail)
 		d->waiting_tail->next = b;
@@ -299,9 +335,9 @@ void post_batch(struct dispatcher *d, struct batch *b)
 		d->waiting = b;
 	d->waiting_tail = b;
 	d->nwaiting++;
-	send_waiting(d);
+	post_send_waiting(d);
 	if (d->waiting) {
-		struct log_line *l = log_begin(LOG_DEBUG, "rate_limited");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "rate_limited");
 		log_int(l, "waiting", d->nwaiting);
 		log_int(l, "max_requests_per_10s", d->rl.cap);
 		log_end(l);
@@ -316,6 +352,7 @@ void post_release_waiting(struct dispatcher *d)
 	}
 	ev_timer_stop(d->loop, &d->rate_timer);
 	metrics_set_in_flight(d->in_flight);
+	metrics_route_set_in_flight(d->mroute, d->in_flight);
 }
 
 void post_drop_waiting(struct dispatcher *d)
@@ -323,4 +360,21 @@ void post_drop_waiting(struct dispatcher *d)
 	while (d->waiting)
 		batch_end(pop_waiting(d), BATCH_UNSENT,
 			  "never sent (exit): visible again after vt_seconds");
+}
+
+int post_read_qty(const struct dispatcher *d)
+{
+	double now = ev_time();
+	int slots = d->cfg->max_in_flight - d->in_flight;
+	int rate = ratelimit_available(&d->rl, now, 1.0) - d->nwaiting;
+
+	if (d->cfg->read_batches <= 1)
+		return d->cfg->batch_size;
+	if (d->ep) { /* and what the endpoint has left */
+		int ep_slots = endpoint_free_slots(d->ep),
+		    ep_rate = endpoint_rate_available(d->ep, now, 1.0);
+		slots = ep_slots < slots ? ep_slots : slots;
+		rate = ep_rate < rate ? ep_rate : rate;
+	}
+	return batch_read_qty(d->cfg->batch_size, d->cfg->read_batches, slots, rate);
 }

@@ -42,6 +42,17 @@ bool ratelimit_slot_keep(const struct ratelimit *rl, double now, int keep, doubl
 	return false;
 }
 
+int ratelimit_available(const struct ratelimit *rl, double now, double horizon_s)
+{
+	int busy = 0;
+
+	/* A send at t holds its slot until t + window_s. */
+	for (int i = 0; i < rl->count; i++)
+		if (rl->sent_at[(rl->head + i) % rl->cap] + rl->window_s > now + horizon_s)
+			busy++;
+	return rl->cap - busy;
+}
+
 void ratelimit_record(struct ratelimit *rl, double now)
 {
 	if (rl->count < rl->cap) {

@@ -32,14 +32,15 @@ int dispatcher_conf_build(struct dispatcher_conf *out, const struct config *cfg)
 		       sizeof(out->run_url)) != 0 ||
 	    runpod_url(cfg->base_url, cfg->endpoint_id, "health", out->health_url,
 		       sizeof(out->health_url)) != 0) {
-		log_msg(LOG_ERROR, "config_invalid",
-			"runpod.base_url and runpod.endpoint_id are too long");
+		log_msg_route(cfg->route_name, LOG_ERROR, "config_invalid",
+			      "runpod.base_url and runpod.endpoint_id are too long");
 		return -1;
 	}
 	out->auth_header = runpod_auth_header(cfg->api_key);
 	if (out->auth_header == NULL ||
 	    runpod_envelope_init(&out->envelope, cfg->queue_name, cfg->vt_seconds, &extras) != 0) {
-		log_msg(LOG_ERROR, "out_of_memory", "cannot build the /run envelope");
+		log_msg_route(cfg->route_name, LOG_ERROR, "out_of_memory",
+			      "cannot build the /run envelope");
 		free(out->auth_header);
 		out->auth_header = NULL;
 		return -1;
@@ -94,71 +95,112 @@ void dispatcher_timer_retime(struct ev_loop *loop, ev_timer *t, double period_s)
 	ev_timer_start(loop, t);
 }
 
-/* All or nothing: everything new is built first, and the old state stays
- * in effect if any of it fails; then commits in steps that cannot fail. */
-int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
-{
-	struct reload_diff diff = dispatcher_reload_diff(d->cfg, cfg, d->tracker != NULL, d->once,
-							 d->stopping);
+struct dispatcher_reload_plan {
+	struct reload_diff diff;
 	struct dispatcher_conf conf;
-	struct ratelimit rl = { 0 };
-	struct tracker *tracker = NULL;
-	struct tracker_next tracker_next = { 0 };
+	struct ratelimit rl;
+	struct tracker *tracker;
+	struct tracker_next tracker_next;
+	const struct config *cfg;
+};
 
-	if (dispatcher_conf_build(&conf, cfg) != 0)
-		return -1;
-	if (diff.rate_cap && ratelimit_resized(&d->rl, cfg->max_requests_per_10s, &rl) != 0) {
-		log_msg(LOG_ERROR, "out_of_memory", "cannot resize the /run rate cap");
+/* All or nothing: everything new is built first, and the old state stays
+ * in effect if any of it fails; dispatcher_reload_commit then switches in
+ * steps that cannot fail. */
+struct dispatcher_reload_plan *dispatcher_reload_prepare(struct dispatcher *d,
+							 const struct config *cfg)
+{
+	const char *route = d->cfg->route_name;
+	struct dispatcher_reload_plan *p = calloc(1, sizeof(*p));
+
+	if (p == NULL) {
+		log_msg_route(route, LOG_ERROR, "out_of_memory", "cannot plan the reload");
+		return NULL;
+	}
+	p->cfg = cfg;
+	p->diff = dispatcher_reload_diff(d->cfg, cfg, d->tracker != NULL, d->once, d->stopping);
+	if (dispatcher_conf_build(&p->conf, cfg) != 0) {
+		free(p);
+		return NULL;
+	}
+	if (p->diff.rate_cap && ratelimit_resized(&d->rl, cfg->max_requests_per_10s, &p->rl) != 0) {
+		log_msg_route(route, LOG_ERROR, "out_of_memory", "cannot resize the /run rate cap");
 		goto fail;
 	}
-	if (diff.new_tracker && (tracker = tracker_new(d->loop, cfg, d->http, d->pg)) == NULL) {
-		log_msg(LOG_ERROR, "reload_failed", "cannot start the tracker");
+	if (p->diff.new_tracker &&
+	    (p->tracker = tracker_new(d->loop, cfg, d->http, d->pg)) == NULL) {
+		log_msg_route(route, LOG_ERROR, "reload_failed", "cannot start the tracker");
 		goto fail;
 	}
-	if (tracker_reload_prepare(d->tracker, cfg, &tracker_next) != 0) {
-		log_msg(LOG_ERROR, "out_of_memory", "cannot resize the /status rate cap");
+	if (tracker_reload_prepare(d->tracker, cfg, &p->tracker_next) != 0) {
+		log_msg_route(route, LOG_ERROR, "out_of_memory",
+			      "cannot resize the /status rate cap");
 		goto fail;
 	}
 	/* The last step that can fail, and it changes nothing when it does. */
 	if (pg_set_conninfo(d->pg, cfg->conninfo) != 0) {
-		log_msg(LOG_ERROR, "out_of_memory", "cannot take the new conninfo");
+		log_msg_route(route, LOG_ERROR, "out_of_memory", "cannot take the new conninfo");
 		goto fail;
 	}
+	return p;
+fail:
+	dispatcher_reload_abort(p);
+	return NULL;
+}
 
-	/* Commit: nothing below can fail. */
+void dispatcher_reload_abort(struct dispatcher_reload_plan *p)
+{
+	if (p == NULL)
+		return;
+	tracker_next_free(&p->tracker_next);
+	tracker_free(p->tracker);
+	ratelimit_free(&p->rl);
+	dispatcher_conf_free(&p->conf);
+	free(p);
+}
+
+void dispatcher_reload_commit(struct dispatcher *d, struct dispatcher_reload_plan *p)
+{
+	const struct config *cfg = p->cfg;
+
+	/* Nothing below can fail. */
 	dispatcher_conf_free(&d->conf);
-	d->conf = conf;
+	d->conf = p->conf;
 	d->cfg = cfg;
-	if (diff.rate_cap) {
+	if (p->diff.rate_cap) {
 		ratelimit_free(&d->rl);
-		d->rl = rl;
+		d->rl = p->rl;
 	}
-	if (tracker) {
+	if (p->tracker) {
 		/* Turned on by this reload: follow jobs accepted from now on. */
-		d->tracker = tracker;
+		d->tracker = p->tracker;
 		tracker_set_wake(d->tracker, wakeup_after, d);
 		if (tracker_set_fleet(d->tracker, cfg) != 0)
 			log_msg(LOG_WARN, "out_of_memory", "the tracker keeps its own /status cap");
 		if (d->ledger)
 			tracker_set_observer(d->tracker, dispatcher_tracker_state, d);
 	} else {
-		tracker_reload(d->tracker, cfg, &tracker_next);
+		tracker_reload(d->tracker, cfg, &p->tracker_next);
 	}
 	ledger_reload(d->ledger, cfg);
 	budget_reload(d->budget, cfg);
-	tracker_next_free(&tracker_next); /* what the tracker did not take */
+	tracker_next_free(&p->tracker_next); /* what the tracker did not take */
 	/* Running timers keep their phase: a SIGHUP now and then must not
 	 * push the next poll or stats refresh away; only a changed period
 	 * moves them, counted from their last fire. */
 	wakeup_reload(d);
 	dispatcher_timer_retime(d->loop, &d->stats_timer, cfg->metrics_interval_ms / 1000.0);
-	if (diff.runpod)
+	if (p->diff.runpod)
 		circuit_reload(d);
+	free(p);
+}
+
+int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
+{
+	struct dispatcher_reload_plan *p = dispatcher_reload_prepare(d, cfg);
+
+	if (p == NULL)
+		return -1;
+	dispatcher_reload_commit(d, p);
 	return 0;
-fail:
-	tracker_next_free(&tracker_next);
-	tracker_free(tracker);
-	ratelimit_free(&rl);
-	dispatcher_conf_free(&conf);
-	return -1;
 }

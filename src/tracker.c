@@ -96,7 +96,7 @@ void tracker_job_remove(struct tracker *t, struct tjob *j)
 
 static void evict(struct tracker *t, struct tjob *j, const char *why)
 {
-	struct log_line *l = log_begin(LOG_WARN, "tracker_evicted");
+	struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN, "tracker_evicted");
 
 	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "status", j->status);
@@ -239,12 +239,14 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 		.connect_timeout_ms = t->cfg->connect_timeout_ms,
 		.timeout_ms = t->cfg->request_timeout_ms,
 		.ca_file = t->cfg->ca_file,
+		.owner = t,
 	};
 	struct op *op;
 
 	if (runpod_status_url(t->cfg->base_url, t->cfg->endpoint_id, j->id, url, sizeof(url)) !=
 	    0) {
-		struct log_line *l = log_begin(LOG_ERROR, "tracker_dropped");
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_ERROR,
+						     "tracker_dropped");
 		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->ids, j->n);
 		log_str(l, "msg", "the /status URL does not fit; the messages keep their vt");
@@ -256,17 +258,19 @@ static void start_status(struct tracker *t, struct tjob *j, ev_tstamp now)
 	if (op == NULL || http_start(t->http, &o, tracker_on_status, op) != 0) {
 		if (op)
 			tracker_op_free(op);
-		log_msg(LOG_DEBUG, "status_not_started",
-			"cannot start a /status request; retrying");
+		log_msg_route(t->cfg->route_name, LOG_DEBUG, "status_not_started",
+			      "cannot start a /status request; retrying");
 		tracker_poll_later(t, j, now);
 		return;
 	}
 	j->polling = true;
 	t->status_in_flight++;
 	if (log_enabled(LOG_TRACE)) {
+		/* route last: "event=http_request method=..." stays as it was. */
 		struct log_line *l = log_begin(LOG_TRACE, "http_request");
 		log_str(l, "method", "GET");
 		log_str(l, "url", url);
+		log_str(l, "route", t->cfg->route_name);
 		log_end(l);
 	}
 }
@@ -304,7 +308,8 @@ static void db_work(struct tracker *t, struct tjob *j, ev_tstamp now)
 	if (j->n_live == 0)
 		return;
 	if (!tracker_heartbeat_allowed(j->added_at, now, t->cfg->tracker_max_heartbeat_s)) {
-		struct log_line *l = log_begin(LOG_WARN, "heartbeat_ceiling");
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN,
+						     "heartbeat_ceiling");
 		log_str(l, "runpod_job_id", j->id);
 		log_str(l, "status", j->status);
 		tracker_log_ids(l, j->live, j->n_live);
@@ -320,7 +325,8 @@ static void db_work(struct tracker *t, struct tjob *j, ev_tstamp now)
 		return;
 	}
 	if (now - j->seen_at > stale_s) {
-		struct log_line *l = log_begin(LOG_WARN, "heartbeat_paused");
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN,
+						     "heartbeat_paused");
 		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->live, j->n_live);
 		log_int(l, "silent_s", (long long)(now - j->seen_at));
@@ -453,7 +459,7 @@ struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, stru
 			jobtable_free(&t->jobs);
 		}
 		free(t);
-		log_msg(LOG_ERROR, "tracker_failed", "out of memory");
+		log_msg_route(cfg->route_name, LOG_ERROR, "tracker_failed", "out of memory");
 		return NULL;
 	}
 	t->loop = loop;
@@ -464,7 +470,8 @@ struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, stru
 	t->timer.data = t;
 	apply(t, cfg, &next);
 	{
-		struct log_line *l = log_begin(LOG_INFO, "tracker_started");
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_INFO,
+						     "tracker_started");
 		log_int(l, "interval_ms", cfg->tracker_interval_ms);
 		log_int(l, "max_tracked_jobs", cfg->tracker_max_tracked_jobs);
 		log_int(l, "max_concurrent", cfg->tracker_max_concurrent);
@@ -493,7 +500,8 @@ void tracker_add_dispatch(struct tracker *t, const char *job_id, const char *dis
 	    n < 1 || strlen(job_id) > RUNPOD_JOB_ID_MAX)
 		return;
 	if (tracker_job_find(t, job_id)) {
-		log_msg(LOG_DEBUG, "tracker_duplicate", "job %s is tracked already", job_id);
+		log_msg_route(t->cfg->route_name, LOG_DEBUG, "tracker_duplicate",
+			      "job %s is tracked already", job_id);
 		return;
 	}
 	while (jobtable_full(&t->jobs) && jobtable_oldest(&t->jobs))
@@ -510,8 +518,8 @@ void tracker_add_dispatch(struct tracker *t, const char *job_id, const char *dis
 		if (j)
 			free(j->ids);
 		free(j);
-		log_msg(LOG_ERROR, "tracker_add_failed", "out of memory: job %s is not tracked",
-			job_id);
+		log_msg_route(t->cfg->route_name, LOG_ERROR, "tracker_add_failed",
+			      "out of memory: job %s is not tracked", job_id);
 		return;
 	}
 	now = ev_now(t->loop);
@@ -532,7 +540,7 @@ void tracker_add_dispatch(struct tracker *t, const char *job_id, const char *dis
 	tracker_poll_later(t, j, now);
 	tracker_schedule_heartbeat(t, j);
 	{
-		struct log_line *l = log_begin(LOG_DEBUG, "job_tracked");
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_DEBUG, "job_tracked");
 		log_str(l, "runpod_job_id", j->id);
 		tracker_log_ids(l, j->ids, j->n);
 		log_int(l, "vt_left_ms", (long long)((j->vt_until - now) * 1000.0));
@@ -578,14 +586,16 @@ void tracker_reload(struct tracker *t, const struct config *cfg, struct tracker_
 	if (cfg->tracker_max_queued_jobs != old_cap && t->wake)
 		t->wake(t->wake_arg, 0.0);
 	if (!cfg->tracker_enabled && t->enabled) {
-		struct log_line *l = log_begin(LOG_INFO, "tracker_disabled");
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_INFO,
+						     "tracker_disabled");
 		log_int(l, "jobs", jobtable_count(&t->jobs));
 		log_str(l, "msg", "no longer following jobs; their messages keep their vt");
 		log_end(l);
 		forget_all(t);
 		t->enabled = false;
 	} else if (cfg->tracker_enabled && !t->enabled) {
-		log_msg(LOG_INFO, "tracker_enabled", "following accepted jobs from now on");
+		log_msg_route(t->cfg->route_name, LOG_INFO, "tracker_enabled",
+			      "following accepted jobs from now on");
 		t->enabled = true;
 	}
 	while (jobtable_count(&t->jobs) > cfg->tracker_max_tracked_jobs &&
@@ -603,7 +613,8 @@ void tracker_stop(struct tracker *t)
 	t->stopped = true;
 	ev_timer_stop(t->loop, &t->timer);
 	{
-		struct log_line *l = log_begin(LOG_DEBUG, "tracker_stopped");
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_DEBUG,
+						     "tracker_stopped");
 		log_int(l, "jobs", jobtable_count(&t->jobs));
 		log_end(l);
 	}

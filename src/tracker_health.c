@@ -106,8 +106,8 @@ void tracker_health_start(struct tracker *t, ev_tstamp now)
 	if (op == NULL || http_start(t->http, &o, tracker_on_health, op) != 0) {
 		if (op)
 			tracker_op_free(op);
-		log_msg(LOG_DEBUG, "health_not_started",
-			"cannot start a /health request; retrying");
+		log_msg_route(t->cfg->route_name, LOG_DEBUG, "health_not_started",
+			      "cannot start a /health request; retrying");
 		return;
 	}
 	t->health_polling = true;
@@ -115,6 +115,7 @@ void tracker_health_start(struct tracker *t, ev_tstamp now)
 		struct log_line *l = log_begin(LOG_TRACE, "http_request");
 		log_str(l, "method", "GET");
 		log_str(l, "url", t->health_url);
+		log_str(l, "route", t->cfg->route_name);
 		log_end(l);
 	}
 }
@@ -137,13 +138,14 @@ static void health_ok(struct tracker *t, const struct runpod_health *h, ev_tstam
 	metrics_set_runpod_health(h->jobs, h->workers);
 	if (t->health_failing) {
 		t->health_failing = false;
-		log_msg(LOG_INFO, "health_recovered", "/health answers again");
+		log_msg_route(t->cfg->route_name, LOG_INFO, "health_recovered",
+			      "/health answers again");
 	}
 	switch (tracker_health_note(t->unhealthy_warned, h->workers[RUNPOD_HW_UNHEALTHY],
 				    in_queue)) {
 	case TRACKER_HEALTH_WARN:
 		t->unhealthy_warned = true;
-		l = log_begin(LOG_WARN, "runpod_workers_unhealthy");
+		l = log_begin_route(t->cfg->route_name, LOG_WARN, "runpod_workers_unhealthy");
 		log_counts(l, h);
 		log_int(l, "jobs_in_queue", in_queue);
 		log_int(l, "oldest_in_queue_s", (long long)oldest_in_queue_s(t, now));
@@ -155,7 +157,7 @@ static void health_ok(struct tracker *t, const struct runpod_health *h, ev_tstam
 		break;
 	case TRACKER_HEALTH_RECOVERED:
 		t->unhealthy_warned = false;
-		l = log_begin(LOG_INFO, "runpod_workers_recovered");
+		l = log_begin_route(t->cfg->route_name, LOG_INFO, "runpod_workers_recovered");
 		log_counts(l, h);
 		log_int(l, "jobs_in_queue", in_queue);
 		log_end(l);
@@ -167,7 +169,9 @@ static void health_ok(struct tracker *t, const struct runpod_health *h, ev_tstam
 
 static void health_failed(struct tracker *t, const struct http_response *r, ev_tstamp now)
 {
-	struct log_line *l = log_begin(t->health_failing ? LOG_DEBUG : LOG_WARN, "health_failed");
+	struct log_line *l = log_begin_route(t->cfg->route_name,
+					     t->health_failing ? LOG_DEBUG : LOG_WARN,
+					     "health_failed");
 	long long pause_ms;
 
 	log_int(l, "http_status", r->status);

@@ -37,9 +37,10 @@ static enum metrics_terminal terminal_of(const char *status)
 
 /* ---- /status answers ---- */
 
-static void log_transition(const struct tjob *j, const struct runpod_status_reply *rep)
+static void log_transition(const struct tracker *t, const struct tjob *j,
+			   const struct runpod_status_reply *rep)
 {
-	struct log_line *l = log_begin(LOG_INFO, "job_status");
+	struct log_line *l = log_begin_route(t->cfg->route_name, LOG_INFO, "job_status");
 
 	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "old", j->status);
@@ -91,7 +92,7 @@ static void job_failed(struct tracker *t, struct tjob *j, const struct runpod_st
 		       ev_tstamp now)
 {
 	bool release = release_wanted(t, j, now);
-	struct log_line *l = log_begin(LOG_WARN, "job_failed");
+	struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN, "job_failed");
 
 	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "status", rep->status);
@@ -112,10 +113,11 @@ static void status_ok(struct tracker *t, struct tjob *j, const struct runpod_sta
 
 	if (t->failing) {
 		t->failing = false;
-		log_msg(LOG_INFO, "status_recovered", "/status answers again");
+		log_msg_route(t->cfg->route_name, LOG_INFO, "status_recovered",
+			      "/status answers again");
 	}
 	if (strcmp(rep->status, j->status) != 0) {
-		log_transition(j, rep);
+		log_transition(t, j, rep);
 		snprintf(j->status, sizeof(j->status), "%s", rep->status);
 		tracker_observe(t, j, j->status, rep->error[0] ? rep->error : NULL);
 	}
@@ -143,7 +145,7 @@ static void status_ok(struct tracker *t, struct tjob *j, const struct runpod_sta
 static void status_expired(struct tracker *t, struct tjob *j, ev_tstamp now)
 {
 	bool release = release_wanted(t, j, now);
-	struct log_line *l = log_begin(LOG_WARN, "job_expired");
+	struct log_line *l = log_begin_route(t->cfg->route_name, LOG_WARN, "job_expired");
 
 	log_str(l, "runpod_job_id", j->id);
 	log_str(l, "status", j->status);
@@ -160,7 +162,8 @@ static void status_expired(struct tracker *t, struct tjob *j, ev_tstamp now)
 static void status_failed(struct tracker *t, struct tjob *j, const struct http_response *r,
 			  ev_tstamp now)
 {
-	struct log_line *l = log_begin(t->failing ? LOG_DEBUG : LOG_WARN, "status_failed");
+	struct log_line *l = log_begin_route(t->cfg->route_name, t->failing ? LOG_DEBUG : LOG_WARN,
+					     "status_failed");
 
 	log_str(l, "runpod_job_id", j->id);
 	log_int(l, "http_status", r->status);
@@ -237,7 +240,7 @@ static int cmp_ll(const void *a, const void *b)
 
 /* Keeps in j only the ids set_vt found (the rest were deleted or archived
  * by the worker). sorted: the returned ids, sorted. */
-static void keep_found(struct tjob *j, const long long *sorted, int n)
+static void keep_found(const struct tracker *t, struct tjob *j, const long long *sorted, int n)
 {
 	int kept = 0;
 
@@ -245,7 +248,8 @@ static void keep_found(struct tjob *j, const long long *sorted, int n)
 		if (n > 0 && bsearch(&j->live[i], sorted, (size_t)n, sizeof(*sorted), cmp_ll))
 			j->live[kept++] = j->live[i];
 	if (kept < j->n_live) {
-		struct log_line *l = log_begin(LOG_DEBUG, "heartbeat_ended");
+		struct log_line *l = log_begin_route(t->cfg->route_name, LOG_DEBUG,
+						     "heartbeat_ended");
 		log_str(l, "runpod_job_id", j->id);
 		log_int(l, "messages_gone", j->n_live - kept);
 		log_int(l, "messages_left", kept);
@@ -256,10 +260,11 @@ static void keep_found(struct tjob *j, const long long *sorted, int n)
 
 static void on_release_done(struct op *op, const long long *ids, int n, const struct pg_error *err)
 {
+	const char *route = op->t ? op->t->cfg->route_name : "";
 	struct log_line *l;
 
 	if (err) {
-		l = log_begin(LOG_ERROR, "early_release_failed");
+		l = log_begin_route(route, LOG_ERROR, "early_release_failed");
 		log_str(l, "runpod_job_id", op->job_id);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
@@ -270,7 +275,7 @@ static void on_release_done(struct op *op, const long long *ids, int n, const st
 	}
 	if (op->t && op->t->observe && op->dispatch_id[0])
 		op->t->observe(op->t->observe_arg, op->dispatch_id, "released", NULL);
-	l = log_begin(LOG_INFO, "early_release");
+	l = log_begin_route(route, LOG_INFO, "early_release");
 	log_str(l, "runpod_job_id", op->job_id);
 	tracker_log_ids(l, ids, n);
 	log_int(l, "messages", n);
@@ -290,7 +295,7 @@ static void on_heartbeat_done(struct tracker *t, struct op *op, struct tjob *j, 
 	struct log_line *l;
 
 	if (err) {
-		l = log_begin(LOG_WARN, "heartbeat_failed");
+		l = log_begin_route(t->cfg->route_name, LOG_WARN, "heartbeat_failed");
 		log_str(l, "runpod_job_id", op->job_id);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
@@ -301,7 +306,7 @@ static void on_heartbeat_done(struct tracker *t, struct op *op, struct tjob *j, 
 		return;
 	}
 	if (n > 0) {
-		l = log_begin(LOG_INFO, "heartbeat");
+		l = log_begin_route(t->cfg->route_name, LOG_INFO, "heartbeat");
 		log_str(l, "runpod_job_id", op->job_id);
 		tracker_log_ids(l, ids, n);
 		log_int(l, "vt_seconds", op->delay_s);
@@ -312,7 +317,7 @@ static void on_heartbeat_done(struct tracker *t, struct op *op, struct tjob *j, 
 		return;
 	if (n > 0)
 		qsort(ids, (size_t)n, sizeof(*ids), cmp_ll);
-	keep_found(j, ids, n);
+	keep_found(t, j, ids, n);
 	/* The statement ran after it was sent: the vt ends no earlier. */
 	j->vt_len = op->delay_s;
 	j->vt_until = op->sent_at + op->delay_s;

@@ -28,7 +28,7 @@ static void set_poll_period(struct dispatcher *d, double ms)
 		return;
 	d->w.idle_poll_ms = ms;
 	{
-		struct log_line *l = log_begin(LOG_DEBUG, "poll_period");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "poll_period");
 		log_int(l, "poll_period_ms", (long long)ms);
 		log_end(l);
 	}
@@ -89,7 +89,8 @@ void wakeup_on_debounce(struct ev_loop *loop, ev_timer *w, int revents)
 
 void wakeup_on_wake_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
-	struct log_line *l = log_begin(LOG_DEBUG, "wake_read");
+	struct dispatcher *d = w->data;
+	struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "wake_read");
 
 	(void)loop;
 	(void)revents;
@@ -126,7 +127,8 @@ void wakeup_on_notify(void *arg, const char *channel, const char *payload)
 		return;
 	if (strcmp(payload, d->w.selftest) == 0) {
 		if (d->w.notify_state == NOTIFY_TESTING) {
-			struct log_line *l = log_begin(LOG_DEBUG, "notify_ready");
+			struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG,
+							     "notify_ready");
 			log_str(l, "channel", d->w.channel);
 			log_end(l);
 			ev_timer_stop(d->loop, &d->selftest_timer);
@@ -154,7 +156,8 @@ void wakeup_on_selftest_timeout(struct ev_loop *loop, ev_timer *w, int revents)
 		return;
 	set_notify_state(d, NOTIFY_BROKEN);
 	if (!d->w.notify_broken_logged) {
-		struct log_line *l = log_begin(LOG_WARN, "notify_unavailable");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN,
+						     "notify_unavailable");
 		log_str(l, "channel", d->w.channel);
 		log_str(l, "msg",
 			"LISTEN receives no notifications on this connection (a transaction "
@@ -193,7 +196,8 @@ static void sender_free(struct dispatcher *d)
 
 static void sender_failed(struct dispatcher *d, const char *error)
 {
-	struct log_line *l = log_begin(LOG_WARN, "notify_selftest_failed");
+	struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN,
+					     "notify_selftest_failed");
 	char line[256];
 	size_t n;
 
@@ -310,7 +314,8 @@ static void selftest_send(struct dispatcher *d)
 		 (long)getpid(), d->w.selftest_seq);
 	s = calloc(1, sizeof(*s));
 	if (s == NULL) {
-		log_msg(LOG_ERROR, "out_of_memory", "cannot send the NOTIFY self-test");
+		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
+			      "cannot send the NOTIFY self-test");
 		return;
 	}
 	s->d = d;
@@ -336,7 +341,7 @@ static void on_listen_done(void *arg, PGresult *res, const struct pg_error *err)
 	if (d->finished || err == NULL)
 		return;
 	{
-		struct log_line *l = log_begin(LOG_WARN, "listen_failed");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN, "listen_failed");
 		log_str(l, "channel", d->w.channel);
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
@@ -377,7 +382,8 @@ static void on_trigger_check(void *arg, PGresult *res, const struct pg_error *er
 			char call[320];
 			d->w.missing_logged = true;
 			pgmq_create_call(d->cfg->queue_name, call, sizeof(call));
-			struct log_line *l = log_begin(LOG_WARN, "queue_missing");
+			struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN,
+							     "queue_missing");
 			log_str(l, "queue", d->cfg->queue_name);
 			log_str(l, "table", d->w.table);
 			log_str(l, "fix", call);
@@ -390,7 +396,8 @@ static void on_trigger_check(void *arg, PGresult *res, const struct pg_error *er
 	} else if (!d->w.has_trigger && (had || !d->w.no_trigger_logged)) {
 		d->w.missing_logged = false;
 		d->w.no_trigger_logged = true;
-		struct log_line *l = log_begin(LOG_INFO, "notify_no_trigger");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_INFO,
+						     "notify_no_trigger");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "msg",
 			"no insert trigger on the queue table: polling every poll_interval_ms; "
@@ -398,7 +405,8 @@ static void on_trigger_check(void *arg, PGresult *res, const struct pg_error *er
 			"docs/operations.md makes inserts wake the daemon");
 		log_end(l);
 	} else if (d->w.has_trigger && !had && d->w.no_trigger_logged) {
-		struct log_line *l = log_begin(LOG_INFO, "notify_trigger_found");
+		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_INFO,
+						     "notify_trigger_found");
 		log_str(l, "queue", d->cfg->queue_name);
 		log_str(l, "msg",
 			"an insert trigger is on the queue table now: idle polls may back off");
@@ -470,7 +478,11 @@ static void on_listen_connected(void *arg)
 	struct dispatcher *d = arg;
 
 	wakeup_start_listen(d, d->w.listen_pg);
-	dispatcher_kick(d); /* catch up on what was inserted while we were not listening */
+	/* Catch up on what was inserted while we were not listening, unless
+	 * the main connection's own catch-up read is still to start (it waits
+	 * for the route's control state and is sent after this LISTEN). */
+	if (d->ctl_loaded)
+		dispatcher_kick(d);
 }
 
 void wakeup_listen_lost(struct dispatcher *d)

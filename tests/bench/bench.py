@@ -279,13 +279,15 @@ class Daemon:
         self.proc = None
         self.port = None
         self.spawned_at = None
+        self.args = []
 
     def start(self):
         logf = open(self.log_path, "wb")  # noqa: SIM115 - the child keeps it
         try:
             self.spawned_at = time.monotonic()
             self.spawned_wall = time.time()
-            self.proc = self.ctx.children.spawn([self.ctx.binary], env=self.env, stdout=logf,
+            self.proc = self.ctx.children.spawn([self.ctx.binary, *self.args], env=self.env,
+                                                stdout=logf,
                                                 stderr=subprocess.STDOUT)
         finally:
             logf.close()
@@ -411,14 +413,14 @@ class Context:
             self.cluster.close()
 
 
-def load_queue(conn, n):
+def load_queue(conn, n, queue=QUEUE):
     """Enqueues n messages with pgmq.send_batch in chunks, then VACUUM ANALYZE."""
     with conn.cursor() as cur:
         for start in range(1, n + 1, LOAD_CHUNK):
             end = min(n, start + LOAD_CHUNK - 1)
             cur.execute(f"SELECT count(*) FROM pgmq.send_batch(%s, ARRAY(SELECT {MESSAGE_SQL} "
-                        f"FROM generate_series(%s::bigint, %s::bigint) g))", (QUEUE, start, end))
-        cur.execute(f"VACUUM ANALYZE pgmq.q_{QUEUE}")
+                        f"FROM generate_series(%s::bigint, %s::bigint) g))", (queue, start, end))
+        cur.execute(f"VACUUM ANALYZE pgmq.q_{queue}")
 
 
 def visible_count(conn):
@@ -433,8 +435,9 @@ class Worker(threading.Thread):
     step over all the invisible rows read before (pgmq keeps them until the worker deletes
     them), and a long drain would measure that instead. The same worker runs beside pgbench."""
 
-    def __init__(self, ctx, db):
-        super().__init__(daemon=True, name=f"worker-{db}")
+    def __init__(self, ctx, db, queue=QUEUE):
+        super().__init__(daemon=True, name=f"worker-{db}-{queue}")
+        self.queue = queue
         self.conn = ctx.cluster.connect(db)
         self.halt = threading.Event()
         self.deleted = 0
@@ -444,7 +447,7 @@ class Worker(threading.Thread):
         try:
             with self.conn.cursor() as cur:
                 while not self.halt.is_set():
-                    cur.execute(f"DELETE FROM pgmq.q_{QUEUE} "
+                    cur.execute(f"DELETE FROM pgmq.q_{self.queue} "
                                 f"WHERE vt > clock_timestamp() + interval '60 seconds'")
                     self.deleted += cur.rowcount
                     self.halt.wait(WORKER_PERIOD_S)
@@ -567,6 +570,68 @@ def scenario_drain(ctx, results):
             "daemon_runs": runs, "reference_runs": refs,
             "own_sql": statistics.median(r["msgs_per_s"] for r in own), "own_sql_runs": own,
         }
+
+
+QUEUE2 = "bench2"
+
+
+def drain_two_routes(ctx, n, batch):
+    """One daemon, two routes (queues bench and bench2, two endpoint ids on the nginx sink),
+    n messages queued in each: the aggregate drain rate."""
+    db, conn = ctx.new_db()
+    with conn.cursor() as cur:
+        cur.execute("SELECT pgmq.create(%s)", (QUEUE2,))
+    load_queue(conn, n)
+    load_queue(conn, n, QUEUE2)
+    workers = [Worker(ctx, db), Worker(ctx, db, QUEUE2)]
+    for w in workers:
+        w.start()
+    path = os.path.join(ctx.workdir, f"routes-{db}.conf")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(f"[route.one]\nqueue = {QUEUE}\nendpoint_id = {ENDPOINT_ID}\n"
+                f"[route.two]\nqueue = {QUEUE2}\nendpoint_id = {ENDPOINT_ID}-two\n")
+    d = Daemon(ctx, f"routes-{db}", ctx.conninfo(db), ctx.nginx.base_url, queue_batch_size=batch,
+               runpod_max_requests_per_10s=SINK_RATE_CAP)
+    d.args = ["-c", path]
+    try:
+        d.start()
+        d.wait_counter("messages_dispatched_total", 2 * n, timeout=900, interval=0.1)
+        elapsed = d.last_event_time("batch_accepted") - d.spawned_wall
+        m = d.metrics()
+    finally:
+        d.stop()
+        for w in workers:
+            w.stop()
+    conn.close()
+    per_route = [m.get(f'pgmqd_route_messages_dispatched_total{{route="{r}"}}', 0)
+                 for r in ("one", "two")]
+    if per_route != [n, n]:
+        raise RuntimeError(f"routes dispatched {per_route}, expected {n} each")
+    return {"msgs_per_s": 2 * n / elapsed, "elapsed_s": elapsed}
+
+
+def scenario_two_routes(ctx, results):
+    n = SIZES["drain_n"] // 2
+    one = drain_daemon(ctx, 2 * n, 10)
+    log(f"7. one route, {2 * n:,} messages: {one['msgs_per_s']:,.0f} msg/s")
+    two = drain_two_routes(ctx, n, 10)
+    log(f"7. two routes, {n:,} each: {two['msgs_per_s']:,.0f} msg/s")
+    results["two_routes"] = {"n": n, "one": one["msgs_per_s"], "two": two["msgs_per_s"]}
+
+
+def scenario_fuller_reads(ctx, results):
+    """Batch 10 with queue.read_batches=8 (one read claims up to 80 messages, sent as bodies of
+    10) against single-connection pgmq.read(..., 10), in the same run."""
+    n = SIZES["drain_n"]
+    ref = drain_reference(ctx, n, 10)
+    log(f"8. pgmq.read(..., 10) alone: {ref['msgs_per_s']:,.0f} msg/s")
+    plain = drain_daemon(ctx, n, 10)
+    log(f"8. daemon, read_batches 1: {plain['msgs_per_s']:,.0f} msg/s, PostgreSQL "
+        f"{plain['cpu_us_per_msg']['PostgreSQL']:.0f} us/msg")
+    fuller = drain_daemon(ctx, n, 10, queue_read_batches=8, queue_max_in_flight=16)
+    log(f"8. daemon, read_batches 8: {fuller['msgs_per_s']:,.0f} msg/s, PostgreSQL "
+        f"{fuller['cpu_us_per_msg']['PostgreSQL']:.0f} us/msg")
+    results["fuller"] = {"n": n, "ref": ref["msgs_per_s"], "plain": plain, "fuller": fuller}
 
 
 def scenario_ledger(ctx, results):
@@ -968,7 +1033,9 @@ SCENARIOS = [("1", "drain vs pgmq.read", scenario_drain),
              ("4", "idle", scenario_idle),
              ("5", "memory under load", scenario_memory),
              ("6", "dispatch ledger on vs off", scenario_ledger),
-             ("7", "fleet of three replicas against the cap", scenario_fleet)]
+             ("7", "fleet of three replicas against the cap", scenario_fleet),
+             ("8", "two routes in one daemon", scenario_two_routes),
+             ("9", "fuller reads", scenario_fuller_reads)]
 
 
 # ------------------------------------------------------------------------------ report
@@ -1094,6 +1161,27 @@ def build_rows(res):
                      f"p99 {f_ms(ref['p99'])} · max {f_ms(ref['max'])}",
                      f"p50 ×{r['p50'] / ref['p50']:.1f} · p99 ×{r['p99'] / ref['p99']:.1f}",
                      "—", None))
+    r = res.get("fuller")
+    if r:
+        fu, pl = r["fuller"], r["plain"]
+        pg_us = fu["cpu_us_per_msg"]["PostgreSQL"]
+        rows.append(("9a", f"drain {r['n']:,}, batch 10, `queue.read_batches=8` (bodies of 10), "
+                           "nginx sink",
+                     f"{f_rate(fu['msgs_per_s'])}",
+                     f"`pgmq.read(..., 10)` alone (pgbench, 1 client): {f_rate(r['ref'])}",
+                     f"{fu['msgs_per_s'] / r['ref']:.2f}", "≥ 2× the single-connection read",
+                     fu["msgs_per_s"] >= 2 * r["ref"]))
+        rows.append(("9b", "PostgreSQL CPU per dispatched message, same drains",
+                     f"{pg_us:.0f} µs/msg with read_batches 8",
+                     f"{pl['cpu_us_per_msg']['PostgreSQL']:.0f} µs/msg with read_batches 1",
+                     f"{pg_us / pl['cpu_us_per_msg']['PostgreSQL']:.2f}", "≤ 40 µs/msg",
+                     pg_us <= 40))
+    r = res.get("two_routes")
+    if r:
+        rows.append(("8", f"two routes in one daemon (two queues, two endpoint ids), {r['n']:,} "
+                          "queued in each, batch 10, nginx sink",
+                     f_rate(r["two"]), f"one route, {2 * r['n']:,} queued: {f_rate(r['one'])}",
+                     f"{r['two'] / r['one']:.2f}", "—", None))
     r = res.get("runpod")
     if r:
         frac = r["achieved"] / r["cap_per_s"]

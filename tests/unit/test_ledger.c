@@ -126,11 +126,11 @@ static void archive_and_recovery_statements(void **state)
 static void migration_statement(void **state)
 {
 	char *v1 = migrate_sql("my_schema", 1), *v2 = migrate_sql("my_schema", MIGRATE_VERSION);
-	char *prev = migrate_sql("my_schema", 2);
+	char *prev = migrate_sql("my_schema", 2), *v3 = migrate_sql("my_schema", 3);
 	char line[512];
 
 	(void)state;
-	assert_int_equal(MIGRATE_VERSION, 4);
+	assert_int_equal(MIGRATE_VERSION, 5);
 	assert_non_null(v1);
 	assert_non_null(v2);
 	assert_non_null(prev);
@@ -147,17 +147,23 @@ static void migration_statement(void **state)
 	/* Version 4: the fleet budget (budget.h), after the lease's session. */
 	assert_non_null(strstr(v2, "IF v < 4 THEN CREATE TABLE my_schema.budget "));
 	assert_non_null(strstr(v2, "CREATE FUNCTION my_schema.budget_take("));
+	assert_non_null(v3);
+	assert_null(strstr(v3, "budget"));
+	/* Version 5: the routes' control state (control.c); version 4 lacks it. */
 	{
-		char *v3 = migrate_sql("my_schema", 3);
-		assert_non_null(v3);
-		assert_null(strstr(v3, "budget"));
-		free(v3);
+		char *v4 = migrate_sql("my_schema", 4);
+		assert_non_null(v4);
+		assert_null(strstr(v4, "route_control"));
+		free(v4);
 	}
+	assert_non_null(
+		strstr(v2, "IF v < 5 THEN CREATE TABLE IF NOT EXISTS my_schema.route_control"));
 	assert_null(migrate_sql("x", 0));
 	assert_null(migrate_sql("x", MIGRATE_VERSION + 1));
 	free(v1);
 	free(v2);
 	free(prev);
+	free(v3);
 	migrate_explain("s", "42501", "permission denied for database d\n", line, sizeof(line));
 	assert_non_null(strstr(line, "pgmq-dispatcher migrate"));
 	assert_null(strchr(line, '\n'));
