@@ -17,23 +17,6 @@
 #include <string.h>
 #include <time.h>
 
-/* ---- pure helpers ---- */
-
-double tracker_jittered_s(int interval_ms, double rnd)
-{
-	return interval_ms / 1000.0 * (0.9 + 0.2 * rnd);
-}
-
-double tracker_heartbeat_at(double vt_until, int vt_seconds)
-{
-	return vt_until - vt_seconds / 3.0;
-}
-
-bool tracker_heartbeat_allowed(double accepted_at, double now, int max_heartbeat_s)
-{
-	return max_heartbeat_s <= 0 || now - accepted_at < max_heartbeat_s;
-}
-
 /* ---- the job table ---- */
 
 static struct tjob *job_of(struct jt_node *n)
@@ -126,59 +109,6 @@ void tracker_schedule_heartbeat(struct tracker *t, struct tjob *j)
 {
 	if (j->state == J_LIVE && j->n_live > 0 && !j->db_busy && !j->hb_parked && !j->hb_ceiling)
 		tracker_db_at(t, j, tracker_heartbeat_at(j->vt_until, j->vt_len));
-}
-
-/* ---- ops ---- */
-
-struct op *tracker_op_new(struct tracker *t, enum op_kind kind, const struct tjob *j)
-{
-	struct op *op = calloc(1, sizeof(*op));
-
-	if (op == NULL)
-		return NULL;
-	if (j != NULL && kind != OP_STATUS && j->n_live > 0) {
-		op->ids = malloc((size_t)j->n_live * sizeof(*op->ids));
-		if (op->ids == NULL) {
-			free(op);
-			return NULL;
-		}
-		memcpy(op->ids, j->live, (size_t)j->n_live * sizeof(*op->ids));
-		op->n = j->n_live;
-	}
-	op->t = t;
-	op->kind = kind;
-	if (j != NULL) {
-		memcpy(op->job_id, j->id, sizeof(op->job_id));
-		memcpy(op->dispatch_id, j->dispatch_id, sizeof(op->dispatch_id));
-	}
-	op->sent_at = ev_now(t->loop);
-	op->next = t->ops;
-	if (t->ops)
-		t->ops->prev = op;
-	t->ops = op;
-	return op;
-}
-
-static void op_unlink(struct op *op)
-{
-	struct tracker *t = op->t;
-
-	if (t == NULL)
-		return;
-	if (op->prev)
-		op->prev->next = op->next;
-	else
-		t->ops = op->next;
-	if (op->next)
-		op->next->prev = op->prev;
-	op->prev = op->next = NULL;
-}
-
-void tracker_op_free(struct op *op)
-{
-	op_unlink(op);
-	free(op->ids);
-	free(op);
 }
 
 /* ---- scheduling ---- */
