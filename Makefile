@@ -36,15 +36,16 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
+MODULES   := main budget config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
              runpod dispatcher reload batch post circuit wakeup overflow dryrun backoff ratelimit \
              sdnotify metrics admin admin_probe listenaddr tracker tracker_reply tracker_health jobtable \
              ledger ledger_tick ledger_sql ledger_view ledger_cli migrate dispatches
 OBJS      := $(MODULES:%=$(BUILD)/%.o)
 LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
-UNIT_TESTS := test_runpod test_config test_config_check test_log test_pgmq test_metrics test_admin \
-              test_sdnotify test_tracker test_jobtable test_decisions test_reload test_ledger test_ledger_view
+UNIT_TESTS := test_budget test_runpod test_config test_config_check test_log test_pgmq test_metrics \
+              test_admin test_sdnotify test_tracker test_jobtable test_decisions test_reload test_ledger \
+              test_ledger_view
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install uninstall deb test-system clean \

@@ -49,7 +49,8 @@ struct config {
 	int retry_after_max_ms; /* cap on a 429/503 Retry-After */
 	int probe_interval_ms;  /* cap of the /health probe period while the circuit is open */
 	int max_requests_per_10s; /* sliding 10 s window on /run (RunPod: 1000 per 10 s per endpoint) */
-	char *webhook;            /* optional "webhook" beside "input"; "" = none */
+	int rate_window_ms; /* the window of both *_per_10s caps: 10000 (RunPod); other values for tests */
+	char *webhook;                   /* optional "webhook" beside "input"; "" = none */
 	int policy_execution_timeout_ms; /* policy.executionTimeout; 0 = not sent */
 	int policy_ttl_ms;               /* policy.ttl; 0 = not sent */
 	int policy_low_priority;         /* bool: policy.lowPriority = true when set */
@@ -69,6 +70,11 @@ struct config {
 	int ledger_retention_days;    /* finished rows older than this are pruned */
 	int ledger_lease_s;           /* a replica's hold on its sending rows and tracked jobs */
 	int ledger_completed_grace_s; /* a COMPLETED job's messages should be gone by then */
+	/* [fleet] */
+	int fleet_enabled;     /* bool: replicas share the caps through PostgreSQL (budget.h) */
+	int fleet_grant_max;   /* most slots one grant hands out */
+	int fleet_validity_ms; /* a grant is spent within this or dropped */
+	int fleet_expected_replicas; /* database unavailable: cap / this; 0 = send nothing */
 	/* [log] */
 	int log_level;  /* enum log_level */
 	int log_format; /* enum log_format */

@@ -8,6 +8,7 @@
 #ifndef PGMQD_DISPATCHER_INT_H
 #define PGMQD_DISPATCHER_INT_H
 
+#include "budget.h"
 #include "dispatcher.h"
 #include "ledger.h"
 #include "metrics.h"
@@ -113,6 +114,7 @@ struct dispatcher {
 
 	/* /run rate cap (post.c) */
 	struct ratelimit rl;
+	struct budget *budget; /* the fleet's share of it, NULL unless fleet.enabled */
 	struct batch *waiting, *waiting_tail; /* read, waiting for a rate slot */
 	int nwaiting;
 };
@@ -205,6 +207,8 @@ void post_release_waiting(struct dispatcher *d);
 /* Drops batches that never went out, logging their ids (exit). */
 void post_drop_waiting(struct dispatcher *d);
 void post_on_rate_timer(struct ev_loop *loop, ev_timer *w, int revents);
+/* The fleet budget's ready hook: slots may be free again. */
+void post_on_budget(void *arg);
 
 /* overflow.c: after a read failed with 22003, finds the rows at the
  * read_ct limit, logs them with the way out, archives them when

@@ -47,6 +47,11 @@
  *                                                      "initializing"|"ready"|"running"|
  *                                                      "throttled"|"unhealthy"
  *   runpod_health_timestamp_seconds           gauge    Unix time of the last /health read, 0 = never
+ *   fleet_grants_total{kind}                  counter  grants of the fleet budget: kind="run"|"status"
+ *   fleet_grants_denied_total{kind}           counter  grant statements that found the cap used up
+ *   fleet_slots_granted_total{kind}           counter  slots (requests) granted
+ *   fleet_slots_unused_total{kind}            counter  granted slots dropped unused at expiry
+ *   fleet_fallback{kind}                      gauge    1 while no grant can be had (local share)
  *
  * Series with labels from a fixed small set (archived, reads) are always
  * rendered, zeros included, so rate() sees them from the first scrape;
@@ -113,6 +118,12 @@ void metrics_set_queue_stats(long long length, double oldest_age_seconds);
 /* Duration of one /run request in seconds, whatever its outcome. NaN is
  * ignored; negative values count as 0. */
 void metrics_observe_request_seconds(double seconds);
+
+/* The fleet budget (budget.h); kind is enum budget_kind (0 run, 1
+ * status), others are ignored. slots 0 counts a denied grant. */
+void metrics_inc_fleet_grant(int kind, int slots);
+void metrics_add_fleet_unused(int kind, unsigned long long slots);
+void metrics_set_fleet_fallback(int kind, bool on);
 
 /* Renders every family as Prometheus text 0.0.4 (UTF-8, '\n' line ends,
  * the last line terminated). Returns a NUL-terminated malloc'd buffer the

@@ -15,7 +15,7 @@
 
 #include <libpq-fe.h>
 
-#define MIGRATE_VERSION 3              /* the schema version this build knows */
+#define MIGRATE_VERSION 4              /* the schema version this build knows */
 #define MIGRATE_SQLSTATE_NEWER "PD001" /* the schema is newer than MIGRATE_VERSION */
 
 /* The migration statement for schema (a validated identifier) up to

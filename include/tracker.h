@@ -128,6 +128,11 @@ void tracker_reload(struct tracker *t, const struct config *cfg, struct tracker_
 /* Registers wake(arg, after_s): called when an early release makes messages
  * visible again after_s seconds from now, so that the owner reads then
  * (no NOTIFY announces them). NULL-safe. */
+/* fleet.enabled: /status and /health take their slots from the fleet's
+ * shared budget (budget.h) as well as from max_status_per_10s. 0, or -1
+ * when out of memory. NULL-safe. */
+int tracker_set_fleet(struct tracker *t, const struct config *cfg);
+
 void tracker_set_wake(struct tracker *t, void (*wake)(void *arg, double after_s), void *arg);
 
 /* Jobs accepted and not started: tracked jobs whose last status is

@@ -67,6 +67,10 @@ const struct key config_keys[] = {
 	/* runpod-serverless-api.md §2: /run allows 1000 requests per 10 s. */
 	{ "runpod", "max_requests_per_10s", K_INT, OFF(max_requests_per_10s), "1000", 1, 1000000, 0,
 	  { 0 }, NULL, NULL, NULL },
+	/* The window of max_requests_per_10s and tracker.max_status_per_10s:
+	 * RunPod's is 10 s; another value only for tests or another API. */
+	{ "runpod", "rate_window_ms", K_INT, OFF(rate_window_ms), "10000", 1000, 3600000, F_STATIC,
+	  { 0 }, NULL, NULL, NULL },
 	{ "runpod", "webhook", K_STR, OFF(webhook), "", 0, 0, 0, { 0 }, NULL, NULL, check_webhook },
 	/* §3.1: executionTimeout 5 s - 7 days, ttl 10 s - 7 days, in ms. */
 	{ "runpod", "policy_execution_timeout_ms", K_INT, OFF(policy_execution_timeout_ms), "0", 5000,
@@ -106,6 +110,16 @@ const struct key config_keys[] = {
 	  { 0 }, NULL, NULL, NULL },
 	{ "ledger", "lease_s", K_INT, OFF(ledger_lease_s), "30", 2, 3600, F_STATIC, { 0 }, NULL, NULL,
 	  NULL },
+	{ "fleet", "enabled", K_BOOL, OFF(fleet_enabled), "off", 0, 0, F_STATIC, { 0 }, NULL, NULL,
+	  NULL },
+	{ "fleet", "grant_max", K_INT, OFF(fleet_grant_max), "20", 1, 10000, 0, { 0 }, NULL, NULL,
+	  NULL },
+	/* At most 1 s: a grant counts for window + validity, so validity
+	 * costs the fleet validity / (window + validity) of the cap. */
+	{ "fleet", "validity_ms", K_INT, OFF(fleet_validity_ms), "250", 10, 1000, 0, { 0 }, NULL, NULL,
+	  NULL },
+	{ "fleet", "expected_replicas", K_INT, OFF(fleet_expected_replicas), "0", 0, 1000, 0, { 0 },
+	  NULL, NULL, NULL },
 	{ "admin", "listen", K_STR, OFF(admin_listen), "127.0.0.1:9187", 0, 0, F_STATIC, { 0 }, NULL,
 	  NULL, check_listen },
 	{ "admin", "metrics_interval_ms", K_INT, OFF(metrics_interval_ms), "15000", 100, 3600000, 0,

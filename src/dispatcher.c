@@ -296,6 +296,7 @@ static void on_connected(void *arg)
 		/* re-LISTEN first: the read below is queued after it */
 		wakeup_start_listen(d, d->pg);
 	ledger_connected(d->ledger); /* the migration, once; reads wait for it */
+	budget_connected(d->budget, d->ledger == NULL);
 	dispatcher_state_changed(d);
 	dispatcher_kick(d);
 	if (!d->once && !d->stopping) {
@@ -454,7 +455,8 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 	d->pg = pg_new(loop, cfg->conninfo, cfg->db_connect_timeout_ms, &cb);
 	d->http = http_new(loop);
 	if (d->pg == NULL || d->http == NULL ||
-	    ratelimit_init(&d->rl, cfg->max_requests_per_10s, RATE_WINDOW_S + RATE_MARGIN_S) != 0 ||
+	    ratelimit_init(&d->rl, cfg->max_requests_per_10s,
+			   cfg->rate_window_ms / 1000.0 + RATE_MARGIN_S) != 0 ||
 	    wakeup_init(d, cfg) != 0) {
 		dispatcher_free(d);
 		return NULL;
@@ -465,6 +467,14 @@ struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg
 		return NULL;
 	}
 	tracker_set_wake(d->tracker, wakeup_after, d);
+	if (cfg->fleet_enabled) {
+		if ((d->budget = budget_new(loop, d->pg, cfg, BUDGET_RUN, post_on_budget, d)) ==
+			    NULL ||
+		    tracker_set_fleet(d->tracker, cfg) != 0) {
+			dispatcher_free(d);
+			return NULL;
+		}
+	}
 	if (cfg->ledger_enabled) {
 		struct ledger_hooks h = { .ready = on_ledger_ready,
 					  .fatal = on_ledger_fatal,
@@ -570,10 +580,16 @@ void dispatcher_free(struct dispatcher *d)
 		http_cancel_all(d->http);
 	tracker_free(d->tracker); /* after the aborts above, before http_free drops requests */
 	ledger_free(d->ledger);   /* its statements' callbacks find it gone */
+	/* pg_free below fails the statements still queued (the database
+	 * gone at exit): their callbacks end batches, which note them in the
+	 * ledger and look at the tracker; they must find neither. */
+	d->tracker = NULL;
+	d->ledger = NULL;
 	http_free(d->http);
 	wakeup_free(d);
 	pg_free(d->pg);
 	dispatcher_conf_free(&d->conf);
 	ratelimit_free(&d->rl);
+	budget_free(d->budget);
 	free(d);
 }

@@ -45,6 +45,7 @@ typedef atomic_uint_least64_t counter_t;
 static void tracker_metrics_init(void);
 struct buf;
 static void render_tracker(struct buf *b);
+static void render_fleet(struct buf *b);
 
 static struct {
 	counter_t messages_read, messages_dispatched, messages_released;
@@ -408,6 +409,7 @@ char *metrics_render(size_t *len)
 	gauge_double(&b, "start_time_seconds", "Unix time the process started.",
 		     load_double(&m.start_time_bits));
 	render_tracker(&b);
+	render_fleet(&b);
 	family(&b, "log_lines_dropped_total", "counter",
 	       "Log lines dropped because stderr was not being read.");
 	bprintf(&b, PREFIX "log_lines_dropped_total %llu\n", log_lines_dropped());
@@ -518,6 +520,52 @@ void metrics_inc_tracker_early_releases(void)
 void metrics_inc_tracker_evicted(void)
 {
 	add(&mt.evicted, 1);
+}
+
+static const char *const fleet_kinds[2] = { "run", "status" };
+static struct {
+	counter_t grants[2], denied[2], granted[2], unused[2];
+	atomic_int fallback[2];
+} mf; /* zero-initialised (static storage); never reset */
+
+void metrics_inc_fleet_grant(int kind, int slots)
+{
+	if (kind < 0 || kind > 1)
+		return;
+	add(slots > 0 ? &mf.grants[kind] : &mf.denied[kind], 1);
+	if (slots > 0)
+		add(&mf.granted[kind], (unsigned long long)slots);
+}
+
+void metrics_add_fleet_unused(int kind, unsigned long long slots)
+{
+	if (kind >= 0 && kind <= 1)
+		add(&mf.unused[kind], slots);
+}
+
+void metrics_set_fleet_fallback(int kind, bool on)
+{
+	if (kind >= 0 && kind <= 1)
+		atomic_store_explicit(&mf.fallback[kind], on ? 1 : 0, memory_order_relaxed);
+}
+
+static void render_fleet(struct buf *b)
+{
+	family(b, "fleet_grants_total", "counter", "Grants of the fleet budget, by kind.");
+	labelled(b, "fleet_grants_total", "kind", fleet_kinds, mf.grants, 2);
+	family(b, "fleet_grants_denied_total", "counter",
+	       "Grant statements that found the fleet's cap used up.");
+	labelled(b, "fleet_grants_denied_total", "kind", fleet_kinds, mf.denied, 2);
+	family(b, "fleet_slots_granted_total", "counter", "Requests granted by the fleet budget.");
+	labelled(b, "fleet_slots_granted_total", "kind", fleet_kinds, mf.granted, 2);
+	family(b, "fleet_slots_unused_total", "counter",
+	       "Granted requests dropped unused when their grant expired.");
+	labelled(b, "fleet_slots_unused_total", "kind", fleet_kinds, mf.unused, 2);
+	family(b, "fleet_fallback", "gauge",
+	       "1 while no grant can be had and the local share of the cap applies.");
+	for (size_t i = 0; i < 2; i++)
+		bprintf(b, PREFIX "fleet_fallback{kind=\"%s\"} %d\n", fleet_kinds[i],
+			atomic_load_explicit(&mf.fallback[i], memory_order_relaxed));
 }
 
 static void render_tracker(struct buf *b)

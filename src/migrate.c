@@ -52,6 +52,47 @@ static const char V2[] = "CREATE TABLE @S@.lease ("
 static const char V3[] = "ALTER TABLE @S@.lease ADD COLUMN pid integer,"
 			 " ADD COLUMN since timestamptz;";
 
+/* Version 4: the fleet's shared rate caps (budget.h). One row per endpoint
+ * and kind ("run", "status") that a grant locks, so that grants are made
+ * one at a time; the grants of the counted span (window + margin +
+ * validity), pruned by each grant; and the one function a grant calls.
+ * The function takes clock_timestamp() after the lock: the database's
+ * clock, in the order the grants were made. Its arithmetic is
+ * budget_grant_size's. p_spent: requests the caller sent without a grant
+ * (its fallback while the database could not be asked), counted from now
+ * as a grant of its own, later than they were sent: never less. */
+static const char V4[] =
+	"CREATE TABLE @S@.budget (endpoint_id text NOT NULL, kind text NOT NULL,"
+	" PRIMARY KEY (endpoint_id, kind));"
+	"CREATE TABLE @S@.budget_grant (endpoint_id text NOT NULL, kind text NOT NULL,"
+	" owner uuid NOT NULL, granted_at timestamptz NOT NULL, slots integer NOT NULL);"
+	"CREATE INDEX budget_grant_at ON @S@.budget_grant (endpoint_id, kind, granted_at);"
+	"CREATE FUNCTION @S@.budget_take(p_endpoint text, p_kind text, p_owner uuid,"
+	" p_cap integer, p_count_s double precision, p_want integer, p_max integer,"
+	" p_spent integer DEFAULT 0, OUT slots integer, OUT retry_s double precision, OUT active integer)"
+	" LANGUAGE plpgsql AS $budget$ DECLARE t timestamptz; used integer; oldest timestamptz;"
+	" free integer; BEGIN"
+	" INSERT INTO @S@.budget VALUES (p_endpoint, p_kind) ON CONFLICT DO NOTHING;"
+	" PERFORM 1 FROM @S@.budget b WHERE b.endpoint_id = p_endpoint AND b.kind = p_kind"
+	" FOR UPDATE;"
+	" t := clock_timestamp();"
+	" DELETE FROM @S@.budget_grant g WHERE g.endpoint_id = p_endpoint AND g.kind = p_kind"
+	" AND g.granted_at <= t - make_interval(secs => p_count_s);"
+	" IF p_spent > 0 THEN INSERT INTO @S@.budget_grant VALUES (p_endpoint, p_kind, p_owner, t,"
+	" p_spent); END IF;"
+	" SELECT coalesce(sum(g.slots), 0)::integer,"
+	" count(DISTINCT g.owner) FILTER (WHERE g.owner <> p_owner)::integer + 1,"
+	" min(g.granted_at) INTO used, active, oldest FROM @S@.budget_grant g"
+	" WHERE g.endpoint_id = p_endpoint AND g.kind = p_kind;"
+	" free := greatest(p_cap - used, 0);"
+	" slots := CASE WHEN free < 1 OR p_want < 1 THEN 0 ELSE least(p_want, p_max, free,"
+	" (free + active - 1) / active) END;"
+	" IF slots > 0 THEN INSERT INTO @S@.budget_grant VALUES (p_endpoint, p_kind, p_owner, t,"
+	" slots); retry_s := 0;"
+	" ELSE retry_s := greatest(extract(epoch FROM oldest - clock_timestamp())"
+	" + p_count_s, 0); END IF;"
+	" END $budget$;";
+
 static const char HEAD[] =
 	"DO $pgmqd_migrate$ DECLARE v integer := 0; BEGIN "
 	"PERFORM pg_advisory_xact_lock(hashtext('pgmq_dispatcher.migrate.@S@')); "
@@ -84,9 +125,10 @@ static char *append(char *out, size_t *len, const char *s, const char *schema, c
 
 char *migrate_sql(const char *schema, int target)
 {
-	static const char *const steps[] = { V1, V2, V3 };
+	static const char *const steps[] = { V1, V2, V3, V4 };
 	char t[16], step[32];
-	size_t cap = sizeof(HEAD) + sizeof(V1) + sizeof(V2) + sizeof(V3) + 512, len = 0;
+	size_t cap = sizeof(HEAD) + sizeof(V1) + sizeof(V2) + sizeof(V3) + sizeof(V4) + 512,
+	       len = 0;
 	char *out;
 
 	if (target < 1 || target > MIGRATE_VERSION)

@@ -246,12 +246,39 @@ static void send_waiting(struct dispatcher *d)
 {
 	double wait_s = 0;
 
-	while (d->waiting && ratelimit_slot(&d->rl, ev_time(), &wait_s))
+	while (d->waiting) {
+		if (!ratelimit_slot(&d->rl, ev_time(), &wait_s)) {
+			if (!ev_is_active(&d->rate_timer)) {
+				ev_timer_set(&d->rate_timer, wait_s, 0.0);
+				ev_timer_start(d->loop, &d->rate_timer);
+			}
+			return;
+		}
+		/* With the fleet budget a wait may outlast the database: a
+		 * batch whose vt ran out meanwhile may be another reader's
+		 * now, so it is never sent. */
+		if (d->budget &&
+		    ev_now(d->loop) - d->waiting->read_at >= d->cfg->vt_seconds - 1.0) {
+			d->in_flight--;
+			metrics_set_in_flight(d->in_flight);
+			batch_end(pop_waiting(d), BATCH_UNSENT,
+				  "its vt ran out while it waited for the fleet budget");
+			continue;
+		}
+		/* The fleet's share (off: always true); its ready hook comes
+		 * back here when a grant arrives. */
+		if (!budget_take(d->budget, ev_time(), d->nwaiting))
+			return;
 		send_now(d, pop_waiting(d));
-	if (d->waiting && !ev_is_active(&d->rate_timer)) {
-		ev_timer_set(&d->rate_timer, wait_s, 0.0);
-		ev_timer_start(d->loop, &d->rate_timer);
 	}
+}
+
+void post_on_budget(void *arg)
+{
+	struct dispatcher *d = arg;
+
+	if (!d->finished)
+		send_waiting(d);
 }
 
 void post_on_rate_timer(struct ev_loop *loop, ev_timer *w, int revents)

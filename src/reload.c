@@ -137,12 +137,15 @@ int dispatcher_reload(struct dispatcher *d, const struct config *cfg)
 		/* Turned on by this reload: follow jobs accepted from now on. */
 		d->tracker = tracker;
 		tracker_set_wake(d->tracker, wakeup_after, d);
+		if (tracker_set_fleet(d->tracker, cfg) != 0)
+			log_msg(LOG_WARN, "out_of_memory", "the tracker keeps its own /status cap");
 		if (d->ledger)
 			tracker_set_observer(d->tracker, dispatcher_tracker_state, d);
 	} else {
 		tracker_reload(d->tracker, cfg, &tracker_next);
 	}
 	ledger_reload(d->ledger, cfg);
+	budget_reload(d->budget, cfg);
 	tracker_next_free(&tracker_next); /* what the tracker did not take */
 	/* Running timers keep their phase: a SIGHUP now and then must not
 	 * push the next poll or stats refresh away; only a changed period

@@ -4,6 +4,7 @@
 #include "tracker.h"
 #include "tracker_int.h"
 #include "backoff.h"
+#include "budget.h"
 #include "log.h"
 #include "metrics.h"
 #include "pgmq.h"
@@ -182,6 +183,17 @@ void tracker_op_free(struct op *op)
 
 /* ---- scheduling ---- */
 
+/* A /status request due at `at` that the fleet budget must allow: when it
+ * is due and no slot is held, a grant is asked for and the budget's ready
+ * hook re-arms (INFINITY here); otherwise at. */
+static ev_tstamp fleet_due(struct tracker *t, ev_tstamp at, ev_tstamp now)
+{
+	if (t->budget == NULL || at > now + DUE_SLACK_S || budget_has_slot(t->budget, ev_time()))
+		return at;
+	budget_ask(t->budget, ev_time(), t->cfg->tracker_max_concurrent - t->status_in_flight);
+	return INFINITY;
+}
+
 void tracker_arm(struct tracker *t)
 {
 	ev_tstamp now = ev_now(t->loop), at = INFINITY;
@@ -197,14 +209,16 @@ void tracker_arm(struct tracker *t)
 					    ? now
 					    : now + wait_s;
 
-		at = fmax(p->key[JT_POLL], fmax(t->paused_until, slot_at));
+		at = fleet_due(t, fmax(p->key[JT_POLL], fmax(t->paused_until, slot_at)), now);
 	}
 	if (!isinf(tracker_health_at(t))) {
 		double wait_s = 0.0;
 		ev_tstamp slot_at = ratelimit_slot(&t->status_rl, now, &wait_s) ? now
 										: now + wait_s;
 
-		at = fmin(at, fmax(tracker_health_at(t), fmax(t->paused_until, slot_at)));
+		at = fmin(at,
+			  fleet_due(t, fmax(tracker_health_at(t), fmax(t->paused_until, slot_at)),
+				    now));
 	}
 	if (d && t->db_in_flight < TRACKER_MAX_DB && d->key[JT_DB] < at)
 		at = d->key[JT_DB];
@@ -336,14 +350,16 @@ static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 		return;
 	/* /health first: one request per interval, never starved by the polls. */
 	if (tracker_health_at(t) <= now + DUE_SLACK_S && t->paused_until <= now + DUE_SLACK_S &&
-	    ratelimit_slot(&t->status_rl, now, &wait_s)) {
+	    ratelimit_slot(&t->status_rl, now, &wait_s) && budget_take(t->budget, ev_time(), 1)) {
 		ratelimit_record(&t->status_rl, now);
 		tracker_health_start(t, now);
 	}
 	while ((j = job_of(jobtable_first(&t->jobs, JT_POLL))) != NULL &&
 	       t->status_in_flight < t->cfg->tracker_max_concurrent &&
 	       j->node.key[JT_POLL] <= now + DUE_SLACK_S && t->paused_until <= now + DUE_SLACK_S &&
-	       ratelimit_slot_keep(&t->status_rl, now, tracker_health_keep(t), &wait_s)) {
+	       ratelimit_slot_keep(&t->status_rl, now, tracker_health_keep(t), &wait_s) &&
+	       budget_take(t->budget, ev_time(),
+			   t->cfg->tracker_max_concurrent - t->status_in_flight)) {
 		ratelimit_record(&t->status_rl, now);
 		jobtable_unschedule(&t->jobs, JT_POLL, &j->node);
 		start_status(t, j, now);
@@ -354,6 +370,19 @@ static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 		db_work(t, j, now);
 	}
 	tracker_arm(t);
+}
+
+static void on_fleet_ready(void *arg)
+{
+	tracker_arm(arg);
+}
+
+int tracker_set_fleet(struct tracker *t, const struct config *cfg)
+{
+	if (t == NULL || !cfg->fleet_enabled || t->budget)
+		return 0;
+	t->budget = budget_new(t->loop, t->pg, cfg, BUDGET_STATUS, on_fleet_ready, t);
+	return t->budget ? 0 : -1;
 }
 
 void tracker_set_wake(struct tracker *t, void (*wake)(void *arg, double after_s), void *arg)
@@ -417,7 +446,7 @@ struct tracker *tracker_new(struct ev_loop *loop, const struct config *cfg, stru
 
 	if (t == NULL || jobtable_init(&t->jobs, cfg->tracker_max_tracked_jobs) != 0 ||
 	    ratelimit_init(&t->status_rl, cfg->tracker_max_status_per_10s,
-			   RATE_WINDOW_S + RATE_MARGIN_S) != 0 ||
+			   cfg->rate_window_ms / 1000.0 + RATE_MARGIN_S) != 0 ||
 	    (next.auth_header = runpod_auth_header(cfg->api_key)) == NULL) {
 		if (t) { /* calloc'd: freeing what was not set up is a no-op */
 			ratelimit_free(&t->status_rl);
@@ -544,6 +573,7 @@ void tracker_reload(struct tracker *t, const struct config *cfg, struct tracker_
 		return;
 	old_cap = t->cfg->tracker_max_queued_jobs;
 	apply(t, cfg, next);
+	budget_reload(t->budget, cfg);
 	/* Reads paused at the old max_queued_jobs look again now. */
 	if (cfg->tracker_max_queued_jobs != old_cap && t->wake)
 		t->wake(t->wake_arg, 0.0);
@@ -594,6 +624,7 @@ void tracker_free(struct tracker *t)
 	forget_all(t);
 	jobtable_free(&t->jobs);
 	ratelimit_free(&t->status_rl);
+	budget_free(t->budget);
 	free(t->auth_header);
 	free(t);
 }

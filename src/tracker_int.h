@@ -70,6 +70,7 @@ struct tracker {
 	struct jobtable jobs; /* JT_POLL: next /status; JT_DB: next heartbeat or release */
 	int status_in_flight, db_in_flight;
 	struct ratelimit status_rl; /* max_status_per_10s, sliding window */
+	struct budget *budget;      /* the fleet's share of it, NULL unless fleet.enabled */
 	ev_tstamp paused_until;     /* after a 429 */
 	bool failing;               /* /status failing: warned once per streak */
 	long by_slot[N_SLOTS];

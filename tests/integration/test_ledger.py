@@ -5,6 +5,7 @@ and the status / jobs / redrive commands.
 Every wait is on a condition with a deadline."""
 
 import json
+import os
 import re
 import threading
 import urllib.request
@@ -16,6 +17,10 @@ from daemon import (API_KEY, ENDPOINT_ID, QUEUE, Daemon, Fault, RunPodEmulator, 
 from pgcluster import wait_until
 
 SCHEMA = "pgmq_dispatcher"
+# The schema version this build knows (branches add migrations; the tests follow the header).
+with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "include",
+                       "migrate.h"), encoding="utf-8") as _f:
+    VERSION = int(re.search(r"#define MIGRATE_VERSION (\d+)", _f.read()).group(1))
 
 
 def rows(db, where="true"):
@@ -197,10 +202,10 @@ def schema_version(db):
 def test_migrate_fresh_then_up_to_date(queue_db, emulator):
     env = base_env(queue_db, emulator)
     rc, out = run_once(env, "migrate")
-    assert rc == 0 and "version 3 (was 0)" in "\n".join(out), out
+    assert rc == 0 and f"version {VERSION} (was 0)" in "\n".join(out), out
     rc, out = run_once(env, "migrate")
-    assert rc == 0 and "version 3, up to date" in "\n".join(out), out
-    assert schema_version(queue_db) == 3
+    assert rc == 0 and f"version {VERSION}, up to date" in "\n".join(out), out
+    assert schema_version(queue_db) == VERSION
 
 
 def test_previous_version_is_upgraded_at_start(queue_db, emulator, start_daemon):
@@ -214,7 +219,7 @@ def test_previous_version_is_upgraded_at_start(queue_db, emulator, start_daemon)
     d = start_daemon()
     d.wait_log(r"event=ledger_ready")
     emulator.wait_for(lambda: len(accepted_runs(emulator)) == 1, timeout_s=15)
-    assert schema_version(queue_db) == 3
+    assert schema_version(queue_db) == VERSION
     assert queue_db.sql(lease_cols)[0][0] == 2
     wait_until(lambda: rows(queue_db) and rows(queue_db)[0][1] == "accepted", 10)
 
@@ -227,7 +232,7 @@ def test_newer_schema_is_refused_naming_both_versions(queue_db, emulator):
     d = Daemon(env, args=["-v"]).start()
     assert d.wait_exit(20) == 78
     line = next(l for l in d.lines if "ledger_unusable" in l)
-    assert "version 7" in line and "version 3" in line, line
+    assert "version 7" in line and f"version {VERSION}" in line, line
     assert emulator.requests("run") == []
     rc, out = run_once(env, "migrate")
     assert rc == 78 and "version 7" in "\n".join(out)

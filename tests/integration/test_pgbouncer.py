@@ -11,6 +11,7 @@ import signal
 import pytest
 
 import conftest
+from daemon import Daemon, assert_no_sanitizer_report, base_env
 from pgbouncer import PgBouncer
 from pgcluster import wait_until
 
@@ -116,3 +117,21 @@ def test_pgbouncer_restart_mid_run_loses_none_and_duplicates_none(queue_db, emul
     print(f"\nPgBouncer {signal.Signals(sig).name} after {restarted_at} of {n} accepted; "
           f"read_fate_unknown {d.count_log('event=read_fate_unknown')}, "
           f"outcome unknown {d.count_log('event=batch_outcome_unknown')}")
+
+
+def test_exit_with_the_database_gone_and_statements_queued(queue_db, emulator, pg_cluster):
+    """The pooler goes away while releases (after 429s) wait for the database, then the daemon
+    stops: pg_free fails the queued statements, and their callbacks must find neither the
+    ledger nor the tracker freed before (a heap-use-after-free under make SANITIZE=1)."""
+    queue_db.sql("SELECT count(*) FROM pgmq.send_batch('jobs', ARRAY(SELECT "
+                 "jsonb_build_object('n', g) FROM generate_series(1, 3000) g))")
+    emulator.rate_cap, emulator.rate_window_s = 50, 5.0
+    with PgBouncer(pg_cluster, pool_mode="transaction") as b:
+        d = Daemon(base_env(
+            queue_db, emulator, PGMQD_DATABASE_CONNINFO=b.conninfo_for(queue_db.dbname),
+            PGMQD_QUEUE_BATCH_SIZE=1, PGMQD_QUEUE_MAX_IN_FLIGHT=32), args=("-v",)).start()
+        emulator.wait_for(lambda: sum(1 for r in emulator.requests("run") if r.status == 429)
+                          >= 10, timeout_s=30)
+    d.stop()
+    assert "release_failed" in d.output  # statements were still queued at exit
+    assert_no_sanitizer_report(d.output)

@@ -42,3 +42,38 @@ def test_valgrind_1000_messages(queue_db, emulator):
     print("\n" + "\n".join(summary))
     assert rc == 0, "\n".join(d.lines[-60:])
     assert any("ERROR SUMMARY: 0 errors" in l for l in summary), summary
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_valgrind_fleet_budget(queue_db, emulator):
+    """The fleet budget (issue 13) under memcheck: grants for /run and /status, a fallback while
+    budget_take is missing (sends reported afterwards), and its return."""
+    ids = queue_db.send_many([{"n": i} for i in range(300)])
+    emulator.rate_cap, emulator.rate_window_s = 100, 2.0
+    env = base_env(queue_db, emulator, PGMQD_QUEUE_POLL_INTERVAL_MS=100,
+                   PGMQD_FLEET_ENABLED="on", PGMQD_FLEET_EXPECTED_REPLICAS=1,
+                   PGMQD_FLEET_VALIDITY_MS=500, PGMQD_RUNPOD_RATE_WINDOW_MS=2000,
+                   PGMQD_RUNPOD_MAX_REQUESTS_PER_10S=100, PGMQD_QUEUE_BATCH_SIZE=1,
+                   PGMQD_TRACKER_ENABLED="on", PGMQD_TRACKER_INTERVAL_MS=200)
+    d = Daemon(env, args=["-v"])
+    d.binary, d.args = VALGRIND[0], VALGRIND[1:] + [d.binary, "-v"]
+    d.start()
+    sig = ("pgmq_dispatcher.budget_take{}(text, text, uuid, integer, double precision, integer, "
+           "integer, integer)")
+    try:
+        def delivered():
+            return {j["msg_id"] for r in emulator.requests("run") if r.accepted
+                    for j in json.loads(r.body)["input"]["jobs"]}
+        emulator.wait_for(lambda: len(delivered()) >= 50, timeout_s=120, what="50 delivered")
+        queue_db.sql(f"ALTER FUNCTION {sig.format('')} RENAME TO budget_take_away")
+        d.wait_log(r"event=fleet_budget_fallback", timeout_s=30)
+        queue_db.sql(f"ALTER FUNCTION {sig.format('_away')} RENAME TO budget_take")
+        d.wait_log(r"event=fleet_budget_restored", timeout_s=30)
+        emulator.wait_for(lambda: delivered() >= set(ids), timeout_s=180, what="300 delivered")
+    finally:
+        rc = d.stop(timeout_s=60)
+    summary = [l for l in d.lines if re.search(r"ERROR SUMMARY|definitely lost|indirectly lost", l)]
+    print("\n" + "\n".join(summary))
+    assert rc == 0, "\n".join(d.lines[-60:])
+    assert any("ERROR SUMMARY: 0 errors" in l for l in summary), summary
+    assert sum(1 for r in emulator.requests("run") if r.status == 429) == 0

@@ -130,7 +130,7 @@ static void migration_statement(void **state)
 	char line[512];
 
 	(void)state;
-	assert_int_equal(MIGRATE_VERSION, 3);
+	assert_int_equal(MIGRATE_VERSION, 4);
 	assert_non_null(v1);
 	assert_non_null(v2);
 	assert_non_null(prev);
@@ -138,11 +138,21 @@ static void migration_statement(void **state)
 	assert_null(strstr(v1, "lease_until")); /* version 2 on */
 	assert_non_null(strstr(v2, "lease_until"));
 	assert_non_null(strstr(v2, "CREATE TABLE my_schema.dispatch"));
-	assert_non_null(strstr(v2, "IF v > 3 THEN RAISE EXCEPTION"));
+	snprintf(line, sizeof(line), "IF v > %d THEN RAISE EXCEPTION", MIGRATE_VERSION);
+	assert_non_null(strstr(v2, line));
 	/* Version 3: the session holding a lease; the previous version lacks it. */
 	assert_null(strstr(prev, "ADD COLUMN pid"));
 	assert_non_null(strstr(prev, "IF v > 2 THEN RAISE EXCEPTION"));
 	assert_non_null(strstr(v2, "IF v < 3 THEN ALTER TABLE my_schema.lease ADD COLUMN pid"));
+	/* Version 4: the fleet budget (budget.h), after the lease's session. */
+	assert_non_null(strstr(v2, "IF v < 4 THEN CREATE TABLE my_schema.budget "));
+	assert_non_null(strstr(v2, "CREATE FUNCTION my_schema.budget_take("));
+	{
+		char *v3 = migrate_sql("my_schema", 3);
+		assert_non_null(v3);
+		assert_null(strstr(v3, "budget"));
+		free(v3);
+	}
 	assert_null(migrate_sql("x", 0));
 	assert_null(migrate_sql("x", MIGRATE_VERSION + 1));
 	free(v1);
