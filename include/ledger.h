@@ -34,6 +34,11 @@
 #define LEDGER_JOB_MAX 128     /* bytes of a RunPod job id */
 #define LEDGER_CLAIM_BATCH 100 /* jobs claimed per tick */
 #define LEDGER_PRUNE_BATCH 500 /* rows pruned per tick */
+/* A transition waits at most this long (seconds) for others to share its
+ * statement: one statement per tick of this length instead of one per
+ * dispatch, which is most of the ledger's cost (each is parsed and planned). */
+#define LEDGER_FLUSH_DELAY_S 0.02
+#define LEDGER_FLUSH_AT 64 /* ...or until this many wait */
 
 struct ledger;
 
@@ -110,11 +115,12 @@ int ledger_archive(struct ledger *l, const char *dispatch_id, const long long *i
 /* Notes a transition of dispatch_id to state at the time now (epoch
  * seconds). http_status 0, job_id and error NULL when unknown; error is
  * cut to LEDGER_ERROR_BYTES. held: the row stays leased by its replica
- * (a job being followed). Written with the next batched statement. */
+ * (a job being followed). Written with the next batched statement, at
+ * most LEDGER_FLUSH_DELAY_S later (at once after ledger_stop). */
 void ledger_note(struct ledger *l, const char *dispatch_id, const char *state, long http_status,
 		 const char *job_id, const char *error, size_t error_len, bool held);
 
-/* Shutdown: no more ticks; notes already taken are still written. */
+/* Shutdown: no more ticks; notes already taken are still written (now). */
 void ledger_stop(struct ledger *l);
 void ledger_reload(struct ledger *l, const struct config *cfg);
 /* Frees; callbacks of statements in flight stay safe. NULL-safe. */

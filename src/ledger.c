@@ -196,7 +196,9 @@ static void on_notes(void *arg, PGresult *res, const struct pg_error *err)
 		log_str(ll, "outcome", "those rows keep their previous state");
 		log_end(ll);
 	}
-	flush(l, false);
+	/* Notes taken meanwhile go now, unless their delay still runs. */
+	if (!ev_is_active(&l->flush_timer))
+		flush(l, false);
 	if (!ledger_busy(l) && l->hooks.settled)
 		l->hooks.settled(l->hooks.arg);
 }
@@ -215,6 +217,7 @@ static void flush(struct ledger *l, bool force)
 
 	if ((l->flushing > 0 && !force) || n == 0 || !l->ready)
 		return;
+	ev_timer_stop(l->loop, &l->flush_timer);
 	for (int k = 0; k < NA && rc == 0; k++) {
 		cap[k] = (size_t)n * (k == A_ERR   ? 2 * LEDGER_ERROR_BYTES + 8
 				      : k == A_JOB ? 2 * LEDGER_JOB_MAX + 8
@@ -301,7 +304,23 @@ void ledger_note(struct ledger *l, const char *dispatch_id, const char *state, l
 	}
 	o->at = ev_time();
 	o->held = held;
+	if (l->stopped || l->nnotes >= LEDGER_FLUSH_AT)
+		flush(l, false);
+	else if (!ev_is_active(&l->flush_timer)) {
+		ev_timer_set(&l->flush_timer, LEDGER_FLUSH_DELAY_S, 0.0);
+		ev_timer_start(l->loop, &l->flush_timer);
+	}
+}
+
+static void on_flush_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct ledger *l = w->data;
+
+	(void)loop;
+	(void)revents;
 	flush(l, false);
+	if (!ledger_busy(l) && l->hooks.settled)
+		l->hooks.settled(l->hooks.arg);
 }
 
 /* ---- split ---- */
@@ -425,6 +444,8 @@ struct ledger *ledger_new(struct ev_loop *loop, const struct config *cfg, struct
 		l->hooks = *hooks;
 	ledger_new_id(l->owner);
 	ledger_tick_init(l);
+	ev_init(&l->flush_timer, on_flush_timer);
+	l->flush_timer.data = l;
 	return l;
 }
 
@@ -454,6 +475,7 @@ void ledger_stop(struct ledger *l)
 		return;
 	l->stopped = true;
 	ev_timer_stop(l->loop, &l->tick);
+	flush(l, false); /* what waits for company goes now */
 }
 
 void ledger_reload(struct ledger *l, const struct config *cfg)
@@ -467,6 +489,7 @@ void ledger_free(struct ledger *l)
 	if (l == NULL)
 		return;
 	ev_timer_stop(l->loop, &l->tick);
+	ev_timer_stop(l->loop, &l->flush_timer);
 	for (struct stmt *s = l->stmts; s; s = s->next)
 		s->l = NULL;
 	for (int i = 0; i < l->nnotes; i++)

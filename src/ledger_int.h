@@ -37,6 +37,7 @@ struct ledger {
 	int flushing;  /* notes statements in flight (in order on the one connection) */
 	bool degraded; /* the role may not migrate: reads go on without the ledger */
 	ev_timer tick;
+	ev_timer flush_timer; /* LEDGER_FLUSH_DELAY_S after the first waiting note */
 	struct note notes[LEDGER_MAX_NOTES];
 	int nnotes;
 	struct stmt *stmts;
