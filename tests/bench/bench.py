@@ -624,12 +624,12 @@ def scenario_fuller_reads(ctx, results):
     10) against single-connection pgmq.read(..., 10), in the same run."""
     n = SIZES["drain_n"]
     ref = drain_reference(ctx, n, 10)
-    log(f"8. pgmq.read(..., 10) alone: {ref['msgs_per_s']:,.0f} msg/s")
+    log(f"9. pgmq.read(..., 10) alone: {ref['msgs_per_s']:,.0f} msg/s")
     plain = drain_daemon(ctx, n, 10)
-    log(f"8. daemon, read_batches 1: {plain['msgs_per_s']:,.0f} msg/s, PostgreSQL "
+    log(f"9. daemon, read_batches 1: {plain['msgs_per_s']:,.0f} msg/s, PostgreSQL "
         f"{plain['cpu_us_per_msg']['PostgreSQL']:.0f} us/msg")
     fuller = drain_daemon(ctx, n, 10, queue_read_batches=8, queue_max_in_flight=16)
-    log(f"8. daemon, read_batches 8: {fuller['msgs_per_s']:,.0f} msg/s, PostgreSQL "
+    log(f"9. daemon, read_batches 8: {fuller['msgs_per_s']:,.0f} msg/s, PostgreSQL "
         f"{fuller['cpu_us_per_msg']['PostgreSQL']:.0f} us/msg")
     results["fuller"] = {"n": n, "ref": ref["msgs_per_s"], "plain": plain, "fuller": fuller}
 
