@@ -25,9 +25,11 @@ def test_unhealthy_workers_are_visible_and_warned_once(queue_db, emulator, start
     d = start_daemon("-v", PGMQD_QUEUE_BATCH_SIZE=1, **TRACKER)
     wait_event(d, "batch_accepted", count=2)
     warned = wait_event(d, "runpod_workers_unhealthy")[0]
-    # The first poll may come after the first job only.
+    # The first poll may come after the first job only, and RunPod's count and ours are
+    # taken at different moments: the /health request may leave before the second /run
+    # reaches RunPod, or its answer come back before we handled the second /run's reply.
     assert warned["unhealthy"] == "2" and warned["jobs_in_queue"] in ("1", "2")
-    assert warned["runpod_in_queue"] == warned["jobs_in_queue"]
+    assert warned["runpod_in_queue"] in ("1", "2")
 
     # /health is polled once per interval while jobs are tracked; the warning is not repeated.
     polls = len(health_requests(emulator))
