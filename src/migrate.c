@@ -106,7 +106,12 @@ static const char V5[] = "CREATE TABLE IF NOT EXISTS @S@.route_control ("
 static const char HEAD[] =
 	"DO $pgmqd_migrate$ DECLARE v integer := 0; BEGIN "
 	"PERFORM pg_advisory_xact_lock(hashtext('pgmq_dispatcher.migrate.@S@')); "
-	"IF to_regclass('@S@.schema_version') IS NOT NULL THEN "
+	/* pg_class read by a query, not to_regclass: the lock above does not
+	 * refresh the catalog cache, so to_regclass could miss the tables a
+	 * replica or route that held the lock just before made. */
+	"IF EXISTS (SELECT 1 FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n "
+	"ON n.oid = c.relnamespace WHERE n.nspname = lower('@S@') AND c.relname = 'schema_version') "
+	"THEN "
 	"EXECUTE 'SELECT max(version) FROM @S@.schema_version' INTO v; v := coalesce(v, 0); END IF; "
 	"IF v > @T@ THEN RAISE EXCEPTION USING ERRCODE = '" MIGRATE_SQLSTATE_NEWER "', "
 	"MESSAGE = format('ledger schema @S@ is at version %s, newer than version @T@ that this "
