@@ -59,6 +59,7 @@ struct budget {
 	char owner[LEDGER_ID_LEN + 1];
 	char schema[64];
 	char endpoint_id[128];
+	char route[CONFIG_ROUTE_NAME_MAX + 1]; /* names the route on every line */
 	int cap;
 	double window_s, validity_s;
 	int grant_max, expected_replicas;
@@ -156,7 +157,7 @@ static void set_fallback(struct budget *b, bool on, const char *why)
 	b->fallback = on;
 	metrics_set_fleet_fallback((int)b->kind, on);
 	if (on) {
-		struct log_line *l = log_begin(LOG_WARN, "fleet_budget_fallback");
+		struct log_line *l = log_begin_route(b->route, LOG_WARN, "fleet_budget_fallback");
 		log_str(l, "kind", kind_names[b->kind]);
 		log_str(l, "endpoint_id", b->endpoint_id);
 		log_str(l, "error", why);
@@ -166,7 +167,7 @@ static void set_fallback(struct budget *b, bool on, const char *why)
 					 : "sending nothing until a grant comes");
 		log_end(l);
 	} else {
-		struct log_line *l = log_begin(LOG_INFO, "fleet_budget_restored");
+		struct log_line *l = log_begin_route(b->route, LOG_INFO, "fleet_budget_restored");
 		log_str(l, "kind", kind_names[b->kind]);
 		log_str(l, "endpoint_id", b->endpoint_id);
 		log_end(l);
@@ -207,7 +208,8 @@ static void on_taken(void *arg, PGresult *res, const struct pg_error *err)
 		 * may not create it): named once. */
 		if (!b->missing_logged &&
 		    (strcmp(err->sqlstate, "42883") == 0 || strcmp(err->sqlstate, "42P01") == 0)) {
-			struct log_line *l = log_begin(LOG_ERROR, "fleet_budget_unavailable");
+			struct log_line *l = log_begin_route(b->route, LOG_ERROR,
+							     "fleet_budget_unavailable");
 			log_str(l, "schema", b->schema);
 			log_str(l, "error", err->message);
 			log_str(l, "hint", "run `pgmq-dispatcher migrate` as a role that may");
@@ -418,6 +420,7 @@ static void take_values(struct budget *b, const struct config *cfg)
 	b->grant_max = cfg->fleet_grant_max;
 	b->expected_replicas = cfg->fleet_expected_replicas;
 	snprintf(b->endpoint_id, sizeof(b->endpoint_id), "%s", cfg->endpoint_id);
+	snprintf(b->route, sizeof(b->route), "%s", cfg->route_name);
 }
 
 struct budget *budget_new(struct ev_loop *loop, struct pg *pg, const struct config *cfg,
@@ -452,7 +455,7 @@ struct budget *budget_new(struct ev_loop *loop, struct pg *pg, const struct conf
 	ev_init(&b->stmt_timeout, on_stmt_timeout);
 	b->stmt_timeout.data = b;
 	{
-		struct log_line *l = log_begin(LOG_INFO, "fleet_budget");
+		struct log_line *l = log_begin_route(b->route, LOG_INFO, "fleet_budget");
 		log_str(l, "kind", kind_names[kind]);
 		log_str(l, "endpoint_id", b->endpoint_id);
 		log_str(l, "owner", b->owner);
@@ -499,7 +502,7 @@ static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
 		PQclear(res);
 	if (r->b && err && !err->connection_lost) {
 		/* budget_take names the missing function when it is used. */
-		struct log_line *l = log_begin(LOG_WARN, "fleet_migrate_failed");
+		struct log_line *l = log_begin_route(r->b->route, LOG_WARN, "fleet_migrate_failed");
 		log_str(l, "sqlstate", err->sqlstate);
 		log_str(l, "error", err->message);
 		log_end(l);
