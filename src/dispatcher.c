@@ -309,7 +309,7 @@ static void on_connected(void *arg)
 		d->pause_reason = PAUSE_NONE;
 		d->failures = 0;
 	}
-	if (d->connected_once)
+	if (d->connected_once && pg_primary(d->pg)) /* once per connection */
 		metrics_inc_pg_reconnects();
 	d->connected_once = true;
 	if (d->w.listen_pg == NULL)
@@ -429,12 +429,12 @@ static void on_connect_failed(void *arg)
 struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg, bool once,
 				  dispatcher_done_fn done, void *arg)
 {
-	return dispatcher_new_shared(loop, cfg, NULL, once, done, arg);
+	return dispatcher_new_shared(loop, cfg, NULL, NULL, once, done, arg);
 }
 
 struct dispatcher *dispatcher_new_shared(struct ev_loop *loop, const struct config *cfg,
-					 struct http *http, bool once, dispatcher_done_fn done,
-					 void *arg)
+					 struct http *http, struct pg_pool *pool, bool once,
+					 dispatcher_done_fn done, void *arg)
 {
 	static const struct {
 		size_t off;
@@ -483,7 +483,8 @@ struct dispatcher *dispatcher_new_shared(struct ev_loop *loop, const struct conf
 	ev_timer_set(&d->stats_timer, 0.0, cfg->metrics_interval_ms / 1000.0);
 	d->w.idle_poll_ms = cfg->poll_interval_ms;
 	cb.arg = d;
-	d->pg = pg_new(loop, cfg->conninfo, cfg->db_connect_timeout_ms, &cb);
+	d->pool = pool;
+	d->pg = pg_new_pooled(loop, pool, cfg->conninfo, cfg->db_connect_timeout_ms, &cb);
 	d->http_shared = http != NULL;
 	d->http = http ? http : http_new(loop);
 	if (d->pg == NULL || d->http == NULL ||
