@@ -287,12 +287,20 @@ static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
 	}
 	/* Aborted requests end as outcome unknown (their callbacks run now). */
 	dispatcher_cancel_requests(d);
-	if (!d->finished && (d->db_pending > 0 || d->reading)) {
+	if (!d->finished) {
+		int statements = d->db_pending + (d->reading ? 1 : 0);
 		/* Their callbacks still run when the connection closes, and
-		 * name every msg id that stays invisible. */
-		log_msg_route(d->cfg->route_name, LOG_WARN, "shutdown_deadline",
-			      "%d database statements unfinished",
-			      d->db_pending + (d->reading ? 1 : 0));
+		 * name every msg id that stays invisible. Whatever else waits
+		 * for the database (ledger notes, a metrics query) is given up
+		 * too: the ledger's recovery marks its rows unknown. */
+		if (statements > 0 || ledger_busy(d->ledger) || d->metrics_pending) {
+			struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN,
+							     "shutdown_deadline");
+			log_int(l, "statements", statements);
+			log_str(l, "ledger_unrecorded", ledger_busy(d->ledger) ? "yes" : "no");
+			log_str(l, "msg", "database statements unfinished");
+			log_end(l);
+		}
 		d->deadline_passed = true;
 	}
 	dispatcher_maybe_finish(d);
