@@ -73,36 +73,36 @@ struct pg *pg_new_pooled(struct ev_loop *loop, struct pg_pool *pool, const char 
 
 /* Starts connecting (no-op if already connecting or connected). A handle
  * that joins a connection already up hears connected() from the loop. */
-void pg_start(struct pg *pg);
+void pg_start(struct pg *h);
 
 /* True when connected, this handle told so, and able to run queries now. */
-bool pg_ready(const struct pg *pg);
+bool pg_ready(const struct pg *h);
 
 /* True for the first handle on its connection: the one that counts
  * per-connection events (reconnects) for all. */
-bool pg_primary(const struct pg *pg);
+bool pg_primary(const struct pg *h);
 
 /* How many handles use this handle's connection (itself included). */
-int pg_shared_count(const struct pg *pg);
+int pg_shared_count(const struct pg *h);
 
 /* Queues a query. sql and params are copied. Queries wait while the
  * connection is down and run after it comes back. Returns 0, or -1 when the
  * FIFO is full (PG_MAX_QUEUED) or memory ran out; then fn is not called. */
-int pg_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
-	     pg_result_fn fn, void *arg) __attribute__((warn_unused_result));
+int pg_query(struct pg *h, const char *sql, int nparams, const char *const *params, pg_result_fn fn,
+	     void *arg) __attribute__((warn_unused_result));
 
 /* Switches to another conninfo (copied): reconnects once the running query,
  * if any, has finished; queued queries run on the new connection. A handle
  * on a connection others share moves to the pool's connection for the new
  * conninfo instead (the others stay). Returns 0 or -1 when out of memory
  * (the old conninfo stays). */
-int pg_set_conninfo(struct pg *pg, const char *conninfo);
+int pg_set_conninfo(struct pg *h, const char *conninfo);
 
 /* Fails the handle's pending queries with connection_lost (their callbacks
  * run inside this call; a running one's answer is dropped when it comes),
  * closes the connection when no other handle uses it and frees the
  * handle. NULL-safe. Safe inside a callback of this connection. */
-void pg_free(struct pg *pg);
+void pg_free(struct pg *h);
 
 /* Quotes an SQL identifier ("…", inner quotes doubled) into buf, for
  * LISTEN channels such as pgmq.q_jobs.INSERT that contain dots and capitals

@@ -67,15 +67,15 @@ struct pg_pool {
 
 /* pg.c: the connection. */
 struct pg_conn *pg_conn_new(struct ev_loop *loop, const char *conninfo, int connect_timeout_ms);
-void pg_conn_start(struct pg_conn *c);
-void pg_conn_kick(struct pg_conn *c); /* sends the next query from the loop */
-int pg_conn_set_conninfo(struct pg_conn *c, const char *conninfo);
-void pg_conn_close(struct pg_conn *c);   /* PQfinish now, no callbacks */
-void pg_conn_destroy(struct pg_conn *c); /* closes; frees what is left (orphans only) */
-void pg_conn_hold(struct pg_conn *c);    /* around its callbacks: see busy */
-void pg_conn_release(struct pg_conn *c); /* frees it when dead and not busy */
-void pg_share_bury(struct pg_conn *c);   /* frees the handles gone while busy */
-struct pg_query *pg_conn_unlink(struct pg_conn *c, struct pg_query *q);
+void pg_conn_start(struct pg_conn *pg);
+void pg_conn_kick(struct pg_conn *pg); /* sends the next query from the loop */
+int pg_conn_set_conninfo(struct pg_conn *pg, const char *conninfo);
+void pg_conn_close(struct pg_conn *pg);   /* PQfinish now, no callbacks */
+void pg_conn_destroy(struct pg_conn *pg); /* closes; frees what is left (orphans only) */
+void pg_conn_hold(struct pg_conn *pg);    /* around its callbacks: see busy */
+void pg_conn_release(struct pg_conn *pg); /* frees it when dead and not busy */
+void pg_share_bury(struct pg_conn *pg);   /* frees the handles gone while busy */
+struct pg_query *pg_conn_unlink(struct pg_conn *pg, struct pg_query *q);
 void pg_query_free(struct pg_query *q);
 
 /* pg_share.c: what the connection tells its handles. Each runs the

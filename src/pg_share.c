@@ -366,11 +366,11 @@ void pg_free(struct pg *h)
 	pg_conn_release(c);
 }
 
-void pg_share_bury(struct pg_conn *c)
+void pg_share_bury(struct pg_conn *pg)
 {
-	while (c->gone) {
-		struct pg *h = c->gone;
-		c->gone = h->next;
+	while (pg->gone) {
+		struct pg *h = pg->gone;
+		pg->gone = h->next;
 		free(h);
 	}
 }
