@@ -77,6 +77,42 @@ bool budget_grant_take(struct budget_grant *g, double now, long long *unused);
  * 0 when expected_replicas is 0 (send nothing). Pure. */
 int budget_fallback_cap(int cap, int expected_replicas);
 
+/* The local share (fallback) of one budget: what a replica may send when
+ * no grant can be had, and what a grant's slot must also pass just after
+ * a fallback. rl's window is the counted span (budget_count_s) and holds
+ * every send of this replica, granted or not. Times in seconds on the
+ * caller's clock. */
+struct budget_share {
+	bool fallback;           /* no grant can be had: the share decides */
+	int cap;                 /* budget_fallback_cap(); 0: nothing without a grant */
+	double last_ok_at;       /* the last answered statement (or the start) */
+	double transition_until; /* after a fallback: granted slots pass the share too */
+	struct ratelimit rl;
+};
+
+/* An empty share of cap over count_s, not in fallback, its last answer at
+ * now: a replica starting without a grant waits one span as well. Returns
+ * 0, or -1 when out of memory (s->rl empty and safe to free). */
+int budget_share_init(struct budget_share *s, int cap, double count_s, double now);
+
+/* In fallback, may a request go at now without a grant? Only once every
+ * grant made before the database stopped answering has left the counted
+ * span (last_ok_at + count_s: the other replicas' grants were not bound by
+ * the share), then at most cap per span. Otherwise false and *wait_s is how
+ * long until it might. False when not in fallback or cap is 0. Pure. */
+bool budget_share_allows(const struct budget_share *s, double now, double *wait_s);
+
+/* Leaving a fallback: may a granted slot go at now? Until transition_until
+ * only when the share allows it too (other replicas may still send at
+ * their share, unreported); *wait_s as above. Pure. */
+bool budget_share_granted_allows(const struct budget_share *s, double now, double *wait_s);
+
+/* A statement was answered at now: its time is last_ok_at, and when s was
+ * in fallback with a share, granted slots keep to the share for one more
+ * counted span. Does not leave the fallback itself (the caller does, and
+ * logs it). */
+void budget_share_answered(struct budget_share *s, double now);
+
 struct budget;
 
 /* A budget for kind on pg (owned by the caller and outliving the budget),

@@ -70,15 +70,11 @@ struct budget {
 	struct req *req;       /* the statement outstanding, or NULL */
 	ev_timer retry;        /* a denied grant's retry, or the next attempt after a failure */
 	ev_timer stmt_timeout; /* a grant that does not come: fall back meanwhile */
-	bool fallback;         /* no grant can be had: the local share */
 	bool missing_logged;
-	struct ratelimit local; /* the fallback's limiter; every send is recorded in it */
-	int local_cap;
+	struct budget_share share; /* the local share: fallback, quiet span, transition */
 	/* Sends made in fallback (not in the database): reported with the next
 	 * statement, which counts them as a grant of this replica. */
 	struct ratelimit owed;
-	double last_ok_at;       /* ev_time() of the last answered statement (or start) */
-	double transition_until; /* after a fallback: the local share holds too until then */
 	bool migrated;
 };
 
@@ -139,6 +135,45 @@ int budget_fallback_cap(int cap, int expected_replicas)
 	return n < 1 ? 1 : n;
 }
 
+int budget_share_init(struct budget_share *s, int cap, double count_s, double now)
+{
+	memset(s, 0, sizeof(*s));
+	s->cap = cap;
+	s->last_ok_at = now; /* a replica starting without a grant waits one span too */
+	return ratelimit_init(&s->rl, cap > 0 ? cap : 1, count_s);
+}
+
+bool budget_share_allows(const struct budget_share *s, double now, double *wait_s)
+{
+	/* Every grant made before the database stopped answering has left
+	 * the counted span (the others' grants were not bound by the share). */
+	double quiet_until = s->last_ok_at + s->rl.window_s;
+
+	if (!s->fallback || s->cap <= 0) {
+		*wait_s = BUDGET_RETRY_S;
+		return false;
+	}
+	if (now < quiet_until) {
+		*wait_s = quiet_until - now;
+		return false;
+	}
+	return ratelimit_slot(&s->rl, now, wait_s);
+}
+
+bool budget_share_granted_allows(const struct budget_share *s, double now, double *wait_s)
+{
+	return now >= s->transition_until || ratelimit_slot(&s->rl, now, wait_s);
+}
+
+void budget_share_answered(struct budget_share *s, double now)
+{
+	if (s->fallback && s->cap > 0)
+		/* Others may still be in fallback, at their local share: keep
+		 * to ours as well until every fallback send is reported. */
+		s->transition_until = now + s->rl.window_s;
+	s->last_ok_at = now;
+}
+
 /* ---- the statement ---- */
 
 static double count_s_of(const struct budget *b)
@@ -152,18 +187,18 @@ static const char TAKE_SQL[] = "SELECT slots, retry_s, active FROM %s.budget_tak
 
 static void set_fallback(struct budget *b, bool on, const char *why)
 {
-	if (b->fallback == on)
+	if (b->share.fallback == on)
 		return;
-	b->fallback = on;
+	b->share.fallback = on;
 	metrics_set_fleet_fallback((int)b->kind, on);
 	if (on) {
 		struct log_line *l = log_begin_route(b->route, LOG_WARN, "fleet_budget_fallback");
 		log_str(l, "kind", kind_names[b->kind]);
 		log_str(l, "endpoint_id", b->endpoint_id);
 		log_str(l, "error", why);
-		log_int(l, "local_cap", b->local_cap);
+		log_int(l, "local_cap", b->share.cap);
 		log_str(l, "outcome",
-			b->local_cap > 0 ? "sending at the local share of the cap"
+			b->share.cap > 0 ? "sending at the local share of the cap"
 					 : "sending nothing until a grant comes");
 		log_end(l);
 	} else {
@@ -231,11 +266,7 @@ static void on_taken(void *arg, PGresult *res, const struct pg_error *err)
 	slots = atoi(PQgetvalue(res, 0, 0));
 	retry_s = atof(PQgetvalue(res, 0, 1));
 	PQclear(res);
-	if (b->fallback && b->local_cap > 0)
-		/* Others may still be in fallback, at their local share: keep
-		 * to ours as well until every fallback send is reported. */
-		b->transition_until = ev_time() + count_s_of(b);
-	b->last_ok_at = ev_time();
+	budget_share_answered(&b->share, ev_time());
 	set_fallback(b, false, NULL);
 	owed_drop(&b->owed, sent_at); /* the database counts them now */
 	metrics_inc_fleet_grant((int)b->kind, slots);
@@ -319,31 +350,6 @@ static void on_stmt_timeout(struct ev_loop *loop, ev_timer *w, int revents)
 
 /* ---- the API ---- */
 
-/* The local share in fallback: only once every grant made before the
- * database stopped answering has left the counted span (the others'
- * grants were not bound by the share), then cap / expected_replicas. */
-static bool local_allows(const struct budget *b, double now, double *wait_s)
-{
-	double quiet_until = b->last_ok_at + count_s_of(b);
-
-	if (!b->fallback || b->local_cap <= 0) {
-		*wait_s = BUDGET_RETRY_S;
-		return false;
-	}
-	if (now < quiet_until) {
-		*wait_s = quiet_until - now;
-		return false;
-	}
-	return ratelimit_slot(&b->local, now, wait_s);
-}
-
-/* Leaving a fallback: a grant's slot goes only when the local share allows
- * it too. */
-static bool transition_allows(const struct budget *b, double now, double *wait_s)
-{
-	return now >= b->transition_until || ratelimit_slot(&b->local, now, wait_s);
-}
-
 bool budget_has_slot(const struct budget *b, double now)
 {
 	double wait_s;
@@ -351,8 +357,8 @@ bool budget_has_slot(const struct budget *b, double now)
 	if (b == NULL)
 		return true;
 	if (b->grant.slots > 0 && now < b->grant.expires_at)
-		return transition_allows(b, now, &wait_s);
-	return local_allows(b, now, &wait_s);
+		return budget_share_granted_allows(&b->share, now, &wait_s);
+	return budget_share_allows(&b->share, now, &wait_s);
 }
 
 /* The retry timer at most wait_s away: it brings the caller back. */
@@ -369,13 +375,13 @@ void budget_ask(struct budget *b, double now, int waiting)
 	if (b == NULL)
 		return;
 	if (b->grant.slots > 0 && now < b->grant.expires_at) {
-		if (!transition_allows(b, now, &wait_s))
+		if (!budget_share_granted_allows(&b->share, now, &wait_s))
 			wake_within(b, wait_s);
 		return;
 	}
 	ask(b, waiting);
 	/* The next local slot (and the database asked again then). */
-	if (b->fallback && b->local_cap > 0 && !local_allows(b, now, &wait_s))
+	if (b->share.fallback && b->share.cap > 0 && !budget_share_allows(&b->share, now, &wait_s))
 		wake_within(b, wait_s);
 }
 
@@ -388,7 +394,7 @@ bool budget_take(struct budget *b, double now, int waiting)
 	if (b == NULL)
 		return true;
 	if (b->grant.slots > 0 && now < b->grant.expires_at &&
-	    !transition_allows(b, now, &wait_s)) {
+	    !budget_share_granted_allows(&b->share, now, &wait_s)) {
 		wake_within(b, wait_s);
 		return false;
 	}
@@ -398,12 +404,12 @@ bool budget_take(struct budget *b, double now, int waiting)
 	if (ok) {
 		/* Also in the fallback's window: a fallback starting now
 		 * counts what this replica has just sent. */
-		ratelimit_record(&b->local, now);
+		ratelimit_record(&b->share.rl, now);
 		return true;
 	}
 	ask(b, waiting);
-	if (local_allows(b, now, &wait_s)) {
-		ratelimit_record(&b->local, now);
+	if (budget_share_allows(&b->share, now, &wait_s)) {
+		ratelimit_record(&b->share.rl, now);
 		ratelimit_record(&b->owed, now);
 		return true;
 	}
@@ -427,6 +433,7 @@ struct budget *budget_new(struct ev_loop *loop, struct pg *pg, const struct conf
 			  enum budget_kind kind, void (*ready)(void *arg), void *arg)
 {
 	struct budget *b = calloc(1, sizeof(*b));
+	int local_cap;
 
 	if (b == NULL)
 		return NULL;
@@ -438,18 +445,17 @@ struct budget *budget_new(struct ev_loop *loop, struct pg *pg, const struct conf
 	ledger_new_id(b->owner);
 	snprintf(b->schema, sizeof(b->schema), "%s", cfg->ledger_schema);
 	take_values(b, cfg);
-	b->local_cap = budget_fallback_cap(b->cap, b->expected_replicas);
 	/* The local share's window is the counted span, not the window alone:
 	 * validity_ms of slack for a send that reaches RunPod late (a loaded
 	 * machine), as a grant has. owed: the fallback sends of one counted
 	 * span, at most twice the local cap. */
-	if (ratelimit_init(&b->local, b->local_cap > 0 ? b->local_cap : 1, count_s_of(b)) != 0 ||
-	    ratelimit_init(&b->owed, b->local_cap > 0 ? 2 * b->local_cap : 1, 0.0) != 0) {
-		ratelimit_free(&b->local);
+	local_cap = budget_fallback_cap(b->cap, b->expected_replicas);
+	if (budget_share_init(&b->share, local_cap, count_s_of(b), ev_time()) != 0 ||
+	    ratelimit_init(&b->owed, local_cap > 0 ? 2 * local_cap : 1, 0.0) != 0) {
+		ratelimit_free(&b->share.rl);
 		free(b);
 		return NULL;
 	}
-	b->last_ok_at = ev_time(); /* a replica starting without a grant waits one span too */
 	ev_init(&b->retry, on_retry);
 	b->retry.data = b;
 	ev_init(&b->stmt_timeout, on_stmt_timeout);
@@ -463,7 +469,7 @@ struct budget *budget_new(struct ev_loop *loop, struct pg *pg, const struct conf
 		log_int(l, "window_ms", cfg->rate_window_ms);
 		log_int(l, "validity_ms", cfg->fleet_validity_ms);
 		log_int(l, "grant_max", b->grant_max);
-		log_int(l, "fallback_cap", b->local_cap);
+		log_int(l, "fallback_cap", b->share.cap);
 		log_end(l);
 	}
 	return b;
@@ -478,20 +484,20 @@ void budget_reload(struct budget *b, const struct config *cfg)
 		return;
 	take_values(b, cfg);
 	local_cap = budget_fallback_cap(b->cap, b->expected_replicas);
-	if (local_cap != b->local_cap &&
-	    ratelimit_resized(&b->local, local_cap > 0 ? local_cap : 1, &rl) == 0) {
+	if (local_cap != b->share.cap &&
+	    ratelimit_resized(&b->share.rl, local_cap > 0 ? local_cap : 1, &rl) == 0) {
 		struct ratelimit owed;
 		if (ratelimit_resized(&b->owed, local_cap > 0 ? 2 * local_cap : 1, &owed) != 0) {
 			ratelimit_free(&rl);
 			return; /* the old share stays */
 		}
-		ratelimit_free(&b->local);
+		ratelimit_free(&b->share.rl);
 		ratelimit_free(&b->owed);
-		b->local = rl;
+		b->share.rl = rl;
 		b->owed = owed;
-		b->local_cap = local_cap;
+		b->share.cap = local_cap;
 	}
-	b->local.window_s = count_s_of(b); /* validity_ms may have changed */
+	b->share.rl.window_s = count_s_of(b); /* validity_ms may have changed */
 }
 
 static void on_migrated(void *arg, PGresult *res, const struct pg_error *err)
@@ -550,7 +556,7 @@ void budget_free(struct budget *b)
 	ev_timer_stop(b->loop, &b->stmt_timeout);
 	if (b->req)
 		b->req->b = NULL;
-	ratelimit_free(&b->local);
+	ratelimit_free(&b->share.rl);
 	ratelimit_free(&b->owed);
 	free(b);
 }

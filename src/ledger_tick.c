@@ -13,21 +13,38 @@
 #include <stdlib.h>
 #include <string.h>
 
-static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
+/* What on_tick and on_claim do first: the ledger that sent the statement
+ * (NULL when it was freed meanwhile: res is cleared), its in-progress flag
+ * for `kind` (S_TICK or S_CLAIM) lowered, and an error logged as
+ * failed_event. Returns the ledger when res holds rows to read, else NULL. */
+static struct ledger *periodic_done(void *arg, PGresult *res, const struct pg_error *err,
+				    enum stmt_kind kind, const char *failed_event)
 {
 	struct ledger *l = ledger_stmt_done(arg);
-	int rows;
 
 	if (l == NULL) {
 		if (res)
 			PQclear(res);
-		return;
+		return NULL;
 	}
-	l->ticking = false;
+	if (kind == S_TICK)
+		l->ticking = false;
+	else
+		l->claiming = false;
 	if (err) {
-		ledger_log_error("ledger_tick_failed", err);
-		return;
+		ledger_log_error(failed_event, err);
+		return NULL;
 	}
+	return l;
+}
+
+static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
+{
+	struct ledger *l = periodic_done(arg, res, err, S_TICK, "ledger_tick_failed");
+	int rows;
+
+	if (l == NULL)
+		return;
 	rows = PQntuples(res);
 	for (int i = 0; i < rows; i++) {
 		const char *kind = PQgetvalue(res, i, 0);
@@ -72,19 +89,11 @@ static void on_tick(void *arg, PGresult *res, const struct pg_error *err)
 
 static void on_claim(void *arg, PGresult *res, const struct pg_error *err)
 {
-	struct ledger *l = ledger_stmt_done(arg);
+	struct ledger *l = periodic_done(arg, res, err, S_CLAIM, "ledger_claim_failed");
 	int rows;
 
-	if (l == NULL) {
-		if (res)
-			PQclear(res);
+	if (l == NULL)
 		return;
-	}
-	l->claiming = false;
-	if (err) {
-		ledger_log_error("ledger_claim_failed", err);
-		return;
-	}
 	rows = PQntuples(res);
 	for (int i = 0; i < rows; i++) {
 		long long *ids = NULL;

@@ -3,11 +3,9 @@
 #include "config.h"
 #include "dispatcher.h"
 #include "route.h"
-#include "ctl.h"
+#include "commands.h"
 #include "admin.h"
 #include "dispatches.h"
-#include "ledger_cli.h"
-#include "listenaddr.h"
 #include "log.h"
 #include "metrics.h"
 #include "sdnotify.h"
@@ -37,15 +35,6 @@ struct app {
 	struct dispatches *ds; /* GET /dispatches, on a connection of its own */
 	ev_signal sig_int, sig_term, sig_hup;
 };
-
-/* The port of a valid admin.listen value, -1 for "off". */
-static int listen_port(const char *listen)
-{
-	char host[LISTENADDR_HOST_MAX + 1];
-	int port = -1;
-
-	return listenaddr_split(listen, host, sizeof(host), &port) == NULL ? port : -1;
-}
 
 static void usage(FILE *fp)
 {
@@ -335,18 +324,13 @@ int main(int argc, char **argv)
 		{ NULL, 0, NULL, 0 },
 	};
 	struct app app;
-	const char *path = CONFIG_DEFAULT_PATH;
-	bool path_explicit = false, once = false, check = false, dump = false, dry_run = false;
-	bool health_check = false;
+	struct command cmd = { .path = CONFIG_DEFAULT_PATH };
+	bool path_explicit = false, once = false;
 	int verbose = 0, quiet = 0, opt;
 	char level_override[32], format_override[32];
 	const char *overrides[3] = { NULL, NULL, NULL };
-	int noverrides = 0, command_argc = 0;
-	const char *command = NULL;
-	char **command_argv = NULL;
+	int noverrides = 0;
 	char masked[1024];
-	char **ctl_args = NULL;
-	int nctl_args = 0;
 
 	if (open_closed_std_fds() != 0)
 		return EX_OSERR;
@@ -357,7 +341,7 @@ int main(int argc, char **argv)
 	while ((opt = getopt_long(argc, argv, "+c:vqtTVh", longopts, NULL)) != -1) {
 		switch (opt) {
 		case 'c':
-			path = optarg;
+			cmd.path = optarg;
 			path_explicit = true;
 			break;
 		case 'v':
@@ -373,16 +357,16 @@ int main(int argc, char **argv)
 			once = true;
 			break;
 		case 'D':
-			dry_run = true;
+			cmd.dry_run = true;
 			break;
 		case 'H':
-			health_check = true;
+			cmd.health_check = true;
 			break;
 		case 't':
-			check = true;
+			cmd.check = true;
 			break;
 		case 'T':
-			dump = true;
+			cmd.dump = true;
 			break;
 		case 'V':
 			printf("pgmq-dispatcher %s\n", PGMQD_VERSION);
@@ -395,22 +379,13 @@ int main(int argc, char **argv)
 			return EX_USAGE;
 		}
 	}
-	if (optind < argc && strcmp(argv[optind], "ctl") == 0) {
-		ctl_args = argv + optind + 1;
-		nctl_args = argc - optind - 1;
-		optind = argc;
-	}
-	if (optind < argc && ledger_cli_known(argv[optind])) {
-		command = argv[optind];
-		command_argc = argc - optind;
-		command_argv = argv + optind;
-	} else if (optind < argc) {
-		fprintf(stderr, "pgmq-dispatcher: unexpected argument '%s'\n", argv[optind]);
+	if (command_pick(&cmd, argc, argv, optind) != 0) {
 		usage(stderr);
 		return EX_USAGE;
 	}
-	if ((int)once + (int)check + (int)dump + (int)dry_run + (int)health_check > 1 &&
-	    !(check && dump)) {
+	if ((int)once + (int)cmd.check + (int)cmd.dump + (int)cmd.dry_run + (int)cmd.health_check >
+		    1 &&
+	    !(cmd.check && cmd.dump)) {
 		fprintf(stderr,
 			"pgmq-dispatcher: --once, --dry-run, --health-check, -t and -T exclude "
 			"each other\n");
@@ -431,7 +406,7 @@ int main(int argc, char **argv)
 		overrides[noverrides++] = format_override;
 
 	log_setup(LOG_INFO, LOG_FORMAT_LOGFMT);
-	app.in = (struct config_input){ .path = path,
+	app.in = (struct config_input){ .path = cmd.path,
 					.path_explicit = path_explicit,
 					.envp = environ,
 					.cli_overrides = overrides };
@@ -444,47 +419,8 @@ int main(int argc, char **argv)
 	}
 	log_setup((enum log_level)app.cfg->log_level, (enum log_format)app.cfg->log_format);
 	register_secrets(app.cfg);
-	if (ctl_args) {
-		int rc = curl_global_init(CURL_GLOBAL_DEFAULT) == CURLE_OK
-				 ? ctl_run(app.cfg, nctl_args, ctl_args)
-				 : EX_SOFTWARE;
-		curl_global_cleanup();
-		config_free(app.cfg);
-		free(app.cfg);
-		return rc;
-	}
-	if (dump)
-		config_dump(app.cfg, stdout);
-	if (check && !dump) {
-		char used[512];
-		config_describe(app.cfg, path, used, sizeof(used));
-		printf("pgmq-dispatcher: configuration valid: %s\n", used);
-	}
-	if (check || dump) {
-		config_free(app.cfg);
-		free(app.cfg);
-		return 0;
-	}
-	if (command) {
-		int rc = ledger_cli_main(app.cfg, command, command_argc, command_argv);
-		config_free(app.cfg);
-		free(app.cfg);
-		return rc;
-	}
-	if (health_check || dry_run) {
-		int rc;
-		if (health_check)
-			rc = strcmp(app.cfg->admin_listen, "off") == 0              ? 1
-			     : admin_health_check(app.cfg->admin_listen, 2000) == 0 ? 0
-										    : 1;
-		else
-			rc = dispatcher_dry_run(app.cfg, stdout) == 0 ? 0 : EX_UNAVAILABLE;
-		if (health_check && rc != 0 && strcmp(app.cfg->admin_listen, "off") == 0)
-			log_msg(LOG_WARN, "health_check", "admin.listen is off: nothing to ask");
-		else if (health_check && rc != 0 && listen_port(app.cfg->admin_listen) == 0)
-			log_msg(LOG_WARN, "health_check",
-				"admin.listen uses port 0 (any free port): "
-				"set a fixed port to use --health-check");
+	if (command_is_oneshot(&cmd)) {
+		int rc = command_run(&cmd, app.cfg);
 		config_free(app.cfg);
 		free(app.cfg);
 		return rc;

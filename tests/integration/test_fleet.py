@@ -226,8 +226,9 @@ def test_database_unavailable_falls_back_to_the_local_share(queue_db, emulator, 
     enqueue(queue_db, 1400 * BATCH)
     # Twice as many as there are: two windows' shares (2 x 3 x 20) then fit in one window of
     # the emulator, whose own threads admit late on a loaded machine (three shares of 41 left 2
-    # of 125 and drew 429s under the whole suite). Without the quiet span or the transition the
-    # shares still come on top of the fleet's grants and draw 429s.
+    # of 125 and drew 429s under the whole suite). The quiet span has a test of its own below
+    # (here each replica's own sends hold its share back anyway); both timing rules are unit
+    # tested in tests/unit/test_budget.c.
     ds = fleet(3, PGMQD_FLEET_EXPECTED_REPLICAS=6)
     emulator.wait_for(lambda: len(accepted_times(emulator)) >= CAP, timeout_s=30)
     queue_db.sql(f"ALTER FUNCTION {TAKE_SIG} RENAME TO budget_take_away")
@@ -253,6 +254,61 @@ def test_database_unavailable_falls_back_to_the_local_share(queue_db, emulator, 
     assert 0.9 * 3 * 20 <= during <= 2 * 3 * 20, during  # it went on, at its share
     # What they sent meanwhile was reported as grants of their own.
     assert queue_db.sql("SELECT count(*) FROM pgmq_dispatcher.budget_grant")[0][0] > 0
+
+
+def first_run_carrying(emu, above_msg_id):
+    """The emulator's receipt time (time.monotonic) of the first accepted /run carrying a
+    message with msg_id > above_msg_id, or None."""
+    times = [r.received_at for r in emu.requests("run") if r.accepted
+             and any(j["msg_id"] > above_msg_id for j in json.loads(r.body)["input"]["jobs"])]
+    return min(times) if times else None
+
+
+def accepted_ids(emu):
+    return [j["msg_id"] for r in emu.requests("run") if r.accepted
+            for j in json.loads(r.body)["input"]["jobs"]]
+
+
+def test_fallback_waits_one_counted_span_after_the_last_grant(queue_db, emulator, fleet):
+    """The rule test_database_unavailable_falls_back_to_the_local_share cannot see (there a
+    saturated replica's own sends hold its share back anyway): a replica whose own window is
+    empty sends nothing in fallback until every grant made before the database stopped
+    answering has left the counted span (window + 50 ms + validity), and a replica starting
+    without any grant waits one span from its start. Times: the database's granted_at and
+    the emulator's receipts, both put on time.monotonic."""
+    wall_minus_mono = time.time() - time.monotonic()
+    # The whole cap as the local share: only the wait can hold these few sends back.
+    d = fleet(1, PGMQD_FLEET_EXPECTED_REPLICAS=1)[0]
+    enqueue(queue_db, 10)
+    emulator.wait_for(lambda: len(accepted_ids(emulator)) >= 10, timeout_s=30)
+    queue_db.sql(f"ALTER FUNCTION {TAKE_SIG} RENAME TO budget_take_away")
+    last_grant = float(queue_db.sql(
+        "SELECT extract(epoch FROM max(granted_at)) FROM pgmq_dispatcher.budget_grant")[0][0])
+    last_grant -= wall_minus_mono
+    # Past the last grant's validity: what comes next needs a grant or the fallback.
+    emulator.wait_for(lambda: time.monotonic() > last_grant + VALIDITY_MS / 1000.0 + 0.1,
+                      timeout_s=5)
+    enqueue(queue_db, 10)
+    d.wait_log(r"event=fleet_budget_fallback .*kind=run .*local_cap=125", timeout_s=10)
+    emulator.wait_for(lambda: len(accepted_ids(emulator)) >= 20, timeout_s=30)
+    first = first_run_carrying(emulator, 10)
+    print(f"idle replica: first fallback /run {first - last_grant:.2f} s after the last grant "
+          f"(span {COUNT_S:.2f} s)")
+    # 10 ms for the two clocks' readings above.
+    assert first >= last_grant + COUNT_S - 0.01, first - last_grant
+
+    # A replica started while the database cannot grant: one span from its start.
+    d.stop()
+    started = time.monotonic()
+    d = fleet(1, PGMQD_FLEET_EXPECTED_REPLICAS=1)[0]
+    enqueue(queue_db, 10)
+    d.wait_log(r"event=fleet_budget_fallback .*kind=run .*local_cap=125", timeout_s=10)
+    emulator.wait_for(lambda: len(accepted_ids(emulator)) >= 30, timeout_s=30)
+    first = first_run_carrying(emulator, 20)
+    print(f"new replica: first fallback /run {first - started:.2f} s after its start")
+    assert first >= started + COUNT_S, first - started
+    assert sorted(accepted_ids(emulator)) == list(range(1, 31))
+    assert count_429(emulator) == 0
 
 
 def test_database_unavailable_with_no_expected_replicas_sends_nothing_and_loses_nothing(

@@ -14,26 +14,13 @@ import pytest
 
 from daemon import (API_KEY, ENDPOINT_ID, QUEUE, Daemon, Fault, RunPodEmulator, base_env,
                     logfmt, run_once)
+from ledger_helpers import SCHEMA, accepted_runs, admin_url, rows, states_of
 from pgcluster import wait_until
 
-SCHEMA = "pgmq_dispatcher"
 # The schema version this build knows (branches add migrations; the tests follow the header).
 with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "include",
                        "migrate.h"), encoding="utf-8") as _f:
     VERSION = int(re.search(r"#define MIGRATE_VERSION (\d+)", _f.read()).group(1))
-
-
-def rows(db, where="true"):
-    return db.sql(f"SELECT dispatch_id::text, state, job_id, msg_ids, read_cts, http_status, "
-                  f"history, error FROM {SCHEMA}.dispatch WHERE {where} ORDER BY read_at, dispatch_id")
-
-
-def states_of(history):
-    return [h["state"] for h in history]
-
-
-def accepted_runs(emu):
-    return [r for r in emu.requests("run") if r.accepted]
 
 
 def test_one_row_per_dispatch_written_with_the_read(queue_db, emulator, start_daemon):
@@ -278,8 +265,7 @@ def test_role_without_create_is_pointed_at_migrate(queue_db, emulator, pg_cluste
 # ---- crash recovery ----
 
 def metrics_text(d):
-    port = int(re.search(r"admin_port=(\d+)", d.output).group(1))
-    return urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return urllib.request.urlopen(admin_url(d, "/metrics"), timeout=5).read().decode()
 
 
 def recovered(d):

@@ -15,33 +15,15 @@ import urllib.request
 import pytest
 
 from daemon import Daemon, base_env, run_once
+from ledger_helpers import SCHEMA, accepted_runs, admin_url, rows, states_of
 from pgcluster import wait_until
 from test_valgrind import VALGRIND
 
-SCHEMA = "pgmq_dispatcher"
 RETRY_DELAY_S = 3
 # A long vt (the default 1800 s): a message that comes back early was released, not expired.
 TRACKER = dict(PGMQD_LEDGER_ENABLED="on", PGMQD_TRACKER_ENABLED="on",
                PGMQD_TRACKER_INTERVAL_MS=200, PGMQD_TRACKER_RETRY_DELAY_S=RETRY_DELAY_S,
                PGMQD_QUEUE_IDLE_POLL_MAX_MS=200)
-
-
-def rows(db, where="true"):
-    return db.sql(f"SELECT dispatch_id::text, state, job_id, msg_ids, history, error "
-                  f"FROM {SCHEMA}.dispatch WHERE {where} ORDER BY read_at, dispatch_id")
-
-
-def states_of(history):
-    return [h["state"] for h in history]
-
-
-def accepted_runs(emu):
-    return [r for r in emu.requests("run") if r.accepted]
-
-
-def admin_url(d, path):
-    port = int(re.search(r"admin_port=(\d+)", d.output).group(1))
-    return f"http://127.0.0.1:{port}{path}"
 
 
 def get(d, path):
@@ -98,11 +80,11 @@ def test_failed_cancelled_timed_out_or_lost_job_comes_back_after_retry_delay(
     wait_until(lambda: rows(queue_db)[0][1] == "released", 10, what="released")
     first_row = rows(queue_db)[0]
     assert first_row[2] == job_id and sorted(first_row[3]) == ids
-    seen = states_of(first_row[4])
+    seen = states_of(first_row[6])
     assert seen[-2:] == [final, "released"], seen
     assert seen[:2] == ["sending", "accepted"], seen
     if case == "lost":
-        assert "404" in first_row[5]
+        assert "404" in first_row[7]
     # Invisible until the retry delay is over, then read again (read_ct 2) and sent again.
     vt = queue_db.sql("SELECT max(extract(epoch FROM vt - clock_timestamp()))::float "
                       "FROM pgmq.q_jobs")[0][0]

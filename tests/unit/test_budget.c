@@ -1,6 +1,7 @@
 /* Unit tests for the fleet budget's pure arithmetic (include/budget.h):
  * the grant size, what a replica asks for, a grant's validity, the
- * fallback share, and a simulation of replicas taking grants from a model
+ * fallback share and its two timing rules (wait one counted span, keep to
+ * the share for one more after), and a simulation of replicas taking grants from a model
  * of budget_take and spending them late, checked against a sliding window
  * at the server the way RunPod and the emulator count. */
 #include <setjmp.h>
@@ -64,6 +65,102 @@ static void fallback_share(void **state)
 	assert_int_equal(budget_fallback_cap(1000, 3), 333);
 	assert_int_equal(budget_fallback_cap(2, 3), 1);
 	assert_int_equal(budget_fallback_cap(1000, 1), 1000);
+}
+
+/* ---- the local share's decisions ---- */
+
+#define SPAN_S 10.3 /* budget_count_s(10, 0.05, 0.25) */
+#define EPS_S 1e-6
+
+/* Fallback waits until the grants made before the database stopped
+ * answering have left the counted span, whatever this replica sent: its
+ * own ring may be empty while the others' grants still count. */
+static void fallback_waits_one_span_after_the_last_answer(void **state)
+{
+	struct budget_share s;
+	double wait_s = 0;
+
+	(void)state;
+	assert_int_equal(budget_share_init(&s, 3, SPAN_S, 100.0), 0);
+	assert_false(budget_share_allows(&s, 100.5, &wait_s)); /* not in fallback */
+	s.fallback = true;
+	/* Started at 100 without a grant: one span from the start. */
+	assert_false(budget_share_allows(&s, 101.0, &wait_s));
+	assert_true(fabs(wait_s - 9.3) < 1e-9);
+	assert_false(budget_share_allows(&s, 100.0 + SPAN_S - 0.001, &wait_s));
+	assert_true(wait_s > 0 && wait_s <= 0.001 + EPS_S);
+	assert_true(budget_share_allows(&s, 100.0 + SPAN_S + EPS_S, &wait_s));
+
+	/* A statement answered at 105 (a grant), the database gone at 106:
+	 * one span from 105, not from 100 or 106. */
+	budget_share_answered(&s, 105.0);
+	assert_true(s.fallback); /* the caller leaves it */
+	s.fallback = true;
+	assert_false(budget_share_allows(&s, 106.0, &wait_s));
+	assert_true(fabs(wait_s - 9.3) < 1e-9);
+	assert_false(budget_share_allows(&s, 105.0 + SPAN_S - 0.001, &wait_s));
+	assert_true(budget_share_allows(&s, 105.0 + SPAN_S + EPS_S, &wait_s));
+
+	/* Then at most cap per span: the ring holds the sends. */
+	for (int i = 0; i < 3; i++)
+		ratelimit_record(&s.rl, 116.0 + i * 0.1);
+	assert_false(budget_share_allows(&s, 116.5, &wait_s));
+	assert_true(fabs(wait_s - (116.0 + SPAN_S - 116.5)) < 1e-9);
+	assert_true(budget_share_allows(&s, 116.0 + SPAN_S + EPS_S, &wait_s));
+	ratelimit_free(&s.rl);
+}
+
+static void fallback_with_no_share_sends_nothing(void **state)
+{
+	struct budget_share s;
+	double wait_s = 0;
+
+	(void)state;
+	assert_int_equal(budget_share_init(&s, 0, SPAN_S, 0.0), 0);
+	s.fallback = true;
+	assert_false(budget_share_allows(&s, 1000.0, &wait_s));
+	assert_true(wait_s > 0);
+	ratelimit_free(&s.rl);
+}
+
+/* Leaving a fallback: for one span after the first answer a granted slot
+ * goes only when the share allows it too (other replicas may still be
+ * sending at their share, not yet reported); after that span, or when no
+ * fallback preceded the answer, a grant is enough. */
+static void leaving_a_fallback_keeps_to_the_share_for_one_span(void **state)
+{
+	struct budget_share s;
+	double wait_s = 0;
+
+	(void)state;
+	assert_int_equal(budget_share_init(&s, 3, SPAN_S, 0.0), 0);
+	/* No fallback yet: a full ring does not hold a granted slot back. */
+	for (int i = 0; i < 3; i++)
+		ratelimit_record(&s.rl, 1.0 + i * 0.1);
+	budget_share_answered(&s, 2.0);
+	assert_true(budget_share_granted_allows(&s, 2.0, &wait_s));
+
+	/* In fallback from 20: its share spent at 40..40.2, answered at 41. */
+	s.fallback = true;
+	for (int i = 0; i < 3; i++)
+		ratelimit_record(&s.rl, 40.0 + i * 0.1);
+	budget_share_answered(&s, 41.0);
+	s.fallback = false;
+	assert_false(budget_share_granted_allows(&s, 41.0, &wait_s));
+	assert_true(fabs(wait_s - (40.0 + SPAN_S - 41.0)) < 1e-9);
+	/* A slot of the share frees at 40 + span: one granted send goes. */
+	assert_true(budget_share_granted_allows(&s, 40.0 + SPAN_S + EPS_S, &wait_s));
+	ratelimit_record(&s.rl, 40.0 + SPAN_S + EPS_S);
+	assert_false(budget_share_granted_allows(&s, 40.0 + SPAN_S + 0.05, &wait_s));
+	/* One span after the answer the grant alone decides. */
+	assert_true(budget_share_granted_allows(&s, 41.0 + SPAN_S + EPS_S, &wait_s));
+
+	/* An answer with no fallback before it starts no transition. */
+	budget_share_answered(&s, 60.0);
+	for (int i = 0; i < 3; i++)
+		ratelimit_record(&s.rl, 60.0 + i * 0.1);
+	assert_true(budget_share_granted_allows(&s, 60.5, &wait_s));
+	ratelimit_free(&s.rl);
 }
 
 /* ---- the simulation ---- */
@@ -198,6 +295,9 @@ int main(void)
 		cmocka_unit_test(want_and_count),
 		cmocka_unit_test(grant_validity),
 		cmocka_unit_test(fallback_share),
+		cmocka_unit_test(fallback_waits_one_span_after_the_last_answer),
+		cmocka_unit_test(fallback_with_no_share_sends_nothing),
+		cmocka_unit_test(leaving_a_fallback_keeps_to_the_share_for_one_span),
 		cmocka_unit_test(fleet_never_exceeds_the_window),
 		cmocka_unit_test(counting_the_window_alone_is_not_enough),
 	};
