@@ -71,15 +71,15 @@ struct dispatcher {
 	struct dispatcher_conf conf;
 	struct pg *pg;
 	struct http *http;
-	bool http_shared;                /* the routes' one multi handle: not ours to free */
-	struct tracker *tracker;         /* NULL unless [tracker] enabled */
-	struct ledger *ledger;           /* NULL unless ledger.enabled */
+	bool http_shared;        /* the routes' one multi handle: not ours to free */
+	struct tracker *tracker; /* NULL unless [tracker] enabled */
+	struct ledger *ledger;   /* NULL unless ledger.enabled */
 	/* Dispatch ids of the read outstanding, one per body it may make. */
 	char read_ids[READ_MAX_BODIES][LEDGER_ID_LEN + 1];
 	int nread_ids; /* 0: the read is not recorded */
 	int read_qty;  /* what it asked for */
 	bool backlog;  /* the last read came back full: more waits */
-	bool fatal;                      /* the ledger cannot be used: stop, exit nonzero */
+	bool fatal;    /* the ledger cannot be used: stop, exit nonzero */
 	bool once;
 	dispatcher_done_fn done;
 	void *done_arg;

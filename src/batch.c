@@ -311,8 +311,8 @@ static int part_add(struct parts *ps, const char *read_id, const char *state)
 }
 
 /* Marks rows ix[0..n) as part of a new group; the group's dispatch id. */
-static const char *group(struct parts *ps, const char *read_id, const char *state,
-			 int *part_of, const int *ix, int n)
+static const char *group(struct parts *ps, const char *read_id, const char *state, int *part_of,
+			 const int *ix, int n)
 {
 	int k;
 

@@ -221,12 +221,11 @@ void dispatcher_kick(struct dispatcher *d)
 		for (int k = 0; k < d->nread_ids; k++)
 			ledger_new_id(d->read_ids[k]);
 	}
-	if (d->nread_ids
-		    ? ledger_read(d->ledger, (const char(*)[LEDGER_ID_LEN + 1])d->read_ids,
-				  d->nread_ids, d->cfg->batch_size, d->cfg->vt_seconds, d->read_qty,
-				  dispatcher_on_read, d) != 0
-		    : pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name,
-				d->cfg->vt_seconds, d->read_qty, dispatcher_on_read, d) != 0) {
+	if (d->nread_ids ? ledger_read(d->ledger, (const char(*)[LEDGER_ID_LEN + 1]) d->read_ids,
+				       d->nread_ids, d->cfg->batch_size, d->cfg->vt_seconds,
+				       d->read_qty, dispatcher_on_read, d) != 0
+			 : pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name,
+				     d->cfg->vt_seconds, d->read_qty, dispatcher_on_read, d) != 0) {
 		log_msg_route(d->cfg->route_name, LOG_ERROR, "read_failed",
 			      "cannot queue the read statement");
 		dispatcher_back_off(d, PAUSE_DB, -1);

@@ -399,8 +399,8 @@ bool post_read_waits(struct dispatcher *d)
 	if (d->cfg->read_batches <= 1 || d->once || d->ep || d->gather_over)
 		return false;
 	bodies = bodies_now(d, &slots, &rate);
-	if (!batch_read_waits(d->backlog, d->in_flight, d->cfg->max_in_flight,
-			      d->cfg->read_batches, bodies))
+	if (!batch_read_waits(d->backlog, d->in_flight, d->cfg->max_in_flight, d->cfg->read_batches,
+			      bodies))
 		return false;
 	if (!ev_is_active(&d->gather)) {
 		ev_timer_set(&d->gather, BATCH_READ_GATHER_S, 0.0);
