@@ -622,26 +622,27 @@ def scenario_two_routes(ctx, results):
 
 
 # Scenario 9's in-flight ceiling: RunPod allows 200 concurrent requests per endpoint; 32 is the
-# RunPod-like scenario's (3). With the default queue.read_batches (every free slot) a read then
+# RunPod-like scenario's (3). With queue.read_batches at the same value (every free slot) a read
 # claims up to 320 messages; with the default max_in_flight of 8, up to 80.
 FULLER_MAX_IN_FLIGHT = 32
 
 
 def scenario_fuller_reads(ctx, results):
-    """Batch 10 with fuller reads (the default queue.read_batches: one read claims batch_size x
-    the free in-flight slots, sent as bodies of 10), ledger on (the default) and off, against
-    single-connection pgmq.read(..., 10) in the same run, and the daemon reading one batch per
-    read (queue.read_batches=1, as before fuller reads) for comparison. Runs alternate."""
+    """Batch 10 with fuller reads (queue.read_batches = max_in_flight: one read claims
+    batch_size x the free in-flight slots, sent as bodies of 10), ledger on (the default) and
+    off, against single-connection pgmq.read(..., 10) in the same run, and the daemon reading
+    one batch per read (queue.read_batches=1, the default) for comparison. Runs alternate."""
     n, reps = SIZES["drain_n"], SIZES["drain_reps"][1]
     refs, on, off, one = [], [], [], []
     fuller = dict(queue_max_in_flight=FULLER_MAX_IN_FLIGHT)
+    every_slot = dict(queue_read_batches=FULLER_MAX_IN_FLIGHT, **fuller)
     for rep in range(reps):
         refs.append(drain_reference(ctx, n, 10))
         log(f"9. run {rep + 1}/{reps}: pgmq.read(..., 10) alone: "
             f"{refs[-1]['msgs_per_s']:,.0f} msg/s, PostgreSQL "
             f"{refs[-1]['cpu_us_per_msg']['PostgreSQL']:.0f} us/msg (load {os.getloadavg()[0]:.2f})")
-        on.append(drain_daemon(ctx, n, 10, **fuller))
-        off.append(drain_daemon(ctx, n, 10, ledger_enabled="off", **fuller))
+        on.append(drain_daemon(ctx, n, 10, **every_slot))
+        off.append(drain_daemon(ctx, n, 10, ledger_enabled="off", **every_slot))
         for label, r in (("ledger on", on[-1]), ("ledger off", off[-1])):
             log(f"9. run {rep + 1}/{reps}: fuller reads, {label}: {r['msgs_per_s']:,.0f} msg/s, "
                 f"PostgreSQL {r['cpu_us_per_msg']['PostgreSQL']:.0f} us/msg, "
@@ -1191,8 +1192,9 @@ def build_rows(res):
                      "—", None))
     r = res.get("fuller")
     if r:
-        what = (f"batch 10, max_in_flight {FULLER_MAX_IN_FLIGHT}, fuller reads (default "
-                f"`queue.read_batches`: median {r['rows_per_read']:.0f} rows per read)")
+        what = (f"batch 10, max_in_flight {FULLER_MAX_IN_FLIGHT}, fuller reads "
+                f"(`queue.read_batches={FULLER_MAX_IN_FLIGHT}`: median "
+                f"{r['rows_per_read']:.0f} rows per read)")
         rows.append(("9a", f"drain {r['n']:,}, {what}, ledger on, nginx sink "
                            f"(median of {r['runs']})",
                      f_rate(r["on"]),
@@ -1335,14 +1337,14 @@ METHOD = """\
 - **5. Memory.** `VmRSS` sampled every 200 ms while draining with batch 100 and the default
   configuration (so the /run cap of 1000 per 10 s sets the pace: 10,000 msg/s at most);
   start = the first accepted batch, end = the last one.
-- **9. Fuller reads.** The drain of 1 at batch 10 with `queue.max_in_flight=32` and the default
-  `queue.read_batches` (one read claims 10 × the free in-flight slots, at most 320, and waits
+- **9. Fuller reads.** The drain of 1 at batch 10 with `queue.max_in_flight=32` and
+  `queue.read_batches=32` (one read claims 10 × the free in-flight slots, at most 320, and waits
   up to 5 ms for half the slots to be free while a backlog lasts), ledger on (the default) and
   off, alternating with pgbench's single-connection `pgmq.read(..., 10)` on an identically
   loaded queue; medians of the runs. PostgreSQL CPU per message counts the whole cluster (the
   read's backend, the stand-in worker's, autovacuum, the WAL writer) from before the daemon
   starts to the last accepted batch, divided by the messages dispatched. A last drain with
-  `queue.read_batches=1` (one batch per read, as before) shows what the fuller reads change.
+  `queue.read_batches=1` (one batch per read, the default) shows what the fuller reads change.
   On a shared machine every figure moves with the load: the load average is given in the runs.
 - Sizes are in decimal megabytes (10^6 bytes). Targets are reported, never asserted by tests.
 """

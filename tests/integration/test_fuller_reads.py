@@ -1,5 +1,5 @@
-"""Fuller reads (issue 13): one read claims batch_size x the free in-flight slots (the default
-queue.read_batches), its ledger rows, one per /run body, are made by the read statement
+"""Fuller reads (issue 13): one read claims batch_size x the free in-flight slots
+(queue.read_batches), its ledger rows, one per /run body, are made by the read statement
 itself, and a body of such a read that RunPod refuses comes back to the queue, never lost.
 
 Every wait is on a condition with a deadline."""
@@ -27,12 +27,12 @@ def accepted_runs(emu):
 
 def test_a_fuller_read_makes_one_row_per_body_in_its_statement(queue_db, emulator,
                                                                 start_daemon):
-    """Defaults but max_in_flight 4: one read of 35 (4 free slots x batch_size 10), four rows
+    """max_in_flight 4, read_batches 8: one read of 35 (4 free slots x batch_size 10), four rows
     made with the read (10, 10, 10, 5 msg ids in msg_id order), no row re-cut after it, each
     body sent under its row's id."""
     ids = queue_db.send_many([{"i": i} for i in range(35)])
     emulator.hold_runs()
-    d = start_daemon("-v", PGMQD_QUEUE_MAX_IN_FLIGHT="4")
+    d = start_daemon("-v", PGMQD_QUEUE_MAX_IN_FLIGHT="4", PGMQD_QUEUE_READ_BATCHES="8")
     try:
         emulator.wait_for(lambda: emulator.in_flight_run == 4, timeout_s=15)
         first = logfmt(d.wait_log(r"event=batch_read .*")[0].string)
@@ -59,7 +59,7 @@ def test_a_refused_body_of_a_fuller_read_comes_back(queue_db, emulator, start_da
     as they were; no message is lost or sent twice in an accepted body."""
     ids = queue_db.send_many([{"i": i} for i in range(40)])
     emulator.add_fault(Fault.status(500, body={"error": "boom"}))
-    d = start_daemon("-v", PGMQD_QUEUE_MAX_IN_FLIGHT="4")
+    d = start_daemon("-v", PGMQD_QUEUE_MAX_IN_FLIGHT="4", PGMQD_QUEUE_READ_BATCHES="8")
     assert logfmt(d.wait_log(r"event=batch_read .*")[0].string)["jobs"] == "40"
     emulator.wait_for(lambda: sorted(j["msg_id"] for b in emulator.run_bodies()
                                      for j in b["input"]["jobs"]) == ids, timeout_s=30)
