@@ -36,7 +36,7 @@ LDFLAGS    += -fsanitize=address,undefined
 BUILD      := build-san
 endif
 
-MODULES   := main budget config config_keys config_source config_check log log_sink pg pgmq http jsonscan \
+MODULES   := main budget config config_keys config_source config_check log log_sink pg pg_share pgmq http jsonscan \
              runpod dispatcher reload batch post circuit control route ctl wakeup overflow dryrun backoff \
              ratelimit endpoint sdnotify metrics metrics_route metrics_fleet admin admin_probe listenaddr tracker \
              tracker_ops tracker_reply tracker_health jobtable ledger ledger_tick ledger_sql ledger_view ledger_cli \
@@ -46,7 +46,7 @@ LIB_OBJS  := $(filter-out $(BUILD)/main.o,$(OBJS))
 
 UNIT_TESTS := test_budget test_runpod test_config test_config_check test_log test_pgmq test_metrics test_admin \
               test_sdnotify test_tracker test_jobtable test_decisions test_reload test_routes test_ledger \
-              test_ledger_view
+              test_ledger_view test_pg_share
 UNIT_BINS  := $(UNIT_TESTS:%=$(BUILD)/tests/%)
 
 .PHONY: all deps test unit integration soak valgrind run install uninstall deb test-system clean \

@@ -53,11 +53,12 @@ typedef void (*dispatcher_done_fn)(void *arg, enum dispatcher_result result);
 struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg, bool once,
 				  dispatcher_done_fn done, void *arg);
 
-/* dispatcher_new on a libcurl multi handle shared with other routes (http
- * must outlive the dispatcher; NULL: one of its own). */
+/* dispatcher_new on a libcurl multi handle and database connections shared
+ * with other routes (http and pool must outlive the dispatcher; NULL: one
+ * of its own). */
 struct dispatcher *dispatcher_new_shared(struct ev_loop *loop, const struct config *cfg,
-					 struct http *http, bool once, dispatcher_done_fn done,
-					 void *arg);
+					 struct http *http, struct pg_pool *pool, bool once,
+					 dispatcher_done_fn done, void *arg);
 
 /* Starts connecting and the poll timer. */
 void dispatcher_start(struct dispatcher *d);

@@ -70,6 +70,7 @@ struct dispatcher {
 	const struct config *cfg; /* == conf.cfg */
 	struct dispatcher_conf conf;
 	struct pg *pg;
+	struct pg_pool *pool; /* the routes' shared connections, or NULL */
 	struct http *http;
 	bool http_shared;        /* the routes' one multi handle: not ours to free */
 	struct tracker *tracker; /* NULL unless [tracker] enabled */

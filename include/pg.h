@@ -1,4 +1,10 @@
-/* pg — one asynchronous libpq connection driven by libev.
+/* pg — asynchronous libpq connections driven by libev, shareable.
+ *
+ * A struct pg is a handle: one user's callbacks and queries on a
+ * connection. pg_new gives a connection of its own; pg_new_pooled attaches
+ * to the pool's connection for the same conninfo, so that routes share one
+ * (pg_share.c). Each query runs in its turn on the connection, whoever
+ * queued it; connection events reach every handle on it.
  *
  * Connects with PQconnectStartParams/PQconnectPoll (the socket may change
  * while connecting, so the watcher follows PQsocket after every poll), runs
@@ -16,7 +22,8 @@
 #include <stdbool.h>
 #include <stddef.h>
 
-#define PG_MAX_QUEUED 64 /* queries waiting or running */
+#define PG_MAX_QUEUED 64  /* queries waiting or running, per handle */
+#define PG_MAX_HANDLES 64 /* handles on one connection; a pool opens another past it */
 
 struct pg;
 
@@ -51,26 +58,51 @@ struct pg_callbacks {
 struct pg *pg_new(struct ev_loop *loop, const char *conninfo, int connect_timeout_ms,
 		  const struct pg_callbacks *cb);
 
-/* Starts connecting (no-op if already connecting or connected). */
-void pg_start(struct pg *pg);
+/* Connections shared by conninfo: the routes' pool. Free it after the
+ * last handle taken from it. NULL when out of memory; pg_pool_free is
+ * NULL-safe. */
+struct pg_pool;
+struct pg_pool *pg_pool_new(struct ev_loop *loop);
+void pg_pool_free(struct pg_pool *pool);
 
-/* True when connected and able to run queries now. */
-bool pg_ready(const struct pg *pg);
+/* Like pg_new, but the handle shares the pool's connection for the same
+ * conninfo and connect_timeout_ms (opening it when there is none). pool
+ * NULL: a connection of its own. Returns NULL when out of memory. */
+struct pg *pg_new_pooled(struct ev_loop *loop, struct pg_pool *pool, const char *conninfo,
+			 int connect_timeout_ms, const struct pg_callbacks *cb);
+
+/* Starts connecting (no-op if already connecting or connected). A handle
+ * that joins a connection already up hears connected() from the loop. */
+void pg_start(struct pg *h);
+
+/* True when connected, this handle told so, and able to run queries now. */
+bool pg_ready(const struct pg *h);
+
+/* True for the first handle on its connection: the one that counts
+ * per-connection events (reconnects) for all. */
+bool pg_primary(const struct pg *h);
+
+/* How many handles use this handle's connection (itself included). */
+int pg_shared_count(const struct pg *h);
 
 /* Queues a query. sql and params are copied. Queries wait while the
  * connection is down and run after it comes back. Returns 0, or -1 when the
  * FIFO is full (PG_MAX_QUEUED) or memory ran out; then fn is not called. */
-int pg_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
-	     pg_result_fn fn, void *arg) __attribute__((warn_unused_result));
+int pg_query(struct pg *h, const char *sql, int nparams, const char *const *params, pg_result_fn fn,
+	     void *arg) __attribute__((warn_unused_result));
 
 /* Switches to another conninfo (copied): reconnects once the running query,
- * if any, has finished; queued queries run on the new connection. Returns 0
- * or -1 when out of memory (the old conninfo stays). */
-int pg_set_conninfo(struct pg *pg, const char *conninfo);
+ * if any, has finished; queued queries run on the new connection. A handle
+ * on a connection others share moves to the pool's connection for the new
+ * conninfo instead (the others stay). Returns 0 or -1 when out of memory
+ * (the old conninfo stays). */
+int pg_set_conninfo(struct pg *h, const char *conninfo);
 
-/* Closes the connection, fails pending queries with connection_lost (their
- * callbacks run inside this call) and frees everything. NULL-safe. */
-void pg_free(struct pg *pg);
+/* Fails the handle's pending queries with connection_lost (their callbacks
+ * run inside this call; a running one's answer is dropped when it comes),
+ * closes the connection when no other handle uses it and frees the
+ * handle. NULL-safe. Safe inside a callback of this connection. */
+void pg_free(struct pg *h);
 
 /* Quotes an SQL identifier ("…", inner quotes doubled) into buf, for
  * LISTEN channels such as pgmq.q_jobs.INSERT that contain dots and capitals

@@ -302,12 +302,20 @@ static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
 	}
 	/* Aborted requests end as outcome unknown (their callbacks run now). */
 	dispatcher_cancel_requests(d);
-	if (!d->finished && (d->db_pending > 0 || d->reading)) {
+	if (!d->finished) {
+		int statements = d->db_pending + (d->reading ? 1 : 0);
 		/* Their callbacks still run when the connection closes, and
-		 * name every msg id that stays invisible. */
-		log_msg_route(d->cfg->route_name, LOG_WARN, "shutdown_deadline",
-			      "%d database statements unfinished",
-			      d->db_pending + (d->reading ? 1 : 0));
+		 * name every msg id that stays invisible. Whatever else waits
+		 * for the database (ledger notes, a metrics query) is given up
+		 * too: the ledger's recovery marks its rows unknown. */
+		if (statements > 0 || ledger_busy(d->ledger) || d->metrics_pending) {
+			struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN,
+							     "shutdown_deadline");
+			log_int(l, "statements", statements);
+			log_str(l, "ledger_unrecorded", ledger_busy(d->ledger) ? "yes" : "no");
+			log_str(l, "msg", "database statements unfinished");
+			log_end(l);
+		}
 		d->deadline_passed = true;
 	}
 	dispatcher_maybe_finish(d);
@@ -324,7 +332,7 @@ static void on_connected(void *arg)
 		d->pause_reason = PAUSE_NONE;
 		d->failures = 0;
 	}
-	if (d->connected_once)
+	if (d->connected_once && pg_primary(d->pg)) /* once per connection */
 		metrics_inc_pg_reconnects();
 	d->connected_once = true;
 	if (d->w.listen_pg == NULL)
@@ -444,12 +452,12 @@ static void on_connect_failed(void *arg)
 struct dispatcher *dispatcher_new(struct ev_loop *loop, const struct config *cfg, bool once,
 				  dispatcher_done_fn done, void *arg)
 {
-	return dispatcher_new_shared(loop, cfg, NULL, once, done, arg);
+	return dispatcher_new_shared(loop, cfg, NULL, NULL, once, done, arg);
 }
 
 struct dispatcher *dispatcher_new_shared(struct ev_loop *loop, const struct config *cfg,
-					 struct http *http, bool once, dispatcher_done_fn done,
-					 void *arg)
+					 struct http *http, struct pg_pool *pool, bool once,
+					 dispatcher_done_fn done, void *arg)
 {
 	static const struct {
 		size_t off;
@@ -499,7 +507,8 @@ struct dispatcher *dispatcher_new_shared(struct ev_loop *loop, const struct conf
 	ev_timer_set(&d->stats_timer, 0.0, cfg->metrics_interval_ms / 1000.0);
 	d->w.idle_poll_ms = cfg->poll_interval_ms;
 	cb.arg = d;
-	d->pg = pg_new(loop, cfg->conninfo, cfg->db_connect_timeout_ms, &cb);
+	d->pool = pool;
+	d->pg = pg_new_pooled(loop, pool, cfg->conninfo, cfg->db_connect_timeout_ms, &cb);
 	d->http_shared = http != NULL;
 	d->http = http ? http : http_new(loop);
 	if (d->pg == NULL || d->http == NULL ||

@@ -1,5 +1,7 @@
-/* pg — see include/pg.h. */
+/* pg — one libpq connection; see include/pg.h. The handles that share it
+ * and the pool are in pg_share.c. */
 #include "pg.h"
+#include "pg_int.h"
 #include "backoff.h"
 #include "log.h"
 
@@ -10,51 +12,15 @@
 #define BACKOFF_BASE_MS 250.0
 #define BACKOFF_CAP_MS 30000.0
 
-enum pg_state { PG_IDLE, PG_WAITING, PG_CONNECTING, PG_READY };
-
-struct pg_query {
-	char *sql;
-	int nparams;
-	char **params;
-	pg_result_fn fn;
-	void *arg;
-	struct pg_query *next;
-};
-
-struct pg {
-	struct ev_loop *loop;
-	char *conninfo;
-	int connect_timeout_ms;
-	struct pg_callbacks cb;
-
-	PGconn *conn;
-	enum pg_state state;
-	int attempt;            /* failed connects since the last success */
-	bool loss_logged;       /* the outage has had its first warning */
-	char warned_error[512]; /* error text of the last warning of this outage */
-	ev_tstamp warned_at;    /* when that warning was written */
-	bool sent;              /* head query was sent */
-	bool reconnect_wanted;  /* conninfo changed: reconnect when idle */
-	PGresult *result;       /* first result of the running query */
-
-	struct pg_query *head, *tail;
-	int nqueued;
-
-	ev_io io;
-	ev_timer timer;     /* reconnect backoff or connect deadline */
-	ev_timer send_soon; /* sends outside the caller's stack */
-};
-
 static void on_io(struct ev_loop *loop, ev_io *w, int revents);
 static void on_timer(struct ev_loop *loop, ev_timer *w, int revents);
 static void on_send_soon(struct ev_loop *loop, ev_timer *w, int revents);
-static void connect_step(struct pg *pg);
-static void send_next(struct pg *pg);
+static void connect_step(struct pg_conn *pg);
+static void send_next(struct pg_conn *pg);
 
-struct pg *pg_new(struct ev_loop *loop, const char *conninfo, int connect_timeout_ms,
-		  const struct pg_callbacks *cb)
+struct pg_conn *pg_conn_new(struct ev_loop *loop, const char *conninfo, int connect_timeout_ms)
 {
-	struct pg *pg = calloc(1, sizeof(*pg));
+	struct pg_conn *pg = calloc(1, sizeof(*pg));
 
 	if (pg == NULL)
 		return NULL;
@@ -65,8 +31,6 @@ struct pg *pg_new(struct ev_loop *loop, const char *conninfo, int connect_timeou
 	}
 	pg->loop = loop;
 	pg->connect_timeout_ms = connect_timeout_ms;
-	if (cb)
-		pg->cb = *cb;
 	ev_init(&pg->io, on_io);
 	pg->io.data = pg;
 	ev_init(&pg->timer, on_timer);
@@ -74,11 +38,6 @@ struct pg *pg_new(struct ev_loop *loop, const char *conninfo, int connect_timeou
 	ev_timer_init(&pg->send_soon, on_send_soon, 0.0, 0.0);
 	pg->send_soon.data = pg;
 	return pg;
-}
-
-bool pg_ready(const struct pg *pg)
-{
-	return pg->state == PG_READY;
 }
 
 /* One line, no trailing newline: libpq messages end with "\n". */
@@ -92,7 +51,7 @@ static const char *one_line(const char *msg, char *buf, size_t len)
 	return buf;
 }
 
-static void watch(struct pg *pg, int events)
+static void watch(struct pg_conn *pg, int events)
 {
 	int fd = PQsocket(pg->conn);
 
@@ -107,7 +66,7 @@ static void watch(struct pg *pg, int events)
 	}
 }
 
-static void free_query(struct pg_query *q)
+void pg_query_free(struct pg_query *q)
 {
 	for (int i = 0; i < q->nparams; i++)
 		free(q->params[i]);
@@ -116,17 +75,29 @@ static void free_query(struct pg_query *q)
 	free(q);
 }
 
-static struct pg_query *pop_head(struct pg *pg)
+struct pg_query *pg_conn_unlink(struct pg_conn *pg, struct pg_query *q)
 {
-	struct pg_query *q = pg->head;
+	struct pg_query **pp = &pg->head, *prev = NULL;
 
-	if (q) {
-		pg->head = q->next;
-		if (pg->head == NULL)
-			pg->tail = NULL;
-		pg->nqueued--;
+	while (*pp && *pp != q) {
+		prev = *pp;
+		pp = &(*pp)->next;
 	}
+	if (*pp == NULL)
+		return NULL;
+	*pp = q->next;
+	if (pg->tail == q)
+		pg->tail = prev;
+	q->next = NULL;
+	pg->nqueued--;
+	if (q->owner)
+		q->owner->nqueued--;
 	return q;
+}
+
+static struct pg_query *pop_head(struct pg_conn *pg)
+{
+	return pg->head ? pg_conn_unlink(pg, pg->head) : NULL;
 }
 
 bool pg_warn_due(bool first, const char *last_error, const char *error, double since_warn_s)
@@ -136,7 +107,7 @@ bool pg_warn_due(bool first, const char *last_error, const char *error, double s
 
 /* Tears the connection down and schedules the next attempt. The running
  * query (if sent) fails with connection_lost; unsent ones keep waiting. */
-static void lose(struct pg *pg, const char *why)
+static void lose(struct pg_conn *pg, const char *why)
 {
 	char line[512];
 	bool was_ready = pg->state == PG_READY;
@@ -183,19 +154,18 @@ static void lose(struct pg *pg, const char *why)
 
 	if (pg->sent && pg->head) {
 		struct pg_query *q = pop_head(pg);
+		struct pg *owner = q->owner;
 		struct pg_error err = { "", line, true, true };
 		pg->sent = false;
 		q->fn(q->arg, NULL, &err);
-		free_query(q);
+		pg_query_free(q);
+		pg_share_query_done(owner);
 	}
 	pg->sent = false;
-	if (was_ready && pg->cb.disconnected)
-		pg->cb.disconnected(pg->cb.arg);
-	else if (!was_ready && pg->cb.connect_failed)
-		pg->cb.connect_failed(pg->cb.arg);
+	pg_share_lost(pg, was_ready);
 }
 
-static void connect_now(struct pg *pg);
+static void connect_now(struct pg_conn *pg);
 
 /* Server notices and libpq's own messages (e.g. "FATAL: terminating
  * connection") as one structured line instead of raw stderr. */
@@ -212,7 +182,7 @@ static void on_notice(void *arg, const char *message)
 /* Connects from the loop, never from the caller's stack: a connect that
  * fails at once (no socket directory, unknown host) must report through
  * the callbacks after ev_run() has started. */
-void pg_start(struct pg *pg)
+void pg_conn_start(struct pg_conn *pg)
 {
 	if (pg->state == PG_CONNECTING || pg->state == PG_READY)
 		return;
@@ -222,7 +192,7 @@ void pg_start(struct pg *pg)
 	ev_timer_start(pg->loop, &pg->timer);
 }
 
-static void connect_now(struct pg *pg)
+static void connect_now(struct pg_conn *pg)
 {
 	/* Our defaults come first: a later keyword, or the expanded
 	 * conninfo/URI in dbname, overrides them (libpq expand_dbname). */
@@ -259,7 +229,7 @@ static void connect_now(struct pg *pg)
 	watch(pg, EV_WRITE);
 }
 
-static void connect_step(struct pg *pg)
+static void connect_step(struct pg_conn *pg)
 {
 	switch (PQconnectPoll(pg->conn)) {
 	case PGRES_POLLING_READING:
@@ -293,15 +263,14 @@ static void connect_step(struct pg *pg)
 	}
 	pg->loss_logged = false;
 	watch(pg, EV_READ);
-	if (pg->cb.connected)
-		pg->cb.connected(pg->cb.arg);
-	/* The callback may have freed nothing but may have queued queries. */
+	pg_share_connected(pg);
+	/* The callbacks may have queued queries. */
 	if (pg->state == PG_READY)
 		send_next(pg);
 }
 
 /* Closes a healthy connection on purpose (new conninfo) and connects again. */
-static void reconnect_now(struct pg *pg)
+static void reconnect_now(struct pg_conn *pg)
 {
 	pg->reconnect_wanted = false;
 	ev_io_stop(pg->loop, &pg->io);
@@ -312,12 +281,11 @@ static void reconnect_now(struct pg *pg)
 	pg->state = PG_IDLE;
 	pg->attempt = 0;
 	log_msg(LOG_INFO, "db_reconnecting", "conninfo changed: reconnecting");
-	if (pg->cb.disconnected)
-		pg->cb.disconnected(pg->cb.arg);
-	pg_start(pg);
+	pg_share_lost(pg, true);
+	pg_conn_start(pg);
 }
 
-int pg_set_conninfo(struct pg *pg, const char *conninfo)
+int pg_conn_set_conninfo(struct pg_conn *pg, const char *conninfo)
 {
 	char *copy = strdup(conninfo ? conninfo : "");
 
@@ -337,7 +305,7 @@ int pg_set_conninfo(struct pg *pg, const char *conninfo)
 	return 0;
 }
 
-static void send_next(struct pg *pg)
+static void send_next(struct pg_conn *pg)
 {
 	struct pg_query *q = pg->head;
 	int rc;
@@ -370,9 +338,10 @@ static void send_next(struct pg *pg)
 }
 
 /* Finishes the running query: hands the result or the error to its owner. */
-static void complete(struct pg *pg)
+static void complete(struct pg_conn *pg)
 {
 	struct pg_query *q = pop_head(pg);
+	struct pg *owner = q->owner;
 	PGresult *res = pg->result;
 	ExecStatusType st = res ? PQresultStatus(res) : PGRES_FATAL_ERROR;
 
@@ -393,16 +362,16 @@ static void complete(struct pg *pg)
 		q->fn(q->arg, NULL, &err);
 		PQclear(res);
 	}
-	free_query(q);
+	pg_query_free(q);
+	pg_share_query_done(owner);
 }
 
-static void drain_notifies(struct pg *pg)
+static void drain_notifies(struct pg_conn *pg)
 {
 	PGnotify *n;
 
 	while (pg->conn && (n = PQnotifies(pg->conn)) != NULL) {
-		if (pg->cb.notify)
-			pg->cb.notify(pg->cb.arg, n->relname, n->extra ? n->extra : "");
+		pg_share_notify(pg, n->relname, n->extra ? n->extra : "");
 		PQfreemem(n);
 	}
 }
@@ -426,7 +395,7 @@ int pg_quote_ident(const char *name, char *buf, size_t len)
 	return 0;
 }
 
-static void on_ready_io(struct pg *pg, int revents)
+static void on_ready_io(struct pg_conn *pg, int revents)
 {
 	if (revents & EV_WRITE) {
 		int rc = PQflush(pg->conn);
@@ -465,96 +434,92 @@ static void on_ready_io(struct pg *pg, int revents)
 		lose(pg, PQerrorMessage(pg->conn));
 }
 
+void pg_conn_hold(struct pg_conn *pg)
+{
+	pg->busy++;
+}
+
+void pg_conn_release(struct pg_conn *pg)
+{
+	if (--pg->busy > 0)
+		return;
+	pg_share_bury(pg);
+	if (pg->dead)
+		pg_conn_destroy(pg);
+}
+
 static void on_io(struct ev_loop *loop, ev_io *w, int revents)
 {
-	struct pg *pg = w->data;
+	struct pg_conn *pg = w->data;
 
 	(void)loop;
+	pg_conn_hold(pg);
 	if (pg->state == PG_CONNECTING)
 		connect_step(pg);
 	else if (pg->state == PG_READY)
 		on_ready_io(pg, revents);
+	pg_conn_release(pg);
 }
 
 static void on_send_soon(struct ev_loop *loop, ev_timer *w, int revents)
 {
+	struct pg_conn *pg = w->data;
+
 	(void)loop;
 	(void)revents;
-	send_next(w->data);
+	pg_conn_hold(pg);
+	send_next(pg);
+	pg_conn_release(pg);
 }
 
 static void on_timer(struct ev_loop *loop, ev_timer *w, int revents)
 {
-	struct pg *pg = w->data;
+	struct pg_conn *pg = w->data;
 
 	(void)loop;
 	(void)revents;
+	pg_conn_hold(pg);
 	if (pg->state == PG_CONNECTING)
 		lose(pg, "connect timed out");
 	else if (pg->state == PG_WAITING)
 		connect_now(pg);
+	pg_conn_release(pg);
 }
 
-int pg_query(struct pg *pg, const char *sql, int nparams, const char *const *params,
-	     pg_result_fn fn, void *arg)
+void pg_conn_kick(struct pg_conn *pg)
 {
-	struct pg_query *q;
-
-	if (pg->nqueued >= PG_MAX_QUEUED)
-		return -1;
-	q = calloc(1, sizeof(*q));
-	if (q == NULL)
-		return -1;
-	q->sql = strdup(sql);
-	q->params = nparams ? calloc((size_t)nparams, sizeof(char *)) : NULL;
-	if (q->sql == NULL || (nparams && q->params == NULL)) {
-		free_query(q);
-		return -1;
-	}
-	for (int i = 0; i < nparams; i++) {
-		q->params[i] = params[i] ? strdup(params[i]) : NULL;
-		q->nparams = i + 1;
-		if (params[i] && q->params[i] == NULL) {
-			free_query(q);
-			return -1;
-		}
-	}
-	q->nparams = nparams;
-	q->fn = fn;
-	q->arg = arg;
-	if (pg->tail)
-		pg->tail->next = q;
-	else
-		pg->head = q;
-	pg->tail = q;
-	pg->nqueued++;
 	/* Never call back into the caller from inside pg_query(). */
 	if (pg->state == PG_READY && !pg->sent && !ev_is_active(&pg->send_soon))
 		ev_timer_start(pg->loop, &pg->send_soon);
-	return 0;
 }
 
-void pg_free(struct pg *pg)
+void pg_conn_close(struct pg_conn *pg)
 {
-	struct pg_query *q;
-
-	if (pg == NULL)
-		return;
 	ev_io_stop(pg->loop, &pg->io);
 	ev_timer_stop(pg->loop, &pg->timer);
 	ev_timer_stop(pg->loop, &pg->send_soon);
 	if (pg->result)
 		PQclear(pg->result);
+	pg->result = NULL;
 	if (pg->conn)
 		PQfinish(pg->conn);
 	pg->conn = NULL;
 	pg->state = PG_IDLE;
-	while ((q = pop_head(pg)) != NULL) {
-		struct pg_error err = { "", "shutting down", pg->sent, true };
-		pg->sent = false;
-		q->fn(q->arg, NULL, &err);
-		free_query(q);
+}
+
+void pg_conn_destroy(struct pg_conn *pg)
+{
+	struct pg_query *q;
+
+	if (pg->busy > 0) {
+		pg->dead = true;
+		return;
 	}
+	pg_conn_close(pg);
+	pg_share_bury(pg);
+	/* Only orphans are left: their handles are gone. */
+	while ((q = pop_head(pg)) != NULL)
+		pg_query_free(q);
 	free(pg->conninfo);
 	free(pg);
 }

@@ -31,8 +31,9 @@ struct routes {
 	int nretired;
 	struct config *old[ROUTES_MAX_RETIRED]; /* snapshots retired routes point into */
 	int nold;
-	ev_timer reap;     /* frees finished retired routes outside their callbacks */
-	struct http *http; /* the one libcurl multi handle of every route */
+	ev_timer reap;        /* frees finished retired routes outside their callbacks */
+	struct http *http;    /* the one libcurl multi handle of every route */
+	struct pg_pool *pool; /* their database connections, one per conninfo */
 	struct endpoint *eps[CONFIG_MAX_ROUTES]; /* endpoints shared by two or more routes */
 	int neps;
 };
@@ -169,7 +170,8 @@ static struct route *route_new(struct routes *r, const struct config *route_cfg,
 		return NULL;
 	rt->owner = r;
 	rt->snapshot = snapshot;
-	rt->d = dispatcher_new_shared(r->loop, route_cfg, r->http, r->once, on_route_done, rt);
+	rt->d = dispatcher_new_shared(r->loop, route_cfg, r->http, r->pool, r->once, on_route_done,
+				      rt);
 	if (rt->d == NULL) {
 		free(rt);
 		return NULL;
@@ -235,7 +237,8 @@ struct routes *routes_new(struct ev_loop *loop, struct config *cfg, bool once,
 
 	if (r == NULL)
 		return NULL;
-	if ((r->http = http_new(loop)) == NULL) {
+	if ((r->http = http_new(loop)) == NULL || (r->pool = pg_pool_new(loop)) == NULL) {
+		http_free(r->http);
 		free(r);
 		return NULL;
 	}
@@ -250,6 +253,7 @@ struct routes *routes_new(struct ev_loop *loop, struct config *cfg, bool once,
 		if (r->live[i] == NULL) {
 			for (int k = 0; k < i; k++)
 				route_free(r->live[k]);
+			pg_pool_free(r->pool);
 			http_free(r->http);
 			free(r);
 			return NULL;
@@ -520,7 +524,8 @@ void routes_free(struct routes *r)
 		config_free(r->old[i]);
 		free(r->old[i]);
 	}
-	http_free(r->http); /* after every dispatcher: they cancel their own requests */
+	pg_pool_free(r->pool); /* after every dispatcher: the last handle closes each */
+	http_free(r->http);    /* after every dispatcher: they cancel their own requests */
 	config_free(r->cfg);
 	free(r->cfg);
 	free(r);

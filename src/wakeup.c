@@ -515,7 +515,8 @@ int wakeup_init(struct dispatcher *d, const struct config *cfg)
 		d->w.channel2[0] = '\0';
 	if (!cfg->notify || d->once || cfg->listen_conninfo[0] == '\0')
 		return 0;
-	d->w.listen_pg = pg_new(d->loop, cfg->listen_conninfo, cfg->db_connect_timeout_ms, &lcb);
+	d->w.listen_pg = pg_new_pooled(d->loop, d->pool, cfg->listen_conninfo,
+				       cfg->db_connect_timeout_ms, &lcb);
 	return d->w.listen_pg ? 0 : -1;
 }
 

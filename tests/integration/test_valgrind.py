@@ -8,6 +8,7 @@ leak makes valgrind exit 99."""
 import json
 import re
 import shutil
+import signal
 
 import pytest
 
@@ -77,3 +78,54 @@ def test_valgrind_fleet_budget(queue_db, emulator):
     assert rc == 0, "\n".join(d.lines[-60:])
     assert any("ERROR SUMMARY: 0 errors" in l for l in summary), summary
     assert sum(1 for r in emulator.requests("run") if r.status == 429) == 0
+
+
+@pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed")
+def test_valgrind_routes_sharing_a_connection(pg_cluster, make_pgmq_db, tmp_path):
+    """Three routes on one shared connection (issue 13) under memcheck: the connection killed
+    under them, then a reload that removes a route and moves the others to a new conninfo."""
+    from daemon import QueueDb, RunPodEmulator, API_KEY
+    from test_routes import free_port
+    dbname = make_pgmq_db(prefix="vgroutes")
+    queues = [QueueDb(pg_cluster, dbname, queue=f"jobs_{n}") for n in "abc"]
+    emu = RunPodEmulator(endpoint_id="ep-vg", api_key=API_KEY)
+    emu.start()
+    cfg = tmp_path / "routes.conf"
+    port = free_port()
+
+    def write(conninfo, names):
+        lines = ["[database]", f"conninfo = {conninfo}", "[queue]", "poll_interval_ms = 100",
+                 "[runpod]", f"api_key = {API_KEY}", f"base_url = {emu.base_url}",
+                 "endpoint_id = ep-vg", "[admin]", f"listen = 127.0.0.1:{port}"]
+        for n in names:
+            lines += [f"[route.{n}]", f"queue = jobs_{n}"]
+        cfg.write_text("\n".join(lines) + "\n")
+
+    def delivered():
+        return {(json.loads(r.body)["input"]["queue"], j["msg_id"]) for r in emu.requests("run")
+                if r.accepted for j in json.loads(r.body)["input"]["jobs"]}
+
+    write(queues[0].conninfo, "abc")
+    d = Daemon({"PATH": "/usr/bin:/bin"}, args=["-v", "-c", str(cfg)])
+    d.binary, d.args = VALGRIND[0], VALGRIND[1:] + [d.binary, "-v", "-c", str(cfg)]
+    d.start()
+    try:
+        want = {(q.queue, i) for q in queues for i in q.send_many([{"n": k} for k in range(20)])}
+        emu.wait_for(lambda: delivered() >= want, timeout_s=120, what="60 delivered")
+        queues[0].sql("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s "
+                      "AND application_name = 'pgmq-dispatcher'", (dbname,))
+        d.wait_log(r"event=db_connected", count=2, timeout_s=60)
+        write(f"{queues[0].conninfo} application_name=pgmqd_vg", "ab")
+        d.signal(signal.SIGHUP)
+        d.wait_log(r"event=route_removed", timeout_s=60)
+        want |= {(q.queue, i) for q in queues[:2] for i in q.send_many([{"m": k} for k in range(20)])}
+        emu.wait_for(lambda: delivered() >= want, timeout_s=120, what="40 more delivered")
+    finally:
+        rc = d.stop(timeout_s=60)
+        emu.stop()
+        for q in queues:
+            q.close()
+    summary = [l for l in d.lines if re.search(r"ERROR SUMMARY|definitely lost|indirectly lost", l)]
+    print("\n" + "\n".join(summary))
+    assert rc == 0, "\n".join(d.lines[-60:])
+    assert any("ERROR SUMMARY: 0 errors" in l for l in summary), summary
