@@ -10,7 +10,7 @@
 #include "dispatcher_int.h"
 #include "log.h"
 
-#define BATCH_MAX_PARTS 64 /* ledger rows one read is split into; more stay in the read's row */
+#define BATCH_MAX_PARTS 64 /* ledger rows one part of a read is split into; more stay in its row */
 
 /* How a batch ended. */
 enum batch_fate {
@@ -53,10 +53,15 @@ enum row_fate {
 enum row_fate batch_row_fate(const struct pgmq_message *m, size_t envelope_bytes, size_t limit,
 			     int max_read_ct);
 
-/* A batch of n messages (copied) from rr, which it references; NULL when
- * out of memory. */
+/* A batch of n messages (copied) from rr, which it references, recorded
+ * under the ledger row dispatch_id (NULL or "": none); NULL when out of
+ * memory. */
 struct batch *batch_new(struct dispatcher *d, struct read_result *rr,
-			const struct pgmq_message *msgs, int n);
+			const struct pgmq_message *msgs, int n, const char *dispatch_id);
+
+/* Releases every row of rr at once (a read that came back while stopping
+ * or paused): one set_vt per part, each recorded under its ledger row. */
+void batch_release_read(struct dispatcher *d, struct read_result *rr);
 
 void read_result_unref(struct read_result *rr);
 
@@ -106,10 +111,28 @@ void batch_log_ids(enum log_level level, const char *event, const struct dispatc
 int batch_pack(const struct pgmq_message *msgs, int n, size_t envelope, size_t limit, int max_jobs,
 	       int *ends);
 
-/* How many messages one read may claim: batch_size x the bodies that can
- * go out now (read_batches, free in-flight slots, /run requests the rate cap
- * allows within the next second), at least one batch and at most 1000
- * (queue.batch_size's maximum). Pure. */
+/* How long a drain read waits for more free slots (batch_read_waits) at
+ * most before it takes what is free: long enough for a fast endpoint's
+ * answers to free half the slots, short beside a RunPod round trip. */
+#define BATCH_READ_GATHER_S 0.005
+
+/* The /run bodies one read may claim for: read_batches, bounded by the
+ * free in-flight slots and the /run requests the rate cap allows within
+ * the next second; at least one. Pure. */
+int batch_read_bodies(int read_batches, int free_slots, int rate_next_s);
+
+/* How many messages one read may claim: batch_size x batch_read_bodies,
+ * at most 1000 (queue.batch_size's maximum) unless batch_size is larger.
+ * Pure. */
 int batch_read_qty(int batch_size, int read_batches, int free_slots, int rate_next_s);
+
+/* Whether a read should wait for more free slots before it goes: only
+ * with a backlog (the last read came back full) while requests are in
+ * flight, and while fewer bodies than half the in-flight ceiling (or
+ * read_batches, if fewer) could go now. Without the wait, each answer
+ * freeing one slot would start a read of one batch, and a backlog would
+ * be read batch by batch. Pure. */
+bool batch_read_waits(bool backlog, int in_flight, int max_in_flight, int read_batches,
+		      int bodies_now);
 
 #endif

@@ -21,6 +21,10 @@
 #include <ev.h>
 #include <stdbool.h>
 
+/* queue.read_batches' maximum: the /run bodies, and ledger rows, one read
+ * may make. */
+#define READ_MAX_BODIES 200
+
 /* Why reads are paused. */
 enum pause_reason { PAUSE_NONE, PAUSE_DB, PAUSE_RUNPOD };
 
@@ -68,11 +72,15 @@ struct dispatcher {
 	struct pg *pg;
 	struct pg_pool *pool; /* the routes' shared connections, or NULL */
 	struct http *http;
-	bool http_shared;                /* the routes' one multi handle: not ours to free */
-	struct tracker *tracker;         /* NULL unless [tracker] enabled */
-	struct ledger *ledger;           /* NULL unless ledger.enabled */
-	char read_id[LEDGER_ID_LEN + 1]; /* dispatch id of the read outstanding */
-	bool fatal;                      /* the ledger cannot be used: stop, exit nonzero */
+	bool http_shared;        /* the routes' one multi handle: not ours to free */
+	struct tracker *tracker; /* NULL unless [tracker] enabled */
+	struct ledger *ledger;   /* NULL unless ledger.enabled */
+	/* Dispatch ids of the read outstanding, one per body it may make. */
+	char read_ids[READ_MAX_BODIES][LEDGER_ID_LEN + 1];
+	int nread_ids; /* 0: the read is not recorded */
+	int read_qty;  /* what it asked for */
+	bool backlog;  /* the last read came back full: more waits */
+	bool fatal;    /* the ledger cannot be used: stop, exit nonzero */
 	bool once;
 	dispatcher_done_fn done;
 	void *done_arg;
@@ -87,6 +95,7 @@ struct dispatcher {
 	ev_timer wake_timer;  /* a read when released messages come back */
 	ev_timer selftest_timer;
 	ev_timer rate_timer; /* a rate slot frees */
+	ev_timer gather;     /* a drain read waits this long for more free slots */
 
 	void (*state_hook)(void *arg);
 	void *state_arg;
@@ -96,6 +105,7 @@ struct dispatcher {
 	enum pause_reason pause_reason;
 	bool reading;
 	bool read_wanted;  /* a drain read waits for an in-flight slot */
+	bool gather_over;  /* the wait for more free slots is over: read what is free */
 	bool queue_capped; /* reads pause: tracker.max_queued_jobs jobs wait IN_QUEUE */
 	bool again;        /* a trigger arrived during a read */
 	bool stopping;
@@ -135,7 +145,11 @@ struct dispatcher {
 struct read_result {
 	struct pgmq_batch rows;
 	int refs;
-	char dispatch_id[LEDGER_ID_LEN + 1]; /* its ledger row, "" when off */
+	int part_rows; /* rows per ledger row (batch_size when read) */
+	int nids;      /* 0 when not recorded */
+	/* The ledger rows the read made: rows [k * part_rows, ...) under the
+	 * k-th (ledger_read). */
+	char dispatch_ids[READ_MAX_BODIES][LEDGER_ID_LEN + 1];
 };
 
 /* Messages on their way to one outcome: a /run request, a release or an
@@ -231,8 +245,14 @@ struct runpod_extras dispatcher_extras_of(const struct config *cfg);
 /* post.c: queues a batch behind the rate cap (it counts as in flight). */
 void post_batch(struct dispatcher *d, struct batch *b);
 /* Messages the next read may claim (batch_read_qty with this route's
- * free slots and the /run rate budget of the next second). */
+ * free slots and the /run rate budget of the next second; one batch for
+ * --once). */
 int post_read_qty(const struct dispatcher *d);
+/* True when a drain read should wait for more free slots first
+ * (batch_read_waits); starts the gather timer, whose end lets the read
+ * take what is free then. */
+bool post_read_waits(struct dispatcher *d);
+void post_on_gather_timer(struct ev_loop *loop, ev_timer *w, int revents);
 /* Hands batches that never went out back to the queue (shutdown). */
 void post_release_waiting(struct dispatcher *d);
 /* Drops batches that never went out, logging their ids (exit). */

@@ -80,14 +80,19 @@ unsigned long long ledger_recovered_unknown(const struct ledger *l);
 /* A random (version 4) UUID as text into out[LEDGER_ID_LEN + 1]. */
 void ledger_new_id(char *out);
 
-/* The read statement: read_function's rows (columns as pgmq_read) and, in
- * the same statement, one `sending` row under dispatch_id for them. Pure. */
+/* The read statement: read_function's rows (columns as pgmq_read, in
+ * msg_id order) and, in the same statement, one `sending` row per part of
+ * part_rows of them (the read's /run bodies), the k-th under the k-th
+ * dispatch id. Pure. */
 int ledger_read_sql(const char *schema, const char *read_function, char *buf, size_t len);
 
 /* Queues the read of up to qty messages for vt_seconds with its ledger
- * row under dispatch_id. Returns 0 or -1 (fn is then not called). */
-int ledger_read(struct ledger *l, const char *dispatch_id, int vt_seconds, int qty, pgmq_read_fn fn,
-		void *arg) __attribute__((warn_unused_result));
+ * rows: rows [k * part_rows, (k + 1) * part_rows) of the result under
+ * ids[k]; nids must be at least ceil(qty / part_rows). ids are copied.
+ * Returns 0 or -1 (fn is then not called). */
+int ledger_read(struct ledger *l, const char (*ids)[LEDGER_ID_LEN + 1], int nids, int part_rows,
+		int vt_seconds, int qty, pgmq_read_fn fn, void *arg)
+	__attribute__((warn_unused_result));
 
 /* One part of a read that becomes several rows. */
 struct ledger_part {

@@ -36,7 +36,7 @@ void read_result_unref(struct read_result *rr)
 }
 
 struct batch *batch_new(struct dispatcher *d, struct read_result *rr,
-			const struct pgmq_message *msgs, int n)
+			const struct pgmq_message *msgs, int n, const char *dispatch_id)
 {
 	struct batch *b = n > 0 ? calloc(1, sizeof(*b)) : NULL;
 
@@ -55,7 +55,7 @@ struct batch *batch_new(struct dispatcher *d, struct read_result *rr,
 	rr->refs++;
 	b->n = n;
 	b->started = b->read_at = ev_now(d->loop);
-	snprintf(b->dispatch_id, sizeof(b->dispatch_id), "%s", rr->dispatch_id);
+	snprintf(b->dispatch_id, sizeof(b->dispatch_id), "%s", dispatch_id ? dispatch_id : "");
 	for (int i = 0; i < n; i++) {
 		b->msgs[i] = msgs[i];
 		b->ids[i] = msgs[i].msg_id_num;
@@ -76,8 +76,6 @@ void batch_log_ids(enum log_level level, const char *event, const struct dispatc
 		log_end(l);
 	}
 }
-
-static void set_id(struct batch *b, const char *id);
 
 /* The ledger's name for each fate. */
 static const char *const fate_states[] = {
@@ -209,11 +207,9 @@ void batch_archive(struct dispatcher *d, struct read_result *rr, const struct pg
 
 	if (n == 0)
 		return;
-	b = batch_new(d, rr, msgs, n);
-	if (b) {
+	b = batch_new(d, rr, msgs, n, dispatch_id);
+	if (b)
 		b->archive_reason = reason;
-		set_id(b, dispatch_id);
-	}
 	if (b == NULL ||
 	    batch_archive_ids(d, b->dispatch_id, b->ids, n, b->http_status, b->error, b->error_len,
 			      reason == METRICS_ARCHIVE_TOO_LARGE ? "too_large" : "max_read_ct",
@@ -246,19 +242,32 @@ int batch_pack(const struct pgmq_message *msgs, int n, size_t envelope, size_t l
 	return runs;
 }
 
-int batch_read_qty(int batch_size, int read_batches, int free_slots, int rate_next_s)
+int batch_read_bodies(int read_batches, int free_slots, int rate_next_s)
 {
 	int bodies = read_batches;
-	long qty;
 
 	if (free_slots < bodies)
 		bodies = free_slots;
 	if (rate_next_s < bodies)
 		bodies = rate_next_s;
-	if (bodies < 1)
-		bodies = 1;
-	qty = (long)batch_size * bodies;
+	return bodies < 1 ? 1 : bodies;
+}
+
+int batch_read_qty(int batch_size, int read_batches, int free_slots, int rate_next_s)
+{
+	long qty = (long)batch_size * batch_read_bodies(read_batches, free_slots, rate_next_s);
+
 	return qty > 1000 ? (batch_size > 1000 ? batch_size : 1000) : (int)qty;
+}
+
+bool batch_read_waits(bool backlog, int in_flight, int max_in_flight, int read_batches,
+		      int bodies_now)
+{
+	int want = max_in_flight / 2;
+
+	if (want > read_batches)
+		want = read_batches;
+	return backlog && in_flight > 0 && bodies_now < want;
 }
 
 int batch_archive_ids(struct dispatcher *d, const char *dispatch_id, const long long *ids, int n,
@@ -275,23 +284,24 @@ int batch_archive_ids(struct dispatcher *d, const char *dispatch_id, const long 
 	return 0;
 }
 
-/* The groups a read becomes, in the order their batches are made: one per
- * /run body, then too large, poison, invalid. The first takes the read's
- * ledger row; the others get rows of their own (one split statement). */
+/* The groups a part of a read becomes, in the order their batches are
+ * made: one per /run body, then too large, poison, invalid. The first
+ * takes the part's ledger row; the others get rows of their own (one split
+ * statement). */
 struct parts {
 	int n;
 	char ids[BATCH_MAX_PARTS][LEDGER_ID_LEN + 1];
 	struct ledger_part p[BATCH_MAX_PARTS];
 };
 
-static int part_add(struct parts *ps, const struct read_result *rr, const char *state)
+static int part_add(struct parts *ps, const char *read_id, const char *state)
 {
 	int k = ps->n;
 
-	if (k == BATCH_MAX_PARTS || rr->dispatch_id[0] == '\0') /* not recorded */
+	if (k == BATCH_MAX_PARTS || read_id[0] == '\0') /* not recorded */
 		return -1;
 	if (k == 0)
-		snprintf(ps->ids[0], sizeof(ps->ids[0]), "%s", rr->dispatch_id);
+		snprintf(ps->ids[0], sizeof(ps->ids[0]), "%s", read_id);
 	else
 		ledger_new_id(ps->ids[k]);
 	ps->p[k].dispatch_id = ps->ids[k];
@@ -301,35 +311,30 @@ static int part_add(struct parts *ps, const struct read_result *rr, const char *
 }
 
 /* Marks rows ix[0..n) as part of a new group; the group's dispatch id. */
-static const char *group(struct parts *ps, const struct read_result *rr, const char *state,
-			 int *part_of, const int *ix, int n)
+static const char *group(struct parts *ps, const char *read_id, const char *state, int *part_of,
+			 const int *ix, int n)
 {
 	int k;
 
 	if (n == 0)
-		return "";
-	k = part_add(ps, rr, state);
+		return read_id;
+	k = part_add(ps, read_id, state);
 	if (k < 0)
-		return ""; /* more parts than BATCH_MAX_PARTS: kept in the read's row */
+		return read_id; /* more parts than BATCH_MAX_PARTS: kept in the part's row */
 	for (int i = 0; i < n; i++)
 		part_of[ix[i]] = k;
 	return ps->ids[k];
 }
 
-static void set_id(struct batch *b, const char *id)
+/* Splits rows[0..nrows) of a read, recorded under the ledger row read_id
+ * ("" when not), into /run requests no larger than max_body_bytes (in
+ * msg_id order) and archives the messages that must never be dispatched:
+ * read more than max_read_ct times, or too large to fit a request on
+ * their own. */
+static void dispatch_part(struct dispatcher *d, struct read_result *rr,
+			  const struct pgmq_message *rows, int nrows, const char *read_id)
 {
-	if (b && id[0])
-		snprintf(b->dispatch_id, sizeof(b->dispatch_id), "%s", id);
-}
-
-/* Splits the rows of a read into /run requests no larger than
- * max_body_bytes (in msg_id order) and archives the messages that must
- * never be dispatched: read more than max_read_ct times, or too large to
- * fit a request on their own. */
-void batch_dispatch_rows(struct dispatcher *d, struct read_result *rr)
-{
-	struct pgmq_batch *rows = &rr->rows;
-	size_t sz = (size_t)rows->n;
+	size_t sz = (size_t)nrows;
 	struct pgmq_message *keep = malloc(sz * sizeof(*keep)), *drop = malloc(sz * sizeof(*drop));
 	struct pgmq_message *poison = malloc(sz * sizeof(*poison)),
 			    *bad = malloc(sz * sizeof(*bad));
@@ -344,12 +349,12 @@ void batch_dispatch_rows(struct dispatcher *d, struct read_result *rr)
 
 	if (!keep || !drop || !poison || !bad || !ends || !ix || !part_of || !row_ids || !ps) {
 		log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
-			      "dropping a read of %d; visible again after vt", rows->n);
+			      "dropping a read of %d; visible again after vt", nrows);
 		goto out;
 	}
 	/* ix: keep, drop, poison, bad row indexes, one quarter each. */
-	for (int i = 0; i < rows->n; i++) {
-		const struct pgmq_message *m = &rows->msgs[i];
+	for (int i = 0; i < nrows; i++) {
+		const struct pgmq_message *m = &rows[i];
 		struct log_line *l;
 
 		part_of[i] = -1;
@@ -390,25 +395,24 @@ void batch_dispatch_rows(struct dispatcher *d, struct read_result *rr)
 	}
 	runs = batch_pack(keep, nkeep, envelope, limit, d->cfg->batch_size, ends);
 	for (int r = 0, start = 0; r < runs; start = ends[r++])
-		group(ps, rr, "sending", part_of, ix + start, ends[r] - start);
-	drop_id = group(ps, rr, "archiving", part_of, ix + sz, ndrop);
-	poison_id = group(ps, rr, "archiving", part_of, ix + 2 * sz, npoison);
-	bad_id = group(ps, rr, "releasing", part_of, ix + 3 * sz, nbad);
-	if (rr->dispatch_id[0] && ps->n > 1)
-		ledger_split(d->ledger, rr->dispatch_id, ps->p, ps->n, row_ids, part_of, rows->n);
+		group(ps, read_id, "sending", part_of, ix + start, ends[r] - start);
+	drop_id = group(ps, read_id, "archiving", part_of, ix + sz, ndrop);
+	poison_id = group(ps, read_id, "archiving", part_of, ix + 2 * sz, npoison);
+	bad_id = group(ps, read_id, "releasing", part_of, ix + 3 * sz, nbad);
+	if (read_id[0] && ps->n > 1)
+		ledger_split(d->ledger, read_id, ps->p, ps->n, row_ids, part_of, nrows);
 	if (nbad > 0) {
-		struct batch *b = batch_new(d, rr, bad, nbad);
+		struct batch *b = batch_new(d, rr, bad, nbad, bad_id);
 		double ms = dispatcher_back_off(d, PAUSE_DB, -1);
-		set_id(b, bad_id);
 		if (b)
 			batch_release(b, (int)ceil(ms / 1000.0));
 	}
 	batch_archive(d, rr, drop, ndrop, METRICS_ARCHIVE_TOO_LARGE, drop_id);
 	batch_archive(d, rr, poison, npoison, METRICS_ARCHIVE_MAX_READ_CT, poison_id);
 	for (int r = 0, start = 0; r < runs; start = ends[r++]) {
-		struct batch *b = batch_new(d, rr, keep + start, ends[r] - start);
+		struct batch *b = batch_new(d, rr, keep + start, ends[r] - start,
+					    r < ps->n ? ps->ids[r] : read_id);
 		if (b) {
-			set_id(b, r < ps->n ? ps->ids[r] : "");
 			post_batch(d, b);
 		} else {
 			log_msg_route(d->cfg->route_name, LOG_ERROR, "out_of_memory",
@@ -426,6 +430,39 @@ out:
 	free(part_of);
 	free(row_ids);
 	free(ps);
+}
+
+/* The k-th part of rr: its first row, its length and its ledger row. */
+static int part_of_read(const struct read_result *rr, int k, int *start, const char **id)
+{
+	int per = rr->part_rows > 0 ? rr->part_rows : rr->rows.n;
+	int len;
+
+	*start = k * per;
+	len = rr->rows.n - *start < per ? rr->rows.n - *start : per;
+	*id = k < rr->nids ? rr->dispatch_ids[k] : "";
+	return len;
+}
+
+void batch_dispatch_rows(struct dispatcher *d, struct read_result *rr)
+{
+	int start, len;
+	const char *id;
+
+	for (int k = 0; (len = part_of_read(rr, k, &start, &id)) > 0; k++)
+		dispatch_part(d, rr, rr->rows.msgs + start, len, id);
+}
+
+void batch_release_read(struct dispatcher *d, struct read_result *rr)
+{
+	int start, len;
+	const char *id;
+
+	for (int k = 0; (len = part_of_read(rr, k, &start, &id)) > 0; k++) {
+		struct batch *b = batch_new(d, rr, rr->rows.msgs + start, len, id);
+		if (b)
+			batch_release(b, 0);
+	}
 }
 
 /* The ledger's side of a 413 split: b's row keeps its msg ids and ends
@@ -459,8 +496,8 @@ void batch_split(struct batch *b)
 {
 	struct dispatcher *d = b->d;
 	int half = b->n / 2;
-	struct batch *lo = batch_new(d, b->rr, b->msgs, half);
-	struct batch *hi = batch_new(d, b->rr, b->msgs + half, b->n - half);
+	struct batch *lo = batch_new(d, b->rr, b->msgs, half, NULL);
+	struct batch *hi = batch_new(d, b->rr, b->msgs + half, b->n - half, NULL);
 	struct log_line *l;
 
 	if (lo == NULL || hi == NULL || split_rows(b, lo, hi) != 0) {

@@ -20,6 +20,7 @@ static const size_t timer_offsets[] = {
 	OFFSET_OF_TIMER(poll),       OFFSET_OF_TIMER(pause),          OFFSET_OF_TIMER(probe),
 	OFFSET_OF_TIMER(deadline),   OFFSET_OF_TIMER(stats_timer),    OFFSET_OF_TIMER(debounce),
 	OFFSET_OF_TIMER(wake_timer), OFFSET_OF_TIMER(selftest_timer), OFFSET_OF_TIMER(rate_timer),
+	OFFSET_OF_TIMER(gather),
 };
 
 static void stop_timers(struct dispatcher *d, const ev_timer *keep)
@@ -73,11 +74,12 @@ static void on_read(struct dispatcher *d, struct pgmq_batch *rows, const struct 
 		return;
 	}
 	d->stats.reads++;
+	d->backlog = !err && rows->n >= d->read_qty;
 	if (err) {
 		bool unknown = err->connection_lost && err->sent;
 		/* Its row, if the statement committed, says so rather than sending. */
-		if (unknown)
-			ledger_note(d->ledger, d->read_id, "unknown", 0, NULL, err->message,
+		for (int k = 0; unknown && k < d->nread_ids; k++)
+			ledger_note(d->ledger, d->read_ids[k], "unknown", 0, NULL, err->message,
 				    strlen(err->message), false);
 		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_ERROR,
 						     unknown ? "read_fate_unknown" : "read_failed");
@@ -138,7 +140,9 @@ static void on_read(struct dispatcher *d, struct pgmq_batch *rows, const struct 
 	}
 	rr->rows = *rows;
 	rr->refs = 1;
-	snprintf(rr->dispatch_id, sizeof(rr->dispatch_id), "%s", d->read_id);
+	rr->part_rows = d->cfg->batch_size;
+	rr->nids = d->nread_ids;
+	memcpy(rr->dispatch_ids, d->read_ids, (size_t)d->nread_ids * sizeof(d->read_ids[0]));
 	free(rows);
 	full = rr->rows.n >= d->cfg->batch_size;
 	d->stats.messages_read += (unsigned long long)rr->rows.n;
@@ -156,9 +160,7 @@ static void on_read(struct dispatcher *d, struct pgmq_batch *rows, const struct 
 	if (d->stopping || !control_may_read(d->ctl)) {
 		/* Read while stopping, or out when the route was paused: hand
 		 * the messages back at once rather than send them. */
-		struct batch *b = batch_new(d, rr, rr->rows.msgs, rr->rows.n);
-		if (b)
-			batch_release(b, 0);
+		batch_release_read(d, rr);
 	} else {
 		batch_dispatch_rows(d, rr);
 	}
@@ -200,17 +202,30 @@ void dispatcher_kick(struct dispatcher *d)
 		d->ep_wanted = true; /* endpoint_slot_freed kicks again */
 		return;
 	}
+	if (post_read_waits(d)) {
+		d->read_wanted = true; /* a few more free slots make one fuller read */
+		return;
+	}
 	d->ep_wanted = false;
 	d->read_wanted = false;
 	d->again = false;
-	d->read_id[0] = '\0';
-	if (ledger_recording(d->ledger))
-		ledger_new_id(d->read_id); /* before the read: its row is made with it */
-	if (d->read_id[0]
-		    ? ledger_read(d->ledger, d->read_id, d->cfg->vt_seconds, post_read_qty(d),
-				  dispatcher_on_read, d) != 0
-		    : pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name,
-				d->cfg->vt_seconds, post_read_qty(d), dispatcher_on_read, d) != 0) {
+	d->gather_over = false;
+	ev_timer_stop(d->loop, &d->gather);
+	d->read_qty = post_read_qty(d);
+	d->nread_ids = 0;
+	if (ledger_recording(d->ledger)) {
+		/* Before the read: its rows, one per body, are made with it. */
+		d->nread_ids = (d->read_qty + d->cfg->batch_size - 1) / d->cfg->batch_size;
+		if (d->nread_ids > READ_MAX_BODIES)
+			d->nread_ids = READ_MAX_BODIES; /* post_read_qty keeps below */
+		for (int k = 0; k < d->nread_ids; k++)
+			ledger_new_id(d->read_ids[k]);
+	}
+	if (d->nread_ids ? ledger_read(d->ledger, (const char(*)[LEDGER_ID_LEN + 1]) d->read_ids,
+				       d->nread_ids, d->cfg->batch_size, d->cfg->vt_seconds,
+				       d->read_qty, dispatcher_on_read, d) != 0
+			 : pgmq_read(d->pg, d->cfg->read_function, d->cfg->queue_name,
+				     d->cfg->vt_seconds, d->read_qty, dispatcher_on_read, d) != 0) {
 		log_msg_route(d->cfg->route_name, LOG_ERROR, "read_failed",
 			      "cannot queue the read statement");
 		dispatcher_back_off(d, PAUSE_DB, -1);
@@ -457,6 +472,7 @@ struct dispatcher *dispatcher_new_shared(struct ev_loop *loop, const struct conf
 		{ OFFSET_OF_TIMER(wake_timer), wakeup_on_wake_timer },
 		{ OFFSET_OF_TIMER(selftest_timer), wakeup_on_selftest_timeout },
 		{ OFFSET_OF_TIMER(rate_timer), post_on_rate_timer },
+		{ OFFSET_OF_TIMER(gather), post_on_gather_timer },
 	};
 	struct dispatcher *d = calloc(1, sizeof(*d));
 	struct pg_callbacks cb = { .connected = on_connected,

@@ -157,19 +157,36 @@ void ledger_connected(struct ledger *l)
 
 /* ---- the read ---- */
 
-int ledger_read(struct ledger *l, const char *dispatch_id, int vt_seconds, int qty, pgmq_read_fn fn,
-		void *arg)
+int ledger_read(struct ledger *l, const char (*ids)[LEDGER_ID_LEN + 1], int nids, int part_rows,
+		int vt_seconds, int qty, pgmq_read_fn fn, void *arg)
 {
-	char sql[2048], vt[16], n[16], lease[16];
-	const char *params[7] = { l->cfg->queue_name,  vt,       n,    dispatch_id,
-				  l->cfg->endpoint_id, l->owner, lease };
+	char sql[2048], vt[16], n[16], lease[16], per[16];
+	char *arr = malloc((size_t)nids * (LEDGER_ID_LEN + 1) + 3);
+	const char *params[8] = { l->cfg->queue_name,  vt,       n,     arr,
+				  l->cfg->endpoint_id, l->owner, lease, per };
+	size_t u = 1;
+	int rc;
 
-	if (ledger_read_sql(l->cfg->ledger_schema, l->cfg->read_function, sql, sizeof(sql)) != 0)
+	if (arr == NULL || nids < 1 || part_rows < 1 ||
+	    ledger_read_sql(l->cfg->ledger_schema, l->cfg->read_function, sql, sizeof(sql)) != 0) {
+		free(arr);
 		return -1;
+	}
+	arr[0] = '{';
+	for (int i = 0; i < nids; i++) {
+		if (i > 0)
+			arr[u++] = ',';
+		memcpy(arr + u, ids[i], LEDGER_ID_LEN);
+		u += LEDGER_ID_LEN;
+	}
+	memcpy(arr + u, "}", 2);
 	snprintf(vt, sizeof(vt), "%d", vt_seconds);
 	snprintf(n, sizeof(n), "%d", qty);
 	snprintf(lease, sizeof(lease), "%d", l->cfg->ledger_lease_s);
-	return pgmq_read_query(l->pg, sql, 7, params, fn, arg);
+	snprintf(per, sizeof(per), "%d", part_rows);
+	rc = pgmq_read_query(l->pg, sql, 8, params, fn, arg);
+	free(arr);
+	return rc;
 }
 
 /* ---- notes ---- */

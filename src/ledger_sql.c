@@ -17,26 +17,32 @@
  * a row, until when) lives in the small lease table, one row per
  * unfinished dispatch. */
 
-/* The read and, in the same statement, its row and its lease. $1 queue,
- * $2 vt, $3 qty (as pgmq.read), $4 dispatch id, $5 endpoint, $6 owner,
- * $7 lease_s. An empty read inserts nothing (HAVING). */
+/* The read and, in the same statement, its rows and their leases: the
+ * rows in msg_id order, cut into parts of $8 (batch_size), one `sending`
+ * row per part under ($4)[part] — the bodies a read of several batches is
+ * sent as, so that no statement re-cuts the read's row after it. $1 queue,
+ * $2 vt, $3 qty (as pgmq.read), $4 dispatch ids (one per part), $5
+ * endpoint, $6 owner, $7 lease_s, $8 rows per part. An empty read inserts
+ * nothing. pgmqd_row (1-based) numbers the rows as they come back. */
 const char LEDGER_READ_SQL[] =
 	"WITH r AS MATERIALIZED (SELECT " PGMQ_READ_COLUMNS
+	", row_number() OVER (ORDER BY msg_id) AS pgmqd_row"
 	" FROM %2$s($1::text, $2::integer, $3::integer)), "
 	"ins AS (INSERT INTO %1$s.dispatch (dispatch_id, queue, endpoint_id, msg_ids, read_cts, "
 	"read_at, vt_until, state, history) "
 	/* A read function may return malformed fields (batch.c releases those
 	 * rows): they are recorded as NULL rather than failing the read. */
-	"SELECT $4::uuid, $1::text, $5::text, array_agg(CASE WHEN msg_id::text ~ '^[0-9]{1,18}$' "
-	"THEN msg_id::text::bigint END ORDER BY msg_id), array_agg(CASE WHEN read_ct::text ~ "
-	"'^[0-9]{1,9}$' THEN read_ct::text::integer END ORDER BY msg_id), now(), "
+	"SELECT ($4::uuid[])[(pgmqd_row - 1) / $8::integer + 1], $1::text, $5::text, "
+	"array_agg(CASE WHEN msg_id::text ~ '^[0-9]{1,18}$' "
+	"THEN msg_id::text::bigint END ORDER BY pgmqd_row), array_agg(CASE WHEN read_ct::text ~ "
+	"'^[0-9]{1,9}$' THEN read_ct::text::integer END ORDER BY pgmqd_row), now(), "
 	"now() + make_interval(secs => $2::integer), "
 	"'sending', jsonb_build_array(jsonb_build_object('state', 'sending', 'at', now())) "
-	"FROM r HAVING count(*) > 0 RETURNING dispatch_id), "
+	"FROM r GROUP BY (pgmqd_row - 1) / $8::integer RETURNING dispatch_id), "
 	"lz AS (INSERT INTO %1$s.lease (dispatch_id, queue, endpoint_id, owner, lease_until, pid, "
 	"since) SELECT dispatch_id, $1::text, $5::text, $6::uuid, now() + make_interval(secs => "
 	"$7::integer), pg_backend_pid(), now() FROM ins) "
-	"SELECT * FROM r ORDER BY msg_id";
+	"SELECT * FROM r ORDER BY pgmqd_row";
 
 /* All transitions noted while the previous statement ran, in one: grouped
  * per row, the last state wins and every one joins the history; a row no

@@ -362,19 +362,59 @@ void post_drop_waiting(struct dispatcher *d)
 			  "never sent (exit): visible again after vt_seconds");
 }
 
-int post_read_qty(const struct dispatcher *d)
+/* The bodies a read could send now: free slots (the endpoint's too when
+ * shared) and the rate budget of the next second, capped by read_batches. */
+static int bodies_now(const struct dispatcher *d, int *slots_out, int *rate_out)
 {
 	double now = ev_time();
 	int slots = d->cfg->max_in_flight - d->in_flight;
 	int rate = ratelimit_available(&d->rl, now, 1.0) - d->nwaiting;
 
-	if (d->cfg->read_batches <= 1)
-		return d->cfg->batch_size;
 	if (d->ep) { /* and what the endpoint has left */
 		int ep_slots = endpoint_free_slots(d->ep),
 		    ep_rate = endpoint_rate_available(d->ep, now, 1.0);
 		slots = ep_slots < slots ? ep_slots : slots;
 		rate = ep_rate < rate ? ep_rate : rate;
 	}
+	*slots_out = slots;
+	*rate_out = rate;
+	return batch_read_bodies(d->cfg->read_batches, slots, rate);
+}
+
+int post_read_qty(const struct dispatcher *d)
+{
+	int slots, rate;
+
+	if (d->cfg->read_batches <= 1 || d->once)
+		return d->cfg->batch_size;
+	bodies_now(d, &slots, &rate);
 	return batch_read_qty(d->cfg->batch_size, d->cfg->read_batches, slots, rate);
+}
+
+bool post_read_waits(struct dispatcher *d)
+{
+	int slots, rate, bodies;
+
+	/* A shared endpoint hands its slots out by priority (endpoint.c). */
+	if (d->cfg->read_batches <= 1 || d->once || d->ep || d->gather_over)
+		return false;
+	bodies = bodies_now(d, &slots, &rate);
+	if (!batch_read_waits(d->backlog, d->in_flight, d->cfg->max_in_flight, d->cfg->read_batches,
+			      bodies))
+		return false;
+	if (!ev_is_active(&d->gather)) {
+		ev_timer_set(&d->gather, BATCH_READ_GATHER_S, 0.0);
+		ev_timer_start(d->loop, &d->gather);
+	}
+	return true;
+}
+
+void post_on_gather_timer(struct ev_loop *loop, ev_timer *w, int revents)
+{
+	struct dispatcher *d = w->data;
+
+	(void)loop;
+	(void)revents;
+	d->gather_over = true;
+	dispatcher_kick(d);
 }

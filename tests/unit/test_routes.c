@@ -177,6 +177,37 @@ static void read_qty_fills_free_slots(void **state)
 				 t[i].want);
 }
 
+/* A drain read waits for half the in-flight ceiling to be free (or for
+ * read_batches bodies, if fewer), so that a backlog is not read one batch
+ * per answer; never without a backlog or with nothing in flight. */
+static void read_waits_for_half_the_slots(void **state)
+{
+	static const struct {
+		bool backlog;
+		int in_flight, max_in_flight, batches, bodies;
+		bool wait;
+	} t[] = {
+		{ true, 7, 8, 200, 1, true },   /* one slot free: wait for more */
+		{ true, 5, 8, 200, 3, true },   /* three of the four wanted */
+		{ true, 4, 8, 200, 4, false },  /* half free: read */
+		{ false, 7, 8, 200, 1, false }, /* no backlog: read at once */
+		{ true, 0, 8, 200, 1, false },  /* nothing in flight: nothing to wait for */
+		{ true, 7, 8, 1, 1, false },    /* read_batches 1: one batch, as before */
+		{ true, 31, 32, 4, 1, true },   /* wants min(read_batches, half) */
+		{ true, 28, 32, 4, 4, false },  { true, 1, 1, 200, 1, false }, /* ceiling 1 */
+		{ true, 1, 2, 200, 1, false },                                 /* half of 2 is 1 */
+	};
+
+	(void)state;
+	for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++)
+		assert_int_equal(batch_read_waits(t[i].backlog, t[i].in_flight, t[i].max_in_flight,
+						  t[i].batches, t[i].bodies),
+				 t[i].wait);
+	assert_int_equal(batch_read_bodies(200, 3, 1000), 3);
+	assert_int_equal(batch_read_bodies(200, 8, 2), 2);
+	assert_int_equal(batch_read_bodies(200, 0, 5), 1);
+}
+
 static void pack_respects_batch_size(void **state)
 {
 	struct pgmq_message m[25];
@@ -359,6 +390,7 @@ int main(void)
 		cmocka_unit_test(route_errors_name_the_route),
 		cmocka_unit_test(control_transitions),
 		cmocka_unit_test(read_qty_fills_free_slots),
+		cmocka_unit_test(read_waits_for_half_the_slots),
 		cmocka_unit_test(pack_respects_batch_size),
 		cmocka_unit_test(rate_available_in_the_next_second),
 		cmocka_unit_test(route_keys_from_the_environment),
