@@ -138,6 +138,12 @@ void budget_ask(struct budget *b, double now, int waiting);
  * (true). */
 bool budget_has_slot(const struct budget *b, double now);
 
+/* How many slots could be taken at now without a round trip: what the
+ * current grant has left (1 when only the local share allows a send, 0
+ * when nothing does). For reads that claim several bodies at once, so that
+ * none claims rows the fleet will not let out. NULL-safe (INT_MAX). */
+int budget_slots_now(const struct budget *b, double now);
+
 /* Takes the new cap, endpoint and [fleet] values of a reloaded cfg.
  * NULL-safe. */
 void budget_reload(struct budget *b, const struct config *cfg);

@@ -7,6 +7,7 @@
 
 #include <math.h>
 #include <stdio.h>
+#include <limits.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -359,6 +360,15 @@ bool budget_has_slot(const struct budget *b, double now)
 	if (b->grant.slots > 0 && now < b->grant.expires_at)
 		return budget_share_granted_allows(&b->share, now, &wait_s);
 	return budget_share_allows(&b->share, now, &wait_s);
+}
+
+int budget_slots_now(const struct budget *b, double now)
+{
+	if (b == NULL)
+		return INT_MAX;
+	if (!budget_has_slot(b, now))
+		return 0;
+	return b->grant.slots > 0 && now < b->grant.expires_at ? b->grant.slots : 1;
 }
 
 /* The retry timer at most wait_s away: it brings the caller back. */

@@ -363,12 +363,24 @@ void post_drop_waiting(struct dispatcher *d)
 }
 
 /* The bodies a read could send now: free slots (the endpoint's too when
- * shared) and the rate budget of the next second, capped by read_batches. */
+ * shared; no more than tracker.max_queued_jobs leaves room for) and the
+ * rate budget of the next second (no more than the fleet's grant holds
+ * now), capped by read_batches. */
 static int bodies_now(const struct dispatcher *d, int *slots_out, int *rate_out)
 {
 	double now = ev_time();
 	int slots = d->cfg->max_in_flight - d->in_flight;
 	int rate = ratelimit_available(&d->rl, now, 1.0) - d->nwaiting;
+	int granted = budget_slots_now(d->budget, now) - d->nwaiting;
+
+	if (granted < rate)
+		rate = granted;
+	if (d->tracker && d->cfg->tracker_max_queued_jobs > 0) {
+		long room = (long)d->cfg->tracker_max_queued_jobs -
+			    tracker_queued_jobs(d->tracker) - d->in_flight;
+		if (room < slots)
+			slots = (int)room;
+	}
 
 	if (d->ep) { /* and what the endpoint has left */
 		int ep_slots = endpoint_free_slots(d->ep),

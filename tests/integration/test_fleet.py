@@ -11,6 +11,7 @@ busy test machine must not drop its grant). A grant counts for window + 50 ms + 
 
 import json
 import os
+import re
 import signal
 import time
 import urllib.request
@@ -394,3 +395,17 @@ def test_tracker_status_cap_is_shared_too(queue_db, emulator, fleet):
     assert max_in_window(times, WINDOW_S) <= status_cap
     assert share >= 0.8, share  # the demand (about 75 per s) keeps it saturated
     assert owners == 3
+
+
+def test_fuller_reads_claim_no_more_than_the_grant_holds(queue_db, emulator, fleet):
+    """queue.read_batches with the fleet budget: a read claims at most the bodies the replica's
+    grant lets out now (grant_max 4 here), not what its local cap and free slots would allow
+    (16), so no read holds rows the fleet will not send."""
+    enqueue(queue_db, 600)
+    ds = fleet(2, PGMQD_QUEUE_READ_BATCHES=16, PGMQD_FLEET_GRANT_MAX=4)
+    emulator.wait_for(lambda: len(accepted_times(emulator)) >= 60, timeout_s=30)
+    reads = [int(m.group(1)) for d in ds
+             for m in (re.search(r"event=batch_read .*\bjobs=(\d+)", l) for l in d.lines) if m]
+    assert reads, "no read logged"
+    assert max(reads) <= 4 * BATCH, reads
+    assert count_429(emulator) == 0

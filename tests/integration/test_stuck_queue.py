@@ -8,6 +8,8 @@ deadline."""
 import json
 import time
 
+import pytest
+
 from daemon import Daemon, assert_no_sanitizer_report, base_env
 from pgcluster import wait_until
 from test_service import NotifySocket
@@ -113,16 +115,19 @@ def test_heartbeat_ceiling_stops_extending_once(queue_db, emulator, start_daemon
     assert d.stop() == 0
 
 
-def test_max_queued_jobs_pauses_reads_until_jobs_start(queue_db, emulator):
+@pytest.mark.parametrize("read_batches", [1, 8])
+def test_max_queued_jobs_pauses_reads_until_jobs_start(queue_db, emulator, read_batches):
     """Workers in a crash loop, 6 messages, one per /run, at most 2 jobs IN_QUEUE: two
     /run, then reads pause (logged once, /metrics, STATUS=) while the messages wait in
-    the queue; healed, the jobs start and the rest go out."""
+    the queue; healed, the jobs start and the rest go out. With fuller reads too: a read
+    claims no more bodies than max_queued_jobs leaves room for."""
     emulator.job_plan = lambda job_input: {"in_queue_s": 0.2, "run_s": 0.2}
     emulator.set_unhealthy_workers(3)
     ids = queue_db.send_many(jobs(6))
     ns = NotifySocket(abstract=True)
     env = base_env(queue_db, emulator, NOTIFY_SOCKET=ns.address, PGMQD_QUEUE_BATCH_SIZE=1,
-                   PGMQD_TRACKER_MAX_QUEUED_JOBS=2, **TRACKER)
+                   PGMQD_TRACKER_MAX_QUEUED_JOBS=2, PGMQD_QUEUE_READ_BATCHES=read_batches,
+                   **TRACKER)
     d = Daemon(env, args=["-v"]).start()
     try:
         paused = wait_event(d, "reads_paused")[0]
@@ -136,7 +141,8 @@ def test_max_queued_jobs_pauses_reads_until_jobs_start(queue_db, emulator):
         time_limit = time.monotonic() + 3.0
         wait_until(lambda: time.monotonic() >= time_limit, timeout=10, what="3 s to pass")
         assert len(emulator.requests("run")) == 2
-        assert d.count_log(r"event=batch_read ") == 2 and reads == d.count_log(
+        read_jobs = sum(int(e["jobs"]) for e in events(d, "batch_read"))
+        assert read_jobs == 2 and reads == d.count_log(
             r"event=wake_read|event=queue_empty|event=batch_read ")
         assert sorted(read_ct(queue_db, i) for i in ids) == [0, 0, 0, 0, 1, 1]
         assert len(events(d, "reads_paused")) == 1
