@@ -7,22 +7,14 @@ Every wait is on a condition with a deadline."""
 import json
 
 from daemon import Fault, logfmt
+from ledger_helpers import SCHEMA, accepted_runs, states_of
 from pgcluster import wait_until
-
-SCHEMA = "pgmq_dispatcher"
 
 
 def rows(db, where="true"):
+    """(dispatch_id, state, msg_ids, history) in msg_id order: the bodies of one read."""
     return db.sql(f"SELECT dispatch_id::text, state, msg_ids, history FROM {SCHEMA}.dispatch "
                   f"WHERE {where} ORDER BY msg_ids[1]")
-
-
-def states_of(history):
-    return [h["state"] for h in history]
-
-
-def accepted_runs(emu):
-    return [r for r in emu.requests("run") if r.accepted]
 
 
 def test_a_fuller_read_makes_one_row_per_body_in_its_statement(queue_db, emulator,
