@@ -95,6 +95,19 @@ struct pg_query *pg_conn_unlink(struct pg_conn *pg, struct pg_query *q)
 	return q;
 }
 
+void pg_conn_append(struct pg_conn *pg, struct pg_query *q)
+{
+	q->next = NULL;
+	if (pg->tail)
+		pg->tail->next = q;
+	else
+		pg->head = q;
+	pg->tail = q;
+	pg->nqueued++;
+	if (q->owner)
+		q->owner->nqueued++;
+}
+
 static struct pg_query *pop_head(struct pg_conn *pg)
 {
 	return pg->head ? pg_conn_unlink(pg, pg->head) : NULL;

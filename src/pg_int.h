@@ -76,6 +76,7 @@ void pg_conn_hold(struct pg_conn *pg);    /* around its callbacks: see busy */
 void pg_conn_release(struct pg_conn *pg); /* frees it when dead and not busy */
 void pg_share_bury(struct pg_conn *pg);   /* frees the handles gone while busy */
 struct pg_query *pg_conn_unlink(struct pg_conn *pg, struct pg_query *q);
+void pg_conn_append(struct pg_conn *pg, struct pg_query *q); /* at the tail, counted */
 void pg_query_free(struct pg_query *q);
 
 /* pg_share.c: what the connection tells its handles. Each runs the

@@ -44,7 +44,7 @@ static bool attached(const struct pg_conn *c, const struct pg *h)
 	return false;
 }
 
-static struct pg *handle_new(struct ev_loop *loop, const struct pg_callbacks *cb)
+static struct pg *handle_new(const struct pg_callbacks *cb)
 {
 	struct pg *h = calloc(1, sizeof(*h));
 
@@ -54,14 +54,13 @@ static struct pg *handle_new(struct ev_loop *loop, const struct pg_callbacks *cb
 		h->cb = *cb;
 	ev_timer_init(&h->soon, on_soon, 0.0, 0.0);
 	h->soon.data = h;
-	(void)loop;
 	return h;
 }
 
 struct pg *pg_new(struct ev_loop *loop, const char *conninfo, int connect_timeout_ms,
 		  const struct pg_callbacks *cb)
 {
-	struct pg *h = handle_new(loop, cb);
+	struct pg *h = handle_new(cb);
 	struct pg_conn *c = h ? pg_conn_new(loop, conninfo, connect_timeout_ms) : NULL;
 
 	if (c == NULL) {
@@ -124,7 +123,7 @@ struct pg *pg_new_pooled(struct ev_loop *loop, struct pg_pool *pool, const char 
 
 	if (pool == NULL)
 		return pg_new(loop, conninfo, connect_timeout_ms, cb);
-	if ((h = handle_new(pool->loop, cb)) == NULL)
+	if ((h = handle_new(cb)) == NULL)
 		return NULL;
 	if ((c = pool_get(pool, conninfo, connect_timeout_ms)) == NULL) {
 		free(h);
@@ -287,13 +286,7 @@ int pg_query(struct pg *h, const char *sql, int nparams, const char *const *para
 	q->fn = fn;
 	q->arg = arg;
 	q->owner = h;
-	if (c->tail)
-		c->tail->next = q;
-	else
-		c->head = q;
-	c->tail = q;
-	c->nqueued++;
-	h->nqueued++;
+	pg_conn_append(c, q);
 	pg_conn_kick(c);
 	return 0;
 }
@@ -391,14 +384,7 @@ static int move(struct pg *h, const char *conninfo)
 		next = q->next;
 		if (q->owner != h || (q == from->head && from->sent))
 			continue;
-		pg_conn_unlink(from, q);
-		h->nqueued++; /* unlink counted it out */
-		if (to->tail)
-			to->tail->next = q;
-		else
-			to->head = q;
-		to->tail = q;
-		to->nqueued++;
+		pg_conn_append(to, pg_conn_unlink(from, q));
 	}
 	detach(h);
 	attach(to, h);
