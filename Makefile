@@ -38,7 +38,7 @@ endif
 
 MODULES   := main commands budget config config_keys config_source config_check log log_sink pg pg_share pgmq \
              http jsonscan \
-             runpod dispatcher reload batch post circuit control route ctl wakeup overflow dryrun backoff \
+             runpod dispatcher shutdown reload batch post circuit control route ctl wakeup overflow dryrun backoff \
              ratelimit endpoint sdnotify metrics metrics_route metrics_fleet admin admin_probe listenaddr tracker \
              tracker_ops tracker_reply tracker_health jobtable ledger ledger_tick ledger_sql ledger_view ledger_cli \
              migrate dispatches

@@ -8,7 +8,7 @@
  * messages keep their vt, logged distinctly.
  *
  * The public face of a dispatcher split into modules (docs/architecture.md):
- * dispatcher.c (pipeline, drain, lifecycle), reload.c, batch.c, post.c,
+ * dispatcher.c (pipeline, drain, start), shutdown.c, reload.c, batch.c, post.c,
  * circuit.c, wakeup.c, with the decisions in backoff.c and ratelimit.c.
  * It writes no SQL (pgmq.c does, apart from the LISTEN statements in
  * wakeup.c) and no /run body (runpod.c), but it does choose the HTTP

@@ -191,7 +191,16 @@ void batch_dispatch_rows(struct dispatcher *d, struct read_result *rr);
 /* The read's callback (pgmq_read_fn); takes rows. Not static so that a
  * unit test can hand it a read. */
 void dispatcher_on_read(void *arg, struct pgmq_batch *rows, const struct pg_error *err);
+/* Finishes (stops every timer, calls done) when dispatcher_should_finish
+ * says so; shutdown.c. */
 void dispatcher_maybe_finish(struct dispatcher *d);
+
+/* Stops every timer of d but keep (NULL: all); dispatcher.c. */
+void dispatcher_stop_timers(struct dispatcher *d, const ev_timer *keep);
+
+/* The shutdown deadline fired: aborts the requests still in flight and
+ * stops waiting for the database; shutdown.c. */
+void dispatcher_on_deadline(struct ev_loop *loop, ev_timer *w, int revents);
 /* The tracker's observer: a job's state into the ledger. */
 void dispatcher_tracker_state(void *arg, const char *dispatch_id, const char *state,
 			      const char *error);

@@ -1,7 +1,7 @@
 /* dispatcher — see include/dispatcher.h. The pipeline (trigger → read →
- * split → post), the pause after failures, the drain and shutdown, and
- * the all-or-nothing reload. Batches, /run, the circuit and NOTIFY live in
- * batch.c, post.c, circuit.c and wakeup.c. */
+ * split → post), the pause after failures, the drain and the lifecycle's
+ * start. Batches, /run, the circuit, NOTIFY and the shutdown live in
+ * batch.c, post.c, circuit.c, wakeup.c and shutdown.c. */
 #include "backoff.h"
 #include "batch.h"
 #include "dispatcher_int.h"
@@ -23,7 +23,7 @@ static const size_t timer_offsets[] = {
 	OFFSET_OF_TIMER(gather),
 };
 
-static void stop_timers(struct dispatcher *d, const ev_timer *keep)
+void dispatcher_stop_timers(struct dispatcher *d, const ev_timer *keep)
 {
 	for (size_t i = 0; i < sizeof(timer_offsets) / sizeof(timer_offsets[0]); i++) {
 		ev_timer *t = (ev_timer *)((char *)d + timer_offsets[i]);
@@ -234,42 +234,6 @@ void dispatcher_kick(struct dispatcher *d)
 	d->reading = true;
 }
 
-bool dispatcher_should_finish(const struct finish_inputs *f)
-{
-	if (f->finished)
-		return false;
-	/* Only a --once cycle or a shutdown ever finishes. */
-	if (!f->once && !f->stopping)
-		return false;
-	/* --once: not before its one read has come back (or it stops). */
-	if (f->once && !f->read_done && !f->stopping)
-		return false;
-	/* Wait for every outstanding request and statement, unless the
-	 * shutdown deadline said to stop waiting for the database. */
-	return f->deadline_passed || !f->busy;
-}
-
-void dispatcher_maybe_finish(struct dispatcher *d)
-{
-	struct finish_inputs f = {
-		.finished = d->finished,
-		.once = d->once,
-		.read_done = d->read_done,
-		.stopping = d->stopping,
-		.deadline_passed = d->deadline_passed,
-		.busy = d->reading || d->in_flight > 0 || d->db_pending > 0 || d->probing ||
-			d->metrics_pending || ledger_busy(d->ledger),
-	};
-
-	if (!dispatcher_should_finish(&f))
-		return;
-	d->finished = true;
-	stop_timers(d, NULL);
-	d->done(d->done_arg, d->fatal                  ? DISPATCH_DONE_FATAL
-			     : d->stopping && !d->once ? DISPATCH_DONE_STOPPED
-						       : d->once_result);
-}
-
 static void on_poll(struct ev_loop *loop, ev_timer *w, int revents)
 {
 	(void)loop;
@@ -285,40 +249,6 @@ static void on_pause_over(struct ev_loop *loop, ev_timer *w, int revents)
 	(void)revents;
 	d->pause_reason = PAUSE_NONE;
 	dispatcher_kick(d);
-}
-
-static void on_deadline(struct ev_loop *loop, ev_timer *w, int revents)
-{
-	struct dispatcher *d = w->data;
-
-	(void)loop;
-	(void)revents;
-	if (d->in_flight > 0) {
-		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN,
-						     "shutdown_deadline");
-		log_int(l, "in_flight", d->in_flight);
-		log_str(l, "outcome", "aborted requests are counted as outcome unknown");
-		log_end(l);
-	}
-	/* Aborted requests end as outcome unknown (their callbacks run now). */
-	dispatcher_cancel_requests(d);
-	if (!d->finished) {
-		int statements = d->db_pending + (d->reading ? 1 : 0);
-		/* Their callbacks still run when the connection closes, and
-		 * name every msg id that stays invisible. Whatever else waits
-		 * for the database (ledger notes, a metrics query) is given up
-		 * too: the ledger's recovery marks its rows unknown. */
-		if (statements > 0 || ledger_busy(d->ledger) || d->metrics_pending) {
-			struct log_line *l = log_begin_route(d->cfg->route_name, LOG_WARN,
-							     "shutdown_deadline");
-			log_int(l, "statements", statements);
-			log_str(l, "ledger_unrecorded", ledger_busy(d->ledger) ? "yes" : "no");
-			log_str(l, "msg", "database statements unfinished");
-			log_end(l);
-		}
-		d->deadline_passed = true;
-	}
-	dispatcher_maybe_finish(d);
 }
 
 static void on_connected(void *arg)
@@ -466,7 +396,7 @@ struct dispatcher *dispatcher_new_shared(struct ev_loop *loop, const struct conf
 		{ OFFSET_OF_TIMER(poll), on_poll },
 		{ OFFSET_OF_TIMER(pause), on_pause_over },
 		{ OFFSET_OF_TIMER(probe), circuit_on_probe_timer },
-		{ OFFSET_OF_TIMER(deadline), on_deadline },
+		{ OFFSET_OF_TIMER(deadline), dispatcher_on_deadline },
 		{ OFFSET_OF_TIMER(stats_timer), on_stats },
 		{ OFFSET_OF_TIMER(debounce), wakeup_on_debounce },
 		{ OFFSET_OF_TIMER(wake_timer), wakeup_on_wake_timer },
@@ -558,35 +488,9 @@ void dispatcher_start(struct dispatcher *d)
 	}
 }
 
-void dispatcher_stop(struct dispatcher *d)
-{
-	if (d->stopping || d->finished)
-		return;
-	d->stopping = true;
-	tracker_stop(d->tracker);
-	ledger_stop(d->ledger);
-	stop_timers(d, &d->deadline);
-	post_release_waiting(d); /* read but never sent: visible again at once */
-	dispatcher_state_changed(d);
-	{
-		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_INFO, "stopping");
-		log_int(l, "in_flight", d->in_flight);
-		log_int(l, "timeout_ms", d->cfg->shutdown_timeout_ms);
-		log_end(l);
-	}
-	ev_timer_set(&d->deadline, d->cfg->shutdown_timeout_ms / 1000.0, 0.0);
-	ev_timer_start(d->loop, &d->deadline);
-	dispatcher_maybe_finish(d);
-}
-
 const struct dispatcher_stats *dispatcher_stats(const struct dispatcher *d)
 {
 	return &d->stats;
-}
-
-void dispatcher_abort(struct dispatcher *d)
-{
-	dispatcher_cancel_requests(d);
 }
 
 void dispatcher_set_state_hook(struct dispatcher *d, void (*fn)(void *arg), void *arg)
@@ -599,7 +503,7 @@ void dispatcher_free(struct dispatcher *d)
 {
 	if (d == NULL)
 		return;
-	stop_timers(d, NULL);
+	dispatcher_stop_timers(d, NULL);
 	d->finished = true;
 	post_drop_waiting(d); /* never sent: they come back after their vt */
 	/* Callbacks still run from here: aborted requests end as outcome
