@@ -149,12 +149,18 @@ static void on_read(struct dispatcher *d, struct pgmq_batch *rows, const struct 
 	metrics_inc_reads(METRICS_READ_ROWS);
 	metrics_add_messages_read((unsigned)rr->rows.n);
 	metrics_route_add(d->mroute, MR_MESSAGES_READ, (unsigned)rr->rows.n);
-	{
+	/* One line per batch (a /run body of <= batch_size jobs), however
+	 * many one read claimed. */
+	for (int first = 0; first < rr->rows.n; first += rr->part_rows) {
+		int jobs = rr->rows.n - first < rr->part_rows ? rr->rows.n - first : rr->part_rows;
 		struct log_line *l = log_begin_route(d->cfg->route_name, LOG_DEBUG, "batch_read");
+
 		log_str(l, "queue", d->cfg->queue_name);
-		log_int(l, "jobs", rr->rows.n);
-		log_num(l, "first_msg_id", rr->rows.msgs[0].msg_id);
-		log_num(l, "last_msg_id", rr->rows.msgs[rr->rows.n - 1].msg_id);
+		log_int(l, "jobs", jobs);
+		log_num(l, "first_msg_id", rr->rows.msgs[first].msg_id);
+		log_num(l, "last_msg_id", rr->rows.msgs[first + jobs - 1].msg_id);
+		if (jobs < rr->rows.n)
+			log_int(l, "read_jobs", rr->rows.n);
 		log_end(l);
 	}
 	if (d->stopping || !control_may_read(d->ctl)) {

@@ -27,9 +27,10 @@ def test_a_fuller_read_makes_one_row_per_body_in_its_statement(queue_db, emulato
     d = start_daemon("-v", PGMQD_QUEUE_MAX_IN_FLIGHT="4", PGMQD_QUEUE_READ_BATCHES="8")
     try:
         emulator.wait_for(lambda: emulator.in_flight_run == 4, timeout_s=15)
-        first = logfmt(d.wait_log(r"event=batch_read .*")[0].string)
-        assert first["jobs"] == "35", first
-        assert d.count_log(r"event=batch_read") == 1
+        # One line per batch, each naming the read of 35 it came in.
+        lines = [logfmt(m.string) for m in d.wait_log(r"event=batch_read .*", count=4)]
+        assert [(x["jobs"], x["read_jobs"]) for x in lines] == [("10", "35")] * 3 + [("5", "35")]
+        assert d.count_log(r"event=batch_read") == 4
         got = rows(queue_db)
         assert [r[2] for r in got] == [ids[0:10], ids[10:20], ids[20:30], ids[30:35]], got
         assert all(r[1] == "sending" and states_of(r[3]) == ["sending"] for r in got), got
@@ -52,7 +53,7 @@ def test_a_refused_body_of_a_fuller_read_comes_back(queue_db, emulator, start_da
     ids = queue_db.send_many([{"i": i} for i in range(40)])
     emulator.add_fault(Fault.status(500, body={"error": "boom"}))
     d = start_daemon("-v", PGMQD_QUEUE_MAX_IN_FLIGHT="4", PGMQD_QUEUE_READ_BATCHES="8")
-    assert logfmt(d.wait_log(r"event=batch_read .*")[0].string)["jobs"] == "40"
+    assert logfmt(d.wait_log(r"event=batch_read .*")[0].string)["read_jobs"] == "40"
     emulator.wait_for(lambda: sorted(j["msg_id"] for b in emulator.run_bodies()
                                      for j in b["input"]["jobs"]) == ids, timeout_s=30)
     refused = rows(queue_db, "state = 'released'")

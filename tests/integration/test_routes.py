@@ -352,9 +352,10 @@ def test_fuller_reads_claim_the_free_slots_in_one_read(queue_db, emulator, start
     d = start_daemon("-v", PGMQD_QUEUE_MAX_IN_FLIGHT=4, PGMQD_QUEUE_READ_BATCHES=8)
     try:
         emulator.wait_for(lambda: emulator.in_flight_run == 4, timeout_s=10)
-        first = logfmt(d.wait_log(r"event=batch_read .*")[0].string)
-        assert first["jobs"] == "40", first   # 4 free slots x batch_size 10, in one statement
-        assert d.count_log(r"event=batch_read") == 1
+        # 4 free slots x batch_size 10, in one statement: four batches of one read of 40.
+        lines = [logfmt(m.string) for m in d.wait_log(r"event=batch_read .*", count=4)]
+        assert [(x["jobs"], x["read_jobs"]) for x in lines] == [("10", "40")] * 4, lines
+        assert d.count_log(r"event=batch_read") == 4
     finally:
         emulator.release_runs()
     emulator.wait_for(lambda: sorted(j["msg_id"] for b in emulator.run_bodies()
@@ -370,9 +371,9 @@ def test_fuller_reads_stay_within_the_rate_budget(queue_db, emulator, start_daem
                      PGMQD_RUNPOD_MAX_REQUESTS_PER_10S=2)
     try:
         d.wait_log(r"event=rate_limited", timeout_s=15)
-        reads = [int(logfmt(m.string)["jobs"]) for m in d.wait_log(r"event=batch_read .*")]
+        first = logfmt(d.wait_log(r"event=batch_read .*")[0].string)
         # 2 /run per 10 s: the first read claims what 2 requests carry, not 8 bodies' worth.
-        assert reads[0] == 20, reads
+        assert first.get("read_jobs") == "20", first
     finally:
         d.stop()
 
