@@ -35,7 +35,7 @@ const struct key config_keys[] = {
 	{ "queue", "read_function", K_STR, OFF(read_function), "pgmq.read", 0, 0, 0, { 0 }, NULL, NULL,
 	  check_function },
 	{ "queue", "max_in_flight", K_INT, OFF(max_in_flight), "8", 1, 200, 0, { 0 }, NULL, NULL, NULL },
-	{ "queue", "read_batches", K_INT, OFF(read_batches), "1", 1, 200, 0, { 0 }, NULL, NULL, NULL },
+	{ "queue", "read_batches", K_INT, OFF(read_batches), "200", 1, 200, 0, { 0 }, NULL, NULL, NULL },
 	{ "queue", "max_read_ct", K_INT, OFF(max_read_ct), "0", 0, 1000000, 0, { 0 }, NULL, NULL, NULL },
 	{ "queue", "notify", K_BOOL, OFF(notify), "on", 0, 0, F_STATIC, { 0 }, NULL, NULL, NULL },
 	{ "queue", "notify_debounce_ms", K_INT, OFF(notify_debounce_ms), "1", 0, 10000, 0, { 0 }, NULL,

@@ -562,7 +562,8 @@ def scenario_drain(ctx, results):
             own.append(drain_reference(ctx, n, batch, READ_AS_DAEMON))
             log(f"1. batch {batch} run {rep + 1}/{reps}: the daemon's read statement alone "
                 f"{own[-1]['msgs_per_s']:,.0f} msg/s")
-            runs.append(drain_daemon(ctx, n, batch))
+            # One batch per read: the statement pgbench runs (9 measures fuller reads).
+            runs.append(drain_daemon(ctx, n, batch, queue_read_batches=1))
             log(f"1. batch {batch} run {rep + 1}/{reps}: daemon "
                 f"{runs[-1]['msgs_per_s']:,.0f} msg/s")
         results[f"drain_{batch}"] = {
@@ -622,27 +623,26 @@ def scenario_two_routes(ctx, results):
 
 
 # Scenario 9's in-flight ceiling: RunPod allows 200 concurrent requests per endpoint; 32 is the
-# RunPod-like scenario's (3). With queue.read_batches at the same value (every free slot) a read
+# RunPod-like scenario's (3). With queue.read_batches at its default (every free slot) a read
 # claims up to 320 messages; with the default max_in_flight of 8, up to 80.
 FULLER_MAX_IN_FLIGHT = 32
 
 
 def scenario_fuller_reads(ctx, results):
-    """Batch 10 with fuller reads (queue.read_batches = max_in_flight: one read claims
-    batch_size x the free in-flight slots, sent as bodies of 10), ledger on (the default) and
-    off, against single-connection pgmq.read(..., 10) in the same run, and the daemon reading
-    one batch per read (queue.read_batches=1, the default) for comparison. Runs alternate."""
+    """Batch 10 with fuller reads (queue.read_batches at its default, every free slot: one
+    read claims batch_size x the free in-flight slots, sent as bodies of 10), ledger on (the
+    default) and off, against single-connection pgmq.read(..., 10) in the same run, and the
+    daemon reading one batch per read (queue.read_batches=1) for comparison. Runs alternate."""
     n, reps = SIZES["drain_n"], SIZES["drain_reps"][1]
     refs, on, off, one = [], [], [], []
     fuller = dict(queue_max_in_flight=FULLER_MAX_IN_FLIGHT)
-    every_slot = dict(queue_read_batches=FULLER_MAX_IN_FLIGHT, **fuller)
     for rep in range(reps):
         refs.append(drain_reference(ctx, n, 10))
         log(f"9. run {rep + 1}/{reps}: pgmq.read(..., 10) alone: "
             f"{refs[-1]['msgs_per_s']:,.0f} msg/s, PostgreSQL "
             f"{refs[-1]['cpu_us_per_msg']['PostgreSQL']:.0f} us/msg (load {os.getloadavg()[0]:.2f})")
-        on.append(drain_daemon(ctx, n, 10, **every_slot))
-        off.append(drain_daemon(ctx, n, 10, ledger_enabled="off", **every_slot))
+        on.append(drain_daemon(ctx, n, 10, **fuller))
+        off.append(drain_daemon(ctx, n, 10, ledger_enabled="off", **fuller))
         for label, r in (("ledger on", on[-1]), ("ledger off", off[-1])):
             log(f"9. run {rep + 1}/{reps}: fuller reads, {label}: {r['msgs_per_s']:,.0f} msg/s, "
                 f"PostgreSQL {r['cpu_us_per_msg']['PostgreSQL']:.0f} us/msg, "
@@ -1193,7 +1193,7 @@ def build_rows(res):
     r = res.get("fuller")
     if r:
         what = (f"batch 10, max_in_flight {FULLER_MAX_IN_FLIGHT}, fuller reads "
-                f"(`queue.read_batches={FULLER_MAX_IN_FLIGHT}`: median "
+                f"(`queue.read_batches` at its default: median "
                 f"{r['rows_per_read']:.0f} rows per read)")
         rows.append(("9a", f"drain {r['n']:,}, {what}, ledger on, nginx sink "
                            f"(median of {r['runs']})",
@@ -1296,19 +1296,20 @@ METHOD = """\
   deletes what was read (rows whose vt is more than 60 s ahead, through the vt index) every
   50 ms, on its own connection, beside pgbench and beside the daemon alike. Without it pgmq's
   read steps over every invisible row read before, and a drain measures that growing scan.
-- **1. Drain.** Daemon: wall time from spawning the binary to the log line of the batch that
-  brought `pgmqd_messages_dispatched_total` to N (CLOCK_REALTIME, 1 ms); nginx answers every
-  `/run` at once; defaults except `runpod.max_requests_per_10s=100000` (nginx is not RunPod;
-  with the default cap of 1000 per 10 s a batch-10 drain cannot pass 1,000 msg/s, which is the
-  point of the cap, see 3). Reference: pgbench with one client (the daemon reads on one
-  connection), `-M extended` (unnamed statements, as the daemon's `PQsendQueryParams`),
-  running `SELECT * FROM pgmq.read('bench', 1800, B)` N/B times on an identically loaded queue;
-  wall time from spawning pgbench to its exit. A second pgbench run uses the daemon's own read
-  statement (`to_json(enqueued_at)`, `message->'document_id'` and `ORDER BY msg_id` around the
-  same call), to tell the SQL's cost from the daemon's. Runs alternate; medians are compared.
-  CPU per message: the daemon's utime + stime; the postmaster's with its children's (reaped
-  ones included) and nginx's likewise; pgbench's from `getrusage(RUSAGE_CHILDREN)`. The
-  stand-in worker's backend counts as PostgreSQL on both sides.
+- **1. Drain.** Daemon: wall time from spawning the binary to the log line of the batch that brought
+  `pgmqd_messages_dispatched_total` to N (CLOCK_REALTIME, 1 ms); nginx answers every `/run` at once;
+  defaults except `runpod.max_requests_per_10s=100000` (nginx is not RunPod; with the default cap of
+  1000 per 10 s a batch-10 drain cannot pass 1,000 msg/s, which is the point of the cap, see 3) and
+  `queue.read_batches=1` (one batch per read, the statement the reference runs; 9 measures the
+  default fuller reads). Reference: pgbench with one client (the daemon reads on one connection),
+  `-M extended` (unnamed statements, as the daemon's `PQsendQueryParams`), running `SELECT * FROM
+  pgmq.read('bench', 1800, B)` N/B times on an identically loaded queue; wall time from spawning
+  pgbench to its exit. A second pgbench run uses the daemon's own read statement
+  (`to_json(enqueued_at)`, `message->'document_id'` and `ORDER BY msg_id` around the same call), to
+  tell the SQL's cost from the daemon's. Runs alternate; medians are compared. CPU per message: the
+  daemon's utime + stime; the postmaster's with its children's (reaped ones included) and nginx's
+  likewise; pgbench's from `getrusage(RUSAGE_CHILDREN)`. The stand-in worker's backend counts as
+  PostgreSQL on both sides.
 - **2. Latency.** The harness inserts single messages with `pgmq.send` (autocommit) after
   random gaps (uniform {gap}); the enqueue time is the midpoint of its monotonic clock around
   the statement (median round trip {rtt}), the arrival time is when the in-process RunPod
@@ -1338,14 +1339,14 @@ METHOD = """\
   configuration (so the /run cap of 1000 per 10 s sets the pace: 10,000 msg/s at most);
   start = the first accepted batch, end = the last one.
 - **9. Fuller reads.** The drain of 1 at batch 10 with `queue.max_in_flight=32` and
-  `queue.read_batches=32` (one read claims 10 × the free in-flight slots, at most 320, and waits
-  up to 5 ms for half the slots to be free while a backlog lasts), ledger on (the default) and
-  off, alternating with pgbench's single-connection `pgmq.read(..., 10)` on an identically
-  loaded queue; medians of the runs. PostgreSQL CPU per message counts the whole cluster (the
-  read's backend, the stand-in worker's, autovacuum, the WAL writer) from before the daemon
-  starts to the last accepted batch, divided by the messages dispatched. A last drain with
-  `queue.read_batches=1` (one batch per read, the default) shows what the fuller reads change.
-  On a shared machine every figure moves with the load: the load average is given in the runs.
+  `queue.read_batches` at its default (one read claims 10 × the free in-flight slots, at most 320,
+  and waits up to 5 ms for half the slots to be free while a backlog lasts), ledger on (the default)
+  and off, alternating with pgbench's single-connection `pgmq.read(..., 10)` on an identically
+  loaded queue; medians of the runs. PostgreSQL CPU per message counts the whole cluster (the read's
+  backend, the stand-in worker's, autovacuum, the WAL writer) from before the daemon starts to the
+  last accepted batch, divided by the messages dispatched. A last drain with `queue.read_batches=1`
+  (one batch per read) shows what the fuller reads change. On a shared machine every figure moves
+  with the load: the load average is given in the runs.
 - Sizes are in decimal megabytes (10^6 bytes). Targets are reported, never asserted by tests.
 """
 
