@@ -562,8 +562,7 @@ def scenario_drain(ctx, results):
             own.append(drain_reference(ctx, n, batch, READ_AS_DAEMON))
             log(f"1. batch {batch} run {rep + 1}/{reps}: the daemon's read statement alone "
                 f"{own[-1]['msgs_per_s']:,.0f} msg/s")
-            # One batch per read: the statement pgbench runs (9 measures fuller reads).
-            runs.append(drain_daemon(ctx, n, batch, queue_read_batches=1))
+            runs.append(drain_daemon(ctx, n, batch))
             log(f"1. batch {batch} run {rep + 1}/{reps}: daemon "
                 f"{runs[-1]['msgs_per_s']:,.0f} msg/s")
         results[f"drain_{batch}"] = {
@@ -1296,20 +1295,21 @@ METHOD = """\
   deletes what was read (rows whose vt is more than 60 s ahead, through the vt index) every
   50 ms, on its own connection, beside pgbench and beside the daemon alike. Without it pgmq's
   read steps over every invisible row read before, and a drain measures that growing scan.
-- **1. Drain.** Daemon: wall time from spawning the binary to the log line of the batch that brought
-  `pgmqd_messages_dispatched_total` to N (CLOCK_REALTIME, 1 ms); nginx answers every `/run` at once;
-  defaults except `runpod.max_requests_per_10s=100000` (nginx is not RunPod; with the default cap of
-  1000 per 10 s a batch-10 drain cannot pass 1,000 msg/s, which is the point of the cap, see 3) and
-  `queue.read_batches=1` (one batch per read, the statement the reference runs; 9 measures the
-  default fuller reads). Reference: pgbench with one client (the daemon reads on one connection),
-  `-M extended` (unnamed statements, as the daemon's `PQsendQueryParams`), running `SELECT * FROM
-  pgmq.read('bench', 1800, B)` N/B times on an identically loaded queue; wall time from spawning
-  pgbench to its exit. A second pgbench run uses the daemon's own read statement
-  (`to_json(enqueued_at)`, `message->'document_id'` and `ORDER BY msg_id` around the same call), to
-  tell the SQL's cost from the daemon's. Runs alternate; medians are compared. CPU per message: the
-  daemon's utime + stime; the postmaster's with its children's (reaped ones included) and nginx's
-  likewise; pgbench's from `getrusage(RUSAGE_CHILDREN)`. The stand-in worker's backend counts as
-  PostgreSQL on both sides.
+- **1. Drain.** Daemon: wall time from spawning the binary to the log line of the batch that
+  brought `pgmqd_messages_dispatched_total` to N (CLOCK_REALTIME, 1 ms); nginx answers every
+  `/run` at once; defaults except `runpod.max_requests_per_10s=100000` (nginx is not RunPod; with
+  the default cap of 1000 per 10 s a batch-10 drain cannot pass 1,000 msg/s, which is the point of
+  the cap, see 3). At its defaults the daemon records every read in the ledger and reads fuller
+  (one read claims B × the 8 free in-flight slots and sends bodies of B), so it runs fewer, larger
+  statements than the reference; 9 compares it with one batch per read. Reference: pgbench with
+  one client (the daemon reads on one connection), `-M extended` (unnamed statements, as the
+  daemon's `PQsendQueryParams`), running `SELECT * FROM pgmq.read('bench', 1800, B)` N/B times on
+  an identically loaded queue; wall time from spawning pgbench to its exit. A second pgbench run
+  uses the daemon's plain read statement (ledger off, one batch: `to_json(enqueued_at)`,
+  `message->'document_id'` and `ORDER BY msg_id` around the same call). Runs alternate; medians
+  are compared. CPU per message: the daemon's utime + stime; the postmaster's with its children's
+  (reaped ones included) and nginx's likewise; pgbench's from `getrusage(RUSAGE_CHILDREN)`. The
+  stand-in worker's backend counts as PostgreSQL on both sides.
 - **2. Latency.** The harness inserts single messages with `pgmq.send` (autocommit) after
   random gaps (uniform {gap}); the enqueue time is the midpoint of its monotonic clock around
   the statement (median round trip {rtt}), the arrival time is when the in-process RunPod
