@@ -301,8 +301,12 @@ static void on_sender_io(struct ev_loop *loop, ev_io *w, int revents)
  * the deadline for it to arrive on the listening one. */
 static void selftest_send(struct dispatcher *d)
 {
-	const char *kw[] = { "fallback_application_name", "dbname", NULL };
-	const char *val[] = { "pgmq-dispatcher self-test", d->cfg->conninfo, NULL };
+	/* application_name after the expanded conninfo overrides one set in
+	 * it (libpq's PQconnectdbParams: later entries win), so the session
+	 * is always named for what it is, not after the daemon's sessions. */
+	const char *kw[] = { "dbname", "application_name", NULL };
+	const char *val[] = { d->cfg->conninfo, "pgmq-dispatcher self-test", NULL };
+	int first = d->cfg->conninfo[0] == '\0'; /* no conninfo: libpq's defaults */
 	struct notify_sender *s;
 
 	sender_free(d);
@@ -319,9 +323,7 @@ static void selftest_send(struct dispatcher *d)
 		return;
 	}
 	s->d = d;
-	if (d->cfg->conninfo[0] == '\0')
-		kw[1] = NULL;
-	s->conn = PQconnectStartParams(kw, val, 1);
+	s->conn = PQconnectStartParams(kw + first, val + first, 1);
 	d->w.sender = s;
 	if (s->conn == NULL || PQstatus(s->conn) == CONNECTION_BAD) {
 		sender_failed(d, s->conn ? PQerrorMessage(s->conn) : "out of memory");

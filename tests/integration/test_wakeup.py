@@ -268,3 +268,30 @@ def test_a_missing_queue_says_so_with_the_create_call(queue_db, emulator, start_
     d.wait_log(r"event=notify_ready")
     assert d.count_log(r"event=notify_no_trigger") == 0
     assert d.stop() == 0
+
+
+def test_the_self_test_session_is_named_for_what_it_is(pg_cluster, queue_db, emulator, tmp_path):
+    """The NOTIFY self-test's one-off session is `pgmq-dispatcher self-test` in
+    pg_stat_activity and the server log even when database.conninfo names the daemon's own
+    sessions (application_name), as docs/operations.md says: an operator, or a check of the
+    daemon's sessions by name, does not take it for one of them."""
+    admin = pg_cluster.connect()
+    with admin.cursor() as cur:
+        cur.execute("ALTER SYSTEM SET log_connections = on")
+        cur.execute("SELECT pg_reload_conf()")
+    try:
+        conf = tmp_path / "d.conf"
+        conf.write_text(f"[database]\nconninfo = {queue_db.conninfo} application_name=mine\n")
+        d = Daemon(base_env(queue_db, emulator, PGMQD_DATABASE_CONNINFO=None),
+                   args=["-vv", "-c", str(conf)]).start()
+        d.wait_log(r"event=notify_ready")
+        names = re.findall(rf"connection authorized: .*database={re.escape(queue_db.dbname)} "
+                           r"application_name=(.*)$", pg_cluster.read_log(), re.M)
+        assert "pgmq-dispatcher self-test" in names, names
+        assert "mine" in names, names
+        assert d.stop() == 0
+    finally:
+        with admin.cursor() as cur:
+            cur.execute("ALTER SYSTEM RESET log_connections")
+            cur.execute("SELECT pg_reload_conf()")
+        admin.close()
