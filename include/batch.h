@@ -128,11 +128,14 @@ int batch_read_qty(int batch_size, int read_batches, int free_slots, int rate_ne
 
 /* Whether a read should wait for more free slots before it goes: only
  * with a backlog (the last read came back full) while requests are in
- * flight, and while fewer bodies than half the in-flight ceiling (or
- * read_batches, if fewer) could go now. Without the wait, each answer
- * freeing one slot would start a read of one batch, and a backlog would
- * be read batch by batch. Pure. */
+ * flight, while fewer bodies than half the in-flight ceiling (or
+ * read_batches, if fewer) could go now, and only when free_slots, not
+ * rate_next_s (the rate budget or fleet grant of the next second), is what
+ * holds the read short: slots come back within a few ms as answers
+ * arrive, the rate budget does not. Without the wait, each answer freeing
+ * one slot would start a read of one batch, and a backlog would be read
+ * batch by batch. Pure. */
 bool batch_read_waits(bool backlog, int in_flight, int max_in_flight, int read_batches,
-		      int bodies_now);
+		      int free_slots, int rate_next_s);
 
 #endif

@@ -261,13 +261,16 @@ int batch_read_qty(int batch_size, int read_batches, int free_slots, int rate_ne
 }
 
 bool batch_read_waits(bool backlog, int in_flight, int max_in_flight, int read_batches,
-		      int bodies_now)
+		      int free_slots, int rate_next_s)
 {
 	int want = max_in_flight / 2;
 
 	if (want > read_batches)
 		want = read_batches;
-	return backlog && in_flight > 0 && bodies_now < want;
+	if (rate_next_s < free_slots)
+		return false; /* the rate budget binds: waiting gains nothing */
+	return backlog && in_flight > 0 &&
+	       batch_read_bodies(read_batches, free_slots, rate_next_s) < want;
 }
 
 int batch_archive_ids(struct dispatcher *d, const char *dispatch_id, const long long *ids, int n,

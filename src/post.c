@@ -405,14 +405,14 @@ int post_read_qty(const struct dispatcher *d)
 
 bool post_read_waits(struct dispatcher *d)
 {
-	int slots, rate, bodies;
+	int slots, rate;
 
 	/* A shared endpoint hands its slots out by priority (endpoint.c). */
 	if (d->cfg->read_batches <= 1 || d->once || d->ep || d->gather_over)
 		return false;
-	bodies = bodies_now(d, &slots, &rate);
+	bodies_now(d, &slots, &rate);
 	if (!batch_read_waits(d->backlog, d->in_flight, d->cfg->max_in_flight, d->cfg->read_batches,
-			      bodies))
+			      slots, rate))
 		return false;
 	if (!ev_is_active(&d->gather)) {
 		ev_timer_set(&d->gather, BATCH_READ_GATHER_S, 0.0);

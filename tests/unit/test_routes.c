@@ -179,29 +179,34 @@ static void read_qty_fills_free_slots(void **state)
 
 /* A drain read waits for half the in-flight ceiling to be free (or for
  * read_batches bodies, if fewer), so that a backlog is not read one batch
- * per answer; never without a backlog or with nothing in flight. */
+ * per answer; never without a backlog or with nothing in flight, and never
+ * when the rate budget (or the fleet grant), not the slots, holds it short. */
 static void read_waits_for_half_the_slots(void **state)
 {
 	static const struct {
 		bool backlog;
-		int in_flight, max_in_flight, batches, bodies;
+		int in_flight, max_in_flight, batches, slots, rate;
 		bool wait;
 	} t[] = {
-		{ true, 7, 8, 200, 1, true },   /* one slot free: wait for more */
-		{ true, 5, 8, 200, 3, true },   /* three of the four wanted */
-		{ true, 4, 8, 200, 4, false },  /* half free: read */
-		{ false, 7, 8, 200, 1, false }, /* no backlog: read at once */
-		{ true, 0, 8, 200, 1, false },  /* nothing in flight: nothing to wait for */
-		{ true, 7, 8, 1, 1, false },    /* read_batches 1: one batch, as before */
-		{ true, 31, 32, 4, 1, true },   /* wants min(read_batches, half) */
-		{ true, 28, 32, 4, 4, false },  { true, 1, 1, 200, 1, false }, /* ceiling 1 */
-		{ true, 1, 2, 200, 1, false },                                 /* half of 2 is 1 */
+		{ true, 7, 8, 200, 1, 1000, true },   /* one slot free: wait for more */
+		{ true, 5, 8, 200, 3, 1000, true },   /* three of the four wanted */
+		{ true, 4, 8, 200, 4, 1000, false },  /* half free: read */
+		{ false, 7, 8, 200, 1, 1000, false }, /* no backlog: read at once */
+		{ true, 0, 8, 200, 1, 1000, false },  /* nothing in flight: nothing to wait for */
+		{ true, 7, 8, 1, 1, 1000, false },    /* read_batches 1: one batch, as before */
+		{ true, 31, 32, 4, 1, 1000, true },   /* wants min(read_batches, half) */
+		{ true, 28, 32, 4, 4, 1000, false },
+		{ true, 1, 1, 200, 1, 1000, false }, /* ceiling 1 */
+		{ true, 1, 2, 200, 1, 1000, false }, /* half of 2 is 1 */
+		{ true, 6, 8, 200, 2, 1, false },    /* the rate budget binds: read now */
+		{ true, 30, 32, 200, 2, 0, false },  /* the fleet grant is used up: read one */
+		{ true, 6, 8, 200, 2, 2, true },     /* the slots bind as much: wait */
 	};
 
 	(void)state;
 	for (size_t i = 0; i < sizeof(t) / sizeof(t[0]); i++)
 		assert_int_equal(batch_read_waits(t[i].backlog, t[i].in_flight, t[i].max_in_flight,
-						  t[i].batches, t[i].bodies),
+						  t[i].batches, t[i].slots, t[i].rate),
 				 t[i].wait);
 	assert_int_equal(batch_read_bodies(200, 3, 1000), 3);
 	assert_int_equal(batch_read_bodies(200, 8, 2), 2);
