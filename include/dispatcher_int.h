@@ -130,6 +130,9 @@ struct dispatcher {
 	enum metrics_route_state ctl;
 	bool ctl_loaded; /* the persisted state was looked up: reads may start */
 	bool ctl_loading;
+	/* A command came before the lookup: stored (and kept over what
+	 * the lookup finds) once the lookup, after the migration, is done. */
+	bool ctl_store_pending;
 	bool drain_stale_read; /* the read out at a drain command may predate new rows */
 
 	/* /run rate cap (post.c) */

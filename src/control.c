@@ -90,6 +90,12 @@ static void store(struct dispatcher *d)
 
 	if (!d->cfg->ledger_enabled)
 		return; /* nowhere to keep it: until the daemon restarts */
+	if (!d->ctl_loaded) {
+		/* Before the lookup the table may not exist yet (the migration
+		 * is queued at connect, after a statement queued now). */
+		d->ctl_store_pending = true;
+		return;
+	}
 	/* ledger.schema is a checked identifier; the migration made the table. */
 	snprintf(sql, sizeof(sql),
 		 "INSERT INTO %s.route_control (route, queue_name, state) "
@@ -148,7 +154,11 @@ static void on_loaded(void *arg, PGresult *res, const struct pg_error *err)
 		return;
 	}
 	d->ctl_loaded = true;
-	if (res && PQntuples(res) == 1) {
+	if (d->ctl_store_pending) {
+		/* The operator's command since start wins over what was kept. */
+		d->ctl_store_pending = false;
+		store(d);
+	} else if (res && PQntuples(res) == 1) {
 		const char *s = PQgetvalue(res, 0, 0);
 		for (int i = 0; i < MRS_STATES; i++)
 			if (strcmp(s, state_names[i]) == 0 && i != (int)d->ctl) {

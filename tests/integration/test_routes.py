@@ -278,6 +278,38 @@ def test_pause_resume_drain_over_http_and_cli_across_reload_and_restart(two_queu
         ns.close()
 
 
+def test_a_pause_before_the_database_is_reached_is_kept(two_queues, emus, tmp_path):
+    """A pause asked for before the route's first connection (the admin endpoint is up at
+    once) is stored once the ledger's migration has made its table, not sent ahead of it
+    into a database without one, and so outlasts a restart."""
+    qa, _, _ = two_queues
+    port = free_port()
+    cfg = tmp_path / "early.conf"
+    write_config(cfg, qa, emus, port)
+    good = cfg.read_text()
+    cfg.write_text(good.replace(f"conninfo = {qa.conninfo}",
+                                f"conninfo = host=127.0.0.1 port={free_port()} dbname=x"))
+    d = start(cfg)
+    try:
+        d.wait_log(r"event=started")      # the admin endpoint is up; the database is not
+        rc, _, err = ctl(cfg, "pause", "a")
+        assert rc == 0, err
+        cfg.write_text(good)             # the database comes within reach
+        d.signal(signal.SIGHUP)
+        d.wait_log(r"event=route_control .*route=a|route=a.*event=route_control\b")
+        wait_until(lambda: qa.sql("SELECT count(*) FROM pg_tables WHERE tablename = "
+                                  "'route_control'")[0][0] == 1, what="the migration")
+        wait_until(lambda: qa.sql("SELECT state FROM pgmq_dispatcher.route_control "
+                                  "WHERE route = 'a'") == [("paused",)], what="the pause stored")
+        assert "control_not_stored" not in d.output
+        stop(d)
+        d = start(cfg)
+        d.wait_log(r"event=route_control_restored .*route=a|route=a.*event=route_control_restored")
+        assert "paused" in json.loads(http(port, "/routes")[1])[0]["state"]
+    finally:
+        stop(d)
+
+
 def test_control_needs_token_off_loopback(two_queues, emus, tmp_path):
     qa, _, _ = two_queues
     port = free_port()
